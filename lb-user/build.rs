@@ -1,0 +1,29 @@
+//! Builds the eBPF programs (lb-ebpf) with the same recipe as `cargo xtask build-ebpf`
+//! and leaves the object in OUT_DIR, from where the agent embeds it.
+
+#[path = "../xtask/src/ebpf_build.rs"]
+mod ebpf_build;
+
+use std::path::PathBuf;
+
+fn main() {
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    let workspace = manifest_dir.parent().expect("lb-user lives in the workspace").to_path_buf();
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("set by cargo"));
+    for dir in ["lb-ebpf/src", "lb-ebpf/Cargo.toml", "lb-common/src", "lb-common/Cargo.toml", "xtask/src/ebpf_build.rs"] {
+        println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
+    }
+    match ebpf_build::build_ebpf(&workspace, &out_dir.join("ebpf-target")) {
+        Ok(object) => {
+            let dest = out_dir.join("lb-ebpf.o");
+            std::fs::copy(&object, &dest).unwrap_or_else(|e| {
+                panic!("copying {} to {}: {e}", object.display(), dest.display())
+            });
+        }
+        Err(msg) => {
+            println!("cargo:warning={msg}");
+            eprintln!("error: {msg}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,749 @@
+//! The datapath layer: the only code that writes the BPF maps.
+//!
+//! [`Programmed`] mirrors what the maps hold. [`Programmed::plan`] diffs it against the
+//! desired state and returns the map operations, in an order that never lets a concurrent
+//! connect() see a half-written service:
+//!
+//! 1. new backends are written;
+//! 2. per frontend: its rev-NAT entry, then changed slots, then the header (slot 0) with
+//!    the new count, then slots beyond the new count are deleted;
+//! 3. frontends that are gone lose their header first, then their slots and rev-NAT entry;
+//! 4. backends no frontend uses any more are deleted.
+//!
+//! Slots are assigned stably: a backend keeps its slot while it stays, so one endpoint
+//! change costs a couple of writes, not a rewrite of the service.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    path::Path,
+};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use lb_common::{
+    Backend4, MAP_BACKENDS4, MAP_REVNAT4, MAP_SERVICES4, MAX_SLOTS, RevNat4, ServiceKey4,
+    ServiceValue,
+};
+
+use crate::model::{Desired, Endpoint, Frontend, Proto};
+
+/// One map write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutBackend { id: u32, value: Backend4 },
+    DelBackend { id: u32 },
+    PutService { key: ServiceKey4, value: ServiceValue },
+    DelService { key: ServiceKey4 },
+    PutRevNat { id: u16, value: RevNat4 },
+    DelRevNat { id: u16 },
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::PutBackend { id, value } => write!(
+                f,
+                "{MAP_BACKENDS4}: write backend {id} = {}:{}",
+                Ipv4Addr::from(value.addr),
+                value.port
+            ),
+            Self::DelBackend { id } => write!(f, "{MAP_BACKENDS4}: delete backend {id}"),
+            Self::PutService { key, .. } => write!(
+                f,
+                "{MAP_SERVICES4}: write {} slot {}",
+                frontend_of(key).map_or("?".into(), |fe| fe.to_string()),
+                key.slot
+            ),
+            Self::DelService { key } => write!(
+                f,
+                "{MAP_SERVICES4}: delete {} slot {}",
+                frontend_of(key).map_or("?".into(), |fe| fe.to_string()),
+                key.slot
+            ),
+            Self::PutRevNat { id, .. } => write!(f, "{MAP_REVNAT4}: write rev-NAT {id}"),
+            Self::DelRevNat { id } => write!(f, "{MAP_REVNAT4}: delete rev-NAT {id}"),
+        }
+    }
+}
+
+pub fn service_key(fe: &Frontend, slot: u16) -> ServiceKey4 {
+    ServiceKey4::new(fe.addr.octets(), fe.port, fe.proto.number(), slot)
+}
+
+pub fn frontend_of(key: &ServiceKey4) -> Option<Frontend> {
+    Some(Frontend {
+        addr: Ipv4Addr::from(key.addr),
+        port: key.port,
+        proto: Proto::from_number(key.proto)?,
+    })
+}
+
+/// The contents of the three maps, as plain data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub services: BTreeMap<ServiceKey4, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend4>,
+    pub revnat: BTreeMap<u16, RevNat4>,
+}
+
+impl Snapshot {
+    /// Applies one operation (the in-memory twin of [`BpfMaps::apply`]).
+    pub fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::PutBackend { id, value } => {
+                self.backends.insert(id, value);
+            }
+            Op::DelBackend { id } => {
+                self.backends.remove(&id);
+            }
+            Op::PutService { key, value } => {
+                self.services.insert(key, value);
+            }
+            Op::DelService { key } => {
+                self.services.remove(&key);
+            }
+            Op::PutRevNat { id, value } => {
+                self.revnat.insert(id, value);
+            }
+            Op::DelRevNat { id } => {
+                self.revnat.remove(&id);
+            }
+        }
+    }
+
+    /// Frontends (headers) with the backends of their slots, as a connect() would see them.
+    pub fn frontends(&self) -> BTreeMap<ServiceKey4, (ServiceValue, Vec<(u32, Option<Backend4>)>)> {
+        self.services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(k, header)| {
+                let slots = (1..=header.count)
+                    .map(|s| {
+                        let id = self.services.get(&k.with_slot(s)).map_or(0, |v| v.backend_id);
+                        (id, self.backends.get(&id).copied())
+                    })
+                    .collect();
+                (*k, (*header, slots))
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ProgFrontend {
+    rev_nat_id: u16,
+    /// Backend ids; index 0 is slot 1.
+    slots: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BackendRef {
+    id: u32,
+    refs: u32,
+}
+
+/// What the maps hold, as far as the agent knows.
+#[derive(Clone, Debug, Default)]
+pub struct Programmed {
+    frontends: BTreeMap<Frontend, ProgFrontend>,
+    backends: BTreeMap<(Endpoint, Proto), BackendRef>,
+    next_backend_id: u32,
+    free_backend_ids: Vec<u32>,
+    next_rev_nat: u16,
+    free_rev_nat: Vec<u16>,
+    /// Entries found in the maps that no frontend accounts for; deleted by the next plan.
+    stale: Vec<Op>,
+}
+
+/// The operations of one sync and what could not be programmed.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    pub warnings: Vec<String>,
+}
+
+impl Programmed {
+    /// The programmed state that `snapshot` (maps left by an earlier agent) describes, so
+    /// the first sync only corrects differences instead of flushing the datapath.
+    pub fn adopt(snapshot: &Snapshot) -> Self {
+        let mut me = Self::default();
+        let mut used_backends = BTreeSet::new();
+        let mut used_revnat = BTreeSet::new();
+        let mut used_keys = BTreeSet::new();
+        for (key, header) in snapshot.services.iter().filter(|(k, _)| k.slot == 0) {
+            let Some(fe) = frontend_of(key) else {
+                continue;
+            };
+            if header.rev_nat_id == 0 || !used_revnat.insert(header.rev_nat_id) {
+                // Unusable header: drop the frontend; the sync writes it anew.
+                continue;
+            }
+            used_keys.insert(*key);
+            let mut slots = Vec::new();
+            for s in 1..=header.count {
+                let k = key.with_slot(s);
+                let id = snapshot.services.get(&k).map_or(0, |v| v.backend_id);
+                used_keys.insert(k);
+                slots.push(id);
+                used_backends.insert(id);
+            }
+            me.frontends.insert(
+                fe,
+                ProgFrontend {
+                    rev_nat_id: header.rev_nat_id,
+                    slots,
+                },
+            );
+        }
+        for (id, b) in &snapshot.backends {
+            let endpoint = Endpoint {
+                addr: Ipv4Addr::from(b.addr),
+                port: b.port,
+            };
+            let known = Proto::from_number(b.proto)
+                .filter(|p| !me.backends.contains_key(&(endpoint, *p)));
+            match known {
+                Some(proto) if used_backends.contains(id) => {
+                    me.backends
+                        .insert((endpoint, proto), BackendRef { id: *id, refs: 0 });
+                }
+                _ => me.stale.push(Op::DelBackend { id: *id }),
+            }
+        }
+        // Count references; slots that point at a missing backend get id 0 (rewritten).
+        let ids: BTreeMap<u32, (Endpoint, Proto)> =
+            me.backends.iter().map(|(k, r)| (r.id, *k)).collect();
+        for fe in me.frontends.values_mut() {
+            for slot in &mut fe.slots {
+                match ids.get(slot) {
+                    Some(k) => me.backends.get_mut(k).expect("just inserted").refs += 1,
+                    None => *slot = 0,
+                }
+            }
+        }
+        for key in snapshot.services.keys().filter(|k| !used_keys.contains(k)) {
+            me.stale.push(Op::DelService { key: *key });
+        }
+        for id in snapshot.revnat.keys().filter(|id| !used_revnat.contains(id)) {
+            me.stale.push(Op::DelRevNat { id: *id });
+        }
+        me.next_backend_id = snapshot.backends.keys().max().copied().unwrap_or(0);
+        me.next_rev_nat = used_revnat
+            .iter()
+            .chain(snapshot.revnat.keys())
+            .max()
+            .copied()
+            .unwrap_or(0);
+        me
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    fn acquire_backend(&mut self, ep: Endpoint, proto: Proto, ops: &mut Vec<Op>) -> u32 {
+        if let Some(r) = self.backends.get_mut(&(ep, proto)) {
+            r.refs += 1;
+            return r.id;
+        }
+        let id = self.free_backend_ids.pop().unwrap_or_else(|| {
+            self.next_backend_id += 1;
+            self.next_backend_id
+        });
+        self.backends.insert((ep, proto), BackendRef { id, refs: 1 });
+        ops.push(Op::PutBackend {
+            id,
+            value: Backend4 {
+                addr: ep.addr.octets(),
+                port: ep.port,
+                proto: proto.number(),
+                flags: 0,
+            },
+        });
+        id
+    }
+
+    fn alloc_rev_nat(&mut self) -> Option<u16> {
+        if let Some(id) = self.free_rev_nat.pop() {
+            return Some(id);
+        }
+        self.next_rev_nat = self.next_rev_nat.checked_add(1)?;
+        Some(self.next_rev_nat)
+    }
+
+    /// Diffs against `desired`, updates `self` to the state after the returned operations,
+    /// and returns them in a safe order.
+    pub fn plan(&mut self, desired: &Desired) -> Plan {
+        let mut plan = Plan::default();
+        let mut backend_ops = Vec::new();
+        let mut frontend_ops = Vec::new();
+        let mut removal_ops = Vec::new();
+        // Old slot contents whose references are dropped once every acquire is done, so
+        // a backend moving between frontends keeps its id.
+        let mut released: Vec<(u32, Proto)> = Vec::new();
+
+        for (fe, state) in &desired.frontends {
+            let mut endpoints: Vec<Endpoint> = state.endpoints.iter().copied().collect();
+            if endpoints.len() > usize::from(MAX_SLOTS) {
+                plan.warnings.push(format!(
+                    "{} ({fe}): {} endpoints, only the first {MAX_SLOTS} are used",
+                    state.service,
+                    endpoints.len()
+                ));
+                endpoints.truncate(usize::from(MAX_SLOTS));
+            }
+            let old = self.frontends.get(fe).cloned();
+            let rev_nat_id = match &old {
+                Some(o) => o.rev_nat_id,
+                None => match self.alloc_rev_nat() {
+                    Some(id) => {
+                        frontend_ops.push(Op::PutRevNat {
+                            id,
+                            value: RevNat4 {
+                                addr: fe.addr.octets(),
+                                port: fe.port,
+                                _pad: [0; 2],
+                            },
+                        });
+                        id
+                    }
+                    None => {
+                        plan.warnings.push(format!(
+                            "{} ({fe}): no free rev-NAT id ({} frontends in use); not programmed",
+                            state.service, u16::MAX
+                        ));
+                        continue;
+                    }
+                },
+            };
+            let wanted: Vec<u32> = endpoints
+                .iter()
+                .map(|ep| self.acquire_backend(*ep, fe.proto, &mut backend_ops))
+                .collect();
+            let old_slots = old.as_ref().map(|o| o.slots.clone()).unwrap_or_default();
+            released.extend(old_slots.iter().map(|id| (*id, fe.proto)));
+            let new_slots = stable_slots(&old_slots, &wanted);
+            for (i, id) in new_slots.iter().enumerate() {
+                if old_slots.get(i) != Some(id) {
+                    frontend_ops.push(Op::PutService {
+                        key: service_key(fe, i as u16 + 1),
+                        value: ServiceValue::slot(*id),
+                    });
+                }
+            }
+            if old.is_none() || old_slots.len() != new_slots.len() {
+                frontend_ops.push(Op::PutService {
+                    key: service_key(fe, 0),
+                    value: ServiceValue::header(new_slots.len() as u16, rev_nat_id),
+                });
+            }
+            for i in new_slots.len()..old_slots.len() {
+                frontend_ops.push(Op::DelService {
+                    key: service_key(fe, i as u16 + 1),
+                });
+            }
+            self.frontends.insert(
+                *fe,
+                ProgFrontend {
+                    rev_nat_id,
+                    slots: new_slots,
+                },
+            );
+        }
+
+        let gone: Vec<Frontend> = self
+            .frontends
+            .keys()
+            .filter(|fe| !desired.frontends.contains_key(fe))
+            .copied()
+            .collect();
+        for fe in gone {
+            let old = self.frontends.remove(&fe).expect("listed above");
+            removal_ops.push(Op::DelService {
+                key: service_key(&fe, 0),
+            });
+            for i in 0..old.slots.len() {
+                removal_ops.push(Op::DelService {
+                    key: service_key(&fe, i as u16 + 1),
+                });
+            }
+            removal_ops.push(Op::DelRevNat { id: old.rev_nat_id });
+            self.free_rev_nat.push(old.rev_nat_id);
+            released.extend(old.slots.iter().map(|id| (*id, fe.proto)));
+        }
+
+        // Drop the old references; backends left without any are deleted last.
+        let by_id: BTreeMap<u32, (Endpoint, Proto)> =
+            self.backends.iter().map(|(k, r)| (r.id, *k)).collect();
+        for (id, _) in released {
+            if let Some(k) = by_id.get(&id) {
+                let r = self.backends.get_mut(k).expect("indexed above");
+                r.refs = r.refs.saturating_sub(1);
+            }
+        }
+        let unused: Vec<(Endpoint, Proto)> = self
+            .backends
+            .iter()
+            .filter(|(_, r)| r.refs == 0)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut gc_ops = Vec::new();
+        for k in unused {
+            let r = self.backends.remove(&k).expect("listed above");
+            gc_ops.push(Op::DelBackend { id: r.id });
+            self.free_backend_ids.push(r.id);
+        }
+
+        plan.ops = backend_ops;
+        plan.ops.extend(frontend_ops);
+        plan.ops.extend(removal_ops);
+        plan.ops.extend(gc_ops);
+        plan.ops.append(&mut self.stale);
+        plan
+    }
+}
+
+/// New slot contents for a frontend: backends that stay keep their slot, new ones fill
+/// the holes, and the tail is moved into holes that remain.
+fn stable_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
+    let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
+    let mut kept = BTreeSet::new();
+    let mut slots: Vec<Option<u32>> = old
+        .iter()
+        .map(|id| (wanted_set.contains(id) && kept.insert(*id)).then_some(*id))
+        .collect();
+    let mut new_ids = wanted.iter().filter(|id| !kept.contains(id)).copied();
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        match new_ids.next() {
+            Some(id) => *slot = Some(id),
+            None => break,
+        }
+    }
+    slots.extend(new_ids.map(Some));
+    loop {
+        while slots.last() == Some(&None) {
+            slots.pop();
+        }
+        let Some(hole) = slots.iter().position(Option::is_none) else {
+            break;
+        };
+        slots[hole] = slots.pop().expect("a Some is last");
+    }
+    slots.into_iter().flatten().collect()
+}
+
+/// Errors of the BPF map layer; each names the map and the object concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("opening pinned map {path}: {source} (is the agent running with this --pin-path?)")]
+    OpenPinned {
+        path: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map} is missing from the eBPF object")]
+    MissingMap { map: &'static str },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("{op}: {source}{hint}")]
+    Write {
+        op: String,
+        hint: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// The three maps, open for reading and writing.
+pub struct BpfMaps {
+    services: HashMap<MapData, ServiceKey4, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend4>,
+    revnat: HashMap<MapData, u16, RevNat4>,
+}
+
+fn typed<K: aya::Pod, V: aya::Pod>(
+    map: Map,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, DatapathError> {
+    HashMap::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+impl BpfMaps {
+    /// Takes the maps out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, DatapathError> {
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(DatapathError::MissingMap { map: name })
+        };
+        Ok(Self {
+            services: typed(take(MAP_SERVICES4)?, MAP_SERVICES4)?,
+            backends: typed(take(MAP_BACKENDS4)?, MAP_BACKENDS4)?,
+            revnat: typed(take(MAP_REVNAT4)?, MAP_REVNAT4)?,
+        })
+    }
+
+    /// Opens the maps an agent pinned under `dir`.
+    pub fn open_pinned(dir: &Path) -> Result<Self, DatapathError> {
+        let open = |name: &'static str| {
+            let path = dir.join(name);
+            MapData::from_pin(&path)
+                .map(Map::HashMap)
+                .map_err(|source| DatapathError::OpenPinned {
+                    path: path.display().to_string(),
+                    source,
+                })
+        };
+        Ok(Self {
+            services: typed(open(MAP_SERVICES4)?, MAP_SERVICES4)?,
+            backends: typed(open(MAP_BACKENDS4)?, MAP_BACKENDS4)?,
+            revnat: typed(open(MAP_REVNAT4)?, MAP_REVNAT4)?,
+        })
+    }
+
+    /// Reads every entry.
+    pub fn snapshot(&self) -> Result<Snapshot, DatapathError> {
+        let err = |map| move |source| DatapathError::Map { map, source };
+        let mut snap = Snapshot::default();
+        for entry in self.services.iter() {
+            let (k, v) = entry.map_err(err(MAP_SERVICES4))?;
+            snap.services.insert(k, v);
+        }
+        for entry in self.backends.iter() {
+            let (k, v) = entry.map_err(err(MAP_BACKENDS4))?;
+            snap.backends.insert(k, v);
+        }
+        for entry in self.revnat.iter() {
+            let (k, v) = entry.map_err(err(MAP_REVNAT4))?;
+            snap.revnat.insert(k, v);
+        }
+        Ok(snap)
+    }
+
+    /// Applies the operations in order; stops at the first that fails.
+    pub fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError> {
+        for op in ops {
+            let result = match *op {
+                Op::PutBackend { id, value } => self.backends.insert(id, value, 0),
+                Op::DelBackend { id } => ignore_missing(self.backends.remove(&id)),
+                Op::PutService { key, value } => self.services.insert(key, value, 0),
+                Op::DelService { key } => ignore_missing(self.services.remove(&key)),
+                Op::PutRevNat { id, value } => self.revnat.insert(id, value, 0),
+                Op::DelRevNat { id } => ignore_missing(self.revnat.remove(&id)),
+            };
+            result.map_err(|source| {
+                let full = matches!(&source, MapError::SyscallError(e)
+                    if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)));
+                DatapathError::Write {
+                    op: op.to_string(),
+                    hint: if full {
+                        " (the map is full: too many services or endpoints for its capacity)"
+                    } else {
+                        ""
+                    },
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Deleting an entry that is already gone is what we wanted.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::FrontendState;
+
+    fn fe(last: u8, port: u16) -> Frontend {
+        Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, last),
+            port,
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn desired(entries: &[(Frontend, &[u8])]) -> Desired {
+        Desired {
+            frontends: entries
+                .iter()
+                .map(|(f, backends)| {
+                    (
+                        *f,
+                        FrontendState {
+                            service: format!("ns/{}", f.port),
+                            endpoints: backends
+                                .iter()
+                                .map(|b| Endpoint {
+                                    addr: Ipv4Addr::new(10, 244, *b, 2),
+                                    port: 8080,
+                                })
+                                .collect(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// What a connect() could see at this moment: every header's slots and backends exist.
+    fn assert_consistent(maps: &Snapshot, after: &Op) {
+        for (key, (header, slots)) in maps.frontends() {
+            assert!(
+                maps.revnat.contains_key(&header.rev_nat_id),
+                "after `{after}`: {key:?} has no rev-NAT entry"
+            );
+            for (i, (id, backend)) in slots.iter().enumerate() {
+                assert!(
+                    backend.is_some(),
+                    "after `{after}`: slot {} of {key:?} -> backend {id} missing",
+                    i + 1
+                );
+            }
+        }
+    }
+
+    /// Runs a sync against in-memory maps, checking consistency after every single op.
+    fn sync(prog: &mut Programmed, maps: &mut Snapshot, d: &Desired) -> Vec<Op> {
+        let plan = prog.plan(d);
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        for op in &plan.ops {
+            maps.apply(op);
+            assert_consistent(maps, op);
+        }
+        plan.ops
+    }
+
+    /// The backends each frontend balances to, read back from the maps.
+    fn served(maps: &Snapshot) -> BTreeMap<Frontend, BTreeSet<Endpoint>> {
+        maps.frontends()
+            .into_iter()
+            .map(|(k, (_, slots))| {
+                let eps = slots
+                    .into_iter()
+                    .map(|(_, b)| {
+                        let b = b.unwrap();
+                        Endpoint {
+                            addr: Ipv4Addr::from(b.addr),
+                            port: b.port,
+                        }
+                    })
+                    .collect();
+                (frontend_of(&k).unwrap(), eps)
+            })
+            .collect()
+    }
+
+    fn expected(d: &Desired) -> BTreeMap<Frontend, BTreeSet<Endpoint>> {
+        d.frontends
+            .iter()
+            .map(|(f, s)| (*f, s.endpoints.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn every_step_keeps_services_consistent_and_ends_equal_to_desired() {
+        let steps = [
+            desired(&[(fe(1, 80), &[1, 2, 3])]),
+            desired(&[(fe(1, 80), &[1, 3]), (fe(2, 53), &[3, 4])]),
+            desired(&[(fe(1, 80), &[1, 3, 5, 6, 7]), (fe(2, 53), &[])]),
+            desired(&[(fe(1, 80), &[7]), (fe(3, 80), &[1, 2])]),
+            desired(&[(fe(3, 80), &[2, 1])]),
+            desired(&[]),
+        ];
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        for d in &steps {
+            sync(&mut prog, &mut maps, d);
+            assert_eq!(served(&maps), expected(d));
+            // No leftovers: every slot entry belongs to a header, every backend is used.
+            let used: BTreeSet<u32> = maps
+                .frontends()
+                .values()
+                .flat_map(|(_, s)| s.iter().map(|(id, _)| *id))
+                .collect();
+            assert_eq!(maps.backends.keys().copied().collect::<BTreeSet<_>>(), used);
+            let slot_entries = maps.services.len() - maps.frontends().len();
+            assert_eq!(
+                slot_entries,
+                maps.frontends().values().map(|(_, s)| s.len()).sum::<usize>()
+            );
+            assert_eq!(maps.revnat.len(), maps.frontends().len());
+        }
+        assert_eq!(maps, Snapshot::default());
+    }
+
+    #[test]
+    fn one_endpoint_change_costs_few_writes() {
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1, 2, 3, 4, 5, 6])]));
+        // Remove backend 2: the last slot moves into its place, the header shrinks,
+        // the last slot and the backend are deleted.
+        let ops = sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1, 3, 4, 5, 6])]));
+        assert_eq!(ops.len(), 4, "{ops:#?}");
+        // Add one: a new backend, one slot, the header.
+        let ops = sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1, 3, 4, 5, 6, 9])]));
+        assert_eq!(ops.len(), 3, "{ops:#?}");
+        // Nothing changed: nothing written.
+        let ops = sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1, 3, 4, 5, 6, 9])]));
+        assert!(ops.is_empty(), "{ops:#?}");
+    }
+
+    #[test]
+    fn shared_backend_keeps_its_id_when_it_moves_between_frontends() {
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1])]));
+        let id_before = *maps.backends.keys().next().unwrap();
+        let ops = sync(&mut prog, &mut maps, &desired(&[(fe(2, 80), &[1])]));
+        assert!(!ops.iter().any(|o| matches!(o, Op::DelBackend { .. } | Op::PutBackend { .. })));
+        assert_eq!(*maps.backends.keys().next().unwrap(), id_before);
+    }
+
+    #[test]
+    fn adopting_maps_of_an_earlier_agent_changes_only_the_difference() {
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        let d = desired(&[(fe(1, 80), &[1, 2]), (fe(2, 53), &[2, 3])]);
+        sync(&mut prog, &mut maps, &d);
+        // Garbage a crashed agent could leave: a stray slot, an unused backend and rev-NAT.
+        maps.services.insert(service_key(&fe(9, 9), 3), ServiceValue::slot(77));
+        maps.backends.insert(77, Backend4 { addr: [1, 1, 1, 1], port: 1, proto: 6, flags: 0 });
+        maps.revnat.insert(999, RevNat4 { addr: [9, 9, 9, 9], port: 9, _pad: [0; 2] });
+        let mut adopted = Programmed::adopt(&maps);
+        let ops = sync(&mut adopted, &mut maps, &d);
+        assert_eq!(ops.len(), 3, "only the garbage is removed: {ops:#?}");
+        assert_eq!(served(&maps), expected(&d));
+        let d2 = desired(&[(fe(1, 80), &[2, 4])]);
+        sync(&mut adopted, &mut maps, &d2);
+        assert_eq!(served(&maps), expected(&d2));
+        assert_eq!(maps.backends.len(), 2);
+    }
+
+    #[test]
+    fn stable_slots_keeps_positions() {
+        assert_eq!(stable_slots(&[], &[5, 6]), [5, 6]);
+        assert_eq!(stable_slots(&[1, 2, 3], &[1, 3]), [1, 3]);
+        assert_eq!(stable_slots(&[1, 2, 3, 4], &[4, 3]), [4, 3]);
+        assert_eq!(stable_slots(&[1, 2, 3], &[3, 9, 1]), [1, 9, 3]);
+        assert_eq!(stable_slots(&[1, 2, 3], &[]), Vec::<u32>::new());
+        assert_eq!(stable_slots(&[1, 1, 0], &[1, 2]), [1, 2], "duplicates and id 0 are holes");
+    }
+}

@@ -1,0 +1,134 @@
+//! Loads the eBPF object, pins its maps and attaches the programs to a cgroup.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr},
+};
+use lb_common::PINNED_MAPS;
+
+/// The programs, built by lb-user's build script from lb-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+/// The sock_addr programs and their attach points, by function name in lb-ebpf.
+pub const PROGRAMS: [&str; 1] = ["lb_connect4"];
+
+/// Default directory for pinned maps.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "--pin-path {path}: {why} (BPF maps can only be pinned on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`)"
+    )]
+    PinPath { path: PathBuf, why: String },
+    #[error(
+        "--cgroup {path}: {why}{hint}"
+    )]
+    Cgroup {
+        path: PathBuf,
+        why: String,
+        hint: String,
+    },
+    #[error("loading the eBPF object: {0} (the agent needs root, or CAP_BPF and CAP_NET_ADMIN)")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// First mount point of a filesystem type, from /proc/mounts.
+pub fn mount_point(fstype: &str) -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let (_, dir, ty) = (f.next()?, f.next()?, f.next()?);
+        (ty == fstype).then(|| PathBuf::from(dir))
+    })
+}
+
+fn fs_magic(path: &Path) -> Option<i64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statfs writes into a zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    (rc == 0).then_some(st.f_type as i64)
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Creates the pin directory if needed and checks that it is on a bpf filesystem.
+pub fn prepare_pin_dir(path: &Path) -> Result<(), LoadError> {
+    let err = |why: String| LoadError::PinPath {
+        path: path.to_path_buf(),
+        why,
+    };
+    std::fs::create_dir_all(path).map_err(|e| err(format!("cannot create it: {e}")))?;
+    match fs_magic(path) {
+        Some(BPF_FS_MAGIC) => Ok(()),
+        Some(_) => Err(err("not on a bpf filesystem".into())),
+        None => Err(err("cannot stat it".into())),
+    }
+}
+
+/// Opens a cgroup v2 directory for attaching.
+pub fn open_cgroup(path: &Path) -> Result<File, LoadError> {
+    let hint = match mount_point("cgroup2") {
+        Some(m) => format!(" (cgroup v2 is mounted at {})", m.display()),
+        None => " (no cgroup v2 filesystem is mounted on this machine)".to_string(),
+    };
+    let err = |why: String| LoadError::Cgroup {
+        path: path.to_path_buf(),
+        why,
+        hint: hint.clone(),
+    };
+    match fs_magic(path) {
+        Some(CGROUP2_SUPER_MAGIC) => {}
+        Some(_) => return Err(err("not a cgroup v2 directory".into())),
+        None => return Err(err("does not exist or cannot be read".into())),
+    }
+    File::open(path).map_err(|e| err(format!("cannot open it: {e}")))
+}
+
+/// Loads the object with its maps pinned under `pin_dir` (reusing maps already pinned
+/// there, so a restarted agent keeps the datapath), loads every program and attaches it
+/// to `cgroup`. Dropping the returned `Ebpf` detaches the programs.
+pub fn load_and_attach(pin_dir: &Path, cgroup: &File, bpf_log_level: u8) -> Result<Ebpf, LoadError> {
+    prepare_pin_dir(pin_dir)?;
+    let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.override_global("AYA_LOG_LEVEL", &bpf_log_level, false);
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Load)?;
+    for name in PROGRAMS {
+        let perr = |source| LoadError::Program { name, source };
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| perr(aya::programs::ProgramError::UnexpectedProgramType))?
+            .try_into()
+            .map_err(perr)?;
+        prog.load().map_err(perr)?;
+        prog.attach(cgroup, CgroupAttachMode::AllowMultiple)
+            .map_err(perr)?;
+    }
+    Ok(ebpf)
+}
+
+/// Removes the pinned maps and the pin directory if it is then empty.
+pub fn remove_pins(pin_dir: &Path) {
+    for m in PINNED_MAPS {
+        let _ = std::fs::remove_file(pin_dir.join(m));
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+}

@@ -1,0 +1,299 @@
+//! The manifest source: Service, EndpointSlice and Node objects read from a YAML file or a
+//! directory of them, in the shape `kubectl get -o yaml` prints (multi-document YAML and
+//! `kind: List` included).
+//!
+//! A document that cannot be read is skipped with a warning naming the file, the
+//! document, the object and the field; everything else is still loaded.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize as _;
+
+/// The objects the model works from.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
+}
+
+/// Errors that stop a whole load: the path itself is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifests path {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything read from a manifest path, with one warning per skipped document or object.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub objects: Objects,
+    pub warnings: Vec<String>,
+}
+
+/// The files `load` reads: the path itself, or the `*.yaml`, `*.yml` and `*.json` files
+/// under a directory (recursively, hidden entries skipped), in name order.
+pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let io = |source| ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = fs::metadata(path).map_err(io)?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    let mut dirs = vec![path.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = fs::read_dir(&dir).map_err(|source| ManifestError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let p = entry.path();
+            let hidden = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_none_or(|n| n.starts_with('.'));
+            if hidden {
+                continue;
+            }
+            if p.is_dir() {
+                dirs.push(p);
+            } else if matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// A cheap summary of the manifest files (name, size, mtime) that changes when any of
+/// them is written, added, removed or renamed over.
+pub fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    manifest_files(path)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| {
+            let meta = fs::metadata(&f).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let mtime = meta.and_then(|m| m.modified().ok());
+            (f, len, mtime)
+        })
+        .collect()
+}
+
+/// Reads every object under `path`.
+pub fn load(path: &Path) -> Result<Loaded, ManifestError> {
+    let mut loaded = Loaded::default();
+    for file in manifest_files(path)? {
+        match fs::read_to_string(&file) {
+            Ok(text) => parse_into(&text, &file.display().to_string(), &mut loaded),
+            Err(e) => loaded
+                .warnings
+                .push(format!("{}: cannot read: {e}; skipped", file.display())),
+        }
+    }
+    Ok(loaded)
+}
+
+/// Parses one file's text (multi-document YAML or JSON) into `loaded`.
+pub fn parse_into(text: &str, origin: &str, loaded: &mut Loaded) {
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let where_ = format!("{origin}: document {}", index + 1);
+        match serde_yaml::Value::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => {}
+            Ok(value) => add_object(value, &where_, loaded),
+            Err(e) => {
+                loaded
+                    .warnings
+                    .push(format!("{where_}: not valid YAML: {e}; skipped"));
+                // The YAML stream cannot be resumed after a syntax error.
+                break;
+            }
+        }
+    }
+}
+
+fn field<'a>(value: &'a serde_yaml::Value, name: &str) -> Option<&'a str> {
+    value.get(name).and_then(|v| v.as_str())
+}
+
+fn add_object(value: serde_yaml::Value, where_: &str, loaded: &mut Loaded) {
+    let kind = field(&value, "kind").unwrap_or("").to_string();
+    let api_version = field(&value, "apiVersion").unwrap_or("").to_string();
+    let name = {
+        let meta = value.get("metadata");
+        let ns = meta
+            .and_then(|m| field(m, "namespace"))
+            .unwrap_or("default");
+        let name = meta.and_then(|m| field(m, "name")).unwrap_or("<no name>");
+        format!("{ns}/{name}")
+    };
+    match (api_version.as_str(), kind.as_str()) {
+        (_, "List") => match value.get("items").cloned() {
+            Some(serde_yaml::Value::Sequence(items)) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    add_object(item, &format!("{where_}: items[{i}]"), loaded);
+                }
+            }
+            None | Some(serde_yaml::Value::Null) => {}
+            Some(_) => loaded
+                .warnings
+                .push(format!("{where_}: List: field items: not a list; skipped")),
+        },
+        ("v1", "Service") => {
+            if let Some(svc) = decode::<Service>(value, where_, "Service", &name, loaded) {
+                loaded.objects.services.push(svc);
+            }
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            if let Some(slice) = decode::<EndpointSlice>(value, where_, "EndpointSlice", &name, loaded)
+            {
+                loaded.objects.slices.push(slice);
+            }
+        }
+        ("v1", "Node") => {
+            if let Some(node) = decode::<Node>(value, where_, "Node", &name, loaded) {
+                loaded.objects.nodes.push(node);
+            }
+        }
+        ("", "") => loaded.warnings.push(format!(
+            "{where_}: no apiVersion and kind: not a Kubernetes object; skipped"
+        )),
+        _ => tracing::debug!("{where_}: {api_version} {kind} {name}: not used; skipped"),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+    where_: &str,
+    kind: &str,
+    name: &str,
+    loaded: &mut Loaded,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(obj) => Some(obj),
+        Err(e) => {
+            loaded.warnings.push(format!(
+                "{where_}: {kind} {name}: field {}: {}; skipped",
+                e.path(),
+                e.inner()
+            ));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Loaded {
+        let mut loaded = Loaded::default();
+        parse_into(text, "test.yaml", &mut loaded);
+        loaded
+    }
+
+    const SVC: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+";
+
+    #[test]
+    fn multi_document_with_empty_documents() {
+        let text = format!(
+            "---\n{SVC}---\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: web-1, namespace: shop}}\naddressType: IPv4\nendpoints: []\n"
+        );
+        let l = parse(&text);
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(l.objects.services.len(), 1);
+        assert_eq!(l.objects.slices.len(), 1);
+        assert_eq!(
+            l.objects.services[0].metadata.namespace.as_deref(),
+            Some("shop")
+        );
+    }
+
+    #[test]
+    fn kind_list_items_are_read() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  \
+                    metadata: {name: a}\n  spec: {clusterIP: 10.96.0.1}\n- apiVersion: v1\n  \
+                    kind: Node\n  metadata: {name: node-1}\n";
+        let l = parse(text);
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(l.objects.services.len(), 1);
+        assert_eq!(l.objects.nodes.len(), 1);
+    }
+
+    #[test]
+    fn bad_field_names_object_and_field_and_keeps_the_rest() {
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: ns1}}\n\
+             spec:\n  ports: [{{port: eighty}}]\n---\n{SVC}"
+        );
+        let l = parse(&text);
+        assert_eq!(l.objects.services.len(), 1, "the good service is kept");
+        assert_eq!(l.warnings.len(), 1);
+        let w = &l.warnings[0];
+        assert!(w.contains("test.yaml: document 1"), "{w}");
+        assert!(w.contains("Service ns1/bad"), "{w}");
+        assert!(w.contains("spec.ports[0].port"), "{w}");
+    }
+
+    #[test]
+    fn other_kinds_are_skipped_quietly_and_non_objects_warn() {
+        let l = parse("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n---\n42\n");
+        assert!(l.objects.services.is_empty());
+        assert_eq!(l.warnings.len(), 1, "{:?}", l.warnings);
+        assert!(l.warnings[0].contains("document 2"));
+    }
+
+    #[test]
+    fn broken_yaml_warns_with_file_name() {
+        let l = parse("apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
+        assert_eq!(l.warnings.len(), 1);
+        assert!(l.warnings[0].starts_with("test.yaml: document 1: not valid YAML"));
+    }
+
+    #[test]
+    fn directory_is_read_recursively_in_order_and_hidden_files_skipped() {
+        let dir = std::env::temp_dir().join(format!("lb-manifest-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("sub")).unwrap();
+        fs::write(dir.join("b.yaml"), SVC.replace("web", "b")).unwrap();
+        fs::write(dir.join("sub/a.yml"), SVC.replace("web", "a")).unwrap();
+        fs::write(dir.join(".hidden.yaml"), SVC.replace("web", "h")).unwrap();
+        fs::write(dir.join("notes.txt"), "not yaml").unwrap();
+        let l = load(&dir).unwrap();
+        let names: Vec<_> = l
+            .objects
+            .services
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["b", "a"]);
+        let before = fingerprint(&dir);
+        fs::write(dir.join("c.yaml"), SVC).unwrap();
+        assert_ne!(before, fingerprint(&dir));
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(load(&dir), Err(ManifestError::Io { .. })));
+    }
+}

@@ -1,0 +1,109 @@
+//! The one recipe that builds lb-ebpf. Used by `cargo xtask build-ebpf` and, through
+//! `#[path]`, by lb-user's build script, so both always build the programs the same way.
+//! Only `std`: build scripts should not pull dependencies for this.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// The target and the toolchain the kernel crate is built with.
+pub const BPF_TARGET: &str = "bpfel-unknown-none";
+pub const TOOLCHAIN: &str = "nightly";
+/// Name of the object inside the target directory.
+pub const EBPF_PACKAGE: &str = "lb-ebpf";
+
+/// What a fresh machine lacks, as one sentence that says how to fix it.
+pub fn check_prerequisites() -> Result<(), String> {
+    const FIX: &str = "run `cargo xtask setup` to install it";
+    let sysroot = Command::new("rustup")
+        .args(["run", TOOLCHAIN, "rustc", "--print", "sysroot"])
+        .output()
+        .map_err(|e| format!("cannot run `rustup` ({e}); install rustup, then {FIX}"))?;
+    if !sysroot.status.success() {
+        return Err(format!("the {TOOLCHAIN} Rust toolchain is missing; {FIX}"));
+    }
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        return Err(format!(
+            "the `rust-src` component of the {TOOLCHAIN} toolchain is missing; {FIX}"
+        ));
+    }
+    if find_in_path("bpf-linker").is_none() {
+        return Err(format!("`bpf-linker` is not on PATH; {FIX}"));
+    }
+    Ok(())
+}
+
+/// Looks a program up on PATH (and in ~/.cargo/bin, where `cargo install` puts it).
+pub fn find_in_path(program: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("CARGO_HOME").or_else(|| {
+        std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo").into_os_string())
+    }) {
+        dirs.push(Path::new(&home).join("bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Builds lb-ebpf (release, BTF) into `target_dir` and returns the object's path.
+/// `workspace` is the repository root.
+pub fn build_ebpf(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String> {
+    check_prerequisites()?;
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", TOOLCHAIN, "cargo", "build", "--release", "--package"])
+        .arg(EBPF_PACKAGE)
+        .args(["--target", BPF_TARGET, "-Z", "build-std=core", "--target-dir"])
+        .arg(target_dir)
+        .current_dir(workspace.join(EBPF_PACKAGE))
+        // BTF makes `bpftool map dump` print field names; debuginfo is what BTF is made of.
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+    // A build script runs with the outer build's settings in its environment; none of
+    // them may leak into the kernel build.
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_MAKEFLAGS",
+        "CARGO_PRIMARY_PACKAGE",
+    ] {
+        cmd.env_remove(var);
+    }
+    if let Some(linker) = find_in_path("bpf-linker") {
+        if let Some(dir) = linker.parent() {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+            dirs.insert(0, dir.to_path_buf());
+            if let Ok(joined) = std::env::join_paths(dirs) {
+                cmd.env("PATH", joined);
+            }
+        }
+    }
+    // Nothing on stdout: in a build script, stdout is read by cargo as directives.
+    cmd.stdout(std::process::Stdio::from(std::io::stderr()));
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if !status.success() {
+        return Err(format!("building {EBPF_PACKAGE} failed ({status}): {cmd:?}"));
+    }
+    let object = target_dir
+        .join(BPF_TARGET)
+        .join("release")
+        .join(EBPF_PACKAGE);
+    if !object.is_file() {
+        return Err(format!(
+            "the build of {EBPF_PACKAGE} succeeded but {} is missing",
+            object.display()
+        ));
+    }
+    Ok(object)
+}
