@@ -1,1 +1,486 @@
+//! A lab on one machine: network namespaces as a node and its pods, servers in the pods,
+//! and clients placed in a cgroup and the node's namespace. Used by the integration tests,
+//! `lb-lab demo` and the benchmarks. Everything it creates is removed when its guard is
+//! dropped, on failure too; it only ever kills processes it started, by PID.
+//!
+//! Layout for a lab with `n` pods:
+//!
+//! ```text
+//!  netns <prefix>-node                 netns <prefix>-p<i>
+//!   veth<i> 10.244.<i+1>.1/24  <---->  eth0 10.244.<i+1>.2/24, default via .1
+//! ```
+//!
+//! The node namespace has routes to its pods only: a connection to a service address
+//! that is not rewritten fails there (ENETUNREACH) and never leaves the machine.
 
+use std::{
+    collections::BTreeMap,
+    fs::{File, OpenOptions},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::loader::mount_point;
+
+/// Runs a command to completion; the error names the command and carries its stderr.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip ARGS...`
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(drop)
+}
+
+/// A unique prefix for one lab: tag, PID and a counter.
+pub fn unique_prefix(tag: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "lb{tag}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A named network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        ip(&["netns", "add", name])?;
+        let ns = Self { name: name.into() };
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn file(&self) -> anyhow::Result<File> {
+        let path = format!("/var/run/netns/{}", self.name);
+        File::open(&path).with_context(|| format!("opening {path}"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("lab cleanup: {e}");
+        }
+    }
+}
+
+/// A cgroup v2 directory, removed on drop (once the processes in it have exited).
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        let root = mount_point("cgroup2").context("no cgroup v2 filesystem is mounted")?;
+        let path = root.join(name);
+        std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Exited processes leave the cgroup asynchronously: retry briefly.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("lab cleanup: cannot remove cgroup {}", self.path.display());
+    }
+}
+
+/// A child process that is killed (by its PID) and reaped on drop.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// SIGTERM, then up to `grace` for it to exit, then SIGKILL.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.0.try_wait() {
+            return Some(status);
+        }
+        // SAFETY: kill(2) on the PID of our own child, which has not been reaped yet.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        self.0.wait().ok();
+        None
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Prepares `cmd` to start inside `netns` and, if given, `cgroup` (joined first: the
+/// cgroup file is opened here, written from the child before exec).
+pub fn place(cmd: &mut Command, netns: &Netns, cgroup: Option<&Cgroup>) -> anyhow::Result<()> {
+    let ns = netns.file()?;
+    let procs = match cgroup {
+        Some(cg) => {
+            let p = cg.path.join("cgroup.procs");
+            Some(
+                OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .with_context(|| format!("opening {}", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    // SAFETY: the closure only makes async-signal-safe system calls (write, setns) on
+    // file descriptors opened before fork, which it owns through the moved Files.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(f) = &procs {
+                // "0" moves the writing process itself.
+                if libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// A pod: its namespace, address and server.
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    server: Option<ChildGuard>,
+    pub netns: Netns,
+}
+
+/// The node, its pods and a client cgroup.
+pub struct Lab {
+    pub prefix: String,
+    pub pods: Vec<Pod>,
+    pub cgroup: Cgroup,
+    pub node: Netns,
+    pub lab_bin: PathBuf,
+    pub server_port: u16,
+}
+
+impl Lab {
+    /// Creates the node, `pods` pods each running `lab_bin serve` on `server_port`
+    /// (TCP and UDP), and an empty client cgroup.
+    pub fn new(lab_bin: &Path, tag: &str, pods: usize, server_port: u16) -> anyhow::Result<Self> {
+        if pods > 250 {
+            bail!("a lab has at most 250 pods");
+        }
+        let prefix = unique_prefix(tag);
+        let node = Netns::create(&format!("{prefix}-node"))?;
+        let cgroup = Cgroup::create(&prefix)?;
+        let mut lab = Self {
+            prefix,
+            pods: Vec::new(),
+            cgroup,
+            node,
+            lab_bin: lab_bin.to_path_buf(),
+            server_port,
+        };
+        for i in 0..pods {
+            lab.add_pod(i)?;
+        }
+        Ok(lab)
+    }
+
+    fn add_pod(&mut self, i: usize) -> anyhow::Result<()> {
+        let netns = Netns::create(&format!("{}-p{i}", self.prefix))?;
+        let (node, pod) = (self.node.name.as_str(), netns.name.as_str());
+        let subnet = i + 1;
+        let veth = format!("veth{i}");
+        ip(&["-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", pod])?;
+        ip(&["-n", node, "addr", "add", &format!("10.244.{subnet}.1/24"), "dev", &veth])?;
+        ip(&["-n", node, "link", "set", &veth, "up"])?;
+        ip(&["-n", pod, "addr", "add", &format!("10.244.{subnet}.2/24"), "dev", "eth0"])?;
+        ip(&["-n", pod, "link", "set", "eth0", "up"])?;
+        ip(&["-n", pod, "route", "add", "default", "via", &format!("10.244.{subnet}.1")])?;
+        let name = format!("pod-{i}");
+        let mut cmd = Command::new(&self.lab_bin);
+        cmd.args(["serve", "--name", &name, "--port", &self.server_port.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null());
+        place(&mut cmd, &netns, None)?;
+        let mut child = ChildGuard(cmd.spawn().with_context(|| format!("starting {cmd:?}"))?);
+        let mut line = String::new();
+        let stdout = child.0.stdout.take().expect("piped");
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("server {name} in {pod} did not start (printed {line:?})");
+        }
+        self.pods.push(Pod {
+            name,
+            ip: Ipv4Addr::new(10, 244, subnet as u8, 2),
+            server: Some(child),
+            netns,
+        });
+        Ok(())
+    }
+
+    /// Runs `lab_bin probe` from the node namespace, inside the client cgroup or not.
+    pub fn probe(&self, opts: &ProbeOptions, in_cgroup: bool) -> anyhow::Result<ProbeReport> {
+        let mut cmd = Command::new(&self.lab_bin);
+        cmd.arg("probe")
+            .args(["--target", &opts.target.to_string()])
+            .args(["--count", &opts.count.to_string()])
+            .args(["--timeout-ms", &opts.timeout.as_millis().to_string()]);
+        if opts.udp {
+            cmd.arg("--udp");
+        }
+        place(&mut cmd, &self.node, in_cgroup.then_some(&self.cgroup))?;
+        let out = run(&mut cmd)?;
+        serde_json::from_str(out.trim()).with_context(|| format!("probe printed {out:?}"))
+    }
+
+    /// Stops the server of pod `i` (its address stays, nothing answers there any more).
+    pub fn stop_server(&mut self, i: usize) {
+        self.pods[i].server = None;
+    }
+}
+
+/// What one probe run does.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    pub target: SocketAddrV4,
+    pub count: usize,
+    pub timeout: Duration,
+    pub udp: bool,
+}
+
+impl ProbeOptions {
+    pub fn tcp(target: SocketAddrV4, count: usize) -> Self {
+        Self {
+            target,
+            count,
+            timeout: Duration::from_secs(1),
+            udp: false,
+        }
+    }
+}
+
+/// Which server answered how often, and which errors happened how often.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub replies: BTreeMap<String, usize>,
+    pub errors: BTreeMap<String, usize>,
+}
+
+impl ProbeReport {
+    pub fn total_replies(&self) -> usize {
+        self.replies.values().sum()
+    }
+
+    pub fn total_errors(&self) -> usize {
+        self.errors.values().sum()
+    }
+}
+
+fn error_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+        Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
+        Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
+        Some(libc::ETIMEDOUT) => "ETIMEDOUT".into(),
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::ECONNRESET) => "ECONNRESET".into(),
+        Some(libc::EAGAIN) => "timeout".into(),
+        Some(n) => format!("errno {n}"),
+        None if e.kind() == std::io::ErrorKind::TimedOut => "timeout".into(),
+        None => e.kind().to_string(),
+    }
+}
+
+/// One TCP exchange: connect, send a line, read the reply to EOF (the server closes).
+fn probe_tcp_once(target: SocketAddrV4, timeout: Duration) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(target), timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"hello\n")?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    Ok(reply.trim().to_string())
+}
+
+/// One UDP exchange on a connected socket.
+fn probe_udp_once(target: SocketAddrV4, timeout: Duration) -> std::io::Result<String> {
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    s.connect(target)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send(b"hello\n")?;
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// `lb-lab probe`: `count` exchanges in a row, bounded by `timeout` each.
+pub fn probe(opts: &ProbeOptions) -> ProbeReport {
+    let mut report = ProbeReport::default();
+    for _ in 0..opts.count {
+        let result = if opts.udp {
+            probe_udp_once(opts.target, opts.timeout)
+        } else {
+            probe_tcp_once(opts.target, opts.timeout)
+        };
+        match result {
+            Ok(name) => *report.replies.entry(name).or_default() += 1,
+            Err(e) => *report.errors.entry(error_name(&e)).or_default() += 1,
+        }
+    }
+    report
+}
+
+/// `lb-lab serve`: answers every TCP connection and every UDP datagram on `port` with
+/// `name`. Prints "ready" once both sockets are bound; runs until killed.
+pub fn serve(name: &str, port: u16) -> anyhow::Result<()> {
+    let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+        .with_context(|| format!("binding TCP port {port}"))?;
+    let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+        .with_context(|| format!("binding UDP port {port}"))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let reply = format!("{name}\n");
+    let udp_reply = reply.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(udp_reply.as_bytes(), peer);
+        }
+    });
+    for conn in tcp.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.write_all(reply.as_bytes());
+        // Closing without reading the request would reset the connection if the request
+        // is still unread; read what is there first.
+        let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut buf = [0u8; 64];
+        let _ = conn.read(&mut buf);
+    }
+    Ok(())
+}
+
+/// The running agent, as a process: stopped with SIGTERM on drop, pins removed.
+pub struct AgentProcess {
+    pub child: ChildGuard,
+    pub pin_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `agent_bin run` on `manifests`, attached to `cgroup`, logging to a file.
+    pub fn start(
+        agent_bin: &Path,
+        manifests: &Path,
+        cgroup: &Path,
+        pin_path: &Path,
+        log_path: &Path,
+    ) -> anyhow::Result<Self> {
+        let log = File::create(log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = Command::new(agent_bin);
+        cmd.arg("run")
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("--pin-path")
+            .arg(pin_path)
+            .args(["--poll-interval-ms", "100"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        Ok(Self {
+            child: ChildGuard(child),
+            pin_path: pin_path.to_path_buf(),
+            log_path: log_path.to_path_buf(),
+        })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the agent has synced `n` times (counted in its log), or fails with its log.
+    pub fn wait_synced(&mut self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().matches(" synced").count() >= n {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.0.try_wait() {
+                bail!("the agent exited ({status}) before syncing:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not sync within {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status (None if it had to be killed).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.terminate(Duration::from_secs(5))
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.stop();
+        crate::loader::remove_pins(&self.pin_path);
+    }
+}
+
+/// Waits (bounded) until `f` returns `Some`.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

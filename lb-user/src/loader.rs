@@ -66,12 +66,48 @@ fn fs_magic(path: &Path) -> Option<i64> {
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
+/// Where bpf filesystems are mounted by convention.
+const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+
+/// Mounts the bpf filesystem at /sys/fs/bpf when nothing is mounted there (as systemd or
+/// Cilium's agent would), so a pin path under it works on a bare machine.
+fn ensure_bpf_fs_root() -> Result<(), String> {
+    let root = Path::new(BPF_FS_ROOT);
+    if fs_magic(root) == Some(BPF_FS_MAGIC) {
+        return Ok(());
+    }
+    if !root.is_dir() {
+        return Err(format!("{BPF_FS_ROOT} does not exist"));
+    }
+    // SAFETY: all pointers are NUL-terminated literals; mount(2) does not keep them.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "mounting a bpf filesystem at {BPF_FS_ROOT}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    tracing::info!("mounted a bpf filesystem at {BPF_FS_ROOT}");
+    Ok(())
+}
+
 /// Creates the pin directory if needed and checks that it is on a bpf filesystem.
 pub fn prepare_pin_dir(path: &Path) -> Result<(), LoadError> {
     let err = |why: String| LoadError::PinPath {
         path: path.to_path_buf(),
         why,
     };
+    if path.starts_with(BPF_FS_ROOT) {
+        ensure_bpf_fs_root().map_err(err)?;
+    }
     std::fs::create_dir_all(path).map_err(|e| err(format!("cannot create it: {e}")))?;
     match fs_magic(path) {
         Some(BPF_FS_MAGIC) => Ok(()),
@@ -119,7 +155,9 @@ pub fn load_and_attach(pin_dir: &Path, cgroup: &File, bpf_log_level: u8) -> Resu
             .try_into()
             .map_err(perr)?;
         prog.load().map_err(perr)?;
-        prog.attach(cgroup, CgroupAttachMode::AllowMultiple)
+        // With bpf_link (kernel >= 5.7) the kernel always attaches in multi mode and
+        // rejects explicit flags; `Single` passes none.
+        prog.attach(cgroup, CgroupAttachMode::Single)
             .map_err(perr)?;
     }
     Ok(ebpf)
