@@ -1,0 +1,321 @@
+//! Integration tests: the real agent loads the real programs into the kernel, attaches
+//! them to a test cgroup, and real TCP connections from a client in that cgroup reach
+//! real servers in pod namespaces. Needs root. Every test builds its own lab with unique
+//! names and tears it down on drop, on failure too.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lb_user::lab::{self, AgentProcess, Lab, ProbeOptions, ProbeReport};
+
+const LAB_BIN: &str = env!("CARGO_BIN_EXE_lb-lab");
+const AGENT_BIN: &str = env!("CARGO_BIN_EXE_lb-user");
+const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const POD_PORT: u16 = 8080;
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "integration tests need root: they create network namespaces and load BPF programs \
+         (run `cargo xtask test` as root)"
+    );
+}
+
+fn service(name: &str, ip: Ipv4Addr, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\n\
+         spec:\n  clusterIP: {ip}\n  ports:\n  - {{name: http, port: {port}, targetPort: http}}\n"
+    )
+}
+
+fn slice(service: &str, pods: &[Ipv4Addr]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-a\n  \
+         namespace: t\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\n\
+         ports: [{{name: http, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n"
+    );
+    if pods.is_empty() {
+        s = s.replace("endpoints:\n", "endpoints: []\n");
+    }
+    for ip in pods {
+        s.push_str(&format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n"));
+    }
+    s
+}
+
+/// A lab, a manifest directory and a running agent attached to the lab's cgroup.
+struct Fixture {
+    agent: AgentProcess,
+    lab: Lab,
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(tag: &str, pods: usize, files: &[(&str, String)]) -> Self {
+        require_root();
+        let lab = Lab::new(Path::new(LAB_BIN), tag, pods, POD_PORT).expect("creating the lab");
+        let dir = std::env::temp_dir().join(&lab.prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        for (name, text) in files {
+            write_atomic(&dir.join("manifests").join(name), text);
+        }
+        let pin = PathBuf::from(format!("/sys/fs/bpf/{}", lab.prefix));
+        let mut agent = AgentProcess::start(
+            Path::new(AGENT_BIN),
+            &dir.join("manifests"),
+            &lab.cgroup.path,
+            &pin,
+            &dir.join("agent.log"),
+        )
+        .expect("starting the agent");
+        agent
+            .wait_synced(1, Duration::from_secs(20))
+            .expect("agent ready");
+        Self { agent, lab, dir }
+    }
+
+    fn pod_ips(&self, which: &[usize]) -> Vec<Ipv4Addr> {
+        which.iter().map(|i| self.lab.pods[*i].ip).collect()
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        write_atomic(&self.dir.join("manifests").join(name), text);
+    }
+
+    fn remove(&self, name: &str) {
+        std::fs::remove_file(self.dir.join("manifests").join(name)).unwrap();
+    }
+
+    fn probe(&self, ip: Ipv4Addr, count: usize) -> ProbeReport {
+        self.lab
+            .probe(&ProbeOptions::tcp(SocketAddrV4::new(ip, 80), count), true)
+            .unwrap_or_else(|e| panic!("probe failed: {e:#}\nagent log:\n{}", self.agent.log()))
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("agent log:\n{}", self.agent.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Writes through a hidden temporary file and a rename, as editors and kubectl do, so
+/// the agent never reads half a file.
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn names(report: &ProbeReport) -> BTreeSet<&str> {
+    report.replies.keys().map(String::as_str).collect()
+}
+
+#[test]
+fn connections_to_the_cluster_ip_are_spread_over_all_backends() {
+    let mut fx = Fixture::new("spread", 3, &[("web.yaml", service("web", WEB_IP, 80))]);
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1, 2])));
+    fx.agent.wait_synced(2, Duration::from_secs(10)).unwrap();
+
+    let report = fx.probe(WEB_IP, 300);
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+    assert_eq!(report.total_replies(), 300);
+    assert_eq!(names(&report), BTreeSet::from(["pod-0", "pod-1", "pod-2"]), "{report:?}");
+    for (pod, n) in &report.replies {
+        assert!(
+            (60..=150).contains(n),
+            "{pod} got {n} of 300 connections, outside 20%..50%: {report:?}"
+        );
+    }
+}
+
+#[test]
+fn manifest_changes_reach_new_connections_within_two_seconds() {
+    let mut fx = Fixture::new(
+        "change",
+        4,
+        &[
+            ("web.yaml", service("web", WEB_IP, 80)),
+            ("other.yaml", service("other", OTHER_IP, 80)),
+        ],
+    );
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1, 2])));
+    fx.write("other-slice.yaml", &slice("other", &fx.pod_ips(&[3])));
+    fx.agent.wait_synced(2, Duration::from_secs(10)).unwrap();
+    assert_eq!(names(&fx.probe(WEB_IP, 60)), BTreeSet::from(["pod-0", "pod-1", "pod-2"]));
+
+    // Probes in batches until `done` holds for a batch; every batch must be error-free
+    // (the service keeps backends throughout), and it must happen within 2 s.
+    let converge = |fx: &Fixture, what: &str, done: &dyn Fn(&ProbeReport) -> bool| {
+        let start = Instant::now();
+        loop {
+            let r = fx.probe(WEB_IP, 20);
+            assert_eq!(r.total_errors(), 0, "{what}: a connection failed: {r:?}");
+            if done(&r) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "{what}: not reflected within 2 s; last batch {r:?}\nagent log:\n{}",
+                fx.agent.log()
+            );
+        }
+    };
+
+    // A backend is removed.
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1])));
+    converge(&fx, "removing pod-2", &|r| !r.replies.contains_key("pod-2"));
+    let after = fx.probe(WEB_IP, 100);
+    assert_eq!(after.total_errors(), 0);
+    assert_eq!(names(&after), BTreeSet::from(["pod-0", "pod-1"]), "{after:?}");
+
+    // A backend is added.
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1, 2, 3])));
+    converge(&fx, "adding pod-2 and pod-3", &|r| {
+        r.replies.contains_key("pod-3") && r.replies.contains_key("pod-2")
+    });
+
+    // The service is deleted: its ClusterIP is no longer translated (and is unroutable
+    // in the node namespace), while the other service keeps working.
+    fx.remove("web.yaml");
+    let start = Instant::now();
+    loop {
+        let r = fx.probe(WEB_IP, 5);
+        if r.total_replies() == 0 {
+            assert_eq!(r.errors.keys().collect::<Vec<_>>(), ["ENETUNREACH"], "{r:?}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(2), "service deletion not reflected: {r:?}");
+    }
+    let other = fx.probe(OTHER_IP, 50);
+    assert_eq!(other.total_errors(), 0, "{other:?}");
+    assert_eq!(names(&other), BTreeSet::from(["pod-3"]));
+}
+
+#[test]
+fn processes_outside_the_cgroup_are_not_affected() {
+    let fx = Fixture::new("outside", 1, &[("web.yaml", service("web", WEB_IP, 80))]);
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0])));
+    let inside = lab::wait_for(Duration::from_secs(5), || {
+        let r = fx.probe(WEB_IP, 1);
+        (r.total_replies() == 1).then_some(r)
+    });
+    assert!(inside.is_some(), "the client in the cgroup never reached the service");
+
+    let outside = fx
+        .lab
+        .probe(&ProbeOptions::tcp(SocketAddrV4::new(WEB_IP, 80), 10), false)
+        .unwrap();
+    assert_eq!(outside.total_replies(), 0, "{outside:?}");
+    assert_eq!(outside.errors.get("ENETUNREACH"), Some(&10), "{outside:?}");
+    // The pod itself stays reachable directly from outside the cgroup.
+    let direct = fx
+        .lab
+        .probe(
+            &ProbeOptions::tcp(SocketAddrV4::new(fx.lab.pods[0].ip, POD_PORT), 3),
+            false,
+        )
+        .unwrap();
+    assert_eq!(direct.replies.get("pod-0"), Some(&3), "{direct:?}");
+}
+
+#[test]
+fn a_service_without_endpoints_refuses_and_bad_objects_do_not_break_the_others() {
+    let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: broken, namespace: t}\n\
+               spec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}\n---\n\
+               apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-bad\n  \
+               namespace: t\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\n\
+               ports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [10.244.999.1]\n---\n\
+               this is: [not valid\n";
+    let fx = Fixture::new(
+        "refuse",
+        1,
+        &[
+            ("web.yaml", service("web", WEB_IP, 80)),
+            ("empty.yaml", service("empty", OTHER_IP, 80) + "---\n" + &slice("empty", &[])),
+            ("bad.yaml", bad.to_string()),
+        ],
+    );
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0])));
+    let ok = lab::wait_for(Duration::from_secs(5), || {
+        let r = fx.probe(WEB_IP, 5);
+        (r.replies.get("pod-0") == Some(&5)).then_some(r)
+    });
+    assert!(ok.is_some(), "web never answered:\n{}", fx.agent.log());
+
+    let refused = fx.probe(OTHER_IP, 10);
+    assert_eq!(refused.errors.get("ECONNREFUSED"), Some(&10), "{refused:?}");
+
+    let log = fx.agent.log();
+    for expected in [
+        "Service t/broken: field spec.clusterIP: \"10.96.0.999\"",
+        "EndpointSlice t/web-bad: field endpoints[0].addresses[0]: \"10.244.999.1\"",
+        "bad.yaml: document 3: not valid YAML",
+    ] {
+        assert!(log.contains(expected), "missing warning {expected:?} in:\n{log}");
+    }
+}
+
+#[test]
+fn dump_and_bpftool_show_the_maps_and_sigterm_detaches_cleanly() {
+    let mut fx = Fixture::new("dump", 2, &[("web.yaml", service("web", WEB_IP, 80))]);
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1])));
+    fx.agent.wait_synced(2, Duration::from_secs(10)).unwrap();
+    let pin = fx.agent.pin_path.clone();
+
+    let dump = lab::run(Command::new(AGENT_BIN).arg("dump").arg("--pin-path").arg(&pin)).unwrap();
+    assert!(dump.contains("10.96.0.10:80/TCP  rev-nat 1  2 backends"), "{dump}");
+    assert!(dump.contains("10.244.1.2:8080") && dump.contains("10.244.2.2:8080"), "{dump}");
+
+    // BTF: bpftool prints the field names of our key and value types.
+    let services = pin.join(lb_common::MAP_SERVICES4);
+    let bpftool = lab::run(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&services))
+        .unwrap();
+    for field in ["\"addr\"", "\"port\"", "\"slot\"", "\"backend_id\"", "\"rev_nat_id\""] {
+        assert!(bpftool.contains(field), "bpftool output lacks {field}:\n{bpftool}");
+    }
+
+    assert_eq!(fx.probe(WEB_IP, 10).total_replies(), 10);
+    let status = fx.agent.stop().expect("the agent exits on SIGTERM");
+    assert!(status.success(), "exit status {status}\n{}", fx.agent.log());
+    assert!(!pin.exists(), "pins left behind at {}", pin.display());
+    // Detached: the same client is no longer translated.
+    let after = fx.probe(WEB_IP, 3);
+    assert_eq!(after.errors.get("ENETUNREACH"), Some(&3), "{after:?}");
+    let dump_err = Command::new(AGENT_BIN).arg("dump").arg("--pin-path").arg(&pin).output().unwrap();
+    assert!(!dump_err.status.success());
+    assert!(String::from_utf8_lossy(&dump_err.stderr).contains("is the agent running"));
+}
+
+#[test]
+fn bad_command_line_arguments_give_clear_errors() {
+    require_root();
+    let dir = std::env::temp_dir().join(lab::unique_prefix("args"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(AGENT_BIN)
+        .args(["run", "--manifests"])
+        .arg(&dir)
+        .args(["--cgroup", "/tmp", "--pin-path"])
+        .arg(format!("/sys/fs/bpf/{}", lab::unique_prefix("args")))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cgroup /tmp: not a cgroup v2 directory"), "{err}");
+}
