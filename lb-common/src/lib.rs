@@ -208,13 +208,19 @@ mod tests {
         }
         assert_eq!(seen, [false, true, true, true]);
         assert_eq!(pick_slot(1, u32::MAX), Some(1));
-        assert_eq!(pick_slot(u16::MAX, u32::MAX), Some((u32::MAX % 65535) as u16 + 1));
+        assert_eq!(
+            pick_slot(u16::MAX, u32::MAX),
+            Some((u32::MAX % 65535) as u16 + 1)
+        );
     }
 
     #[test]
     fn with_slot_keeps_frontend() {
         let k = ServiceKey4::new([1, 2, 3, 4], 53, PROTO_UDP, 0);
         let s = k.with_slot(7);
-        assert_eq!((s.addr, s.port, s.proto, s.slot), ([1, 2, 3, 4], 53, PROTO_UDP, 7));
+        assert_eq!(
+            (s.addr, s.port, s.proto, s.slot),
+            ([1, 2, 3, 4], 53, PROTO_UDP, 7)
+        );
     }
 }

@@ -77,21 +77,24 @@ fn try_connect4(ctx: &SockAddrContext) -> Verdict {
 
     // SAFETY: values are copied out at once; the agent never changes an entry in place
     // in a way that could tear a field we rely on (it writes whole values).
-    let Some(header) = (unsafe { LB4_SERVICES_V1.get(&key) }).copied() else {
+    let Some(header) = (unsafe { LB4_SERVICES_V1.get(key) }).copied() else {
         return Verdict::Pass;
     };
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
     let Some(slot) = pick_slot(header.count, random) else {
-        debug!(ctx, "connect4: no backend for {:i}:{}", u32::from_be_bytes(addr), port);
+        debug!(
+            ctx,
+            "connect4: no backend for {:i}:{}",
+            u32::from_be_bytes(addr),
+            port
+        );
         return Verdict::Refused;
     };
-    // A slot or backend may vanish between the lookups while the agent shrinks or deletes
-    // the service; the connection then goes on untouched, as before the service existed.
-    let Some(slot_value) = (unsafe { LB4_SERVICES_V1.get(&key.with_slot(slot)) }).copied() else {
-        return Verdict::Pass;
-    };
-    let Some(backend) = (unsafe { LB4_BACKENDS_V1.get(&slot_value.backend_id) }).copied() else {
+    // A slot or backend may vanish between the lookups while the agent shrinks the
+    // service; slot 1 exists as long as the service has a backend, so try it next. If
+    // that fails too the service is being deleted: leave the connection untouched.
+    let Some((backend_id, backend)) = backend_at(key, slot).or_else(|| backend_at(key, 1)) else {
         return Verdict::Pass;
     };
     sa.user_ip4 = u32::from_ne_bytes(backend.addr);
@@ -101,11 +104,20 @@ fn try_connect4(ctx: &SockAddrContext) -> Verdict {
         "connect4: {:i}:{} -> backend {} {:i}:{}",
         u32::from_be_bytes(addr),
         port,
-        slot_value.backend_id,
+        backend_id,
         u32::from_be_bytes(backend.addr),
         backend.port
     );
     Verdict::Translated
+}
+
+/// The backend in one slot of a frontend.
+#[inline(always)]
+fn backend_at(key: ServiceKey4, slot: u16) -> Option<(u32, Backend4)> {
+    // SAFETY: copied out at once (see above).
+    let id = unsafe { LB4_SERVICES_V1.get(key.with_slot(slot)) }?.backend_id;
+    let backend = unsafe { LB4_BACKENDS_V1.get(id) }.copied()?;
+    Some((id, backend))
 }
 
 #[cfg(not(test))]

@@ -31,12 +31,27 @@ use crate::model::{Desired, Endpoint, Frontend, Proto};
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    PutBackend { id: u32, value: Backend4 },
-    DelBackend { id: u32 },
-    PutService { key: ServiceKey4, value: ServiceValue },
-    DelService { key: ServiceKey4 },
-    PutRevNat { id: u16, value: RevNat4 },
-    DelRevNat { id: u16 },
+    PutBackend {
+        id: u32,
+        value: Backend4,
+    },
+    DelBackend {
+        id: u32,
+    },
+    PutService {
+        key: ServiceKey4,
+        value: ServiceValue,
+    },
+    DelService {
+        key: ServiceKey4,
+    },
+    PutRevNat {
+        id: u16,
+        value: RevNat4,
+    },
+    DelRevNat {
+        id: u16,
+    },
 }
 
 impl fmt::Display for Op {
@@ -79,6 +94,9 @@ pub fn frontend_of(key: &ServiceKey4) -> Option<Frontend> {
     })
 }
 
+/// A frontend's header and, per slot, the backend id and the backend entry (if present).
+pub type FrontendView = (ServiceValue, Vec<(u32, Option<Backend4>)>);
+
 /// The contents of the three maps, as plain data.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -113,14 +131,17 @@ impl Snapshot {
     }
 
     /// Frontends (headers) with the backends of their slots, as a connect() would see them.
-    pub fn frontends(&self) -> BTreeMap<ServiceKey4, (ServiceValue, Vec<(u32, Option<Backend4>)>)> {
+    pub fn frontends(&self) -> BTreeMap<ServiceKey4, FrontendView> {
         self.services
             .iter()
             .filter(|(k, _)| k.slot == 0)
             .map(|(k, header)| {
                 let slots = (1..=header.count)
                     .map(|s| {
-                        let id = self.services.get(&k.with_slot(s)).map_or(0, |v| v.backend_id);
+                        let id = self
+                            .services
+                            .get(&k.with_slot(s))
+                            .map_or(0, |v| v.backend_id);
                         (id, self.backends.get(&id).copied())
                     })
                     .collect();
@@ -201,8 +222,8 @@ impl Programmed {
                 addr: Ipv4Addr::from(b.addr),
                 port: b.port,
             };
-            let known = Proto::from_number(b.proto)
-                .filter(|p| !me.backends.contains_key(&(endpoint, *p)));
+            let known =
+                Proto::from_number(b.proto).filter(|p| !me.backends.contains_key(&(endpoint, *p)));
             match known {
                 Some(proto) if used_backends.contains(id) => {
                     me.backends
@@ -225,7 +246,11 @@ impl Programmed {
         for key in snapshot.services.keys().filter(|k| !used_keys.contains(k)) {
             me.stale.push(Op::DelService { key: *key });
         }
-        for id in snapshot.revnat.keys().filter(|id| !used_revnat.contains(id)) {
+        for id in snapshot
+            .revnat
+            .keys()
+            .filter(|id| !used_revnat.contains(id))
+        {
             me.stale.push(Op::DelRevNat { id: *id });
         }
         me.next_backend_id = snapshot.backends.keys().max().copied().unwrap_or(0);
@@ -255,7 +280,8 @@ impl Programmed {
             self.next_backend_id += 1;
             self.next_backend_id
         });
-        self.backends.insert((ep, proto), BackendRef { id, refs: 1 });
+        self.backends
+            .insert((ep, proto), BackendRef { id, refs: 1 });
         ops.push(Op::PutBackend {
             id,
             value: Backend4 {
@@ -315,7 +341,8 @@ impl Programmed {
                     None => {
                         plan.warnings.push(format!(
                             "{} ({fe}): no free rev-NAT id ({} frontends in use); not programmed",
-                            state.service, u16::MAX
+                            state.service,
+                            u16::MAX
                         ));
                         continue;
                     }
@@ -682,7 +709,10 @@ mod tests {
             let slot_entries = maps.services.len() - maps.frontends().len();
             assert_eq!(
                 slot_entries,
-                maps.frontends().values().map(|(_, s)| s.len()).sum::<usize>()
+                maps.frontends()
+                    .values()
+                    .map(|(_, s)| s.len())
+                    .sum::<usize>()
             );
             assert_eq!(maps.revnat.len(), maps.frontends().len());
         }
@@ -693,16 +723,32 @@ mod tests {
     fn one_endpoint_change_costs_few_writes() {
         let mut prog = Programmed::default();
         let mut maps = Snapshot::default();
-        sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1, 2, 3, 4, 5, 6])]));
+        sync(
+            &mut prog,
+            &mut maps,
+            &desired(&[(fe(1, 80), &[1, 2, 3, 4, 5, 6])]),
+        );
         // Remove backend 2: the last slot moves into its place, the header shrinks,
         // the last slot and the backend are deleted.
-        let ops = sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1, 3, 4, 5, 6])]));
+        let ops = sync(
+            &mut prog,
+            &mut maps,
+            &desired(&[(fe(1, 80), &[1, 3, 4, 5, 6])]),
+        );
         assert_eq!(ops.len(), 4, "{ops:#?}");
         // Add one: a new backend, one slot, the header.
-        let ops = sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1, 3, 4, 5, 6, 9])]));
+        let ops = sync(
+            &mut prog,
+            &mut maps,
+            &desired(&[(fe(1, 80), &[1, 3, 4, 5, 6, 9])]),
+        );
         assert_eq!(ops.len(), 3, "{ops:#?}");
         // Nothing changed: nothing written.
-        let ops = sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1, 3, 4, 5, 6, 9])]));
+        let ops = sync(
+            &mut prog,
+            &mut maps,
+            &desired(&[(fe(1, 80), &[1, 3, 4, 5, 6, 9])]),
+        );
         assert!(ops.is_empty(), "{ops:#?}");
     }
 
@@ -713,7 +759,10 @@ mod tests {
         sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1])]));
         let id_before = *maps.backends.keys().next().unwrap();
         let ops = sync(&mut prog, &mut maps, &desired(&[(fe(2, 80), &[1])]));
-        assert!(!ops.iter().any(|o| matches!(o, Op::DelBackend { .. } | Op::PutBackend { .. })));
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, Op::DelBackend { .. } | Op::PutBackend { .. }))
+        );
         assert_eq!(*maps.backends.keys().next().unwrap(), id_before);
     }
 
@@ -724,9 +773,25 @@ mod tests {
         let d = desired(&[(fe(1, 80), &[1, 2]), (fe(2, 53), &[2, 3])]);
         sync(&mut prog, &mut maps, &d);
         // Garbage a crashed agent could leave: a stray slot, an unused backend and rev-NAT.
-        maps.services.insert(service_key(&fe(9, 9), 3), ServiceValue::slot(77));
-        maps.backends.insert(77, Backend4 { addr: [1, 1, 1, 1], port: 1, proto: 6, flags: 0 });
-        maps.revnat.insert(999, RevNat4 { addr: [9, 9, 9, 9], port: 9, _pad: [0; 2] });
+        maps.services
+            .insert(service_key(&fe(9, 9), 3), ServiceValue::slot(77));
+        maps.backends.insert(
+            77,
+            Backend4 {
+                addr: [1, 1, 1, 1],
+                port: 1,
+                proto: 6,
+                flags: 0,
+            },
+        );
+        maps.revnat.insert(
+            999,
+            RevNat4 {
+                addr: [9, 9, 9, 9],
+                port: 9,
+                _pad: [0; 2],
+            },
+        );
         let mut adopted = Programmed::adopt(&maps);
         let ops = sync(&mut adopted, &mut maps, &d);
         assert_eq!(ops.len(), 3, "only the garbage is removed: {ops:#?}");
@@ -744,6 +809,10 @@ mod tests {
         assert_eq!(stable_slots(&[1, 2, 3, 4], &[4, 3]), [4, 3]);
         assert_eq!(stable_slots(&[1, 2, 3], &[3, 9, 1]), [1, 9, 3]);
         assert_eq!(stable_slots(&[1, 2, 3], &[]), Vec::<u32>::new());
-        assert_eq!(stable_slots(&[1, 1, 0], &[1, 2]), [1, 2], "duplicates and id 0 are holes");
+        assert_eq!(
+            stable_slots(&[1, 1, 0], &[1, 2]),
+            [1, 2],
+            "duplicates and id 0 are holes"
+        );
     }
 }

@@ -18,7 +18,14 @@ pub fn render(snap: &Snapshot) -> String {
     );
     for (key, (header, slots)) in &frontends {
         let name = frontend_of(key).map_or_else(
-            || format!("{}:{} proto {}", Ipv4Addr::from(key.addr), key.port, key.proto),
+            || {
+                format!(
+                    "{}:{} proto {}",
+                    Ipv4Addr::from(key.addr),
+                    key.port,
+                    key.proto
+                )
+            },
             |fe| fe.to_string(),
         );
         let state = if header.count == 0 {
@@ -95,9 +102,18 @@ mod tests {
             snap.apply(&op);
         }
         let text = render(&snap);
-        assert!(text.starts_with("2 frontends, 2 backends (2 slots)\n"), "{text}");
+        assert!(
+            text.starts_with("2 frontends, 2 backends (2 slots)\n"),
+            "{text}"
+        );
         assert!(text.contains("10.96.0.10:80/TCP  rev-nat"), "{text}");
-        assert!(text.contains("2 backends\n  slot 1   backend 1     10.244.1.2:8080\n"), "{text}");
-        assert!(text.contains("10.96.0.11:53/UDP  rev-nat 2  no backends: connections are refused"), "{text}");
+        assert!(
+            text.contains("2 backends\n  slot 1   backend 1     10.244.1.2:8080\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("10.96.0.11:53/UDP  rev-nat 2  no backends: connections are refused"),
+            "{text}"
+        );
     }
 }

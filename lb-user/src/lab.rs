@@ -97,7 +97,8 @@ impl Cgroup {
     pub fn create(name: &str) -> anyhow::Result<Self> {
         let root = mount_point("cgroup2").context("no cgroup v2 filesystem is mounted")?;
         let path = root.join(name);
-        std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        std::fs::create_dir(&path)
+            .with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(Self { path })
     }
 }
@@ -230,18 +231,50 @@ impl Lab {
         let (node, pod) = (self.node.name.as_str(), netns.name.as_str());
         let subnet = i + 1;
         let veth = format!("veth{i}");
-        ip(&["-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", pod])?;
-        ip(&["-n", node, "addr", "add", &format!("10.244.{subnet}.1/24"), "dev", &veth])?;
+        ip(&[
+            "-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", pod,
+        ])?;
+        ip(&[
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("10.244.{subnet}.1/24"),
+            "dev",
+            &veth,
+        ])?;
         ip(&["-n", node, "link", "set", &veth, "up"])?;
-        ip(&["-n", pod, "addr", "add", &format!("10.244.{subnet}.2/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            pod,
+            "addr",
+            "add",
+            &format!("10.244.{subnet}.2/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", pod, "link", "set", "eth0", "up"])?;
-        ip(&["-n", pod, "route", "add", "default", "via", &format!("10.244.{subnet}.1")])?;
+        ip(&[
+            "-n",
+            pod,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.244.{subnet}.1"),
+        ])?;
         let name = format!("pod-{i}");
         let mut cmd = Command::new(&self.lab_bin);
-        cmd.args(["serve", "--name", &name, "--port", &self.server_port.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .stdin(Stdio::null());
+        cmd.args([
+            "serve",
+            "--name",
+            &name,
+            "--port",
+            &self.server_port.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .stdin(Stdio::null());
         place(&mut cmd, &netns, None)?;
         let mut child = ChildGuard(cmd.spawn().with_context(|| format!("starting {cmd:?}"))?);
         let mut line = String::new();
@@ -415,8 +448,8 @@ impl AgentProcess {
         pin_path: &Path,
         log_path: &Path,
     ) -> anyhow::Result<Self> {
-        let log = File::create(log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
+        let log =
+            File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = Command::new(agent_bin);
         cmd.arg("run")
             .arg("--manifests")
@@ -449,7 +482,10 @@ impl AgentProcess {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child.0.try_wait() {
-                bail!("the agent exited ({status}) before syncing:\n{}", self.log());
+                bail!(
+                    "the agent exited ({status}) before syncing:\n{}",
+                    self.log()
+                );
             }
             if Instant::now() > deadline {
                 bail!("the agent did not sync within {timeout:?}:\n{}", self.log());

@@ -26,9 +26,7 @@ pub enum LoadError {
         "--pin-path {path}: {why} (BPF maps can only be pinned on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`)"
     )]
     PinPath { path: PathBuf, why: String },
-    #[error(
-        "--cgroup {path}: {why}{hint}"
-    )]
+    #[error("--cgroup {path}: {why}{hint}")]
     Cgroup {
         path: PathBuf,
         why: String,
@@ -138,7 +136,11 @@ pub fn open_cgroup(path: &Path) -> Result<File, LoadError> {
 /// Loads the object with its maps pinned under `pin_dir` (reusing maps already pinned
 /// there, so a restarted agent keeps the datapath), loads every program and attaches it
 /// to `cgroup`. Dropping the returned `Ebpf` detaches the programs.
-pub fn load_and_attach(pin_dir: &Path, cgroup: &File, bpf_log_level: u8) -> Result<Ebpf, LoadError> {
+pub fn load_and_attach(
+    pin_dir: &Path,
+    cgroup: &File,
+    bpf_log_level: u8,
+) -> Result<Ebpf, LoadError> {
     prepare_pin_dir(pin_dir)?;
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
     let mut loader = EbpfLoader::new();

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use lb_user::{agent, datapath::BpfMaps, dump, loader};
 
 #[derive(Parser)]
-#[command(name = "lb-user", version, about = "eBPF service load balancer agent (a kube-proxy replacement)")]
+#[command(
+    name = "lb-user",
+    version,
+    about = "eBPF service load balancer agent (a kube-proxy replacement)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -161,7 +161,8 @@ fn add_object(value: serde_yaml::Value, where_: &str, loaded: &mut Loaded) {
             }
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            if let Some(slice) = decode::<EndpointSlice>(value, where_, "EndpointSlice", &name, loaded)
+            if let Some(slice) =
+                decode::<EndpointSlice>(value, where_, "EndpointSlice", &name, loaded)
             {
                 loaded.objects.slices.push(slice);
             }

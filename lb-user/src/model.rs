@@ -450,9 +450,11 @@ endpoints:
     fn slices_of_other_services_or_namespaces_are_not_used() {
         let yaml = WEB.replace("namespace: shop\n  labels", "namespace: other\n  labels");
         let b = build_from(&yaml);
-        assert!(b.desired.frontends[&fe("10.96.0.10", 80, Proto::Tcp)]
-            .endpoints
-            .is_empty());
+        assert!(
+            b.desired.frontends[&fe("10.96.0.10", 80, Proto::Tcp)]
+                .endpoints
+                .is_empty()
+        );
     }
 
     #[test]
@@ -465,7 +467,11 @@ endpoints:
         let b = build_from(&yaml);
         assert_eq!(
             b.desired.frontends[&fe("10.96.0.10", 80, Proto::Tcp)].endpoints,
-            eps(&[("10.244.1.2", 8080), ("10.244.2.2", 8080), ("10.244.4.2", 8080)])
+            eps(&[
+                ("10.244.1.2", 8080),
+                ("10.244.2.2", 8080),
+                ("10.244.4.2", 8080)
+            ])
         );
     }
 
@@ -511,15 +517,38 @@ endpoints:
         );
         let b = build_from(&yaml);
         let w = b.warnings.join("\n");
-        assert!(w.contains("Service default/bad-ip: field spec.clusterIP: \"10.96.0.300\""), "{w}");
-        assert!(w.contains("Service default/sctp: field spec.ports[0].protocol: SCTP"), "{w}");
-        assert!(w.contains("Service default/big: field spec.ports[0].port: 70000"), "{w}");
-        assert!(w.contains("EndpointSlice shop/web-bad: field endpoints[0].addresses[0]: \"not-an-ip\""), "{w}");
-        assert!(w.contains("EndpointSlice default/orphan: field metadata.labels"), "{w}");
+        assert!(
+            w.contains("Service default/bad-ip: field spec.clusterIP: \"10.96.0.300\""),
+            "{w}"
+        );
+        assert!(
+            w.contains("Service default/sctp: field spec.ports[0].protocol: SCTP"),
+            "{w}"
+        );
+        assert!(
+            w.contains("Service default/big: field spec.ports[0].port: 70000"),
+            "{w}"
+        );
+        assert!(
+            w.contains(
+                "EndpointSlice shop/web-bad: field endpoints[0].addresses[0]: \"not-an-ip\""
+            ),
+            "{w}"
+        );
+        assert!(
+            w.contains("EndpointSlice default/orphan: field metadata.labels"),
+            "{w}"
+        );
         assert_eq!(b.warnings.len(), 5, "{w}");
-        assert!(b.desired.frontends.contains_key(&fe("10.96.0.11", 81, Proto::Tcp)));
+        assert!(
+            b.desired
+                .frontends
+                .contains_key(&fe("10.96.0.11", 81, Proto::Tcp))
+        );
         assert_eq!(
-            b.desired.frontends[&fe("10.96.0.10", 80, Proto::Tcp)].endpoints.len(),
+            b.desired.frontends[&fe("10.96.0.10", 80, Proto::Tcp)]
+                .endpoints
+                .len(),
             2,
             "the good service keeps its endpoints"
         );
@@ -531,8 +560,14 @@ endpoints:
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIPs: [10.96.0.1, 'fd00::1'], ports: [{port: 80}]}\n---\n\
              apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}, {port: 81}]}\n",
         );
-        assert_eq!(b.desired.frontends[&fe("10.96.0.1", 80, Proto::Tcp)].service, "default/a");
-        assert_eq!(b.desired.frontends[&fe("10.96.0.1", 81, Proto::Tcp)].service, "default/b");
+        assert_eq!(
+            b.desired.frontends[&fe("10.96.0.1", 80, Proto::Tcp)].service,
+            "default/a"
+        );
+        assert_eq!(
+            b.desired.frontends[&fe("10.96.0.1", 81, Proto::Tcp)].service,
+            "default/b"
+        );
         assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
         assert!(b.warnings[0].contains("already used by default/a"));
     }

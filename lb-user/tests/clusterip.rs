@@ -46,7 +46,9 @@ fn slice(service: &str, pods: &[Ipv4Addr]) -> String {
         s = s.replace("endpoints:\n", "endpoints: []\n");
     }
     for ip in pods {
-        s.push_str(&format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n"));
+        s.push_str(&format!(
+            "- addresses: [{ip}]\n  conditions: {{ready: true}}\n"
+        ));
     }
     s
 }
@@ -135,7 +137,11 @@ fn connections_to_the_cluster_ip_are_spread_over_all_backends() {
     let report = fx.probe(WEB_IP, 300);
     assert_eq!(report.total_errors(), 0, "{report:?}");
     assert_eq!(report.total_replies(), 300);
-    assert_eq!(names(&report), BTreeSet::from(["pod-0", "pod-1", "pod-2"]), "{report:?}");
+    assert_eq!(
+        names(&report),
+        BTreeSet::from(["pod-0", "pod-1", "pod-2"]),
+        "{report:?}"
+    );
     for (pod, n) in &report.replies {
         assert!(
             (60..=150).contains(n),
@@ -157,7 +163,10 @@ fn manifest_changes_reach_new_connections_within_two_seconds() {
     fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1, 2])));
     fx.write("other-slice.yaml", &slice("other", &fx.pod_ips(&[3])));
     fx.agent.wait_synced(2, Duration::from_secs(10)).unwrap();
-    assert_eq!(names(&fx.probe(WEB_IP, 60)), BTreeSet::from(["pod-0", "pod-1", "pod-2"]));
+    assert_eq!(
+        names(&fx.probe(WEB_IP, 60)),
+        BTreeSet::from(["pod-0", "pod-1", "pod-2"])
+    );
 
     // Probes in batches until `done` holds for a batch; every batch must be error-free
     // (the service keeps backends throughout), and it must happen within 2 s.
@@ -182,7 +191,11 @@ fn manifest_changes_reach_new_connections_within_two_seconds() {
     converge(&fx, "removing pod-2", &|r| !r.replies.contains_key("pod-2"));
     let after = fx.probe(WEB_IP, 100);
     assert_eq!(after.total_errors(), 0);
-    assert_eq!(names(&after), BTreeSet::from(["pod-0", "pod-1"]), "{after:?}");
+    assert_eq!(
+        names(&after),
+        BTreeSet::from(["pod-0", "pod-1"]),
+        "{after:?}"
+    );
 
     // A backend is added.
     fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1, 2, 3])));
@@ -197,10 +210,17 @@ fn manifest_changes_reach_new_connections_within_two_seconds() {
     loop {
         let r = fx.probe(WEB_IP, 5);
         if r.total_replies() == 0 {
-            assert_eq!(r.errors.keys().collect::<Vec<_>>(), ["ENETUNREACH"], "{r:?}");
+            assert_eq!(
+                r.errors.keys().collect::<Vec<_>>(),
+                ["ENETUNREACH"],
+                "{r:?}"
+            );
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(2), "service deletion not reflected: {r:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "service deletion not reflected: {r:?}"
+        );
     }
     let other = fx.probe(OTHER_IP, 50);
     assert_eq!(other.total_errors(), 0, "{other:?}");
@@ -215,7 +235,10 @@ fn processes_outside_the_cgroup_are_not_affected() {
         let r = fx.probe(WEB_IP, 1);
         (r.total_replies() == 1).then_some(r)
     });
-    assert!(inside.is_some(), "the client in the cgroup never reached the service");
+    assert!(
+        inside.is_some(),
+        "the client in the cgroup never reached the service"
+    );
 
     let outside = fx
         .lab
@@ -247,7 +270,10 @@ fn a_service_without_endpoints_refuses_and_bad_objects_do_not_break_the_others()
         1,
         &[
             ("web.yaml", service("web", WEB_IP, 80)),
-            ("empty.yaml", service("empty", OTHER_IP, 80) + "---\n" + &slice("empty", &[])),
+            (
+                "empty.yaml",
+                service("empty", OTHER_IP, 80) + "---\n" + &slice("empty", &[]),
+            ),
             ("bad.yaml", bad.to_string()),
         ],
     );
@@ -267,7 +293,10 @@ fn a_service_without_endpoints_refuses_and_bad_objects_do_not_break_the_others()
         "EndpointSlice t/web-bad: field endpoints[0].addresses[0]: \"10.244.999.1\"",
         "bad.yaml: document 3: not valid YAML",
     ] {
-        assert!(log.contains(expected), "missing warning {expected:?} in:\n{log}");
+        assert!(
+            log.contains(expected),
+            "missing warning {expected:?} in:\n{log}"
+        );
     }
 }
 
@@ -278,16 +307,41 @@ fn dump_and_bpftool_show_the_maps_and_sigterm_detaches_cleanly() {
     fx.agent.wait_synced(2, Duration::from_secs(10)).unwrap();
     let pin = fx.agent.pin_path.clone();
 
-    let dump = lab::run(Command::new(AGENT_BIN).arg("dump").arg("--pin-path").arg(&pin)).unwrap();
-    assert!(dump.contains("10.96.0.10:80/TCP  rev-nat 1  2 backends"), "{dump}");
-    assert!(dump.contains("10.244.1.2:8080") && dump.contains("10.244.2.2:8080"), "{dump}");
+    let dump = lab::run(
+        Command::new(AGENT_BIN)
+            .arg("dump")
+            .arg("--pin-path")
+            .arg(&pin),
+    )
+    .unwrap();
+    assert!(
+        dump.contains("10.96.0.10:80/TCP  rev-nat 1  2 backends"),
+        "{dump}"
+    );
+    assert!(
+        dump.contains("10.244.1.2:8080") && dump.contains("10.244.2.2:8080"),
+        "{dump}"
+    );
 
     // BTF: bpftool prints the field names of our key and value types.
     let services = pin.join(lb_common::MAP_SERVICES4);
-    let bpftool = lab::run(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&services))
-        .unwrap();
-    for field in ["\"addr\"", "\"port\"", "\"slot\"", "\"backend_id\"", "\"rev_nat_id\""] {
-        assert!(bpftool.contains(field), "bpftool output lacks {field}:\n{bpftool}");
+    let bpftool = lab::run(
+        Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(&services),
+    )
+    .unwrap();
+    for field in [
+        "\"addr\"",
+        "\"port\"",
+        "\"slot\"",
+        "\"backend_id\"",
+        "\"rev_nat_id\"",
+    ] {
+        assert!(
+            bpftool.contains(field),
+            "bpftool output lacks {field}:\n{bpftool}"
+        );
     }
 
     assert_eq!(fx.probe(WEB_IP, 10).total_replies(), 10);
@@ -297,7 +351,12 @@ fn dump_and_bpftool_show_the_maps_and_sigterm_detaches_cleanly() {
     // Detached: the same client is no longer translated.
     let after = fx.probe(WEB_IP, 3);
     assert_eq!(after.errors.get("ENETUNREACH"), Some(&3), "{after:?}");
-    let dump_err = Command::new(AGENT_BIN).arg("dump").arg("--pin-path").arg(&pin).output().unwrap();
+    let dump_err = Command::new(AGENT_BIN)
+        .arg("dump")
+        .arg("--pin-path")
+        .arg(&pin)
+        .output()
+        .unwrap();
     assert!(!dump_err.status.success());
     assert!(String::from_utf8_lossy(&dump_err.stderr).contains("is the agent running"));
 }
@@ -317,5 +376,8 @@ fn bad_command_line_arguments_give_clear_errors() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--cgroup /tmp: not a cgroup v2 directory"), "{err}");
+    assert!(
+        err.contains("--cgroup /tmp: not a cgroup v2 directory"),
+        "{err}"
+    );
 }

@@ -40,9 +40,9 @@ pub fn find_in_path(program: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME").or_else(|| {
-        std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo").into_os_string())
-    }) {
+    if let Some(home) = std::env::var_os("CARGO_HOME")
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo").into_os_string()))
+    {
         dirs.push(Path::new(&home).join("bin"));
     }
     dirs.into_iter()
@@ -57,11 +57,20 @@ pub fn build_ebpf(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String
     let mut cmd = Command::new("rustup");
     cmd.args(["run", TOOLCHAIN, "cargo", "build", "--release", "--package"])
         .arg(EBPF_PACKAGE)
-        .args(["--target", BPF_TARGET, "-Z", "build-std=core", "--target-dir"])
+        .args([
+            "--target",
+            BPF_TARGET,
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
         .arg(target_dir)
         .current_dir(workspace.join(EBPF_PACKAGE))
         // BTF makes `bpftool map dump` print field names; debuginfo is what BTF is made of.
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        );
     // A build script runs with the outer build's settings in its environment; none of
     // them may leak into the kernel build.
     for var in [
@@ -77,14 +86,12 @@ pub fn build_ebpf(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String
     ] {
         cmd.env_remove(var);
     }
-    if let Some(linker) = find_in_path("bpf-linker") {
-        if let Some(dir) = linker.parent() {
-            let path = std::env::var_os("PATH").unwrap_or_default();
-            let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-            dirs.insert(0, dir.to_path_buf());
-            if let Ok(joined) = std::env::join_paths(dirs) {
-                cmd.env("PATH", joined);
-            }
+    // cargo install puts bpf-linker in ~/.cargo/bin, which may not be on PATH.
+    if let Some(dir) = find_in_path("bpf-linker").and_then(|l| l.parent().map(Path::to_path_buf)) {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let dirs = std::iter::once(dir).chain(std::env::split_paths(&path));
+        if let Ok(joined) = std::env::join_paths(dirs) {
+            cmd.env("PATH", joined);
         }
     }
     // Nothing on stdout: in a build script, stdout is read by cargo as directives.
@@ -93,7 +100,9 @@ pub fn build_ebpf(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String
         .status()
         .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     if !status.success() {
-        return Err(format!("building {EBPF_PACKAGE} failed ({status}): {cmd:?}"));
+        return Err(format!(
+            "building {EBPF_PACKAGE} failed ({status}): {cmd:?}"
+        ));
     }
     let object = target_dir
         .join(BPF_TARGET)

@@ -1,1 +1,285 @@
-fn main(){}
+//! `cargo xtask`: setup, builds, the demo and the test run.
+
+mod ebpf_build;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks (idempotent): nightly rust-src, bpf-linker, Debian packages.
+    Setup,
+    /// Build the eBPF programs (lb-ebpf, with BTF) into target/ebpf.
+    BuildEbpf,
+    /// Build everything: the eBPF programs and every host binary.
+    Build,
+    /// Run the demo: a namespace cluster, the agent on manifests/examples/demo, traffic.
+    Demo,
+    /// Run every test (unit and integration; needs root) and fail if none ran.
+    Test,
+    /// cargo fmt --check and cargo clippy -D warnings over the workspace.
+    Lint,
+}
+
+/// Debian packages the tests and the demo use.
+const APT_PACKAGES: &[&str] = &["iproute2", "bpftool"];
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace());
+    cmd
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {cmd:?}");
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "{what} needs root (it creates network namespaces and loads BPF programs); run it as root, e.g. `sudo -E cargo xtask ...`"
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => build_ebpf().map(|o| println!("{}", o.display())),
+        Cmd::Build => build(),
+        Cmd::Demo => demo(),
+        Cmd::Test => test(),
+        Cmd::Lint => lint(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn setup() -> anyhow::Result<()> {
+    // 1. rust-src (for -Z build-std=core on bpfel-unknown-none) and clippy for the nightly
+    //    toolchain. An installed nightly is kept as it is: updating it could move LLVM
+    //    away from the version bpf-linker was built against.
+    let nightly = || {
+        output(Command::new("rustup").args(["run", ebpf_build::TOOLCHAIN, "rustc", "--version"]))
+    };
+    if nightly().is_none() {
+        status(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            ebpf_build::TOOLCHAIN,
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    status(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "clippy",
+        "--toolchain",
+        ebpf_build::TOOLCHAIN,
+    ]))?;
+    // 2. bpf-linker, built against the nightly toolchain's own LLVM.
+    install_bpf_linker()?;
+    // 3. Debian packages.
+    install_apt_packages()?;
+    ebpf_build::check_prerequisites().map_err(anyhow::Error::msg)?;
+    eprintln!("setup: everything is installed");
+    Ok(())
+}
+
+fn install_bpf_linker() -> anyhow::Result<()> {
+    if let Some(linker) = ebpf_build::find_in_path("bpf-linker")
+        && output(Command::new(&linker).arg("--version")).is_some()
+    {
+        eprintln!("setup: {} is installed", linker.display());
+        return Ok(());
+    }
+    let sysroot = output(Command::new("rustup").args([
+        "run",
+        ebpf_build::TOOLCHAIN,
+        "rustc",
+        "--print",
+        "sysroot",
+    ]))
+    .context("cannot find the nightly toolchain's sysroot")?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        })
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", libdir.display()))?;
+    // "libLLVM.so.22.1-rust-1.97.0-nightly" -> 22
+    let major: String = llvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .trim_start_matches("libLLVM.so.")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    // The linker keeps an rpath to this directory: it must outlive the build (not /tmp).
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let prefix = Path::new(&home).join(".local/share/lb/bpf-linker-llvm");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&llvm, &link)
+        .with_context(|| format!("linking {} to {}", link.display(), llvm.display()))?;
+    status(
+        cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "^0.13",
+                "--no-default-features",
+            ])
+            .args(["--features", &format!("llvm-{major}")])
+            .env("LLVM_PREFIX", &prefix),
+    )
+}
+
+fn install_apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("setup: Debian packages {APT_PACKAGES:?} are installed");
+        return Ok(());
+    }
+    require_root("installing Debian packages")?;
+    status(Command::new("apt-get").args(["update", "-q"]))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn build_ebpf() -> anyhow::Result<PathBuf> {
+    let ws = workspace();
+    ebpf_build::build_ebpf(&ws, &ws.join("target/ebpf")).map_err(anyhow::Error::msg)
+}
+
+fn build() -> anyhow::Result<()> {
+    let object = build_ebpf()?;
+    eprintln!("eBPF object: {}", object.display());
+    status(cargo().args(["build", "--workspace", "--bins"]))
+}
+
+fn demo() -> anyhow::Result<()> {
+    require_root("the demo")?;
+    ebpf_build::check_prerequisites().map_err(anyhow::Error::msg)?;
+    status(cargo().args(["build", "--quiet", "--package", "lb-user", "--bins"]))?;
+    let ws = workspace();
+    status(
+        Command::new(ws.join("target/debug/lb-lab"))
+            .args(["demo", "--manifests", "manifests/examples/demo"])
+            .current_dir(&ws),
+    )
+}
+
+fn lint() -> anyhow::Result<()> {
+    status(cargo().args(["fmt", "--all", "--check"]))?;
+    // The default members: every host crate (lb-ebpf only builds for BPF, below).
+    status(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The kernel crate is not a default member and only builds for the BPF target.
+    status(
+        Command::new("rustup")
+            .args(["run", ebpf_build::TOOLCHAIN, "cargo", "clippy", "--release"])
+            .args(["--target", ebpf_build::BPF_TARGET, "-Z", "build-std=core"])
+            .args(["--", "-D", "warnings"])
+            .current_dir(workspace().join(ebpf_build::EBPF_PACKAGE))
+            .env_remove("RUSTC")
+            .env_remove("CARGO"),
+    )
+}
+
+fn test() -> anyhow::Result<()> {
+    require_root("`cargo xtask test`")?;
+    ebpf_build::check_prerequisites().map_err(anyhow::Error::msg)?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .stdout(Stdio::piped());
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd.spawn().context("cannot run cargo test")?;
+    let mut passed = 0usize;
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        // "test result: ok. 20 passed; 0 failed; ..."
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += rest
+                .split(". ")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(0);
+        }
+    }
+    let st = child.wait()?;
+    if !st.success() {
+        bail!("tests failed ({st})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    eprintln!("xtask test: {passed} tests passed");
+    Ok(())
+}

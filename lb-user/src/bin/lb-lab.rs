@@ -13,7 +13,10 @@ use clap::{Parser, Subcommand};
 use lb_user::lab::{self, AgentProcess, Lab, ProbeOptions, ProbeReport};
 
 #[derive(Parser)]
-#[command(name = "lb-lab", about = "Pods, clients and a demo in network namespaces")]
+#[command(
+    name = "lb-lab",
+    about = "Pods, clients and a demo in network namespaces"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -117,9 +120,15 @@ fn demo(manifests: &Path, agent: Option<PathBuf>, connections: usize) -> anyhow:
     );
     println!("== lb demo: socket-level service load balancing with eBPF, in network namespaces ==");
 
-    step(1, "Creating a node namespace and 3 pod namespaces, each pod running a server that answers with its name");
+    step(
+        1,
+        "Creating a node namespace and 3 pod namespaces, each pod running a server that answers with its name",
+    );
     let lab = Lab::new(&me, "demo", 3, 8080)?;
-    println!("      node netns {}  (routes to the pods only: nothing else is reachable)", lab.node.name);
+    println!(
+        "      node netns {}  (routes to the pods only: nothing else is reachable)",
+        lab.node.name
+    );
     for p in &lab.pods {
         println!("      {}  {}:8080  netns {}", p.name, p.ip, p.netns.name);
     }
@@ -135,7 +144,10 @@ fn demo(manifests: &Path, agent: Option<PathBuf>, connections: usize) -> anyhow:
         std::fs::copy(entry.path(), live_manifests.join(entry.file_name()))?;
     }
     let pin_path = PathBuf::from(format!("/sys/fs/bpf/{}", lab.prefix));
-    step(2, "Starting the agent on the example manifests (a copy, so the demo can change it)");
+    step(
+        2,
+        "Starting the agent on the example manifests (a copy, so the demo can change it)",
+    );
     println!(
         "      {} run --manifests {} --cgroup {} --pin-path {}",
         agent_bin.display(),
@@ -155,18 +167,31 @@ fn demo(manifests: &Path, agent: Option<PathBuf>, connections: usize) -> anyhow:
         println!("      agent: {line}");
     }
 
-    step(3, &format!("{connections} TCP connections from a client in the cgroup to the ClusterIP {CLUSTER_IP}:80 (service demo/web)"));
+    step(
+        3,
+        &format!(
+            "{connections} TCP connections from a client in the cgroup to the ClusterIP {CLUSTER_IP}:80 (service demo/web)"
+        ),
+    );
     let target = SocketAddrV4::new(CLUSTER_IP, 80);
     let report = lab.probe(&ProbeOptions::tcp(target, connections), true)?;
     print_report(&report);
 
     step(4, "What the maps hold: lb-user dump");
-    let dump = lab::run(Command::new(&agent_bin).arg("dump").arg("--pin-path").arg(&pin_path))?;
+    let dump = lab::run(
+        Command::new(&agent_bin)
+            .arg("dump")
+            .arg("--pin-path")
+            .arg(&pin_path),
+    )?;
     for line in dump.lines() {
         println!("      {line}");
     }
 
-    step(5, "pod-2 stops being ready (EndpointSlice edited); new connections avoid it");
+    step(
+        5,
+        "pod-2 stops being ready (EndpointSlice edited); new connections avoid it",
+    );
     let slice_path = live_manifests.join("web-endpointslice.yaml");
     let text = std::fs::read_to_string(&slice_path)?;
     let mut slice: serde_yaml::Value = serde_yaml::from_str(&text)?;
@@ -178,10 +203,15 @@ fn demo(manifests: &Path, agent: Option<PathBuf>, connections: usize) -> anyhow:
     println!("      and demo/empty ({EMPTY_IP}:80, no endpoints) refuses at once:");
     print_report(&lab.probe(&ProbeOptions::tcp(SocketAddrV4::new(EMPTY_IP, 80), 3), true)?);
 
-    step(6, "A client outside the cgroup is not translated: the ClusterIP is unroutable in the node namespace");
+    step(
+        6,
+        "A client outside the cgroup is not translated: the ClusterIP is unroutable in the node namespace",
+    );
     print_report(&lab.probe(&ProbeOptions::tcp(target, 3), false)?);
 
-    println!("\nTearing down: agent stopped (programs detached, pins removed), namespaces and cgroup deleted.");
+    println!(
+        "\nTearing down: agent stopped (programs detached, pins removed), namespaces and cgroup deleted."
+    );
     drop(agent);
     drop(lab);
     drop(cleanup_work);
