@@ -89,6 +89,7 @@ impl Agent {
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    manifest::manifest_files(&opts.manifests)?;
     let cgroup = loader::open_cgroup(&opts.cgroup)?;
     let mut ebpf = loader::load_and_attach(&opts.pin_path, &cgroup, opts.bpf_log_level)?;
     tracing::info!(

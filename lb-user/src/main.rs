@@ -86,7 +86,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lb-user: {e:#}");
+            eprintln!("lb-user: {}", lb_user::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -83,7 +83,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lb-lab: {e:#}");
+            eprintln!("lb-lab: {}", lb_user::error_chain(&e));
             ExitCode::FAILURE
         }
     }
