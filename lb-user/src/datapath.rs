@@ -271,6 +271,16 @@ impl Programmed {
         self.backends.len()
     }
 
+    /// Entries each map holds, as programmed.
+    pub fn map_entries(&self) -> BTreeMap<&'static str, usize> {
+        let slots: usize = self.frontends.values().map(|f| f.slots.len()).sum();
+        BTreeMap::from([
+            (MAP_SERVICES4, self.frontends.len() + slots),
+            (MAP_BACKENDS4, self.backends.len()),
+            (MAP_REVNAT4, self.frontends.len()),
+        ])
+    }
+
     fn acquire_backend(&mut self, ep: Endpoint, proto: Proto, ops: &mut Vec<Op>) -> u32 {
         if let Some(r) = self.backends.get_mut(&(ep, proto)) {
             r.refs += 1;

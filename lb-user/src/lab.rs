@@ -458,7 +458,7 @@ impl AgentProcess {
             .arg(cgroup)
             .arg("--pin-path")
             .arg(pin_path)
-            .args(["--poll-interval-ms", "100"])
+            .args(["--poll-interval-ms", "100", "--min-sync-period", "200ms", "--metrics-bind-address", ""])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -6,9 +6,11 @@
 pub mod agent;
 pub mod datapath;
 pub mod dump;
+pub mod kube_source;
 pub mod lab;
 pub mod loader;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
 
 /// An error and its causes on one line, each cause once: our error types already quote

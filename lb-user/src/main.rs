@@ -18,17 +18,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load and attach the programs, then keep the maps in sync with the manifests.
+    /// Load and attach the programs, then keep the maps in sync with the Kubernetes API
+    /// (default) or with manifest files (--manifests).
     Run {
-        /// A YAML/JSON file or a directory of them with Service and EndpointSlice objects.
+        /// Read Service, EndpointSlice and Node objects from this YAML/JSON file or
+        /// directory instead of the Kubernetes API.
         #[arg(long)]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
+        /// Kubeconfig file (default: in-cluster service account, then KUBECONFIG, then
+        /// ~/.kube/config).
+        #[arg(long, conflicts_with = "manifests")]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name (default: the NODE_NAME environment variable, then the hostname).
+        #[arg(long)]
+        hostname_override: Option<String>,
         /// cgroup v2 directory whose processes get service translation.
         #[arg(long)]
         cgroup: PathBuf,
         /// Directory (on a bpf filesystem) where the maps are pinned.
         #[arg(long, default_value = loader::DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
+        /// Shortest time between two syncs: a burst of changes becomes one sync
+        /// (Go-style duration: 1s, 250ms, 0).
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        min_sync_period: Duration,
+        /// Where to serve /metrics; empty to disable.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_bind_address: String,
         /// How often to look for changed manifests, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_interval_ms: u64,
@@ -46,6 +62,38 @@ enum Command {
     },
 }
 
+/// Go-style durations as kube-proxy takes them: "1s", "250ms", "1m", "1.5s", "0".
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{text:?}: add a unit (ms, s, m, h)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{text:?}: {e}"))
+}
+
+fn parse_bind(text: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("--metrics-bind-address {text:?}: {e} (want IP:PORT)"))
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -59,25 +107,36 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run {
             manifests,
+            kubeconfig,
+            hostname_override,
             cgroup,
             pin_path,
+            min_sync_period,
+            metrics_bind_address,
             poll_interval_ms,
             bpf_debug,
             keep_pins,
-        } => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| {
-                rt.block_on(agent::run(agent::RunOptions {
-                    manifests,
-                    cgroup,
-                    pin_path,
-                    poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
-                    bpf_log_level: if bpf_debug { 4 } else { 0 },
-                    keep_pins,
-                }))
-            }),
+        } => parse_bind(&metrics_bind_address).and_then(|metrics_addr| {
+            let opts = agent::RunOptions {
+                source: match manifests {
+                    Some(path) => agent::SourceSpec::Manifests(path),
+                    None => agent::SourceSpec::Kube { kubeconfig },
+                },
+                cgroup,
+                pin_path,
+                node_name: agent::node_name(hostname_override.as_deref()),
+                poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
+                min_sync_period,
+                metrics_addr,
+                bpf_log_level: if bpf_debug { 4 } else { 0 },
+                keep_pins,
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(agent::run(opts)))
+        }),
         Command::Dump { pin_path } => BpfMaps::open_pinned(&pin_path)
             .and_then(|maps| maps.snapshot())
             .map(|snap| print!("{}", dump::render(&snap)))
@@ -89,5 +148,28 @@ fn main() -> ExitCode {
             eprintln!("lb-user: {}", lb_user::error_chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_kube_proxy_flags() {
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("10").unwrap_err().contains("add a unit"));
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn metrics_address_may_be_disabled() {
+        assert_eq!(parse_bind("").unwrap(), None);
+        assert!(parse_bind("127.0.0.1:10249").unwrap().is_some());
+        assert!(parse_bind("localhost").is_err());
     }
 }

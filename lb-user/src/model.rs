@@ -142,8 +142,10 @@ fn port_u16(value: i32) -> Option<u16> {
     u16::try_from(value).ok().filter(|p| *p != 0)
 }
 
-/// Turns the objects into the desired state.
-pub fn build(objects: &Objects) -> Built {
+/// Turns the objects into the desired state for the node `node_name` (None: no node
+/// context, so internalTrafficPolicy Local services get no endpoints and no topology).
+pub fn build(objects: &Objects, node_name: Option<&str>) -> Built {
+    let node = &NodeInfo::from_objects(node_name, objects);
     let mut built = Built::default();
     // Slices by (namespace, service name).
     let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
@@ -189,7 +191,17 @@ pub fn build(objects: &Objects) -> Built {
             .get(&(ns, svc_name))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        add_service(svc, &name, svc_slices, &mut built);
+        add_service(svc, &name, svc_slices, node, &mut built);
+    }
+    for ((ns, svc), list) in &slices {
+        if !seen_services.contains(&format!("{ns}/{svc}")) {
+            for slice in list {
+                built.warnings.push(format!(
+                    "EndpointSlice {}: field metadata.labels[{SERVICE_NAME_LABEL}]: service {ns}/{svc} does not exist (yet); skipped",
+                    ns_name(&slice.metadata)
+                ));
+            }
+        }
     }
     built
 }
@@ -226,7 +238,13 @@ fn cluster_ips(svc: &Service, name: &str, warnings: &mut Vec<String>) -> Vec<Ipv
     out
 }
 
-fn add_service(svc: &Service, name: &str, slices: &[&EndpointSlice], built: &mut Built) {
+fn add_service(
+    svc: &Service,
+    name: &str,
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+    built: &mut Built,
+) {
     let Some(spec) = &svc.spec else {
         tracing::debug!("Service {name}: no spec; skipped");
         return;
@@ -257,7 +275,8 @@ fn add_service(svc: &Service, name: &str, slices: &[&EndpointSlice], built: &mut
             continue;
         };
         let port_name = sp.name.clone().unwrap_or_default();
-        let endpoints = endpoints_for(&port_name, proto, slices, &mut built.warnings);
+        let candidates = endpoints_for(&port_name, proto, slices, &mut built.warnings);
+        let endpoints = select(svc, &candidates, node);
         let label = if port_name.is_empty() {
             name.to_string()
         } else {
@@ -287,15 +306,27 @@ fn add_service(svc: &Service, name: &str, slices: &[&EndpointSlice], built: &mut
     }
 }
 
+/// One endpoint of a service port with what the selection rules look at.
+#[derive(Clone, Debug)]
+struct Candidate {
+    endpoint: Endpoint,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node_name: Option<String>,
+    /// `hints.forZones[].name`; empty when the endpoint has no zone hints.
+    zone_hints: BTreeSet<String>,
+}
+
 /// The usable endpoints of one service port, over all of the service's slices.
 fn endpoints_for(
     port_name: &str,
     proto: Proto,
     slices: &[&EndpointSlice],
     warnings: &mut Vec<String>,
-) -> BTreeSet<Endpoint> {
-    let mut ready = BTreeSet::new();
-    let mut fallback = BTreeSet::new();
+) -> Vec<Candidate> {
+    // By endpoint: an address listed in several slices counts once (the ready copy wins).
+    let mut candidates: BTreeMap<Endpoint, Candidate> = BTreeMap::new();
     for slice in slices {
         let slice_name = ns_name(&slice.metadata);
         if slice.address_type != "IPv4" {
@@ -334,18 +365,123 @@ fn endpoints_for(
                 continue;
             };
             let cond = ep.conditions.as_ref();
-            let is_ready = cond.and_then(|c| c.ready).unwrap_or(true);
-            let serving = cond.and_then(|c| c.serving).unwrap_or(is_ready);
-            let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-            let endpoint = Endpoint { addr, port: target };
-            if is_ready {
-                ready.insert(endpoint);
-            } else if serving && terminating {
-                fallback.insert(endpoint);
+            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+            let candidate = Candidate {
+                endpoint: Endpoint { addr, port: target },
+                ready,
+                serving: cond.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
+                node_name: ep.node_name.clone(),
+                zone_hints: ep
+                    .hints
+                    .as_ref()
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
+                    .unwrap_or_default(),
+            };
+            match candidates.get(&candidate.endpoint) {
+                Some(existing) if existing.ready || !candidate.ready => {}
+                _ => {
+                    candidates.insert(candidate.endpoint, candidate);
+                }
             }
         }
     }
-    if ready.is_empty() { fallback } else { ready }
+    candidates.into_values().collect()
+}
+
+/// The node the agent programs: its name (for internalTrafficPolicy Local) and zone (for
+/// topology-aware routing).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: Option<String>,
+    pub zone: Option<String>,
+}
+
+impl NodeInfo {
+    /// The zone comes from the Node object's `topology.kubernetes.io/zone` label.
+    pub fn from_objects(name: Option<&str>, objects: &Objects) -> Self {
+        let zone = name.and_then(|n| {
+            objects
+                .nodes
+                .iter()
+                .find(|node| node.metadata.name.as_deref() == Some(n))
+                .and_then(|node| node.metadata.labels.as_ref())
+                .and_then(|l| l.get(ZONE_LABEL))
+                .filter(|z| !z.is_empty())
+                .cloned()
+        });
+        Self {
+            name: name.map(str::to_string),
+            zone,
+        }
+    }
+}
+
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+
+/// kube-proxy's `canUseTopology`: the service asks for it (trafficDistribution PreferClose,
+/// or the topology-mode annotation Auto), the node has a zone, every ready endpoint has
+/// zone hints, and at least one is hinted for this node's zone.
+fn can_use_topology(svc: &Service, candidates: &[Candidate], node: &NodeInfo) -> bool {
+    let annotations = svc.metadata.annotations.as_ref();
+    let annotation = annotations
+        .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION))
+        .or_else(|| annotations.and_then(|a| a.get(TOPOLOGY_HINTS_ANNOTATION)))
+        .map(String::as_str);
+    let prefer_close = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.traffic_distribution.as_deref())
+        == Some("PreferClose");
+    if !prefer_close && !matches!(annotation, Some("Auto" | "auto")) {
+        return false;
+    }
+    let Some(zone) = &node.zone else {
+        return false;
+    };
+    let mut for_zone = false;
+    for c in candidates.iter().filter(|c| c.ready) {
+        if c.zone_hints.is_empty() {
+            return false;
+        }
+        for_zone |= c.zone_hints.contains(zone);
+    }
+    for_zone
+}
+
+/// kube-proxy's endpoint selection for traffic to a cluster IP.
+fn select(svc: &Service, candidates: &[Candidate], node: &NodeInfo) -> BTreeSet<Endpoint> {
+    let pick = |f: &dyn Fn(&Candidate) -> bool| -> BTreeSet<Endpoint> {
+        candidates
+            .iter()
+            .filter(|c| f(c))
+            .map(|c| c.endpoint)
+            .collect()
+    };
+    let internal_local = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.internal_traffic_policy.as_deref())
+        == Some("Local");
+    if internal_local {
+        // Only endpoints on this node; ready ones, else serving-and-terminating ones.
+        let local = |c: &Candidate| node.name.is_some() && c.node_name == node.name;
+        let ready = pick(&|c| c.ready && local(c));
+        if !ready.is_empty() {
+            return ready;
+        }
+        return pick(&|c| c.serving && c.terminating && local(c));
+    }
+    let topology = can_use_topology(svc, candidates, node);
+    let zone = node.zone.clone().unwrap_or_default();
+    let ready = pick(&|c| c.ready && (!topology || c.zone_hints.contains(&zone)));
+    if !ready.is_empty() {
+        return ready;
+    }
+    pick(&|c| c.serving && c.terminating)
 }
 
 #[cfg(test)]
@@ -357,7 +493,7 @@ mod tests {
         let mut loaded = Loaded::default();
         parse_into(yaml, "t.yaml", &mut loaded);
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
-        build(&loaded.objects)
+        build(&loaded.objects, Some("node-a"))
     }
 
     fn fe(addr: &str, port: u16, proto: Proto) -> Frontend {

@@ -1,0 +1,284 @@
+//! Counters the user can read, served in Prometheus text format on
+//! `--metrics-bind-address` (`/metrics`), with kube-proxy's metric names where one exists.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::manifest::Objects;
+
+/// The EndpointSlice annotation kube-proxy measures network programming latency from.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    pub syncs_total: u64,
+    pub sync_errors_total: u64,
+    pub sync_seconds_sum: f64,
+    pub last_sync_seconds: f64,
+    pub last_sync_timestamp: f64,
+    pub last_queued_timestamp: f64,
+    pub services: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    /// Entries per map name.
+    pub map_entries: BTreeMap<&'static str, usize>,
+    pub map_writes_total: u64,
+    pub network_programming_count: u64,
+    pub network_programming_seconds_sum: f64,
+    pub network_programming_last_seconds: f64,
+    /// Trigger time last seen per EndpointSlice (namespace/name).
+    trigger_seen: BTreeMap<String, String>,
+    seeded: bool,
+}
+
+pub type Shared = Arc<Mutex<Metrics>>;
+
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+impl Metrics {
+    /// Records network programming latency for every EndpointSlice whose trigger-time
+    /// annotation changed since the last successful sync, measured to `written_at`. The
+    /// first sync only learns the annotations (they describe changes from before the
+    /// agent started).
+    pub fn observe_programming(&mut self, objects: &Objects, written_at: SystemTime) {
+        let mut now_seen = BTreeMap::new();
+        for slice in &objects.slices {
+            let Some(trigger) = slice
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            else {
+                continue;
+            };
+            let key = format!(
+                "{}/{}",
+                slice.metadata.namespace.as_deref().unwrap_or("default"),
+                slice.metadata.name.as_deref().unwrap_or_default()
+            );
+            if self.seeded && self.trigger_seen.get(&key) != Some(trigger) {
+                match trigger.parse::<k8s_openapi::jiff::Timestamp>() {
+                    Ok(t) => {
+                        let at = SystemTime::from(t);
+                        let latency = written_at
+                            .duration_since(at)
+                            .unwrap_or(Duration::ZERO)
+                            .as_secs_f64();
+                        self.network_programming_count += 1;
+                        self.network_programming_seconds_sum += latency;
+                        self.network_programming_last_seconds = latency;
+                    }
+                    Err(e) => tracing::warn!(
+                        "EndpointSlice {key}: field metadata.annotations[{TRIGGER_TIME_ANNOTATION}]: {trigger:?}: {e}"
+                    ),
+                }
+            }
+            now_seen.insert(key, trigger.clone());
+        }
+        self.trigger_seen = now_seen;
+        self.seeded = true;
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, String)>| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (suffix, value) in lines {
+                out.push_str(&format!("{name}{suffix} {value}\n"));
+            }
+        };
+        let one = |v: String| vec![(String::new(), v)];
+        metric(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "summary",
+            "How long syncs (model, diff, map writes) took.",
+            vec![
+                ("_sum".into(), self.sync_seconds_sum.to_string()),
+                ("_count".into(), self.syncs_total.to_string()),
+            ],
+        );
+        metric(
+            "lb_sync_last_duration_seconds",
+            "gauge",
+            "Duration of the last sync.",
+            one(self.last_sync_seconds.to_string()),
+        );
+        metric(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "gauge",
+            "When the last successful sync finished (unix time).",
+            one(self.last_sync_timestamp.to_string()),
+        );
+        metric(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "gauge",
+            "When the last change was queued (unix time).",
+            one(self.last_queued_timestamp.to_string()),
+        );
+        metric(
+            "kubeproxy_network_programming_duration_seconds",
+            "summary",
+            "From an EndpointSlice's last-change-trigger-time to the map write.",
+            vec![
+                (
+                    "_sum".into(),
+                    self.network_programming_seconds_sum.to_string(),
+                ),
+                ("_count".into(), self.network_programming_count.to_string()),
+            ],
+        );
+        metric(
+            "lb_network_programming_last_seconds",
+            "gauge",
+            "Network programming latency of the last observed change.",
+            one(self.network_programming_last_seconds.to_string()),
+        );
+        metric(
+            "lb_sync_errors_total",
+            "counter",
+            "Syncs whose map writes failed.",
+            one(self.sync_errors_total.to_string()),
+        );
+        metric(
+            "lb_map_writes_total",
+            "counter",
+            "Map updates and deletes written.",
+            one(self.map_writes_total.to_string()),
+        );
+        metric(
+            "lb_programmed_services",
+            "gauge",
+            "Services with at least one programmed frontend.",
+            one(self.services.to_string()),
+        );
+        metric(
+            "lb_programmed_frontends",
+            "gauge",
+            "Programmed frontends (address, port, protocol).",
+            one(self.frontends.to_string()),
+        );
+        metric(
+            "lb_programmed_endpoints",
+            "gauge",
+            "Distinct programmed backends (endpoint, protocol).",
+            one(self.backends.to_string()),
+        );
+        metric(
+            "lb_map_entries",
+            "gauge",
+            "Entries in each BPF map.",
+            self.map_entries
+                .iter()
+                .map(|(m, n)| (format!("{{map=\"{m}\"}}"), n.to_string()))
+                .collect(),
+        );
+        out
+    }
+}
+
+/// Serves `/metrics` until the task is aborted. A bind failure is logged, not fatal: the
+/// datapath matters more than the metrics.
+pub fn serve(addr: SocketAddr, metrics: Shared) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("--metrics-bind-address {addr}: {e}; metrics are not served");
+                return;
+            }
+        };
+        tracing::info!("serving metrics on http://{addr}/metrics");
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut len = 0;
+                while len < buf.len() {
+                    match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf[len..]))
+                        .await
+                    {
+                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                        Ok(Ok(n)) => len += n,
+                    }
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let request = String::from_utf8_lossy(&buf[..len]);
+                let path = request.split_whitespace().nth(1).unwrap_or("");
+                let (status, body) = match path {
+                    "/metrics" => (
+                        "200 OK",
+                        metrics.lock().map(|m| m.render()).unwrap_or_default(),
+                    ),
+                    _ => ("404 Not Found", "not found: try /metrics\n".to_string()),
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(response.as_bytes()).await;
+            });
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    fn slice(name: &str, trigger: &str) -> EndpointSlice {
+        let mut s = EndpointSlice::default();
+        s.metadata.name = Some(name.into());
+        s.metadata.annotations =
+            Some([(TRIGGER_TIME_ANNOTATION.to_string(), trigger.to_string())].into());
+        s
+    }
+
+    #[test]
+    fn programming_latency_counts_changed_triggers_after_the_first_sync() {
+        let mut m = Metrics::default();
+        let t0 = "2026-01-01T00:00:00Z";
+        let at = |secs: u64| UNIX_EPOCH + Duration::from_secs(1_767_225_600 + secs);
+        let mut objects = Objects::default();
+        objects.slices = vec![slice("a", t0)];
+        m.observe_programming(&objects, at(100));
+        assert_eq!(
+            m.network_programming_count, 0,
+            "startup state is not a change"
+        );
+        m.observe_programming(&objects, at(101));
+        assert_eq!(m.network_programming_count, 0, "unchanged trigger time");
+        objects.slices = vec![
+            slice("a", "2026-01-01T00:00:10Z"),
+            slice("b", "2026-01-01T00:00:11.5Z"),
+        ];
+        m.observe_programming(&objects, at(12));
+        assert_eq!(m.network_programming_count, 2);
+        assert!(
+            (m.network_programming_seconds_sum - 2.5).abs() < 1e-6,
+            "{m:?}"
+        );
+        let text = m.render();
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_count 2\n"),
+            "{text}"
+        );
+    }
+}
