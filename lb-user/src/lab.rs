@@ -440,10 +440,11 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Starts `agent_bin run` on `manifests`, attached to `cgroup`, logging to a file.
+    /// Starts `agent_bin run SOURCE_ARGS...` (`--manifests DIR` or `--kubeconfig FILE`
+    /// ...), attached to `cgroup`, logging to a file.
     pub fn start(
         agent_bin: &Path,
-        manifests: &Path,
+        source_args: &[&std::ffi::OsStr],
         cgroup: &Path,
         pin_path: &Path,
         log_path: &Path,
@@ -452,16 +453,18 @@ impl AgentProcess {
             File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = Command::new(agent_bin);
         cmd.arg("run")
-            .arg("--manifests")
-            .arg(manifests)
+            .args(source_args)
             .arg("--cgroup")
             .arg(cgroup)
             .arg("--pin-path")
             .arg(pin_path)
-            .args(["--poll-interval-ms", "100", "--min-sync-period", "200ms", "--metrics-bind-address", ""])
+            .args(["--poll-interval-ms", "100", "--min-sync-period", "200ms"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if !source_args.iter().any(|a| *a == "--metrics-bind-address") {
+            cmd.args(["--metrics-bind-address", ""]);
+        }
         let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         Ok(Self {
             child: ChildGuard(child),

@@ -3,126 +3,17 @@
 //! real servers in pod namespaces. Needs root. Every test builds its own lab with unique
 //! names and tears it down on drop, on failure too.
 
+mod common;
+
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
+    net::SocketAddrV4,
     process::Command,
     time::{Duration, Instant},
 };
 
-use lb_user::lab::{self, AgentProcess, Lab, ProbeOptions, ProbeReport};
-
-const LAB_BIN: &str = env!("CARGO_BIN_EXE_lb-lab");
-const AGENT_BIN: &str = env!("CARGO_BIN_EXE_lb-user");
-const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
-const POD_PORT: u16 = 8080;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "integration tests need root: they create network namespaces and load BPF programs \
-         (run `cargo xtask test` as root)"
-    );
-}
-
-fn service(name: &str, ip: Ipv4Addr, port: u16) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\n\
-         spec:\n  clusterIP: {ip}\n  ports:\n  - {{name: http, port: {port}, targetPort: http}}\n"
-    )
-}
-
-fn slice(service: &str, pods: &[Ipv4Addr]) -> String {
-    let mut s = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-a\n  \
-         namespace: t\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\n\
-         ports: [{{name: http, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n"
-    );
-    if pods.is_empty() {
-        s = s.replace("endpoints:\n", "endpoints: []\n");
-    }
-    for ip in pods {
-        s.push_str(&format!(
-            "- addresses: [{ip}]\n  conditions: {{ready: true}}\n"
-        ));
-    }
-    s
-}
-
-/// A lab, a manifest directory and a running agent attached to the lab's cgroup.
-struct Fixture {
-    agent: AgentProcess,
-    lab: Lab,
-    dir: PathBuf,
-}
-
-impl Fixture {
-    fn new(tag: &str, pods: usize, files: &[(&str, String)]) -> Self {
-        require_root();
-        let lab = Lab::new(Path::new(LAB_BIN), tag, pods, POD_PORT).expect("creating the lab");
-        let dir = std::env::temp_dir().join(&lab.prefix);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("manifests")).unwrap();
-        for (name, text) in files {
-            write_atomic(&dir.join("manifests").join(name), text);
-        }
-        let pin = PathBuf::from(format!("/sys/fs/bpf/{}", lab.prefix));
-        let mut agent = AgentProcess::start(
-            Path::new(AGENT_BIN),
-            &dir.join("manifests"),
-            &lab.cgroup.path,
-            &pin,
-            &dir.join("agent.log"),
-        )
-        .expect("starting the agent");
-        agent
-            .wait_synced(1, Duration::from_secs(20))
-            .expect("agent ready");
-        Self { agent, lab, dir }
-    }
-
-    fn pod_ips(&self, which: &[usize]) -> Vec<Ipv4Addr> {
-        which.iter().map(|i| self.lab.pods[*i].ip).collect()
-    }
-
-    fn write(&self, name: &str, text: &str) {
-        write_atomic(&self.dir.join("manifests").join(name), text);
-    }
-
-    fn remove(&self, name: &str) {
-        std::fs::remove_file(self.dir.join("manifests").join(name)).unwrap();
-    }
-
-    fn probe(&self, ip: Ipv4Addr, count: usize) -> ProbeReport {
-        self.lab
-            .probe(&ProbeOptions::tcp(SocketAddrV4::new(ip, 80), count), true)
-            .unwrap_or_else(|e| panic!("probe failed: {e:#}\nagent log:\n{}", self.agent.log()))
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("agent log:\n{}", self.agent.log());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Writes through a hidden temporary file and a rename, as editors and kubectl do, so
-/// the agent never reads half a file.
-fn write_atomic(path: &Path, text: &str) {
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp",
-        path.file_name().unwrap().to_string_lossy()
-    ));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
+use common::{AGENT_BIN, Fixture, OTHER_IP, POD_PORT, WEB_IP, require_root, service, slice};
+use lb_user::lab::{self, ProbeOptions, ProbeReport};
 
 fn names(report: &ProbeReport) -> BTreeSet<&str> {
     report.replies.keys().map(String::as_str).collect()

@@ -157,7 +157,7 @@ fn demo(manifests: &Path, agent: Option<PathBuf>, connections: usize) -> anyhow:
     );
     let mut agent = AgentProcess::start(
         &agent_bin,
-        &live_manifests,
+        &["--manifests".as_ref(), live_manifests.as_os_str()],
         &lab.cgroup.path,
         &pin_path,
         &work.join("agent.log"),

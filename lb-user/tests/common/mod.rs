@@ -1,0 +1,145 @@
+//! Shared by the integration tests: manifest builders, the lab fixture, the fake API.
+#![allow(dead_code, reason = "each test crate uses a part of this module")]
+
+pub mod fake_api;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use fake_api::FakeApi;
+use lb_user::lab::{AgentProcess, Lab, ProbeOptions, ProbeReport};
+
+pub const LAB_BIN: &str = env!("CARGO_BIN_EXE_lb-lab");
+pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_lb-user");
+pub const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+pub const POD_PORT: u16 = 8080;
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "integration tests need root: they create network namespaces and load BPF programs \
+         (run `cargo xtask test` as root)"
+    );
+}
+
+pub fn service(name: &str, ip: Ipv4Addr, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\n\
+         spec:\n  clusterIP: {ip}\n  ports:\n  - {{name: http, port: {port}, targetPort: http}}\n"
+    )
+}
+
+pub fn slice(service: &str, pods: &[Ipv4Addr]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-a\n  \
+         namespace: t\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\n\
+         ports: [{{name: http, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n"
+    );
+    if pods.is_empty() {
+        s = s.replace("endpoints:\n", "endpoints: []\n");
+    }
+    for ip in pods {
+        s.push_str(&format!(
+            "- addresses: [{ip}]\n  conditions: {{ready: true}}\n"
+        ));
+    }
+    s
+}
+
+/// A lab, a manifest directory and a running agent attached to the lab's cgroup.
+pub struct Fixture {
+    pub agent: AgentProcess,
+    pub lab: Lab,
+    pub dir: PathBuf,
+}
+
+impl Fixture {
+    pub fn new(tag: &str, pods: usize, files: &[(&str, String)]) -> Self {
+        Self::with_source(tag, pods, files, None)
+    }
+
+    /// With `api`, the agent watches that (fake) API server instead of the manifests.
+    pub fn with_source(
+        tag: &str,
+        pods: usize,
+        files: &[(&str, String)],
+        api: Option<&FakeApi>,
+    ) -> Self {
+        require_root();
+        let lab = Lab::new(Path::new(LAB_BIN), tag, pods, POD_PORT).expect("creating the lab");
+        let dir = std::env::temp_dir().join(&lab.prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        for (name, text) in files {
+            write_atomic(&dir.join("manifests").join(name), text);
+        }
+        let pin = PathBuf::from(format!("/sys/fs/bpf/{}", lab.prefix));
+        let manifests = dir.join("manifests");
+        let kubeconfig = api.map(|a| a.kubeconfig(&dir));
+        let source: Vec<&std::ffi::OsStr> = match &kubeconfig {
+            Some(k) => vec![
+                "--kubeconfig".as_ref(),
+                k.as_os_str(),
+                "--hostname-override".as_ref(),
+                "node-a".as_ref(),
+            ],
+            None => vec!["--manifests".as_ref(), manifests.as_os_str()],
+        };
+        let mut agent = AgentProcess::start(
+            Path::new(AGENT_BIN),
+            &source,
+            &lab.cgroup.path,
+            &pin,
+            &dir.join("agent.log"),
+        )
+        .expect("starting the agent");
+        agent
+            .wait_synced(1, Duration::from_secs(20))
+            .expect("agent ready");
+        Self { agent, lab, dir }
+    }
+
+    pub fn pod_ips(&self, which: &[usize]) -> Vec<Ipv4Addr> {
+        which.iter().map(|i| self.lab.pods[*i].ip).collect()
+    }
+
+    pub fn write(&self, name: &str, text: &str) {
+        write_atomic(&self.dir.join("manifests").join(name), text);
+    }
+
+    pub fn remove(&self, name: &str) {
+        std::fs::remove_file(self.dir.join("manifests").join(name)).unwrap();
+    }
+
+    pub fn probe(&self, ip: Ipv4Addr, count: usize) -> ProbeReport {
+        self.lab
+            .probe(&ProbeOptions::tcp(SocketAddrV4::new(ip, 80), count), true)
+            .unwrap_or_else(|e| panic!("probe failed: {e:#}\nagent log:\n{}", self.agent.log()))
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("agent log:\n{}", self.agent.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Writes through a hidden temporary file and a rename, as editors and kubectl do, so
+/// the agent never reads half a file.
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
