@@ -86,7 +86,10 @@ pub struct FakeApi {
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<Event>,
     control: broadcast::Sender<Control>,
-    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 fn key(obj: &Value) -> (Kind, String, String) {
@@ -104,15 +107,9 @@ fn key(obj: &Value) -> (Kind, String, String) {
 }
 
 impl FakeApi {
-    /// Starts the server on 127.0.0.1 (a port of its own) in its own runtime thread.
+    /// Starts the server on 127.0.0.1 (a port of its own) in a thread with its own
+    /// runtime, so that it works from synchronous and asynchronous tests alike.
     pub fn start() -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             rv: 100,
             ..State::default()
@@ -120,20 +117,38 @@ impl FakeApi {
         let (events, _) = broadcast::channel(1024);
         let (control, _) = broadcast::channel(16);
         let (st, ev, ctl) = (state.clone(), events.clone(), control.clone());
-        runtime.spawn(async move {
-            loop {
-                let Ok((conn, _)) = listener.accept().await else {
-                    continue;
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let accept = async {
+                    loop {
+                        let Ok((conn, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        tokio::spawn(serve_conn(conn, st.clone(), ev.clone(), ctl.clone()));
+                    }
                 };
-                tokio::spawn(serve_conn(conn, st.clone(), ev.clone(), ctl.clone()));
-            }
+                tokio::select! {
+                    _ = accept => {}
+                    _ = stop_rx => {}
+                }
+            });
+            runtime.shutdown_background();
         });
+        let addr = addr_rx.recv().expect("the fake API server started");
         Self {
             addr,
             state,
             events,
             control,
-            runtime: Some(runtime),
+            stop: Some((stop_tx, thread)),
         }
     }
 
@@ -229,8 +244,9 @@ impl FakeApi {
 
 impl Drop for FakeApi {
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        if let Some((stop, thread)) = self.stop.take() {
+            let _ = stop.send(());
+            let _ = thread.join();
         }
     }
 }

@@ -1,0 +1,243 @@
+//! The Kubernetes source (kube-rs client, watcher, reflector stores, backoff) against a
+//! fake API server over real HTTP: lists, watches, bookmarks, 410 Gone, dropped watch
+//! connections. And, as root, a change served by that server reaching a real connection.
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{
+    Fixture, OTHER_IP, WEB_IP,
+    fake_api::{FakeApi, Kind},
+    service, slice,
+};
+use lb_user::{kube_source::KubeSource, manifest::Objects};
+use tokio::sync::Notify;
+
+const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {topology.kubernetes.io/zone: zone-1}\n";
+
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(lb_user::lab::unique_prefix(tag));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts a source against `api` and waits for its first complete list.
+async fn source(api: &FakeApi, dir: &std::path::Path) -> (KubeSource, Arc<Notify>) {
+    let client = lb_user::kube_source::client(Some(&api.kubeconfig(dir)))
+        .await
+        .expect("client from a plain-HTTP kubeconfig");
+    let changed = Arc::new(Notify::new());
+    let src = KubeSource::start(client, "node-a", changed.clone());
+    tokio::time::timeout(Duration::from_secs(10), src.wait_ready())
+        .await
+        .expect("stores ready within 10 s")
+        .unwrap();
+    (src, changed)
+}
+
+/// Waits (bounded) until `f` holds for the source's objects.
+async fn until(src: &KubeSource, what: &str, f: impl Fn(&Objects) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f(&src.objects()) {
+        assert!(Instant::now() < deadline, "{what}: not seen within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn endpoint_count(o: &Objects) -> usize {
+    o.slices.iter().map(|s| s.endpoints.len()).sum()
+}
+
+fn pods(n: usize) -> Vec<std::net::Ipv4Addr> {
+    (0..n)
+        .map(|i| std::net::Ipv4Addr::new(10, 244, i as u8 + 1, 2))
+        .collect()
+}
+
+fn count(requests: &[String], prefix: &str) -> usize {
+    requests.iter().filter(|r| r.starts_with(prefix)).count()
+}
+
+#[tokio::test]
+async fn lists_then_follows_watch_events_with_kube_proxy_selectors() {
+    let api = FakeApi::start();
+    api.apply(&service("web", WEB_IP, 80));
+    api.apply(&slice("web", &pods(2)));
+    api.apply(NODE);
+    api.apply("apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\n");
+    // Not ours: another proxy's service and a headless one's slice are never listed.
+    api.apply(&service("mine-not", OTHER_IP, 80).replace(
+        "name: mine-not, namespace: t}",
+        "name: mine-not, namespace: t, labels: {service.kubernetes.io/service-proxy-name: other}}",
+    ));
+    let dir = scratch("kube-list");
+    let (src, changed) = source(&api, &dir).await;
+    let o = src.objects();
+    assert_eq!(o.services.len(), 1, "{:?}", o.services);
+    assert_eq!(o.slices.len(), 1);
+    assert_eq!(endpoint_count(&o), 2);
+    let nodes: Vec<_> = o
+        .nodes
+        .iter()
+        .map(|n| n.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(nodes, ["node-a"], "only this agent's Node is watched");
+
+    // A change arrives through the watch and notifies.
+    api.apply(&slice("web", &pods(3)));
+    tokio::time::timeout(Duration::from_secs(5), changed.notified())
+        .await
+        .expect("notified of the change");
+    until(&src, "slice update", |o| endpoint_count(o) == 3).await;
+    api.delete(Kind::Service, "t", "web");
+    until(&src, "service deletion", |o| o.services.is_empty()).await;
+    let reqs = api.requests();
+    assert_eq!(count(&reqs, "LIST services"), 1, "{reqs:?}");
+    assert!(count(&reqs, "WATCH services") >= 1, "{reqs:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_dropped_watch_resumes_from_the_last_bookmark_without_relisting() {
+    let api = FakeApi::start();
+    api.apply(&service("web", WEB_IP, 80));
+    api.apply(&slice("web", &pods(1)));
+    api.apply(NODE);
+    let dir = scratch("kube-drop");
+    let (src, _changed) = source(&api, &dir).await;
+
+    // Unrelated objects move the resourceVersion on; a bookmark tells the watches.
+    api.apply("apiVersion: v1\nkind: Node\nmetadata: {name: node-z}\n");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let bookmark = api.bookmark();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    api.drop_watches();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    api.apply(&slice("web", &pods(4)));
+    until(&src, "change after the dropped watch", |o| {
+        endpoint_count(o) == 4
+    })
+    .await;
+
+    let reqs = api.requests();
+    assert_eq!(
+        count(&reqs, "LIST endpointslices"),
+        1,
+        "no relist: {reqs:?}"
+    );
+    assert!(
+        reqs.contains(&format!("WATCH services rv={bookmark}")),
+        "the services watch resumed from the bookmark {bookmark}: {reqs:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn an_expired_watch_relists_and_the_store_is_never_emptied() {
+    let api = FakeApi::start();
+    api.apply(&service("web", WEB_IP, 80));
+    api.apply(&slice("web", &pods(2)));
+    api.apply(NODE);
+    let dir = scratch("kube-gone");
+    let (src, _changed) = source(&api, &dir).await;
+    let src = Arc::new(src);
+
+    // Sample the store continuously while the relist happens.
+    let stop = Arc::new(AtomicBool::new(false));
+    let min_seen = Arc::new(AtomicUsize::new(usize::MAX));
+    let sampler = {
+        let (src, stop, min_seen) = (src.clone(), stop.clone(), min_seen.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let o = src.objects();
+                min_seen.fetch_min(o.services.len().min(o.slices.len()), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    api.compact(); // open watches get 410 Gone; their resourceVersion is too old now
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&api.requests(), "LIST endpointslices") < 2
+        || count(&api.requests(), "LIST services") < 2
+    {
+        assert!(Instant::now() < deadline, "no relist after 410: {:?}", api.requests());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    api.apply(&slice("web", &pods(5)));
+    until(&src, "the change after the relist", |o| {
+        endpoint_count(o) == 5
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+
+    let reqs = api.requests();
+    assert!(
+        count(&reqs, "LIST services") >= 2,
+        "a relist after 410: {reqs:?}"
+    );
+    assert!(count(&reqs, "LIST endpointslices") >= 2, "{reqs:?}");
+    assert_eq!(
+        min_seen.load(Ordering::Relaxed),
+        1,
+        "the store kept the service and its slice throughout the relist"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_api_change_reaches_a_real_connection() {
+    let api = FakeApi::start();
+    // The slice carries the trigger-time annotation the controller sets.
+    let annotated = |ips: &[std::net::Ipv4Addr]| {
+        let stamp = k8s_openapi::jiff::Timestamp::now().to_string();
+        slice("web", ips).replace(
+            "  name: web-a\n",
+            &format!(
+                "  name: web-a\n  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{stamp}\"}}\n"
+            ),
+        )
+    };
+    api.apply(&service("web", WEB_IP, 80));
+    api.apply(NODE);
+    let fx = Fixture::with_source("kube", 2, &[], Some(&api));
+    api.apply(&annotated(&fx.pod_ips(&[0])));
+    let reached = |pod: &'static str| {
+        lb_user::lab::wait_for(Duration::from_secs(2), || {
+            let r = fx.probe(WEB_IP, 10);
+            (r.replies.get(pod) == Some(&10)).then_some(())
+        })
+    };
+    assert!(
+        reached("pod-0").is_some(),
+        "pod-0 never reached:\n{}",
+        fx.agent.log()
+    );
+
+    // The endpoint moves to pod-1: new connections follow within 2 s, none fails.
+    let start = Instant::now();
+    api.apply(&annotated(&fx.pod_ips(&[1])));
+    loop {
+        let r = fx.probe(WEB_IP, 10);
+        assert_eq!(r.total_errors(), 0, "{r:?}");
+        if r.replies.get("pod-1") == Some(&10) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "not reflected within 2 s: {r:?}\n{}",
+            fx.agent.log()
+        );
+    }
+    // The watch dropping does not disturb the datapath.
+    api.drop_watches();
+    let r = fx.probe(WEB_IP, 20);
+    assert_eq!(r.replies.get("pod-1"), Some(&20), "{r:?}");
+}
