@@ -440,8 +440,8 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Starts `agent_bin run SOURCE_ARGS...` (`--manifests DIR` or `--kubeconfig FILE`
-    /// ...), attached to `cgroup`, logging to a file.
+    /// Starts `agent_bin run ARGS...` (`--manifests DIR` or `--kubeconfig FILE`, and any
+    /// other flags), attached to `cgroup`, logging to a file.
     pub fn start(
         agent_bin: &Path,
         source_args: &[&std::ffi::OsStr],
@@ -458,12 +458,18 @@ impl AgentProcess {
             .arg(cgroup)
             .arg("--pin-path")
             .arg(pin_path)
-            .args(["--poll-interval-ms", "100", "--min-sync-period", "200ms"])
+            .args(["--poll-interval-ms", "100"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        if !source_args.iter().any(|a| *a == "--metrics-bind-address") {
-            cmd.args(["--metrics-bind-address", ""]);
+        // Test defaults, unless the caller sets them.
+        for (flag, default) in [
+            ("--metrics-bind-address", ""),
+            ("--min-sync-period", "200ms"),
+        ] {
+            if !source_args.iter().any(|a| *a == flag) {
+                cmd.args([flag, default]);
+            }
         }
         let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         Ok(Self {

@@ -272,3 +272,39 @@ fn bad_command_line_arguments_give_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn a_burst_of_changes_becomes_few_syncs() {
+    let mut fx = Fixture::with_source(
+        "burst",
+        3,
+        &[("web.yaml", service("web", WEB_IP, 80))],
+        None,
+        &["--min-sync-period", "1s"],
+    );
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0])));
+    fx.agent.wait_synced(2, Duration::from_secs(5)).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let before = fx.agent.log().matches(" synced").count();
+    // Ten changes in 250 ms; the last one leaves pod-2 alone.
+    for i in 0..10 {
+        fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[i % 2])));
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[2])));
+    let reached = lab::wait_for(Duration::from_secs(3), || {
+        (fx.probe(WEB_IP, 5).replies.get("pod-2") == Some(&5)).then_some(())
+    });
+    assert!(
+        reached.is_some(),
+        "the last change never arrived:\n{}",
+        fx.agent.log()
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let syncs = fx.agent.log().matches(" synced").count() - before;
+    assert!(
+        (1..=3).contains(&syncs),
+        "{syncs} syncs for one burst:\n{}",
+        fx.agent.log()
+    );
+}

@@ -167,7 +167,11 @@ async fn an_expired_watch_relists_and_the_store_is_never_emptied() {
     while count(&api.requests(), "LIST endpointslices") < 2
         || count(&api.requests(), "LIST services") < 2
     {
-        assert!(Instant::now() < deadline, "no relist after 410: {:?}", api.requests());
+        assert!(
+            Instant::now() < deadline,
+            "no relist after 410: {:?}",
+            api.requests()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     api.apply(&slice("web", &pods(5)));
@@ -207,7 +211,15 @@ fn an_api_change_reaches_a_real_connection() {
     };
     api.apply(&service("web", WEB_IP, 80));
     api.apply(NODE);
-    let fx = Fixture::with_source("kube", 2, &[], Some(&api));
+    let port = common::free_port().to_string();
+    let bind = format!("127.0.0.1:{port}");
+    let fx = Fixture::with_source(
+        "kube",
+        2,
+        &[],
+        Some(&api),
+        &["--metrics-bind-address", &bind],
+    );
     api.apply(&annotated(&fx.pod_ips(&[0])));
     let reached = |pod: &'static str| {
         lb_user::lab::wait_for(Duration::from_secs(2), || {
@@ -235,6 +247,16 @@ fn an_api_change_reaches_a_real_connection() {
             "not reflected within 2 s: {r:?}\n{}",
             fx.agent.log()
         );
+    }
+    // The counters: what is programmed, and the latency from the trigger time to the write.
+    let metrics = common::http_get(port.parse().unwrap(), "/metrics");
+    for line in [
+        "lb_programmed_services 1\n",
+        "lb_programmed_endpoints 1\n",
+        "lb_map_entries{map=\"LB4_SERVICES_V1\"} 2\n",
+        "kubeproxy_network_programming_duration_seconds_count 2\n",
+    ] {
+        assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
     }
     // The watch dropping does not disturb the datapath.
     api.drop_watches();

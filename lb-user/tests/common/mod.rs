@@ -61,7 +61,7 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(tag: &str, pods: usize, files: &[(&str, String)]) -> Self {
-        Self::with_source(tag, pods, files, None)
+        Self::with_source(tag, pods, files, None, &[])
     }
 
     /// With `api`, the agent watches that (fake) API server instead of the manifests.
@@ -70,6 +70,7 @@ impl Fixture {
         pods: usize,
         files: &[(&str, String)],
         api: Option<&FakeApi>,
+        extra_args: &[&str],
     ) -> Self {
         require_root();
         let lab = Lab::new(Path::new(LAB_BIN), tag, pods, POD_PORT).expect("creating the lab");
@@ -82,7 +83,7 @@ impl Fixture {
         let pin = PathBuf::from(format!("/sys/fs/bpf/{}", lab.prefix));
         let manifests = dir.join("manifests");
         let kubeconfig = api.map(|a| a.kubeconfig(&dir));
-        let source: Vec<&std::ffi::OsStr> = match &kubeconfig {
+        let mut source: Vec<&std::ffi::OsStr> = match &kubeconfig {
             Some(k) => vec![
                 "--kubeconfig".as_ref(),
                 k.as_os_str(),
@@ -91,6 +92,7 @@ impl Fixture {
             ],
             None => vec!["--manifests".as_ref(), manifests.as_os_str()],
         };
+        source.extend(extra_args.iter().map(std::ffi::OsStr::new));
         let mut agent = AgentProcess::start(
             Path::new(AGENT_BIN),
             &source,
@@ -142,4 +144,30 @@ pub fn write_atomic(path: &Path, text: &str) {
     ));
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET http://127.0.0.1:PORT/PATH, the body.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to the agent");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(out)
 }
