@@ -707,4 +707,116 @@ endpoints:
         assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
         assert!(b.warnings[0].contains("already used by default/a"));
     }
+
+    /// A service with `spec_extra` and `annotations`, and one slice whose endpoints are
+    /// given as YAML list items.
+    fn svc_with(spec_extra: &str, annotations: &str, endpoints: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: n{annotations}}}\n\
+             spec: {{clusterIP: 10.96.0.9, ports: [{{port: 80}}]{spec_extra}}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s-1\n  namespace: n\n  \
+             labels: {{kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n{endpoints}"
+        )
+    }
+
+    const NODE_A_ZONE_1: &str = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {topology.kubernetes.io/zone: zone-1}\n";
+
+    fn selected(yaml: &str) -> BTreeSet<Endpoint> {
+        let b = build_from(yaml);
+        assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+        b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)]
+            .endpoints
+            .clone()
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
+        let eps_yaml = "- addresses: [10.0.0.1]\n  nodeName: node-a\n\
+                        - addresses: [10.0.0.2]\n  nodeName: node-b\n\
+                        - addresses: [10.0.0.3]\n";
+        assert_eq!(
+            selected(&svc_with(", internalTrafficPolicy: Local", "", eps_yaml)),
+            eps(&[("10.0.0.1", 80)])
+        );
+        assert_eq!(
+            selected(&svc_with(", internalTrafficPolicy: Cluster", "", eps_yaml)).len(),
+            3
+        );
+        // No local endpoint: nothing (connections are refused), even with remote ones.
+        let remote_only = "- addresses: [10.0.0.2]\n  nodeName: node-b\n";
+        assert!(selected(&svc_with(", internalTrafficPolicy: Local", "", remote_only)).is_empty());
+        // Local terminating-but-serving endpoints are the fallback.
+        let terminating = "- addresses: [10.0.0.1]\n  nodeName: node-a\n  conditions: {ready: false, serving: true, terminating: true}\n\
+                           - addresses: [10.0.0.2]\n  nodeName: node-b\n";
+        assert_eq!(
+            selected(&svc_with(", internalTrafficPolicy: Local", "", terminating)),
+            eps(&[("10.0.0.1", 80)])
+        );
+    }
+
+    #[test]
+    fn prefer_close_and_topology_mode_auto_use_zone_hints() {
+        let hinted = "- addresses: [10.0.0.1]\n  hints: {forZones: [{name: zone-1}]}\n\
+                      - addresses: [10.0.0.2]\n  hints: {forZones: [{name: zone-2}]}\n";
+        let zone1 = eps(&[("10.0.0.1", 80)]);
+        let both = eps(&[("10.0.0.1", 80), ("10.0.0.2", 80)]);
+        let prefer_close = ", trafficDistribution: PreferClose";
+        let auto = ", annotations: {service.kubernetes.io/topology-mode: Auto}";
+        assert_eq!(
+            selected(&(svc_with(prefer_close, "", hinted) + NODE_A_ZONE_1)),
+            zone1
+        );
+        assert_eq!(
+            selected(&(svc_with("", auto, hinted) + NODE_A_ZONE_1)),
+            zone1
+        );
+        // Not asked for: hints are ignored.
+        assert_eq!(selected(&(svc_with("", "", hinted) + NODE_A_ZONE_1)), both);
+        // The node has no zone (no Node object): hints are ignored.
+        assert_eq!(selected(&svc_with(prefer_close, "", hinted)), both);
+        // One ready endpoint without hints disables topology for the service.
+        let partly = "- addresses: [10.0.0.1]\n  hints: {forZones: [{name: zone-1}]}\n- addresses: [10.0.0.2]\n";
+        assert_eq!(
+            selected(&(svc_with(prefer_close, "", partly) + NODE_A_ZONE_1)),
+            both
+        );
+        // No endpoint is hinted for this zone: all are used.
+        let elsewhere = "- addresses: [10.0.0.1]\n  hints: {forZones: [{name: zone-3}]}\n\
+                         - addresses: [10.0.0.2]\n  hints: {forZones: [{name: zone-2}]}\n";
+        assert_eq!(
+            selected(&(svc_with(prefer_close, "", elsewhere) + NODE_A_ZONE_1)),
+            both
+        );
+    }
+
+    #[test]
+    fn duplicate_endpoint_prefers_the_ready_copy() {
+        let dup = "- addresses: [10.0.0.1]\n  conditions: {ready: false}\n- addresses: [10.0.0.1]\n  conditions: {ready: true}\n";
+        assert_eq!(selected(&svc_with("", "", dup)), eps(&[("10.0.0.1", 80)]));
+    }
+
+    #[test]
+    fn non_ipv4_slices_are_not_used() {
+        let yaml = svc_with("", "", "- addresses: [10.0.0.1]\n")
+            .replace("addressType: IPv4", "addressType: IPv6");
+        assert!(selected(&yaml).is_empty());
+    }
+
+    #[test]
+    fn a_slice_whose_service_does_not_exist_warns() {
+        let mut loaded = Loaded::default();
+        parse_into(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: early-1\n  namespace: n\n  \
+             labels: {kubernetes.io/service-name: early}\naddressType: IPv4\nendpoints: []\n",
+            "t.yaml",
+            &mut loaded,
+        );
+        let b = build(&loaded.objects, Some("node-a"));
+        assert_eq!(b.warnings.len(), 1);
+        assert!(
+            b.warnings[0].starts_with("EndpointSlice n/early-1: field metadata.labels[kubernetes.io/service-name]: service n/early does not exist"),
+            "{}",
+            b.warnings[0]
+        );
+    }
 }
