@@ -239,10 +239,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         (SourceSpec::Kube { .. }, Some(client)) => {
             let k = KubeSource::start(client, &opts.node_name, changed.clone());
             tracing::info!("waiting for the first list of Services, EndpointSlices and the Node");
-            tokio::select! {
-                r = k.wait_ready() => r?,
-                _ = sigterm.recv() => return Ok(shutdown(agent, ebpf, &opts)),
-                _ = sigint.recv() => return Ok(shutdown(agent, ebpf, &opts)),
+            let stopped = tokio::select! {
+                r = k.wait_ready() => { r?; false }
+                _ = sigterm.recv() => true,
+                _ = sigint.recv() => true,
+            };
+            if stopped {
+                shutdown(agent, ebpf, &opts);
+                return Ok(());
             }
             Source::Kube(k)
         }

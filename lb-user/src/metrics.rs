@@ -256,8 +256,10 @@ mod tests {
         let mut m = Metrics::default();
         let t0 = "2026-01-01T00:00:00Z";
         let at = |secs: u64| UNIX_EPOCH + Duration::from_secs(1_767_225_600 + secs);
-        let mut objects = Objects::default();
-        objects.slices = vec![slice("a", t0)];
+        let mut objects = Objects {
+            slices: vec![slice("a", t0)],
+            ..Objects::default()
+        };
         m.observe_programming(&objects, at(100));
         assert_eq!(
             m.network_programming_count, 0,

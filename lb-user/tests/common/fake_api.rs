@@ -422,13 +422,12 @@ async fn serve_conn(
         }
         let mut last = from;
         for e in backlog {
-            if matches(&e.object, &labels, &fields) {
-                if chunk(conn, &json!({"type": e.type_, "object": e.object}))
+            if matches(&e.object, &labels, &fields)
+                && chunk(conn, &json!({"type": e.type_, "object": e.object}))
                     .await
                     .is_err()
-                {
-                    return;
-                }
+            {
+                return;
             }
             last = e.rv;
         }
