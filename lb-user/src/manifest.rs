@@ -297,4 +297,13 @@ spec:
         fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(load(&dir), Err(ManifestError::Io { .. })));
     }
+
+    #[test]
+    fn the_repository_manifests_load_cleanly() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+        let l = load(&root).unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(l.objects.services.len(), 2, "the demo's services");
+        assert_eq!(l.objects.slices.len(), 2);
+    }
 }
