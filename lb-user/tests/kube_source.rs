@@ -22,10 +22,26 @@ use tokio::sync::Notify;
 
 const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {topology.kubernetes.io/zone: zone-1}\n";
 
-fn scratch(tag: &str) -> std::path::PathBuf {
+/// A scratch directory, removed on drop (on failure too).
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+fn scratch(tag: &str) -> Scratch {
     let dir = std::env::temp_dir().join(lb_user::lab::unique_prefix(tag));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 /// Starts a source against `api` and waits for its first complete list.
@@ -101,7 +117,6 @@ async fn lists_then_follows_watch_events_with_kube_proxy_selectors() {
     let reqs = api.requests();
     assert_eq!(count(&reqs, "LIST services"), 1, "{reqs:?}");
     assert!(count(&reqs, "WATCH services") >= 1, "{reqs:?}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]
@@ -136,7 +151,6 @@ async fn a_dropped_watch_resumes_from_the_last_bookmark_without_relisting() {
         reqs.contains(&format!("WATCH services rv={bookmark}")),
         "the services watch resumed from the bookmark {bookmark}: {reqs:?}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]
@@ -193,7 +207,6 @@ async fn an_expired_watch_relists_and_the_store_is_never_emptied() {
         1,
         "the store kept the service and its slice throughout the relist"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
