@@ -796,6 +796,26 @@ endpoints:
     }
 
     #[test]
+    fn slice_port_out_of_range_warns_and_leaves_the_port_without_endpoints() {
+        let yaml = svc_with("", "", "- addresses: [10.0.0.1]\n").replace(
+            "ports: [{port: 80}]\nendpoints",
+            "ports: [{port: 0}]\nendpoints",
+        );
+        let mut loaded = Loaded::default();
+        parse_into(&yaml, "t.yaml", &mut loaded);
+        let b = build(&loaded.objects, Some("node-a"));
+        assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
+        assert!(
+            b.warnings[0].starts_with("EndpointSlice n/s-1: field ports[0].port: 0 is not a port")
+        );
+        assert!(
+            b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)]
+                .endpoints
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn non_ipv4_slices_are_not_used() {
         let yaml = svc_with("", "", "- addresses: [10.0.0.1]\n")
             .replace("addressType: IPv4", "addressType: IPv6");
