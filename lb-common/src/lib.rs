@@ -27,13 +27,22 @@ pub const SCOPE_EXTERNAL: u8 = 0;
 pub const MAP_SERVICES4: &str = "LB4_SERVICES_V1";
 pub const MAP_BACKENDS4: &str = "LB4_BACKENDS_V1";
 pub const MAP_REVNAT4: &str = "LB4_REVNAT_V1";
+pub const MAP_SOCK_REVNAT4: &str = "LB4_SOCK_REVNAT_V1";
+pub const MAP_COUNTERS: &str = "LB_COUNTERS_V1";
 /// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 3] = [MAP_SERVICES4, MAP_BACKENDS4, MAP_REVNAT4];
+pub const PINNED_MAPS: [&str; 5] = [
+    MAP_SERVICES4,
+    MAP_BACKENDS4,
+    MAP_REVNAT4,
+    MAP_SOCK_REVNAT4,
+    MAP_COUNTERS,
+];
 
 /// Capacity of the maps.
 pub const MAX_SERVICE_ENTRIES: u32 = 262_144;
 pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_REVNAT: u32 = 65_536;
+pub const MAX_SOCK_REVNAT: u32 = 262_144;
 /// Backends one frontend may list (slots 1..=MAX_SLOTS).
 pub const MAX_SLOTS: u16 = 65_535;
 
@@ -144,6 +153,52 @@ pub struct RevNat4 {
     pub _pad: [u8; 2],
 }
 
+/// Key of the socket rev-NAT map (LRU): a translated socket and the backend it talks to.
+/// The value is the [`RevNat4`] frontend that getpeername() and recvmsg() report.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SockRevNatKey4 {
+    /// `bpf_get_socket_cookie()`, host order.
+    pub cookie: u64,
+    /// Backend IPv4 address, network order octets.
+    pub addr: [u8; 4],
+    /// Backend port, host order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Per-program counters (a per-CPU array indexed by `PROG_*`; sum over CPUs to read).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counters {
+    /// Destinations (or, for recvmsg/getpeername, peers) rewritten.
+    pub translated: u64,
+    /// Connections or datagrams refused: a service without backends.
+    pub refused: u64,
+    /// Backends chosen from a ClientIP affinity entry.
+    pub affinity_hits: u64,
+    /// A lookup that should have hit did not (slot, backend or rev-NAT entry missing,
+    /// rev-NAT map full).
+    pub misses: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, other: &Self) {
+        self.translated += other.translated;
+        self.refused += other.refused;
+        self.affinity_hits += other.affinity_hits;
+        self.misses += other.misses;
+    }
+}
+
+/// Indexes of the counters map, one per program.
+pub const PROG_CONNECT4: u32 = 0;
+pub const PROG_SENDMSG4: u32 = 1;
+pub const PROG_RECVMSG4: u32 = 2;
+pub const PROG_GETPEERNAME4: u32 = 3;
+/// Names of the programs by counter index.
+pub const PROG_NAMES: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+
 /// Picks the slot (1..=count) for a random number; `None` when there is no backend.
 /// Shared by the program and the host tests so the choice logic is tested off-kernel.
 #[inline(always)]
@@ -160,6 +215,8 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<Backend4>() == 8);
     assert!(core::mem::size_of::<RevNat4>() == 8);
+    assert!(core::mem::size_of::<SockRevNatKey4>() == 16);
+    assert!(core::mem::size_of::<Counters>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -169,6 +226,8 @@ mod user {
     unsafe impl aya::Pod for super::ServiceValue {}
     unsafe impl aya::Pod for super::Backend4 {}
     unsafe impl aya::Pod for super::RevNat4 {}
+    unsafe impl aya::Pod for super::SockRevNatKey4 {}
+    unsafe impl aya::Pod for super::Counters {}
 }
 
 #[cfg(test)]

@@ -219,7 +219,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let metrics: metrics::Shared = Arc::new(Mutex::new(Metrics::default()));
     let metrics_task = opts
         .metrics_addr
-        .map(|a| metrics::serve(a, metrics.clone()));
+        .map(|a| metrics::serve(a, metrics.clone(), opts.pin_path.clone()));
     let mut agent = Agent {
         maps: BpfMaps::from_ebpf(&mut ebpf)?,
         programmed: None,

@@ -20,10 +20,10 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    Backend4, MAP_BACKENDS4, MAP_REVNAT4, MAP_SERVICES4, MAX_SLOTS, RevNat4, ServiceKey4,
-    ServiceValue,
+    Backend4, Counters, MAP_BACKENDS4, MAP_COUNTERS, MAP_REVNAT4, MAP_SERVICES4, MAX_SLOTS,
+    PROG_NAMES, RevNat4, ServiceKey4, ServiceValue,
 };
 
 use crate::model::{Desired, Endpoint, Frontend, Proto};
@@ -592,6 +592,38 @@ impl BpfMaps {
         }
         Ok(())
     }
+}
+
+/// The per-program counters from the maps pinned under `dir`, summed over CPUs, in
+/// `PROG_NAMES` order.
+pub fn read_counters(dir: &Path) -> Result<Vec<(&'static str, Counters)>, DatapathError> {
+    let path = dir.join(MAP_COUNTERS);
+    let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let array: PerCpuArray<MapData, Counters> = PerCpuArray::try_from(Map::PerCpuArray(data))
+        .map_err(|source| DatapathError::Map {
+            map: MAP_COUNTERS,
+            source,
+        })?;
+    PROG_NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let per_cpu = array
+                .get(&(i as u32), 0)
+                .map_err(|source| DatapathError::Map {
+                    map: MAP_COUNTERS,
+                    source,
+                })?;
+            let mut total = Counters::default();
+            for c in per_cpu.iter() {
+                total.add(c);
+            }
+            Ok((*name, total))
+        })
+        .collect()
 }
 
 /// Deleting an entry that is already gone is what we wanted.

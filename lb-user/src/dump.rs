@@ -2,7 +2,25 @@
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
+use lb_common::Counters;
+
 use crate::datapath::{Snapshot, frontend_of};
+
+/// Renders the per-program counters as a table.
+pub fn render_counters(counters: &[(&str, Counters)]) -> String {
+    let mut out = format!(
+        "{:<14} {:>12} {:>10} {:>14} {:>8}\n",
+        "program", "translated", "refused", "affinity-hits", "misses"
+    );
+    for (name, c) in counters {
+        let _ = writeln!(
+            out,
+            "{name:<14} {:>12} {:>10} {:>14} {:>8}",
+            c.translated, c.refused, c.affinity_hits, c.misses
+        );
+    }
+    out
+}
 
 /// Renders every frontend with its backends, then anything inconsistent.
 pub fn render(snap: &Snapshot) -> String {

@@ -14,8 +14,14 @@ use lb_common::PINNED_MAPS;
 /// The programs, built by lb-user's build script from lb-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 
-/// The sock_addr programs and their attach points, by function name in lb-ebpf.
-pub const PROGRAMS: [&str; 1] = ["lb_connect4"];
+/// The sock_addr programs, by function name in lb-ebpf (the attach point is in each
+/// program's section name).
+pub const PROGRAMS: [&str; 4] = [
+    "lb_connect4",
+    "lb_sendmsg4",
+    "lb_recvmsg4",
+    "lb_getpeername4",
+];
 
 /// Default directory for pinned maps.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";

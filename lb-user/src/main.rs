@@ -139,7 +139,15 @@ fn main() -> ExitCode {
         }),
         Command::Dump { pin_path } => BpfMaps::open_pinned(&pin_path)
             .and_then(|maps| maps.snapshot())
-            .map(|snap| print!("{}", dump::render(&snap)))
+            .and_then(|snap| {
+                let counters = lb_user::datapath::read_counters(&pin_path)?;
+                print!(
+                    "{}\n{}",
+                    dump::render(&snap),
+                    dump::render_counters(&counters)
+                );
+                Ok(())
+            })
             .map_err(anyhow::Error::from),
     };
     match result {

@@ -190,7 +190,11 @@ impl Metrics {
 
 /// Serves `/metrics` until the task is aborted. A bind failure is logged, not fatal: the
 /// datapath matters more than the metrics.
-pub fn serve(addr: SocketAddr, metrics: Shared) -> tokio::task::JoinHandle<()> {
+pub fn serve(
+    addr: SocketAddr,
+    metrics: Shared,
+    pin_path: std::path::PathBuf,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
@@ -205,6 +209,7 @@ pub fn serve(addr: SocketAddr, metrics: Shared) -> tokio::task::JoinHandle<()> {
                 continue;
             };
             let metrics = metrics.clone();
+            let pin_path = pin_path.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 let mut len = 0;
@@ -222,10 +227,11 @@ pub fn serve(addr: SocketAddr, metrics: Shared) -> tokio::task::JoinHandle<()> {
                 let request = String::from_utf8_lossy(&buf[..len]);
                 let path = request.split_whitespace().nth(1).unwrap_or("");
                 let (status, body) = match path {
-                    "/metrics" => (
-                        "200 OK",
-                        metrics.lock().map(|m| m.render()).unwrap_or_default(),
-                    ),
+                    "/metrics" => {
+                        let mut body = metrics.lock().map(|m| m.render()).unwrap_or_default();
+                        body.push_str(&render_counters(&pin_path));
+                        ("200 OK", body)
+                    }
                     _ => ("404 Not Found", "not found: try /metrics\n".to_string()),
                 };
                 let response = format!(
@@ -236,6 +242,30 @@ pub fn serve(addr: SocketAddr, metrics: Shared) -> tokio::task::JoinHandle<()> {
             });
         }
     })
+}
+
+/// The programs' counters, read from the pinned per-CPU map at scrape time.
+fn render_counters(pin_path: &std::path::Path) -> String {
+    let Ok(counters) = crate::datapath::read_counters(pin_path) else {
+        return String::new();
+    };
+    let mut out = String::from(
+        "# HELP lb_program_events_total What the eBPF programs did, per program and event.\n\
+         # TYPE lb_program_events_total counter\n",
+    );
+    for (prog, c) in counters {
+        for (event, n) in [
+            ("translated", c.translated),
+            ("refused", c.refused),
+            ("affinity_hit", c.affinity_hits),
+            ("miss", c.misses),
+        ] {
+            out.push_str(&format!(
+                "lb_program_events_total{{program=\"{prog}\",event=\"{event}\"}} {n}\n"
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
