@@ -26,6 +26,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use clap::ValueEnum as _;
 use serde::{Deserialize, Serialize};
 
 use crate::loader::mount_point;
@@ -189,6 +190,8 @@ pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
     server: Option<ChildGuard>,
+    /// Other processes started in the pod (`Lab::spawn_in_pod`).
+    extra: Vec<ChildGuard>,
     pub netns: Netns,
 }
 
@@ -287,6 +290,7 @@ impl Lab {
             name,
             ip: Ipv4Addr::new(10, 244, subnet as u8, 2),
             server: Some(child),
+            extra: Vec::new(),
             netns,
         });
         Ok(())
@@ -299,9 +303,13 @@ impl Lab {
             .args(["--target", &opts.target.to_string()])
             .args(["--count", &opts.count.to_string()])
             .args(["--timeout-ms", &opts.timeout.as_millis().to_string()]);
-        if opts.udp {
-            cmd.arg("--udp");
-        }
+        cmd.args([
+            "--mode",
+            opts.mode
+                .to_possible_value()
+                .expect("no skipped variants")
+                .get_name(),
+        ]);
         place(&mut cmd, &self.node, in_cgroup.then_some(&self.cgroup))?;
         let out = run(&mut cmd)?;
         serde_json::from_str(out.trim()).with_context(|| format!("probe printed {out:?}"))
@@ -311,6 +319,33 @@ impl Lab {
     pub fn stop_server(&mut self, i: usize) {
         self.pods[i].server = None;
     }
+
+    /// Starts `cmd` inside pod `i`'s namespace; it is killed when the lab is dropped.
+    pub fn spawn_in_pod(&mut self, i: usize, mut cmd: Command) -> anyhow::Result<()> {
+        place(&mut cmd, &self.pods[i].netns, None)?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {cmd:?} in pod-{i}"))?;
+        self.pods[i].extra.push(ChildGuard(child));
+        Ok(())
+    }
+
+    /// Runs `cmd` to completion as a client: in the node namespace and the client cgroup.
+    pub fn run_client(&self, mut cmd: Command) -> anyhow::Result<String> {
+        place(&mut cmd, &self.node, Some(&self.cgroup))?;
+        run(&mut cmd)
+    }
+}
+
+/// How a probe talks to its target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeMode {
+    /// connect, send a line, read the reply to EOF.
+    Tcp,
+    /// A connected UDP socket: send, recv.
+    UdpConnected,
+    /// An unconnected UDP socket: sendto, recvfrom.
+    UdpSendto,
 }
 
 /// What one probe run does.
@@ -319,7 +354,7 @@ pub struct ProbeOptions {
     pub target: SocketAddrV4,
     pub count: usize,
     pub timeout: Duration,
-    pub udp: bool,
+    pub mode: ProbeMode,
 }
 
 impl ProbeOptions {
@@ -328,8 +363,12 @@ impl ProbeOptions {
             target,
             count,
             timeout: Duration::from_secs(1),
-            udp: false,
+            mode: ProbeMode::Tcp,
         }
+    }
+
+    pub fn with_mode(self, mode: ProbeMode) -> Self {
+        Self { mode, ..self }
     }
 }
 
@@ -361,13 +400,23 @@ fn error_name(e: &std::io::Error) -> String {
         Some(libc::EAGAIN) => "timeout".into(),
         Some(n) => format!("errno {n}"),
         None if e.kind() == std::io::ErrorKind::TimedOut => "timeout".into(),
+        None if e.kind() == std::io::ErrorKind::Other => e.to_string(),
         None => e.kind().to_string(),
     }
 }
 
+fn mismatch(what: &str, got: SocketAddr, target: SocketAddrV4) -> std::io::Error {
+    std::io::Error::other(format!("{what} {got}, not {target}"))
+}
+
 /// One TCP exchange: connect, send a line, read the reply to EOF (the server closes).
+/// getpeername() must report the address the client connected to.
 fn probe_tcp_once(target: SocketAddrV4, timeout: Duration) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&SocketAddr::V4(target), timeout)?;
+    let peer = s.peer_addr()?;
+    if peer != SocketAddr::V4(target) {
+        return Err(mismatch("getpeername", peer, target));
+    }
     s.set_read_timeout(Some(timeout))?;
     s.write_all(b"hello\n")?;
     let mut reply = String::new();
@@ -375,10 +424,14 @@ fn probe_tcp_once(target: SocketAddrV4, timeout: Duration) -> std::io::Result<St
     Ok(reply.trim().to_string())
 }
 
-/// One UDP exchange on a connected socket.
+/// One UDP exchange on a connected socket; getpeername() must report the target.
 fn probe_udp_once(target: SocketAddrV4, timeout: Duration) -> std::io::Result<String> {
     let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     s.connect(target)?;
+    let peer = s.peer_addr()?;
+    if peer != SocketAddr::V4(target) {
+        return Err(mismatch("getpeername", peer, target));
+    }
     s.set_read_timeout(Some(timeout))?;
     s.send(b"hello\n")?;
     let mut buf = [0u8; 512];
@@ -386,14 +439,28 @@ fn probe_udp_once(target: SocketAddrV4, timeout: Duration) -> std::io::Result<St
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
 }
 
+/// One UDP exchange on an unconnected socket (sendto/recvfrom, as DNS resolvers do);
+/// the reply must come from the target address.
+fn probe_udp_sendto_once(target: SocketAddrV4, timeout: Duration) -> std::io::Result<String> {
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send_to(b"hello\n", target)?;
+    let mut buf = [0u8; 512];
+    let (n, from) = s.recv_from(&mut buf)?;
+    if from != SocketAddr::V4(target) {
+        return Err(mismatch("reply from", from, target));
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
 /// `lb-lab probe`: `count` exchanges in a row, bounded by `timeout` each.
 pub fn probe(opts: &ProbeOptions) -> ProbeReport {
     let mut report = ProbeReport::default();
     for _ in 0..opts.count {
-        let result = if opts.udp {
-            probe_udp_once(opts.target, opts.timeout)
-        } else {
-            probe_tcp_once(opts.target, opts.timeout)
+        let result = match opts.mode {
+            ProbeMode::Tcp => probe_tcp_once(opts.target, opts.timeout),
+            ProbeMode::UdpConnected => probe_udp_once(opts.target, opts.timeout),
+            ProbeMode::UdpSendto => probe_udp_sendto_once(opts.target, opts.timeout),
         };
         match result {
             Ok(name) => *report.replies.entry(name).or_default() += 1,

@@ -35,7 +35,7 @@ enum Cmd {
 }
 
 /// Debian packages the tests and the demo use.
-const APT_PACKAGES: &[&str] = &["iproute2", "bpftool"];
+const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "dnsmasq-base", "dnsutils"];
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lb_user::lab::{self, AgentProcess, Lab, ProbeOptions, ProbeReport};
+use lb_user::lab::{self, AgentProcess, Lab, ProbeMode, ProbeOptions, ProbeReport};
 
 #[derive(Parser)]
 #[command(
@@ -39,8 +39,8 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
-        #[arg(long)]
-        udp: bool,
+        #[arg(long, value_enum, default_value = "tcp")]
+        mode: ProbeMode,
     },
     /// Build a small namespace cluster, run the agent on example manifests, send traffic.
     Demo {
@@ -62,13 +62,13 @@ fn main() -> ExitCode {
             target,
             count,
             timeout_ms,
-            udp,
+            mode,
         } => {
             let report = lab::probe(&ProbeOptions {
                 target,
                 count,
                 timeout: Duration::from_millis(timeout_ms),
-                udp,
+                mode,
             });
             serde_json::to_string(&report)
                 .map(|s| println!("{s}"))
