@@ -18,42 +18,73 @@ use bytemuck::{Pod, Zeroable};
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// `ServiceKey4::scope`: which set of backends a frontend entry lists. Only the
-/// external scope (all usable backends) exists so far; internal-traffic-policy
-/// entries will use another scope value.
+/// `ServiceKey::scope`: which set of backends a frontend entry lists. Only the
+/// external scope (all usable backends) exists so far.
 pub const SCOPE_EXTERNAL: u8 = 0;
 
 /// Names of the maps, as declared in lb-ebpf and pinned under the pin directory.
-pub const MAP_SERVICES4: &str = "LB4_SERVICES_V1";
-pub const MAP_BACKENDS4: &str = "LB4_BACKENDS_V1";
-pub const MAP_REVNAT4: &str = "LB4_REVNAT_V1";
-pub const MAP_SOCK_REVNAT4: &str = "LB4_SOCK_REVNAT_V1";
-pub const MAP_COUNTERS: &str = "LB_COUNTERS_V1";
+pub const MAP_SERVICES: &str = "LB_SERVICES_V2";
+pub const MAP_BACKENDS: &str = "LB_BACKENDS_V2";
+pub const MAP_REVNAT: &str = "LB_REVNAT_V2";
+pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_REVNAT_V2";
+pub const MAP_AFFINITY: &str = "LB_AFFINITY_V1";
+pub const MAP_COUNTERS: &str = "LB_COUNTERS_V2";
 /// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 5] = [
-    MAP_SERVICES4,
-    MAP_BACKENDS4,
-    MAP_REVNAT4,
-    MAP_SOCK_REVNAT4,
+pub const PINNED_MAPS: [&str; 6] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_REVNAT,
+    MAP_SOCK_REVNAT,
+    MAP_AFFINITY,
     MAP_COUNTERS,
 ];
 
 /// Capacity of the maps.
-pub const MAX_SERVICE_ENTRIES: u32 = 262_144;
+pub const MAX_SERVICE_ENTRIES: u32 = 524_288;
 pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_REVNAT: u32 = 65_536;
 pub const MAX_SOCK_REVNAT: u32 = 262_144;
+pub const MAX_AFFINITY: u32 = 262_144;
 /// Backends one frontend may list (slots 1..=MAX_SLOTS).
 pub const MAX_SLOTS: u16 = 65_535;
+
+/// An address of either family, as 16 network-order octets: IPv6 as is, IPv4 as the
+/// IPv4-mapped IPv6 address `::ffff:a.b.c.d`. One map layout serves both families, and a
+/// dual-stack IPv6 socket connecting to `::ffff:10.96.0.10` finds the IPv4 service.
+pub type Addr = [u8; 16];
+
+/// `::ffff:a.b.c.d` for an IPv4 address.
+#[inline(always)]
+pub const fn v4_mapped(v4: [u8; 4]) -> Addr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+/// The IPv4 address inside an IPv4-mapped address, `None` for a real IPv6 address.
+#[inline(always)]
+pub fn as_v4(addr: &Addr) -> Option<[u8; 4]> {
+    let mut prefix = 0u8;
+    let mut i = 0;
+    while i < 10 {
+        prefix |= addr[i];
+        i += 1;
+    }
+    if prefix == 0 && addr[10] == 0xff && addr[11] == 0xff {
+        Some([addr[12], addr[13], addr[14], addr[15]])
+    } else {
+        None
+    }
+}
 
 /// Key of the services map: one frontend (address, port, protocol, scope) and a slot.
 /// Slot 0 is the header ([`ServiceValue::count`] etc.); slots `1..=count` each hold
 /// one backend id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct ServiceKey4 {
-    /// Frontend IPv4 address, network order octets.
-    pub addr: [u8; 4],
+pub struct ServiceKey {
+    /// Frontend address, network order octets (IPv4 mapped, see [`Addr`]).
+    pub addr: Addr,
     /// Frontend port, host order.
     pub port: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
@@ -65,8 +96,8 @@ pub struct ServiceKey4 {
     pub _pad: [u8; 2],
 }
 
-impl ServiceKey4 {
-    pub const fn new(addr: [u8; 4], port: u16, proto: u8, slot: u16) -> Self {
+impl ServiceKey {
+    pub const fn new(addr: Addr, port: u16, proto: u8, slot: u16) -> Self {
         Self {
             addr,
             port,
@@ -94,7 +125,8 @@ pub struct ServiceValue {
     /// Header: number of backend slots. 0 means the service exists but has no usable
     /// endpoint: connections are refused. Host order.
     pub count: u16,
-    /// Header: id of the frontend in the rev-NAT map. Host order.
+    /// Header: id of the frontend in the rev-NAT map, also the service part of the
+    /// affinity key. Host order.
     pub rev_nat_id: u16,
     /// Header: ClientIP affinity timeout in seconds, 0 = no affinity. Host order.
     pub affinity_timeout: u32,
@@ -104,12 +136,12 @@ pub struct ServiceValue {
 }
 
 impl ServiceValue {
-    pub const fn header(count: u16, rev_nat_id: u16) -> Self {
+    pub const fn header(count: u16, rev_nat_id: u16, affinity_timeout: u32) -> Self {
         Self {
             backend_id: 0,
             count,
             rev_nat_id,
-            affinity_timeout: 0,
+            affinity_timeout,
             flags: 0,
             _pad: [0; 3],
         }
@@ -130,9 +162,9 @@ impl ServiceValue {
 /// Value of the backends map (key: backend id, `u32`, host order; 0 is never used).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct Backend4 {
-    /// Backend (pod) IPv4 address, network order octets.
-    pub addr: [u8; 4],
+pub struct Backend {
+    /// Backend (pod) address, network order octets (IPv4 mapped, see [`Addr`]).
+    pub addr: Addr,
     /// Backend (target) port, host order.
     pub port: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
@@ -145,26 +177,59 @@ pub struct Backend4 {
 /// translated socket reports as its peer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct RevNat4 {
-    /// Frontend IPv4 address, network order octets.
-    pub addr: [u8; 4],
+pub struct RevNat {
+    /// Frontend address, network order octets (IPv4 mapped).
+    pub addr: Addr,
     /// Frontend port, host order.
     pub port: u16,
     pub _pad: [u8; 2],
 }
 
 /// Key of the socket rev-NAT map (LRU): a translated socket and the backend it talks to.
-/// The value is the [`RevNat4`] frontend that getpeername() and recvmsg() report.
+/// The value is the [`RevNat`] frontend that getpeername() and recvmsg() report.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct SockRevNatKey4 {
+pub struct SockRevNatKey {
     /// `bpf_get_socket_cookie()`, host order.
     pub cookie: u64,
-    /// Backend IPv4 address, network order octets.
-    pub addr: [u8; 4],
+    /// Backend address, network order octets (IPv4 mapped).
+    pub addr: Addr,
     /// Backend port, host order.
     pub port: u16,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 6],
+}
+
+/// Key of the ClientIP affinity map (LRU): a client and a frontend. At socket level the
+/// source address is not chosen yet at connect(), so the client is its network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct AffinityKey {
+    /// `bpf_get_netns_cookie()` of the calling socket, host order.
+    pub netns_cookie: u64,
+    /// The frontend's rev-NAT id, host order.
+    pub rev_nat_id: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of the affinity map: the backend the client was sent to and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityValue {
+    /// Backend id, host order.
+    pub backend_id: u32,
+    pub _pad: [u8; 4],
+    /// `bpf_ktime_get_ns()` of the last connection that used the entry.
+    pub last_used_ns: u64,
+}
+
+/// Whether an affinity entry last used at `last_used_ns` still holds at `now_ns` for a
+/// timeout of `timeout_s` seconds (kube-proxy: the entry lives `timeoutSeconds` after
+/// the last packet; here, after the last connect or datagram).
+#[inline(always)]
+pub const fn affinity_valid(last_used_ns: u64, now_ns: u64, timeout_s: u32) -> bool {
+    timeout_s != 0
+        && now_ns >= last_used_ns
+        && now_ns - last_used_ns <= timeout_s as u64 * 1_000_000_000
 }
 
 /// Per-program counters (a per-CPU array indexed by `PROG_*`; sum over CPUs to read).
@@ -178,7 +243,7 @@ pub struct Counters {
     /// Backends chosen from a ClientIP affinity entry.
     pub affinity_hits: u64,
     /// A lookup that should have hit did not (slot, backend or rev-NAT entry missing,
-    /// rev-NAT map full).
+    /// rev-NAT or affinity map full, a backend of the other family).
     pub misses: u64,
 }
 
@@ -196,8 +261,21 @@ pub const PROG_CONNECT4: u32 = 0;
 pub const PROG_SENDMSG4: u32 = 1;
 pub const PROG_RECVMSG4: u32 = 2;
 pub const PROG_GETPEERNAME4: u32 = 3;
+pub const PROG_CONNECT6: u32 = 4;
+pub const PROG_SENDMSG6: u32 = 5;
+pub const PROG_RECVMSG6: u32 = 6;
+pub const PROG_GETPEERNAME6: u32 = 7;
 /// Names of the programs by counter index.
-pub const PROG_NAMES: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+pub const PROG_NAMES: [&str; 8] = [
+    "connect4",
+    "sendmsg4",
+    "recvmsg4",
+    "getpeername4",
+    "connect6",
+    "sendmsg6",
+    "recvmsg6",
+    "getpeername6",
+];
 
 /// Picks the slot (1..=count) for a random number; `None` when there is no backend.
 /// Shared by the program and the host tests so the choice logic is tested off-kernel.
@@ -211,22 +289,26 @@ pub const fn pick_slot(count: u16, random: u32) -> Option<u16> {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<ServiceKey4>() == 12);
+    assert!(core::mem::size_of::<ServiceKey>() == 24);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
-    assert!(core::mem::size_of::<Backend4>() == 8);
-    assert!(core::mem::size_of::<RevNat4>() == 8);
-    assert!(core::mem::size_of::<SockRevNatKey4>() == 16);
+    assert!(core::mem::size_of::<Backend>() == 20);
+    assert!(core::mem::size_of::<RevNat>() == 20);
+    assert!(core::mem::size_of::<SockRevNatKey>() == 32);
+    assert!(core::mem::size_of::<AffinityKey>() == 16);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Counters>() == 32);
 };
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are `bytemuck::Pod`: plain old data without padding.
-    unsafe impl aya::Pod for super::ServiceKey4 {}
+    unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
-    unsafe impl aya::Pod for super::Backend4 {}
-    unsafe impl aya::Pod for super::RevNat4 {}
-    unsafe impl aya::Pod for super::SockRevNatKey4 {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::RevNat {}
+    unsafe impl aya::Pod for super::SockRevNatKey {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::Counters {}
 }
 
@@ -236,14 +318,47 @@ mod tests {
 
     #[test]
     fn key_bytes_are_wire_address_then_host_port() {
-        let key = ServiceKey4::new([10, 96, 0, 10], 80, PROTO_TCP, 2);
+        let key = ServiceKey::new(v4_mapped([10, 96, 0, 10]), 80, PROTO_TCP, 2);
         let bytes = bytemuck::bytes_of(&key);
-        assert_eq!(&bytes[0..4], &[10, 96, 0, 10]);
-        assert_eq!(&bytes[4..6], &80u16.to_ne_bytes());
-        assert_eq!(bytes[6], PROTO_TCP);
-        assert_eq!(bytes[7], SCOPE_EXTERNAL);
-        assert_eq!(&bytes[8..10], &2u16.to_ne_bytes());
-        assert_eq!(&bytes[10..12], &[0, 0]);
+        assert_eq!(
+            &bytes[0..16],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 10, 96, 0, 10]
+        );
+        assert_eq!(&bytes[16..18], &80u16.to_ne_bytes());
+        assert_eq!(bytes[18], PROTO_TCP);
+        assert_eq!(bytes[19], SCOPE_EXTERNAL);
+        assert_eq!(&bytes[20..22], &2u16.to_ne_bytes());
+        assert_eq!(&bytes[22..24], &[0, 0]);
+    }
+
+    #[test]
+    fn v4_mapped_round_trips_and_real_v6_is_not_v4() {
+        let a = v4_mapped([192, 0, 2, 1]);
+        assert_eq!(as_v4(&a), Some([192, 0, 2, 1]));
+        // Same octets as std's to_ipv6_mapped.
+        let std_mapped = core::net::Ipv4Addr::new(192, 0, 2, 1)
+            .to_ipv6_mapped()
+            .octets();
+        assert_eq!(a, std_mapped);
+        let v6: Addr = [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(as_v4(&v6), None);
+        // ::1 and the IPv4-compatible ::a.b.c.d are not mapped addresses.
+        let mut loopback6 = [0u8; 16];
+        loopback6[15] = 1;
+        assert_eq!(as_v4(&loopback6), None);
+    }
+
+    #[test]
+    fn affinity_expires_after_the_timeout_and_zero_means_off() {
+        let s = 1_000_000_000u64;
+        assert!(affinity_valid(10 * s, 10 * s, 1));
+        assert!(affinity_valid(10 * s, 11 * s, 1));
+        assert!(!affinity_valid(10 * s, 11 * s + 1, 1));
+        assert!(!affinity_valid(10 * s, 10 * s, 0));
+        // A clock that went backwards (an entry from the future) is not trusted.
+        assert!(!affinity_valid(11 * s, 10 * s, 5));
+        // 86400 s in ns does not overflow.
+        assert!(affinity_valid(0, 86_400 * s, 86_400));
     }
 
     #[test]
@@ -275,11 +390,11 @@ mod tests {
 
     #[test]
     fn with_slot_keeps_frontend() {
-        let k = ServiceKey4::new([1, 2, 3, 4], 53, PROTO_UDP, 0);
+        let k = ServiceKey::new(v4_mapped([1, 2, 3, 4]), 53, PROTO_UDP, 0);
         let s = k.with_slot(7);
         assert_eq!(
             (s.addr, s.port, s.proto, s.slot),
-            ([1, 2, 3, 4], 53, PROTO_UDP, 7)
+            (v4_mapped([1, 2, 3, 4]), 53, PROTO_UDP, 7)
         );
     }
 }

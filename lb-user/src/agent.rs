@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub pin_path: PathBuf,
     /// This node's name (internalTrafficPolicy Local, topology, the Node watch).
     pub node_name: String,
+    /// This node's addresses for nodePorts (`--node-ip`); empty: the Node object's.
+    pub node_ips: Vec<std::net::IpAddr>,
     /// How often the manifest path is checked for changes.
     pub poll_interval: Duration,
     /// The shortest time between two syncs (kube-proxy's --min-sync-period).
@@ -121,6 +123,7 @@ struct Agent {
     programmed: Option<Programmed>,
     last_warnings: Vec<String>,
     node_name: String,
+    node_ips: Vec<std::net::IpAddr>,
     metrics: metrics::Shared,
 }
 
@@ -136,7 +139,7 @@ impl Agent {
                 return;
             }
         };
-        let built = model::build(&objects, Some(&self.node_name));
+        let built = model::build(&objects, Some(&self.node_name), &self.node_ips);
         let warnings: Vec<String> = read_warnings.into_iter().chain(built.warnings).collect();
         if warnings != self.last_warnings {
             for w in &warnings {
@@ -225,6 +228,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         programmed: None,
         last_warnings: Vec::new(),
         node_name: opts.node_name.clone(),
+        node_ips: opts.node_ips.clone(),
         metrics: metrics.clone(),
     };
 

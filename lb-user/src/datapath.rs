@@ -4,11 +4,14 @@
 //! desired state and returns the map operations, in an order that never lets a concurrent
 //! connect() see a half-written service:
 //!
-//! 1. new backends are written;
+//! 1. new backends are written; affinity entries left under the rev-NAT id of a new
+//!    affinity frontend (an id used before) are purged;
 //! 2. per frontend: its rev-NAT entry, then changed slots, then the header (slot 0) with
 //!    the new count, then slots beyond the new count are deleted;
-//! 3. frontends that are gone lose their header first, then their slots and rev-NAT entry;
-//! 4. backends no frontend uses any more are deleted.
+//! 3. affinity entries pointing at backends that left a frontend are purged (the kernel
+//!    also ignores entries whose backend is gone, so the purge may come after the slots);
+//! 4. frontends that are gone lose their header first, then their slots and rev-NAT entry;
+//! 5. backends no frontend uses any more are deleted.
 //!
 //! Slots are assigned stably: a backend keeps its slot while it stays, so one endpoint
 //! change costs a couple of writes, not a rewrite of the service.
@@ -16,14 +19,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
     path::Path,
 };
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    Backend4, Counters, MAP_BACKENDS4, MAP_COUNTERS, MAP_REVNAT4, MAP_SERVICES4, MAX_SLOTS,
-    PROG_NAMES, RevNat4, ServiceKey4, ServiceValue,
+    Addr, AffinityKey, AffinityValue, Backend, Counters, MAP_AFFINITY, MAP_BACKENDS, MAP_COUNTERS,
+    MAP_REVNAT, MAP_SERVICES, MAX_SLOTS, PROG_NAMES, RevNat, ServiceKey, ServiceValue, as_v4,
 };
 
 use crate::model::{Desired, Endpoint, Frontend, Proto};
@@ -33,24 +36,29 @@ use crate::model::{Desired, Endpoint, Frontend, Proto};
 pub enum Op {
     PutBackend {
         id: u32,
-        value: Backend4,
+        value: Backend,
     },
     DelBackend {
         id: u32,
     },
     PutService {
-        key: ServiceKey4,
+        key: ServiceKey,
         value: ServiceValue,
     },
     DelService {
-        key: ServiceKey4,
+        key: ServiceKey,
     },
     PutRevNat {
         id: u16,
-        value: RevNat4,
+        value: RevNat,
     },
     DelRevNat {
         id: u16,
+    },
+    /// Deletes the affinity entries of a frontend: all, or those naming one backend.
+    PurgeAffinity {
+        rev_nat_id: u16,
+        backend_id: Option<u32>,
     },
 }
 
@@ -59,50 +67,75 @@ impl fmt::Display for Op {
         match self {
             Self::PutBackend { id, value } => write!(
                 f,
-                "{MAP_BACKENDS4}: write backend {id} = {}:{}",
-                Ipv4Addr::from(value.addr),
-                value.port
+                "{MAP_BACKENDS}: write backend {id} = {}",
+                SocketAddr::new(ip_of(&value.addr), value.port)
             ),
-            Self::DelBackend { id } => write!(f, "{MAP_BACKENDS4}: delete backend {id}"),
+            Self::DelBackend { id } => write!(f, "{MAP_BACKENDS}: delete backend {id}"),
             Self::PutService { key, .. } => write!(
                 f,
-                "{MAP_SERVICES4}: write {} slot {}",
+                "{MAP_SERVICES}: write {} slot {}",
                 frontend_of(key).map_or("?".into(), |fe| fe.to_string()),
                 key.slot
             ),
             Self::DelService { key } => write!(
                 f,
-                "{MAP_SERVICES4}: delete {} slot {}",
+                "{MAP_SERVICES}: delete {} slot {}",
                 frontend_of(key).map_or("?".into(), |fe| fe.to_string()),
                 key.slot
             ),
-            Self::PutRevNat { id, .. } => write!(f, "{MAP_REVNAT4}: write rev-NAT {id}"),
-            Self::DelRevNat { id } => write!(f, "{MAP_REVNAT4}: delete rev-NAT {id}"),
+            Self::PutRevNat { id, .. } => write!(f, "{MAP_REVNAT}: write rev-NAT {id}"),
+            Self::DelRevNat { id } => write!(f, "{MAP_REVNAT}: delete rev-NAT {id}"),
+            Self::PurgeAffinity {
+                rev_nat_id,
+                backend_id: None,
+            } => write!(f, "{MAP_AFFINITY}: purge rev-NAT {rev_nat_id}"),
+            Self::PurgeAffinity {
+                rev_nat_id,
+                backend_id: Some(b),
+            } => write!(f, "{MAP_AFFINITY}: purge rev-NAT {rev_nat_id} backend {b}"),
         }
     }
 }
 
-pub fn service_key(fe: &Frontend, slot: u16) -> ServiceKey4 {
-    ServiceKey4::new(fe.addr.octets(), fe.port, fe.proto.number(), slot)
+/// An address as the maps store it (IPv4 mapped into IPv6, see [`lb_common::Addr`]).
+pub fn addr_of(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => lb_common::v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
 }
 
-pub fn frontend_of(key: &ServiceKey4) -> Option<Frontend> {
+/// The address a map entry holds, IPv4 when it is a mapped one.
+pub fn ip_of(addr: &Addr) -> IpAddr {
+    match as_v4(addr) {
+        Some(v4) => IpAddr::from(v4),
+        None => IpAddr::from(*addr),
+    }
+}
+
+pub fn service_key(fe: &Frontend, slot: u16) -> ServiceKey {
+    ServiceKey::new(addr_of(fe.addr), fe.port, fe.proto.number(), slot)
+}
+
+pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
     Some(Frontend {
-        addr: Ipv4Addr::from(key.addr),
+        addr: ip_of(&key.addr),
         port: key.port,
         proto: Proto::from_number(key.proto)?,
     })
 }
 
 /// A frontend's header and, per slot, the backend id and the backend entry (if present).
-pub type FrontendView = (ServiceValue, Vec<(u32, Option<Backend4>)>);
+pub type FrontendView = (ServiceValue, Vec<(u32, Option<Backend>)>);
 
-/// The contents of the three maps, as plain data.
+/// The contents of the maps the agent writes, as plain data.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    pub services: BTreeMap<ServiceKey4, ServiceValue>,
-    pub backends: BTreeMap<u32, Backend4>,
-    pub revnat: BTreeMap<u16, RevNat4>,
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub revnat: BTreeMap<u16, RevNat>,
+    /// Written by the programs; the agent only deletes.
+    pub affinity: BTreeMap<AffinityKey, AffinityValue>,
 }
 
 impl Snapshot {
@@ -127,11 +160,17 @@ impl Snapshot {
             Op::DelRevNat { id } => {
                 self.revnat.remove(&id);
             }
+            Op::PurgeAffinity {
+                rev_nat_id,
+                backend_id,
+            } => self
+                .affinity
+                .retain(|k, v| !purged(rev_nat_id, backend_id, k, v)),
         }
     }
 
     /// Frontends (headers) with the backends of their slots, as a connect() would see them.
-    pub fn frontends(&self) -> BTreeMap<ServiceKey4, FrontendView> {
+    pub fn frontends(&self) -> BTreeMap<ServiceKey, FrontendView> {
         self.services
             .iter()
             .filter(|(k, _)| k.slot == 0)
@@ -151,9 +190,15 @@ impl Snapshot {
     }
 }
 
+/// Whether a purge of (`rev_nat_id`, `backend_id`) removes this affinity entry.
+fn purged(rev_nat_id: u16, backend_id: Option<u32>, k: &AffinityKey, v: &AffinityValue) -> bool {
+    k.rev_nat_id == rev_nat_id && backend_id.is_none_or(|b| b == v.backend_id)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ProgFrontend {
     rev_nat_id: u16,
+    affinity_timeout: u32,
     /// Backend ids; index 0 is slot 1.
     slots: Vec<u32>,
 }
@@ -213,13 +258,14 @@ impl Programmed {
                 fe,
                 ProgFrontend {
                     rev_nat_id: header.rev_nat_id,
+                    affinity_timeout: header.affinity_timeout,
                     slots,
                 },
             );
         }
         for (id, b) in &snapshot.backends {
             let endpoint = Endpoint {
-                addr: Ipv4Addr::from(b.addr),
+                addr: ip_of(&b.addr),
                 port: b.port,
             };
             let known =
@@ -275,9 +321,9 @@ impl Programmed {
     pub fn map_entries(&self) -> BTreeMap<&'static str, usize> {
         let slots: usize = self.frontends.values().map(|f| f.slots.len()).sum();
         BTreeMap::from([
-            (MAP_SERVICES4, self.frontends.len() + slots),
-            (MAP_BACKENDS4, self.backends.len()),
-            (MAP_REVNAT4, self.frontends.len()),
+            (MAP_SERVICES, self.frontends.len() + slots),
+            (MAP_BACKENDS, self.backends.len()),
+            (MAP_REVNAT, self.frontends.len()),
         ])
     }
 
@@ -294,8 +340,8 @@ impl Programmed {
             .insert((ep, proto), BackendRef { id, refs: 1 });
         ops.push(Op::PutBackend {
             id,
-            value: Backend4 {
-                addr: ep.addr.octets(),
+            value: Backend {
+                addr: addr_of(ep.addr),
                 port: ep.port,
                 proto: proto.number(),
                 flags: 0,
@@ -318,6 +364,7 @@ impl Programmed {
         let mut plan = Plan::default();
         let mut backend_ops = Vec::new();
         let mut frontend_ops = Vec::new();
+        let mut purge_ops = Vec::new();
         let mut removal_ops = Vec::new();
         // Old slot contents whose references are dropped once every acquire is done, so
         // a backend moving between frontends keeps its id.
@@ -340,8 +387,8 @@ impl Programmed {
                     Some(id) => {
                         frontend_ops.push(Op::PutRevNat {
                             id,
-                            value: RevNat4 {
-                                addr: fe.addr.octets(),
+                            value: RevNat {
+                                addr: addr_of(fe.addr),
                                 port: fe.port,
                                 _pad: [0; 2],
                             },
@@ -365,6 +412,33 @@ impl Programmed {
             let old_slots = old.as_ref().map(|o| o.slots.clone()).unwrap_or_default();
             released.extend(old_slots.iter().map(|id| (*id, fe.proto)));
             let new_slots = stable_slots(&old_slots, &wanted);
+            let timeout = state.affinity_timeout;
+            let old_timeout = old.as_ref().map(|o| o.affinity_timeout);
+            match old_timeout {
+                // A new frontend may reuse the rev-NAT id of a removed one: its
+                // entries must not be found. Purged before the header exists.
+                None if timeout != 0 => backend_ops.push(Op::PurgeAffinity {
+                    rev_nat_id,
+                    backend_id: None,
+                }),
+                Some(t) if t != timeout => purge_ops.push(Op::PurgeAffinity {
+                    rev_nat_id,
+                    backend_id: None,
+                }),
+                Some(_) if timeout != 0 => {
+                    let kept: BTreeSet<u32> = new_slots.iter().copied().collect();
+                    let left: BTreeSet<u32> = old_slots
+                        .iter()
+                        .filter(|id| !kept.contains(id))
+                        .copied()
+                        .collect();
+                    purge_ops.extend(left.into_iter().map(|id| Op::PurgeAffinity {
+                        rev_nat_id,
+                        backend_id: Some(id),
+                    }));
+                }
+                _ => {}
+            }
             for (i, id) in new_slots.iter().enumerate() {
                 if old_slots.get(i) != Some(id) {
                     frontend_ops.push(Op::PutService {
@@ -373,10 +447,10 @@ impl Programmed {
                     });
                 }
             }
-            if old.is_none() || old_slots.len() != new_slots.len() {
+            if old.is_none() || old_slots.len() != new_slots.len() || old_timeout != Some(timeout) {
                 frontend_ops.push(Op::PutService {
                     key: service_key(fe, 0),
-                    value: ServiceValue::header(new_slots.len() as u16, rev_nat_id),
+                    value: ServiceValue::header(new_slots.len() as u16, rev_nat_id, timeout),
                 });
             }
             for i in new_slots.len()..old_slots.len() {
@@ -388,6 +462,7 @@ impl Programmed {
                 *fe,
                 ProgFrontend {
                     rev_nat_id,
+                    affinity_timeout: timeout,
                     slots: new_slots,
                 },
             );
@@ -438,6 +513,7 @@ impl Programmed {
 
         plan.ops = backend_ops;
         plan.ops.extend(frontend_ops);
+        plan.ops.extend(purge_ops);
         plan.ops.extend(removal_ops);
         plan.ops.extend(gc_ops);
         plan.ops.append(&mut self.stale);
@@ -500,11 +576,12 @@ pub enum DatapathError {
     },
 }
 
-/// The three maps, open for reading and writing.
+/// The maps the agent writes, open for reading and writing.
 pub struct BpfMaps {
-    services: HashMap<MapData, ServiceKey4, ServiceValue>,
-    backends: HashMap<MapData, u32, Backend4>,
-    revnat: HashMap<MapData, u16, RevNat4>,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    revnat: HashMap<MapData, u16, RevNat>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 fn typed<K: aya::Pod, V: aya::Pod>(
@@ -522,9 +599,10 @@ impl BpfMaps {
                 .ok_or(DatapathError::MissingMap { map: name })
         };
         Ok(Self {
-            services: typed(take(MAP_SERVICES4)?, MAP_SERVICES4)?,
-            backends: typed(take(MAP_BACKENDS4)?, MAP_BACKENDS4)?,
-            revnat: typed(take(MAP_REVNAT4)?, MAP_REVNAT4)?,
+            services: typed(take(MAP_SERVICES)?, MAP_SERVICES)?,
+            backends: typed(take(MAP_BACKENDS)?, MAP_BACKENDS)?,
+            revnat: typed(take(MAP_REVNAT)?, MAP_REVNAT)?,
+            affinity: typed(take(MAP_AFFINITY)?, MAP_AFFINITY)?,
         })
     }
 
@@ -532,17 +610,16 @@ impl BpfMaps {
     pub fn open_pinned(dir: &Path) -> Result<Self, DatapathError> {
         let open = |name: &'static str| {
             let path = dir.join(name);
-            MapData::from_pin(&path)
-                .map(Map::HashMap)
-                .map_err(|source| DatapathError::OpenPinned {
-                    path: path.display().to_string(),
-                    source,
-                })
+            MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+                path: path.display().to_string(),
+                source,
+            })
         };
         Ok(Self {
-            services: typed(open(MAP_SERVICES4)?, MAP_SERVICES4)?,
-            backends: typed(open(MAP_BACKENDS4)?, MAP_BACKENDS4)?,
-            revnat: typed(open(MAP_REVNAT4)?, MAP_REVNAT4)?,
+            services: typed(Map::HashMap(open(MAP_SERVICES)?), MAP_SERVICES)?,
+            backends: typed(Map::HashMap(open(MAP_BACKENDS)?), MAP_BACKENDS)?,
+            revnat: typed(Map::HashMap(open(MAP_REVNAT)?), MAP_REVNAT)?,
+            affinity: typed(Map::LruHashMap(open(MAP_AFFINITY)?), MAP_AFFINITY)?,
         })
     }
 
@@ -551,24 +628,65 @@ impl BpfMaps {
         let err = |map| move |source| DatapathError::Map { map, source };
         let mut snap = Snapshot::default();
         for entry in self.services.iter() {
-            let (k, v) = entry.map_err(err(MAP_SERVICES4))?;
+            let (k, v) = entry.map_err(err(MAP_SERVICES))?;
             snap.services.insert(k, v);
         }
         for entry in self.backends.iter() {
-            let (k, v) = entry.map_err(err(MAP_BACKENDS4))?;
+            let (k, v) = entry.map_err(err(MAP_BACKENDS))?;
             snap.backends.insert(k, v);
         }
         for entry in self.revnat.iter() {
-            let (k, v) = entry.map_err(err(MAP_REVNAT4))?;
+            let (k, v) = entry.map_err(err(MAP_REVNAT))?;
             snap.revnat.insert(k, v);
+        }
+        for entry in self.affinity.iter() {
+            // Entries may be evicted while we iterate: skip the ones that vanished.
+            if let Ok((k, v)) = entry {
+                snap.affinity.insert(k, v);
+            }
         }
         Ok(snap)
     }
 
-    /// Applies the operations in order; stops at the first that fails.
+    /// Deletes the affinity entries that any of `purges` (rev-NAT id, backend) names, in
+    /// one pass over the map.
+    fn purge_affinity(&mut self, purges: &[(u16, Option<u32>)]) -> Result<(), MapError> {
+        let doomed: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| purges.iter().any(|(r, b)| purged(*r, *b, k, v)))
+            .map(|(k, _)| k)
+            .collect();
+        for k in doomed {
+            ignore_missing(self.affinity.remove(&k))?;
+        }
+        Ok(())
+    }
+
+    /// Applies the operations in order; stops at the first that fails. A run of
+    /// consecutive affinity purges is one pass over the affinity map.
     pub fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError> {
-        for op in ops {
+        let mut i = 0;
+        while i < ops.len() {
+            let op = &ops[i];
+            i += 1;
             let result = match *op {
+                Op::PurgeAffinity { .. } => {
+                    let mut purges = Vec::new();
+                    for o in &ops[i - 1..] {
+                        let Op::PurgeAffinity {
+                            rev_nat_id,
+                            backend_id,
+                        } = *o
+                        else {
+                            break;
+                        };
+                        purges.push((rev_nat_id, backend_id));
+                    }
+                    i += purges.len() - 1;
+                    self.purge_affinity(&purges)
+                }
                 Op::PutBackend { id, value } => self.backends.insert(id, value, 0),
                 Op::DelBackend { id } => ignore_missing(self.backends.remove(&id)),
                 Op::PutService { key, value } => self.services.insert(key, value, 0),
@@ -637,12 +755,14 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use crate::model::FrontendState;
 
     fn fe(last: u8, port: u16) -> Frontend {
         Frontend {
-            addr: Ipv4Addr::new(10, 96, 0, last),
+            addr: Ipv4Addr::new(10, 96, 0, last).into(),
             port,
             proto: Proto::Tcp,
         }
@@ -660,10 +780,11 @@ mod tests {
                             endpoints: backends
                                 .iter()
                                 .map(|b| Endpoint {
-                                    addr: Ipv4Addr::new(10, 244, *b, 2),
+                                    addr: Ipv4Addr::new(10, 244, *b, 2).into(),
                                     port: 8080,
                                 })
                                 .collect(),
+                            affinity_timeout: 0,
                         },
                     )
                 })
@@ -709,7 +830,7 @@ mod tests {
                     .map(|(_, b)| {
                         let b = b.unwrap();
                         Endpoint {
-                            addr: Ipv4Addr::from(b.addr),
+                            addr: ip_of(&b.addr),
                             port: b.port,
                         }
                     })
@@ -819,8 +940,8 @@ mod tests {
             .insert(service_key(&fe(9, 9), 3), ServiceValue::slot(77));
         maps.backends.insert(
             77,
-            Backend4 {
-                addr: [1, 1, 1, 1],
+            Backend {
+                addr: lb_common::v4_mapped([1, 1, 1, 1]),
                 port: 1,
                 proto: 6,
                 flags: 0,
@@ -828,8 +949,8 @@ mod tests {
         );
         maps.revnat.insert(
             999,
-            RevNat4 {
-                addr: [9, 9, 9, 9],
+            RevNat {
+                addr: lb_common::v4_mapped([9, 9, 9, 9]),
                 port: 9,
                 _pad: [0; 2],
             },
@@ -856,5 +977,160 @@ mod tests {
             [1, 2],
             "duplicates and id 0 are holes"
         );
+    }
+
+    fn with_affinity(mut d: Desired, timeout: u32) -> Desired {
+        for s in d.frontends.values_mut() {
+            s.affinity_timeout = timeout;
+        }
+        d
+    }
+
+    /// An affinity entry as the program would write it for client `netns`.
+    fn remember(maps: &mut Snapshot, fe: &Frontend, netns: u64, backend: u8) {
+        let header = maps.services[&service_key(fe, 0)];
+        let want = addr_of(Ipv4Addr::new(10, 244, backend, 2).into());
+        let (id, _) = maps
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr == want)
+            .expect("backend programmed");
+        maps.affinity.insert(
+            AffinityKey {
+                netns_cookie: netns,
+                rev_nat_id: header.rev_nat_id,
+                _pad: [0; 6],
+            },
+            AffinityValue {
+                backend_id: *id,
+                _pad: [0; 4],
+                last_used_ns: 1,
+            },
+        );
+    }
+
+    #[test]
+    fn affinity_entries_of_a_leaving_backend_are_purged_the_others_kept() {
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        let d = with_affinity(desired(&[(fe(1, 80), &[1, 2, 3])]), 30);
+        sync(&mut prog, &mut maps, &d);
+        assert_eq!(
+            maps.services[&service_key(&fe(1, 80), 0)].affinity_timeout,
+            30
+        );
+        remember(&mut maps, &fe(1, 80), 100, 1);
+        remember(&mut maps, &fe(1, 80), 200, 2);
+        let ops = sync(
+            &mut prog,
+            &mut maps,
+            &with_affinity(desired(&[(fe(1, 80), &[1, 3])]), 30),
+        );
+        let purges: Vec<&Op> = ops
+            .iter()
+            .filter(|o| matches!(o, Op::PurgeAffinity { .. }))
+            .collect();
+        assert_eq!(purges.len(), 1, "{ops:#?}");
+        let clients: Vec<u64> = maps.affinity.keys().map(|k| k.netns_cookie).collect();
+        assert_eq!(clients, [100], "the client of backend 2 chooses again");
+        // The purge comes after the slots no longer list the backend, before its delete.
+        let purge_at = ops
+            .iter()
+            .position(|o| matches!(o, Op::PurgeAffinity { .. }));
+        let header_at = ops
+            .iter()
+            .position(|o| matches!(o, Op::PutService { key, .. } if key.slot == 0));
+        let del_at = ops.iter().position(|o| matches!(o, Op::DelBackend { .. }));
+        assert!(header_at < purge_at && purge_at < del_at, "{ops:#?}");
+    }
+
+    #[test]
+    fn affinity_timeout_change_rewrites_the_header_and_forgets_clients() {
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        sync(
+            &mut prog,
+            &mut maps,
+            &with_affinity(desired(&[(fe(1, 80), &[1, 2])]), 30),
+        );
+        remember(&mut maps, &fe(1, 80), 100, 1);
+        let ops = sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1, 2])]));
+        assert_eq!(ops.len(), 2, "header and purge: {ops:#?}");
+        assert_eq!(
+            maps.services[&service_key(&fe(1, 80), 0)].affinity_timeout,
+            0
+        );
+        assert!(maps.affinity.is_empty());
+    }
+
+    #[test]
+    fn a_new_affinity_frontend_never_sees_entries_of_a_reused_rev_nat_id() {
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        sync(
+            &mut prog,
+            &mut maps,
+            &with_affinity(desired(&[(fe(1, 80), &[1])]), 30),
+        );
+        remember(&mut maps, &fe(1, 80), 100, 1);
+        sync(&mut prog, &mut maps, &desired(&[]));
+        // The id is free again; the next frontend gets it, and a stale entry with it.
+        let ops = sync(
+            &mut prog,
+            &mut maps,
+            &with_affinity(desired(&[(fe(2, 80), &[1])]), 30),
+        );
+        let purge_at = ops
+            .iter()
+            .position(|o| {
+                matches!(
+                    o,
+                    Op::PurgeAffinity {
+                        backend_id: None,
+                        ..
+                    }
+                )
+            })
+            .expect("purged");
+        let header_at = ops
+            .iter()
+            .position(|o| matches!(o, Op::PutService { key, .. } if key.slot == 0))
+            .unwrap();
+        assert!(purge_at < header_at, "{ops:#?}");
+        assert!(maps.affinity.is_empty());
+    }
+
+    #[test]
+    fn ipv6_frontends_and_backends_round_trip_through_the_maps() {
+        let v6 = Frontend {
+            addr: "fd00:96::a".parse().unwrap(),
+            port: 443,
+            proto: Proto::Tcp,
+        };
+        let ep = Endpoint {
+            addr: "fd00:244:1::2".parse().unwrap(),
+            port: 8443,
+        };
+        let mut d = desired(&[(fe(1, 443), &[1])]);
+        d.frontends.insert(
+            v6,
+            FrontendState {
+                service: "ns/dual".into(),
+                endpoints: [ep].into(),
+                affinity_timeout: 0,
+            },
+        );
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        sync(&mut prog, &mut maps, &d);
+        assert_eq!(served(&maps), expected(&d));
+        assert_eq!(
+            maps.services.keys().next().unwrap().addr[..12],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff],
+            "IPv4 sorts first, mapped"
+        );
+        let adopted = Programmed::adopt(&maps);
+        assert_eq!(adopted.frontend_count(), 2);
+        assert_eq!(adopted.backend_count(), 2);
     }
 }

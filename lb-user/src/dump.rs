@@ -1,10 +1,10 @@
 //! `lb-user dump`: the pinned maps as a person wants to read them.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{fmt::Write as _, net::SocketAddr};
 
 use lb_common::Counters;
 
-use crate::datapath::{Snapshot, frontend_of};
+use crate::datapath::{Snapshot, frontend_of, ip_of};
 
 /// Renders the per-program counters as a table.
 pub fn render_counters(counters: &[(&str, Counters)]) -> String {
@@ -38,9 +38,8 @@ pub fn render(snap: &Snapshot) -> String {
         let name = frontend_of(key).map_or_else(
             || {
                 format!(
-                    "{}:{} proto {}",
-                    Ipv4Addr::from(key.addr),
-                    key.port,
+                    "{} proto {}",
+                    SocketAddr::new(ip_of(&key.addr), key.port),
                     key.proto
                 )
             },
@@ -51,17 +50,33 @@ pub fn render(snap: &Snapshot) -> String {
         } else {
             format!("{} backends", header.count)
         };
-        let _ = writeln!(out, "{name}  rev-nat {}  {state}", header.rev_nat_id);
+        let affinity = if header.affinity_timeout == 0 {
+            String::new()
+        } else {
+            let clients = snap
+                .affinity
+                .keys()
+                .filter(|k| k.rev_nat_id == header.rev_nat_id)
+                .count();
+            format!(
+                "  affinity ClientIP {}s ({clients} clients)",
+                header.affinity_timeout
+            )
+        };
+        let _ = writeln!(
+            out,
+            "{name}  rev-nat {}  {state}{affinity}",
+            header.rev_nat_id
+        );
         for (i, (id, backend)) in slots.iter().enumerate() {
             match backend {
                 Some(b) => {
                     let _ = writeln!(
                         out,
-                        "  slot {:<3} backend {:<5} {}:{}",
+                        "  slot {:<3} backend {:<5} {}",
                         i + 1,
                         id,
-                        Ipv4Addr::from(b.addr),
-                        b.port
+                        SocketAddr::new(ip_of(&b.addr), b.port)
                     );
                 }
                 None => {
@@ -80,6 +95,8 @@ pub fn render(snap: &Snapshot) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use crate::{
         datapath::Programmed,
@@ -90,29 +107,47 @@ mod tests {
     fn renders_frontends_backends_and_refusing_services() {
         let mut d = Desired::default();
         let ep = |last| Endpoint {
-            addr: Ipv4Addr::new(10, 244, last, 2),
+            addr: Ipv4Addr::new(10, 244, last, 2).into(),
             port: 8080,
         };
         d.frontends.insert(
             Frontend {
-                addr: Ipv4Addr::new(10, 96, 0, 10),
+                addr: Ipv4Addr::new(10, 96, 0, 10).into(),
                 port: 80,
                 proto: Proto::Tcp,
             },
             FrontendState {
                 service: "demo/web:http".into(),
                 endpoints: [ep(1), ep(2)].into(),
+                affinity_timeout: 0,
             },
         );
         d.frontends.insert(
             Frontend {
-                addr: Ipv4Addr::new(10, 96, 0, 11),
+                addr: Ipv4Addr::new(10, 96, 0, 11).into(),
                 port: 53,
                 proto: Proto::Udp,
             },
             FrontendState {
                 service: "demo/empty".into(),
                 endpoints: Default::default(),
+                affinity_timeout: 0,
+            },
+        );
+        d.frontends.insert(
+            Frontend {
+                addr: "fd00:96::10".parse().unwrap(),
+                port: 80,
+                proto: Proto::Tcp,
+            },
+            FrontendState {
+                service: "demo/web:http".into(),
+                endpoints: [Endpoint {
+                    addr: "fd00:244:1::2".parse().unwrap(),
+                    port: 8080,
+                }]
+                .into(),
+                affinity_timeout: 30,
             },
         );
         let mut snap = Snapshot::default();
@@ -121,7 +156,7 @@ mod tests {
         }
         let text = render(&snap);
         assert!(
-            text.starts_with("2 frontends, 2 backends (2 slots)\n"),
+            text.starts_with("3 frontends, 3 backends (3 slots)\n"),
             "{text}"
         );
         assert!(text.contains("10.96.0.10:80/TCP  rev-nat"), "{text}");
@@ -131,6 +166,12 @@ mod tests {
         );
         assert!(
             text.contains("10.96.0.11:53/UDP  rev-nat 2  no backends: connections are refused"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "[fd00:96::10]:80/TCP  rev-nat 3  1 backends  affinity ClientIP 30s (0 clients)\n  slot 1   backend 3     [fd00:244:1::2]:8080\n"
+            ),
             "{text}"
         );
     }

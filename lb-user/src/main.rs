@@ -32,6 +32,10 @@ enum Command {
         /// This node's name (default: the NODE_NAME environment variable, then the hostname).
         #[arg(long)]
         hostname_override: Option<String>,
+        /// An address of this node on which nodePorts are served (repeatable; default:
+        /// the Node object's InternalIP and ExternalIP addresses). 127.0.0.1 always is.
+        #[arg(long = "node-ip", value_name = "ADDR")]
+        node_ips: Vec<std::net::IpAddr>,
         /// cgroup v2 directory whose processes get service translation.
         #[arg(long)]
         cgroup: PathBuf,
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
             manifests,
             kubeconfig,
             hostname_override,
+            node_ips,
             cgroup,
             pin_path,
             min_sync_period,
@@ -125,6 +130,7 @@ fn main() -> ExitCode {
                 cgroup,
                 pin_path,
                 node_name: agent::node_name(hostname_override.as_deref()),
+                node_ips,
                 poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
                 min_sync_period,
                 metrics_addr,

@@ -4,12 +4,21 @@
 //! Rules implemented (kube-proxy's):
 //! * Services of type ExternalName, headless services (`clusterIP: None`) and services
 //!   without a clusterIP have no data path.
-//! * Every `spec.ports[]` entry of a service is one frontend per cluster IP (IPv4 so far),
-//!   protocol TCP (default) or UDP; SCTP is refused with a warning.
+//! * Every `spec.ports[]` entry of a service is one frontend per cluster IP (IPv4 and
+//!   IPv6: dual-stack services have one of each), protocol TCP (default) or UDP; SCTP is
+//!   refused with a warning.
+//! * The same port is also a frontend on every `spec.externalIPs` address and, for type
+//!   LoadBalancer, every `status.loadBalancer.ingress[].ip` (not with `ipMode: Proxy`). Its
+//!   `nodePort` (types NodePort and LoadBalancer) is a frontend on each node address and on
+//!   127.0.0.1. These external frontends balance over all of the service's endpoints: for
+//!   traffic from the node itself kube-proxy ignores both traffic policies' Local.
 //! * Endpoints come from the EndpointSlices labelled `kubernetes.io/service-name=<svc>` in
-//!   the service's namespace, `addressType: IPv4`. The backend port is the slice port whose
-//!   name and protocol equal the service port's (the slice already carries the resolved
-//!   number of a named or numeric targetPort).
+//!   the service's namespace, `addressType` IPv4 or IPv6; a frontend uses the endpoints of
+//!   its own family. The backend port is the slice port whose name and protocol equal the
+//!   service port's (the slice already carries the resolved number of a named or numeric
+//!   targetPort).
+//! * `sessionAffinity: ClientIP` gives every frontend of the service its affinity timeout
+//!   (`sessionAffinityConfig.clientIP.timeoutSeconds`, default 10800, 1..=86400).
 //! * An endpoint is used when `conditions.ready` is true or absent; when no endpoint of a
 //!   port is ready, the serving-and-terminating ones are used. An address listed in several
 //!   slices counts once. kube-proxy uses `addresses[0]` of each endpoint; so do we.
@@ -19,7 +28,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -74,27 +83,32 @@ impl fmt::Display for Proto {
 /// One address:port:protocol that connections are balanced from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Proto,
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.addr, self.port),
+            self.proto
+        )
     }
 }
 
 /// A backend pod address and target port (the protocol is the frontend's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
 }
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.addr, self.port)
+        write!(f, "{}", SocketAddr::new(self.addr, self.port))
     }
 }
 
@@ -104,6 +118,8 @@ pub struct FrontendState {
     /// `namespace/name:port-name` of the service port, for logs and dumps.
     pub service: String,
     pub endpoints: BTreeSet<Endpoint>,
+    /// ClientIP affinity timeout in seconds; 0 = no affinity.
+    pub affinity_timeout: u32,
 }
 
 /// The whole desired datapath state.
@@ -144,8 +160,9 @@ fn port_u16(value: i32) -> Option<u16> {
 
 /// Turns the objects into the desired state for the node `node_name` (None: no node
 /// context, so internalTrafficPolicy Local services get no endpoints and no topology).
-pub fn build(objects: &Objects, node_name: Option<&str>) -> Built {
-    let node = &NodeInfo::from_objects(node_name, objects);
+/// `node_ips` are the node addresses for nodePorts; empty means the Node object's.
+pub fn build(objects: &Objects, node_name: Option<&str>, node_ips: &[IpAddr]) -> Built {
+    let node = &NodeInfo::from_objects(node_name, node_ips, objects);
     let mut built = Built::default();
     // Slices by (namespace, service name).
     let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
@@ -206,7 +223,7 @@ pub fn build(objects: &Objects, node_name: Option<&str>) -> Built {
     built
 }
 
-fn cluster_ips(svc: &Service, name: &str, warnings: &mut Vec<String>) -> Vec<Ipv4Addr> {
+fn cluster_ips(svc: &Service, name: &str, warnings: &mut Vec<String>) -> Vec<IpAddr> {
     let Some(spec) = &svc.spec else {
         return Vec::new();
     };
@@ -224,15 +241,87 @@ fn cluster_ips(svc: &Service, name: &str, warnings: &mut Vec<String>) -> Vec<Ipv
         match ip.as_str() {
             "" => tracing::debug!("Service {name}: no cluster IP; no data path"),
             "None" => tracing::debug!("Service {name}: headless; no data path"),
-            text => match text.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(v4)) => out.push(v4),
-                Ok(std::net::IpAddr::V6(_)) => {
-                    tracing::debug!("Service {name}: {field} {text}: IPv6 is not handled yet")
-                }
+            text => match text.parse::<IpAddr>() {
+                Ok(ip) => out.push(ip),
                 Err(_) => warnings.push(format!(
                     "Service {name}: field {field}: {text:?} is not an IP address; skipped"
                 )),
             },
+        }
+    }
+    out
+}
+
+/// The ClientIP affinity timeout of a service, 0 for none.
+fn affinity_timeout(svc: &Service, name: &str, warnings: &mut Vec<String>) -> u32 {
+    const DEFAULT: u32 = 10_800;
+    const MAX: i32 = 86_400;
+    let Some(spec) = &svc.spec else { return 0 };
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => return 0,
+        Some("ClientIP") => {}
+        Some(other) => {
+            warnings.push(format!(
+                "Service {name}: field spec.sessionAffinity: unknown value {other:?} (want None or ClientIP); no affinity"
+            ));
+            return 0;
+        }
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match timeout {
+        None => DEFAULT,
+        Some(t) if (1..=MAX).contains(&t) => t as u32,
+        Some(t) => {
+            warnings.push(format!(
+                "Service {name}: field spec.sessionAffinityConfig.clientIP.timeoutSeconds: {t} is out of range (1-{MAX}); the default {DEFAULT} is used"
+            ));
+            DEFAULT
+        }
+    }
+}
+
+/// The addresses besides the cluster IPs that a service port is reachable on, with the
+/// field each came from: externalIPs and (type LoadBalancer) ingress IPs.
+fn external_ips(svc: &Service, name: &str, warnings: &mut Vec<String>) -> Vec<(IpAddr, String)> {
+    let mut out = Vec::new();
+    let Some(spec) = &svc.spec else { return out };
+    for (i, text) in spec.external_ips.iter().flatten().enumerate() {
+        match text.parse::<IpAddr>() {
+            Ok(ip) => out.push((ip, format!("spec.externalIPs[{i}]"))),
+            Err(_) => warnings.push(format!(
+                "Service {name}: field spec.externalIPs[{i}]: {text:?} is not an IP address; skipped"
+            )),
+        }
+    }
+    if spec.type_.as_deref() != Some("LoadBalancer") {
+        return out;
+    }
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        let field = format!("status.loadBalancer.ingress[{i}]");
+        let Some(text) = &ing.ip else {
+            tracing::debug!("Service {name}: {field} has no ip (hostname only); skipped");
+            continue;
+        };
+        if ing.ip_mode.as_deref() == Some("Proxy") {
+            // The load balancer proxies: traffic reaches the node addressed to the node,
+            // so kube-proxy does not short-circuit the ingress IP.
+            tracing::debug!("Service {name}: {field} has ipMode Proxy; not a frontend");
+            continue;
+        }
+        match text.parse::<IpAddr>() {
+            Ok(ip) => out.push((ip, format!("{field}.ip"))),
+            Err(_) => warnings.push(format!(
+                "Service {name}: field {field}.ip: {text:?} is not an IP address; skipped"
+            )),
         }
     }
     out
@@ -257,6 +346,29 @@ fn add_service(
     if ips.is_empty() {
         return;
     }
+    let affinity_timeout = affinity_timeout(svc, name, &mut built.warnings);
+    let families: BTreeSet<bool> = ips.iter().map(IpAddr::is_ipv4).collect();
+    let mut externals = Vec::new();
+    for (ip, field) in external_ips(svc, name, &mut built.warnings) {
+        if families.contains(&ip.is_ipv4()) {
+            externals.push(ip);
+        } else {
+            built.warnings.push(format!(
+                "Service {name}: field {field}: {ip} is not of the family of any cluster IP; skipped"
+            ));
+        }
+    }
+    let node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    let mut node_addrs: Vec<IpAddr> = node
+        .addresses
+        .iter()
+        .filter(|a| families.contains(&a.is_ipv4()))
+        .copied()
+        .collect();
+    if families.contains(&true) {
+        // kube-proxy (iptables mode) also accepts nodePorts on localhost.
+        node_addrs.push(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
     for (i, sp) in spec.ports.iter().flatten().enumerate() {
         let proto = match Proto::parse(sp.protocol.as_deref()) {
             Ok(p) => p,
@@ -274,32 +386,52 @@ fn add_service(
             ));
             continue;
         };
+        let node_port = match sp.node_port {
+            Some(n) if node_port_type => match port_u16(n) {
+                Some(n) => Some(n),
+                None => {
+                    built.warnings.push(format!(
+                        "Service {name}: field spec.ports[{i}].nodePort: {n} is not a port (1-65535); no node port"
+                    ));
+                    None
+                }
+            },
+            _ => None,
+        };
         let port_name = sp.name.clone().unwrap_or_default();
         let candidates = endpoints_for(&port_name, proto, slices, &mut built.warnings);
-        let endpoints = select(svc, &candidates, node);
         let label = if port_name.is_empty() {
             name.to_string()
         } else {
             format!("{name}:{port_name}")
         };
-        for ip in &ips {
-            let fe = Frontend {
-                addr: *ip,
-                port,
-                proto,
-            };
+        // (address, port, internal): cluster IPs follow internalTrafficPolicy.
+        let mut frontends: Vec<(IpAddr, u16, bool)> =
+            ips.iter().map(|ip| (*ip, port, true)).collect();
+        frontends.extend(externals.iter().map(|ip| (*ip, port, false)));
+        if let Some(np) = node_port {
+            frontends.extend(node_addrs.iter().map(|ip| (*ip, np, false)));
+        }
+        for (addr, port, internal) in frontends {
+            let fe = Frontend { addr, port, proto };
             if let Some(other) = built.desired.frontends.get(&fe) {
                 built.warnings.push(format!(
-                    "Service {name}: field spec.ports[{i}]: frontend {fe} is already used by {}; port skipped",
+                    "Service {name}: field spec.ports[{i}]: frontend {fe} is already used by {}; skipped",
                     other.service
                 ));
                 continue;
             }
+            let family: Vec<Candidate> = candidates
+                .iter()
+                .filter(|c| c.endpoint.addr.is_ipv4() == addr.is_ipv4())
+                .cloned()
+                .collect();
             built.desired.frontends.insert(
                 fe,
                 FrontendState {
                     service: label.clone(),
-                    endpoints: endpoints.clone(),
+                    endpoints: select(svc, &family, node, internal),
+                    affinity_timeout,
                 },
             );
         }
@@ -329,13 +461,16 @@ fn endpoints_for(
     let mut candidates: BTreeMap<Endpoint, Candidate> = BTreeMap::new();
     for slice in slices {
         let slice_name = ns_name(&slice.metadata);
-        if slice.address_type != "IPv4" {
-            tracing::debug!(
-                "EndpointSlice {slice_name}: addressType {} is not handled yet; skipped",
-                slice.address_type
-            );
-            continue;
-        }
+        let want_v4 = match slice.address_type.as_str() {
+            "IPv4" => true,
+            "IPv6" => false,
+            other => {
+                tracing::debug!(
+                    "EndpointSlice {slice_name}: addressType {other} has no data path; skipped"
+                );
+                continue;
+            }
+        };
         let mut target = None;
         for (j, p) in slice.ports.iter().flatten().enumerate() {
             let same_name = p.name.as_deref().unwrap_or("") == port_name;
@@ -358,11 +493,15 @@ fn endpoints_for(
             let Some(text) = ep.addresses.first() else {
                 continue;
             };
-            let Ok(addr) = text.parse::<Ipv4Addr>() else {
-                warnings.push(format!(
-                    "EndpointSlice {slice_name}: field endpoints[{k}].addresses[0]: {text:?} is not an IPv4 address; endpoint skipped"
-                ));
-                continue;
+            let addr = match text.parse::<IpAddr>() {
+                Ok(a) if a.is_ipv4() == want_v4 => a,
+                _ => {
+                    warnings.push(format!(
+                        "EndpointSlice {slice_name}: field endpoints[{k}].addresses[0]: {text:?} is not an {} address; endpoint skipped",
+                        slice.address_type
+                    ));
+                    continue;
+                }
             };
             let cond = ep.conditions.as_ref();
             let ready = cond.and_then(|c| c.ready).unwrap_or(true);
@@ -390,30 +529,55 @@ fn endpoints_for(
     candidates.into_values().collect()
 }
 
-/// The node the agent programs: its name (for internalTrafficPolicy Local) and zone (for
-/// topology-aware routing).
+/// The node the agent programs: its name (for internalTrafficPolicy Local), zone (for
+/// topology-aware routing) and addresses (for nodePorts).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
     pub name: Option<String>,
     pub zone: Option<String>,
+    pub addresses: Vec<IpAddr>,
 }
 
 impl NodeInfo {
-    /// The zone comes from the Node object's `topology.kubernetes.io/zone` label.
-    pub fn from_objects(name: Option<&str>, objects: &Objects) -> Self {
-        let zone = name.and_then(|n| {
+    /// The zone comes from the Node object's `topology.kubernetes.io/zone` label; the
+    /// addresses are `node_ips` or, when that is empty, the Node's InternalIP and
+    /// ExternalIP addresses.
+    pub fn from_objects(name: Option<&str>, node_ips: &[IpAddr], objects: &Objects) -> Self {
+        let node = name.and_then(|n| {
             objects
                 .nodes
                 .iter()
                 .find(|node| node.metadata.name.as_deref() == Some(n))
-                .and_then(|node| node.metadata.labels.as_ref())
-                .and_then(|l| l.get(ZONE_LABEL))
-                .filter(|z| !z.is_empty())
-                .cloned()
         });
+        let zone = node
+            .and_then(|node| node.metadata.labels.as_ref())
+            .and_then(|l| l.get(ZONE_LABEL))
+            .filter(|z| !z.is_empty())
+            .cloned();
+        let mut addresses: Vec<IpAddr> = node_ips.to_vec();
+        if addresses.is_empty() {
+            let listed = node
+                .and_then(|n| n.status.as_ref())
+                .and_then(|s| s.addresses.as_ref());
+            for a in listed.into_iter().flatten() {
+                if !matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
+                    continue;
+                }
+                match a.address.parse::<IpAddr>() {
+                    Ok(ip) if !addresses.contains(&ip) => addresses.push(ip),
+                    Ok(_) => {}
+                    Err(_) => tracing::warn!(
+                        "Node {}: field status.addresses: {:?} is not an IP address; skipped",
+                        name.unwrap_or_default(),
+                        a.address
+                    ),
+                }
+            }
+        }
         Self {
             name: name.map(str::to_string),
             zone,
+            addresses,
         }
     }
 }
@@ -452,8 +616,14 @@ fn can_use_topology(svc: &Service, candidates: &[Candidate], node: &NodeInfo) ->
     for_zone
 }
 
-/// kube-proxy's endpoint selection for traffic to a cluster IP.
-fn select(svc: &Service, candidates: &[Candidate], node: &NodeInfo) -> BTreeSet<Endpoint> {
+/// kube-proxy's endpoint selection: for a cluster IP (`internal`, internalTrafficPolicy
+/// applies) or for an external frontend reached from this node (all cluster endpoints).
+fn select(
+    svc: &Service,
+    candidates: &[Candidate],
+    node: &NodeInfo,
+    internal: bool,
+) -> BTreeSet<Endpoint> {
     let pick = |f: &dyn Fn(&Candidate) -> bool| -> BTreeSet<Endpoint> {
         candidates
             .iter()
@@ -466,7 +636,7 @@ fn select(svc: &Service, candidates: &[Candidate], node: &NodeInfo) -> BTreeSet<
         .as_ref()
         .and_then(|s| s.internal_traffic_policy.as_deref())
         == Some("Local");
-    if internal_local {
+    if internal && internal_local {
         // Only endpoints on this node; ready ones, else serving-and-terminating ones.
         let local = |c: &Candidate| node.name.is_some() && c.node_name == node.name;
         let ready = pick(&|c| c.ready && local(c));
@@ -493,7 +663,7 @@ mod tests {
         let mut loaded = Loaded::default();
         parse_into(yaml, "t.yaml", &mut loaded);
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
-        build(&loaded.objects, Some("node-a"))
+        build(&loaded.objects, Some("node-a"), &[])
     }
 
     fn fe(addr: &str, port: u16, proto: Proto) -> Frontend {
@@ -803,7 +973,7 @@ endpoints:
         );
         let mut loaded = Loaded::default();
         parse_into(&yaml, "t.yaml", &mut loaded);
-        let b = build(&loaded.objects, Some("node-a"));
+        let b = build(&loaded.objects, Some("node-a"), &[]);
         assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
         assert!(
             b.warnings[0].starts_with("EndpointSlice n/s-1: field ports[0].port: 0 is not a port")
@@ -816,10 +986,187 @@ endpoints:
     }
 
     #[test]
-    fn non_ipv4_slices_are_not_used() {
+    fn slice_addresses_must_match_the_address_type_and_fqdn_slices_are_skipped() {
         let yaml = svc_with("", "", "- addresses: [10.0.0.1]\n")
             .replace("addressType: IPv4", "addressType: IPv6");
-        assert!(selected(&yaml).is_empty());
+        let b = build_from(&yaml);
+        assert!(
+            b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)]
+                .endpoints
+                .is_empty()
+        );
+        assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
+        assert!(
+            b.warnings[0]
+                .contains("field endpoints[0].addresses[0]: \"10.0.0.1\" is not an IPv6 address"),
+            "{}",
+            b.warnings[0]
+        );
+        let fqdn = svc_with("", "", "- addresses: [db.example.com]\n")
+            .replace("addressType: IPv4", "addressType: FQDN");
+        assert!(selected(&fqdn).is_empty());
+    }
+
+    const DUAL: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: d, namespace: n}\n\
+        spec: {clusterIPs: [10.96.0.9, 'fd00:96::9'], ipFamilies: [IPv4, IPv6], ports: [{port: 80, targetPort: 8080}]}\n---\n\
+        apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: d-4, namespace: n, labels: {kubernetes.io/service-name: d}}\n\
+        addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]\n---\n\
+        apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: d-6, namespace: n, labels: {kubernetes.io/service-name: d}}\n\
+        addressType: IPv6\nports: [{port: 8080}]\nendpoints: [{addresses: ['fd00:244::1']}]\n";
+
+    #[test]
+    fn dual_stack_frontends_use_the_endpoints_of_their_family() {
+        let b = build_from(DUAL);
+        assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+        assert_eq!(
+            b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)].endpoints,
+            eps(&[("10.0.0.1", 8080), ("10.0.0.2", 8080)])
+        );
+        assert_eq!(
+            b.desired.frontends[&fe("fd00:96::9", 80, Proto::Tcp)].endpoints,
+            eps(&[("fd00:244::1", 8080)])
+        );
+        assert_eq!(
+            fe("fd00:96::9", 80, Proto::Tcp).to_string(),
+            "[fd00:96::9]:80/TCP"
+        );
+    }
+
+    #[test]
+    fn session_affinity_client_ip_timeout_default_range_and_bad_values() {
+        let timeout = |extra: &str| {
+            let b = build_from(&svc_with(extra, "", "- addresses: [10.0.0.1]\n"));
+            (
+                b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)].affinity_timeout,
+                b.warnings,
+            )
+        };
+        assert_eq!(timeout(""), (0, vec![]));
+        assert_eq!(timeout(", sessionAffinity: None"), (0, vec![]));
+        assert_eq!(timeout(", sessionAffinity: ClientIP"), (10_800, vec![]));
+        assert_eq!(
+            timeout(
+                ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}"
+            ),
+            (5, vec![])
+        );
+        let (t, w) = timeout(
+            ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}",
+        );
+        assert_eq!(t, 10_800);
+        assert!(
+            w[0].contains(
+                "field spec.sessionAffinityConfig.clientIP.timeoutSeconds: 86401 is out of range"
+            ),
+            "{w:?}"
+        );
+        let (t, w) = timeout(", sessionAffinity: Cookie");
+        assert_eq!(t, 0);
+        assert!(
+            w[0].contains("field spec.sessionAffinity: unknown value \"Cookie\""),
+            "{w:?}"
+        );
+    }
+
+    /// A NodePort/LoadBalancer service `s` in namespace `n` (ports 80 -> nodePort 30080)
+    /// with internalTrafficPolicy Local, a local and a remote endpoint, and node-a's Node.
+    fn exposed(spec_extra: &str, status: &str) -> String {
+        svc_with(
+            &format!(", internalTrafficPolicy: Local{spec_extra}"),
+            "",
+            "- addresses: [10.0.0.1]\n  nodeName: node-a\n- addresses: [10.0.0.2]\n  nodeName: node-b\n",
+        )
+        .replace("ports: [{port: 80}]", "ports: [{port: 80, nodePort: 30080}]")
+        .replace("\n---\napiVersion: discovery", &format!("\n{status}---\napiVersion: discovery"))
+            + "---\napiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n\
+               status: {addresses: [{type: InternalIP, address: 192.0.2.1}, {type: Hostname, address: node-a}, {type: ExternalIP, address: 'fd00:1::1'}]}\n"
+    }
+
+    #[test]
+    fn node_ports_on_node_addresses_and_localhost_use_all_endpoints() {
+        let b = build_from(&exposed(", type: NodePort", ""));
+        assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+        let all = eps(&[("10.0.0.1", 80), ("10.0.0.2", 80)]);
+        let got: BTreeMap<Frontend, BTreeSet<Endpoint>> = b
+            .desired
+            .frontends
+            .iter()
+            .map(|(f, s)| (*f, s.endpoints.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                // The cluster IP follows internalTrafficPolicy Local ...
+                (fe("10.96.0.9", 80, Proto::Tcp), eps(&[("10.0.0.1", 80)])),
+                // ... the node ports do not (traffic from the node itself). The IPv6
+                // node address has no IPv6 cluster IP to go with: not used.
+                (fe("192.0.2.1", 30080, Proto::Tcp), all.clone()),
+                (fe("127.0.0.1", 30080, Proto::Tcp), all.clone()),
+            ])
+        );
+        // --node-ip replaces the Node's addresses.
+        let mut loaded = Loaded::default();
+        parse_into(&exposed(", type: NodePort", ""), "t.yaml", &mut loaded);
+        let b = build(
+            &loaded.objects,
+            Some("node-a"),
+            &["198.51.100.7".parse().unwrap()],
+        );
+        let addrs: Vec<String> = b.desired.frontends.keys().map(|f| f.to_string()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "10.96.0.9:80/TCP",
+                "127.0.0.1:30080/TCP",
+                "198.51.100.7:30080/TCP"
+            ]
+        );
+        // A ClusterIP service keeps no node port even if one is written down.
+        let b = build_from(&exposed("", ""));
+        assert_eq!(b.desired.frontends.len(), 1);
+    }
+
+    #[test]
+    fn external_ips_and_load_balancer_ingress_ips_are_frontends() {
+        let status = "status: {loadBalancer: {ingress: [{ip: 203.0.113.5}, {ip: 203.0.113.6, ipMode: Proxy}, {hostname: lb.example.com}, {ip: 'not-an-ip'}]}}\n";
+        let yaml = exposed(
+            ", type: LoadBalancer, externalIPs: [198.51.100.20, 'fd00::20', '300.1.1.1']",
+            status,
+        );
+        let b = build_from(&yaml);
+        let addrs: BTreeSet<String> = b.desired.frontends.keys().map(|f| f.to_string()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "10.96.0.9:80/TCP",
+                "127.0.0.1:30080/TCP",
+                "192.0.2.1:30080/TCP",
+                "198.51.100.20:80/TCP",
+                "203.0.113.5:80/TCP",
+            ]
+            .map(String::from)
+            .into()
+        );
+        assert_eq!(
+            b.desired.frontends[&fe("203.0.113.5", 80, Proto::Tcp)]
+                .endpoints
+                .len(),
+            2
+        );
+        let warnings = b.warnings.join("\n");
+        assert_eq!(b.warnings.len(), 3, "{warnings}");
+        assert!(warnings.contains("Service n/s: field spec.externalIPs[1]: fd00::20 is not of the family of any cluster IP"), "{warnings}");
+        assert!(
+            warnings.contains(
+                "Service n/s: field spec.externalIPs[2]: \"300.1.1.1\" is not an IP address"
+            ),
+            "{warnings}"
+        );
+        assert!(
+            warnings
+                .contains("Service n/s: field status.loadBalancer.ingress[3].ip: \"not-an-ip\""),
+            "{warnings}"
+        );
     }
 
     #[test]
@@ -831,7 +1178,7 @@ endpoints:
             "t.yaml",
             &mut loaded,
         );
-        let b = build(&loaded.objects, Some("node-a"));
+        let b = build(&loaded.objects, Some("node-a"), &[]);
         assert_eq!(b.warnings.len(), 1);
         assert!(
             b.warnings[0].starts_with("EndpointSlice n/early-1: field metadata.labels[kubernetes.io/service-name]: service n/early does not exist"),
