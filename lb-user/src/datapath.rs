@@ -639,12 +639,8 @@ impl BpfMaps {
             let (k, v) = entry.map_err(err(MAP_REVNAT))?;
             snap.revnat.insert(k, v);
         }
-        for entry in self.affinity.iter() {
-            // Entries may be evicted while we iterate: skip the ones that vanished.
-            if let Ok((k, v)) = entry {
-                snap.affinity.insert(k, v);
-            }
-        }
+        // Entries may be evicted while we iterate: skip the ones that vanished.
+        snap.affinity.extend(self.affinity.iter().flatten());
         Ok(snap)
     }
 

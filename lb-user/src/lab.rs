@@ -6,18 +6,20 @@
 //! Layout for a lab with `n` pods:
 //!
 //! ```text
-//!  netns <prefix>-node                 netns <prefix>-p<i>
-//!   veth<i> 10.244.<i+1>.1/24  <---->  eth0 10.244.<i+1>.2/24, default via .1
+//!  netns <prefix>-node                       netns <prefix>-p<i>
+//!   veth<i> 10.244.<i+1>.1/24         <---->  eth0 10.244.<i+1>.2/24, default via .1
+//!           fd00:10:244:<i+1>::1/64                fd00:10:244:<i+1>::2/64, default via ::1
 //! ```
 //!
 //! The node namespace has routes to its pods only: a connection to a service address
-//! that is not rewritten fails there (ENETUNREACH) and never leaves the machine.
+//! that is not rewritten fails there (ENETUNREACH) and never leaves the machine. It
+//! forwards between its pods, so a pod can be a client too.
 
 use std::{
     collections::BTreeMap,
     fs::{File, OpenOptions},
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -189,6 +191,7 @@ pub fn place(cmd: &mut Command, netns: &Netns, cgroup: Option<&Cgroup>) -> anyho
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     server: Option<ChildGuard>,
     /// Other processes started in the pod (`Lab::spawn_in_pod`).
     extra: Vec<ChildGuard>,
@@ -214,6 +217,9 @@ impl Lab {
         }
         let prefix = unique_prefix(tag);
         let node = Netns::create(&format!("{prefix}-node"))?;
+        for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            run(Command::new("ip").args(["netns", "exec", &node.name, "sysctl", "-qw", sysctl]))?;
+        }
         let cgroup = Cgroup::create(&prefix)?;
         let mut lab = Self {
             prefix,
@@ -266,6 +272,23 @@ impl Lab {
             "via",
             &format!("10.244.{subnet}.1"),
         ])?;
+        // IPv6 beside it; nodad: the addresses are usable at once.
+        let (node6, pod6) = (
+            format!("fd00:10:244:{subnet}::1/64"),
+            format!("fd00:10:244:{subnet}::2/64"),
+        );
+        ip(&["-n", node, "addr", "add", &node6, "dev", &veth, "nodad"])?;
+        ip(&["-n", pod, "addr", "add", &pod6, "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            pod,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:10:244:{subnet}::1"),
+        ])?;
         let name = format!("pod-{i}");
         let mut cmd = Command::new(&self.lab_bin);
         cmd.args([
@@ -289,6 +312,7 @@ impl Lab {
         self.pods.push(Pod {
             name,
             ip: Ipv4Addr::new(10, 244, subnet as u8, 2),
+            ip6: Ipv6Addr::new(0xfd00, 0x10, 0x244, subnet as u16, 0, 0, 0, 2),
             server: Some(child),
             extra: Vec::new(),
             netns,
@@ -298,6 +322,16 @@ impl Lab {
 
     /// Runs `lab_bin probe` from the node namespace, inside the client cgroup or not.
     pub fn probe(&self, opts: &ProbeOptions, in_cgroup: bool) -> anyhow::Result<ProbeReport> {
+        self.probe_from(opts, &self.node, in_cgroup)
+    }
+
+    /// Runs `lab_bin probe` from `netns` (the node's or a pod's), in the client cgroup or not.
+    pub fn probe_from(
+        &self,
+        opts: &ProbeOptions,
+        netns: &Netns,
+        in_cgroup: bool,
+    ) -> anyhow::Result<ProbeReport> {
         let mut cmd = Command::new(&self.lab_bin);
         cmd.arg("probe")
             .args(["--target", &opts.target.to_string()])
@@ -310,7 +344,7 @@ impl Lab {
                 .expect("no skipped variants")
                 .get_name(),
         ]);
-        place(&mut cmd, &self.node, in_cgroup.then_some(&self.cgroup))?;
+        place(&mut cmd, netns, in_cgroup.then_some(&self.cgroup))?;
         let out = run(&mut cmd)?;
         serde_json::from_str(out.trim()).with_context(|| format!("probe printed {out:?}"))
     }
@@ -351,16 +385,16 @@ pub enum ProbeMode {
 /// What one probe run does.
 #[derive(Clone, Debug)]
 pub struct ProbeOptions {
-    pub target: SocketAddrV4,
+    pub target: SocketAddr,
     pub count: usize,
     pub timeout: Duration,
     pub mode: ProbeMode,
 }
 
 impl ProbeOptions {
-    pub fn tcp(target: SocketAddrV4, count: usize) -> Self {
+    pub fn tcp(target: impl Into<SocketAddr>, count: usize) -> Self {
         Self {
-            target,
+            target: target.into(),
             count,
             timeout: Duration::from_secs(1),
             mode: ProbeMode::Tcp,
@@ -405,16 +439,16 @@ fn error_name(e: &std::io::Error) -> String {
     }
 }
 
-fn mismatch(what: &str, got: SocketAddr, target: SocketAddrV4) -> std::io::Error {
+fn mismatch(what: &str, got: SocketAddr, target: SocketAddr) -> std::io::Error {
     std::io::Error::other(format!("{what} {got}, not {target}"))
 }
 
 /// One TCP exchange: connect, send a line, read the reply to EOF (the server closes).
 /// getpeername() must report the address the client connected to.
-fn probe_tcp_once(target: SocketAddrV4, timeout: Duration) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(target), timeout)?;
+fn probe_tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&target, timeout)?;
     let peer = s.peer_addr()?;
-    if peer != SocketAddr::V4(target) {
+    if peer != target {
         return Err(mismatch("getpeername", peer, target));
     }
     s.set_read_timeout(Some(timeout))?;
@@ -425,11 +459,21 @@ fn probe_tcp_once(target: SocketAddrV4, timeout: Duration) -> std::io::Result<St
 }
 
 /// One UDP exchange on a connected socket; getpeername() must report the target.
-fn probe_udp_once(target: SocketAddrV4, timeout: Duration) -> std::io::Result<String> {
-    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+/// An unbound UDP socket of the target's family.
+fn udp_socket_for(target: SocketAddr) -> std::io::Result<UdpSocket> {
+    let any: IpAddr = if target.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    UdpSocket::bind((any, 0))
+}
+
+fn probe_udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let s = udp_socket_for(target)?;
     s.connect(target)?;
     let peer = s.peer_addr()?;
-    if peer != SocketAddr::V4(target) {
+    if peer != target {
         return Err(mismatch("getpeername", peer, target));
     }
     s.set_read_timeout(Some(timeout))?;
@@ -441,13 +485,13 @@ fn probe_udp_once(target: SocketAddrV4, timeout: Duration) -> std::io::Result<St
 
 /// One UDP exchange on an unconnected socket (sendto/recvfrom, as DNS resolvers do);
 /// the reply must come from the target address.
-fn probe_udp_sendto_once(target: SocketAddrV4, timeout: Duration) -> std::io::Result<String> {
-    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+fn probe_udp_sendto_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let s = udp_socket_for(target)?;
     s.set_read_timeout(Some(timeout))?;
     s.send_to(b"hello\n", target)?;
     let mut buf = [0u8; 512];
     let (n, from) = s.recv_from(&mut buf)?;
-    if from != SocketAddr::V4(target) {
+    if from != target {
         return Err(mismatch("reply from", from, target));
     }
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
@@ -470,12 +514,13 @@ pub fn probe(opts: &ProbeOptions) -> ProbeReport {
     report
 }
 
-/// `lb-lab serve`: answers every TCP connection and every UDP datagram on `port` with
-/// `name`. Prints "ready" once both sockets are bound; runs until killed.
+/// `lb-lab serve`: answers every TCP connection and every UDP datagram on `port`, IPv4
+/// and IPv6 (dual-stack sockets), with `name`. Prints "ready" once both sockets are
+/// bound; runs until killed.
 pub fn serve(name: &str, port: u16) -> anyhow::Result<()> {
-    let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+    let tcp = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
         .with_context(|| format!("binding TCP port {port}"))?;
-    let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+    let udp = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))
         .with_context(|| format!("binding UDP port {port}"))?;
     println!("ready");
     std::io::stdout().flush()?;

@@ -215,7 +215,7 @@ fn dump_and_bpftool_show_the_maps_and_sigterm_detaches_cleanly() {
     );
 
     // BTF: bpftool prints the field names of our key and value types.
-    let services = pin.join(lb_common::MAP_SERVICES4);
+    let services = pin.join(lb_common::MAP_SERVICES);
     let bpftool = lab::run(
         Command::new("bpftool")
             .args(["map", "dump", "pinned"])

@@ -266,7 +266,7 @@ fn an_api_change_reaches_a_real_connection() {
     for line in [
         "lb_programmed_services 1\n",
         "lb_programmed_endpoints 1\n",
-        "lb_map_entries{map=\"LB4_SERVICES_V1\"} 2\n",
+        "lb_map_entries{map=\"LB_SERVICES_V2\"} 2\n",
         "kubeproxy_network_programming_duration_seconds_count 2\n",
     ] {
         assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");

@@ -34,7 +34,7 @@ enum Cmd {
     /// Exchange COUNT requests with TARGET and print, as JSON, who answered and which errors.
     Probe {
         #[arg(long)]
-        target: SocketAddrV4,
+        target: std::net::SocketAddr,
         #[arg(long, default_value_t = 1)]
         count: usize,
         #[arg(long, default_value_t = 1000)]
