@@ -35,7 +35,14 @@ enum Cmd {
 }
 
 /// Debian packages the tests and the demo use.
-const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "dnsmasq-base", "dnsutils"];
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "dnsmasq-base",
+    "dnsutils",
+    "iptables",
+    "nftables",
+];
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
