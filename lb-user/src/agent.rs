@@ -73,6 +73,7 @@ pub fn node_name(override_: Option<&str>) -> String {
 enum Source {
     Manifests {
         path: PathBuf,
+        cache: std::sync::Mutex<manifest::Cache>,
         poller: tokio::task::JoinHandle<()>,
     },
     Kube(KubeSource),
@@ -82,7 +83,11 @@ impl Source {
     /// The objects now, with warnings about what could not be read.
     fn objects(&self) -> Result<(Objects, Vec<String>), manifest::ManifestError> {
         match self {
-            Self::Manifests { path, .. } => manifest::load(path).map(|l| (l.objects, l.warnings)),
+            Self::Manifests { path, cache, .. } => cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .load(path)
+                .map(|l| (l.objects, l.warnings)),
             Self::Kube(k) => Ok((k.objects(), Vec::new())),
         }
     }
@@ -139,7 +144,9 @@ impl Agent {
                 return;
             }
         };
+        let read = started.elapsed();
         let built = model::build(&objects, Some(&self.node_name), &self.node_ips);
+        let modelled = started.elapsed();
         let warnings: Vec<String> = read_warnings.into_iter().chain(built.warnings).collect();
         if warnings != self.last_warnings {
             for w in &warnings {
@@ -157,11 +164,15 @@ impl Agent {
                 }
             },
         };
+        let planning = Instant::now();
         let plan = programmed.plan(&built.desired);
+        let planned = planning.elapsed();
         for w in &plan.warnings {
             tracing::warn!("{w}");
         }
+        let writing = Instant::now();
         let result = self.maps.apply(&plan.ops);
+        let written = writing.elapsed();
         let written_at = SystemTime::now();
         let elapsed = started.elapsed();
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,6 +184,10 @@ impl Agent {
                     backends = programmed.backend_count(),
                     map_writes = plan.ops.len(),
                     elapsed_us = elapsed.as_micros() as u64,
+                    read_us = read.as_micros() as u64,
+                    model_us = (modelled - read).as_micros() as u64,
+                    plan_us = planned.as_micros() as u64,
+                    write_us = written.as_micros() as u64,
                     "synced"
                 );
                 m.syncs_total += 1;
@@ -238,6 +253,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let source = match (&opts.source, client) {
         (SourceSpec::Manifests(path), _) => Source::Manifests {
             path: path.clone(),
+            cache: Default::default(),
             poller: poll_manifests(path.clone(), opts.poll_interval, changed.clone()),
         },
         (SourceSpec::Kube { .. }, Some(client)) => {

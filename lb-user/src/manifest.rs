@@ -6,6 +6,7 @@
 //! document, the object and the field; everything else is still loaded.
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     time::SystemTime,
@@ -108,6 +109,51 @@ pub fn load(path: &Path) -> Result<Loaded, ManifestError> {
         }
     }
     Ok(loaded)
+}
+
+/// [`load`] that parses again only the files whose size or modification time changed
+/// since the last call: one edited file among many costs one file's parse.
+#[derive(Debug, Default)]
+pub struct Cache {
+    files: BTreeMap<PathBuf, (u64, Option<SystemTime>, Loaded)>,
+}
+
+impl Cache {
+    pub fn load(&mut self, path: &Path) -> Result<Loaded, ManifestError> {
+        let mut seen = BTreeMap::new();
+        for file in manifest_files(path)? {
+            let meta = fs::metadata(&file).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let mtime = meta.and_then(|m| m.modified().ok());
+            let entry = match self.files.remove(&file) {
+                Some(e) if e.0 == len && e.1 == mtime && mtime.is_some() => e,
+                _ => {
+                    let mut one = Loaded::default();
+                    match fs::read_to_string(&file) {
+                        Ok(text) => parse_into(&text, &file.display().to_string(), &mut one),
+                        Err(e) => one
+                            .warnings
+                            .push(format!("{}: cannot read: {e}; skipped", file.display())),
+                    }
+                    (len, mtime, one)
+                }
+            };
+            seen.insert(file, entry);
+        }
+        self.files = seen;
+        let mut all = Loaded::default();
+        for (_, _, one) in self.files.values() {
+            all.objects
+                .services
+                .extend(one.objects.services.iter().cloned());
+            all.objects
+                .slices
+                .extend(one.objects.slices.iter().cloned());
+            all.objects.nodes.extend(one.objects.nodes.iter().cloned());
+            all.warnings.extend(one.warnings.iter().cloned());
+        }
+        Ok(all)
+    }
 }
 
 /// Parses one file's text (multi-document YAML or JSON) into `loaded`.
@@ -272,6 +318,35 @@ spec:
         let l = parse("apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
         assert_eq!(l.warnings.len(), 1);
         assert!(l.warnings[0].starts_with("test.yaml: document 1: not valid YAML"));
+    }
+
+    #[test]
+    fn cache_reparses_changed_files_only_and_forgets_removed_ones() {
+        let dir = std::env::temp_dir().join(format!("lb-manifest-cache-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("a.yaml"), SVC.replace("web", "a")).unwrap();
+        fs::write(dir.join("b.yaml"), SVC.replace("web", "b")).unwrap();
+        let names = |l: &Loaded| -> Vec<String> {
+            l.objects
+                .services
+                .iter()
+                .map(|s| s.metadata.name.clone().unwrap())
+                .collect()
+        };
+        let mut cache = Cache::default();
+        assert_eq!(names(&cache.load(&dir).unwrap()), ["a", "b"]);
+        // Same contents from the cache; a changed file is read again (a longer name, so
+        // the size changes even on a coarse-mtime filesystem).
+        assert_eq!(names(&cache.load(&dir).unwrap()), ["a", "b"]);
+        fs::write(dir.join("b.yaml"), SVC.replace("web", "bee")).unwrap();
+        assert_eq!(names(&cache.load(&dir).unwrap()), ["a", "bee"]);
+        fs::remove_file(dir.join("a.yaml")).unwrap();
+        fs::write(dir.join("c.yaml"), "kind: [").unwrap();
+        let l = cache.load(&dir).unwrap();
+        assert_eq!(names(&l), ["bee"]);
+        assert_eq!(l.warnings.len(), 1, "{:?}", l.warnings);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
