@@ -206,12 +206,25 @@ pub struct Lab {
     pub node: Netns,
     pub lab_bin: PathBuf,
     pub server_port: u16,
+    /// Extra arguments of every pod's `lb-lab serve`.
+    server_args: Vec<String>,
 }
 
 impl Lab {
     /// Creates the node, `pods` pods each running `lab_bin serve` on `server_port`
     /// (TCP and UDP), and an empty client cgroup.
     pub fn new(lab_bin: &Path, tag: &str, pods: usize, server_port: u16) -> anyhow::Result<Self> {
+        Self::new_with(lab_bin, tag, pods, server_port, &[])
+    }
+
+    /// [`Lab::new`] with extra arguments for the pods' servers (`--bench`).
+    pub fn new_with(
+        lab_bin: &Path,
+        tag: &str,
+        pods: usize,
+        server_port: u16,
+        server_args: &[&str],
+    ) -> anyhow::Result<Self> {
         if pods > 250 {
             bail!("a lab has at most 250 pods");
         }
@@ -228,6 +241,7 @@ impl Lab {
             node,
             lab_bin: lab_bin.to_path_buf(),
             server_port,
+            server_args: server_args.iter().map(|a| a.to_string()).collect(),
         };
         for i in 0..pods {
             lab.add_pod(i)?;
@@ -298,6 +312,7 @@ impl Lab {
             "--port",
             &self.server_port.to_string(),
         ])
+        .args(&self.server_args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .stdin(Stdio::null());

@@ -4,6 +4,8 @@
 //! (diff and ordered map writes) -> the pinned maps read by lb-ebpf's programs.
 
 pub mod agent;
+pub mod bench;
+pub mod bench_rules;
 pub mod datapath;
 pub mod dump;
 pub mod kube_source;

@@ -131,7 +131,7 @@ fn main() -> ExitCode {
                 pin_path,
                 node_name: agent::node_name(hostname_override.as_deref()),
                 node_ips,
-                poll_interval: Duration::from_millis(poll_interval_ms.max(10)),
+                poll_interval: Duration::from_millis(poll_interval_ms.max(1)),
                 min_sync_period,
                 metrics_addr,
                 bpf_log_level: if bpf_debug { 4 } else { 0 },

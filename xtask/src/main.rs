@@ -32,6 +32,12 @@ enum Cmd {
     Test,
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
     Lint,
+    /// Benchmarks side by side with direct connections and kube-proxy's modes (root);
+    /// the report goes to target/bench/. Arguments go to `lb-lab bench`.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Debian packages the tests and the demo use.
@@ -96,6 +102,7 @@ fn main() -> ExitCode {
         Cmd::Demo => demo(),
         Cmd::Test => test(),
         Cmd::Lint => lint(),
+        Cmd::Bench { args } => bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -238,6 +245,27 @@ fn demo() -> anyhow::Result<()> {
     status(
         Command::new(ws.join("target/debug/lb-lab"))
             .args(["demo", "--manifests", "manifests/examples/demo"])
+            .current_dir(&ws),
+    )
+}
+
+/// Release build, then `lb-lab bench ARGS` (sizes, rounds, ...; `--help` lists them).
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    require_root("the benchmarks")?;
+    ebpf_build::check_prerequisites().map_err(anyhow::Error::msg)?;
+    for tool in ["iptables-nft-restore", "iptables-legacy-restore", "nft"] {
+        if output(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none() {
+            anyhow::bail!("{tool} is missing: run `cargo xtask setup`");
+        }
+    }
+    status(cargo().args([
+        "build", "--quiet", "--release", "--package", "lb-user", "--bins",
+    ]))?;
+    let ws = workspace();
+    status(
+        Command::new(ws.join("target/release/lb-lab"))
+            .arg("bench")
+            .args(args)
             .current_dir(&ws),
     )
 }

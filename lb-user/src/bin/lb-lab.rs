@@ -1,5 +1,6 @@
 //! `lb-lab`: the one-machine lab. `serve` and `probe` are the pod server and the client
-//! the tests use; `demo` shows the load balancer at work in network namespaces.
+//! the tests use; `demo` shows the load balancer at work in network namespaces; `bench`
+//! (with `load` and `waiter` as its clients) compares it with kube-proxy.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -30,6 +31,44 @@ enum Cmd {
         name: String,
         #[arg(long)]
         port: u16,
+        /// Benchmark protocol: read the request, answer, wait for the client to close.
+        #[arg(long)]
+        bench: bool,
+    },
+    /// The benchmark's load generator: COUNT requests one after the other, round-robin
+    /// over the targets; prints rate and latency as JSON.
+    Load {
+        #[arg(long, required = true)]
+        target: Vec<std::net::SocketAddr>,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, value_enum, default_value = "tcp")]
+        mode: lb_user::bench::LoadMode,
+    },
+    /// For each pod name read from stdin, connect to TARGET until that pod answers; print ok.
+    Waiter {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+    },
+    /// Run the benchmarks (see `cargo xtask bench`).
+    Bench {
+        /// Numbers of services to measure at.
+        #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+        sizes: Vec<usize>,
+        /// Rounds; each runs every variant once.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Requests per variant per round.
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        /// Endpoint changes measured per variant and size.
+        #[arg(long, default_value_t = 50)]
+        changes: usize,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// The agent binary (default: lb-user next to this program).
+        #[arg(long)]
+        agent: Option<PathBuf>,
     },
     /// Exchange COUNT requests with TARGET and print, as JSON, who answered and which errors.
     Probe {
@@ -57,7 +96,45 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Cmd::Serve { name, port } => lab::serve(&name, port),
+        Cmd::Serve { name, port, bench } => {
+            if bench {
+                lb_user::bench::serve_bench(&name, port)
+            } else {
+                lab::serve(&name, port)
+            }
+        }
+        Cmd::Load {
+            target,
+            count,
+            mode,
+        } => {
+            let report = lb_user::bench::load(&target, count, mode, Duration::from_secs(1));
+            serde_json::to_string(&report)
+                .map(|s| println!("{s}"))
+                .map_err(Into::into)
+        }
+        Cmd::Waiter { target } => lb_user::bench::waiter(target),
+        Cmd::Bench {
+            sizes,
+            rounds,
+            count,
+            changes,
+            out,
+            agent,
+        } => std::env::current_exe()
+            .context("finding lb-lab")
+            .and_then(|me| {
+                let agent = agent.unwrap_or_else(|| me.with_file_name("lb-user"));
+                lb_user::bench::bench(&lb_user::bench::BenchOptions {
+                    sizes,
+                    rounds: rounds.max(1),
+                    count: count.max(1),
+                    changes,
+                    out,
+                    lab_bin: me,
+                    agent_bin: agent,
+                })
+            }),
         Cmd::Probe {
             target,
             count,

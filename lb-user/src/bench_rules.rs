@@ -1,0 +1,371 @@
+//! kube-proxy's own rules, generated as kube-proxy writes them, for the benchmarks to
+//! compare against: iptables mode (`iptables-restore` input, the same text for the
+//! nf_tables and the legacy backend) and nftables mode (`nft -f` input). Pure text
+//! generation; the benchmark loads it into a namespace of its own.
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use crate::model::Proto;
+
+/// The pod network (kube-proxy's --cluster-cidr): traffic from outside it is masqueraded.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+/// One service port and its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SvcPort {
+    /// `namespace/name`.
+    pub name: String,
+    pub port_name: String,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub proto: Proto,
+    pub target_port: u16,
+    pub endpoints: Vec<Ipv4Addr>,
+}
+
+impl SvcPort {
+    /// kube-proxy's ServicePortName: `namespace/name:port`.
+    fn port_name(&self) -> String {
+        format!("{}:{}", self.name, self.port_name)
+    }
+
+    fn proto_lower(&self) -> &'static str {
+        match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// 16 characters of base32 from a hash of `text`, like kube-proxy's chain name suffixes
+/// (it uses SHA-256; any stable hash serves here).
+fn chain_hash(text: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::with_capacity(16);
+    for seed in [0xcbf2_9ce4_8422_2325u64, 0x8422_2325_cbf2_9ce4] {
+        let mut h = seed;
+        for b in text.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        for i in 0..8 {
+            out.push(ALPHABET[((h >> (i * 5)) & 31) as usize] as char);
+        }
+    }
+    out
+}
+
+fn svc_chain(sp: &SvcPort) -> String {
+    format!(
+        "KUBE-SVC-{}",
+        chain_hash(&format!("{}{}", sp.port_name(), sp.proto))
+    )
+}
+
+fn sep_chain(sp: &SvcPort, ep: Ipv4Addr) -> String {
+    format!(
+        "KUBE-SEP-{}",
+        chain_hash(&format!(
+            "{}{}{ep}:{}",
+            sp.port_name(),
+            sp.proto,
+            sp.target_port
+        ))
+    )
+}
+
+/// The rules of one service port: its KUBE-SVC chain and its KUBE-SEP chains.
+fn iptables_service_rules(sp: &SvcPort, out: &mut String) {
+    let svc = svc_chain(sp);
+    let name = sp.port_name();
+    let p = sp.proto_lower();
+    let _ = writeln!(
+        out,
+        "-A {svc} -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
+        sp.ip, sp.port
+    );
+    let n = sp.endpoints.len();
+    for (i, ep) in sp.endpoints.iter().enumerate() {
+        let sep = sep_chain(sp, *ep);
+        let target = format!("{ep}:{}", sp.target_port);
+        if i + 1 < n {
+            // kube-proxy: endpoint i of n is taken with probability 1/(n-i).
+            let _ = writeln!(
+                out,
+                "-A {svc} -m comment --comment \"{name} -> {target}\" -m statistic --mode random --probability {:.10} -j {sep}",
+                1.0 / (n - i) as f64
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "-A {svc} -m comment --comment \"{name} -> {target}\" -j {sep}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "-A {sep} -m comment --comment {name} -s {ep}/32 -j KUBE-MARK-MASQ"
+        );
+        let _ = writeln!(
+            out,
+            "-A {sep} -m comment --comment {name} -m {p} -p {p} -j DNAT --to-destination {target}"
+        );
+    }
+}
+
+/// A full `iptables-restore` input (filter and nat tables) for `services`, in order: the
+/// first service port is the first rule of KUBE-SERVICES.
+pub fn iptables_restore(services: &[SvcPort]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n\
+         :KUBE-NODEPORTS - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n\
+         -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+         -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
+         -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+         -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
+         -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+         -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP\n\
+         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
+         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+         COMMIT\n",
+    );
+    out.push_str(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
+    );
+    for sp in services {
+        let _ = writeln!(out, ":{} - [0:0]", svc_chain(sp));
+        for ep in &sp.endpoints {
+            let _ = writeln!(out, ":{} - [0:0]", sep_chain(sp, *ep));
+        }
+    }
+    out.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n\
+         -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n",
+    );
+    for sp in services {
+        let p = sp.proto_lower();
+        let _ = writeln!(
+            out,
+            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} -j {}",
+            sp.port_name(),
+            sp.ip,
+            sp.port,
+            svc_chain(sp)
+        );
+    }
+    out.push_str(
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n",
+    );
+    for sp in services {
+        iptables_service_rules(sp, &mut out);
+    }
+    out.push_str("COMMIT\n");
+    // nfacct is not always there; kube-proxy only adds that rule when it is.
+    out.replace(
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP\n",
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n",
+    )
+}
+
+/// The `iptables-restore --noflush` input of kube-proxy's partial sync when one service
+/// port's endpoints change from `old` to `new`: its chains rewritten, stale ones deleted.
+pub fn iptables_change(old: &SvcPort, new: &SvcPort) -> String {
+    let mut out = String::from("*nat\n");
+    let _ = writeln!(out, ":{} - [0:0]", svc_chain(new));
+    for ep in &new.endpoints {
+        let _ = writeln!(out, ":{} - [0:0]", sep_chain(new, *ep));
+    }
+    iptables_service_rules(new, &mut out);
+    for ep in old.endpoints.iter().filter(|e| !new.endpoints.contains(e)) {
+        let _ = writeln!(out, "-X {}", sep_chain(old, *ep));
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+fn nft_svc_chain(sp: &SvcPort) -> String {
+    format!(
+        "service-{}-{}/{}/{}",
+        &chain_hash(&format!("{}{}", sp.port_name(), sp.proto))[..8],
+        sp.name,
+        sp.proto_lower(),
+        sp.port_name
+    )
+}
+
+fn nft_ep_chain(sp: &SvcPort, ep: Ipv4Addr) -> String {
+    format!(
+        "endpoint-{}-{}/{}/{}__{ep}/{}",
+        &chain_hash(&format!("{}{}{ep}", sp.port_name(), sp.proto))[..8],
+        sp.name,
+        sp.proto_lower(),
+        sp.port_name,
+        sp.target_port
+    )
+}
+
+const NFT_T: &str = "ip kube-proxy";
+
+/// The chains of one service port and their rules (nftables mode).
+fn nft_service_rules(sp: &SvcPort, out: &mut String) {
+    let svc = nft_svc_chain(sp);
+    let p = sp.proto_lower();
+    let _ = writeln!(out, "add chain {NFT_T} {svc}");
+    let _ = writeln!(
+        out,
+        "add rule {NFT_T} {svc} ip daddr {} {p} dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+        sp.ip, sp.port
+    );
+    let mut vmap = Vec::new();
+    for (i, ep) in sp.endpoints.iter().enumerate() {
+        let chain = nft_ep_chain(sp, *ep);
+        let _ = writeln!(out, "add chain {NFT_T} {chain}");
+        let _ = writeln!(
+            out,
+            "add rule {NFT_T} {chain} ip saddr {ep} jump mark-for-masquerade"
+        );
+        let _ = writeln!(
+            out,
+            "add rule {NFT_T} {chain} meta l4proto {p} dnat to {ep}:{}",
+            sp.target_port
+        );
+        vmap.push(format!("{i} : goto {chain}"));
+    }
+    let _ = writeln!(
+        out,
+        "add rule {NFT_T} {svc} numgen random mod {} vmap {{ {} }}",
+        sp.endpoints.len(),
+        vmap.join(" , ")
+    );
+}
+
+/// A full `nft -f` input for kube-proxy's nftables mode: a `service-ips` verdict map from
+/// (address, protocol, port) to a per-service chain, `numgen` to pick an endpoint.
+pub fn nft_ruleset(services: &[SvcPort]) -> String {
+    let mut out = format!(
+        "add table {NFT_T} {{ comment \"rules for kube-proxy\" ; }}\n\
+         add chain {NFT_T} mark-for-masquerade\n\
+         add rule {NFT_T} mark-for-masquerade mark set mark or 0x4000\n\
+         add chain {NFT_T} masquerading\n\
+         add rule {NFT_T} masquerading mark and 0x4000 == 0 return\n\
+         add rule {NFT_T} masquerading mark set mark xor 0x4000\n\
+         add rule {NFT_T} masquerading masquerade fully-random\n\
+         add chain {NFT_T} services\n\
+         add chain {NFT_T} service-endpoints-check\n\
+         add chain {NFT_T} filter-output {{ type filter hook output priority -110 ; }}\n\
+         add rule {NFT_T} filter-output ct state new jump service-endpoints-check\n\
+         add chain {NFT_T} nat-output {{ type nat hook output priority -100 ; }}\n\
+         add rule {NFT_T} nat-output jump services\n\
+         add chain {NFT_T} nat-prerouting {{ type nat hook prerouting priority -100 ; }}\n\
+         add rule {NFT_T} nat-prerouting jump services\n\
+         add chain {NFT_T} nat-postrouting {{ type nat hook postrouting priority 100 ; }}\n\
+         add rule {NFT_T} nat-postrouting jump masquerading\n\
+         add map {NFT_T} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}\n\
+         add map {NFT_T} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}\n\
+         add map {NFT_T} no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}\n\
+         add rule {NFT_T} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services\n\
+         add rule {NFT_T} services ip daddr . meta l4proto . th dport vmap @service-ips\n\
+         add rule {NFT_T} services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports\n"
+    );
+    for sp in services {
+        nft_service_rules(sp, &mut out);
+    }
+    for sp in services {
+        let _ = writeln!(
+            out,
+            "add element {NFT_T} service-ips {{ {} . {} . {} : goto {} }}",
+            sp.ip,
+            sp.proto_lower(),
+            sp.port,
+            nft_svc_chain(sp)
+        );
+    }
+    out
+}
+
+/// kube-proxy's nftables partial sync for one service port whose endpoints change.
+pub fn nft_change(old: &SvcPort, new: &SvcPort) -> String {
+    let mut out = format!("flush chain {NFT_T} {}\n", nft_svc_chain(new));
+    let mut body = String::new();
+    nft_service_rules(new, &mut body);
+    // The service chain exists already: only its rules (and new endpoint chains) are added.
+    for line in body.lines() {
+        if line == format!("add chain {NFT_T} {}", nft_svc_chain(new)) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    for ep in old.endpoints.iter().filter(|e| !new.endpoints.contains(e)) {
+        let _ = writeln!(out, "delete chain {NFT_T} {}", nft_ep_chain(old, *ep));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sp(eps: &[[u8; 4]]) -> SvcPort {
+        SvcPort {
+            name: "bench/svc-1".into(),
+            port_name: "http".into(),
+            ip: Ipv4Addr::new(10, 96, 0, 1),
+            port: 80,
+            proto: Proto::Tcp,
+            target_port: 8080,
+            endpoints: eps.iter().map(|e| Ipv4Addr::from(*e)).collect(),
+        }
+    }
+
+    #[test]
+    fn iptables_rules_have_kube_proxy_structure_and_probabilities() {
+        let rules = iptables_restore(&[sp(&[[10, 244, 1, 2], [10, 244, 2, 2], [10, 244, 3, 2]])]);
+        let svc = svc_chain(&sp(&[]));
+        assert!(rules.contains(&format!(
+            "-A KUBE-SERVICES -m comment --comment \"bench/svc-1:http cluster IP\" -m tcp -p tcp -d 10.96.0.1/32 --dport 80 -j {svc}"
+        )));
+        assert!(rules.contains("--probability 0.3333333333"));
+        assert!(rules.contains("--probability 0.5000000000"));
+        assert_eq!(rules.matches("-j DNAT --to-destination").count(), 3);
+        assert_eq!(rules.matches("COMMIT").count(), 2);
+        // The nodeports jump stays the last rule of KUBE-SERVICES.
+        let last_services_rule = rules
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
+            .last()
+            .unwrap();
+        assert!(last_services_rule.contains("KUBE-NODEPORTS"));
+        let change = iptables_change(&sp(&[[10, 244, 1, 2]]), &sp(&[[10, 244, 2, 2]]));
+        assert!(change.starts_with("*nat\n"));
+        assert!(change.contains(&format!("-X {}", sep_chain(&sp(&[]), [10, 244, 1, 2].into()))));
+        assert!(change.contains("--to-destination 10.244.2.2:8080"));
+    }
+
+    #[test]
+    fn nft_rules_map_service_to_chain_and_pick_with_numgen() {
+        let rules = nft_ruleset(&[sp(&[[10, 244, 1, 2], [10, 244, 2, 2]])]);
+        assert!(rules.contains("add element ip kube-proxy service-ips { 10.96.0.1 . tcp . 80 : goto service-"));
+        assert!(rules.contains("numgen random mod 2 vmap { 0 : goto endpoint-"));
+        assert!(rules.contains("dnat to 10.244.2.2:8080"));
+        let change = nft_change(&sp(&[[10, 244, 1, 2]]), &sp(&[[10, 244, 2, 2]]));
+        assert!(change.starts_with("flush chain ip kube-proxy service-"));
+        assert!(change.contains("delete chain ip kube-proxy endpoint-"));
+        assert!(!change.contains("add chain ip kube-proxy service-"));
+    }
+
+    #[test]
+    fn chain_names_are_stable_and_distinct() {
+        assert_eq!(chain_hash("a"), chain_hash("a"));
+        assert_ne!(chain_hash("a"), chain_hash("b"));
+        assert_eq!(chain_hash("x").len(), 16);
+    }
+}
