@@ -585,7 +585,6 @@ impl AgentProcess {
             .arg(cgroup)
             .arg("--pin-path")
             .arg(pin_path)
-            .args(["--poll-interval-ms", "100"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -593,6 +592,7 @@ impl AgentProcess {
         for (flag, default) in [
             ("--metrics-bind-address", ""),
             ("--min-sync-period", "200ms"),
+            ("--poll-interval-ms", "100"),
         ] {
             if !source_args.iter().any(|a| *a == flag) {
                 cmd.args([flag, default]);
