@@ -59,7 +59,8 @@ impl LoadReport {
     }
 }
 
-fn tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+/// One request; the reply line (the server's name).
+fn tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&target, timeout)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(timeout))?;
@@ -73,7 +74,7 @@ fn tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<()> {
         }
         got += n;
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&buf[..got]).trim().to_string())
 }
 
 fn udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<()> {
@@ -99,7 +100,7 @@ pub fn load(targets: &[SocketAddr], count: usize, mode: LoadMode, timeout: Durat
         let t = targets[i % targets.len()];
         let t0 = Instant::now();
         let r = match mode {
-            LoadMode::Tcp => tcp_once(t, timeout),
+            LoadMode::Tcp => tcp_once(t, timeout).map(drop),
             LoadMode::Udp => udp_once(t, timeout),
         };
         match r {
@@ -187,10 +188,7 @@ pub fn waiter(target: SocketAddr) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut ok = false;
         while Instant::now() < deadline {
-            if crate::lab::probe(&crate::lab::ProbeOptions::tcp(target, 1))
-                .replies
-                .contains_key(want.trim())
-            {
+            if tcp_once(target, Duration::from_secs(1)).is_ok_and(|name| name == want.trim()) {
                 ok = true;
                 break;
             }
