@@ -183,9 +183,19 @@ pub fn iptables_change(old: &SvcPort, new: &SvcPort) -> String {
     for ep in &new.endpoints {
         let _ = writeln!(out, ":{} - [0:0]", sep_chain(new, *ep));
     }
+    let stale: Vec<String> = old
+        .endpoints
+        .iter()
+        .filter(|e| !new.endpoints.contains(e))
+        .map(|ep| sep_chain(old, *ep))
+        .collect();
+    // Stale chains are declared (flushed) first, then deleted, as kube-proxy does.
+    for chain in &stale {
+        let _ = writeln!(out, ":{chain} - [0:0]");
+    }
     iptables_service_rules(new, &mut out);
-    for ep in old.endpoints.iter().filter(|e| !new.endpoints.contains(e)) {
-        let _ = writeln!(out, "-X {}", sep_chain(old, *ep));
+    for chain in &stale {
+        let _ = writeln!(out, "-X {chain}");
     }
     out.push_str("COMMIT\n");
     out
