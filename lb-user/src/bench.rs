@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     bench_rules::{self, SvcPort},
-    lab::{self, AgentProcess, ChildGuard, Lab, place, run},
+    lab::{self, AgentProcess, Cgroup, ChildGuard, Lab, place, run},
     model::Proto,
 };
 
@@ -270,7 +270,12 @@ fn services(n: usize, pods: &[Ipv4Addr]) -> (Vec<SvcPort>, Vec<(usize, &'static 
             (0..ENDPOINTS)
                 .map(|e| {
                     let k = i * ENDPOINTS + e;
-                    Ipv4Addr::new(10, 245 + (k / 62_500) as u8, (k / 250 % 250) as u8, (k % 250) as u8 + 1)
+                    Ipv4Addr::new(
+                        10,
+                        245 + (k / 62_500) as u8,
+                        (k / 250 % 250) as u8,
+                        (k % 250) as u8 + 1,
+                    )
                 })
                 .collect()
         };
@@ -459,13 +464,15 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
 }
 
-/// Runs the load generator in `lab`'s node namespace, in its client cgroup or not.
+/// Runs the load generator in `lab`'s node namespace and in `cgroup`. Every variant's
+/// client runs in a fresh cgroup of its own (ours with the programs attached, the others
+/// without), so no variant pays for another's cgroup.
 fn run_load(
     lab: &Lab,
     targets: &[SocketAddr],
     count: usize,
     mode: LoadMode,
-    in_cgroup: bool,
+    cgroup: &Cgroup,
 ) -> anyhow::Result<LoadReport> {
     let mut cmd = Command::new(&lab.lab_bin);
     cmd.arg("load")
@@ -473,7 +480,7 @@ fn run_load(
     for t in targets {
         cmd.args(["--target", &t.to_string()]);
     }
-    place(&mut cmd, &lab.node, in_cgroup.then_some(&lab.cgroup))?;
+    place(&mut cmd, &lab.node, Some(cgroup))?;
     let out = run(&mut cmd)?;
     serde_json::from_str(out.trim()).with_context(|| format!("load printed {out:?}"))
 }
@@ -485,12 +492,12 @@ struct Waiter {
 }
 
 impl Waiter {
-    fn start(lab: &Lab, target: SocketAddr, in_cgroup: bool) -> anyhow::Result<Self> {
+    fn start(lab: &Lab, target: SocketAddr, cgroup: &Cgroup) -> anyhow::Result<Self> {
         let mut cmd = Command::new(&lab.lab_bin);
         cmd.args(["waiter", "--target", &target.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
-        place(&mut cmd, &lab.node, in_cgroup.then_some(&lab.cgroup))?;
+        place(&mut cmd, &lab.node, Some(cgroup))?;
         let mut child = ChildGuard(cmd.spawn().context("starting the waiter")?);
         let reader = BufReader::new(child.0.stdout.take().expect("piped"));
         Ok(Self { child, reader })
@@ -557,6 +564,8 @@ fn bench_size(
     };
     eprintln!("bench: {n} services: creating labs");
     let base = make_lab(opts, "bb")?;
+    // The direct client's cgroup: no programs attached.
+    let plain = Cgroup::create(&format!("{}-plain", base.prefix))?;
     let pods: Vec<Ipv4Addr> = base.pods.iter().map(|p| p.ip).collect();
     let (ports, measured) = services(n, &pods);
     let mut churn_pod = 0usize;
@@ -602,7 +611,14 @@ fn bench_size(
         for args in [
             vec!["addr", "add", "169.254.0.1/32", "dev", "lo"],
             vec![
-                "route", "add", "10.96.0.0/12", "via", "10.244.1.2", "dev", "veth0", "src",
+                "route",
+                "add",
+                "10.96.0.0/12",
+                "via",
+                "10.244.1.2",
+                "dev",
+                "veth0",
+                "src",
                 "169.254.0.1",
             ],
         ] {
@@ -628,19 +644,31 @@ fn bench_size(
         let mut runs: BTreeMap<(String, String), Vec<LoadReport>> = BTreeMap::new();
         for round in 0..opts.rounds {
             eprintln!("bench: {n} services, {}: round {}", mode.name(), round + 1);
-            // (variant, position, lab, targets, in cgroup)
-            let mut plan: Vec<(String, String, &Lab, Vec<SocketAddr>, bool)> = vec![(
+            // (variant, position, lab, targets, cgroup)
+            let mut plan: Vec<(String, String, &Lab, Vec<SocketAddr>, &Cgroup)> = vec![(
                 "direct".into(),
                 "-".into(),
                 &base,
                 direct_targets.clone(),
-                false,
+                &plain,
             )];
             for (i, pos) in &measured {
                 let vip = vec![SocketAddr::new(ports_ip(&ports, *i).into(), 80)];
-                plan.push(("socket-lb".into(), (*pos).into(), &base, vip.clone(), true));
+                plan.push((
+                    "socket-lb".into(),
+                    (*pos).into(),
+                    &base,
+                    vip.clone(),
+                    &base.cgroup,
+                ));
                 for rl in &rule_labs {
-                    plan.push((rl.mode.name().into(), (*pos).into(), &rl.lab, vip.clone(), false));
+                    plan.push((
+                        rl.mode.name().into(),
+                        (*pos).into(),
+                        &rl.lab,
+                        vip.clone(),
+                        &rl.lab.cgroup,
+                    ));
                 }
             }
             // Interleave: rotate the order every round.
@@ -686,10 +714,13 @@ fn bench_size(
     }
 
     // One change to the first connection that reaches the new backend.
-    eprintln!("bench: {n} services: {} endpoint changes each", opts.changes);
+    eprintln!(
+        "bench: {n} services: {} endpoint changes each",
+        opts.changes
+    );
     let churn_vip = SocketAddr::new(churn(pods[0]).ip.into(), 80);
     let mut ours = Vec::new();
-    let mut waiter = Waiter::start(&base, churn_vip, true)?;
+    let mut waiter = Waiter::start(&base, churn_vip, &base.cgroup)?;
     waiter.wait_for("pod-0")?;
     for _ in 0..opts.changes {
         let next = (churn_pod + 1) % 2;
@@ -708,7 +739,7 @@ fn bench_size(
     for rl in &rule_labs {
         let mut times = Vec::new();
         let mut at = 0usize;
-        let mut waiter = Waiter::start(&rl.lab, churn_vip, false)?;
+        let mut waiter = Waiter::start(&rl.lab, churn_vip, &rl.lab.cgroup)?;
         waiter.wait_for("pod-0")?;
         for _ in 0..opts.changes {
             let next = (at + 1) % 2;
@@ -765,7 +796,13 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn find<'a>(r: &'a [Record], variant: &str, n: usize, proto: &str, pos: &str) -> Option<&'a Record> {
+fn find<'a>(
+    r: &'a [Record],
+    variant: &str,
+    n: usize,
+    proto: &str,
+    pos: &str,
+) -> Option<&'a Record> {
     r.iter()
         .find(|x| x.variant == variant && x.services == n && x.proto == proto && x.position == pos)
 }
@@ -783,7 +820,15 @@ pub fn report(records: &[Record], control: &[ControlPlane]) -> String {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.3} | {:.3} |",
-            r.services, r.proto, r.variant, r.position, r.rate, r.p50_us, r.p99_us, r.rate_vs_direct, r.p99_vs_direct
+            r.services,
+            r.proto,
+            r.variant,
+            r.position,
+            r.rate,
+            r.p50_us,
+            r.p99_us,
+            r.rate_vs_direct,
+            r.p99_vs_direct
         );
     }
     md.push_str("\n## Control plane\n\n| services | endpoints | our cold sync: read ms | model+diff+write ms | of which map writes ms | agent peak RSS MiB | maps memlock MiB |\n|---:|---:|---:|---:|---:|---:|---:|\n");
@@ -791,17 +836,27 @@ pub fn report(records: &[Record], control: &[ControlPlane]) -> String {
         let _ = writeln!(
             md,
             "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            c.services, c.endpoints, c.cold_read_ms, c.cold_program_ms, c.cold_write_ms, c.agent_rss_mib, c.maps_memlock_mib
+            c.services,
+            c.endpoints,
+            c.cold_read_ms,
+            c.cold_program_ms,
+            c.cold_write_ms,
+            c.agent_rss_mib,
+            c.maps_memlock_mib
         );
     }
     md.push_str("\nFull rule load of kube-proxy's modes (ms), and one endpoint change until a connection reaches the new backend (p50 / p99 ms):\n\n| services | variant | full load ms | change p50 ms | change p99 ms |\n|---:|---|---:|---:|---:|\n");
     for c in control {
         for (v, [p50, p99]) in &c.change_ms {
-            let full = c
-                .cold_rules_ms
-                .get(v)
-                .map_or_else(|| format!("{:.1} (model+diff+write)", c.cold_program_ms), |m| format!("{m:.1}"));
-            let _ = writeln!(md, "| {} | {v} | {full} | {p50:.2} | {p99:.2} |", c.services);
+            let full = c.cold_rules_ms.get(v).map_or_else(
+                || format!("{:.1} (model+diff+write)", c.cold_program_ms),
+                |m| format!("{m:.1}"),
+            );
+            let _ = writeln!(
+                md,
+                "| {} | {v} | {full} | {p50:.2} | {p99:.2} |",
+                c.services
+            );
         }
     }
     md.push_str("\n## Targets\n\n");
@@ -873,13 +928,22 @@ pub fn report(records: &[Record], control: &[ControlPlane]) -> String {
     }
     for c in control.iter().filter(|c| c.services >= 10_000) {
         check(
-            format!("cold programming of {} services / {} endpoints <= 250 ms", c.services, c.endpoints),
+            format!(
+                "cold programming of {} services / {} endpoints <= 250 ms",
+                c.services, c.endpoints
+            ),
             c.cold_program_ms <= 250.0,
-            format!("{:.1} ms model+diff+write ({:.1} ms reading the manifests before)", c.cold_program_ms, c.cold_read_ms),
+            format!(
+                "{:.1} ms model+diff+write ({:.1} ms reading the manifests before)",
+                c.cold_program_ms, c.cold_read_ms
+            ),
         );
         if let Some([_, p99]) = c.change_ms.get("socket-lb") {
             check(
-                format!("one change to datapath p99 <= 5 ms at {} services", c.services),
+                format!(
+                    "one change to datapath p99 <= 5 ms at {} services",
+                    c.services
+                ),
                 *p99 <= 5.0,
                 format!("{p99:.2} ms"),
             );
@@ -1009,7 +1073,13 @@ mod tests {
         assert!(built.warnings.is_empty(), "{:?}", built.warnings);
         // 5 TCP frontends + 3 UDP ones, each with its endpoints.
         assert_eq!(built.desired.frontends.len(), 8);
-        assert!(built.desired.frontends.values().all(|f| !f.endpoints.is_empty()));
+        assert!(
+            built
+                .desired
+                .frontends
+                .values()
+                .all(|f| !f.endpoints.is_empty())
+        );
     }
 
     #[test]
@@ -1031,8 +1101,14 @@ mod tests {
             rec("iptables-nft", "last", 0.6),
         ];
         let md = report(&records, &[]);
-        assert!(md.contains("* MET TCP rate >= 0.97 x direct, 10000 services (last): 0.990"), "{md}");
-        assert!(md.contains("* MISSED TCP rate >= 2 x iptables-nft at 10000 services (last): 1.65x"), "{md}");
+        assert!(
+            md.contains("* MET TCP rate >= 0.97 x direct, 10000 services (last): 0.990"),
+            "{md}"
+        );
+        assert!(
+            md.contains("* MISSED TCP rate >= 2 x iptables-nft at 10000 services (last): 1.65x"),
+            "{md}"
+        );
         assert!(svg(&records).starts_with("<svg"));
     }
 }

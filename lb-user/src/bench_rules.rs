@@ -350,20 +350,24 @@ mod tests {
         // The nodeports jump stays the last rule of KUBE-SERVICES.
         let last_services_rule = rules
             .lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
-            .last()
+            .rfind(|l| l.starts_with("-A KUBE-SERVICES"))
             .unwrap();
         assert!(last_services_rule.contains("KUBE-NODEPORTS"));
         let change = iptables_change(&sp(&[[10, 244, 1, 2]]), &sp(&[[10, 244, 2, 2]]));
         assert!(change.starts_with("*nat\n"));
-        assert!(change.contains(&format!("-X {}", sep_chain(&sp(&[]), [10, 244, 1, 2].into()))));
+        assert!(change.contains(&format!(
+            "-X {}",
+            sep_chain(&sp(&[]), [10, 244, 1, 2].into())
+        )));
         assert!(change.contains("--to-destination 10.244.2.2:8080"));
     }
 
     #[test]
     fn nft_rules_map_service_to_chain_and_pick_with_numgen() {
         let rules = nft_ruleset(&[sp(&[[10, 244, 1, 2], [10, 244, 2, 2]])]);
-        assert!(rules.contains("add element ip kube-proxy service-ips { 10.96.0.1 . tcp . 80 : goto service-"));
+        assert!(rules.contains(
+            "add element ip kube-proxy service-ips { 10.96.0.1 . tcp . 80 : goto service-"
+        ));
         assert!(rules.contains("numgen random mod 2 vmap { 0 : goto endpoint-"));
         assert!(rules.contains("dnat to 10.244.2.2:8080"));
         let change = nft_change(&sp(&[[10, 244, 1, 2]]), &sp(&[[10, 244, 2, 2]]));

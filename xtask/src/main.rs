@@ -259,7 +259,12 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         }
     }
     status(cargo().args([
-        "build", "--quiet", "--release", "--package", "lb-user", "--bins",
+        "build",
+        "--quiet",
+        "--release",
+        "--package",
+        "lb-user",
+        "--bins",
     ]))?;
     let ws = workspace();
     status(
