@@ -176,6 +176,21 @@ async fn an_expired_watch_relists_and_the_store_is_never_emptied() {
             }
         })
     };
+    // The watches must be open first: one started after the compaction, from the
+    // current resourceVersion, is valid and gets no 410.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ["services", "endpointslices", "nodes"]
+        .iter()
+        .any(|r| count(&api.requests(), &format!("WATCH {r}")) < 1)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no watches: {:?}",
+            api.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
     api.compact(); // open watches get 410 Gone; their resourceVersion is too old now
     let deadline = Instant::now() + Duration::from_secs(10);
     while count(&api.requests(), "LIST endpointslices") < 2
