@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -78,12 +78,7 @@ fn tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
 }
 
 fn udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<()> {
-    let any: IpAddr = if target.is_ipv4() {
-        Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        Ipv6Addr::UNSPECIFIED.into()
-    };
-    let s = UdpSocket::bind((any, 0))?;
+    let s = lab::udp_socket_for(target)?;
     s.set_read_timeout(Some(timeout))?;
     s.send_to(b"GET\n", target)?;
     let mut buf = [0u8; 64];
@@ -130,20 +125,7 @@ pub fn load(targets: &[SocketAddr], count: usize, mode: LoadMode, timeout: Durat
 /// the client to close first. Several threads accept, so a client never waits on a
 /// previous connection's close.
 pub fn serve_bench(name: &str, port: u16) -> anyhow::Result<()> {
-    let tcp = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
-        .with_context(|| format!("binding TCP port {port}"))?;
-    let udp = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))
-        .with_context(|| format!("binding UDP port {port}"))?;
-    println!("ready");
-    std::io::stdout().flush()?;
-    let reply = format!("{name}\n");
-    let udp_reply = reply.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(udp_reply.as_bytes(), peer);
-        }
-    });
+    let (tcp, reply) = lab::start_server(name, port)?;
     let mut threads = Vec::new();
     for _ in 0..4 {
         let listener = tcp.try_clone()?;
@@ -260,7 +242,6 @@ fn services(n: usize, pods: &[Ipv4Addr]) -> (Vec<SvcPort>, Vec<(usize, &'static 
         2 => vec![(0, "first"), (1, "last")],
         _ => vec![(0, "first"), (n / 2, "middle"), (n - 1, "last")],
     };
-    let ip = |i: usize| Ipv4Addr::new(10, 96, (i / 250) as u8, (i % 250) as u8 + 1);
     let mut out = Vec::new();
     for i in 0..n.max(1) {
         let is_measured = measured.iter().any(|(m, _)| *m == i);
@@ -282,7 +263,7 @@ fn services(n: usize, pods: &[Ipv4Addr]) -> (Vec<SvcPort>, Vec<(usize, &'static 
         let base = SvcPort {
             name: format!("bench/svc-{i}"),
             port_name: "tcp".into(),
-            ip: ip(i),
+            ip: service_ip(i),
             port: 80,
             proto: Proto::Tcp,
             target_port: 8080,
@@ -437,23 +418,12 @@ struct RulesLab {
 
 fn make_lab(opts: &BenchOptions, tag: &str) -> anyhow::Result<Lab> {
     let lab = Lab::new_with(&opts.lab_bin, tag, ENDPOINTS, 8080, &["--bench"])?;
-    run(Command::new("ip").args([
-        "netns",
-        "exec",
-        &lab.node.name,
-        "sysctl",
-        "-qw",
-        "net.ipv4.tcp_tw_reuse=1",
-    ]))?;
+    lab.node.sysctl("net.ipv4.tcp_tw_reuse=1")?;
     Ok(lab)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    percentile(v, 0.5)
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
@@ -653,7 +623,7 @@ fn bench_size(
                 &plain,
             )];
             for (i, pos) in &measured {
-                let vip = vec![SocketAddr::new(ports_ip(&ports, *i).into(), 80)];
+                let vip = vec![SocketAddr::new(service_ip(*i).into(), 80)];
                 plan.push((
                     "socket-lb".into(),
                     (*pos).into(),
@@ -762,12 +732,9 @@ fn bench_size(
     Ok(cp)
 }
 
-fn ports_ip(ports: &[SvcPort], index: usize) -> Ipv4Addr {
-    ports
-        .iter()
-        .find(|p| p.name == format!("bench/svc-{index}"))
-        .expect("measured service exists")
-        .ip
+/// The cluster IP of bench service `i`.
+fn service_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, (i / 250) as u8, (i % 250) as u8 + 1)
 }
 
 /// `lb-lab bench`: every size, then the report.

@@ -26,7 +26,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
     Addr, AffinityKey, AffinityValue, Backend, Counters, MAP_AFFINITY, MAP_BACKENDS, MAP_COUNTERS,
-    MAP_REVNAT, MAP_SERVICES, MAX_SLOTS, PROG_NAMES, RevNat, ServiceKey, ServiceValue, as_v4,
+    MAP_REVNAT, MAP_SERVICES, MAX_SLOTS, PROG_NAMES, RevNat, ServiceKey, ServiceValue,
 };
 
 use crate::model::{Desired, Endpoint, Frontend, Proto};
@@ -107,10 +107,7 @@ pub fn addr_of(ip: IpAddr) -> Addr {
 
 /// The address a map entry holds, IPv4 when it is a mapped one.
 pub fn ip_of(addr: &Addr) -> IpAddr {
-    match as_v4(addr) {
-        Some(v4) => IpAddr::from(v4),
-        None => IpAddr::from(*addr),
-    }
+    IpAddr::from(*addr).to_canonical()
 }
 
 pub fn service_key(fe: &Frontend, slot: u16) -> ServiceKey {

@@ -77,6 +77,12 @@ impl Netns {
         Ok(ns)
     }
 
+    /// `sysctl -w SETTING` inside the namespace (per-namespace settings only).
+    pub fn sysctl(&self, setting: &str) -> anyhow::Result<()> {
+        run(Command::new("ip").args(["netns", "exec", &self.name, "sysctl", "-qw", setting]))
+            .map(drop)
+    }
+
     pub fn file(&self) -> anyhow::Result<File> {
         let path = format!("/var/run/netns/{}", self.name);
         File::open(&path).with_context(|| format!("opening {path}"))
@@ -230,9 +236,8 @@ impl Lab {
         }
         let prefix = unique_prefix(tag);
         let node = Netns::create(&format!("{prefix}-node"))?;
-        for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-            run(Command::new("ip").args(["netns", "exec", &node.name, "sysctl", "-qw", sysctl]))?;
-        }
+        node.sysctl("net.ipv4.ip_forward=1")?;
+        node.sysctl("net.ipv6.conf.all.forwarding=1")?;
         let cgroup = Cgroup::create(&prefix)?;
         let mut lab = Self {
             prefix,
@@ -475,7 +480,7 @@ fn probe_tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<Stri
 
 /// One UDP exchange on a connected socket; getpeername() must report the target.
 /// An unbound UDP socket of the target's family.
-fn udp_socket_for(target: SocketAddr) -> std::io::Result<UdpSocket> {
+pub(crate) fn udp_socket_for(target: SocketAddr) -> std::io::Result<UdpSocket> {
     let any: IpAddr = if target.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
@@ -533,6 +538,23 @@ pub fn probe(opts: &ProbeOptions) -> ProbeReport {
 /// and IPv6 (dual-stack sockets), with `name`. Prints "ready" once both sockets are
 /// bound; runs until killed.
 pub fn serve(name: &str, port: u16) -> anyhow::Result<()> {
+    let (tcp, reply) = start_server(name, port)?;
+    for conn in tcp.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.write_all(reply.as_bytes());
+        // Closing without reading the request would reset the connection if the request
+        // is still unread; read what is there first.
+        let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut buf = [0u8; 64];
+        let _ = conn.read(&mut buf);
+    }
+    Ok(())
+}
+
+/// Binds TCP and UDP `port` on dual-stack sockets, answers every UDP datagram with
+/// `name` from a thread, prints "ready", and returns the TCP listener and the reply line
+/// for the caller's own TCP protocol.
+pub(crate) fn start_server(name: &str, port: u16) -> anyhow::Result<(TcpListener, String)> {
     let tcp = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
         .with_context(|| format!("binding TCP port {port}"))?;
     let udp = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))
@@ -547,16 +569,7 @@ pub fn serve(name: &str, port: u16) -> anyhow::Result<()> {
             let _ = udp.send_to(udp_reply.as_bytes(), peer);
         }
     });
-    for conn in tcp.incoming() {
-        let Ok(mut conn) = conn else { continue };
-        let _ = conn.write_all(reply.as_bytes());
-        // Closing without reading the request would reset the connection if the request
-        // is still unread; read what is there first.
-        let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-        let mut buf = [0u8; 64];
-        let _ = conn.read(&mut buf);
-    }
-    Ok(())
+    Ok((tcp, reply))
 }
 
 /// The running agent, as a process: stopped with SIGTERM on drop, pins removed.

@@ -52,18 +52,6 @@ fn single_backend(report: &ProbeReport, count: usize, what: &str) -> String {
     name.clone()
 }
 
-/// Waits until `target` answers a connection.
-fn wait_answering(fx: &Fixture, target: SocketAddr, mode: ProbeMode) {
-    let ok = lab::wait_for(Duration::from_secs(5), || {
-        let r = fx
-            .lab
-            .probe(&ProbeOptions::tcp(target, 1).with_mode(mode), true)
-            .ok()?;
-        (r.total_replies() == 1).then_some(())
-    });
-    assert!(ok.is_some(), "{target} never answered:\n{}", fx.agent.log());
-}
-
 fn counters(fx: &Fixture, program: &str) -> lb_common::Counters {
     lb_user::datapath::read_counters(&fx.agent.pin_path)
         .unwrap()
@@ -102,8 +90,8 @@ fn client_ip_affinity_keeps_each_namespace_on_one_backend_until_the_timeout() {
     );
     let sticky: SocketAddr = format!("{STICKY}:80").parse().unwrap();
     let brief: SocketAddr = format!("{BRIEF}:80").parse().unwrap();
-    wait_answering(&fx, sticky, ProbeMode::Tcp);
-    wait_answering(&fx, brief, ProbeMode::Tcp);
+    fx.wait_answering(sticky, ProbeMode::Tcp);
+    fx.wait_answering(brief, ProbeMode::Tcp);
 
     // 100 connections from the node's namespace: one backend.
     let node_choice = single_backend(&probe(&fx, sticky, 100), 100, "from the node");
@@ -195,7 +183,7 @@ fn node_ports_external_ips_and_load_balancer_ips_reach_the_backends() {
     );
     fx.write("lb.yaml", &yaml);
     let cluster: SocketAddr = "10.96.0.10:80".parse().unwrap();
-    wait_answering(&fx, cluster, ProbeMode::Tcp);
+    fx.wait_answering(cluster, ProbeMode::Tcp);
     for target in [
         format!("{NODE_IP}:30080"),
         "127.0.0.1:30080".into(),
@@ -258,7 +246,7 @@ fn ipv6_and_dual_stack_services_are_balanced_at_socket_level() {
          spec: {clusterIPs: ['fd00:96::20'], ipFamilies: [IPv6], ports: [{port: 80}]}\n",
     );
     let v6: SocketAddr = "[fd00:96::10]:80".parse().unwrap();
-    wait_answering(&fx, v6, ProbeMode::Tcp);
+    fx.wait_answering(v6, ProbeMode::Tcp);
     // TCP over IPv6, getpeername() checked by every probe.
     let r = probe(&fx, v6, 90);
     assert_eq!(r.total_replies(), 90, "{r:?}");

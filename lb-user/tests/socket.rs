@@ -35,17 +35,6 @@ fn udp_service(name: &str, ip: Ipv4Addr, port: u16, target: u16, pods: &[Ipv4Add
     s
 }
 
-fn wait_ready(fx: &Fixture, target: SocketAddrV4, mode: ProbeMode) {
-    let ok = lab::wait_for(Duration::from_secs(5), || {
-        let r = fx
-            .lab
-            .probe(&ProbeOptions::tcp(target, 1).with_mode(mode), true)
-            .ok()?;
-        (r.total_replies() == 1).then_some(())
-    });
-    assert!(ok.is_some(), "{target} never answered:\n{}", fx.agent.log());
-}
-
 #[test]
 fn udp_datagrams_are_balanced_and_replies_come_from_the_service() {
     let fx = Fixture::new("udp", 3, &[]);
@@ -54,7 +43,7 @@ fn udp_datagrams_are_balanced_and_replies_come_from_the_service() {
         &udp_service("udp", DNS_IP, 53, 8080, &fx.pod_ips(&[0, 1, 2])),
     );
     let target = SocketAddrV4::new(DNS_IP, 53);
-    wait_ready(&fx, target, ProbeMode::UdpSendto);
+    fx.wait_answering(target, ProbeMode::UdpSendto);
     for mode in [
         ProbeMode::UdpSendto,
         ProbeMode::UdpConnected,
@@ -96,7 +85,7 @@ fn udp_to_a_service_without_endpoints_is_refused() {
     fx.write("empty.yaml", &udp_service("empty", EMPTY_IP, 53, 8080, &[]));
     fx.write("web.yaml", &service("web", WEB_IP, 80));
     fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0])));
-    wait_ready(&fx, SocketAddrV4::new(WEB_IP, 80), ProbeMode::Tcp);
+    fx.wait_answering(SocketAddrV4::new(WEB_IP, 80), ProbeMode::Tcp);
     let target = SocketAddrV4::new(EMPTY_IP, 53);
     for mode in [ProbeMode::UdpSendto, ProbeMode::UdpConnected] {
         let r = fx

@@ -4,13 +4,13 @@
 pub mod fake_api;
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use fake_api::FakeApi;
-use lb_user::lab::{AgentProcess, Lab, ProbeOptions, ProbeReport};
+use lb_user::lab::{AgentProcess, Lab, ProbeMode, ProbeOptions, ProbeReport};
 
 pub const LAB_BIN: &str = env!("CARGO_BIN_EXE_lb-lab");
 pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_lb-user");
@@ -117,6 +117,23 @@ impl Fixture {
 
     pub fn remove(&self, name: &str) {
         std::fs::remove_file(self.dir.join("manifests").join(name)).unwrap();
+    }
+
+    /// Waits (up to 5 s) until `target` answers one exchange in `mode`.
+    pub fn wait_answering(&self, target: impl Into<SocketAddr>, mode: ProbeMode) {
+        let target = target.into();
+        let ok = lb_user::lab::wait_for(Duration::from_secs(5), || {
+            let r = self
+                .lab
+                .probe(&ProbeOptions::tcp(target, 1).with_mode(mode), true)
+                .ok()?;
+            (r.total_replies() == 1).then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "{target} never answered:\n{}",
+            self.agent.log()
+        );
     }
 
     pub fn probe(&self, ip: Ipv4Addr, count: usize) -> ProbeReport {
