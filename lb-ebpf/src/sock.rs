@@ -1,4 +1,4 @@
-//! Kernel side of the load balancer: socket-level service translation.
+//! The cgroup sock_addr programs: socket-level translation.
 //!
 //! `cgroup/connect4` and `connect6` see every connect() of a process in the cgroup tree
 //! they are attached to. When the destination is a service frontend (a ClusterIP, node
@@ -7,58 +7,29 @@
 //! destination to the backend's pod IP:targetPort, once, so the connection then flows with
 //! no per-packet NAT. `sendmsg4/6` do the same for every datagram of an unconnected UDP
 //! socket; `recvmsg4/6` and `getpeername4/6` turn the backend back into the service
-//! address, from a per-socket rev-NAT entry. Addresses of both families share one map
-//! layout (IPv4 as `::ffff:a.b.c.d`, see `lb_common::Addr`).
-#![no_std]
-#![no_main]
+//! address, from a per-socket rev-NAT entry.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_set_retval,
     },
-    macros::{btf_map, cgroup_sock_addr},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    Addr, AffinityKey, AffinityValue, Backend, Counters, MAX_AFFINITY, MAX_BACKENDS, MAX_REVNAT,
-    MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4,
-    PROG_GETPEERNAME6, PROG_NAMES, PROG_RECVMSG4, PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6,
-    PROTO_TCP, PROTO_UDP, RevNat, ServiceKey, ServiceValue, SockRevNatKey, affinity_valid, as_v4,
-    pick_slot, v4_mapped,
+    Addr, AffinityKey, Backend, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6,
+    PROG_NAMES, PROG_RECVMSG4, PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROTO_TCP, PROTO_UDP,
+    RevNat, ServiceKey, SockRevNatKey, as_v4, v4_mapped,
 };
 
-/// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
-#[btf_map]
-static LB_SERVICES_V2: HashMap<ServiceKey, ServiceValue, { MAX_SERVICE_ENTRIES as usize }> =
-    HashMap::new();
-
-/// Backend id -> pod address and port.
-#[btf_map]
-static LB_BACKENDS_V2: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
-
-/// rev-NAT id -> frontend address and port.
-#[btf_map]
-static LB_REVNAT_V2: HashMap<u16, RevNat, { MAX_REVNAT as usize }> = HashMap::new();
-
-/// (socket cookie, backend) -> the frontend that socket asked for: what getpeername()
-/// and recvmsg() report instead of the backend.
-#[btf_map]
-static LB_SOCK_REVNAT_V2: LruHashMap<SockRevNatKey, RevNat, { MAX_SOCK_REVNAT as usize }> =
-    LruHashMap::new();
-
-/// (client network namespace, frontend) -> backend and last use: ClientIP affinity.
-#[btf_map]
-static LB_AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue, { MAX_AFFINITY as usize }> =
-    LruHashMap::new();
-
-/// Per-program counters, indexed by `PROG_*`.
-#[btf_map]
-static LB_COUNTERS_V2: PerCpuArray<Counters, { PROG_NAMES.len() }> = PerCpuArray::new();
+use crate::{
+    lb,
+    maps::{LB_SOCK_REVNAT_V2, count},
+};
 
 /// The call may go on (the address may have been rewritten).
 const ALLOW: i32 = 1;
@@ -74,14 +45,6 @@ enum Verdict {
     Translated,
     /// A service frontend without a usable backend: refuse like kube-proxy's REJECT.
     Refused,
-}
-
-#[inline(always)]
-fn count(prog: u32, f: impl FnOnce(&mut Counters)) {
-    if let Some(c) = LB_COUNTERS_V2.get_ptr_mut(prog) {
-        // SAFETY: a per-CPU slot: nothing else on this CPU runs this program concurrently.
-        f(unsafe { &mut *c });
-    }
 }
 
 /// The address family a program handles; picks the `bpf_sock_addr` fields it uses.
@@ -213,6 +176,8 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Steps: the frontend's header; no backend -> refuse; else the affinity entry or a
+/// random slot; rewrite; remember the choice (affinity) and the frontend (rev-NAT).
 #[inline(always)]
 fn try_forward(ctx: &SockAddrContext, prog: u32, family: Family) -> Verdict {
     // SAFETY: the kernel hands the program a valid bpf_sock_addr for its whole run.
@@ -225,81 +190,75 @@ fn try_forward(ctx: &SockAddrContext, prog: u32, family: Family) -> Verdict {
     let addr = user_addr(sa, family);
     let port = u16::from_be(sa.user_port as u16);
     let key = ServiceKey::new(addr, port, proto, 0);
-
-    // SAFETY: values are copied out at once; the agent writes whole values.
-    let Some(header) = (unsafe { LB_SERVICES_V2.get(key) }).copied() else {
+    let Some(header) = lb::header(key) else {
         return Verdict::Pass;
     };
     if header.count == 0 {
         debug!(
             ctx,
             "{}: no backend for {:i}:{}",
-            PROG_NAMES[prog as usize & 7],
+            prog_name(prog),
             addr,
             port
         );
         return Verdict::Refused;
     }
-    let affinity = (header.affinity_timeout != 0).then(|| {
-        // SAFETY: helpers allowed in sock_addr programs, on the program's own context.
-        let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-        let now = unsafe { bpf_ktime_get_ns() };
-        let key = AffinityKey {
-            netns_cookie,
-            rev_nat_id: header.rev_nat_id,
-            _pad: [0; 6],
-        };
-        (key, now)
-    });
-    // A remembered backend that is still valid and still exists wins; the agent deletes
-    // the entries of backends that leave the service.
-    let remembered = affinity.and_then(|(akey, now)| {
-        // SAFETY: copied out at once.
-        let entry = unsafe { LB_AFFINITY_V1.get(akey) }.copied()?;
-        if !affinity_valid(entry.last_used_ns, now, header.affinity_timeout) {
-            return None;
-        }
-        // SAFETY: copied out at once.
-        let backend = unsafe { LB_BACKENDS_V2.get(entry.backend_id) }.copied()?;
-        count(prog, |c| c.affinity_hits += 1);
-        Some((entry.backend_id, backend))
-    });
-    let found = match remembered {
-        Some(b) => Some(b),
-        None => {
-            // SAFETY: a helper without arguments.
-            let random = unsafe { bpf_get_prandom_u32() };
-            let slot = pick_slot(header.count, random).unwrap_or(1);
-            // A slot or backend may vanish between the lookups while the agent shrinks
-            // the service; slot 1 exists as long as the service has a backend, so try
-            // it next. If that fails too the service is being deleted: leave the call
-            // untouched.
-            match backend_at(key, slot) {
-                Some(b) => Some(b),
-                None => {
-                    count(prog, |c| c.misses += 1);
-                    backend_at(key, 1)
-                }
-            }
-        }
+    let affinity = (header.affinity_timeout != 0).then(|| affinity_key(ctx, header.rev_nat_id));
+    let remembered = affinity.and_then(|(akey, now)| lb::remembered(akey, now, &header, prog));
+    let chosen = match remembered {
+        Some(c) => Some(c),
+        // SAFETY: a helper without arguments.
+        None => lb::pick(key, &header, unsafe { bpf_get_prandom_u32() }, prog),
     };
-    let Some((backend_id, backend)) = found else {
+    let Some(chosen) = chosen else {
         return Verdict::Pass;
     };
-    if !set_user_addr(sa, family, &backend.addr, backend.port) {
+    if !set_user_addr(sa, family, &chosen.backend.addr, chosen.backend.port) {
         count(prog, |c| c.misses += 1);
         return Verdict::Pass;
     }
     if let Some((akey, now)) = affinity {
-        let value = AffinityValue {
-            backend_id,
-            _pad: [0; 4],
-            last_used_ns: now,
-        };
-        if LB_AFFINITY_V1.insert(akey, value, 0).is_err() {
-            count(prog, |c| c.misses += 1);
-        }
+        lb::remember(akey, now, &chosen, prog);
     }
+    remember_frontend(ctx, &chosen.backend, addr, port, prog);
+    debug!(
+        ctx,
+        "{}: {:i}:{} -> backend {} {:i}:{}",
+        prog_name(prog),
+        addr,
+        port,
+        chosen.id,
+        chosen.backend.addr,
+        chosen.backend.port
+    );
+    Verdict::Translated
+}
+
+#[inline(always)]
+fn prog_name(prog: u32) -> &'static str {
+    PROG_NAMES[prog as usize & 7]
+}
+
+/// The socket level's affinity client is the caller's network namespace (at connect()
+/// the source address is often not chosen yet); with the time now.
+#[inline(always)]
+fn affinity_key(ctx: &SockAddrContext, rev_nat_id: u16) -> (AffinityKey, u64) {
+    // SAFETY: helpers allowed in sock_addr programs, on the program's own context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = AffinityKey {
+        netns_cookie,
+        rev_nat_id,
+        _pad: [0; 6],
+    };
+    (key, now)
+}
+
+/// Records, for this socket and backend, the frontend it asked for: what recvmsg() and
+/// getpeername() report.
+#[inline(always)]
+fn remember_frontend(ctx: &SockAddrContext, backend: &Backend, addr: Addr, port: u16, prog: u32) {
     // SAFETY: the context is a sock_addr context, for which the helper is allowed.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rev_key = SockRevNatKey {
@@ -316,17 +275,6 @@ fn try_forward(ctx: &SockAddrContext, prog: u32, family: Family) -> Verdict {
     if LB_SOCK_REVNAT_V2.insert(rev_key, frontend, 0).is_err() {
         count(prog, |c| c.misses += 1);
     }
-    debug!(
-        ctx,
-        "{}: {:i}:{} -> backend {} {:i}:{}",
-        PROG_NAMES[prog as usize & 7],
-        addr,
-        port,
-        backend_id,
-        backend.addr,
-        backend.port
-    );
-    Verdict::Translated
 }
 
 /// Rewrites a backend peer address back to the frontend the socket asked for.
@@ -351,22 +299,3 @@ fn reverse(ctx: &SockAddrContext, prog: u32, family: Family) {
         }
     }
 }
-
-/// The backend in one slot of a frontend.
-#[inline(always)]
-fn backend_at(key: ServiceKey, slot: u16) -> Option<(u32, Backend)> {
-    // SAFETY: copied out at once (see above).
-    let id = unsafe { LB_SERVICES_V2.get(key.with_slot(slot)) }?.backend_id;
-    let backend = unsafe { LB_BACKENDS_V2.get(id) }.copied()?;
-    Some((id, backend))
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -19,21 +19,15 @@ use tokio::{
 };
 
 use crate::{
-    datapath::{BpfMaps, Programmed},
-    kube_source::{self, KubeSource},
-    loader,
-    manifest::{self, Objects},
-    metrics::{self, Metrics},
+    datapath::{BpfMaps, Programmed, loader},
     model,
+    serve::metrics::{self, Metrics},
+    source::{
+        Source, SourceSpec,
+        api::{self, KubeSource},
+        manifest,
+    },
 };
-
-/// Where the objects come from.
-pub enum SourceSpec {
-    /// A YAML/JSON file or directory, polled for changes.
-    Manifests(PathBuf),
-    /// The Kubernetes API (`--kubeconfig`, else inferred).
-    Kube { kubeconfig: Option<PathBuf> },
-}
 
 pub struct RunOptions {
     pub source: SourceSpec,
@@ -54,74 +48,6 @@ pub struct RunOptions {
     pub keep_pins: bool,
 }
 
-/// kube-proxy's node name rule: --hostname-override, else NODE_NAME, else the hostname,
-/// lower-cased.
-pub fn node_name(override_: Option<&str>) -> String {
-    override_
-        .map(str::to_string)
-        .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|h| h.trim().to_string())
-        })
-        .unwrap_or_default()
-        .to_lowercase()
-}
-
-/// A started source.
-enum Source {
-    Manifests {
-        path: PathBuf,
-        cache: std::sync::Mutex<manifest::Cache>,
-        poller: tokio::task::JoinHandle<()>,
-    },
-    Kube(KubeSource),
-}
-
-impl Source {
-    /// The objects now, with warnings about what could not be read.
-    fn objects(&self) -> Result<(Objects, Vec<String>), manifest::ManifestError> {
-        match self {
-            Self::Manifests { path, cache, .. } => cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .load(path)
-                .map(|l| (l.objects, l.warnings)),
-            Self::Kube(k) => Ok((k.objects(), Vec::new())),
-        }
-    }
-}
-
-impl Drop for Source {
-    fn drop(&mut self) {
-        if let Self::Manifests { poller, .. } = self {
-            poller.abort();
-        }
-    }
-}
-
-/// Notifies `changed` whenever the manifests' fingerprint changes (and once at start).
-fn poll_manifests(
-    path: PathBuf,
-    every: Duration,
-    changed: Arc<Notify>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut seen = None;
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let now = manifest::fingerprint(&path);
-            if seen.as_ref() != Some(&now) {
-                seen = Some(now);
-                changed.notify_one();
-            }
-        }
-    })
-}
-
 /// One agent: the maps and what is programmed in them.
 struct Agent {
     maps: BpfMaps,
@@ -130,6 +56,15 @@ struct Agent {
     node_name: String,
     node_ips: Vec<std::net::IpAddr>,
     metrics: metrics::Shared,
+}
+
+/// How long each step of one sync took.
+struct SyncTimes {
+    read: Duration,
+    model: Duration,
+    plan: Duration,
+    write: Duration,
+    total: Duration,
 }
 
 impl Agent {
@@ -147,22 +82,9 @@ impl Agent {
         let read = started.elapsed();
         let built = model::build(&objects, Some(&self.node_name), &self.node_ips);
         let modelled = started.elapsed();
-        let warnings: Vec<String> = read_warnings.into_iter().chain(built.warnings).collect();
-        if warnings != self.last_warnings {
-            for w in &warnings {
-                tracing::warn!("{w}");
-            }
-            self.last_warnings = warnings;
-        }
-        let mut programmed = match self.programmed.take() {
-            Some(p) => p,
-            None => match self.maps.snapshot() {
-                Ok(snap) => Programmed::adopt(&snap),
-                Err(e) => {
-                    tracing::error!("reading the maps back: {e}; will retry");
-                    return;
-                }
-            },
+        self.warn_once(read_warnings.into_iter().chain(built.warnings).collect());
+        let Some(mut programmed) = self.programmed() else {
+            return;
         };
         let planning = Instant::now();
         let plan = programmed.plan(&built.desired);
@@ -172,33 +94,19 @@ impl Agent {
         }
         let writing = Instant::now();
         let result = self.maps.apply(&plan.ops);
-        let written = writing.elapsed();
+        let times = SyncTimes {
+            read,
+            model: modelled - read,
+            plan: planned,
+            write: writing.elapsed(),
+            total: started.elapsed(),
+        };
         let written_at = SystemTime::now();
-        let elapsed = started.elapsed();
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(()) => {
-                tracing::info!(
-                    services = built.desired.service_count(),
-                    frontends = programmed.frontend_count(),
-                    backends = programmed.backend_count(),
-                    map_writes = plan.ops.len(),
-                    elapsed_us = elapsed.as_micros() as u64,
-                    read_us = read.as_micros() as u64,
-                    model_us = (modelled - read).as_micros() as u64,
-                    plan_us = planned.as_micros() as u64,
-                    write_us = written.as_micros() as u64,
-                    "synced"
-                );
-                m.syncs_total += 1;
-                m.sync_seconds_sum += elapsed.as_secs_f64();
-                m.last_sync_seconds = elapsed.as_secs_f64();
-                m.last_sync_timestamp = metrics::unix_now();
-                m.services = built.desired.service_count();
-                m.frontends = programmed.frontend_count();
-                m.backends = programmed.backend_count();
-                m.map_entries = programmed.map_entries();
-                m.map_writes_total += plan.ops.len() as u64;
+                log_sync(&built.desired, &programmed, plan.ops.len(), &times);
+                m.record_sync(&built.desired, &programmed, plan.ops.len(), times.total);
                 m.observe_programming(&objects, written_at);
                 self.programmed = Some(programmed);
             }
@@ -210,16 +118,105 @@ impl Agent {
             }
         }
     }
+
+    /// Logs the model's and the source's warnings when they differ from the last sync's.
+    fn warn_once(&mut self, warnings: Vec<String>) {
+        if warnings != self.last_warnings {
+            for w in &warnings {
+                tracing::warn!("{w}");
+            }
+            self.last_warnings = warnings;
+        }
+    }
+
+    /// What the maps hold: known from the last sync, else read back (adopting the maps an
+    /// earlier agent left, or re-reading them after a failed write).
+    fn programmed(&mut self) -> Option<Programmed> {
+        if let Some(p) = self.programmed.take() {
+            return Some(p);
+        }
+        match self.maps.snapshot() {
+            Ok(snap) => Some(Programmed::adopt(&snap)),
+            Err(e) => {
+                tracing::error!("reading the maps back: {e}; will retry");
+                None
+            }
+        }
+    }
+}
+
+fn log_sync(desired: &model::Desired, programmed: &Programmed, writes: usize, t: &SyncTimes) {
+    let us = |d: Duration| d.as_micros() as u64;
+    tracing::info!(
+        services = desired.service_count(),
+        frontends = programmed.frontend_count(),
+        backends = programmed.backend_count(),
+        map_writes = writes,
+        elapsed_us = us(t.total),
+        read_us = us(t.read),
+        model_us = us(t.model),
+        plan_us = us(t.plan),
+        write_us = us(t.write),
+        "synced"
+    );
+}
+
+/// SIGTERM and SIGINT, the two ways the agent is asked to stop.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+        })
+    }
+
+    /// Waits for either signal; returns its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Everything `run` started; dropped in order at the end.
+struct Running {
+    agent: Agent,
+    ebpf: aya::Ebpf,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    if let SourceSpec::Manifests(path) = &opts.source {
-        manifest::manifest_files(path)?;
+    let client = check_source(&opts.source).await?;
+    let mut running = attach(&opts)?;
+    let mut signals = StopSignals::install()?;
+    let changed = Arc::new(Notify::new());
+    if let Some(source) = start_source(&opts, client, changed.clone(), &mut signals).await? {
+        sync_until_stopped(&mut running.agent, &source, &changed, &mut signals, &opts).await;
     }
-    let client = match &opts.source {
-        SourceSpec::Kube { kubeconfig } => Some(kube_source::client(kubeconfig.as_deref()).await?),
-        SourceSpec::Manifests(_) => None,
-    };
+    shutdown(running, &opts);
+    Ok(())
+}
+
+/// Fails early on an unusable manifest path; makes the API client.
+async fn check_source(spec: &SourceSpec) -> anyhow::Result<Option<kube::Client>> {
+    match spec {
+        SourceSpec::Manifests(path) => {
+            manifest::manifest_files(path)?;
+            Ok(None)
+        }
+        SourceSpec::Kube { kubeconfig } => Ok(Some(api::client(kubeconfig.as_deref()).await?)),
+    }
+}
+
+/// Loads and attaches the programs, opens their maps, starts the log reader and the
+/// metrics server.
+fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     let cgroup = loader::open_cgroup(&opts.cgroup)?;
     let mut ebpf = loader::load_and_attach(&opts.pin_path, &cgroup, opts.bpf_log_level)?;
     tracing::info!(
@@ -229,60 +226,70 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         programs = ?loader::PROGRAMS,
         "programs attached"
     );
-    let logger = if opts.bpf_log_level > 0 {
-        Some(spawn_bpf_logger(&mut ebpf)?)
-    } else {
-        None
-    };
+    let mut tasks = Vec::new();
+    if opts.bpf_log_level > 0 {
+        tasks.push(spawn_bpf_logger(&mut ebpf)?);
+    }
     let metrics: metrics::Shared = Arc::new(Mutex::new(Metrics::default()));
-    let metrics_task = opts
-        .metrics_addr
-        .map(|a| metrics::serve(a, metrics.clone(), opts.pin_path.clone()));
-    let mut agent = Agent {
+    if let Some(addr) = opts.metrics_addr {
+        tasks.push(metrics::serve(addr, metrics.clone(), opts.pin_path.clone()));
+    }
+    let agent = Agent {
         maps: BpfMaps::from_ebpf(&mut ebpf)?,
         programmed: None,
         last_warnings: Vec::new(),
         node_name: opts.node_name.clone(),
         node_ips: opts.node_ips.clone(),
-        metrics: metrics.clone(),
+        metrics,
     };
+    Ok(Running { agent, ebpf, tasks })
+}
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    let changed = Arc::new(Notify::new());
-    let source = match (&opts.source, client) {
-        (SourceSpec::Manifests(path), _) => Source::Manifests {
-            path: path.clone(),
-            cache: Default::default(),
-            poller: poll_manifests(path.clone(), opts.poll_interval, changed.clone()),
-        },
+/// Starts the source; for the API, waits for the first complete list. `None` when a
+/// signal came first.
+async fn start_source(
+    opts: &RunOptions,
+    client: Option<kube::Client>,
+    changed: Arc<Notify>,
+    signals: &mut StopSignals,
+) -> anyhow::Result<Option<Source>> {
+    match (&opts.source, client) {
+        (SourceSpec::Manifests(path), _) => Ok(Some(Source::manifests(
+            path.clone(),
+            opts.poll_interval,
+            changed,
+        ))),
         (SourceSpec::Kube { .. }, Some(client)) => {
-            let k = KubeSource::start(client, &opts.node_name, changed.clone());
+            let k = KubeSource::start(client, &opts.node_name, changed);
             tracing::info!("waiting for the first list of Services, EndpointSlices and the Node");
-            let stopped = tokio::select! {
-                r = k.wait_ready() => { r?; false }
-                _ = sigterm.recv() => true,
-                _ = sigint.recv() => true,
-            };
-            if stopped {
-                shutdown(agent, ebpf, &opts);
-                return Ok(());
+            tokio::select! {
+                r = k.wait_ready() => { r?; Ok(Some(Source::Kube(k))) }
+                name = signals.recv() => { tracing::info!("{name} before the first list"); Ok(None) }
             }
-            Source::Kube(k)
         }
-        (SourceSpec::Kube { .. }, None) => unreachable!("the client is made above"),
-    };
+        (SourceSpec::Kube { .. }, None) => unreachable!("check_source makes the client"),
+    }
+}
 
+/// The bounded-frequency loop: a sync after each change (or a second after a failed
+/// one), at most one per `min_sync_period`, until a signal.
+async fn sync_until_stopped(
+    agent: &mut Agent,
+    source: &Source,
+    changed: &Notify,
+    signals: &mut StopSignals,
+    opts: &RunOptions,
+) {
     let mut last_sync: Option<Instant> = None;
     loop {
         let retry = agent.programmed.is_none() && last_sync.is_some();
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: detaching"); break; }
+            name = signals.recv() => { tracing::info!("{name}: detaching"); return; }
             _ = changed.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
         }
-        metrics
+        agent
+            .metrics
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .last_queued_timestamp = metrics::unix_now();
@@ -292,26 +299,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             && !wait.is_zero()
         {
             tokio::select! {
-                _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); break; }
-                _ = sigint.recv() => { tracing::info!("SIGINT: detaching"); break; }
+                name = signals.recv() => { tracing::info!("{name}: detaching"); return; }
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        agent.sync(&source);
+        agent.sync(source);
         last_sync = Some(Instant::now());
     }
-    drop(source);
-    if let Some(task) = logger {
-        task.abort();
-    }
-    if let Some(task) = metrics_task {
-        task.abort();
-    }
-    shutdown(agent, ebpf, &opts);
-    Ok(())
 }
 
-fn shutdown(agent: Agent, ebpf: aya::Ebpf, opts: &RunOptions) {
+fn shutdown(running: Running, opts: &RunOptions) {
+    let Running { agent, ebpf, tasks } = running;
+    for task in tasks {
+        task.abort();
+    }
     drop(agent);
     drop(ebpf); // closes the links: the programs are detached
     if !opts.keep_pins {

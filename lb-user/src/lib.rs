@@ -1,19 +1,18 @@
-//! lb-user: the agent that programs the socket-level load balancer, and its CLI.
+//! lb-user: the agent that programs the load balancer, and its CLI.
 //!
-//! Data flow: [`manifest`] (source) -> [`model`] (pure desired state) -> [`datapath`]
-//! (diff and ordered map writes) -> the pinned maps read by lb-ebpf's programs.
+//! Data flow, one module a step:
+//!
+//! * [`source`]: manifests or the Kubernetes API, both emitting [`model::Objects`];
+//! * [`model`]: pure, kube-proxy's rules: objects in, desired frontends and backends out;
+//! * [`datapath`]: loader, diff and ordered map writes: the only code that touches BPF;
+//! * [`serve`]: metrics and `dump`, for people and scrapers;
+//! * [`agent`]: the run loop that ties them together.
 
 pub mod agent;
-pub mod bench;
-pub mod bench_rules;
 pub mod datapath;
-pub mod dump;
-pub mod kube_source;
-pub mod lab;
-pub mod loader;
-pub mod manifest;
-pub mod metrics;
 pub mod model;
+pub mod serve;
+pub mod source;
 
 /// An error and its causes on one line, each cause once: our error types already quote
 /// their source in their message, and contexts added with anyhow do not.
@@ -34,7 +33,7 @@ mod tests {
     #[test]
     fn error_chain_names_each_cause_once() {
         let io = std::io::Error::from_raw_os_error(libc::ENOENT);
-        let e = anyhow::Error::from(crate::manifest::ManifestError::Io {
+        let e = anyhow::Error::from(crate::source::manifest::ManifestError::Io {
             path: "/nope".into(),
             source: io,
         })

@@ -3,7 +3,12 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use lb_user::{agent, datapath::BpfMaps, dump, loader};
+use lb_user::{
+    agent,
+    datapath::{BpfMaps, loader},
+    serve::dump,
+    source::{self, SourceSpec},
+};
 
 #[derive(Parser)]
 #[command(
@@ -124,12 +129,12 @@ fn main() -> ExitCode {
         } => parse_bind(&metrics_bind_address).and_then(|metrics_addr| {
             let opts = agent::RunOptions {
                 source: match manifests {
-                    Some(path) => agent::SourceSpec::Manifests(path),
-                    None => agent::SourceSpec::Kube { kubeconfig },
+                    Some(path) => SourceSpec::Manifests(path),
+                    None => SourceSpec::Kube { kubeconfig },
                 },
                 cgroup,
                 pin_path,
-                node_name: agent::node_name(hostname_override.as_deref()),
+                node_name: source::node_name(hostname_override.as_deref()),
                 node_ips,
                 poll_interval: Duration::from_millis(poll_interval_ms.max(1)),
                 min_sync_period,

@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::{AGENT_BIN, Fixture, OTHER_IP, POD_PORT, WEB_IP, require_root, service, slice};
-use lb_user::lab::{self, ProbeOptions, ProbeReport};
+use lb_lab::lab::{self, ProbeOptions, ProbeReport};
 
 fn names(report: &ProbeReport) -> BTreeSet<&str> {
     report.replies.keys().map(String::as_str).collect()

@@ -11,7 +11,7 @@ use std::{
 };
 
 use common::{Fixture, POD_PORT};
-use lb_user::lab::{self, ProbeMode, ProbeOptions, ProbeReport};
+use lb_lab::lab::{self, ProbeMode, ProbeOptions, ProbeReport};
 
 /// A Service `name` in namespace t with `spec_extra` lines (indented by two spaces), one
 /// TCP port 80 -> http, and its IPv4 slice over `pods`.

@@ -12,12 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    Fixture, OTHER_IP, WEB_IP,
-    fake_api::{FakeApi, Kind},
-    service, slice,
-};
-use lb_user::{kube_source::KubeSource, manifest::Objects};
+use common::{Fixture, OTHER_IP, WEB_IP, service, slice};
+use lb_lab::fake_api::{FakeApi, Kind};
+use lb_user::{model::Objects, source::api::KubeSource};
 use tokio::sync::Notify;
 
 const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {topology.kubernetes.io/zone: zone-1}\n";
@@ -39,14 +36,14 @@ impl std::ops::Deref for Scratch {
 }
 
 fn scratch(tag: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(lb_user::lab::unique_prefix(tag));
+    let dir = std::env::temp_dir().join(lb_lab::lab::unique_prefix(tag));
     std::fs::create_dir_all(&dir).unwrap();
     Scratch(dir)
 }
 
 /// Starts a source against `api` and waits for its first complete list.
 async fn source(api: &FakeApi, dir: &std::path::Path) -> (KubeSource, Arc<Notify>) {
-    let client = lb_user::kube_source::client(Some(&api.kubeconfig(dir)))
+    let client = lb_user::source::api::client(Some(&api.kubeconfig(dir)))
         .await
         .expect("client from a plain-HTTP kubeconfig");
     let changed = Arc::new(Notify::new());
@@ -250,7 +247,7 @@ fn an_api_change_reaches_a_real_connection() {
     );
     api.apply(&annotated(&fx.pod_ips(&[0])));
     let reached = |pod: &'static str| {
-        lb_user::lab::wait_for(Duration::from_secs(2), || {
+        lb_lab::lab::wait_for(Duration::from_secs(2), || {
             let r = fx.probe(WEB_IP, 10);
             (r.replies.get(pod) == Some(&10)).then_some(())
         })

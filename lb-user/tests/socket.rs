@@ -11,7 +11,7 @@ use std::{
 };
 
 use common::{AGENT_BIN, Fixture, WEB_IP, service, slice};
-use lb_user::lab::{self, ProbeMode, ProbeOptions};
+use lb_lab::lab::{self, ProbeMode, ProbeOptions};
 
 const DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 54);

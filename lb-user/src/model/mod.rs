@@ -31,10 +31,16 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{PROTO_TCP, PROTO_UDP};
 
-use crate::manifest::Objects;
+/// The objects the model works from, as every source emits them.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
+}
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -657,13 +663,30 @@ fn select(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Loaded, parse_into};
+    use serde::Deserialize as _;
+
+    /// The objects of a multi-document YAML text (the model's tests need no source).
+    fn objects_from(yaml: &str) -> Objects {
+        let mut objects = Objects::default();
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let value = serde_yaml::Value::deserialize(doc).expect("YAML");
+            match value.get("kind").and_then(|k| k.as_str()) {
+                Some("Service") => objects
+                    .services
+                    .push(serde_yaml::from_value(value).unwrap()),
+                Some("EndpointSlice") => {
+                    objects.slices.push(serde_yaml::from_value(value).unwrap())
+                }
+                Some("Node") => objects.nodes.push(serde_yaml::from_value(value).unwrap()),
+                None if value.is_null() => {}
+                other => panic!("unexpected kind {other:?}"),
+            }
+        }
+        objects
+    }
 
     fn build_from(yaml: &str) -> Built {
-        let mut loaded = Loaded::default();
-        parse_into(yaml, "t.yaml", &mut loaded);
-        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
-        build(&loaded.objects, Some("node-a"), &[])
+        build(&objects_from(yaml), Some("node-a"), &[])
     }
 
     fn fe(addr: &str, port: u16, proto: Proto) -> Frontend {
@@ -971,9 +994,8 @@ endpoints:
             "ports: [{port: 80}]\nendpoints",
             "ports: [{port: 0}]\nendpoints",
         );
-        let mut loaded = Loaded::default();
-        parse_into(&yaml, "t.yaml", &mut loaded);
-        let b = build(&loaded.objects, Some("node-a"), &[]);
+        let objects = objects_from(&yaml);
+        let b = build(&objects, Some("node-a"), &[]);
         assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
         assert!(
             b.warnings[0].starts_with("EndpointSlice n/s-1: field ports[0].port: 0 is not a port")
@@ -1105,13 +1127,8 @@ endpoints:
             ])
         );
         // --node-ip replaces the Node's addresses.
-        let mut loaded = Loaded::default();
-        parse_into(&exposed(", type: NodePort", ""), "t.yaml", &mut loaded);
-        let b = build(
-            &loaded.objects,
-            Some("node-a"),
-            &["198.51.100.7".parse().unwrap()],
-        );
+        let objects = objects_from(&exposed(", type: NodePort", ""));
+        let b = build(&objects, Some("node-a"), &["198.51.100.7".parse().unwrap()]);
         let addrs: Vec<String> = b.desired.frontends.keys().map(|f| f.to_string()).collect();
         assert_eq!(
             addrs,
@@ -1171,14 +1188,11 @@ endpoints:
 
     #[test]
     fn a_slice_whose_service_does_not_exist_warns() {
-        let mut loaded = Loaded::default();
-        parse_into(
+        let objects = objects_from(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: early-1\n  namespace: n\n  \
              labels: {kubernetes.io/service-name: early}\naddressType: IPv4\nendpoints: []\n",
-            "t.yaml",
-            &mut loaded,
         );
-        let b = build(&loaded.objects, Some("node-a"), &[]);
+        let b = build(&objects, Some("node-a"), &[]);
         assert_eq!(b.warnings.len(), 1);
         assert!(
             b.warnings[0].starts_with("EndpointSlice n/early-1: field metadata.labels[kubernetes.io/service-name]: service n/early does not exist"),

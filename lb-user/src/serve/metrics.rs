@@ -10,7 +10,10 @@ use std::{
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::manifest::Objects;
+use crate::{
+    datapath::Programmed,
+    model::{Desired, Objects},
+};
 
 /// The EndpointSlice annotation kube-proxy measures network programming latency from.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -90,101 +93,151 @@ impl Metrics {
         self.seeded = true;
     }
 
+    /// Records a successful sync of `desired`, now `programmed` with `writes` map writes.
+    pub fn record_sync(
+        &mut self,
+        desired: &Desired,
+        programmed: &Programmed,
+        writes: usize,
+        took: Duration,
+    ) {
+        self.syncs_total += 1;
+        self.sync_seconds_sum += took.as_secs_f64();
+        self.last_sync_seconds = took.as_secs_f64();
+        self.last_sync_timestamp = unix_now();
+        self.services = desired.service_count();
+        self.frontends = programmed.frontend_count();
+        self.backends = programmed.backend_count();
+        self.map_entries = programmed.map_entries();
+        self.map_writes_total += writes as u64;
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, String)>| {
+        for Family {
+            name,
+            kind,
+            help,
+            samples,
+        } in self.families()
+        {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-            for (suffix, value) in lines {
+            for (suffix, value) in samples {
                 out.push_str(&format!("{name}{suffix} {value}\n"));
             }
-        };
-        let one = |v: String| vec![(String::new(), v)];
-        metric(
-            "kubeproxy_sync_proxy_rules_duration_seconds",
-            "summary",
-            "How long syncs (model, diff, map writes) took.",
-            vec![
-                ("_sum".into(), self.sync_seconds_sum.to_string()),
-                ("_count".into(), self.syncs_total.to_string()),
-            ],
-        );
-        metric(
-            "lb_sync_last_duration_seconds",
-            "gauge",
-            "Duration of the last sync.",
-            one(self.last_sync_seconds.to_string()),
-        );
-        metric(
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-            "gauge",
-            "When the last successful sync finished (unix time).",
-            one(self.last_sync_timestamp.to_string()),
-        );
-        metric(
-            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-            "gauge",
-            "When the last change was queued (unix time).",
-            one(self.last_queued_timestamp.to_string()),
-        );
-        metric(
-            "kubeproxy_network_programming_duration_seconds",
-            "summary",
-            "From an EndpointSlice's last-change-trigger-time to the map write.",
-            vec![
-                (
-                    "_sum".into(),
-                    self.network_programming_seconds_sum.to_string(),
-                ),
-                ("_count".into(), self.network_programming_count.to_string()),
-            ],
-        );
-        metric(
-            "lb_network_programming_last_seconds",
-            "gauge",
-            "Network programming latency of the last observed change.",
-            one(self.network_programming_last_seconds.to_string()),
-        );
-        metric(
-            "lb_sync_errors_total",
-            "counter",
-            "Syncs whose map writes failed.",
-            one(self.sync_errors_total.to_string()),
-        );
-        metric(
-            "lb_map_writes_total",
-            "counter",
-            "Map updates and deletes written.",
-            one(self.map_writes_total.to_string()),
-        );
-        metric(
-            "lb_programmed_services",
-            "gauge",
-            "Services with at least one programmed frontend.",
-            one(self.services.to_string()),
-        );
-        metric(
-            "lb_programmed_frontends",
-            "gauge",
-            "Programmed frontends (address, port, protocol).",
-            one(self.frontends.to_string()),
-        );
-        metric(
-            "lb_programmed_endpoints",
-            "gauge",
-            "Distinct programmed backends (endpoint, protocol).",
-            one(self.backends.to_string()),
-        );
-        metric(
-            "lb_map_entries",
-            "gauge",
-            "Entries in each BPF map.",
-            self.map_entries
-                .iter()
-                .map(|(m, n)| (format!("{{map=\"{m}\"}}"), n.to_string()))
-                .collect(),
-        );
+        }
         out
+    }
+
+    fn families(&self) -> Vec<Family> {
+        let one = |v: &dyn ToString| vec![(String::new(), v.to_string())];
+        let summary = |sum: f64, count: u64| {
+            vec![
+                ("_sum".into(), sum.to_string()),
+                ("_count".into(), count.to_string()),
+            ]
+        };
+        let entries = self
+            .map_entries
+            .iter()
+            .map(|(m, n)| (format!("{{map=\"{m}\"}}"), n.to_string()))
+            .collect();
+        vec![
+            Family::new(
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "summary",
+                "How long syncs (model, diff, map writes) took.",
+                summary(self.sync_seconds_sum, self.syncs_total),
+            ),
+            Family::gauge(
+                "lb_sync_last_duration_seconds",
+                "Duration of the last sync.",
+                one(&self.last_sync_seconds),
+            ),
+            Family::gauge(
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                "When the last successful sync finished (unix time).",
+                one(&self.last_sync_timestamp),
+            ),
+            Family::gauge(
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "When the last change was queued (unix time).",
+                one(&self.last_queued_timestamp),
+            ),
+            Family::new(
+                "kubeproxy_network_programming_duration_seconds",
+                "summary",
+                "From an EndpointSlice's last-change-trigger-time to the map write.",
+                summary(
+                    self.network_programming_seconds_sum,
+                    self.network_programming_count,
+                ),
+            ),
+            Family::gauge(
+                "lb_network_programming_last_seconds",
+                "Network programming latency of the last observed change.",
+                one(&self.network_programming_last_seconds),
+            ),
+            Family::counter(
+                "lb_sync_errors_total",
+                "Syncs whose map writes failed.",
+                one(&self.sync_errors_total),
+            ),
+            Family::counter(
+                "lb_map_writes_total",
+                "Map updates and deletes written.",
+                one(&self.map_writes_total),
+            ),
+            Family::gauge(
+                "lb_programmed_services",
+                "Services with at least one programmed frontend.",
+                one(&self.services),
+            ),
+            Family::gauge(
+                "lb_programmed_frontends",
+                "Programmed frontends (address, port, protocol).",
+                one(&self.frontends),
+            ),
+            Family::gauge(
+                "lb_programmed_endpoints",
+                "Distinct programmed backends (endpoint, protocol).",
+                one(&self.backends),
+            ),
+            Family::gauge("lb_map_entries", "Entries in each BPF map.", entries),
+        ]
+    }
+}
+
+/// One metric family: its samples are (label set or suffix, value).
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: Vec<(String, String)>,
+}
+
+impl Family {
+    fn new(
+        name: &'static str,
+        kind: &'static str,
+        help: &'static str,
+        samples: Vec<(String, String)>,
+    ) -> Self {
+        Self {
+            name,
+            kind,
+            help,
+            samples,
+        }
+    }
+
+    fn gauge(name: &'static str, help: &'static str, samples: Vec<(String, String)>) -> Self {
+        Self::new(name, "gauge", help, samples)
+    }
+
+    fn counter(name: &'static str, help: &'static str, samples: Vec<(String, String)>) -> Self {
+        Self::new(name, "counter", help, samples)
     }
 }
 

@@ -15,13 +15,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize as _;
 
-/// The objects the model works from.
-#[derive(Clone, Debug, Default)]
-pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
-}
+use crate::model::Objects;
 
 /// Errors that stop a whole load: the path itself is unusable.
 #[derive(Debug, thiserror::Error)]

@@ -1,19 +1,21 @@
 //! Shared by the integration tests: manifest builders, the lab fixture, the fake API.
 #![allow(dead_code, reason = "each test crate uses a part of this module")]
 
-pub mod fake_api;
-
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use fake_api::FakeApi;
-use lb_user::lab::{AgentProcess, Lab, ProbeMode, ProbeOptions, ProbeReport};
+use lb_lab::fake_api::FakeApi;
+use lb_lab::lab::{AgentProcess, Lab, ProbeMode, ProbeOptions, ProbeReport};
 
-pub const LAB_BIN: &str = env!("CARGO_BIN_EXE_lb-lab");
 pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_lb-user");
+
+/// The lab's own binary (pod servers, probes), built by the lb-lab package.
+pub fn lab_bin() -> PathBuf {
+    lb_lab::binary("lb-lab").expect("the lb-lab binary")
+}
 pub const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 pub const POD_PORT: u16 = 8080;
@@ -73,7 +75,7 @@ impl Fixture {
         extra_args: &[&str],
     ) -> Self {
         require_root();
-        let lab = Lab::new(Path::new(LAB_BIN), tag, pods, POD_PORT).expect("creating the lab");
+        let lab = Lab::new(&lab_bin(), tag, pods, POD_PORT).expect("creating the lab");
         let dir = std::env::temp_dir().join(&lab.prefix);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("manifests")).unwrap();
@@ -122,7 +124,7 @@ impl Fixture {
     /// Waits (up to 5 s) until `target` answers one exchange in `mode`.
     pub fn wait_answering(&self, target: impl Into<SocketAddr>, mode: ProbeMode) {
         let target = target.into();
-        let ok = lb_user::lab::wait_for(Duration::from_secs(5), || {
+        let ok = lb_lab::lab::wait_for(Duration::from_secs(5), || {
             let r = self
                 .lab
                 .probe(&ProbeOptions::tcp(target, 1).with_mode(mode), true)

@@ -1,11 +1,18 @@
 //! kube-proxy's own rules, generated as kube-proxy writes them, for the benchmarks to
 //! compare against: iptables mode (`iptables-restore` input, the same text for the
 //! nf_tables and the legacy backend) and nftables mode (`nft -f` input). Pure text
-//! generation; the benchmark loads it into a namespace of its own.
+//! generation, and [`KubeProxy::load`], which loads it into a namespace of the benchmark's.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
-use crate::model::Proto;
+use anyhow::{Context as _, bail};
+use lb_user::model::Proto;
 
 /// The pod network (kube-proxy's --cluster-cidr): traffic from outside it is masqueraded.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
@@ -318,6 +325,76 @@ pub fn nft_change(old: &SvcPort, new: &SvcPort) -> String {
         let _ = writeln!(out, "delete chain {NFT_T} {}", nft_ep_chain(old, *ep));
     }
     out
+}
+
+/// A kube-proxy mode and how its rules are loaded.
+#[derive(Clone, Copy, Debug)]
+pub enum KubeProxy {
+    IptablesNft,
+    IptablesLegacy,
+    Nftables,
+}
+
+impl KubeProxy {
+    pub const ALL: [Self; 3] = [Self::IptablesNft, Self::IptablesLegacy, Self::Nftables];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::IptablesNft => "iptables-nft",
+            Self::IptablesLegacy => "iptables-legacy",
+            Self::Nftables => "nftables",
+        }
+    }
+
+    pub fn full(self, ports: &[SvcPort]) -> String {
+        match self {
+            Self::Nftables => nft_ruleset(ports),
+            _ => iptables_restore(ports),
+        }
+    }
+
+    pub fn change(self, old: &SvcPort, new: &SvcPort) -> String {
+        match self {
+            Self::Nftables => nft_change(old, new),
+            _ => iptables_change(old, new),
+        }
+    }
+
+    /// Loads `rules` in `netns` (`partial`: kube-proxy's --noflush partial sync).
+    pub fn load(self, netns: &str, rules: &str, partial: bool) -> anyhow::Result<Duration> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns]);
+        match self {
+            Self::IptablesNft => cmd.arg("iptables-nft-restore"),
+            Self::IptablesLegacy => cmd.arg("iptables-legacy-restore"),
+            Self::Nftables => cmd.args(["nft", "-f", "-"]),
+        };
+        if partial && !matches!(self, Self::Nftables) {
+            cmd.arg("--noflush");
+        }
+        let start = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(rules.as_bytes())?;
+        let out = child.wait_with_output()?;
+        let took = start.elapsed();
+        if !out.status.success() {
+            bail!(
+                "{} rules did not load: {}",
+                self.name(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(took)
+    }
 }
 
 #[cfg(test)]

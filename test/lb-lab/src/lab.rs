@@ -31,7 +31,7 @@ use anyhow::{Context as _, bail};
 use clap::ValueEnum as _;
 use serde::{Deserialize, Serialize};
 
-use crate::loader::mount_point;
+use lb_user::datapath::loader::mount_point;
 
 /// Runs a command to completion; the error names the command and carries its stderr.
 pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
@@ -652,7 +652,7 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.stop();
-        crate::loader::remove_pins(&self.pin_path);
+        lb_user::datapath::loader::remove_pins(&self.pin_path);
     }
 }
 

@@ -22,7 +22,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 
-use crate::manifest::Objects;
+use crate::model::Objects;
 
 /// kube-proxy's selector: services (and their slices) handled by another proxy, and
 /// headless ones, are not watched at all.

@@ -1,0 +1,91 @@
+//! Service lookup and backend choice, shared by every hook that translates a destination:
+//! the frontend's header (slot 0), a remembered ClientIP-affinity backend if still valid,
+//! else a random slot.
+
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, affinity_valid, pick_slot,
+};
+
+use crate::maps::{LB_AFFINITY_V1, LB_BACKENDS_V2, LB_SERVICES_V2, count};
+
+/// A chosen backend and its id.
+#[derive(Clone, Copy)]
+pub(crate) struct Chosen {
+    pub id: u32,
+    pub backend: Backend,
+}
+
+/// The header of the frontend `key` (slot 0), if it is one.
+#[inline(always)]
+pub(crate) fn header(key: ServiceKey) -> Option<ServiceValue> {
+    // SAFETY: values are copied out at once; the agent writes whole values.
+    unsafe { LB_SERVICES_V2.get(key) }.copied()
+}
+
+/// The affinity entry of a client (`akey`) at time `now`, when the frontend has
+/// affinity: the remembered backend if it is still valid and still exists (the agent
+/// deletes the entries of backends that leave the service).
+#[inline(always)]
+pub(crate) fn remembered(
+    akey: AffinityKey,
+    now: u64,
+    header: &ServiceValue,
+    prog: u32,
+) -> Option<Chosen> {
+    // SAFETY: copied out at once.
+    let entry = unsafe { LB_AFFINITY_V1.get(akey) }.copied()?;
+    if !affinity_valid(entry.last_used_ns, now, header.affinity_timeout) {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let backend = unsafe { LB_BACKENDS_V2.get(entry.backend_id) }.copied()?;
+    count(prog, |c| c.affinity_hits += 1);
+    Some(Chosen {
+        id: entry.backend_id,
+        backend,
+    })
+}
+
+/// A backend at random among the frontend's `header.count` slots. A slot or backend may
+/// vanish between the lookups while the agent shrinks the service; slot 1 exists as long
+/// as the service has a backend, so it is tried next. `None` if that fails too (the
+/// service is being deleted).
+#[inline(always)]
+pub(crate) fn pick(
+    key: ServiceKey,
+    header: &ServiceValue,
+    random: u32,
+    prog: u32,
+) -> Option<Chosen> {
+    let slot = pick_slot(header.count, random).unwrap_or(1);
+    match backend_at(key, slot) {
+        Some(b) => Some(b),
+        None => {
+            count(prog, |c| c.misses += 1);
+            backend_at(key, 1)
+        }
+    }
+}
+
+/// Remembers `chosen` as the client's backend, as of `now`.
+#[inline(always)]
+pub(crate) fn remember(akey: AffinityKey, now: u64, chosen: &Chosen, prog: u32) {
+    let value = AffinityValue {
+        backend_id: chosen.id,
+        _pad: [0; 4],
+        last_used_ns: now,
+    };
+    if LB_AFFINITY_V1.insert(akey, value, 0).is_err() {
+        count(prog, |c| c.misses += 1);
+    }
+}
+
+/// The backend in one slot of a frontend.
+#[inline(always)]
+fn backend_at(key: ServiceKey, slot: u16) -> Option<Chosen> {
+    // SAFETY: copied out at once (see above).
+    let id = unsafe { LB_SERVICES_V2.get(key.with_slot(slot)) }?.backend_id;
+    // SAFETY: copied out at once.
+    let backend = unsafe { LB_BACKENDS_V2.get(id) }.copied()?;
+    Some(Chosen { id, backend })
+}

@@ -1,0 +1,59 @@
+//! Every map the programs use. The static's name is the map's name in the object, in
+//! `bpftool` and under the agent's pin path: keep them here, and keep them stable (a
+//! layout change gets a new `_Vn` name).
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, Counters, MAX_AFFINITY, MAX_BACKENDS, MAX_REVNAT,
+    MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, PROG_NAMES, RevNat, ServiceKey, ServiceValue,
+    SockRevNatKey,
+};
+
+/// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
+#[btf_map]
+pub(crate) static LB_SERVICES_V2: HashMap<
+    ServiceKey,
+    ServiceValue,
+    { MAX_SERVICE_ENTRIES as usize },
+> = HashMap::new();
+
+/// Backend id -> pod address and port.
+#[btf_map]
+pub(crate) static LB_BACKENDS_V2: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
+
+/// rev-NAT id -> frontend address and port.
+#[btf_map]
+pub(crate) static LB_REVNAT_V2: HashMap<u16, RevNat, { MAX_REVNAT as usize }> = HashMap::new();
+
+/// (socket cookie, backend) -> the frontend that socket asked for: what getpeername()
+/// and recvmsg() report instead of the backend.
+#[btf_map]
+pub(crate) static LB_SOCK_REVNAT_V2: LruHashMap<
+    SockRevNatKey,
+    RevNat,
+    { MAX_SOCK_REVNAT as usize },
+> = LruHashMap::new();
+
+/// (client, frontend) -> backend and last use: ClientIP affinity.
+#[btf_map]
+pub(crate) static LB_AFFINITY_V1: LruHashMap<
+    AffinityKey,
+    AffinityValue,
+    { MAX_AFFINITY as usize },
+> = LruHashMap::new();
+
+/// Per-program counters, indexed by `PROG_*`.
+#[btf_map]
+pub(crate) static LB_COUNTERS_V2: PerCpuArray<Counters, { PROG_NAMES.len() }> = PerCpuArray::new();
+
+/// Bumps one of program `prog`'s counters on this CPU.
+#[inline(always)]
+pub(crate) fn count(prog: u32, f: impl FnOnce(&mut Counters)) {
+    if let Some(c) = LB_COUNTERS_V2.get_ptr_mut(prog) {
+        // SAFETY: a per-CPU slot: nothing else on this CPU runs this program concurrently.
+        f(unsafe { &mut *c });
+    }
+}

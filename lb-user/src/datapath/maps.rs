@@ -1,0 +1,211 @@
+//! The maps the agent writes, opened from a loaded object or from their pins. The only
+//! code that reads or writes BPF maps.
+
+use std::path::Path;
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, Counters, MAP_AFFINITY, MAP_BACKENDS, MAP_COUNTERS,
+    MAP_REVNAT, MAP_SERVICES, PROG_NAMES, RevNat, ServiceKey, ServiceValue,
+};
+
+use super::ops::{Op, Snapshot, purged};
+
+/// Errors of the BPF map layer; each names the map and the object concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("opening pinned map {path}: {source} (is the agent running with this --pin-path?)")]
+    OpenPinned {
+        path: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map} is missing from the eBPF object")]
+    MissingMap { map: &'static str },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("{op}: {source}{hint}")]
+    Write {
+        op: String,
+        hint: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// The maps the agent writes, open for reading and writing.
+pub struct BpfMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    revnat: HashMap<MapData, u16, RevNat>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+}
+
+fn typed<K: aya::Pod, V: aya::Pod>(
+    map: Map,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, DatapathError> {
+    HashMap::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+impl BpfMaps {
+    /// Takes the maps out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, DatapathError> {
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(DatapathError::MissingMap { map: name })
+        };
+        Ok(Self {
+            services: typed(take(MAP_SERVICES)?, MAP_SERVICES)?,
+            backends: typed(take(MAP_BACKENDS)?, MAP_BACKENDS)?,
+            revnat: typed(take(MAP_REVNAT)?, MAP_REVNAT)?,
+            affinity: typed(take(MAP_AFFINITY)?, MAP_AFFINITY)?,
+        })
+    }
+
+    /// Opens the maps an agent pinned under `dir`.
+    pub fn open_pinned(dir: &Path) -> Result<Self, DatapathError> {
+        let open = |name: &'static str| {
+            let path = dir.join(name);
+            MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        Ok(Self {
+            services: typed(Map::HashMap(open(MAP_SERVICES)?), MAP_SERVICES)?,
+            backends: typed(Map::HashMap(open(MAP_BACKENDS)?), MAP_BACKENDS)?,
+            revnat: typed(Map::HashMap(open(MAP_REVNAT)?), MAP_REVNAT)?,
+            affinity: typed(Map::LruHashMap(open(MAP_AFFINITY)?), MAP_AFFINITY)?,
+        })
+    }
+
+    /// Reads every entry.
+    pub fn snapshot(&self) -> Result<Snapshot, DatapathError> {
+        let err = |map| move |source| DatapathError::Map { map, source };
+        let mut snap = Snapshot::default();
+        for entry in self.services.iter() {
+            let (k, v) = entry.map_err(err(MAP_SERVICES))?;
+            snap.services.insert(k, v);
+        }
+        for entry in self.backends.iter() {
+            let (k, v) = entry.map_err(err(MAP_BACKENDS))?;
+            snap.backends.insert(k, v);
+        }
+        for entry in self.revnat.iter() {
+            let (k, v) = entry.map_err(err(MAP_REVNAT))?;
+            snap.revnat.insert(k, v);
+        }
+        // Entries may be evicted while we iterate: skip the ones that vanished.
+        snap.affinity.extend(self.affinity.iter().flatten());
+        Ok(snap)
+    }
+
+    /// Deletes the affinity entries that any of `purges` (rev-NAT id, backend) names, in
+    /// one pass over the map.
+    fn purge_affinity(&mut self, purges: &[(u16, Option<u32>)]) -> Result<(), MapError> {
+        let doomed: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| purges.iter().any(|(r, b)| purged(*r, *b, k, v)))
+            .map(|(k, _)| k)
+            .collect();
+        for k in doomed {
+            ignore_missing(self.affinity.remove(&k))?;
+        }
+        Ok(())
+    }
+
+    /// Applies the operations in order; stops at the first that fails. A run of
+    /// consecutive affinity purges is one pass over the affinity map.
+    pub fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError> {
+        let mut i = 0;
+        while i < ops.len() {
+            let op = &ops[i];
+            i += 1;
+            let result = match *op {
+                Op::PurgeAffinity { .. } => {
+                    let mut purges = Vec::new();
+                    for o in &ops[i - 1..] {
+                        let Op::PurgeAffinity {
+                            rev_nat_id,
+                            backend_id,
+                        } = *o
+                        else {
+                            break;
+                        };
+                        purges.push((rev_nat_id, backend_id));
+                    }
+                    i += purges.len() - 1;
+                    self.purge_affinity(&purges)
+                }
+                Op::PutBackend { id, value } => self.backends.insert(id, value, 0),
+                Op::DelBackend { id } => ignore_missing(self.backends.remove(&id)),
+                Op::PutService { key, value } => self.services.insert(key, value, 0),
+                Op::DelService { key } => ignore_missing(self.services.remove(&key)),
+                Op::PutRevNat { id, value } => self.revnat.insert(id, value, 0),
+                Op::DelRevNat { id } => ignore_missing(self.revnat.remove(&id)),
+            };
+            result.map_err(|source| {
+                let full = matches!(&source, MapError::SyscallError(e)
+                    if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)));
+                DatapathError::Write {
+                    op: op.to_string(),
+                    hint: if full {
+                        " (the map is full: too many services or endpoints for its capacity)"
+                    } else {
+                        ""
+                    },
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The per-program counters from the maps pinned under `dir`, summed over CPUs, in
+/// `PROG_NAMES` order.
+pub fn read_counters(dir: &Path) -> Result<Vec<(&'static str, Counters)>, DatapathError> {
+    let path = dir.join(MAP_COUNTERS);
+    let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let array: PerCpuArray<MapData, Counters> = PerCpuArray::try_from(Map::PerCpuArray(data))
+        .map_err(|source| DatapathError::Map {
+            map: MAP_COUNTERS,
+            source,
+        })?;
+    PROG_NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let per_cpu = array
+                .get(&(i as u32), 0)
+                .map_err(|source| DatapathError::Map {
+                    map: MAP_COUNTERS,
+                    source,
+                })?;
+            let mut total = Counters::default();
+            for c in per_cpu.iter() {
+                total.add(c);
+            }
+            Ok((*name, total))
+        })
+        .collect()
+}
+
+/// Deleting an entry that is already gone is what we wanted.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,31 @@
+//! The datapath layer: the only code that writes the BPF maps.
+//!
+//! [`Programmed`] mirrors what the maps hold. [`Programmed::plan`](plan::Programmed::plan) diffs it against the
+//! desired state and returns the map operations, in an order that never lets a concurrent
+//! connect() see a half-written service:
+//!
+//! 1. new backends are written; affinity entries left under the rev-NAT id of a new
+//!    affinity frontend (an id used before) are purged;
+//! 2. per frontend: its rev-NAT entry, then changed slots, then the header (slot 0) with
+//!    the new count, then slots beyond the new count are deleted;
+//! 3. affinity entries pointing at backends that left a frontend are purged (the kernel
+//!    also ignores entries whose backend is gone, so the purge may come after the slots);
+//! 4. frontends that are gone lose their header first, then their slots and rev-NAT entry;
+//! 5. backends no frontend uses any more are deleted.
+//!
+//! Slots are assigned stably: a backend keeps its slot while it stays, so one endpoint
+//! change costs a couple of writes, not a rewrite of the service.
+//!
+//! * [`loader`]: the bpf filesystem, loading, pinning and attaching the programs;
+//! * [`ops`]: the map operations and [`Snapshot`], the maps' contents as plain data;
+//! * [`plan`]: [`Programmed`], the diff of desired state against what the maps hold;
+//! * [`maps`]: [`BpfMaps`], the only code that reads and writes the maps.
+
+pub mod loader;
+pub mod maps;
+pub mod ops;
+pub mod plan;
+
+pub use maps::{BpfMaps, DatapathError, read_counters};
+pub use ops::{FrontendView, Op, Snapshot, addr_of, frontend_of, ip_of, service_key};
+pub use plan::{Plan, Programmed};

@@ -1,0 +1,180 @@
+//! Map operations and the maps' contents as plain data (no BPF here).
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use lb_common::{
+    Addr, AffinityKey, AffinityValue, Backend, MAP_AFFINITY, MAP_BACKENDS, MAP_REVNAT,
+    MAP_SERVICES, RevNat, ServiceKey, ServiceValue,
+};
+
+use crate::model::{Frontend, Proto};
+
+/// One map write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutBackend {
+        id: u32,
+        value: Backend,
+    },
+    DelBackend {
+        id: u32,
+    },
+    PutService {
+        key: ServiceKey,
+        value: ServiceValue,
+    },
+    DelService {
+        key: ServiceKey,
+    },
+    PutRevNat {
+        id: u16,
+        value: RevNat,
+    },
+    DelRevNat {
+        id: u16,
+    },
+    /// Deletes the affinity entries of a frontend: all, or those naming one backend.
+    PurgeAffinity {
+        rev_nat_id: u16,
+        backend_id: Option<u32>,
+    },
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::PutBackend { id, value } => write!(
+                f,
+                "{MAP_BACKENDS}: write backend {id} = {}",
+                SocketAddr::new(ip_of(&value.addr), value.port)
+            ),
+            Self::DelBackend { id } => write!(f, "{MAP_BACKENDS}: delete backend {id}"),
+            Self::PutService { key, .. } => write!(
+                f,
+                "{MAP_SERVICES}: write {} slot {}",
+                frontend_of(key).map_or("?".into(), |fe| fe.to_string()),
+                key.slot
+            ),
+            Self::DelService { key } => write!(
+                f,
+                "{MAP_SERVICES}: delete {} slot {}",
+                frontend_of(key).map_or("?".into(), |fe| fe.to_string()),
+                key.slot
+            ),
+            Self::PutRevNat { id, .. } => write!(f, "{MAP_REVNAT}: write rev-NAT {id}"),
+            Self::DelRevNat { id } => write!(f, "{MAP_REVNAT}: delete rev-NAT {id}"),
+            Self::PurgeAffinity {
+                rev_nat_id,
+                backend_id: None,
+            } => write!(f, "{MAP_AFFINITY}: purge rev-NAT {rev_nat_id}"),
+            Self::PurgeAffinity {
+                rev_nat_id,
+                backend_id: Some(b),
+            } => write!(f, "{MAP_AFFINITY}: purge rev-NAT {rev_nat_id} backend {b}"),
+        }
+    }
+}
+
+/// An address as the maps store it (IPv4 mapped into IPv6, see [`lb_common::Addr`]).
+pub fn addr_of(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => lb_common::v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address a map entry holds, IPv4 when it is a mapped one.
+pub fn ip_of(addr: &Addr) -> IpAddr {
+    IpAddr::from(*addr).to_canonical()
+}
+
+pub fn service_key(fe: &Frontend, slot: u16) -> ServiceKey {
+    ServiceKey::new(addr_of(fe.addr), fe.port, fe.proto.number(), slot)
+}
+
+pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
+    Some(Frontend {
+        addr: ip_of(&key.addr),
+        port: key.port,
+        proto: Proto::from_number(key.proto)?,
+    })
+}
+
+/// A frontend's header and, per slot, the backend id and the backend entry (if present).
+pub type FrontendView = (ServiceValue, Vec<(u32, Option<Backend>)>);
+
+/// The contents of the maps the agent writes, as plain data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub revnat: BTreeMap<u16, RevNat>,
+    /// Written by the programs; the agent only deletes.
+    pub affinity: BTreeMap<AffinityKey, AffinityValue>,
+}
+
+impl Snapshot {
+    /// Applies one operation (the in-memory twin of [`BpfMaps::apply`]).
+    pub fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::PutBackend { id, value } => {
+                self.backends.insert(id, value);
+            }
+            Op::DelBackend { id } => {
+                self.backends.remove(&id);
+            }
+            Op::PutService { key, value } => {
+                self.services.insert(key, value);
+            }
+            Op::DelService { key } => {
+                self.services.remove(&key);
+            }
+            Op::PutRevNat { id, value } => {
+                self.revnat.insert(id, value);
+            }
+            Op::DelRevNat { id } => {
+                self.revnat.remove(&id);
+            }
+            Op::PurgeAffinity {
+                rev_nat_id,
+                backend_id,
+            } => self
+                .affinity
+                .retain(|k, v| !purged(rev_nat_id, backend_id, k, v)),
+        }
+    }
+
+    /// Frontends (headers) with the backends of their slots, as a connect() would see them.
+    pub fn frontends(&self) -> BTreeMap<ServiceKey, FrontendView> {
+        self.services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(k, header)| {
+                let slots = (1..=header.count)
+                    .map(|s| {
+                        let id = self
+                            .services
+                            .get(&k.with_slot(s))
+                            .map_or(0, |v| v.backend_id);
+                        (id, self.backends.get(&id).copied())
+                    })
+                    .collect();
+                (*k, (*header, slots))
+            })
+            .collect()
+    }
+}
+
+/// Whether a purge of (`rev_nat_id`, `backend_id`) removes this affinity entry.
+pub(crate) fn purged(
+    rev_nat_id: u16,
+    backend_id: Option<u32>,
+    k: &AffinityKey,
+    v: &AffinityValue,
+) -> bool {
+    k.rev_nat_id == rev_nat_id && backend_id.is_none_or(|b| b == v.backend_id)
+}

@@ -1,0 +1,7 @@
+//! The serving side: what people and scrapers read. The CLI itself is `main.rs`.
+//!
+//! * [`metrics`]: the sync and datapath counters, served on `/metrics`;
+//! * [`dump`]: `lb-user dump`, the maps as a person wants to read them.
+
+pub mod dump;
+pub mod metrics;

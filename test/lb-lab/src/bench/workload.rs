@@ -1,0 +1,172 @@
+//! The services a benchmark programs: measured ones over the lab's pods, fillers with
+//! made-up endpoints, and the churn service whose endpoint changes are timed.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+use lb_user::model::Proto;
+
+use crate::kube_proxy_rules::SvcPort;
+
+/// Endpoints per service.
+pub const ENDPOINTS: usize = 10;
+
+/// The measured services: up to three (first, middle, last), each with a TCP and a UDP
+/// port over the lab's pods; the rest are TCP-only fillers with made-up endpoints.
+pub fn services(n: usize, pods: &[Ipv4Addr]) -> (Vec<SvcPort>, Vec<(usize, &'static str)>) {
+    let measured: Vec<(usize, &'static str)> = match n {
+        0 | 1 => vec![(0, "first")],
+        2 => vec![(0, "first"), (1, "last")],
+        _ => vec![(0, "first"), (n / 2, "middle"), (n - 1, "last")],
+    };
+    let mut out = Vec::new();
+    for i in 0..n.max(1) {
+        let is_measured = measured.iter().any(|(m, _)| *m == i);
+        let endpoints: Vec<Ipv4Addr> = if is_measured {
+            pods.to_vec()
+        } else {
+            (0..ENDPOINTS)
+                .map(|e| {
+                    let k = i * ENDPOINTS + e;
+                    Ipv4Addr::new(
+                        10,
+                        245 + (k / 62_500) as u8,
+                        (k / 250 % 250) as u8,
+                        (k % 250) as u8 + 1,
+                    )
+                })
+                .collect()
+        };
+        let base = SvcPort {
+            name: format!("bench/svc-{i}"),
+            port_name: "tcp".into(),
+            ip: service_ip(i),
+            port: 80,
+            proto: Proto::Tcp,
+            target_port: 8080,
+            endpoints,
+        };
+        if is_measured {
+            out.push(SvcPort {
+                port_name: "udp".into(),
+                proto: Proto::Udp,
+                ..base.clone()
+            });
+        }
+        out.push(base);
+    }
+    (out, measured)
+}
+
+/// The churn service used by the change measurements: one endpoint, swapped each time.
+pub fn churn(pod: Ipv4Addr) -> SvcPort {
+    SvcPort {
+        name: "bench/churn".into(),
+        port_name: "tcp".into(),
+        ip: Ipv4Addr::new(10, 97, 0, 1),
+        port: 80,
+        proto: Proto::Tcp,
+        target_port: 8080,
+        endpoints: vec![pod],
+    }
+}
+
+/// Service and EndpointSlice manifests for `ports` (grouped by service name).
+pub fn manifests(ports: &[SvcPort]) -> String {
+    let mut by_name: BTreeMap<&str, Vec<&SvcPort>> = BTreeMap::new();
+    let mut order = Vec::new();
+    for p in ports {
+        if !by_name.contains_key(p.name.as_str()) {
+            order.push(p.name.as_str());
+        }
+        by_name.entry(&p.name).or_default().push(p);
+    }
+    let mut out = String::new();
+    for name in order {
+        let list = &by_name[name];
+        let (ns, svc) = name.split_once('/').expect("ns/name");
+        let first = list[0];
+        let _ = write!(
+            out,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {ns}}}\nspec:\n  clusterIP: {}\n  ports:\n",
+            first.ip
+        );
+        for p in list {
+            let _ = writeln!(
+                out,
+                "  - {{name: {}, port: {}, protocol: {}, targetPort: {}}}",
+                p.port_name, p.port, p.proto, p.target_port
+            );
+        }
+        let _ = write!(
+            out,
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-a, namespace: {ns}, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports:\n"
+        );
+        for p in list {
+            let _ = writeln!(
+                out,
+                "  - {{name: {}, port: {}, protocol: {}}}",
+                p.port_name, p.target_port, p.proto
+            );
+        }
+        out.push_str("endpoints:\n");
+        for ep in &first.endpoints {
+            let _ = writeln!(out, "  - addresses: [{ep}]");
+        }
+    }
+    out
+}
+
+/// The cluster IP of bench service `i`.
+pub fn service_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, (i / 250) as u8, (i % 250) as u8 + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_place_measured_ports_first_middle_last_with_real_pods() {
+        let pods = [Ipv4Addr::new(10, 244, 1, 2)];
+        let (ports, measured) = services(1000, &pods);
+        assert_eq!(measured, [(0, "first"), (500, "middle"), (999, "last")]);
+        // 1000 TCP ports plus a UDP port for each measured service.
+        assert_eq!(ports.len(), 1003);
+        assert_eq!(ports[0].proto, Proto::Udp);
+        assert_eq!(ports[0].endpoints, pods);
+        assert_eq!(ports[2].endpoints.len(), ENDPOINTS);
+        let ips: std::collections::BTreeSet<_> = ports
+            .iter()
+            .filter(|p| p.proto == Proto::Tcp)
+            .map(|p| p.ip)
+            .collect();
+        assert_eq!(ips.len(), 1000, "distinct cluster IPs");
+        let (big, _) = services(10_000, &pods);
+        let eps: std::collections::BTreeSet<_> = big
+            .iter()
+            .filter(|p| p.proto == Proto::Tcp)
+            .flat_map(|p| p.endpoints.clone())
+            .collect();
+        assert!(eps.len() > 99_000, "made-up endpoints are distinct");
+    }
+
+    #[test]
+    fn manifests_of_the_bench_services_load_into_the_model() {
+        let pods = [Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 2, 2)];
+        let (ports, _) = services(5, &pods);
+        let mut loaded = lb_user::source::manifest::Loaded::default();
+        lb_user::source::manifest::parse_into(&manifests(&ports), "bench.yaml", &mut loaded);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let built = lb_user::model::build(&loaded.objects, None, &[]);
+        assert!(built.warnings.is_empty(), "{:?}", built.warnings);
+        // 5 TCP frontends + 3 UDP ones, each with its endpoints.
+        assert_eq!(built.desired.frontends.len(), 8);
+        assert!(
+            built
+                .desired
+                .frontends
+                .values()
+                .all(|f| !f.endpoints.is_empty())
+        );
+    }
+}

@@ -1,0 +1,53 @@
+//! lb-lab: the test bench of the load balancer, kept apart from the agent it drives.
+//!
+//! * [`lab`]: a one-machine cluster in network namespaces (node, pods, a client cgroup),
+//!   pod servers and probes, and the agent as a process;
+//! * [`fake_api`]: a fake Kubernetes API server over real HTTP, for the API source;
+//! * [`load`]: the benchmark's load generator and servers;
+//! * [`kube_proxy_rules`]: kube-proxy's iptables and nftables rules, to compare against;
+//! * [`bench`]: `cargo xtask bench`, side by side with a direct connection and kube-proxy;
+//! * [`demo`]: `cargo xtask demo`.
+//!
+//! The `lb-lab` binary runs inside the lab's namespaces (pod servers, probes, the load
+//! generator); [`binary`] finds it and the agent for tests.
+
+pub mod bench;
+pub mod demo;
+pub mod fake_api;
+pub mod kube_proxy_rules;
+pub mod lab;
+pub mod load;
+
+use std::path::PathBuf;
+
+/// A binary of this workspace (`lb-lab`, `lb-user`): `$LB_LAB_BIN` / `$LB_USER_BIN` if
+/// set, else next to the running executable or one directory up (a test runs from
+/// `target/<profile>/deps`, the binaries live in `target/<profile>`).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let var = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Some(path) = std::env::var_os(&var) {
+        return Ok(PathBuf::from(path));
+    }
+    let me = std::env::current_exe()?;
+    let candidates: Vec<PathBuf> = me
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{name} not found (looked in {candidates:?}); build it with `cargo build -p {}` \
+             (`cargo xtask test` does), or set {var}",
+                if name == "lb-user" {
+                    "lb-user"
+                } else {
+                    "lb-lab"
+                }
+            )
+        })
+}

@@ -1,0 +1,168 @@
+//! The load generator and the servers it talks to (run inside the lab's namespaces by
+//! `lb-lab load`, `lb-lab serve --bench` and `lb-lab waiter`).
+
+use std::{
+    io::{BufRead as _, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::lab;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadMode {
+    /// connect, send a request, read the reply, close (the client closes first).
+    Tcp,
+    /// A new UDP socket per request: sendto, recvfrom.
+    Udp,
+}
+
+impl LoadMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// One load run: `count` requests one after the other, round-robin over the targets.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub count: usize,
+    pub errors: usize,
+    pub elapsed_ns: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+}
+
+impl LoadReport {
+    pub fn rate(&self) -> f64 {
+        (self.count - self.errors) as f64 / (self.elapsed_ns as f64 / 1e9)
+    }
+}
+
+/// One request; the reply line (the server's name).
+fn tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&target, timeout)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"GET\n")?;
+    let mut buf = [0u8; 64];
+    let mut got = 0;
+    while !buf[..got].contains(&b'\n') {
+        let n = s.read(&mut buf[got..])?;
+        if n == 0 || got + n == buf.len() {
+            break;
+        }
+        got += n;
+    }
+    Ok(String::from_utf8_lossy(&buf[..got]).trim().to_string())
+}
+
+fn udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let s = lab::udp_socket_for(target)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send_to(b"GET\n", target)?;
+    let mut buf = [0u8; 64];
+    s.recv_from(&mut buf)?;
+    Ok(())
+}
+
+/// `lb-lab load`: the load generator.
+pub fn load(targets: &[SocketAddr], count: usize, mode: LoadMode, timeout: Duration) -> LoadReport {
+    let mut lat = Vec::with_capacity(count);
+    let mut errors = 0;
+    let start = Instant::now();
+    for i in 0..count {
+        let t = targets[i % targets.len()];
+        let t0 = Instant::now();
+        let r = match mode {
+            LoadMode::Tcp => tcp_once(t, timeout).map(drop),
+            LoadMode::Udp => udp_once(t, timeout),
+        };
+        match r {
+            Ok(()) => lat.push(t0.elapsed().as_nanos() as u64),
+            Err(_) => errors += 1,
+        }
+    }
+    let elapsed_ns = start.elapsed().as_nanos() as u64;
+    lat.sort_unstable();
+    let pct = |p: f64| -> u64 {
+        if lat.is_empty() {
+            0
+        } else {
+            lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)]
+        }
+    };
+    LoadReport {
+        count,
+        errors,
+        elapsed_ns,
+        p50_ns: pct(0.50),
+        p99_ns: pct(0.99),
+    }
+}
+
+/// `lb-lab serve --bench`: read the request line, answer with the name, then wait for
+/// the client to close first. Several threads accept, so a client never waits on a
+/// previous connection's close.
+pub fn serve_bench(name: &str, port: u16) -> anyhow::Result<()> {
+    let (tcp, reply) = lab::start_server(name, port)?;
+    let mut threads = Vec::new();
+    for _ in 0..4 {
+        let listener = tcp.try_clone()?;
+        let reply = reply.clone();
+        threads.push(std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_nodelay(true);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = [0u8; 64];
+                let mut got = 0;
+                while !buf[..got].contains(&b'\n') {
+                    match conn.read(&mut buf[got..]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                    if got == buf.len() {
+                        break;
+                    }
+                }
+                if conn.write_all(reply.as_bytes()).is_err() {
+                    continue;
+                }
+                // Until EOF: the client closes first.
+                while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+/// `lb-lab waiter`: for each name read from stdin, connects to `target` again and again
+/// until that server answers (at most 5 s), then prints "ok" (or "timeout").
+pub fn waiter(target: SocketAddr) -> anyhow::Result<()> {
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let want = line?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut ok = false;
+        while Instant::now() < deadline {
+            if tcp_once(target, Duration::from_secs(1)).is_ok_and(|name| name == want.trim()) {
+                ok = true;
+                break;
+            }
+        }
+        writeln!(out, "{}", if ok { "ok" } else { "timeout" })?;
+        out.flush()?;
+    }
+    Ok(())
+}
