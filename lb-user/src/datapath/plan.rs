@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use lb_common::{Backend, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAX_SLOTS, RevNat, ServiceValue};
 
 use super::ops::{Op, Snapshot, addr_of, frontend_of, ip_of, service_key};
-use crate::model::{Desired, Endpoint, Frontend, Proto};
+use crate::model::{Desired, Endpoint, Frontend, FrontendState, Proto};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ProgFrontend {
@@ -172,115 +172,114 @@ impl Programmed {
     }
 
     /// Diffs against `desired`, updates `self` to the state after the returned operations,
-    /// and returns them in a safe order.
+    /// and returns them in a safe order (see the module documentation).
     pub fn plan(&mut self, desired: &Desired) -> Plan {
-        let mut plan = Plan::default();
-        let mut backend_ops = Vec::new();
-        let mut frontend_ops = Vec::new();
-        let mut purge_ops = Vec::new();
-        let mut removal_ops = Vec::new();
-        // Old slot contents whose references are dropped once every acquire is done, so
-        // a backend moving between frontends keeps its id.
-        let mut released: Vec<(u32, Proto)> = Vec::new();
-
+        let mut steps = Steps::default();
         for (fe, state) in &desired.frontends {
-            let mut endpoints: Vec<Endpoint> = state.endpoints.iter().copied().collect();
-            if endpoints.len() > usize::from(MAX_SLOTS) {
-                plan.warnings.push(format!(
-                    "{} ({fe}): {} endpoints, only the first {MAX_SLOTS} are used",
-                    state.service,
-                    endpoints.len()
-                ));
-                endpoints.truncate(usize::from(MAX_SLOTS));
-            }
-            let old = self.frontends.get(fe).cloned();
-            let rev_nat_id = match &old {
-                Some(o) => o.rev_nat_id,
-                None => match self.alloc_rev_nat() {
-                    Some(id) => {
-                        frontend_ops.push(Op::PutRevNat {
-                            id,
-                            value: RevNat {
-                                addr: addr_of(fe.addr),
-                                port: fe.port,
-                                _pad: [0; 2],
-                            },
-                        });
-                        id
-                    }
-                    None => {
-                        plan.warnings.push(format!(
-                            "{} ({fe}): no free rev-NAT id ({} frontends in use); not programmed",
-                            state.service,
-                            u16::MAX
-                        ));
-                        continue;
-                    }
-                },
-            };
-            let wanted: Vec<u32> = endpoints
-                .iter()
-                .map(|ep| self.acquire_backend(*ep, fe.proto, &mut backend_ops))
-                .collect();
-            let old_slots = old.as_ref().map(|o| o.slots.clone()).unwrap_or_default();
-            released.extend(old_slots.iter().map(|id| (*id, fe.proto)));
-            let new_slots = stable_slots(&old_slots, &wanted);
-            let timeout = state.affinity_timeout;
-            let old_timeout = old.as_ref().map(|o| o.affinity_timeout);
-            match old_timeout {
-                // A new frontend may reuse the rev-NAT id of a removed one: its
-                // entries must not be found. Purged before the header exists.
-                None if timeout != 0 => backend_ops.push(Op::PurgeAffinity {
-                    rev_nat_id,
-                    backend_id: None,
-                }),
-                Some(t) if t != timeout => purge_ops.push(Op::PurgeAffinity {
-                    rev_nat_id,
-                    backend_id: None,
-                }),
-                Some(_) if timeout != 0 => {
-                    let kept: BTreeSet<u32> = new_slots.iter().copied().collect();
-                    let left: BTreeSet<u32> = old_slots
-                        .iter()
-                        .filter(|id| !kept.contains(id))
-                        .copied()
-                        .collect();
-                    purge_ops.extend(left.into_iter().map(|id| Op::PurgeAffinity {
-                        rev_nat_id,
-                        backend_id: Some(id),
-                    }));
-                }
-                _ => {}
-            }
-            for (i, id) in new_slots.iter().enumerate() {
-                if old_slots.get(i) != Some(id) {
-                    frontend_ops.push(Op::PutService {
-                        key: service_key(fe, i as u16 + 1),
-                        value: ServiceValue::slot(*id),
-                    });
-                }
-            }
-            if old.is_none() || old_slots.len() != new_slots.len() || old_timeout != Some(timeout) {
-                frontend_ops.push(Op::PutService {
-                    key: service_key(fe, 0),
-                    value: ServiceValue::header(new_slots.len() as u16, rev_nat_id, timeout),
-                });
-            }
-            for i in new_slots.len()..old_slots.len() {
-                frontend_ops.push(Op::DelService {
-                    key: service_key(fe, i as u16 + 1),
-                });
-            }
-            self.frontends.insert(
-                *fe,
-                ProgFrontend {
-                    rev_nat_id,
-                    affinity_timeout: timeout,
-                    slots: new_slots,
-                },
-            );
+            self.plan_frontend(fe, state, &mut steps);
         }
+        self.plan_removals(desired, &mut steps);
+        let gc = self.release(&steps.released);
+        let Steps {
+            backends,
+            frontends,
+            purges,
+            removals,
+            released: _,
+            warnings,
+        } = steps;
+        let mut ops = backends;
+        ops.extend(frontends);
+        ops.extend(purges);
+        ops.extend(removals);
+        ops.extend(gc);
+        ops.append(&mut self.stale);
+        Plan { ops, warnings }
+    }
 
+    /// One desired frontend: its rev-NAT id, backends, affinity purges, slots and header.
+    fn plan_frontend(&mut self, fe: &Frontend, state: &FrontendState, steps: &mut Steps) {
+        let endpoints = capped_endpoints(fe, state, &mut steps.warnings);
+        let old = self.frontends.get(fe).cloned();
+        let rev_nat_id = match &old {
+            Some(o) => o.rev_nat_id,
+            None => match self.new_rev_nat(fe, state, steps) {
+                Some(id) => id,
+                None => return,
+            },
+        };
+        let wanted: Vec<u32> = endpoints
+            .iter()
+            .map(|ep| self.acquire_backend(*ep, fe.proto, &mut steps.backends))
+            .collect();
+        let old_slots = old.as_ref().map(|o| o.slots.clone()).unwrap_or_default();
+        // Old slot contents' references are dropped once every acquire is done, so a
+        // backend moving between frontends keeps its id.
+        steps
+            .released
+            .extend(old_slots.iter().map(|id| (*id, fe.proto)));
+        let new_slots = stable_slots(&old_slots, &wanted);
+        let timeout = state.affinity_timeout;
+        let old_timeout = old.as_ref().map(|o| o.affinity_timeout);
+        steps.purge_affinity(rev_nat_id, old_timeout, timeout, &old_slots, &new_slots);
+        for (i, id) in new_slots.iter().enumerate() {
+            if old_slots.get(i) != Some(id) {
+                steps.frontends.push(Op::PutService {
+                    key: service_key(fe, i as u16 + 1),
+                    value: ServiceValue::slot(*id),
+                });
+            }
+        }
+        if old.is_none() || old_slots.len() != new_slots.len() || old_timeout != Some(timeout) {
+            steps.frontends.push(Op::PutService {
+                key: service_key(fe, 0),
+                value: ServiceValue::header(new_slots.len() as u16, rev_nat_id, timeout),
+            });
+        }
+        for i in new_slots.len()..old_slots.len() {
+            steps.frontends.push(Op::DelService {
+                key: service_key(fe, i as u16 + 1),
+            });
+        }
+        self.frontends.insert(
+            *fe,
+            ProgFrontend {
+                rev_nat_id,
+                affinity_timeout: timeout,
+                slots: new_slots,
+            },
+        );
+    }
+
+    /// A rev-NAT id and its entry for a new frontend; `None` (with a warning) when every
+    /// id is in use.
+    fn new_rev_nat(
+        &mut self,
+        fe: &Frontend,
+        state: &FrontendState,
+        steps: &mut Steps,
+    ) -> Option<u16> {
+        let Some(id) = self.alloc_rev_nat() else {
+            steps.warnings.push(format!(
+                "{} ({fe}): no free rev-NAT id ({} frontends in use); not programmed",
+                state.service,
+                u16::MAX
+            ));
+            return None;
+        };
+        steps.frontends.push(Op::PutRevNat {
+            id,
+            value: RevNat {
+                addr: addr_of(fe.addr),
+                port: fe.port,
+                _pad: [0; 2],
+            },
+        });
+        Some(id)
+    }
+
+    /// Frontends no longer desired: header first, then slots and rev-NAT entry.
+    fn plan_removals(&mut self, desired: &Desired, steps: &mut Steps) {
         let gone: Vec<Frontend> = self
             .frontends
             .keys()
@@ -289,24 +288,29 @@ impl Programmed {
             .collect();
         for fe in gone {
             let old = self.frontends.remove(&fe).expect("listed above");
-            removal_ops.push(Op::DelService {
+            steps.removals.push(Op::DelService {
                 key: service_key(&fe, 0),
             });
             for i in 0..old.slots.len() {
-                removal_ops.push(Op::DelService {
+                steps.removals.push(Op::DelService {
                     key: service_key(&fe, i as u16 + 1),
                 });
             }
-            removal_ops.push(Op::DelRevNat { id: old.rev_nat_id });
+            steps.removals.push(Op::DelRevNat { id: old.rev_nat_id });
             self.free_rev_nat.push(old.rev_nat_id);
-            released.extend(old.slots.iter().map(|id| (*id, fe.proto)));
+            steps
+                .released
+                .extend(old.slots.iter().map(|id| (*id, fe.proto)));
         }
+    }
 
-        // Drop the old references; backends left without any are deleted last.
+    /// Drops the `released` references; backends left without any are deleted (the
+    /// returned operations come last).
+    fn release(&mut self, released: &[(u32, Proto)]) -> Vec<Op> {
         let by_id: BTreeMap<u32, (Endpoint, Proto)> =
             self.backends.iter().map(|(k, r)| (r.id, *k)).collect();
         for (id, _) in released {
-            if let Some(k) = by_id.get(&id) {
+            if let Some(k) = by_id.get(id) {
                 let r = self.backends.get_mut(k).expect("indexed above");
                 r.refs = r.refs.saturating_sub(1);
             }
@@ -317,21 +321,86 @@ impl Programmed {
             .filter(|(_, r)| r.refs == 0)
             .map(|(k, _)| *k)
             .collect();
-        let mut gc_ops = Vec::new();
+        let mut gc = Vec::new();
         for k in unused {
             let r = self.backends.remove(&k).expect("listed above");
-            gc_ops.push(Op::DelBackend { id: r.id });
+            gc.push(Op::DelBackend { id: r.id });
             self.free_backend_ids.push(r.id);
         }
-
-        plan.ops = backend_ops;
-        plan.ops.extend(frontend_ops);
-        plan.ops.extend(purge_ops);
-        plan.ops.extend(removal_ops);
-        plan.ops.extend(gc_ops);
-        plan.ops.append(&mut self.stale);
-        plan
+        gc
     }
+}
+
+/// The operations of one plan, by the step of the safe order they belong to.
+#[derive(Default)]
+struct Steps {
+    /// 1. New backends, and purges of reused rev-NAT ids.
+    backends: Vec<Op>,
+    /// 2. Per frontend: rev-NAT entry, slots, header, slots beyond the count.
+    frontends: Vec<Op>,
+    /// 3. Affinity entries of backends that left, or of a changed timeout.
+    purges: Vec<Op>,
+    /// 4. Frontends that are gone.
+    removals: Vec<Op>,
+    /// Slot references to drop once every frontend is planned (then 5., the unused
+    /// backends, is computed).
+    released: Vec<(u32, Proto)>,
+    warnings: Vec<String>,
+}
+
+impl Steps {
+    /// The affinity purges a frontend needs: a new affinity frontend may reuse the
+    /// rev-NAT id of a removed one, so its entries go before the header exists; a changed
+    /// timeout drops all; otherwise the entries of backends that left.
+    fn purge_affinity(
+        &mut self,
+        rev_nat_id: u16,
+        old_timeout: Option<u32>,
+        timeout: u32,
+        old_slots: &[u32],
+        new_slots: &[u32],
+    ) {
+        let all = Op::PurgeAffinity {
+            rev_nat_id,
+            backend_id: None,
+        };
+        match old_timeout {
+            None if timeout != 0 => self.backends.push(all),
+            Some(t) if t != timeout => self.purges.push(all),
+            Some(_) if timeout != 0 => {
+                let kept: BTreeSet<u32> = new_slots.iter().copied().collect();
+                let left: BTreeSet<u32> = old_slots
+                    .iter()
+                    .filter(|id| !kept.contains(id))
+                    .copied()
+                    .collect();
+                self.purges
+                    .extend(left.into_iter().map(|id| Op::PurgeAffinity {
+                        rev_nat_id,
+                        backend_id: Some(id),
+                    }));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The frontend's endpoints, at most [`MAX_SLOTS`] of them (with a warning beyond).
+fn capped_endpoints(
+    fe: &Frontend,
+    state: &FrontendState,
+    warnings: &mut Vec<String>,
+) -> Vec<Endpoint> {
+    let mut endpoints: Vec<Endpoint> = state.endpoints.iter().copied().collect();
+    if endpoints.len() > usize::from(MAX_SLOTS) {
+        warnings.push(format!(
+            "{} ({fe}): {} endpoints, only the first {MAX_SLOTS} are used",
+            state.service,
+            endpoints.len()
+        ));
+        endpoints.truncate(usize::from(MAX_SLOTS));
+    }
+    endpoints
 }
 
 /// New slot contents for a frontend: backends that stay keep their slot, new ones fill
@@ -369,8 +438,6 @@ mod tests {
 
     use super::*;
     use lb_common::{AffinityKey, AffinityValue};
-
-    use crate::model::FrontendState;
 
     fn fe(last: u8, port: u16) -> Frontend {
         Frontend {

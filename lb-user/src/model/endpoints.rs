@@ -1,0 +1,227 @@
+//! Endpoint selection, kube-proxy's: ready endpoints (else serving and terminating),
+//! internalTrafficPolicy Local, and topology-aware routing by zone hints.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{Endpoint, Objects, Proto, ns_name, port_u16};
+
+/// One endpoint of a service port with what the selection rules look at.
+#[derive(Clone, Debug)]
+pub(super) struct Candidate {
+    pub(super) endpoint: Endpoint,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node_name: Option<String>,
+    /// `hints.forZones[].name`; empty when the endpoint has no zone hints.
+    zone_hints: BTreeSet<String>,
+}
+
+/// The usable endpoints of one service port, over all of the service's slices.
+pub(super) fn endpoints_for(
+    port_name: &str,
+    proto: Proto,
+    slices: &[&EndpointSlice],
+    warnings: &mut Vec<String>,
+) -> Vec<Candidate> {
+    // By endpoint: an address listed in several slices counts once (the ready copy wins).
+    let mut candidates: BTreeMap<Endpoint, Candidate> = BTreeMap::new();
+    for slice in slices {
+        let slice_name = ns_name(&slice.metadata);
+        let want_v4 = match slice.address_type.as_str() {
+            "IPv4" => true,
+            "IPv6" => false,
+            other => {
+                tracing::debug!(
+                    "EndpointSlice {slice_name}: addressType {other} has no data path; skipped"
+                );
+                continue;
+            }
+        };
+        let mut target = None;
+        for (j, p) in slice.ports.iter().flatten().enumerate() {
+            let same_name = p.name.as_deref().unwrap_or("") == port_name;
+            if !same_name || Proto::parse(p.protocol.as_deref()) != Ok(proto) {
+                continue;
+            }
+            match p.port.map(port_u16) {
+                Some(Some(n)) => target = Some(n),
+                Some(None) => warnings.push(format!(
+                    "EndpointSlice {slice_name}: field ports[{j}].port: {} is not a port (1-65535); skipped",
+                    p.port.unwrap_or_default()
+                )),
+                None => tracing::debug!("EndpointSlice {slice_name}: ports[{j}] has no port number"),
+            }
+        }
+        let Some(target) = target else {
+            continue;
+        };
+        for (k, ep) in slice.endpoints.iter().enumerate() {
+            let Some(text) = ep.addresses.first() else {
+                continue;
+            };
+            let addr = match text.parse::<IpAddr>() {
+                Ok(a) if a.is_ipv4() == want_v4 => a,
+                _ => {
+                    warnings.push(format!(
+                        "EndpointSlice {slice_name}: field endpoints[{k}].addresses[0]: {text:?} is not an {} address; endpoint skipped",
+                        slice.address_type
+                    ));
+                    continue;
+                }
+            };
+            let cond = ep.conditions.as_ref();
+            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+            let candidate = Candidate {
+                endpoint: Endpoint { addr, port: target },
+                ready,
+                serving: cond.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
+                node_name: ep.node_name.clone(),
+                zone_hints: ep
+                    .hints
+                    .as_ref()
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
+                    .unwrap_or_default(),
+            };
+            match candidates.get(&candidate.endpoint) {
+                Some(existing) if existing.ready || !candidate.ready => {}
+                _ => {
+                    candidates.insert(candidate.endpoint, candidate);
+                }
+            }
+        }
+    }
+    candidates.into_values().collect()
+}
+
+/// The node the agent programs: its name (for internalTrafficPolicy Local), zone (for
+/// topology-aware routing) and addresses (for nodePorts).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: Option<String>,
+    pub zone: Option<String>,
+    pub addresses: Vec<IpAddr>,
+}
+
+impl NodeInfo {
+    /// The zone comes from the Node object's `topology.kubernetes.io/zone` label; the
+    /// addresses are `node_ips` or, when that is empty, the Node's InternalIP and
+    /// ExternalIP addresses.
+    pub fn from_objects(name: Option<&str>, node_ips: &[IpAddr], objects: &Objects) -> Self {
+        let node = name.and_then(|n| {
+            objects
+                .nodes
+                .iter()
+                .find(|node| node.metadata.name.as_deref() == Some(n))
+        });
+        let zone = node
+            .and_then(|node| node.metadata.labels.as_ref())
+            .and_then(|l| l.get(ZONE_LABEL))
+            .filter(|z| !z.is_empty())
+            .cloned();
+        let mut addresses: Vec<IpAddr> = node_ips.to_vec();
+        if addresses.is_empty() {
+            let listed = node
+                .and_then(|n| n.status.as_ref())
+                .and_then(|s| s.addresses.as_ref());
+            for a in listed.into_iter().flatten() {
+                if !matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
+                    continue;
+                }
+                match a.address.parse::<IpAddr>() {
+                    Ok(ip) if !addresses.contains(&ip) => addresses.push(ip),
+                    Ok(_) => {}
+                    Err(_) => tracing::warn!(
+                        "Node {}: field status.addresses: {:?} is not an IP address; skipped",
+                        name.unwrap_or_default(),
+                        a.address
+                    ),
+                }
+            }
+        }
+        Self {
+            name: name.map(str::to_string),
+            zone,
+            addresses,
+        }
+    }
+}
+
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+
+/// kube-proxy's `canUseTopology`: the service asks for it (trafficDistribution PreferClose,
+/// or the topology-mode annotation Auto), the node has a zone, every ready endpoint has
+/// zone hints, and at least one is hinted for this node's zone.
+fn can_use_topology(svc: &Service, candidates: &[Candidate], node: &NodeInfo) -> bool {
+    let annotations = svc.metadata.annotations.as_ref();
+    let annotation = annotations
+        .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION))
+        .or_else(|| annotations.and_then(|a| a.get(TOPOLOGY_HINTS_ANNOTATION)))
+        .map(String::as_str);
+    let prefer_close = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.traffic_distribution.as_deref())
+        == Some("PreferClose");
+    if !prefer_close && !matches!(annotation, Some("Auto" | "auto")) {
+        return false;
+    }
+    let Some(zone) = &node.zone else {
+        return false;
+    };
+    let mut for_zone = false;
+    for c in candidates.iter().filter(|c| c.ready) {
+        if c.zone_hints.is_empty() {
+            return false;
+        }
+        for_zone |= c.zone_hints.contains(zone);
+    }
+    for_zone
+}
+
+/// kube-proxy's endpoint selection: for a cluster IP (`internal`, internalTrafficPolicy
+/// applies) or for an external frontend reached from this node (all cluster endpoints).
+pub(super) fn select(
+    svc: &Service,
+    candidates: &[Candidate],
+    node: &NodeInfo,
+    internal: bool,
+) -> BTreeSet<Endpoint> {
+    let pick = |f: &dyn Fn(&Candidate) -> bool| -> BTreeSet<Endpoint> {
+        candidates
+            .iter()
+            .filter(|c| f(c))
+            .map(|c| c.endpoint)
+            .collect()
+    };
+    let internal_local = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.internal_traffic_policy.as_deref())
+        == Some("Local");
+    if internal && internal_local {
+        // Only endpoints on this node; ready ones, else serving-and-terminating ones.
+        let local = |c: &Candidate| node.name.is_some() && c.node_name == node.name;
+        let ready = pick(&|c| c.ready && local(c));
+        if !ready.is_empty() {
+            return ready;
+        }
+        return pick(&|c| c.serving && c.terminating && local(c));
+    }
+    let topology = can_use_topology(svc, candidates, node);
+    let zone = node.zone.clone().unwrap_or_default();
+    let ready = pick(&|c| c.ready && (!topology || c.zone_hints.contains(&zone)));
+    if !ready.is_empty() {
+        return ready;
+    }
+    pick(&|c| c.serving && c.terminating)
+}

@@ -1,0 +1,308 @@
+//! One Service to its frontends: cluster IPs, externalIPs, LoadBalancer ingress IPs and
+//! nodePorts, each port with its endpoints and the service's affinity timeout.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort, ServiceSpec},
+    discovery::v1::EndpointSlice,
+};
+
+use super::{
+    Built, Frontend, FrontendState, NodeInfo, Proto,
+    endpoints::{Candidate, endpoints_for, select},
+    port_u16,
+};
+
+/// Adds the frontends of `svc` (called `name`, with its `slices`) to `built`.
+pub(super) fn add_service(
+    svc: &Service,
+    name: &str,
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+    built: &mut Built,
+) {
+    let Some(spec) = &svc.spec else {
+        tracing::debug!("Service {name}: no spec; skipped");
+        return;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        tracing::debug!("Service {name}: type ExternalName has no data path; skipped");
+        return;
+    }
+    let Some(addrs) = Addresses::of(svc, spec, name, node, &mut built.warnings) else {
+        return;
+    };
+    for (i, sp) in spec.ports.iter().flatten().enumerate() {
+        let Some(port) = Port::parse(sp, i, name, addrs.node_port_type, &mut built.warnings) else {
+            continue;
+        };
+        let candidates = endpoints_for(&port.name, port.proto, slices, &mut built.warnings);
+        let label = if port.name.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name}:{}", port.name)
+        };
+        for (addr, number, internal) in addrs.frontends(&port) {
+            let fe = Frontend {
+                addr,
+                port: number,
+                proto: port.proto,
+            };
+            if let Some(other) = built.desired.frontends.get(&fe) {
+                built.warnings.push(format!(
+                    "Service {name}: field spec.ports[{i}]: frontend {fe} is already used by {}; skipped",
+                    other.service
+                ));
+                continue;
+            }
+            let family: Vec<Candidate> = candidates
+                .iter()
+                .filter(|c| c.endpoint.addr.is_ipv4() == addr.is_ipv4())
+                .cloned()
+                .collect();
+            built.desired.frontends.insert(
+                fe,
+                FrontendState {
+                    service: label.clone(),
+                    endpoints: select(svc, &family, node, internal),
+                    affinity_timeout: addrs.affinity_timeout,
+                },
+            );
+        }
+    }
+}
+
+/// Where a service is reachable, whatever the port.
+struct Addresses {
+    cluster: Vec<IpAddr>,
+    /// externalIPs and LoadBalancer ingress IPs of a cluster IP's family.
+    external: Vec<IpAddr>,
+    /// Node addresses of a cluster IP's family (and 127.0.0.1), for nodePorts.
+    node: Vec<IpAddr>,
+    /// Type NodePort or LoadBalancer: the ports' nodePorts are served.
+    node_port_type: bool,
+    affinity_timeout: u32,
+}
+
+impl Addresses {
+    /// `None` for a service without a cluster IP (headless or none): no data path.
+    fn of(
+        svc: &Service,
+        spec: &ServiceSpec,
+        name: &str,
+        node: &NodeInfo,
+        warnings: &mut Vec<String>,
+    ) -> Option<Self> {
+        let cluster = cluster_ips(svc, name, warnings);
+        if cluster.is_empty() {
+            return None;
+        }
+        let affinity_timeout = affinity_timeout(svc, name, warnings);
+        let families: BTreeSet<bool> = cluster.iter().map(IpAddr::is_ipv4).collect();
+        let mut external = Vec::new();
+        for (ip, field) in external_ips(svc, name, warnings) {
+            if families.contains(&ip.is_ipv4()) {
+                external.push(ip);
+            } else {
+                warnings.push(format!(
+                    "Service {name}: field {field}: {ip} is not of the family of any cluster IP; skipped"
+                ));
+            }
+        }
+        let mut node_addrs: Vec<IpAddr> = node
+            .addresses
+            .iter()
+            .filter(|a| families.contains(&a.is_ipv4()))
+            .copied()
+            .collect();
+        if families.contains(&true) {
+            // kube-proxy (iptables mode) also accepts nodePorts on localhost.
+            node_addrs.push(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
+        Some(Self {
+            cluster,
+            external,
+            node: node_addrs,
+            node_port_type: matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")),
+            affinity_timeout,
+        })
+    }
+
+    /// (address, port, internal) of every frontend of `port`: cluster IPs (which follow
+    /// internalTrafficPolicy), external addresses, then the node addresses at the nodePort.
+    fn frontends(&self, port: &Port) -> Vec<(IpAddr, u16, bool)> {
+        let mut out: Vec<(IpAddr, u16, bool)> = self
+            .cluster
+            .iter()
+            .map(|ip| (*ip, port.port, true))
+            .collect();
+        out.extend(self.external.iter().map(|ip| (*ip, port.port, false)));
+        if let Some(np) = port.node_port {
+            out.extend(self.node.iter().map(|ip| (*ip, np, false)));
+        }
+        out
+    }
+}
+
+/// One `spec.ports[]` entry, checked.
+struct Port {
+    name: String,
+    proto: Proto,
+    port: u16,
+    node_port: Option<u16>,
+}
+
+impl Port {
+    /// `spec.ports[i]`; `None` (with a warning) when its protocol or port is unusable. A
+    /// bad nodePort only loses the node port.
+    fn parse(
+        sp: &ServicePort,
+        i: usize,
+        name: &str,
+        node_port_type: bool,
+        warnings: &mut Vec<String>,
+    ) -> Option<Self> {
+        let proto = match Proto::parse(sp.protocol.as_deref()) {
+            Ok(p) => p,
+            Err(why) => {
+                warnings.push(format!(
+                    "Service {name}: field spec.ports[{i}].protocol: {why}; port skipped"
+                ));
+                return None;
+            }
+        };
+        let Some(port) = port_u16(sp.port) else {
+            warnings.push(format!(
+                "Service {name}: field spec.ports[{i}].port: {} is not a port (1-65535); port skipped",
+                sp.port
+            ));
+            return None;
+        };
+        let node_port = match sp.node_port {
+            Some(n) if node_port_type => {
+                let checked = port_u16(n);
+                if checked.is_none() {
+                    warnings.push(format!(
+                        "Service {name}: field spec.ports[{i}].nodePort: {n} is not a port (1-65535); no node port"
+                    ));
+                }
+                checked
+            }
+            _ => None,
+        };
+        Some(Self {
+            name: sp.name.clone().unwrap_or_default(),
+            proto,
+            port,
+            node_port,
+        })
+    }
+}
+
+fn cluster_ips(svc: &Service, name: &str, warnings: &mut Vec<String>) -> Vec<IpAddr> {
+    let Some(spec) = &svc.spec else {
+        return Vec::new();
+    };
+    let (field, ips): (&str, Vec<&String>) = match &spec.cluster_ips {
+        Some(list) if !list.is_empty() => ("spec.clusterIPs", list.iter().collect()),
+        _ => ("spec.clusterIP", spec.cluster_ip.iter().collect()),
+    };
+    let mut out = Vec::new();
+    for (i, ip) in ips.into_iter().enumerate() {
+        let field = if field == "spec.clusterIPs" {
+            format!("{field}[{i}]")
+        } else {
+            field.to_string()
+        };
+        match ip.as_str() {
+            "" => tracing::debug!("Service {name}: no cluster IP; no data path"),
+            "None" => tracing::debug!("Service {name}: headless; no data path"),
+            text => match text.parse::<IpAddr>() {
+                Ok(ip) => out.push(ip),
+                Err(_) => warnings.push(format!(
+                    "Service {name}: field {field}: {text:?} is not an IP address; skipped"
+                )),
+            },
+        }
+    }
+    out
+}
+
+/// The ClientIP affinity timeout of a service, 0 for none.
+fn affinity_timeout(svc: &Service, name: &str, warnings: &mut Vec<String>) -> u32 {
+    const DEFAULT: u32 = 10_800;
+    const MAX: i32 = 86_400;
+    let Some(spec) = &svc.spec else { return 0 };
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => return 0,
+        Some("ClientIP") => {}
+        Some(other) => {
+            warnings.push(format!(
+                "Service {name}: field spec.sessionAffinity: unknown value {other:?} (want None or ClientIP); no affinity"
+            ));
+            return 0;
+        }
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match timeout {
+        None => DEFAULT,
+        Some(t) if (1..=MAX).contains(&t) => t as u32,
+        Some(t) => {
+            warnings.push(format!(
+                "Service {name}: field spec.sessionAffinityConfig.clientIP.timeoutSeconds: {t} is out of range (1-{MAX}); the default {DEFAULT} is used"
+            ));
+            DEFAULT
+        }
+    }
+}
+
+/// The addresses besides the cluster IPs that a service port is reachable on, with the
+/// field each came from: externalIPs and (type LoadBalancer) ingress IPs.
+fn external_ips(svc: &Service, name: &str, warnings: &mut Vec<String>) -> Vec<(IpAddr, String)> {
+    let mut out = Vec::new();
+    let Some(spec) = &svc.spec else { return out };
+    for (i, text) in spec.external_ips.iter().flatten().enumerate() {
+        match text.parse::<IpAddr>() {
+            Ok(ip) => out.push((ip, format!("spec.externalIPs[{i}]"))),
+            Err(_) => warnings.push(format!(
+                "Service {name}: field spec.externalIPs[{i}]: {text:?} is not an IP address; skipped"
+            )),
+        }
+    }
+    if spec.type_.as_deref() != Some("LoadBalancer") {
+        return out;
+    }
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        let field = format!("status.loadBalancer.ingress[{i}]");
+        let Some(text) = &ing.ip else {
+            tracing::debug!("Service {name}: {field} has no ip (hostname only); skipped");
+            continue;
+        };
+        if ing.ip_mode.as_deref() == Some("Proxy") {
+            // The load balancer proxies: traffic reaches the node addressed to the node,
+            // so kube-proxy does not short-circuit the ingress IP.
+            tracing::debug!("Service {name}: {field} has ipMode Proxy; not a frontend");
+            continue;
+        }
+        match text.parse::<IpAddr>() {
+            Ok(ip) => out.push((ip, format!("{field}.ip"))),
+            Err(_) => warnings.push(format!(
+                "Service {name}: field {field}.ip: {text:?} is not an IP address; skipped"
+            )),
+        }
+    }
+    out
+}

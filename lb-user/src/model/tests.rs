@@ -1,0 +1,533 @@
+//! The model's tests: kube-proxy's rules, one behaviour a test.
+
+use super::*;
+use serde::Deserialize as _;
+
+/// The objects of a multi-document YAML text (the model's tests need no source).
+fn objects_from(yaml: &str) -> Objects {
+    let mut objects = Objects::default();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_yaml::Value::deserialize(doc).expect("YAML");
+        match value.get("kind").and_then(|k| k.as_str()) {
+            Some("Service") => objects
+                .services
+                .push(serde_yaml::from_value(value).unwrap()),
+            Some("EndpointSlice") => objects.slices.push(serde_yaml::from_value(value).unwrap()),
+            Some("Node") => objects.nodes.push(serde_yaml::from_value(value).unwrap()),
+            None if value.is_null() => {}
+            other => panic!("unexpected kind {other:?}"),
+        }
+    }
+    objects
+}
+
+fn build_from(yaml: &str) -> Built {
+    build(&objects_from(yaml), Some("node-a"), &[])
+}
+
+fn fe(addr: &str, port: u16, proto: Proto) -> Frontend {
+    Frontend {
+        addr: addr.parse().unwrap(),
+        port,
+        proto,
+    }
+}
+
+fn eps(list: &[(&str, u16)]) -> BTreeSet<Endpoint> {
+    list.iter()
+        .map(|(a, p)| Endpoint {
+            addr: a.parse().unwrap(),
+            port: *p,
+        })
+        .collect()
+}
+
+const WEB: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: dns}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [10.244.1.2]
+  conditions: {ready: true}
+- addresses: [10.244.2.2]
+- addresses: [10.244.3.2]
+  conditions: {ready: false}
+";
+
+#[test]
+fn ports_protocols_named_target_and_ready_endpoints() {
+    let b = build_from(WEB);
+    assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+    let http = &b.desired.frontends[&fe("10.96.0.10", 80, Proto::Tcp)];
+    assert_eq!(http.service, "shop/web:http");
+    assert_eq!(
+        http.endpoints,
+        eps(&[("10.244.1.2", 8080), ("10.244.2.2", 8080)]),
+        "ready absent counts as ready; ready=false is left out"
+    );
+    let dns = &b.desired.frontends[&fe("10.96.0.10", 53, Proto::Udp)];
+    assert_eq!(
+        dns.endpoints,
+        eps(&[("10.244.1.2", 5353), ("10.244.2.2", 5353)]),
+        "named targetPort resolved through the slice's port of the same name"
+    );
+    assert_eq!(b.desired.frontends.len(), 2);
+    assert_eq!(b.desired.service_count(), 1);
+}
+
+#[test]
+fn headless_external_name_and_no_cluster_ip_have_no_frontend() {
+    let b = build_from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 80}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: e}\nspec: {type: ExternalName, externalName: example.com}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: n}\nspec: {ports: [{port: 80}]}\n",
+    );
+    assert!(b.desired.frontends.is_empty());
+    assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+}
+
+#[test]
+fn no_slices_means_a_frontend_without_backends() {
+    let b = build_from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: lonely}\nspec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}\n",
+    );
+    let f = &b.desired.frontends[&fe("10.96.0.5", 80, Proto::Tcp)];
+    assert!(f.endpoints.is_empty());
+    assert_eq!(f.service, "default/lonely");
+}
+
+#[test]
+fn slices_of_other_services_or_namespaces_are_not_used() {
+    let yaml = WEB.replace("namespace: shop\n  labels", "namespace: other\n  labels");
+    let b = build_from(&yaml);
+    assert!(
+        b.desired.frontends[&fe("10.96.0.10", 80, Proto::Tcp)]
+            .endpoints
+            .is_empty()
+    );
+}
+
+#[test]
+fn several_slices_are_joined_and_duplicates_counted_once() {
+    let yaml = format!(
+        "{WEB}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-def\n  namespace: shop\n  \
+             labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+             endpoints:\n- addresses: [10.244.1.2]\n- addresses: [10.244.4.2]\n"
+    );
+    let b = build_from(&yaml);
+    assert_eq!(
+        b.desired.frontends[&fe("10.96.0.10", 80, Proto::Tcp)].endpoints,
+        eps(&[
+            ("10.244.1.2", 8080),
+            ("10.244.2.2", 8080),
+            ("10.244.4.2", 8080)
+        ])
+    );
+}
+
+#[test]
+fn terminating_serving_endpoints_are_the_fallback_only() {
+    let slice = |conds: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec: {{clusterIP: 10.96.0.7, ports: [{{port: 80}}]}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s-1\n  labels: {{kubernetes.io/service-name: s}}\n\
+                 addressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n{conds}"
+        )
+    };
+    let only_terminating = slice(
+        "- addresses: [10.0.0.1]\n  conditions: {ready: false, serving: true, terminating: true}\n\
+             - addresses: [10.0.0.2]\n  conditions: {ready: false, serving: false, terminating: true}\n",
+    );
+    let b = build_from(&only_terminating);
+    assert_eq!(
+        b.desired.frontends[&fe("10.96.0.7", 80, Proto::Tcp)].endpoints,
+        eps(&[("10.0.0.1", 80)])
+    );
+    let with_ready = slice(
+        "- addresses: [10.0.0.1]\n  conditions: {ready: false, serving: true, terminating: true}\n\
+             - addresses: [10.0.0.3]\n  conditions: {ready: true}\n",
+    );
+    let b = build_from(&with_ready);
+    assert_eq!(
+        b.desired.frontends[&fe("10.96.0.7", 80, Proto::Tcp)].endpoints,
+        eps(&[("10.0.0.3", 80)])
+    );
+}
+
+#[test]
+fn bad_values_warn_with_object_and_field_and_the_rest_works() {
+    let yaml = format!(
+        "{WEB}---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad-ip}}\nspec: {{clusterIP: 10.96.0.300, ports: [{{port: 80}}]}}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {{name: sctp}}\nspec: {{clusterIP: 10.96.0.11, ports: [{{port: 80, protocol: SCTP}}, {{port: 81}}]}}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {{name: big}}\nspec: {{clusterIP: 10.96.0.12, ports: [{{port: 70000}}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-bad\n  namespace: shop\n  \
+             labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+             endpoints:\n- addresses: [not-an-ip]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: orphan}}\naddressType: IPv4\nendpoints: []\n"
+    );
+    let b = build_from(&yaml);
+    let w = b.warnings.join("\n");
+    assert!(
+        w.contains("Service default/bad-ip: field spec.clusterIP: \"10.96.0.300\""),
+        "{w}"
+    );
+    assert!(
+        w.contains("Service default/sctp: field spec.ports[0].protocol: SCTP"),
+        "{w}"
+    );
+    assert!(
+        w.contains("Service default/big: field spec.ports[0].port: 70000"),
+        "{w}"
+    );
+    assert!(
+        w.contains("EndpointSlice shop/web-bad: field endpoints[0].addresses[0]: \"not-an-ip\""),
+        "{w}"
+    );
+    assert!(
+        w.contains("EndpointSlice default/orphan: field metadata.labels"),
+        "{w}"
+    );
+    assert_eq!(b.warnings.len(), 5, "{w}");
+    assert!(
+        b.desired
+            .frontends
+            .contains_key(&fe("10.96.0.11", 81, Proto::Tcp))
+    );
+    assert_eq!(
+        b.desired.frontends[&fe("10.96.0.10", 80, Proto::Tcp)]
+            .endpoints
+            .len(),
+        2,
+        "the good service keeps its endpoints"
+    );
+}
+
+#[test]
+fn dual_cluster_ips_and_clashing_frontends() {
+    let b = build_from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIPs: [10.96.0.1, 'fd00::1'], ports: [{port: 80}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}, {port: 81}]}\n",
+    );
+    assert_eq!(
+        b.desired.frontends[&fe("10.96.0.1", 80, Proto::Tcp)].service,
+        "default/a"
+    );
+    assert_eq!(
+        b.desired.frontends[&fe("10.96.0.1", 81, Proto::Tcp)].service,
+        "default/b"
+    );
+    assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
+    assert!(b.warnings[0].contains("already used by default/a"));
+}
+
+/// A service with `spec_extra` and `annotations`, and one slice whose endpoints are
+/// given as YAML list items.
+fn svc_with(spec_extra: &str, annotations: &str, endpoints: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: n{annotations}}}\n\
+             spec: {{clusterIP: 10.96.0.9, ports: [{{port: 80}}]{spec_extra}}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s-1\n  namespace: n\n  \
+             labels: {{kubernetes.io/service-name: s}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n{endpoints}"
+    )
+}
+
+const NODE_A_ZONE_1: &str = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {topology.kubernetes.io/zone: zone-1}\n";
+
+fn selected(yaml: &str) -> BTreeSet<Endpoint> {
+    let b = build_from(yaml);
+    assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+    b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)]
+        .endpoints
+        .clone()
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
+    let eps_yaml = "- addresses: [10.0.0.1]\n  nodeName: node-a\n\
+                        - addresses: [10.0.0.2]\n  nodeName: node-b\n\
+                        - addresses: [10.0.0.3]\n";
+    assert_eq!(
+        selected(&svc_with(", internalTrafficPolicy: Local", "", eps_yaml)),
+        eps(&[("10.0.0.1", 80)])
+    );
+    assert_eq!(
+        selected(&svc_with(", internalTrafficPolicy: Cluster", "", eps_yaml)).len(),
+        3
+    );
+    // No local endpoint: nothing (connections are refused), even with remote ones.
+    let remote_only = "- addresses: [10.0.0.2]\n  nodeName: node-b\n";
+    assert!(selected(&svc_with(", internalTrafficPolicy: Local", "", remote_only)).is_empty());
+    // Local terminating-but-serving endpoints are the fallback.
+    let terminating = "- addresses: [10.0.0.1]\n  nodeName: node-a\n  conditions: {ready: false, serving: true, terminating: true}\n\
+                           - addresses: [10.0.0.2]\n  nodeName: node-b\n";
+    assert_eq!(
+        selected(&svc_with(", internalTrafficPolicy: Local", "", terminating)),
+        eps(&[("10.0.0.1", 80)])
+    );
+}
+
+#[test]
+fn prefer_close_and_topology_mode_auto_use_zone_hints() {
+    let hinted = "- addresses: [10.0.0.1]\n  hints: {forZones: [{name: zone-1}]}\n\
+                      - addresses: [10.0.0.2]\n  hints: {forZones: [{name: zone-2}]}\n";
+    let zone1 = eps(&[("10.0.0.1", 80)]);
+    let both = eps(&[("10.0.0.1", 80), ("10.0.0.2", 80)]);
+    let prefer_close = ", trafficDistribution: PreferClose";
+    let auto = ", annotations: {service.kubernetes.io/topology-mode: Auto}";
+    assert_eq!(
+        selected(&(svc_with(prefer_close, "", hinted) + NODE_A_ZONE_1)),
+        zone1
+    );
+    assert_eq!(
+        selected(&(svc_with("", auto, hinted) + NODE_A_ZONE_1)),
+        zone1
+    );
+    // Not asked for: hints are ignored.
+    assert_eq!(selected(&(svc_with("", "", hinted) + NODE_A_ZONE_1)), both);
+    // The node has no zone (no Node object): hints are ignored.
+    assert_eq!(selected(&svc_with(prefer_close, "", hinted)), both);
+    // One ready endpoint without hints disables topology for the service.
+    let partly =
+        "- addresses: [10.0.0.1]\n  hints: {forZones: [{name: zone-1}]}\n- addresses: [10.0.0.2]\n";
+    assert_eq!(
+        selected(&(svc_with(prefer_close, "", partly) + NODE_A_ZONE_1)),
+        both
+    );
+    // No endpoint is hinted for this zone: all are used.
+    let elsewhere = "- addresses: [10.0.0.1]\n  hints: {forZones: [{name: zone-3}]}\n\
+                         - addresses: [10.0.0.2]\n  hints: {forZones: [{name: zone-2}]}\n";
+    assert_eq!(
+        selected(&(svc_with(prefer_close, "", elsewhere) + NODE_A_ZONE_1)),
+        both
+    );
+}
+
+#[test]
+fn duplicate_endpoint_prefers_the_ready_copy() {
+    let dup = "- addresses: [10.0.0.1]\n  conditions: {ready: false}\n- addresses: [10.0.0.1]\n  conditions: {ready: true}\n";
+    assert_eq!(selected(&svc_with("", "", dup)), eps(&[("10.0.0.1", 80)]));
+}
+
+#[test]
+fn slice_port_out_of_range_warns_and_leaves_the_port_without_endpoints() {
+    let yaml = svc_with("", "", "- addresses: [10.0.0.1]\n").replace(
+        "ports: [{port: 80}]\nendpoints",
+        "ports: [{port: 0}]\nendpoints",
+    );
+    let objects = objects_from(&yaml);
+    let b = build(&objects, Some("node-a"), &[]);
+    assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
+    assert!(b.warnings[0].starts_with("EndpointSlice n/s-1: field ports[0].port: 0 is not a port"));
+    assert!(
+        b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)]
+            .endpoints
+            .is_empty()
+    );
+}
+
+#[test]
+fn slice_addresses_must_match_the_address_type_and_fqdn_slices_are_skipped() {
+    let yaml = svc_with("", "", "- addresses: [10.0.0.1]\n")
+        .replace("addressType: IPv4", "addressType: IPv6");
+    let b = build_from(&yaml);
+    assert!(
+        b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)]
+            .endpoints
+            .is_empty()
+    );
+    assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
+    assert!(
+        b.warnings[0]
+            .contains("field endpoints[0].addresses[0]: \"10.0.0.1\" is not an IPv6 address"),
+        "{}",
+        b.warnings[0]
+    );
+    let fqdn = svc_with("", "", "- addresses: [db.example.com]\n")
+        .replace("addressType: IPv4", "addressType: FQDN");
+    assert!(selected(&fqdn).is_empty());
+}
+
+const DUAL: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: d, namespace: n}\n\
+        spec: {clusterIPs: [10.96.0.9, 'fd00:96::9'], ipFamilies: [IPv4, IPv6], ports: [{port: 80, targetPort: 8080}]}\n---\n\
+        apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: d-4, namespace: n, labels: {kubernetes.io/service-name: d}}\n\
+        addressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]\n---\n\
+        apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: d-6, namespace: n, labels: {kubernetes.io/service-name: d}}\n\
+        addressType: IPv6\nports: [{port: 8080}]\nendpoints: [{addresses: ['fd00:244::1']}]\n";
+
+#[test]
+fn dual_stack_frontends_use_the_endpoints_of_their_family() {
+    let b = build_from(DUAL);
+    assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+    assert_eq!(
+        b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)].endpoints,
+        eps(&[("10.0.0.1", 8080), ("10.0.0.2", 8080)])
+    );
+    assert_eq!(
+        b.desired.frontends[&fe("fd00:96::9", 80, Proto::Tcp)].endpoints,
+        eps(&[("fd00:244::1", 8080)])
+    );
+    assert_eq!(
+        fe("fd00:96::9", 80, Proto::Tcp).to_string(),
+        "[fd00:96::9]:80/TCP"
+    );
+}
+
+#[test]
+fn session_affinity_client_ip_timeout_default_range_and_bad_values() {
+    let timeout = |extra: &str| {
+        let b = build_from(&svc_with(extra, "", "- addresses: [10.0.0.1]\n"));
+        (
+            b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)].affinity_timeout,
+            b.warnings,
+        )
+    };
+    assert_eq!(timeout(""), (0, vec![]));
+    assert_eq!(timeout(", sessionAffinity: None"), (0, vec![]));
+    assert_eq!(timeout(", sessionAffinity: ClientIP"), (10_800, vec![]));
+    assert_eq!(
+        timeout(
+            ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}"
+        ),
+        (5, vec![])
+    );
+    let (t, w) = timeout(
+        ", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}",
+    );
+    assert_eq!(t, 10_800);
+    assert!(
+        w[0].contains(
+            "field spec.sessionAffinityConfig.clientIP.timeoutSeconds: 86401 is out of range"
+        ),
+        "{w:?}"
+    );
+    let (t, w) = timeout(", sessionAffinity: Cookie");
+    assert_eq!(t, 0);
+    assert!(
+        w[0].contains("field spec.sessionAffinity: unknown value \"Cookie\""),
+        "{w:?}"
+    );
+}
+
+/// A NodePort/LoadBalancer service `s` in namespace `n` (ports 80 -> nodePort 30080)
+/// with internalTrafficPolicy Local, a local and a remote endpoint, and node-a's Node.
+fn exposed(spec_extra: &str, status: &str) -> String {
+    svc_with(
+            &format!(", internalTrafficPolicy: Local{spec_extra}"),
+            "",
+            "- addresses: [10.0.0.1]\n  nodeName: node-a\n- addresses: [10.0.0.2]\n  nodeName: node-b\n",
+        )
+        .replace("ports: [{port: 80}]", "ports: [{port: 80, nodePort: 30080}]")
+        .replace("\n---\napiVersion: discovery", &format!("\n{status}---\napiVersion: discovery"))
+            + "---\napiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n\
+               status: {addresses: [{type: InternalIP, address: 192.0.2.1}, {type: Hostname, address: node-a}, {type: ExternalIP, address: 'fd00:1::1'}]}\n"
+}
+
+#[test]
+fn node_ports_on_node_addresses_and_localhost_use_all_endpoints() {
+    let b = build_from(&exposed(", type: NodePort", ""));
+    assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+    let all = eps(&[("10.0.0.1", 80), ("10.0.0.2", 80)]);
+    let got: BTreeMap<Frontend, BTreeSet<Endpoint>> = b
+        .desired
+        .frontends
+        .iter()
+        .map(|(f, s)| (*f, s.endpoints.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        BTreeMap::from([
+            // The cluster IP follows internalTrafficPolicy Local ...
+            (fe("10.96.0.9", 80, Proto::Tcp), eps(&[("10.0.0.1", 80)])),
+            // ... the node ports do not (traffic from the node itself). The IPv6
+            // node address has no IPv6 cluster IP to go with: not used.
+            (fe("192.0.2.1", 30080, Proto::Tcp), all.clone()),
+            (fe("127.0.0.1", 30080, Proto::Tcp), all.clone()),
+        ])
+    );
+    // --node-ip replaces the Node's addresses.
+    let objects = objects_from(&exposed(", type: NodePort", ""));
+    let b = build(&objects, Some("node-a"), &["198.51.100.7".parse().unwrap()]);
+    let addrs: Vec<String> = b.desired.frontends.keys().map(|f| f.to_string()).collect();
+    assert_eq!(
+        addrs,
+        [
+            "10.96.0.9:80/TCP",
+            "127.0.0.1:30080/TCP",
+            "198.51.100.7:30080/TCP"
+        ]
+    );
+    // A ClusterIP service keeps no node port even if one is written down.
+    let b = build_from(&exposed("", ""));
+    assert_eq!(b.desired.frontends.len(), 1);
+}
+
+#[test]
+fn external_ips_and_load_balancer_ingress_ips_are_frontends() {
+    let status = "status: {loadBalancer: {ingress: [{ip: 203.0.113.5}, {ip: 203.0.113.6, ipMode: Proxy}, {hostname: lb.example.com}, {ip: 'not-an-ip'}]}}\n";
+    let yaml = exposed(
+        ", type: LoadBalancer, externalIPs: [198.51.100.20, 'fd00::20', '300.1.1.1']",
+        status,
+    );
+    let b = build_from(&yaml);
+    let addrs: BTreeSet<String> = b.desired.frontends.keys().map(|f| f.to_string()).collect();
+    assert_eq!(
+        addrs,
+        [
+            "10.96.0.9:80/TCP",
+            "127.0.0.1:30080/TCP",
+            "192.0.2.1:30080/TCP",
+            "198.51.100.20:80/TCP",
+            "203.0.113.5:80/TCP",
+        ]
+        .map(String::from)
+        .into()
+    );
+    assert_eq!(
+        b.desired.frontends[&fe("203.0.113.5", 80, Proto::Tcp)]
+            .endpoints
+            .len(),
+        2
+    );
+    let warnings = b.warnings.join("\n");
+    assert_eq!(b.warnings.len(), 3, "{warnings}");
+    assert!(warnings.contains("Service n/s: field spec.externalIPs[1]: fd00::20 is not of the family of any cluster IP"), "{warnings}");
+    assert!(
+        warnings
+            .contains("Service n/s: field spec.externalIPs[2]: \"300.1.1.1\" is not an IP address"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("Service n/s: field status.loadBalancer.ingress[3].ip: \"not-an-ip\""),
+        "{warnings}"
+    );
+}
+
+#[test]
+fn a_slice_whose_service_does_not_exist_warns() {
+    let objects = objects_from(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: early-1\n  namespace: n\n  \
+             labels: {kubernetes.io/service-name: early}\naddressType: IPv4\nendpoints: []\n",
+    );
+    let b = build(&objects, Some("node-a"), &[]);
+    assert_eq!(b.warnings.len(), 1);
+    assert!(
+            b.warnings[0].starts_with("EndpointSlice n/early-1: field metadata.labels[kubernetes.io/service-name]: service n/early does not exist"),
+            "{}",
+            b.warnings[0]
+        );
+}
