@@ -321,6 +321,51 @@ fn gone() -> Value {
         "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}})
 }
 
+/// One request: its path and decoded query parameters (GET only: no body).
+struct Request {
+    path: String,
+    params: BTreeMap<String, String>,
+}
+
+impl Request {
+    fn param(&self, key: &str) -> String {
+        self.params.get(key).cloned().unwrap_or_default()
+    }
+
+    /// The last path segment: "services", "endpointslices", "nodes".
+    fn resource(&self) -> String {
+        self.path.rsplit('/').next().unwrap_or_default().to_string()
+    }
+}
+
+/// Reads the request line and headers; `None` when the client closed.
+async fn read_request(conn: &mut BufReader<TcpStream>) -> Option<Request> {
+    let mut request_line = String::new();
+    if conn.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+        return None;
+    }
+    loop {
+        let mut header = String::new();
+        if conn.read_line(&mut header).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        if header == "\r\n" || header == "\n" {
+            break;
+        }
+    }
+    let target = request_line.split_whitespace().nth(1).unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let params = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), decode(v)))
+        .collect();
+    Some(Request {
+        path: path.to_string(),
+        params,
+    })
+}
+
 async fn serve_conn(
     conn: TcpStream,
     state: Arc<Mutex<State>>,
@@ -328,36 +373,10 @@ async fn serve_conn(
     control: broadcast::Sender<Control>,
 ) {
     let mut conn = BufReader::new(conn);
-    loop {
-        // Request line and headers (GET only: no body).
-        let mut request_line = String::new();
-        if conn.read_line(&mut request_line).await.unwrap_or(0) == 0 {
-            return;
-        }
-        loop {
-            let mut header = String::new();
-            if conn.read_line(&mut header).await.unwrap_or(0) == 0 {
-                return;
-            }
-            if header == "\r\n" || header == "\n" {
-                break;
-            }
-        }
-        let target = request_line
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or("/")
-            .to_string();
-        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-        let params: BTreeMap<String, String> = query
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), decode(v)))
-            .collect();
-        let p = |k: &str| params.get(k).cloned().unwrap_or_default();
-        let Some(kind) = Kind::from_path(path) else {
+    while let Some(req) = read_request(&mut conn).await {
+        let Some(kind) = Kind::from_path(&req.path) else {
             let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": format!("the fake API does not serve {path}"), "reason": "NotFound", "code": 404});
+                "message": format!("the fake API does not serve {}", req.path), "reason": "NotFound", "code": 404});
             if respond(conn.get_mut(), "404 Not Found", &body.to_string())
                 .await
                 .is_err()
@@ -366,24 +385,8 @@ async fn serve_conn(
             }
             continue;
         };
-        let resource = path.rsplit('/').next().unwrap_or_default().to_string();
-        let watch = matches!(p("watch").as_str(), "true" | "1");
-        let (labels, fields) = (p("labelSelector"), p("fieldSelector"));
-        if !watch {
-            let body = {
-                let mut st = state.lock().unwrap();
-                st.requests
-                    .push(format!("LIST {resource} rv={}", p("resourceVersion")));
-                let items: Vec<&Value> = st
-                    .objects
-                    .iter()
-                    .filter(|((k, _, _), o)| *k == kind && matches(o, &labels, &fields))
-                    .map(|(_, o)| o)
-                    .collect();
-                let (list_kind, api_version) = kind.list_kind();
-                json!({"kind": list_kind, "apiVersion": api_version,
-                    "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})
-            };
+        if !matches!(req.param("watch").as_str(), "true" | "1") {
+            let body = list(&state, &req, kind);
             if respond(conn.get_mut(), "200 OK", &body.to_string())
                 .await
                 .is_err()
@@ -393,55 +396,122 @@ async fn serve_conn(
             continue;
         }
         // A watch: one chunked stream, then the connection is closed.
-        let from: u64 = p("resourceVersion").parse().unwrap_or(0);
-        let bookmarks = p("allowWatchBookmarks") == "true";
-        let timeout = Duration::from_secs(p("timeoutSeconds").parse().unwrap_or(300));
-        let mut rx_events = events.subscribe();
-        let mut rx_control = control.subscribe();
-        let (backlog, expired) = {
-            let mut st = state.lock().unwrap();
-            st.requests.push(format!("WATCH {resource} rv={from}"));
-            let expired = from < st.compacted;
-            let backlog: Vec<Event> = st
-                .history
-                .iter()
-                .filter(|e| e.kind == kind && e.rv > from)
-                .cloned()
-                .collect();
-            (backlog, expired)
-        };
-        let conn = conn.get_mut();
-        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
-        if conn.write_all(head.as_bytes()).await.is_err() {
+        let rx = (events.subscribe(), control.subscribe());
+        watch(conn.get_mut(), &state, &req, kind, rx).await;
+        return;
+    }
+}
+
+/// The objects of `kind` that match the request's selectors, as a list.
+fn list(state: &Mutex<State>, req: &Request, kind: Kind) -> Value {
+    let (labels, fields) = (req.param("labelSelector"), req.param("fieldSelector"));
+    let mut st = state.lock().unwrap();
+    st.requests.push(format!(
+        "LIST {} rv={}",
+        req.resource(),
+        req.param("resourceVersion")
+    ));
+    let items: Vec<&Value> = st
+        .objects
+        .iter()
+        .filter(|((k, _, _), o)| *k == kind && matches(o, &labels, &fields))
+        .map(|(_, o)| o)
+        .collect();
+    let (list_kind, api_version) = kind.list_kind();
+    json!({"kind": list_kind, "apiVersion": api_version,
+        "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})
+}
+
+/// A watch stream from the request's resourceVersion: 410 if it is compacted away, else
+/// the backlog, then live events, bookmarks, drops and expiries until its timeout.
+async fn watch(
+    conn: &mut TcpStream,
+    state: &Mutex<State>,
+    req: &Request,
+    kind: Kind,
+    (rx_events, rx_control): (broadcast::Receiver<Event>, broadcast::Receiver<Control>),
+) {
+    let (labels, fields) = (req.param("labelSelector"), req.param("fieldSelector"));
+    let from: u64 = req.param("resourceVersion").parse().unwrap_or(0);
+    let bookmarks = req.param("allowWatchBookmarks") == "true";
+    let timeout = Duration::from_secs(req.param("timeoutSeconds").parse().unwrap_or(300));
+    let (backlog, expired) = {
+        let mut st = state.lock().unwrap();
+        st.requests
+            .push(format!("WATCH {} rv={from}", req.resource()));
+        let expired = from < st.compacted;
+        let backlog: Vec<Event> = st
+            .history
+            .iter()
+            .filter(|e| e.kind == kind && e.rv > from)
+            .cloned()
+            .collect();
+        (backlog, expired)
+    };
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    if conn.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    if expired {
+        let _ = chunk(conn, &gone()).await;
+        let _ = conn.write_all(b"0\r\n\r\n").await;
+        return;
+    }
+    let mut last = from;
+    for e in backlog {
+        if matches(&e.object, &labels, &fields)
+            && chunk(conn, &json!({"type": e.type_, "object": e.object}))
+                .await
+                .is_err()
+        {
             return;
         }
-        if expired {
-            let _ = chunk(conn, &gone()).await;
-            let _ = conn.write_all(b"0\r\n\r\n").await;
-            return;
-        }
-        let mut last = from;
-        for e in backlog {
-            if matches(&e.object, &labels, &fields)
-                && chunk(conn, &json!({"type": e.type_, "object": e.object}))
-                    .await
-                    .is_err()
-            {
-                return;
-            }
-            last = e.rv;
-        }
+        last = e.rv;
+    }
+    let live = Live {
+        kind,
+        labels: &labels,
+        fields: &fields,
+        bookmarks,
+        last,
+    };
+    live.stream(conn, state, timeout, rx_events, rx_control)
+        .await;
+}
+
+/// What a watch streams once its backlog is sent.
+struct Live<'a> {
+    kind: Kind,
+    labels: &'a str,
+    fields: &'a str,
+    bookmarks: bool,
+    /// The resourceVersion sent last.
+    last: u64,
+}
+
+impl Live<'_> {
+    /// Live events, bookmarks, drops and expiries until `timeout`.
+    async fn stream(
+        mut self,
+        conn: &mut TcpStream,
+        state: &Mutex<State>,
+        timeout: Duration,
+        mut rx_events: broadcast::Receiver<Event>,
+        mut rx_control: broadcast::Receiver<Control>,
+    ) {
+        let (kind, labels, fields, bookmarks) =
+            (self.kind, self.labels, self.fields, self.bookmarks);
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 ev = rx_events.recv() => {
                     let Ok(e) = ev else { return };
-                    if e.kind != kind || e.rv <= last {
+                    if e.kind != kind || e.rv <= self.last {
                         continue;
                     }
-                    last = e.rv;
-                    if matches(&e.object, &labels, &fields)
+                    self.last = e.rv;
+                    if matches(&e.object, labels, fields)
                         && chunk(conn, &json!({"type": e.type_, "object": e.object})).await.is_err()
                     {
                         return;
@@ -463,17 +533,10 @@ async fn serve_conn(
                             continue;
                         }
                         let rv = state.lock().unwrap().rv;
-                        let (k, api_version) = match kind {
-                            Kind::Service => ("Service", "v1"),
-                            Kind::EndpointSlice => ("EndpointSlice", "discovery.k8s.io/v1"),
-                            Kind::Node => ("Node", "v1"),
-                        };
-                        let bm = json!({"type": "BOOKMARK", "object": {"kind": k, "apiVersion": api_version,
-                            "metadata": {"resourceVersion": rv.to_string()}}});
-                        if chunk(conn, &bm).await.is_err() {
+                        if chunk(conn, &bookmark(kind, rv)).await.is_err() {
                             return;
                         }
-                        last = last.max(rv);
+                        self.last = self.last.max(rv);
                     }
                 },
                 _ = &mut deadline => {
@@ -483,4 +546,14 @@ async fn serve_conn(
             }
         }
     }
+}
+
+fn bookmark(kind: Kind, rv: u64) -> Value {
+    let (k, api_version) = match kind {
+        Kind::Service => ("Service", "v1"),
+        Kind::EndpointSlice => ("EndpointSlice", "discovery.k8s.io/v1"),
+        Kind::Node => ("Node", "v1"),
+    };
+    json!({"type": "BOOKMARK", "object": {"kind": k, "apiVersion": api_version,
+        "metadata": {"resourceVersion": rv.to_string()}}})
 }

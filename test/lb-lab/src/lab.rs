@@ -309,26 +309,7 @@ impl Lab {
             &format!("fd00:10:244:{subnet}::1"),
         ])?;
         let name = format!("pod-{i}");
-        let mut cmd = Command::new(&self.lab_bin);
-        cmd.args([
-            "serve",
-            "--name",
-            &name,
-            "--port",
-            &self.server_port.to_string(),
-        ])
-        .args(&self.server_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .stdin(Stdio::null());
-        place(&mut cmd, &netns, None)?;
-        let mut child = ChildGuard(cmd.spawn().with_context(|| format!("starting {cmd:?}"))?);
-        let mut line = String::new();
-        let stdout = child.0.stdout.take().expect("piped");
-        BufReader::new(stdout).read_line(&mut line)?;
-        if line.trim() != "ready" {
-            bail!("server {name} in {pod} did not start (printed {line:?})");
-        }
+        let child = self.spawn_server(&netns, &name)?;
         self.pods.push(Pod {
             name,
             ip: Ipv4Addr::new(10, 244, subnet as u8, 2),
@@ -338,6 +319,34 @@ impl Lab {
             netns,
         });
         Ok(())
+    }
+
+    /// `lab_bin serve` as pod `name` in `netns`, once it says it is ready.
+    fn spawn_server(&self, netns: &Netns, name: &str) -> anyhow::Result<ChildGuard> {
+        let mut cmd = Command::new(&self.lab_bin);
+        cmd.args([
+            "serve",
+            "--name",
+            name,
+            "--port",
+            &self.server_port.to_string(),
+        ])
+        .args(&self.server_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .stdin(Stdio::null());
+        place(&mut cmd, netns, None)?;
+        let mut child = ChildGuard(cmd.spawn().with_context(|| format!("starting {cmd:?}"))?);
+        let mut line = String::new();
+        let stdout = child.0.stdout.take().expect("piped");
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!(
+                "server {name} in {} did not start (printed {line:?})",
+                netns.name
+            );
+        }
+        Ok(child)
     }
 
     /// Runs `lab_bin probe` from the node namespace, inside the client cgroup or not.
