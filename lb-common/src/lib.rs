@@ -4,12 +4,14 @@
 //! * `#[repr(C)]`, every padding byte is an explicit `_pad` field (bytemuck's `Pod` derive
 //!   refuses implicit padding), and a compile-time size assertion pins the layout.
 //! * No `bool` or enum fields: flags and kinds are `u8` with named constants.
-//! * Byte order, per field: addresses are `[u8; 4]` octets exactly as on the wire (so
-//!   `bpftool map dump` prints `[10,96,0,10]`); ports are **host** order `u16` (so
-//!   `bpftool` prints `80`, and the programs convert with one `from_be`/`to_be`).
+//! * Byte order, per field: addresses of both families are an [`Addr`], 16 octets exactly
+//!   as on the wire, IPv4 as the IPv4-mapped IPv6 address (so `bpftool map dump` prints
+//!   `[0,0,0,0,0,0,0,0,0,0,255,255,10,96,0,10]` for 10.96.0.10); ports are **host** order
+//!   `u16` (so `bpftool` prints `80`, and the programs convert with one `from_be`/`to_be`).
 //!
-//! Map names carry a layout version (`_V1`): a changed layout gets a new name, so an agent
-//! never misreads maps pinned by an older one.
+//! Map names carry a layout version (`LB_SERVICES_V2`, `LB_AFFINITY_V1`, ...): a changed
+//! layout gets a new name, so an agent never misreads maps pinned by an older one. The
+//! kernel side declares the maps under the same names in `lb-ebpf/src/maps.rs`.
 #![no_std]
 
 use bytemuck::{Pod, Zeroable};

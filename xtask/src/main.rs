@@ -50,11 +50,45 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
 ];
 
+/// The workspace root, found at run time (`cargo locate-project --workspace` from the
+/// current directory), never from the path xtask was compiled in: a copied checkout
+/// whose target/ came along must build and test itself, not the original.
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let here = std::env::current_dir().unwrap_or_else(|_| ".".into());
+        locate_workspace(&here).unwrap_or_else(|e| {
+            eprintln!("xtask: {e:#}");
+            std::process::exit(1)
+        })
+    })
+    .clone()
+}
+
+/// The workspace that `dir` is in.
+fn locate_workspace(dir: &Path) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["locate-project", "--workspace", "--message-format", "plain"])
+        .current_dir(dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running `cargo locate-project --workspace`")?;
+    if !out.status.success() {
+        bail!("`cargo locate-project --workspace` failed: run cargo xtask inside the repository");
+    }
+    let manifest = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let root = manifest
         .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+        .context("the workspace manifest has no parent directory")?;
+    if !root.join(ebpf_build::EBPF_PACKAGE).is_dir() {
+        bail!(
+            "{} is not this project's workspace (no {} in it): run cargo xtask inside the repository",
+            root.display(),
+            ebpf_build::EBPF_PACKAGE
+        );
+    }
+    Ok(root.to_path_buf())
 }
 
 fn cargo() -> Command {
@@ -234,13 +268,29 @@ fn build_ebpf() -> anyhow::Result<PathBuf> {
 fn build() -> anyhow::Result<()> {
     let object = build_ebpf()?;
     eprintln!("eBPF object: {}", object.display());
-    status(cargo().args(["build", "--workspace", "--bins"]))
+    // The host binaries: every member but the kernel crate, which only builds for BPF
+    // (lb-user's build script builds it, with build_ebpf's recipe).
+    status(cargo().args([
+        "build",
+        "--workspace",
+        "--exclude",
+        ebpf_build::EBPF_PACKAGE,
+        "--bins",
+    ]))
 }
 
 fn demo() -> anyhow::Result<()> {
     require_root("the demo")?;
     ebpf_build::check_prerequisites().map_err(anyhow::Error::msg)?;
-    status(cargo().args(["build", "--quiet", "--package", "lb-user", "--bins"]))?;
+    status(cargo().args([
+        "build",
+        "--quiet",
+        "--package",
+        "lb-user",
+        "--package",
+        "lb-lab",
+        "--bins",
+    ]))?;
     let ws = workspace();
     status(
         Command::new(ws.join("target/debug/lb-lab"))
@@ -264,6 +314,8 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         "--release",
         "--package",
         "lb-user",
+        "--package",
+        "lb-lab",
         "--bins",
     ]))?;
     let ws = workspace();
@@ -322,4 +374,25 @@ fn test() -> anyhow::Result<()> {
     }
     eprintln!("xtask test: {passed} tests passed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workspace_is_the_one_around_the_current_directory() {
+        let root = std::env::temp_dir().join(format!("lb-xtask-ws-{}", std::process::id()));
+        let sub = root.join("lb-user/src");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::create_dir_all(root.join(ebpf_build::EBPF_PACKAGE)).unwrap();
+        std::fs::write(root.join("Cargo.toml"), "[workspace]\nmembers = []\n").unwrap();
+        let found = locate_workspace(&sub);
+        // A workspace that is not ours is refused, not used.
+        std::fs::remove_dir(root.join(ebpf_build::EBPF_PACKAGE)).unwrap();
+        let foreign = locate_workspace(&sub);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(found.unwrap(), root);
+        assert!(foreign.is_err());
+    }
 }
