@@ -279,18 +279,21 @@ fn build() -> anyhow::Result<()> {
     ]))
 }
 
+/// The agent and the lab binaries, which the demo and the benchmarks run.
+fn build_lab(release: bool) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--quiet", "--bins"])
+        .args(["--package", "lb-user", "--package", "lb-lab"]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(&mut cmd)
+}
+
 fn demo() -> anyhow::Result<()> {
     require_root("the demo")?;
     ebpf_build::check_prerequisites().map_err(anyhow::Error::msg)?;
-    status(cargo().args([
-        "build",
-        "--quiet",
-        "--package",
-        "lb-user",
-        "--package",
-        "lb-lab",
-        "--bins",
-    ]))?;
+    build_lab(false)?;
     let ws = workspace();
     status(
         Command::new(ws.join("target/debug/lb-lab"))
@@ -308,16 +311,7 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
             anyhow::bail!("{tool} is missing: run `cargo xtask setup`");
         }
     }
-    status(cargo().args([
-        "build",
-        "--quiet",
-        "--release",
-        "--package",
-        "lb-user",
-        "--package",
-        "lb-lab",
-        "--bins",
-    ]))?;
+    build_lab(true)?;
     let ws = workspace();
     status(
         Command::new(ws.join("target/release/lb-lab"))

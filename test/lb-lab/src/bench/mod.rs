@@ -243,10 +243,18 @@ fn bench_size(
         opts.changes
     );
     let churn_vip = SocketAddr::new(churn(pods[0]).ip.into(), 80);
-    let times = ours.measure_changes(opts, &base, churn_vip, &pods)?;
+    let times = time_changes(&base, churn_vip, opts.changes, |_, to| {
+        ours.change(&pods, to)
+    })?;
     cp.change_ms.insert("socket-lb".into(), p50_p99(times));
     for rl in &rule_labs {
-        let times = rl.measure_changes(opts, churn_vip, &pods)?;
+        // kube-proxy's partial rule update.
+        let times = time_changes(&rl.lab, churn_vip, opts.changes, |from, to| {
+            let text = rl.mode.change(&churn(pods[from]), &churn(pods[to]));
+            let start = Instant::now();
+            rl.mode.load(&rl.lab.node.name, &text, true)?;
+            Ok(start)
+        })?;
         cp.change_ms.insert(rl.mode.name().into(), p50_p99(times));
     }
     cp.agent_rss_mib = vm_hwm_mib(ours.agent.child.0.id());
@@ -311,30 +319,13 @@ impl OurAgent {
         })
     }
 
-    /// One change to the first connection that reaches the new backend, `opts.changes`
-    /// times: the churn service's manifest is replaced (renamed over) with the other pod.
-    fn measure_changes(
-        &self,
-        opts: &BenchOptions,
-        base: &Lab,
-        churn_vip: SocketAddr,
-        pods: &[Ipv4Addr],
-    ) -> anyhow::Result<Vec<f64>> {
-        let mut times = Vec::new();
-        let mut at = 0usize;
-        let mut waiter = Waiter::start(base, churn_vip, &base.cgroup)?;
-        waiter.wait_for("pod-0")?;
-        for _ in 0..opts.changes {
-            let next = (at + 1) % 2;
-            let tmp = self.manifests.join(".churn.yaml.tmp");
-            std::fs::write(&tmp, manifests(&[churn(pods[next])]))?;
-            let start = Instant::now();
-            std::fs::rename(&tmp, self.manifests.join("churn.yaml"))?;
-            waiter.wait_for(&format!("pod-{next}"))?;
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-            at = next;
-        }
-        Ok(times)
+    /// The churn service's manifest replaced (renamed over) with the other pod.
+    fn change(&self, pods: &[Ipv4Addr], to: usize) -> anyhow::Result<Instant> {
+        let tmp = self.manifests.join(".churn.yaml.tmp");
+        std::fs::write(&tmp, manifests(&[churn(pods[to])]))?;
+        let start = Instant::now();
+        std::fs::rename(&tmp, self.manifests.join("churn.yaml"))?;
+        Ok(start)
     }
 }
 
@@ -389,29 +380,26 @@ fn rules_labs(
     Ok(labs)
 }
 
-impl RulesLab {
-    /// As [`OurAgent::measure_changes`], with kube-proxy's partial rule update.
-    fn measure_changes(
-        &self,
-        opts: &BenchOptions,
-        churn_vip: SocketAddr,
-        pods: &[Ipv4Addr],
-    ) -> anyhow::Result<Vec<f64>> {
-        let mut times = Vec::new();
-        let mut at = 0usize;
-        let mut waiter = Waiter::start(&self.lab, churn_vip, &self.lab.cgroup)?;
-        waiter.wait_for("pod-0")?;
-        for _ in 0..opts.changes {
-            let next = (at + 1) % 2;
-            let text = self.mode.change(&churn(pods[at]), &churn(pods[next]));
-            let start = Instant::now();
-            self.mode.load(&self.lab.node.name, &text, true)?;
-            waiter.wait_for(&format!("pod-{next}"))?;
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-            at = next;
-        }
-        Ok(times)
+/// One endpoint change to the first connection that reaches the new backend, `changes`
+/// times: `change(from, to)` swaps the churn service's pod and returns when it began.
+fn time_changes(
+    lab: &Lab,
+    churn_vip: SocketAddr,
+    changes: usize,
+    mut change: impl FnMut(usize, usize) -> anyhow::Result<Instant>,
+) -> anyhow::Result<Vec<f64>> {
+    let mut times = Vec::new();
+    let mut at = 0usize;
+    let mut waiter = Waiter::start(lab, churn_vip, &lab.cgroup)?;
+    waiter.wait_for("pod-0")?;
+    for _ in 0..changes {
+        let next = (at + 1) % 2;
+        let start = change(at, next)?;
+        waiter.wait_for(&format!("pod-{next}"))?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        at = next;
     }
+    Ok(times)
 }
 
 /// One thing measured: a client in `cgroup` of `lab`'s node, round-robin over `targets`.
