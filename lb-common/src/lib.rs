@@ -20,9 +20,16 @@ use bytemuck::{Pod, Zeroable};
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// `ServiceKey::scope`: which set of backends a frontend entry lists. Only the
-/// external scope (all usable backends) exists so far.
+/// `ServiceKey::scope`: which set of backends a frontend entry lists. The external
+/// scope lists every usable backend: the socket level always uses it, and so does the
+/// packet level unless the frontend also has a local scope.
 pub const SCOPE_EXTERNAL: u8 = 0;
+/// Only this node's backends: the packet level's choice for clients outside the node
+/// when the service has `externalTrafficPolicy: Local` (no local backend: dropped).
+pub const SCOPE_LOCAL: u8 = 1;
+
+/// `Backend::flags`: the backend runs on this node.
+pub const BACKEND_F_LOCAL: u8 = 1;
 
 /// Names of the maps, as declared in lb-ebpf and pinned under the pin directory.
 pub const MAP_SERVICES: &str = "LB_SERVICES_V2";
@@ -30,15 +37,19 @@ pub const MAP_BACKENDS: &str = "LB_BACKENDS_V2";
 pub const MAP_REVNAT: &str = "LB_REVNAT_V2";
 pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_REVNAT_V2";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY_V1";
-pub const MAP_COUNTERS: &str = "LB_COUNTERS_V2";
+pub const MAP_COUNTERS: &str = "LB_COUNTERS_V3";
+pub const MAP_CT: &str = "LB_CT_V1";
+pub const MAP_TC_IFACES: &str = "LB_TC_IFACES_V1";
 /// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 6] = [
+pub const PINNED_MAPS: [&str; 8] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REVNAT,
     MAP_SOCK_REVNAT,
     MAP_AFFINITY,
     MAP_COUNTERS,
+    MAP_CT,
+    MAP_TC_IFACES,
 ];
 
 /// Capacity of the maps.
@@ -47,8 +58,24 @@ pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_REVNAT: u32 = 65_536;
 pub const MAX_SOCK_REVNAT: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 262_144;
+pub const MAX_CT: u32 = 262_144;
+pub const MAX_TC_IFACES: u32 = 64;
 /// Backends one frontend may list (slots 1..=MAX_SLOTS).
 pub const MAX_SLOTS: u16 = 65_535;
+
+/// Source ports the packet level SNATs to (externalTrafficPolicy Cluster, backend on
+/// another node): above the kernel's default ephemeral range (32768-60999) and away from
+/// nodePorts (30000-32767). The agent also reserves them (`ip_local_reserved_ports`) so
+/// the host never binds one.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 63_999;
+
+/// Connection-tracking idle timeouts (seconds): an entry not seen for longer is stale
+/// and a packet of its tuple starts a new flow.
+pub const CT_TCP_TIMEOUT_S: u64 = 6 * 3600;
+/// A TCP flow after FIN or RST.
+pub const CT_TCP_CLOSING_TIMEOUT_S: u64 = 10;
+pub const CT_UDP_TIMEOUT_S: u64 = 60;
 
 /// An address of either family, as 16 network-order octets: IPv6 as is, IPv4 as the
 /// IPv4-mapped IPv6 address `::ffff:a.b.c.d`. One map layout serves both families, and a
@@ -224,6 +251,107 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 
+/// Key of the connection-tracking map (LRU): a packet's tuple as it arrives, before any
+/// translation. A translated flow has two entries: the original direction (client to
+/// frontend) and the reply direction (backend to client, or to the node's SNAT port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct CtKey {
+    /// Source and destination addresses, network order octets (IPv4 mapped).
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// Source and destination ports, host order.
+    pub sport: u16,
+    pub dport: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the connection-tracking map: the tuple the packet is rewritten to, and the
+/// flow's state. The tuple of the other direction follows from it (see
+/// [`CtValue::partner`]), so a half evicted from the LRU is rebuilt from the other.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtValue {
+    /// The new source and destination, network order octets (IPv4 mapped).
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// The new source and destination ports, host order.
+    pub sport: u16,
+    pub dport: u16,
+    /// The backend the flow was sent to, host order.
+    pub backend_id: u32,
+    /// `bpf_ktime_get_ns()` when a packet of the flow was last seen (updated at most
+    /// once a second).
+    pub last_seen_ns: u64,
+    /// `CT_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 7],
+}
+
+/// `CtValue::flags`: this entry is the reply direction.
+pub const CT_F_REPLY: u8 = 1;
+/// The flow is source-NATed to the node (backend on another node).
+pub const CT_F_SNAT: u8 = 2;
+/// A TCP FIN or RST was seen: the entry expires after `CT_TCP_CLOSING_TIMEOUT_S`.
+pub const CT_F_CLOSING: u8 = 4;
+
+impl CtValue {
+    /// The other direction's entry, for the packet `key` that this value translates:
+    /// a packet from the new destination to the new source is rewritten to come from
+    /// `key`'s destination and go to `key`'s source.
+    #[inline(always)]
+    pub fn partner(&self, key: &CtKey) -> (CtKey, CtValue) {
+        let mut k = CtKey::zeroed();
+        let mut v = CtValue::zeroed();
+        self.write_partner(key, &mut k, &mut v);
+        (k, v)
+    }
+
+    /// [`CtValue::partner`], written in place (the eBPF stack is small).
+    #[inline(always)]
+    pub fn write_partner(&self, key: &CtKey, k: &mut CtKey, v: &mut CtValue) {
+        k.saddr = self.daddr;
+        k.daddr = self.saddr;
+        k.sport = self.dport;
+        k.dport = self.sport;
+        k.proto = key.proto;
+        k._pad = [0; 3];
+        v.saddr = key.daddr;
+        v.daddr = key.saddr;
+        v.sport = key.dport;
+        v.dport = key.sport;
+        v.backend_id = self.backend_id;
+        v.last_seen_ns = self.last_seen_ns;
+        v.flags = self.flags ^ CT_F_REPLY;
+        v._pad = [0; 7];
+    }
+
+    /// Whether the entry is stale at `now_ns`.
+    #[inline(always)]
+    pub const fn expired(&self, proto: u8, now_ns: u64) -> bool {
+        let timeout_s = if proto == PROTO_UDP {
+            CT_UDP_TIMEOUT_S
+        } else if self.flags & CT_F_CLOSING != 0 {
+            CT_TCP_CLOSING_TIMEOUT_S
+        } else {
+            CT_TCP_TIMEOUT_S
+        };
+        now_ns < self.last_seen_ns || now_ns - self.last_seen_ns > timeout_s * 1_000_000_000
+    }
+}
+
+/// Value of the tc interfaces map (key: ifindex, `u32`, host order): what the packet
+/// level needs to know of an interface it is attached to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct TcIface {
+    /// The node's IPv4 address on the interface, the SNAT source (IPv4 mapped; all zero
+    /// when it has none).
+    pub addr4: Addr,
+}
+
 /// Whether an affinity entry last used at `last_used_ns` still holds at `now_ns` for a
 /// timeout of `timeout_s` seconds (kube-proxy: the entry lives `timeoutSeconds` after
 /// the last packet; here, after the last connect or datagram).
@@ -267,8 +395,10 @@ pub const PROG_CONNECT6: u32 = 4;
 pub const PROG_SENDMSG6: u32 = 5;
 pub const PROG_RECVMSG6: u32 = 6;
 pub const PROG_GETPEERNAME6: u32 = 7;
+pub const PROG_TC_INGRESS: u32 = 8;
+pub const PROG_TC_EGRESS: u32 = 9;
 /// Names of the programs by counter index.
-pub const PROG_NAMES: [&str; 8] = [
+pub const PROG_NAMES: [&str; 10] = [
     "connect4",
     "sendmsg4",
     "recvmsg4",
@@ -277,6 +407,8 @@ pub const PROG_NAMES: [&str; 8] = [
     "sendmsg6",
     "recvmsg6",
     "getpeername6",
+    "tc_ingress",
+    "tc_egress",
 ];
 
 /// Picks the slot (1..=count) for a random number; `None` when there is no backend.
@@ -299,6 +431,10 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Counters>() == 32);
+    assert!(core::mem::size_of::<CtKey>() == 40);
+    assert!(core::mem::size_of::<CtValue>() == 56);
+    assert!(core::mem::size_of::<TcIface>() == 16);
+    assert!(SNAT_PORT_MIN > 60_999 && SNAT_PORT_MIN <= SNAT_PORT_MAX);
 };
 
 #[cfg(feature = "user")]
@@ -312,6 +448,9 @@ mod user {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::TcIface {}
 }
 
 #[cfg(test)]
@@ -388,6 +527,60 @@ mod tests {
             pick_slot(u16::MAX, u32::MAX),
             Some((u32::MAX % 65535) as u16 + 1)
         );
+    }
+
+    #[test]
+    fn ct_partner_of_a_snat_flow_is_the_reply_and_back() {
+        let client = v4_mapped([192, 168, 77, 100]);
+        let node = v4_mapped([192, 168, 77, 1]);
+        let pod = v4_mapped([10, 244, 101, 2]);
+        // Client to the nodePort, rewritten to node:snat -> pod:8080.
+        let key = CtKey {
+            saddr: client,
+            daddr: node,
+            sport: 40000,
+            dport: 30080,
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let value = CtValue {
+            saddr: node,
+            daddr: pod,
+            sport: 61_234,
+            dport: 8080,
+            backend_id: 7,
+            last_seen_ns: 5,
+            flags: CT_F_SNAT,
+            _pad: [0; 7],
+        };
+        let (rk, rv) = value.partner(&key);
+        // The reply pod:8080 -> node:61234 becomes node:30080 -> client:40000.
+        assert_eq!(
+            (rk.saddr, rk.sport, rk.daddr, rk.dport),
+            (pod, 8080, node, 61_234)
+        );
+        assert_eq!(
+            (rv.saddr, rv.sport, rv.daddr, rv.dport),
+            (node, 30080, client, 40000)
+        );
+        assert_eq!(rv.flags, CT_F_SNAT | CT_F_REPLY);
+        assert_eq!(rv.backend_id, 7);
+        // And the partner of the reply is the original entry again.
+        assert_eq!(rv.partner(&rk), (key, value));
+    }
+
+    #[test]
+    fn ct_entries_expire_by_protocol_and_state() {
+        let s = 1_000_000_000u64;
+        let mut v = CtValue::zeroed();
+        v.last_seen_ns = 100 * s;
+        assert!(!v.expired(PROTO_UDP, 100 * s + CT_UDP_TIMEOUT_S * s));
+        assert!(v.expired(PROTO_UDP, 100 * s + CT_UDP_TIMEOUT_S * s + 1));
+        assert!(!v.expired(PROTO_TCP, 100 * s + 3600 * s));
+        v.flags = CT_F_CLOSING;
+        assert!(v.expired(PROTO_TCP, 100 * s + 11 * s));
+        // From the future: not trusted.
+        assert!(v.expired(PROTO_TCP, 99 * s));
     }
 
     #[test]

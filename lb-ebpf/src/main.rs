@@ -5,16 +5,22 @@
 //! * [`lb`]: the service lookup and backend choice (slots, ClientIP affinity) that every
 //!   hook that translates a destination uses;
 //! * [`sock`]: the cgroup sock_addr programs (`connect`, `sendmsg`, `recvmsg`,
-//!   `getpeername`, for IPv4 and IPv6): socket-level translation at connect() time.
+//!   `getpeername`, for IPv4 and IPv6): socket-level translation at connect() time;
+//! * [`tc`]: the tc ingress and egress programs on the node's external interfaces:
+//!   packet-level translation for clients outside the node, with [`ct`] (connection
+//!   tracking) and [`nat`] (parsing and rewriting packets).
 //!
 //! Addresses of both families share one map layout (IPv4 as `::ffff:a.b.c.d`, see
 //! `lb_common::Addr`).
 #![no_std]
 #![no_main]
 
+mod ct;
 mod lb;
 mod maps;
+mod nat;
 mod sock;
+mod tc;
 
 #[cfg(not(test))]
 #[panic_handler]

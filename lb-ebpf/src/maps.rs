@@ -7,9 +7,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counters, MAX_AFFINITY, MAX_BACKENDS, MAX_REVNAT,
-    MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, PROG_NAMES, RevNat, ServiceKey, ServiceValue,
-    SockRevNatKey,
+    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_CT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_TC_IFACES, PROG_NAMES, RevNat,
+    ServiceKey, ServiceValue, SockRevNatKey, TcIface,
 };
 
 /// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
@@ -45,14 +45,37 @@ pub(crate) static LB_AFFINITY_V1: LruHashMap<
     { MAX_AFFINITY as usize },
 > = LruHashMap::new();
 
+/// Connection tracking for the packet level: a packet's tuple -> the tuple it is
+/// rewritten to (both directions of every translated flow).
+#[btf_map]
+pub(crate) static LB_CT_V1: LruHashMap<CtKey, CtValue, { MAX_CT as usize }> = LruHashMap::new();
+
+/// A per-CPU scratch area for the tc programs' large temporaries (the eBPF stack holds
+/// 512 bytes). Not pinned: nothing outlives one program run.
+#[btf_map]
+pub(crate) static LB_CT_SCRATCH: PerCpuArray<CtScratch, 1> = PerCpuArray::new();
+
+/// The scratch area's layout.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct CtScratch {
+    pub key: CtKey,
+    pub value: CtValue,
+}
+
+/// ifindex -> what the tc programs need to know of the interface (the SNAT address).
+#[btf_map]
+pub(crate) static LB_TC_IFACES_V1: HashMap<u32, TcIface, { MAX_TC_IFACES as usize }> =
+    HashMap::new();
+
 /// Per-program counters, indexed by `PROG_*`.
 #[btf_map]
-pub(crate) static LB_COUNTERS_V2: PerCpuArray<Counters, { PROG_NAMES.len() }> = PerCpuArray::new();
+pub(crate) static LB_COUNTERS_V3: PerCpuArray<Counters, { PROG_NAMES.len() }> = PerCpuArray::new();
 
 /// Bumps one of program `prog`'s counters on this CPU.
 #[inline(always)]
 pub(crate) fn count(prog: u32, f: impl FnOnce(&mut Counters)) {
-    if let Some(c) = LB_COUNTERS_V2.get_ptr_mut(prog) {
+    if let Some(c) = LB_COUNTERS_V3.get_ptr_mut(prog) {
         // SAFETY: a per-CPU slot: nothing else on this CPU runs this program concurrently.
         f(unsafe { &mut *c });
     }

@@ -11,7 +11,7 @@ use lb_common::{
     MAP_SERVICES, RevNat, ServiceKey, ServiceValue,
 };
 
-use crate::model::{Frontend, Proto};
+use crate::model::{Frontend, Proto, Scope};
 
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,7 +93,10 @@ pub fn ip_of(addr: &Addr) -> IpAddr {
 }
 
 pub fn service_key(fe: &Frontend, slot: u16) -> ServiceKey {
-    ServiceKey::new(addr_of(fe.addr), fe.port, fe.proto.number(), slot)
+    ServiceKey {
+        scope: fe.scope.number(),
+        ..ServiceKey::new(addr_of(fe.addr), fe.port, fe.proto.number(), slot)
+    }
 }
 
 pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
@@ -101,6 +104,7 @@ pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
         addr: ip_of(&key.addr),
         port: key.port,
         proto: Proto::from_number(key.proto)?,
+        scope: Scope::from_number(key.scope)?,
     })
 }
 

@@ -3,7 +3,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAX_SLOTS, RevNat, ServiceValue};
+use lb_common::{
+    BACKEND_F_LOCAL, Backend, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAX_SLOTS, RevNat,
+    ServiceValue,
+};
 
 use super::ops::{Op, Snapshot, addr_of, frontend_of, ip_of, service_key};
 use crate::model::{Desired, Endpoint, Frontend, FrontendState, Proto};
@@ -80,6 +83,7 @@ impl Programmed {
             let endpoint = Endpoint {
                 addr: ip_of(&b.addr),
                 port: b.port,
+                local: b.flags & BACKEND_F_LOCAL != 0,
             };
             let known =
                 Proto::from_number(b.proto).filter(|p| !me.backends.contains_key(&(endpoint, *p)));
@@ -157,7 +161,7 @@ impl Programmed {
                 addr: addr_of(ep.addr),
                 port: ep.port,
                 proto: proto.number(),
-                flags: 0,
+                flags: if ep.local { BACKEND_F_LOCAL } else { 0 },
             },
         });
         id
@@ -439,11 +443,14 @@ mod tests {
     use super::*;
     use lb_common::{AffinityKey, AffinityValue};
 
+    use crate::model::Scope;
+
     fn fe(last: u8, port: u16) -> Frontend {
         Frontend {
             addr: Ipv4Addr::new(10, 96, 0, last).into(),
             port,
             proto: Proto::Tcp,
+            scope: Scope::External,
         }
     }
 
@@ -461,6 +468,7 @@ mod tests {
                                 .map(|b| Endpoint {
                                     addr: Ipv4Addr::new(10, 244, *b, 2).into(),
                                     port: 8080,
+                                    local: false,
                                 })
                                 .collect(),
                             affinity_timeout: 0,
@@ -511,6 +519,7 @@ mod tests {
                         Endpoint {
                             addr: ip_of(&b.addr),
                             port: b.port,
+                            local: false,
                         }
                     })
                     .collect();
@@ -785,10 +794,12 @@ mod tests {
             addr: "fd00:96::a".parse().unwrap(),
             port: 443,
             proto: Proto::Tcp,
+            scope: Scope::External,
         };
         let ep = Endpoint {
             addr: "fd00:244:1::2".parse().unwrap(),
             port: 8443,
+            local: false,
         };
         let mut d = desired(&[(fe(1, 443), &[1])]);
         d.frontends.insert(

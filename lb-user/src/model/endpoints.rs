@@ -17,7 +17,6 @@ pub(super) struct Candidate {
     ready: bool,
     serving: bool,
     terminating: bool,
-    node_name: Option<String>,
     /// `hints.forZones[].name`; empty when the endpoint has no zone hints.
     zone_hints: BTreeSet<String>,
 }
@@ -27,6 +26,7 @@ pub(super) fn endpoints_for(
     port_name: &str,
     proto: Proto,
     slices: &[&EndpointSlice],
+    node: &NodeInfo,
     warnings: &mut Vec<String>,
 ) -> Vec<Candidate> {
     // By endpoint: an address listed in several slices counts once (the ready copy wins).
@@ -78,11 +78,14 @@ pub(super) fn endpoints_for(
             let cond = ep.conditions.as_ref();
             let ready = cond.and_then(|c| c.ready).unwrap_or(true);
             let candidate = Candidate {
-                endpoint: Endpoint { addr, port: target },
+                endpoint: Endpoint {
+                    addr,
+                    port: target,
+                    local: node.name.is_some() && ep.node_name == node.name,
+                },
                 ready,
                 serving: cond.and_then(|c| c.serving).unwrap_or(ready),
                 terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
-                node_name: ep.node_name.clone(),
                 zone_hints: ep
                     .hints
                     .as_ref()
@@ -188,6 +191,24 @@ fn can_use_topology(svc: &Service, candidates: &[Candidate], node: &NodeInfo) ->
     for_zone
 }
 
+/// The endpoints a client outside the node may reach through an external address of a
+/// service with `externalTrafficPolicy: Local`: this node's ready ones, else its
+/// serving-and-terminating ones (kube-proxy's local endpoints for external traffic).
+pub(super) fn select_local(candidates: &[Candidate]) -> BTreeSet<Endpoint> {
+    let pick = |f: &dyn Fn(&Candidate) -> bool| -> BTreeSet<Endpoint> {
+        candidates
+            .iter()
+            .filter(|c| c.endpoint.local && f(c))
+            .map(|c| c.endpoint)
+            .collect()
+    };
+    let ready = pick(&|c| c.ready);
+    if !ready.is_empty() {
+        return ready;
+    }
+    pick(&|c| c.serving && c.terminating)
+}
+
 /// kube-proxy's endpoint selection: for a cluster IP (`internal`, internalTrafficPolicy
 /// applies) or for an external frontend reached from this node (all cluster endpoints).
 pub(super) fn select(
@@ -210,12 +231,7 @@ pub(super) fn select(
         == Some("Local");
     if internal && internal_local {
         // Only endpoints on this node; ready ones, else serving-and-terminating ones.
-        let local = |c: &Candidate| node.name.is_some() && c.node_name == node.name;
-        let ready = pick(&|c| c.ready && local(c));
-        if !ready.is_empty() {
-            return ready;
-        }
-        return pick(&|c| c.serving && c.terminating && local(c));
+        return select_local(candidates);
     }
     let topology = can_use_topology(svc, candidates, node);
     let zone = node.zone.clone().unwrap_or_default();

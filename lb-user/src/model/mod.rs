@@ -101,6 +101,19 @@ pub struct Frontend {
     pub addr: IpAddr,
     pub port: u16,
     pub proto: Proto,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    /// A frontend of the external scope (what the socket level uses).
+    pub const fn new(addr: IpAddr, port: u16, proto: Proto) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            scope: Scope::External,
+        }
+    }
 }
 
 impl fmt::Display for Frontend {
@@ -110,7 +123,39 @@ impl fmt::Display for Frontend {
             "{}/{}",
             SocketAddr::new(self.addr, self.port),
             self.proto
-        )
+        )?;
+        match self.scope {
+            Scope::External => Ok(()),
+            Scope::Local => f.write_str(" (local scope)"),
+        }
+    }
+}
+
+/// Which backends a frontend entry lists (`lb_common::SCOPE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Every usable endpoint: the socket level, and the packet level unless the service
+    /// has `externalTrafficPolicy: Local`.
+    External,
+    /// This node's endpoints only: the packet level's choice for an external address of
+    /// a service with `externalTrafficPolicy: Local`.
+    Local,
+}
+
+impl Scope {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::External => lb_common::SCOPE_EXTERNAL,
+            Self::Local => lb_common::SCOPE_LOCAL,
+        }
+    }
+
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::SCOPE_EXTERNAL => Some(Self::External),
+            lb_common::SCOPE_LOCAL => Some(Self::Local),
+            _ => None,
+        }
     }
 }
 
@@ -119,6 +164,20 @@ impl fmt::Display for Frontend {
 pub struct Endpoint {
     pub addr: IpAddr,
     pub port: u16,
+    /// The endpoint runs on this node (its `nodeName`): the packet level sends to it
+    /// without SNAT.
+    pub local: bool,
+}
+
+impl Endpoint {
+    /// An endpoint on another node (or of unknown node).
+    pub const fn remote(addr: IpAddr, port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            local: false,
+        }
+    }
 }
 
 impl fmt::Display for Endpoint {

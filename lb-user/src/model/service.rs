@@ -12,8 +12,8 @@ use k8s_openapi::api::{
 };
 
 use super::{
-    Built, Frontend, FrontendState, NodeInfo, Proto,
-    endpoints::{Candidate, endpoints_for, select},
+    Built, Frontend, FrontendState, NodeInfo, Proto, Scope,
+    endpoints::{Candidate, endpoints_for, select, select_local},
     port_u16,
 };
 
@@ -40,18 +40,14 @@ pub(super) fn add_service(
         let Some(port) = Port::parse(sp, i, name, addrs.node_port_type, &mut built.warnings) else {
             continue;
         };
-        let candidates = endpoints_for(&port.name, port.proto, slices, &mut built.warnings);
+        let candidates = endpoints_for(&port.name, port.proto, slices, node, &mut built.warnings);
         let label = if port.name.is_empty() {
             name.to_string()
         } else {
             format!("{name}:{}", port.name)
         };
         for (addr, number, internal) in addrs.frontends(&port) {
-            let fe = Frontend {
-                addr,
-                port: number,
-                proto: port.proto,
-            };
+            let fe = Frontend::new(addr, number, port.proto);
             if let Some(other) = built.desired.frontends.get(&fe) {
                 built.warnings.push(format!(
                     "Service {name}: field spec.ports[{i}]: frontend {fe} is already used by {}; skipped",
@@ -72,6 +68,21 @@ pub(super) fn add_service(
                     affinity_timeout: addrs.affinity_timeout,
                 },
             );
+            if !internal && addrs.external_local {
+                // Clients outside the node: this node's endpoints only (the socket level
+                // keeps using all of them, as kube-proxy does for traffic from the node).
+                built.desired.frontends.insert(
+                    Frontend {
+                        scope: Scope::Local,
+                        ..fe
+                    },
+                    FrontendState {
+                        service: label.clone(),
+                        endpoints: select_local(&family),
+                        affinity_timeout: addrs.affinity_timeout,
+                    },
+                );
+            }
         }
     }
 }
@@ -85,6 +96,9 @@ struct Addresses {
     node: Vec<IpAddr>,
     /// Type NodePort or LoadBalancer: the ports' nodePorts are served.
     node_port_type: bool,
+    /// `externalTrafficPolicy: Local`: clients outside the node reach only this node's
+    /// endpoints through the external addresses and nodePorts.
+    external_local: bool,
     affinity_timeout: u32,
 }
 
@@ -128,6 +142,7 @@ impl Addresses {
             external,
             node: node_addrs,
             node_port_type: matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")),
+            external_local: external_traffic_local(spec, name, warnings),
             affinity_timeout,
         })
     }
@@ -145,6 +160,21 @@ impl Addresses {
             out.extend(self.node.iter().map(|ip| (*ip, np, false)));
         }
         out
+    }
+}
+
+/// `spec.externalTrafficPolicy` is `Local` (absent or `Cluster`: not; anything else
+/// warns and counts as `Cluster`).
+fn external_traffic_local(spec: &ServiceSpec, name: &str, warnings: &mut Vec<String>) -> bool {
+    match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            warnings.push(format!(
+                "Service {name}: field spec.externalTrafficPolicy: unknown value {other:?} (want Cluster or Local); Cluster is used"
+            ));
+            false
+        }
     }
 }
 

@@ -30,6 +30,7 @@ fn fe(addr: &str, port: u16, proto: Proto) -> Frontend {
         addr: addr.parse().unwrap(),
         port,
         proto,
+        scope: Scope::External,
     }
 }
 
@@ -38,7 +39,16 @@ fn eps(list: &[(&str, u16)]) -> BTreeSet<Endpoint> {
         .map(|(a, p)| Endpoint {
             addr: a.parse().unwrap(),
             port: *p,
+            local: false,
         })
+        .collect()
+}
+
+/// Endpoints on this node (`nodeName: node-a`).
+fn local_eps(list: &[(&str, u16)]) -> BTreeSet<Endpoint> {
+    eps(list)
+        .into_iter()
+        .map(|e| Endpoint { local: true, ..e })
         .collect()
 }
 
@@ -263,7 +273,7 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
                         - addresses: [10.0.0.3]\n";
     assert_eq!(
         selected(&svc_with(", internalTrafficPolicy: Local", "", eps_yaml)),
-        eps(&[("10.0.0.1", 80)])
+        local_eps(&[("10.0.0.1", 80)])
     );
     assert_eq!(
         selected(&svc_with(", internalTrafficPolicy: Cluster", "", eps_yaml)).len(),
@@ -277,7 +287,7 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
                            - addresses: [10.0.0.2]\n  nodeName: node-b\n";
     assert_eq!(
         selected(&svc_with(", internalTrafficPolicy: Local", "", terminating)),
-        eps(&[("10.0.0.1", 80)])
+        local_eps(&[("10.0.0.1", 80)])
     );
 }
 
@@ -441,7 +451,10 @@ fn exposed(spec_extra: &str, status: &str) -> String {
 fn node_ports_on_node_addresses_and_localhost_use_all_endpoints() {
     let b = build_from(&exposed(", type: NodePort", ""));
     assert!(b.warnings.is_empty(), "{:?}", b.warnings);
-    let all = eps(&[("10.0.0.1", 80), ("10.0.0.2", 80)]);
+    let all: BTreeSet<Endpoint> = local_eps(&[("10.0.0.1", 80)])
+        .into_iter()
+        .chain(eps(&[("10.0.0.2", 80)]))
+        .collect();
     let got: BTreeMap<Frontend, BTreeSet<Endpoint>> = b
         .desired
         .frontends
@@ -452,7 +465,10 @@ fn node_ports_on_node_addresses_and_localhost_use_all_endpoints() {
         got,
         BTreeMap::from([
             // The cluster IP follows internalTrafficPolicy Local ...
-            (fe("10.96.0.9", 80, Proto::Tcp), eps(&[("10.0.0.1", 80)])),
+            (
+                fe("10.96.0.9", 80, Proto::Tcp),
+                local_eps(&[("10.0.0.1", 80)])
+            ),
             // ... the node ports do not (traffic from the node itself). The IPv6
             // node address has no IPv6 cluster IP to go with: not used.
             (fe("192.0.2.1", 30080, Proto::Tcp), all.clone()),
@@ -530,4 +546,54 @@ fn a_slice_whose_service_does_not_exist_warns() {
             "{}",
             b.warnings[0]
         );
+}
+
+#[test]
+fn external_traffic_policy_local_adds_a_local_scope_for_outside_clients() {
+    let yaml = exposed(", type: NodePort, externalTrafficPolicy: Local", "");
+    let b = build_from(&yaml);
+    assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+    let local_scope = |addr: &str| Frontend {
+        scope: Scope::Local,
+        ..fe(addr, 30080, Proto::Tcp)
+    };
+    // The node's own clients keep every endpoint; outside clients get node-a's only.
+    let all = b.desired.frontends[&fe("192.0.2.1", 30080, Proto::Tcp)]
+        .endpoints
+        .len();
+    assert_eq!(all, 2);
+    for addr in ["192.0.2.1", "127.0.0.1"] {
+        assert_eq!(
+            b.desired.frontends[&local_scope(addr)].endpoints,
+            local_eps(&[("10.0.0.1", 80)]),
+            "{addr}"
+        );
+    }
+    // The cluster IP has no local scope: externalTrafficPolicy is for external addresses.
+    assert!(!b.desired.frontends.contains_key(&Frontend {
+        scope: Scope::Local,
+        ..fe("10.96.0.9", 80, Proto::Tcp)
+    }));
+    // Without a local endpoint the local scope is empty: outside clients are dropped.
+    let remote_only = yaml.replace("nodeName: node-a", "nodeName: node-c");
+    let b = build_from(&remote_only);
+    assert!(
+        b.desired.frontends[&local_scope("192.0.2.1")]
+            .endpoints
+            .is_empty()
+    );
+    // Cluster (the default) has no local scope; an unknown value warns and is Cluster.
+    let b = build_from(&exposed(", type: NodePort", ""));
+    assert!(!b.desired.frontends.contains_key(&local_scope("192.0.2.1")));
+    let b = build_from(&exposed(
+        ", type: NodePort, externalTrafficPolicy: Nearby",
+        "",
+    ));
+    assert!(!b.desired.frontends.contains_key(&local_scope("192.0.2.1")));
+    assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
+    assert!(
+        b.warnings[0].contains("field spec.externalTrafficPolicy: unknown value \"Nearby\""),
+        "{:?}",
+        b.warnings
+    );
 }

@@ -100,7 +100,7 @@ mod tests {
     use super::*;
     use crate::{
         datapath::Programmed,
-        model::{Desired, Endpoint, Frontend, FrontendState, Proto},
+        model::{Desired, Endpoint, Frontend, FrontendState, Proto, Scope},
     };
 
     #[test]
@@ -109,12 +109,14 @@ mod tests {
         let ep = |last| Endpoint {
             addr: Ipv4Addr::new(10, 244, last, 2).into(),
             port: 8080,
+            local: false,
         };
         d.frontends.insert(
             Frontend {
                 addr: Ipv4Addr::new(10, 96, 0, 10).into(),
                 port: 80,
                 proto: Proto::Tcp,
+                scope: Scope::External,
             },
             FrontendState {
                 service: "demo/web:http".into(),
@@ -127,6 +129,7 @@ mod tests {
                 addr: Ipv4Addr::new(10, 96, 0, 11).into(),
                 port: 53,
                 proto: Proto::Udp,
+                scope: Scope::External,
             },
             FrontendState {
                 service: "demo/empty".into(),
@@ -139,12 +142,14 @@ mod tests {
                 addr: "fd00:96::10".parse().unwrap(),
                 port: 80,
                 proto: Proto::Tcp,
+                scope: Scope::External,
             },
             FrontendState {
                 service: "demo/web:http".into(),
                 endpoints: [Endpoint {
                     addr: "fd00:244:1::2".parse().unwrap(),
                     port: 8080,
+                    local: false,
                 }]
                 .into(),
                 affinity_timeout: 30,

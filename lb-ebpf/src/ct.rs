@@ -1,0 +1,111 @@
+//! Connection tracking for the packet level. Every translated flow has two entries in
+//! `LB_CT_V1`, one per direction, each mapping a packet's tuple to the tuple it is
+//! rewritten to. Either half rebuilds the other ([`CtValue::partner`]), so an LRU
+//! eviction of one half is repaired by the next packet of the flow, never half-translated.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use lb_common::{CT_F_CLOSING, CT_F_SNAT, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN};
+
+use crate::{
+    maps::{LB_CT_SCRATCH, LB_CT_V1},
+    nat::{Packet, TCP_FIN, TCP_RST},
+};
+
+/// How often a live entry's `last_seen_ns` is written back (and its partner refreshed).
+const REFRESH_NS: u64 = 1_000_000_000;
+/// SNAT ports tried for a new flow before giving up.
+const SNAT_TRIES: u32 = 8;
+
+/// The tracking key of a packet: its tuple as it arrived.
+#[inline(always)]
+pub(crate) fn key_of(p: &Packet) -> CtKey {
+    let (saddr, sport) = p.src();
+    let (daddr, dport) = p.dst();
+    CtKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The live entry of `key` at `now`, copied to `out`; `false` when there is none or it
+/// is stale (the packet starts a new flow). A TCP FIN or RST marks the flow closing. The
+/// entry and its partner are written back at most once a second; in between, a missing
+/// partner is rebuilt. Not inlined: its stack frame is its own.
+#[inline(never)]
+pub(crate) fn lookup(key: &CtKey, now: u64, tcp_flags: u8, out: &mut CtValue) -> bool {
+    match live(key, now, tcp_flags) {
+        Some(v) => {
+            *out = v;
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn live(key: &CtKey, now: u64, tcp_flags: u8) -> Option<CtValue> {
+    let ptr = LB_CT_V1.get_ptr_mut(key)?;
+    // SAFETY: a value of the map, updated in place; another CPU may write the same
+    // entry's `last_seen_ns` or `flags` at once, which only costs a refresh.
+    let entry = unsafe { &mut *ptr };
+    if entry.expired(key.proto, now) {
+        return None;
+    }
+    let closing = tcp_flags & (TCP_FIN | TCP_RST) != 0 && entry.flags & CT_F_CLOSING == 0;
+    let refresh = closing || now - entry.last_seen_ns > REFRESH_NS;
+    if closing {
+        entry.flags |= CT_F_CLOSING;
+    }
+    if refresh {
+        entry.last_seen_ns = now;
+    }
+    let v = *entry;
+    let scratch = LB_CT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; nothing else runs on this CPU meanwhile.
+    let partner = unsafe { &mut *scratch };
+    v.write_partner(key, &mut partner.key, &mut partner.value);
+    // SAFETY: only tested for presence.
+    if refresh || unsafe { LB_CT_V1.get(&partner.key) }.is_none() {
+        let _ = LB_CT_V1.insert(&partner.key, &partner.value, 0);
+    }
+    Some(v)
+}
+
+/// Records a new flow `key` -> `value`, reply half first. A SNAT flow's source port is
+/// chosen from the SNAT range so that its reply tuple is new (`random` picks where to
+/// start). `false` when no port is free or the map refuses the entries; else `value`
+/// holds what was recorded.
+#[inline(never)]
+pub(crate) fn create(key: &CtKey, value: &mut CtValue, random: u32) -> bool {
+    record(key, value, random).is_some()
+}
+
+#[inline(always)]
+fn record(key: &CtKey, value: &mut CtValue, random: u32) -> Option<()> {
+    let scratch = LB_CT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; nothing else runs on this CPU meanwhile.
+    let reply = unsafe { &mut *scratch };
+    if value.flags & CT_F_SNAT == 0 {
+        value.write_partner(key, &mut reply.key, &mut reply.value);
+        LB_CT_V1.insert(&reply.key, &reply.value, 0).ok()?;
+        LB_CT_V1.insert(key, &*value, 0).ok()?;
+        return Some(());
+    }
+    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    for i in 0..SNAT_TRIES {
+        value.sport = SNAT_PORT_MIN + (random.wrapping_add(i.wrapping_mul(7919)) % range) as u16;
+        value.write_partner(key, &mut reply.key, &mut reply.value);
+        if LB_CT_V1
+            .insert(&reply.key, &reply.value, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            LB_CT_V1.insert(key, &*value, 0).ok()?;
+            return Some(());
+        }
+    }
+    None
+}

@@ -1,0 +1,182 @@
+//! Packets for the tc programs: parsing an IPv4 TCP or UDP packet, rewriting its
+//! addresses and ports with the kernel's checksum helpers (a checksum is never written
+//! as 0), and sending it on by a FIB lookup.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use lb_common::{Addr, PROTO_TCP, PROTO_UDP, as_v4, v4_mapped};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const AF_INET: u8 = 2;
+const IP_TOT_LEN: usize = ETH_HLEN + 2;
+const IP_CSUM: usize = ETH_HLEN + 10;
+const IP_SRC: usize = ETH_HLEN + 12;
+const IP_DST: usize = ETH_HLEN + 16;
+pub(crate) const TCP_FIN: u8 = 0x01;
+pub(crate) const TCP_RST: u8 = 0x04;
+
+/// An IPv4 TCP or UDP packet: its tuple as it sits in the packet (addresses and ports in
+/// network order, read as they are in memory) and where its L4 header starts.
+#[derive(Clone, Copy)]
+pub(crate) struct Packet {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    l4: usize,
+}
+
+impl Packet {
+    /// The packet's IPv4 TCP or UDP tuple; `None` for anything else (other protocols,
+    /// fragments, IPv6 for now), which the programs leave alone.
+    #[inline(always)]
+    pub(crate) fn parse(ctx: &TcContext) -> Option<Self> {
+        let eth_proto: u16 = ctx.load(12).ok()?;
+        if u16::from_be(eth_proto) != ETH_P_IP {
+            return None;
+        }
+        let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if vihl >> 4 != 4 || ihl < 20 {
+            return None;
+        }
+        let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
+        if u16::from_be(frag) & 0x3fff != 0 {
+            return None;
+        }
+        let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        let l4 = ETH_HLEN + ihl;
+        let tcp_flags = if proto == PROTO_TCP {
+            ctx.load::<u8>(l4 + 13).ok()?
+        } else {
+            0
+        };
+        Some(Self {
+            saddr: ctx.load(IP_SRC).ok()?,
+            daddr: ctx.load(IP_DST).ok()?,
+            sport: ctx.load(l4).ok()?,
+            dport: ctx.load(l4 + 2).ok()?,
+            proto,
+            tcp_flags,
+            l4,
+        })
+    }
+
+    pub(crate) fn src(&self) -> (Addr, u16) {
+        (
+            v4_mapped(self.saddr.to_ne_bytes()),
+            u16::from_be(self.sport),
+        )
+    }
+
+    pub(crate) fn dst(&self) -> (Addr, u16) {
+        (
+            v4_mapped(self.daddr.to_ne_bytes()),
+            u16::from_be(self.dport),
+        )
+    }
+
+    /// Rewrites source and destination to `src` and `dst` (mapped addresses, host-order
+    /// ports), updating the IP and L4 checksums; only what changes is written. `None`
+    /// for an address that is not IPv4 or a helper that failed.
+    #[inline(always)]
+    pub(crate) fn rewrite(
+        &self,
+        ctx: &TcContext,
+        src: (Addr, u16),
+        dst: (Addr, u16),
+    ) -> Option<()> {
+        let saddr = u32::from_ne_bytes(as_v4(&src.0)?);
+        let daddr = u32::from_ne_bytes(as_v4(&dst.0)?);
+        let (sport, dport) = (src.1.to_be(), dst.1.to_be());
+        let csum = self.l4 + if self.proto == PROTO_TCP { 16 } else { 6 };
+        // UDP: a zero checksum means "none" and must stay so.
+        let mangled = if self.proto == PROTO_UDP {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        };
+        let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
+        if saddr != self.saddr {
+            ctx.l4_csum_replace(csum, self.saddr.into(), saddr.into(), pseudo)
+                .ok()?;
+            ctx.l3_csum_replace(IP_CSUM, self.saddr.into(), saddr.into(), 4)
+                .ok()?;
+            ctx.store(IP_SRC, &saddr, 0).ok()?;
+        }
+        if daddr != self.daddr {
+            ctx.l4_csum_replace(csum, self.daddr.into(), daddr.into(), pseudo)
+                .ok()?;
+            ctx.l3_csum_replace(IP_CSUM, self.daddr.into(), daddr.into(), 4)
+                .ok()?;
+            ctx.store(IP_DST, &daddr, 0).ok()?;
+        }
+        if sport != self.sport {
+            ctx.l4_csum_replace(csum, self.sport.into(), sport.into(), mangled | 2)
+                .ok()?;
+            ctx.store(self.l4, &sport, 0).ok()?;
+        }
+        if dport != self.dport {
+            ctx.l4_csum_replace(csum, self.dport.into(), dport.into(), mangled | 2)
+                .ok()?;
+            ctx.store(self.l4 + 2, &dport, 0).ok()?;
+        }
+        Some(())
+    }
+}
+
+/// Sends a (rewritten) packet straight to where the FIB routes its destination, with
+/// the neighbour's address; the stack's forwarding is skipped (it would drop a packet
+/// whose source is the node's own address as a martian). Returns the tc verdict.
+#[inline(always)]
+pub(crate) fn forward(ctx: &TcContext, ifindex: u32) -> i32 {
+    // SAFETY: a plain C struct; all zero is a valid value.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.ifindex = ifindex;
+    let (Ok(saddr), Ok(daddr), Ok(tot_len)) = (
+        ctx.load::<u32>(IP_SRC),
+        ctx.load::<u32>(IP_DST),
+        ctx.load::<u16>(IP_TOT_LEN),
+    ) else {
+        return TC_ACT_SHOT as i32;
+    };
+    fib.__bindgen_anon_1.tot_len = u16::from_be(tot_len);
+    fib.__bindgen_anon_3.ipv4_src = saddr;
+    fib.__bindgen_anon_4.ipv4_dst = daddr;
+    // SAFETY: the helper reads and writes `fib`, whose size is passed.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match ret as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            if ctx.store(0, &fib.dmac, 0).is_err() || ctx.store(6, &fib.smac, 0).is_err() {
+                return TC_ACT_SHOT as i32;
+            }
+            // SAFETY: a helper with plain integers.
+            unsafe { bpf_redirect(fib.ifindex, 0) as i32 }
+        }
+        // SAFETY: a helper with plain integers and no parameters struct.
+        BPF_FIB_LKUP_RET_NO_NEIGH => unsafe {
+            bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
+        _ => TC_ACT_SHOT as i32,
+    }
+}

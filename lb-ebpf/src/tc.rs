@@ -1,0 +1,193 @@
+//! The tc programs on the node's external interfaces: packet-level translation for
+//! clients outside the node (NodePort, externalIPs, LoadBalancer IPs; a ClusterIP routed
+//! to the node too).
+//!
+//! Ingress: a packet of a tracked flow is rewritten as its entry says (the client's
+//! packets to the backend, and replies of backends on other nodes back to the client);
+//! a packet to a frontend starts a flow: a backend is chosen as the socket level chooses
+//! (the local scope first, for `externalTrafficPolicy: Local`), the flow is recorded in
+//! both directions, and the packet is DNATed, SNATed to the node as well when the backend
+//! is on another node, and sent on by a FIB lookup. Egress: replies of this node's
+//! backends get the frontend back as their source.
+
+use aya_ebpf::{
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::classifier,
+    programs::TcContext,
+};
+use bytemuck::Zeroable as _;
+use lb_common::{
+    BACKEND_F_LOCAL, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, PROG_TC_EGRESS, PROG_TC_INGRESS,
+    SCOPE_LOCAL, ServiceKey, ServiceValue,
+};
+
+use crate::{
+    ct, lb,
+    maps::{LB_TC_IFACES_V1, count},
+    nat::{self, Packet},
+};
+
+/// Not ours: the next program (or the stack) decides.
+const TCX_NEXT: i32 = -1;
+/// To the stack, now.
+const TCX_PASS: i32 = 0;
+const TCX_DROP: i32 = 2;
+
+#[classifier]
+pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+    ingress(&ctx)
+}
+
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    egress(&ctx)
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) -> i32 {
+    let Some(p) = Packet::parse(ctx) else {
+        return TCX_NEXT;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = ct::key_of(&p);
+    // SAFETY: the context's sk_buff is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let mut value = CtValue::zeroed();
+    if ct::lookup(&key, now, p.tcp_flags, &mut value) {
+        // A reply of this node's own backend is egress's business.
+        if value.flags & CT_F_REPLY != 0 && value.flags & CT_F_SNAT == 0 {
+            return TCX_NEXT;
+        }
+    } else {
+        let verdict = new_flow(&key, ifindex, now, &mut value);
+        if verdict != FLOW_RECORDED {
+            return verdict;
+        }
+    }
+    if p.rewrite(ctx, (value.saddr, value.sport), (value.daddr, value.dport))
+        .is_none()
+    {
+        count(PROG_TC_INGRESS, |c| c.misses += 1);
+        return TCX_DROP;
+    }
+    count(PROG_TC_INGRESS, |c| c.translated += 1);
+    nat::forward(ctx, ifindex)
+}
+
+/// `new_flow`'s verdict when the flow is recorded in `out` (not a tc verdict).
+const FLOW_RECORDED: i32 = i32::MIN;
+
+/// A packet that no flow tracks: a new flow if it is addressed to a frontend, recorded
+/// and written to `out` ([`FLOW_RECORDED`]); else the packet's verdict. Not inlined: its
+/// stack frame is its own.
+#[inline(never)]
+fn new_flow(key: &CtKey, ifindex: u32, now: u64, out: &mut CtValue) -> i32 {
+    match choose(key, ifindex, now) {
+        Ok(v) => {
+            *out = v;
+            // SAFETY: a helper without arguments.
+            let random = unsafe { bpf_get_prandom_u32() };
+            if ct::create(key, out, random) {
+                FLOW_RECORDED
+            } else {
+                count(PROG_TC_INGRESS, |c| c.misses += 1);
+                TCX_DROP
+            }
+        }
+        Err(verdict) => verdict,
+    }
+}
+
+/// The backend and the translation for a new flow `key`.
+#[inline(always)]
+fn choose(key: &CtKey, ifindex: u32, now: u64) -> Result<CtValue, i32> {
+    let Some((svc, header)) = frontend(key) else {
+        return Err(TCX_NEXT);
+    };
+    if header.count == 0 {
+        count(PROG_TC_INGRESS, |c| c.refused += 1);
+        // externalTrafficPolicy Local without a local backend: dropped, as kube-proxy
+        // does. Otherwise a frontend on the node's own address goes to its stack, which
+        // answers as for a closed port (TCP RST, ICMP port unreachable, rate-limited).
+        return Err(
+            if svc.scope != SCOPE_LOCAL && node_addr(ifindex) == Some(key.daddr) {
+                TCX_PASS
+            } else {
+                TCX_DROP
+            },
+        );
+    }
+    // SAFETY: a helper without arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let Some(chosen) = lb::pick(svc, &header, random, PROG_TC_INGRESS) else {
+        return Err(TCX_DROP);
+    };
+    let snat = chosen.backend.flags & BACKEND_F_LOCAL == 0;
+    let (saddr, sport) = if snat {
+        let Some(addr) = node_addr(ifindex) else {
+            count(PROG_TC_INGRESS, |c| c.misses += 1);
+            return Err(TCX_DROP);
+        };
+        (addr, 0)
+    } else {
+        (key.saddr, key.sport)
+    };
+    Ok(CtValue {
+        saddr,
+        daddr: chosen.backend.addr,
+        sport,
+        dport: chosen.backend.port,
+        backend_id: chosen.id,
+        last_seen_ns: now,
+        flags: if snat { CT_F_SNAT } else { 0 },
+        _pad: [0; 7],
+    })
+}
+
+/// The frontend a packet is addressed to: its local scope if it has one, else the
+/// external one.
+#[inline(always)]
+fn frontend(key: &CtKey) -> Option<(ServiceKey, ServiceValue)> {
+    let external = ServiceKey::new(key.daddr, key.dport, key.proto, 0);
+    let local = ServiceKey {
+        scope: SCOPE_LOCAL,
+        ..external
+    };
+    if let Some(h) = lb::header(local) {
+        return Some((local, h));
+    }
+    lb::header(external).map(|h| (external, h))
+}
+
+/// The node's IPv4 address on interface `ifindex`, as the agent configured it.
+#[inline(always)]
+fn node_addr(ifindex: u32) -> Option<lb_common::Addr> {
+    // SAFETY: copied out at once.
+    let iface = unsafe { LB_TC_IFACES_V1.get(ifindex) }.copied()?;
+    (iface.addr4 != [0; 16]).then_some(iface.addr4)
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> i32 {
+    let Some(p) = Packet::parse(ctx) else {
+        return TCX_NEXT;
+    };
+    let key = ct::key_of(&p);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut v = CtValue::zeroed();
+    if ct::lookup(&key, now, p.tcp_flags, &mut v)
+        && v.flags & CT_F_REPLY != 0
+        && v.flags & CT_F_SNAT == 0
+    {
+        if p.rewrite(ctx, (v.saddr, v.sport), (v.daddr, v.dport))
+            .is_some()
+        {
+            count(PROG_TC_EGRESS, |c| c.translated += 1);
+        } else {
+            count(PROG_TC_EGRESS, |c| c.misses += 1);
+        }
+    }
+    TCX_NEXT
+}
