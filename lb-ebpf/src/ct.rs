@@ -3,6 +3,13 @@
 //! rewritten to. Either half rebuilds the other ([`CtValue::partner`]), so an LRU
 //! eviction of one half is repaired by the next packet of the flow, never half-translated.
 
+// Keys and values go to the map helpers by reference, not by copy: the eBPF stack is
+// 512 bytes for the whole call chain.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "copies would cost eBPF stack"
+)]
+
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{CT_F_CLOSING, CT_F_SNAT, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN};
 

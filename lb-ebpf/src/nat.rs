@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -19,6 +19,8 @@ const IP_TOT_LEN: usize = ETH_HLEN + 2;
 const IP_CSUM: usize = ETH_HLEN + 10;
 const IP_SRC: usize = ETH_HLEN + 12;
 const IP_DST: usize = ETH_HLEN + 16;
+/// tc's drop verdict (`TC_ACT_SHOT`).
+const SHOT: i32 = 2;
 pub(crate) const TCP_FIN: u8 = 0x01;
 pub(crate) const TCP_RST: u8 = 0x04;
 
@@ -90,8 +92,9 @@ impl Packet {
 
     /// Rewrites source and destination to `src` and `dst` (mapped addresses, host-order
     /// ports), updating the IP and L4 checksums; only what changes is written. `None`
-    /// for an address that is not IPv4 or a helper that failed.
-    #[inline(always)]
+    /// for an address that is not IPv4 or a helper that failed. Not inlined: its stack
+    /// frame is its own.
+    #[inline(never)]
     pub(crate) fn rewrite(
         &self,
         ctx: &TcContext,
@@ -139,8 +142,9 @@ impl Packet {
 
 /// Sends a (rewritten) packet straight to where the FIB routes its destination, with
 /// the neighbour's address; the stack's forwarding is skipped (it would drop a packet
-/// whose source is the node's own address as a martian). Returns the tc verdict.
-#[inline(always)]
+/// whose source is the node's own address as a martian). Returns the tc verdict. Not
+/// inlined: its stack frame is its own.
+#[inline(never)]
 pub(crate) fn forward(ctx: &TcContext, ifindex: u32) -> i32 {
     // SAFETY: a plain C struct; all zero is a valid value.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
@@ -151,7 +155,7 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32) -> i32 {
         ctx.load::<u32>(IP_DST),
         ctx.load::<u16>(IP_TOT_LEN),
     ) else {
-        return TC_ACT_SHOT as i32;
+        return SHOT;
     };
     fib.__bindgen_anon_1.tot_len = u16::from_be(tot_len);
     fib.__bindgen_anon_3.ipv4_src = saddr;
@@ -168,7 +172,7 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32) -> i32 {
     match ret as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             if ctx.store(0, &fib.dmac, 0).is_err() || ctx.store(6, &fib.smac, 0).is_err() {
-                return TC_ACT_SHOT as i32;
+                return SHOT;
             }
             // SAFETY: a helper with plain integers.
             unsafe { bpf_redirect(fib.ifindex, 0) as i32 }
@@ -177,6 +181,6 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32) -> i32 {
         BPF_FIB_LKUP_RET_NO_NEIGH => unsafe {
             bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
-        _ => TC_ACT_SHOT as i32,
+        _ => SHOT,
     }
 }

@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use crate::{
-    datapath::{BpfMaps, Programmed, loader},
+    datapath::{self, BpfMaps, Programmed, iface, loader},
     model,
     serve::metrics::{self, Metrics},
     source::{
@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub node_name: String,
     /// This node's addresses for nodePorts (`--node-ip`); empty: the Node object's.
     pub node_ips: Vec<std::net::IpAddr>,
+    /// Interfaces for the tc programs (`--interface`); empty: those carrying `node_ips`.
+    pub interfaces: Vec<String>,
     /// How often the manifest path is checked for changes.
     pub poll_interval: Duration,
     /// The shortest time between two syncs (kube-proxy's --min-sync-period).
@@ -226,6 +228,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         programs = ?loader::PROGRAMS,
         "programs attached"
     );
+    attach_packet_level(&mut ebpf, opts)?;
     let mut tasks = Vec::new();
     if opts.bpf_log_level > 0 {
         tasks.push(spawn_bpf_logger(&mut ebpf)?);
@@ -243,6 +246,36 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         metrics,
     };
     Ok(Running { agent, ebpf, tasks })
+}
+
+/// The tc programs on the node's external interfaces, with their SNAT addresses and
+/// the SNAT port range reserved.
+fn attach_packet_level(ebpf: &mut aya::Ebpf, opts: &RunOptions) -> anyhow::Result<()> {
+    let addrs = iface::addresses().context("listing the node's addresses")?;
+    let ifaces =
+        iface::resolve(&opts.interfaces, &opts.node_ips, &addrs).map_err(anyhow::Error::msg)?;
+    if ifaces.is_empty() {
+        tracing::info!(
+            "packet level off: no --interface, and no interface carries a --node-ip address"
+        );
+        return Ok(());
+    }
+    if let Err(e) = iface::reserve_snat_ports() {
+        tracing::warn!(
+            "reserving the SNAT ports {}-{} in net.ipv4.ip_local_reserved_ports: {e}; a host socket may take one",
+            lb_common::SNAT_PORT_MIN,
+            lb_common::SNAT_PORT_MAX
+        );
+    }
+    loader::attach_tc(ebpf, &ifaces)?;
+    datapath::maps::write_tc_ifaces(ebpf, &ifaces)?;
+    for i in &ifaces {
+        if i.addr4.is_none() {
+            tracing::warn!(iface = %i.name, "no IPv4 address: flows to backends on other nodes cannot be SNATed here and are dropped");
+        }
+        tracing::info!(iface = %i.name, ifindex = i.ifindex, snat = ?i.addr4, "tc programs attached");
+    }
+    Ok(())
 }
 
 /// Starts the source; for the API, waits for the first complete list. `None` when a

@@ -41,6 +41,11 @@ enum Command {
         /// the Node object's InternalIP and ExternalIP addresses). 127.0.0.1 always is.
         #[arg(long = "node-ip", value_name = "ADDR")]
         node_ips: Vec<std::net::IpAddr>,
+        /// An external interface of the node for the packet level (tc programs: NodePort,
+        /// externalIPs and LoadBalancer IPs for clients outside the node); repeatable.
+        /// Default: the interfaces that carry a --node-ip address.
+        #[arg(long = "interface", value_name = "IF")]
+        interfaces: Vec<String>,
         /// cgroup v2 directory whose processes get service translation.
         #[arg(long)]
         cgroup: PathBuf,
@@ -119,6 +124,7 @@ fn main() -> ExitCode {
             kubeconfig,
             hostname_override,
             node_ips,
+            interfaces,
             cgroup,
             pin_path,
             min_sync_period,
@@ -136,6 +142,7 @@ fn main() -> ExitCode {
                 pin_path,
                 node_name: source::node_name(hostname_override.as_deref()),
                 node_ips,
+                interfaces,
                 poll_interval: Duration::from_millis(poll_interval_ms.max(1)),
                 min_sync_period,
                 metrics_addr,

@@ -7,9 +7,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc},
+    util::KernelVersion,
 };
 use lb_common::PINNED_MAPS;
+
+use super::iface::Iface;
 
 /// The programs, built by lb-user's build script from lb-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -25,6 +28,12 @@ pub const PROGRAMS: [&str; 8] = [
     "lb_sendmsg6",
     "lb_recvmsg6",
     "lb_getpeername6",
+];
+
+/// The tc programs and where each attaches on an external interface.
+pub const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("lb_tc_ingress", TcAttachType::Ingress),
+    ("lb_tc_egress", TcAttachType::Egress),
 ];
 
 /// Default directory for pinned maps.
@@ -46,6 +55,13 @@ pub enum LoadError {
     Load(#[source] aya::EbpfError),
     #[error("program {name}: {source}")]
     Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("--interface {iface}: attaching {name}: {source}")]
+    Attach {
+        iface: String,
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,
@@ -173,6 +189,44 @@ pub fn load_and_attach(
             .map_err(perr)?;
     }
     Ok(ebpf)
+}
+
+/// Loads the tc programs and attaches them to every interface in `ifaces`: TCX links
+/// (kernel 6.6+), else a clsact qdisc (said in the log). Detached when `ebpf` drops.
+pub fn attach_tc(ebpf: &mut Ebpf, ifaces: &[Iface]) -> Result<(), LoadError> {
+    if ifaces.is_empty() {
+        return Ok(());
+    }
+    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    if !tcx {
+        tracing::info!("this kernel has no TCX (6.6+): the tc programs go on clsact qdiscs");
+        for i in ifaces {
+            // An existing clsact qdisc is fine.
+            if let Err(e) = tc::qdisc_add_clsact(&i.name)
+                && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+            {
+                tracing::warn!(iface = %i.name, "adding a clsact qdisc: {e}");
+            }
+        }
+    }
+    for (name, attach_type) in TC_PROGRAMS {
+        let perr = |source| LoadError::Program { name, source };
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| perr(aya::programs::ProgramError::UnexpectedProgramType))?
+            .try_into()
+            .map_err(perr)?;
+        prog.load().map_err(perr)?;
+        for i in ifaces {
+            prog.attach(&i.name, attach_type)
+                .map_err(|source| LoadError::Attach {
+                    iface: i.name.clone(),
+                    name,
+                    source,
+                })?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes the pinned maps and the pin directory if it is then empty.

@@ -6,10 +6,13 @@ use std::path::Path;
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Counters, MAP_AFFINITY, MAP_BACKENDS, MAP_COUNTERS,
-    MAP_REVNAT, MAP_SERVICES, PROG_NAMES, RevNat, ServiceKey, ServiceValue,
+    MAP_REVNAT, MAP_SERVICES, MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue, TcIface,
 };
 
-use super::ops::{Op, Snapshot, purged};
+use super::{
+    iface::Iface,
+    ops::{Op, Snapshot, purged},
+};
 
 /// Errors of the BPF map layer; each names the map and the object concerned.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +170,36 @@ impl BpfMaps {
         }
         Ok(())
     }
+}
+
+/// Points the tc programs at the node's address on each interface (the SNAT source);
+/// entries of interfaces no longer attached are removed.
+pub fn write_tc_ifaces(ebpf: &mut aya::Ebpf, ifaces: &[Iface]) -> Result<(), DatapathError> {
+    let err = |source| DatapathError::Map {
+        map: MAP_TC_IFACES,
+        source,
+    };
+    let map = ebpf
+        .map_mut(MAP_TC_IFACES)
+        .ok_or(DatapathError::MissingMap { map: MAP_TC_IFACES })?;
+    let mut map: HashMap<&mut MapData, u32, TcIface> = HashMap::try_from(map).map_err(err)?;
+    let stale: Vec<u32> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !ifaces.iter().any(|i| i.ifindex == *k))
+        .collect();
+    for k in stale {
+        ignore_missing(map.remove(&k)).map_err(err)?;
+    }
+    for i in ifaces {
+        let value = TcIface {
+            addr4: i
+                .addr4
+                .map_or([0; 16], |a| lb_common::v4_mapped(a.octets())),
+        };
+        map.insert(i.ifindex, value, 0).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// The per-program counters from the maps pinned under `dir`, summed over CPUs, in

@@ -17,10 +17,12 @@
 //! change costs a couple of writes, not a rewrite of the service.
 //!
 //! * [`loader`]: the bpf filesystem, loading, pinning and attaching the programs;
+//! * [`iface`]: the node's interfaces for the tc programs, and the SNAT port range;
 //! * [`ops`]: the map operations and [`Snapshot`], the maps' contents as plain data;
 //! * [`plan`]: [`Programmed`], the diff of desired state against what the maps hold;
 //! * [`maps`]: [`BpfMaps`], the only code that reads and writes the maps.
 
+pub mod iface;
 pub mod loader;
 pub mod maps;
 pub mod ops;

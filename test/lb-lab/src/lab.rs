@@ -214,6 +214,35 @@ pub struct Lab {
     pub server_port: u16,
     /// Extra arguments of every pod's `lb-lab serve`.
     server_args: Vec<String>,
+    /// Pod `i` is `<pod_prefix>pod-<i>` on 10.244.<first_subnet + i>.2.
+    pod_prefix: String,
+    first_subnet: usize,
+}
+
+/// How a lab's node and pods are made; [`Lab::build`] makes them.
+#[derive(Clone, Debug)]
+pub struct LabSpec<'a> {
+    pub tag: &'a str,
+    pub pods: usize,
+    pub server_port: u16,
+    pub server_args: &'a [&'a str],
+    /// Names pods `<pod_prefix>pod-<i>`.
+    pub pod_prefix: &'a str,
+    /// Pod `i` gets 10.244.<first_subnet + i>.0/24.
+    pub first_subnet: usize,
+}
+
+impl<'a> LabSpec<'a> {
+    pub fn new(tag: &'a str, pods: usize, server_port: u16) -> Self {
+        Self {
+            tag,
+            pods,
+            server_port,
+            server_args: &[],
+            pod_prefix: "",
+            first_subnet: 1,
+        }
+    }
 }
 
 impl Lab {
@@ -231,8 +260,27 @@ impl Lab {
         server_port: u16,
         server_args: &[&str],
     ) -> anyhow::Result<Self> {
-        if pods > 250 {
-            bail!("a lab has at most 250 pods");
+        Self::build(
+            lab_bin,
+            &LabSpec {
+                server_args,
+                ..LabSpec::new(tag, pods, server_port)
+            },
+        )
+    }
+
+    /// A lab as `spec` says.
+    pub fn build(lab_bin: &Path, spec: &LabSpec<'_>) -> anyhow::Result<Self> {
+        let LabSpec {
+            tag,
+            pods,
+            server_port,
+            server_args,
+            pod_prefix,
+            first_subnet,
+        } = *spec;
+        if first_subnet + pods > 251 || first_subnet == 0 {
+            bail!("a lab's pod subnets are 10.244.1.0/24 to 10.244.250.0/24");
         }
         let prefix = unique_prefix(tag);
         let node = Netns::create(&format!("{prefix}-node"))?;
@@ -247,6 +295,8 @@ impl Lab {
             lab_bin: lab_bin.to_path_buf(),
             server_port,
             server_args: server_args.iter().map(|a| a.to_string()).collect(),
+            pod_prefix: pod_prefix.to_string(),
+            first_subnet,
         };
         for i in 0..pods {
             lab.add_pod(i)?;
@@ -257,7 +307,7 @@ impl Lab {
     fn add_pod(&mut self, i: usize) -> anyhow::Result<()> {
         let netns = Netns::create(&format!("{}-p{i}", self.prefix))?;
         let (node, pod) = (self.node.name.as_str(), netns.name.as_str());
-        let subnet = i + 1;
+        let subnet = self.first_subnet + i;
         let veth = format!("veth{i}");
         ip(&[
             "-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", pod,
@@ -308,7 +358,7 @@ impl Lab {
             "via",
             &format!("fd00:10:244:{subnet}::1"),
         ])?;
-        let name = format!("pod-{i}");
+        let name = format!("{}pod-{i}", self.pod_prefix);
         let child = self.spawn_server(&netns, &name)?;
         self.pods.push(Pod {
             name,
@@ -544,13 +594,15 @@ pub fn probe(opts: &ProbeOptions) -> ProbeReport {
 }
 
 /// `lb-lab serve`: answers every TCP connection and every UDP datagram on `port`, IPv4
-/// and IPv6 (dual-stack sockets), with `name`. Prints "ready" once both sockets are
-/// bound; runs until killed.
-pub fn serve(name: &str, port: u16) -> anyhow::Result<()> {
-    let (tcp, reply) = start_server(name, port)?;
+/// and IPv6 (dual-stack sockets), with `name` (and, with `say_peer`, "from" and the
+/// address the request came from). Prints "ready" once both sockets are bound; runs
+/// until killed.
+pub fn serve(name: &str, port: u16, say_peer: bool) -> anyhow::Result<()> {
+    let (tcp, reply) = start_server(name, port, say_peer)?;
     for conn in tcp.incoming() {
         let Ok(mut conn) = conn else { continue };
-        let _ = conn.write_all(reply.as_bytes());
+        let peer = conn.peer_addr().ok();
+        let _ = conn.write_all(reply_line(&reply, say_peer, peer).as_bytes());
         // Closing without reading the request would reset the connection if the request
         // is still unread; read what is there first.
         let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
@@ -563,7 +615,11 @@ pub fn serve(name: &str, port: u16) -> anyhow::Result<()> {
 /// Binds TCP and UDP `port` on dual-stack sockets, answers every UDP datagram with
 /// `name` from a thread, prints "ready", and returns the TCP listener and the reply line
 /// for the caller's own TCP protocol.
-pub(crate) fn start_server(name: &str, port: u16) -> anyhow::Result<(TcpListener, String)> {
+pub(crate) fn start_server(
+    name: &str,
+    port: u16,
+    say_peer: bool,
+) -> anyhow::Result<(TcpListener, String)> {
     let tcp = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
         .with_context(|| format!("binding TCP port {port}"))?;
     let udp = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))
@@ -575,10 +631,20 @@ pub(crate) fn start_server(name: &str, port: u16) -> anyhow::Result<(TcpListener
     std::thread::spawn(move || {
         let mut buf = [0u8; 512];
         while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(udp_reply.as_bytes(), peer);
+            let line = reply_line(&udp_reply, say_peer, Some(peer));
+            let _ = udp.send_to(line.as_bytes(), peer);
         }
     });
     Ok((tcp, reply))
+}
+
+/// `reply` ("name\n"), or "name from ADDR\n" with the peer's address (IPv4-mapped
+/// shown as IPv4).
+fn reply_line(reply: &str, say_peer: bool, peer: Option<SocketAddr>) -> String {
+    match peer.filter(|_| say_peer) {
+        Some(p) => format!("{} from {}\n", reply.trim_end(), p.ip().to_canonical()),
+        None => reply.to_string(),
+    }
 }
 
 /// The running agent, as a process: stopped with SIGTERM on drop, pins removed.
@@ -592,6 +658,19 @@ impl AgentProcess {
     /// Starts `agent_bin run ARGS...` (`--manifests DIR` or `--kubeconfig FILE`, and any
     /// other flags), attached to `cgroup`, logging to a file.
     pub fn start(
+        agent_bin: &Path,
+        source_args: &[&std::ffi::OsStr],
+        cgroup: &Path,
+        pin_path: &Path,
+        log_path: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::start_in(None, agent_bin, source_args, cgroup, pin_path, log_path)
+    }
+
+    /// [`AgentProcess::start`], inside `netns` when given (a node of a cluster lab: its
+    /// interfaces are that namespace's).
+    pub fn start_in(
+        netns: Option<&Netns>,
         agent_bin: &Path,
         source_args: &[&std::ffi::OsStr],
         cgroup: &Path,
@@ -619,6 +698,9 @@ impl AgentProcess {
             if !source_args.iter().any(|a| *a == flag) {
                 cmd.args([flag, default]);
             }
+        }
+        if let Some(ns) = netns {
+            place(&mut cmd, ns, None)?;
         }
         let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         Ok(Self {

@@ -111,7 +111,7 @@ pub fn load(targets: &[SocketAddr], count: usize, mode: LoadMode, timeout: Durat
 /// the client to close first. Several threads accept, so a client never waits on a
 /// previous connection's close.
 pub fn serve_bench(name: &str, port: u16) -> anyhow::Result<()> {
-    let (tcp, reply) = lab::start_server(name, port)?;
+    let (tcp, reply) = lab::start_server(name, port, false)?;
     let mut threads = Vec::new();
     for _ in 0..4 {
         let listener = tcp.try_clone()?;

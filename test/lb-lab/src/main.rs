@@ -33,6 +33,9 @@ enum Cmd {
         /// Benchmark protocol: read the request, answer, wait for the client to close.
         #[arg(long)]
         bench: bool,
+        /// Answer "NAME from PEER-ADDRESS": who the server sees as the client.
+        #[arg(long)]
+        say_peer: bool,
     },
     /// The benchmark's load generator: COUNT requests one after the other, round-robin
     /// over the targets; prints rate and latency as JSON.
@@ -95,11 +98,16 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Cmd::Serve { name, port, bench } => {
+        Cmd::Serve {
+            name,
+            port,
+            bench,
+            say_peer,
+        } => {
             if bench {
                 load::serve_bench(&name, port)
             } else {
-                lab::serve(&name, port)
+                lab::serve(&name, port, say_peer)
             }
         }
         Cmd::Load {

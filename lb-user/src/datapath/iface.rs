@@ -1,0 +1,166 @@
+//! The node's interfaces for the packet level: which ones carry its addresses, their
+//! ifindex and IPv4 address (the SNAT source), and the SNAT port range kept away from
+//! the host's own sockets.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use lb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
+
+/// An interface the tc programs are attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Iface {
+    pub name: String,
+    pub ifindex: u32,
+    /// The node's IPv4 address on it: the `--node-ip` one if it is there, else the first.
+    pub addr4: Option<Ipv4Addr>,
+}
+
+/// Every (interface name, address) pair of this network namespace.
+pub fn addresses() -> std::io::Result<Vec<(String, IpAddr)>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated name owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: sa_family says which sockaddr this is.
+        let addr = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                    IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                    IpAddr::from(sin6.sin6_addr.s6_addr)
+                }
+                _ => continue,
+            }
+        };
+        out.push((name, addr));
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// The interfaces to attach to: those named (`--interface`), else those that carry one
+/// of `node_ips`. Errors name the interface that does not exist.
+pub fn resolve(
+    names: &[String],
+    node_ips: &[IpAddr],
+    addrs: &[(String, IpAddr)],
+) -> Result<Vec<Iface>, String> {
+    let mut chosen: Vec<String> = names.to_vec();
+    if chosen.is_empty() {
+        for (name, addr) in addrs {
+            if node_ips.contains(addr) && !chosen.contains(name) {
+                chosen.push(name.clone());
+            }
+        }
+    }
+    chosen
+        .into_iter()
+        .map(|name| {
+            let c = std::ffi::CString::new(name.clone())
+                .map_err(|_| format!("--interface {name:?}: not an interface name"))?;
+            // SAFETY: a NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            if ifindex == 0 {
+                return Err(format!(
+                    "--interface {name}: no such interface in this network namespace"
+                ));
+            }
+            let v4 = |a: &IpAddr| match a {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            };
+            let on_iface: Vec<Ipv4Addr> = addrs
+                .iter()
+                .filter(|(n, _)| *n == name)
+                .filter_map(|(_, a)| v4(a))
+                .collect();
+            let addr4 = on_iface
+                .iter()
+                .find(|a| node_ips.contains(&IpAddr::V4(**a)))
+                .or(on_iface.first())
+                .copied();
+            Ok(Iface {
+                name,
+                ifindex,
+                addr4,
+            })
+        })
+        .collect()
+}
+
+/// `ip_local_reserved_ports` with the SNAT range added (unchanged if it is there).
+pub fn with_snat_range(reserved: &str) -> String {
+    let range = format!("{SNAT_PORT_MIN}-{SNAT_PORT_MAX}");
+    let reserved = reserved.trim();
+    if reserved.split(',').any(|r| r.trim() == range) {
+        reserved.to_string()
+    } else if reserved.is_empty() {
+        range
+    } else {
+        format!("{reserved},{range}")
+    }
+}
+
+/// Reserves the SNAT port range in this network namespace so no host socket binds one.
+pub fn reserve_snat_ports() -> std::io::Result<()> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let now = std::fs::read_to_string(PATH)?;
+    let wanted = with_snat_range(&now);
+    if wanted != now.trim() {
+        std::fs::write(PATH, &wanted)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snat_range_is_added_once() {
+        assert_eq!(with_snat_range("\n"), "61000-63999");
+        assert_eq!(with_snat_range("8080\n"), "8080,61000-63999");
+        assert_eq!(with_snat_range("8080,61000-63999\n"), "8080,61000-63999");
+    }
+
+    #[test]
+    fn interfaces_default_to_those_with_node_addresses() {
+        let addrs = vec![
+            ("lo".to_string(), "127.0.0.1".parse().unwrap()),
+            ("lo".to_string(), "::1".parse().unwrap()),
+        ];
+        // lo exists everywhere; it carries 127.0.0.1.
+        let got = resolve(&[], &["127.0.0.1".parse().unwrap()], &addrs).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].name, "lo");
+        assert_eq!(got[0].addr4, Some(Ipv4Addr::LOCALHOST));
+        assert!(
+            resolve(&[], &["192.0.2.1".parse().unwrap()], &addrs)
+                .unwrap()
+                .is_empty()
+        );
+        let err = resolve(&["nope0".to_string()], &[], &addrs).unwrap_err();
+        assert!(
+            err.contains("--interface nope0: no such interface"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! The packet level, with real traffic: an outside client, two nodes on a LAN, each with
+//! its own agent (own pin path and cgroup, tc programs on its LAN interface), and pods
+//! behind each node. Needs root.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use common::{AGENT_BIN, POD_PORT, lab_bin, require_root, write_atomic};
+use lb_lab::{
+    cluster::{CLIENT_IP, Cluster, node_ip},
+    lab::{AgentProcess, ProbeMode, ProbeOptions, ProbeReport},
+};
+
+const NODE_PORT: u16 = 30080;
+
+/// A cluster lab with an agent per node, all on the same manifests.
+struct ClusterFixture {
+    agents: Vec<AgentProcess>,
+    cluster: Cluster,
+    dir: PathBuf,
+}
+
+impl ClusterFixture {
+    fn new(tag: &str, pods: usize, manifests: impl Fn(&Cluster) -> String) -> Self {
+        require_root();
+        let cluster = Cluster::new(&lab_bin(), tag, 2, pods, POD_PORT).expect("the cluster lab");
+        let dir = std::env::temp_dir().join(&cluster.prefix);
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        write_atomic(&dir.join("manifests/all.yaml"), &manifests(&cluster));
+        let mut agents = Vec::new();
+        for (k, node) in cluster.nodes.iter().enumerate() {
+            let (name, ip) = (format!("node-{k}"), node_ip(k).to_string());
+            let manifests = dir.join("manifests");
+            let args: Vec<&std::ffi::OsStr> = vec![
+                "--manifests".as_ref(),
+                manifests.as_os_str(),
+                "--hostname-override".as_ref(),
+                name.as_ref(),
+                "--node-ip".as_ref(),
+                ip.as_ref(),
+            ];
+            let pin = PathBuf::from(format!("/sys/fs/bpf/{}", node.prefix));
+            let log = dir.join(format!("agent-{k}.log"));
+            let agent = AgentProcess::start_in(
+                Some(&node.node),
+                Path::new(AGENT_BIN),
+                &args,
+                &node.cgroup.path,
+                &pin,
+                &log,
+            )
+            .expect("starting an agent");
+            agents.push(agent);
+        }
+        for a in &mut agents {
+            a.wait_synced(1, Duration::from_secs(20))
+                .expect("agent ready");
+        }
+        Self {
+            agents,
+            cluster,
+            dir,
+        }
+    }
+
+    fn probe(&self, target: SocketAddrV4, count: usize, mode: ProbeMode) -> ProbeReport {
+        let opts = ProbeOptions {
+            timeout: Duration::from_millis(500),
+            ..ProbeOptions::tcp(target, count).with_mode(mode)
+        };
+        self.cluster
+            .probe(&opts)
+            .unwrap_or_else(|e| panic!("probe failed: {e:#}"))
+    }
+}
+
+impl Drop for ClusterFixture {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (k, a) in self.agents.iter().enumerate() {
+                eprintln!("agent {k} log:\n{}", a.log());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A NodePort service `web` (cluster IP 10.96.0.50:80, nodePort 30080) over every pod of
+/// both nodes, each endpoint with its node's name.
+fn node_port_service(c: &Cluster, spec_extra: &str, on_nodes: &[usize]) -> String {
+    let mut endpoints = String::new();
+    for k in on_nodes {
+        for pod in &c.nodes[*k].pods {
+            endpoints.push_str(&format!(
+                "- addresses: [{}]\n  nodeName: node-{k}\n  conditions: {{ready: true}}\n",
+                pod.ip
+            ));
+        }
+    }
+    if endpoints.is_empty() {
+        endpoints.push_str("[]\n");
+    }
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: t}}\n\
+         spec:\n  type: NodePort\n  clusterIP: 10.96.0.50\n{spec_extra}  ports:\n  \
+         - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: {NODE_PORT}, protocol: TCP}}\n  \
+         - {{name: dns, port: 53, targetPort: {POD_PORT}, nodePort: {NODE_PORT}, protocol: UDP}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-a\n  \
+         namespace: t\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\n\
+         ports: [{{name: http, port: {POD_PORT}, protocol: TCP}}, {{name: dns, port: {POD_PORT}, protocol: UDP}}]\n\
+         endpoints: {}",
+        if endpoints.starts_with('[') { "" } else { "\n" }.to_string() + &endpoints
+    )
+}
+
+/// The replies by pod name, and by who the pod saw as the client.
+fn split(report: &ProbeReport) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
+    let mut pods = BTreeMap::new();
+    let mut peers = BTreeMap::new();
+    for (reply, n) in &report.replies {
+        let (pod, peer) = reply.split_once(" from ").unwrap_or((reply, "?"));
+        *pods.entry(pod.to_string()).or_default() += n;
+        *peers.entry(format!("{pod} from {peer}")).or_default() += n;
+    }
+    (pods, peers)
+}
+
+#[test]
+fn outside_client_reaches_a_node_port_on_backends_of_both_nodes() {
+    let fx = ClusterFixture::new("pc", 2, |c| node_port_service(c, "", &[0, 1]));
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let report = fx.probe(target, 60, ProbeMode::Tcp);
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+    let (pods, peers) = split(&report);
+    assert_eq!(pods.len(), 4, "every pod of both nodes answers: {report:?}");
+    for reply in peers.keys() {
+        let (pod, peer) = reply.split_once(" from ").unwrap();
+        // Backends on node 0 see the client itself (DNAT only); those on node 1 see
+        // node 0, which SNATed the flow to send it there.
+        let want = if pod.starts_with("n0-") {
+            CLIENT_IP
+        } else {
+            node_ip(0)
+        };
+        assert_eq!(peer, want.to_string(), "{reply}");
+    }
+    // UDP, a new socket (a new flow) per datagram; the reply comes from the nodePort.
+    let report = fx.probe(target, 40, ProbeMode::UdpSendto);
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+    assert_eq!(split(&report).0.len(), 4, "{report:?}");
+    // The other node serves the same nodePort.
+    let report = fx.probe(SocketAddrV4::new(node_ip(1), NODE_PORT), 20, ProbeMode::Tcp);
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_stays_on_the_node() {
+    let fx = ClusterFixture::new("pl", 2, |c| {
+        node_port_service(c, "  externalTrafficPolicy: Local\n", &[0])
+    });
+    let report = fx.probe(SocketAddrV4::new(node_ip(0), NODE_PORT), 30, ProbeMode::Tcp);
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+    let (pods, peers) = split(&report);
+    assert_eq!(pods.len(), 2, "node 0's two pods: {report:?}");
+    for reply in peers.keys() {
+        assert!(reply.starts_with("n0-pod-"), "{reply}");
+        assert!(reply.ends_with(&format!(" from {CLIENT_IP}")), "{reply}");
+    }
+    // Node 1 has no local endpoint: its nodePort drops, nothing is answered.
+    let report = fx.probe(SocketAddrV4::new(node_ip(1), NODE_PORT), 2, ProbeMode::Tcp);
+    assert_eq!(report.total_replies(), 0, "{report:?}");
+}
+
+#[test]
+fn a_node_port_without_endpoints_is_refused_at_once() {
+    let fx = ClusterFixture::new("pn", 1, |c| node_port_service(c, "", &[]));
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let report = fx.probe(target, 3, ProbeMode::Tcp);
+    assert_eq!(report.errors.get("ECONNREFUSED"), Some(&3), "{report:?}");
+    let report = fx.probe(target, 2, ProbeMode::UdpConnected);
+    assert_eq!(report.errors.get("ECONNREFUSED"), Some(&2), "{report:?}");
+    let _ = Ipv4Addr::UNSPECIFIED;
+}

@@ -1,0 +1,151 @@
+//! A cluster in network namespaces: an outside client and two (or more) nodes on one
+//! LAN, each node a [`Lab`] with pods of its own, routes to the other nodes' pods through
+//! their LAN addresses (as a flat, host-gateway pod network has them).
+//!
+//! ```text
+//!  netns <prefix>-lan: bridge br0
+//!    |-- client netns  eth0 192.168.77.100/24   (routes: the LAN only)
+//!    |-- node 0 netns  eth0 192.168.77.1/24     pods 10.244.1-99.0/24    "n0-pod-<i>"
+//!    |-- node 1 netns  eth0 192.168.77.2/24     pods 10.244.101-199.0/24 "n1-pod-<i>"
+//! ```
+//!
+//! The client reaches the nodes' addresses and nothing else (no pod, no service range):
+//! only what a node translates gets through.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::bail;
+
+use crate::lab::{Lab, LabSpec, Netns, ProbeOptions, ProbeReport, ip, unique_prefix};
+
+/// The client's address on the LAN.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 100);
+
+/// Node `k`'s address on the LAN.
+pub const fn node_ip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 77, k as u8 + 1)
+}
+
+pub struct Cluster {
+    pub prefix: String,
+    pub client: Netns,
+    pub nodes: Vec<Lab>,
+    /// Last: the LAN goes when nothing uses it.
+    pub lan: Netns,
+}
+
+impl Cluster {
+    /// `nodes` nodes with `pods` pods each, every pod's server answering "NAME from PEER".
+    pub fn new(
+        lab_bin: &Path,
+        tag: &str,
+        nodes: usize,
+        pods: usize,
+        port: u16,
+    ) -> anyhow::Result<Self> {
+        if nodes == 0 || nodes > 2 || pods == 0 || pods > 99 {
+            bail!("a cluster lab has 1 or 2 nodes of 1 to 99 pods");
+        }
+        let prefix = unique_prefix(tag);
+        let lan = Netns::create(&format!("{prefix}-lan"))?;
+        ip(&["-n", &lan.name, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &lan.name, "link", "set", "br0", "up"])?;
+        let client = Netns::create(&format!("{prefix}-client"))?;
+        join_lan(&lan, &client, "pc", CLIENT_IP)?;
+        let mut labs = Vec::new();
+        for k in 0..nodes {
+            let pod_prefix = format!("n{k}-");
+            let lab = Lab::build(
+                lab_bin,
+                &LabSpec {
+                    server_args: &["--say-peer"],
+                    pod_prefix: &pod_prefix,
+                    first_subnet: 100 * k + 1,
+                    ..LabSpec::new(&format!("{tag}{k}"), pods, port)
+                },
+            )?;
+            join_lan(&lan, &lab.node, &format!("pn{k}"), node_ip(k))?;
+            for setting in [
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+                "net.ipv4.conf.eth0.rp_filter=0",
+            ] {
+                lab.node.sysctl(setting)?;
+            }
+            labs.push(lab);
+        }
+        // Each node routes the other nodes' pod subnets through their LAN address.
+        for (k, lab) in labs.iter().enumerate() {
+            for (j, other) in labs.iter().enumerate().filter(|(j, _)| *j != k) {
+                for pod in &other.pods {
+                    let [a, b, c, _] = pod.ip.octets();
+                    ip(&[
+                        "-n",
+                        &lab.node.name,
+                        "route",
+                        "add",
+                        &format!("{a}.{b}.{c}.0/24"),
+                        "via",
+                        &node_ip(j).to_string(),
+                        "dev",
+                        "eth0",
+                    ])?;
+                }
+            }
+        }
+        Ok(Self {
+            prefix,
+            client,
+            nodes: labs,
+            lan,
+        })
+    }
+
+    /// Runs `lab_bin probe` from the outside client.
+    pub fn probe(&self, opts: &ProbeOptions) -> anyhow::Result<ProbeReport> {
+        self.nodes[0].probe_from(opts, &self.client, false)
+    }
+
+    /// Routes `addr` (an externalIP or LoadBalancer IP) from the client through node `k`,
+    /// as a router or a load balancer in front of the cluster would.
+    pub fn route_via(&self, addr: Ipv4Addr, k: usize) -> anyhow::Result<()> {
+        ip(&[
+            "-n",
+            &self.client.name,
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "via",
+            &node_ip(k).to_string(),
+        ])
+    }
+}
+
+/// A veth from `member`'s `eth0` (with `addr`/24) to the LAN's bridge (port `port`).
+fn join_lan(lan: &Netns, member: &Netns, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+    ip(&[
+        "-n",
+        &lan.name,
+        "link",
+        "add",
+        port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &member.name,
+    ])?;
+    ip(&["-n", &lan.name, "link", "set", port, "master", "br0", "up"])?;
+    ip(&[
+        "-n",
+        &member.name,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", &member.name, "link", "set", "eth0", "up"])
+}
