@@ -15,7 +15,6 @@ use lb_common::{Addr, PROTO_TCP, PROTO_UDP, as_v4, v4_mapped};
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const AF_INET: u8 = 2;
-const IP_TOT_LEN: usize = ETH_HLEN + 2;
 const IP_CSUM: usize = ETH_HLEN + 10;
 const IP_SRC: usize = ETH_HLEN + 12;
 const IP_DST: usize = ETH_HLEN + 16;
@@ -150,14 +149,11 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32) -> i32 {
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.ifindex = ifindex;
-    let (Ok(saddr), Ok(daddr), Ok(tot_len)) = (
-        ctx.load::<u32>(IP_SRC),
-        ctx.load::<u32>(IP_DST),
-        ctx.load::<u16>(IP_TOT_LEN),
-    ) else {
+    let (Ok(saddr), Ok(daddr)) = (ctx.load::<u32>(IP_SRC), ctx.load::<u32>(IP_DST)) else {
         return SHOT;
     };
-    fib.__bindgen_anon_1.tot_len = u16::from_be(tot_len);
+    // No tot_len: the kernel then checks the packet against the output device's MTU
+    // itself, GSO-aware (with tot_len, a 64 KB GSO packet "needs fragmentation").
     fib.__bindgen_anon_3.ipv4_src = saddr;
     fib.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: the helper reads and writes `fib`, whose size is passed.

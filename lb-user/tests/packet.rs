@@ -154,6 +154,20 @@ fn outside_client_reaches_a_node_port_on_backends_of_both_nodes() {
     let report = fx.probe(target, 40, ProbeMode::UdpSendto);
     assert_eq!(report.total_errors(), 0, "{report:?}");
     assert_eq!(split(&report).0.len(), 4, "{report:?}");
+    // One UDP flow (a connected socket): every datagram to the same backend.
+    let report = fx.probe(target, 10, ProbeMode::UdpFlow);
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+    assert_eq!(report.replies.len(), 1, "one flow, one backend: {report:?}");
+    // 5 MB each way through one connection, a few times (both nodes' backends).
+    for _ in 0..4 {
+        let t = fx
+            .cluster
+            .start_transfer(target.into(), 5 << 20, Duration::ZERO)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(t.intact && t.received == 5 << 20, "{t:?}");
+    }
     // The other node serves the same nodePort.
     let report = fx.probe(SocketAddrV4::new(node_ip(1), NODE_PORT), 20, ProbeMode::Tcp);
     assert_eq!(report.total_errors(), 0, "{report:?}");
@@ -186,4 +200,36 @@ fn a_node_port_without_endpoints_is_refused_at_once() {
     let report = fx.probe(target, 2, ProbeMode::UdpConnected);
     assert_eq!(report.errors.get("ECONNREFUSED"), Some(&2), "{report:?}");
     let _ = Ipv4Addr::UNSPECIFIED;
+}
+
+#[test]
+fn a_removed_backend_keeps_its_flows_and_gets_no_new_ones() {
+    let mut fx = ClusterFixture::new("pr", 1, |c| node_port_service(c, "", &[1]));
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    // A transfer to node 1's pod (through node 0's SNAT) that pauses halfway ...
+    let transfer = fx
+        .cluster
+        .start_transfer(target.into(), 2 << 20, Duration::from_millis(1500))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // ... while the service moves to node 0's pod.
+    write_atomic(
+        &fx.dir.join("manifests/all.yaml"),
+        &node_port_service(&fx.cluster, "", &[0]),
+    );
+    for a in &mut fx.agents {
+        a.wait_synced(2, Duration::from_secs(10)).unwrap();
+    }
+    let report = fx.probe(target, 10, ProbeMode::Tcp);
+    assert_eq!(
+        report.replies.get(&format!("n0-pod-0 from {CLIENT_IP}")),
+        Some(&10),
+        "new flows: {report:?}"
+    );
+    let t = transfer.finish().unwrap();
+    assert!(
+        t.intact && t.received == 2 << 20,
+        "the old flow completes: {t:?}"
+    );
+    assert_eq!(t.reply, format!("n1-pod-0 from {}", node_ip(0)));
 }

@@ -12,11 +12,41 @@
 //! The client reaches the nodes' addresses and nothing else (no pod, no service range):
 //! only what a node translates gets through.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    io::Read as _,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
-use crate::lab::{Lab, LabSpec, Netns, ProbeOptions, ProbeReport, ip, unique_prefix};
+use crate::lab::{
+    ChildGuard, Lab, LabSpec, Netns, ProbeOptions, ProbeReport, TransferReport, ip, place,
+    unique_prefix,
+};
+
+/// A running `lb-lab transfer`.
+pub struct Transfer(ChildGuard);
+
+impl Transfer {
+    /// Waits for the transfer's report.
+    pub fn finish(mut self) -> anyhow::Result<TransferReport> {
+        let mut out = String::new();
+        self.0
+            .0
+            .stdout
+            .take()
+            .context("transfer output")?
+            .read_to_string(&mut out)?;
+        let status = self.0.0.wait()?;
+        if !status.success() {
+            bail!("lb-lab transfer failed ({status})");
+        }
+        serde_json::from_str(out.trim()).with_context(|| format!("transfer printed {out:?}"))
+    }
+}
 
 /// The client's address on the LAN.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 100);
@@ -104,6 +134,27 @@ impl Cluster {
     /// Runs `lab_bin probe` from the outside client.
     pub fn probe(&self, opts: &ProbeOptions) -> anyhow::Result<ProbeReport> {
         self.nodes[0].probe_from(opts, &self.client, false)
+    }
+
+    /// `lb-lab transfer` from the outside client, started now; [`Transfer::finish`]
+    /// waits for its report.
+    pub fn start_transfer(
+        &self,
+        target: SocketAddr,
+        bytes: u64,
+        pause: Duration,
+    ) -> anyhow::Result<Transfer> {
+        let mut cmd = Command::new(&self.nodes[0].lab_bin);
+        cmd.args(["transfer", "--target", &target.to_string()])
+            .args(["--bytes", &bytes.to_string()])
+            .args(["--pause-ms", &pause.as_millis().to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null());
+        place(&mut cmd, &self.client, None)?;
+        Ok(Transfer(ChildGuard(
+            cmd.spawn().context("starting lb-lab transfer")?,
+        )))
     }
 
     /// Routes `addr` (an externalIP or LoadBalancer IP) from the client through node `k`,

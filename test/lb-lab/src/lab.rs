@@ -459,6 +459,8 @@ pub enum ProbeMode {
     UdpConnected,
     /// An unconnected UDP socket: sendto, recvfrom.
     UdpSendto,
+    /// One connected UDP socket for every exchange: one flow of `count` datagrams.
+    UdpFlow,
 }
 
 /// What one probe run does.
@@ -549,12 +551,22 @@ pub(crate) fn udp_socket_for(target: SocketAddr) -> std::io::Result<UdpSocket> {
 }
 
 fn probe_udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    udp_exchange(&connected_udp(target)?, timeout)
+}
+
+/// A UDP socket connected to `target`; getpeername() must report the target.
+fn connected_udp(target: SocketAddr) -> std::io::Result<UdpSocket> {
     let s = udp_socket_for(target)?;
     s.connect(target)?;
     let peer = s.peer_addr()?;
     if peer != target {
         return Err(mismatch("getpeername", peer, target));
     }
+    Ok(s)
+}
+
+/// One datagram out and its reply, on a connected socket.
+fn udp_exchange(s: &UdpSocket, timeout: Duration) -> std::io::Result<String> {
     s.set_read_timeout(Some(timeout))?;
     s.send(b"hello\n")?;
     let mut buf = [0u8; 512];
@@ -579,11 +591,24 @@ fn probe_udp_sendto_once(target: SocketAddr, timeout: Duration) -> std::io::Resu
 /// `lb-lab probe`: `count` exchanges in a row, bounded by `timeout` each.
 pub fn probe(opts: &ProbeOptions) -> ProbeReport {
     let mut report = ProbeReport::default();
+    let flow = match opts.mode {
+        ProbeMode::UdpFlow => match connected_udp(opts.target) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                *report.errors.entry(error_name(&e)).or_default() += opts.count;
+                return report;
+            }
+        },
+        _ => None,
+    };
     for _ in 0..opts.count {
-        let result = match opts.mode {
-            ProbeMode::Tcp => probe_tcp_once(opts.target, opts.timeout),
-            ProbeMode::UdpConnected => probe_udp_once(opts.target, opts.timeout),
-            ProbeMode::UdpSendto => probe_udp_sendto_once(opts.target, opts.timeout),
+        let result = match (opts.mode, &flow) {
+            (ProbeMode::UdpFlow, Some(s)) => udp_exchange(s, opts.timeout),
+            (ProbeMode::UdpConnected | ProbeMode::UdpFlow, _) => {
+                probe_udp_once(opts.target, opts.timeout)
+            }
+            (ProbeMode::Tcp, _) => probe_tcp_once(opts.target, opts.timeout),
+            (ProbeMode::UdpSendto, _) => probe_udp_sendto_once(opts.target, opts.timeout),
         };
         match result {
             Ok(name) => *report.replies.entry(name).or_default() += 1,
@@ -597,18 +622,132 @@ pub fn probe(opts: &ProbeOptions) -> ProbeReport {
 /// and IPv6 (dual-stack sockets), with `name` (and, with `say_peer`, "from" and the
 /// address the request came from). Prints "ready" once both sockets are bound; runs
 /// until killed.
+///
+/// A TCP request line `ECHO N` gets the reply line, then the next N bytes echoed back
+/// (a transfer both ways, on a thread of its own); any other line just the reply.
 pub fn serve(name: &str, port: u16, say_peer: bool) -> anyhow::Result<()> {
     let (tcp, reply) = start_server(name, port, say_peer)?;
     for conn in tcp.incoming() {
-        let Ok(mut conn) = conn else { continue };
-        let peer = conn.peer_addr().ok();
-        let _ = conn.write_all(reply_line(&reply, say_peer, peer).as_bytes());
-        // Closing without reading the request would reset the connection if the request
-        // is still unread; read what is there first.
+        let Ok(conn) = conn else { continue };
+        let line = reply_line(&reply, say_peer, conn.peer_addr().ok());
         let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-        let mut buf = [0u8; 64];
-        let _ = conn.read(&mut buf);
+        let mut reader = BufReader::new(conn);
+        let mut request = String::new();
+        let _ = reader.read_line(&mut request);
+        match request
+            .strip_prefix("ECHO ")
+            .map(|n| n.trim().parse::<u64>())
+        {
+            Some(Ok(n)) => {
+                std::thread::spawn(move || echo(reader, &line, n));
+            }
+            _ => {
+                let _ = reader.get_mut().write_all(line.as_bytes());
+            }
+        }
     }
+    Ok(())
+}
+
+/// The reply line, then `n` bytes from the client back to it.
+fn echo(mut reader: BufReader<TcpStream>, line: &str, n: u64) {
+    let mut writer = match reader.get_ref().try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let _ = reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)));
+    if writer.write_all(line.as_bytes()).is_ok() {
+        let _ = std::io::copy(&mut (&mut reader).take(n), &mut writer);
+    }
+}
+
+/// The byte at offset `i` of a transfer.
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// What one `lb-lab transfer` did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TransferReport {
+    /// The server's reply line (who answered, and whom it saw).
+    pub reply: String,
+    pub sent: u64,
+    /// Echoed bytes received back, and whether every one was the byte sent.
+    pub received: u64,
+    pub intact: bool,
+    pub error: Option<String>,
+}
+
+/// `lb-lab transfer`: `bytes` to `target` and back through one TCP connection, pausing
+/// `pause` halfway (so a test can change things mid-flow), bounded by `timeout` per read.
+pub fn transfer(
+    target: SocketAddr,
+    bytes: u64,
+    pause: Duration,
+    timeout: Duration,
+) -> TransferReport {
+    let mut report = TransferReport::default();
+    if let Err(e) = run_transfer(target, bytes, pause, timeout, &mut report) {
+        report.error = Some(format!("{}: {e}", error_name(&e)));
+    }
+    report
+}
+
+fn run_transfer(
+    target: SocketAddr,
+    bytes: u64,
+    pause: Duration,
+    timeout: Duration,
+    report: &mut TransferReport,
+) -> std::io::Result<()> {
+    let mut conn = TcpStream::connect_timeout(&target, timeout)?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    conn.write_all(format!("ECHO {bytes}\n").as_bytes())?;
+    let reader = conn.try_clone()?;
+    let checker = std::thread::spawn(move || {
+        let mut reader = BufReader::new(reader);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let (mut received, mut intact) = (0u64, true);
+        let mut buf = [0u8; 65536];
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            intact &= buf[..n]
+                .iter()
+                .enumerate()
+                .all(|(k, b)| *b == pattern(received + k as u64));
+            received += n as u64;
+        }
+        Ok::<_, std::io::Error>((line.trim().to_string(), received, intact))
+    });
+    let mut chunk = vec![0u8; 65536];
+    let mut sent = 0u64;
+    let mut paused = false;
+    while sent < bytes {
+        if !paused && sent >= bytes / 2 {
+            std::thread::sleep(pause);
+            paused = true;
+        }
+        let n = (bytes - sent).min(chunk.len() as u64) as usize;
+        for (k, b) in chunk[..n].iter_mut().enumerate() {
+            *b = pattern(sent + k as u64);
+        }
+        conn.write_all(&chunk[..n])?;
+        sent += n as u64;
+        report.sent = sent;
+    }
+    let (reply, received, intact) = checker
+        .join()
+        .map_err(|_| std::io::Error::other("the reader panicked"))??;
+    report.reply = reply;
+    report.received = received;
+    report.intact = intact && received == bytes;
     Ok(())
 }
 

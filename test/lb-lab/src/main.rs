@@ -83,6 +83,18 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "tcp")]
         mode: ProbeMode,
     },
+    /// BYTES to TARGET and back through one TCP connection (the pod server echoes after
+    /// `ECHO BYTES`), pausing PAUSE_MS halfway; prints what came back as JSON.
+    Transfer {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     /// Build a small namespace cluster, run the agent on example manifests, send traffic.
     Demo {
         /// Directory of the demo's Service and EndpointSlice manifests.
@@ -154,6 +166,22 @@ fn main() -> ExitCode {
                 timeout: Duration::from_millis(timeout_ms),
                 mode,
             });
+            serde_json::to_string(&report)
+                .map(|s| println!("{s}"))
+                .map_err(Into::into)
+        }
+        Cmd::Transfer {
+            target,
+            bytes,
+            pause_ms,
+            timeout_ms,
+        } => {
+            let report = lab::transfer(
+                target,
+                bytes,
+                Duration::from_millis(pause_ms),
+                Duration::from_millis(timeout_ms),
+            );
             serde_json::to_string(&report)
                 .map(|s| println!("{s}"))
                 .map_err(Into::into)
