@@ -254,6 +254,8 @@ fn attach_packet_level(ebpf: &mut aya::Ebpf, opts: &RunOptions) -> anyhow::Resul
     let addrs = iface::addresses().context("listing the node's addresses")?;
     let ifaces =
         iface::resolve(&opts.interfaces, &opts.node_ips, &addrs).map_err(anyhow::Error::msg)?;
+    loader::attach_tc(ebpf, &opts.pin_path, &ifaces)?;
+    datapath::maps::write_tc_ifaces(ebpf, &ifaces)?;
     if ifaces.is_empty() {
         tracing::info!(
             "packet level off: no --interface, and no interface carries a --node-ip address"
@@ -267,8 +269,6 @@ fn attach_packet_level(ebpf: &mut aya::Ebpf, opts: &RunOptions) -> anyhow::Resul
             lb_common::SNAT_PORT_MAX
         );
     }
-    loader::attach_tc(ebpf, &ifaces)?;
-    datapath::maps::write_tc_ifaces(ebpf, &ifaces)?;
     for i in &ifaces {
         if i.addr4.is_none() {
             tracing::warn!(iface = %i.name, "no IPv4 address: flows to backends on other nodes cannot be SNATed here and are dropped");

@@ -33,40 +33,46 @@ impl ClusterFixture {
         let dir = std::env::temp_dir().join(&cluster.prefix);
         std::fs::create_dir_all(dir.join("manifests")).unwrap();
         write_atomic(&dir.join("manifests/all.yaml"), &manifests(&cluster));
-        let mut agents = Vec::new();
-        for (k, node) in cluster.nodes.iter().enumerate() {
-            let (name, ip) = (format!("node-{k}"), node_ip(k).to_string());
-            let manifests = dir.join("manifests");
-            let args: Vec<&std::ffi::OsStr> = vec![
-                "--manifests".as_ref(),
-                manifests.as_os_str(),
-                "--hostname-override".as_ref(),
-                name.as_ref(),
-                "--node-ip".as_ref(),
-                ip.as_ref(),
-            ];
-            let pin = PathBuf::from(format!("/sys/fs/bpf/{}", node.prefix));
-            let log = dir.join(format!("agent-{k}.log"));
-            let agent = AgentProcess::start_in(
-                Some(&node.node),
-                Path::new(AGENT_BIN),
-                &args,
-                &node.cgroup.path,
-                &pin,
-                &log,
-            )
-            .expect("starting an agent");
-            agents.push(agent);
+        let mut fx = Self {
+            agents: Vec::new(),
+            cluster,
+            dir,
+        };
+        for k in 0..fx.cluster.nodes.len() {
+            let agent = fx.start_agent(k, "");
+            fx.agents.push(agent);
         }
-        for a in &mut agents {
+        for a in &mut fx.agents {
             a.wait_synced(1, Duration::from_secs(20))
                 .expect("agent ready");
         }
-        Self {
-            agents,
-            cluster,
-            dir,
-        }
+        fx
+    }
+
+    /// Node `k`'s agent (its log file named with `log_suffix`).
+    fn start_agent(&self, k: usize, log_suffix: &str) -> AgentProcess {
+        let node = &self.cluster.nodes[k];
+        let (name, ip) = (format!("node-{k}"), node_ip(k).to_string());
+        let manifests = self.dir.join("manifests");
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "--manifests".as_ref(),
+            manifests.as_os_str(),
+            "--hostname-override".as_ref(),
+            name.as_ref(),
+            "--node-ip".as_ref(),
+            ip.as_ref(),
+        ];
+        let pin = PathBuf::from(format!("/sys/fs/bpf/{}", node.prefix));
+        let log = self.dir.join(format!("agent-{k}{log_suffix}.log"));
+        AgentProcess::start_in(
+            Some(&node.node),
+            Path::new(AGENT_BIN),
+            &args,
+            &node.cgroup.path,
+            &pin,
+            &log,
+        )
+        .expect("starting an agent")
     }
 
     fn probe(&self, target: SocketAddrV4, count: usize, mode: ProbeMode) -> ProbeReport {
@@ -94,6 +100,17 @@ impl Drop for ClusterFixture {
 /// A NodePort service `web` (cluster IP 10.96.0.50:80, nodePort 30080) over every pod of
 /// both nodes, each endpoint with its node's name.
 fn node_port_service(c: &Cluster, spec_extra: &str, on_nodes: &[usize]) -> String {
+    exposed_service(c, "NodePort", spec_extra, "", on_nodes)
+}
+
+/// [`node_port_service`] of any `svc_type`, with more spec fields and a status.
+fn exposed_service(
+    c: &Cluster,
+    svc_type: &str,
+    spec_extra: &str,
+    status: &str,
+    on_nodes: &[usize],
+) -> String {
     let mut endpoints = String::new();
     for k in on_nodes {
         for pod in &c.nodes[*k].pods {
@@ -108,9 +125,9 @@ fn node_port_service(c: &Cluster, spec_extra: &str, on_nodes: &[usize]) -> Strin
     }
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: t}}\n\
-         spec:\n  type: NodePort\n  clusterIP: 10.96.0.50\n{spec_extra}  ports:\n  \
+         spec:\n  type: {svc_type}\n  clusterIP: 10.96.0.50\n{spec_extra}  ports:\n  \
          - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: {NODE_PORT}, protocol: TCP}}\n  \
-         - {{name: dns, port: 53, targetPort: {POD_PORT}, nodePort: {NODE_PORT}, protocol: UDP}}\n\
+         - {{name: dns, port: 53, targetPort: {POD_PORT}, nodePort: {NODE_PORT}, protocol: UDP}}\n{status}\
          ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-a\n  \
          namespace: t\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\n\
          ports: [{{name: http, port: {POD_PORT}, protocol: TCP}}, {{name: dns, port: {POD_PORT}, protocol: UDP}}]\n\
@@ -199,7 +216,6 @@ fn a_node_port_without_endpoints_is_refused_at_once() {
     assert_eq!(report.errors.get("ECONNREFUSED"), Some(&3), "{report:?}");
     let report = fx.probe(target, 2, ProbeMode::UdpConnected);
     assert_eq!(report.errors.get("ECONNREFUSED"), Some(&2), "{report:?}");
-    let _ = Ipv4Addr::UNSPECIFIED;
 }
 
 #[test]
@@ -232,4 +248,53 @@ fn a_removed_backend_keeps_its_flows_and_gets_no_new_ones() {
         "the old flow completes: {t:?}"
     );
     assert_eq!(t.reply, format!("n1-pod-0 from {}", node_ip(0)));
+}
+
+#[test]
+fn external_ips_and_load_balancer_ips_routed_to_a_node_are_translated() {
+    let (external, ingress) = (
+        Ipv4Addr::new(203, 0, 113, 10),
+        Ipv4Addr::new(203, 0, 113, 20),
+    );
+    let fx = ClusterFixture::new("pe", 1, |c| {
+        exposed_service(
+            c,
+            "LoadBalancer",
+            &format!("  externalIPs: [{external}]\n"),
+            &format!("status: {{loadBalancer: {{ingress: [{{ip: {ingress}}}]}}}}\n"),
+            &[0, 1],
+        )
+    });
+    for addr in [external, ingress] {
+        fx.cluster.route_via(addr, 0).unwrap();
+        let target = SocketAddrV4::new(addr, 80);
+        let report = fx.probe(target, 30, ProbeMode::Tcp);
+        assert_eq!(report.total_errors(), 0, "{addr}: {report:?}");
+        assert_eq!(split(&report).0.len(), 2, "both nodes' pods: {report:?}");
+        // UDP on the service port 53: replies come from the address asked.
+        let report = fx.probe(SocketAddrV4::new(addr, 53), 10, ProbeMode::UdpSendto);
+        assert_eq!(report.total_errors(), 0, "{addr}: {report:?}");
+    }
+}
+
+#[test]
+fn a_transfer_survives_the_agent_killed_and_restarted() {
+    let mut fx = ClusterFixture::new("pk", 1, |c| node_port_service(c, "", &[1]));
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let transfer = fx
+        .cluster
+        .start_transfer(target.into(), 4 << 20, Duration::from_millis(2000))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    fx.agents.remove(0).kill();
+    // No agent on node 0: its pinned programs, maps and flows keep serving.
+    let report = fx.probe(target, 5, ProbeMode::Tcp);
+    assert_eq!(report.total_errors(), 0, "with the agent down: {report:?}");
+    let mut again = fx.start_agent(0, "-restarted");
+    again.wait_synced(1, Duration::from_secs(20)).unwrap();
+    fx.agents.insert(0, again);
+    let t = transfer.finish().unwrap();
+    assert!(t.intact && t.received == 4 << 20, "{t:?}");
+    let report = fx.probe(target, 5, ProbeMode::Tcp);
+    assert_eq!(report.total_errors(), 0, "after the restart: {report:?}");
 }

@@ -7,7 +7,11 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc,
+    },
     util::KernelVersion,
 };
 use lb_common::PINNED_MAPS;
@@ -58,6 +62,13 @@ pub enum LoadError {
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    #[error("pinning the link of {name} on {iface} at {path}: {why}")]
+    PinLink {
+        iface: String,
+        name: &'static str,
+        path: PathBuf,
+        why: String,
     },
     #[error("--interface {iface}: attaching {name}: {source}")]
     Attach {
@@ -191,13 +202,22 @@ pub fn load_and_attach(
     Ok(ebpf)
 }
 
-/// Loads the tc programs and attaches them to every interface in `ifaces`: TCX links
-/// (kernel 6.6+), else a clsact qdisc (said in the log). Detached when `ebpf` drops.
-pub fn attach_tc(ebpf: &mut Ebpf, ifaces: &[Iface]) -> Result<(), LoadError> {
+/// Where the tc links are pinned: `<pin dir>/links/<program>_<interface>`.
+fn link_pin(pin_dir: &Path, name: &str, iface: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("{name}_{iface}"))
+}
+
+/// Loads the tc programs and attaches them to every interface in `ifaces`. With TCX
+/// (kernel 6.6+) each link is pinned under `pin_dir`, so the programs stay attached
+/// while no agent runs; a link found pinned there is updated to the new program in one
+/// step (an upgrade or restart drops nothing). Without TCX they go on a clsact qdisc
+/// (said in the log) and are detached when `ebpf` drops.
+pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, ifaces: &[Iface]) -> Result<(), LoadError> {
+    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    remove_stale_links(pin_dir, ifaces);
     if ifaces.is_empty() {
         return Ok(());
     }
-    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
     if !tcx {
         tracing::info!("this kernel has no TCX (6.6+): the tc programs go on clsact qdiscs");
         for i in ifaces {
@@ -218,21 +238,74 @@ pub fn attach_tc(ebpf: &mut Ebpf, ifaces: &[Iface]) -> Result<(), LoadError> {
             .map_err(perr)?;
         prog.load().map_err(perr)?;
         for i in ifaces {
-            prog.attach(&i.name, attach_type)
-                .map_err(|source| LoadError::Attach {
-                    iface: i.name.clone(),
-                    name,
-                    source,
-                })?;
+            let attach_err = |source| LoadError::Attach {
+                iface: i.name.clone(),
+                name,
+                source,
+            };
+            if !tcx {
+                prog.attach(&i.name, attach_type).map_err(attach_err)?;
+                continue;
+            }
+            let path = link_pin(pin_dir, name, &i.name);
+            let pin_err = |why: String| LoadError::PinLink {
+                iface: i.name.clone(),
+                name,
+                path: path.clone(),
+                why,
+            };
+            let id = match PinnedLink::from_pin(&path) {
+                Ok(old) => {
+                    let link = FdLink::from(old)
+                        .try_into()
+                        .map_err(|e: LinkError| pin_err(format!("adopting it: {e}")))?;
+                    prog.attach_to_link(link).map_err(attach_err)?
+                }
+                Err(_) => prog.attach(&i.name, attach_type).map_err(attach_err)?,
+            };
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(attach_err)?
+                .try_into()
+                .map_err(|e: LinkError| pin_err(e.to_string()))?;
+            std::fs::create_dir_all(pin_dir.join("links")).map_err(|e| pin_err(e.to_string()))?;
+            let _ = std::fs::remove_file(&path);
+            link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
         }
     }
     Ok(())
 }
 
-/// Removes the pinned maps and the pin directory if it is then empty.
+/// Unpins (so detaches) the tc links of interfaces that are no longer in `ifaces`.
+fn remove_stale_links(pin_dir: &Path, ifaces: &[Iface]) {
+    let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let wanted = TC_PROGRAMS.iter().any(|(name, _)| {
+            ifaces
+                .iter()
+                .any(|i| link_pin(pin_dir, name, &i.name).ends_with(&file))
+        });
+        if !wanted {
+            tracing::info!(link = %file, "detaching a tc link of an interface no longer used");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Removes the pinned maps and links (which detaches the tc programs) and the pin
+/// directory if it is then empty.
 pub fn remove_pins(pin_dir: &Path) {
     for m in PINNED_MAPS {
         let _ = std::fs::remove_file(pin_dir.join(m));
     }
+    if let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(pin_dir.join("links"));
     let _ = std::fs::remove_dir(pin_dir);
 }

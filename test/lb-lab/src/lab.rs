@@ -791,6 +791,8 @@ pub struct AgentProcess {
     pub child: ChildGuard,
     pub pin_path: PathBuf,
     pub log_path: PathBuf,
+    /// Set by [`AgentProcess::kill`]: the pins stay for the next agent.
+    keep_pins: bool,
 }
 
 impl AgentProcess {
@@ -846,6 +848,7 @@ impl AgentProcess {
             child: ChildGuard(child),
             pin_path: pin_path.to_path_buf(),
             log_path: log_path.to_path_buf(),
+            keep_pins: false,
         })
     }
 
@@ -877,12 +880,21 @@ impl AgentProcess {
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         self.child.terminate(Duration::from_secs(5))
     }
+
+    /// SIGKILL, as a crash or an OOM kill would; what it pinned stays for the next agent.
+    pub fn kill(mut self) {
+        self.keep_pins = true;
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+    }
 }
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.stop();
-        lb_user::datapath::loader::remove_pins(&self.pin_path);
+        if !self.keep_pins {
+            lb_user::datapath::loader::remove_pins(&self.pin_path);
+        }
     }
 }
 
