@@ -21,7 +21,10 @@ use tokio::{
 use crate::{
     datapath::{self, BpfMaps, Programmed, iface, loader},
     model,
-    serve::metrics::{self, Metrics},
+    serve::{
+        health::HealthServer,
+        metrics::{self, Metrics},
+    },
     source::{
         Source, SourceSpec,
         api::{self, KubeSource},
@@ -58,6 +61,7 @@ struct Agent {
     node_name: String,
     node_ips: Vec<std::net::IpAddr>,
     metrics: metrics::Shared,
+    health: HealthServer,
 }
 
 /// How long each step of one sync took.
@@ -111,6 +115,7 @@ impl Agent {
                 m.record_sync(&built.desired, &programmed, plan.ops.len(), times.total);
                 m.observe_programming(&objects, written_at);
                 self.programmed = Some(programmed);
+                self.health.update(&built.health_checks);
             }
             Err(e) => {
                 // What the maps hold is now uncertain: read them back on the next sync.
@@ -244,6 +249,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         node_name: opts.node_name.clone(),
         node_ips: opts.node_ips.clone(),
         metrics,
+        health: HealthServer::default(),
     };
     Ok(Running { agent, ebpf, tasks })
 }

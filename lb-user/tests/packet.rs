@@ -193,7 +193,13 @@ fn outside_client_reaches_a_node_port_on_backends_of_both_nodes() {
 #[test]
 fn external_traffic_policy_local_keeps_the_client_address_and_stays_on_the_node() {
     let fx = ClusterFixture::new("pl", 2, |c| {
-        node_port_service(c, "  externalTrafficPolicy: Local\n", &[0])
+        exposed_service(
+            c,
+            "LoadBalancer",
+            "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n",
+            "",
+            &[0],
+        )
     });
     let report = fx.probe(SocketAddrV4::new(node_ip(0), NODE_PORT), 30, ProbeMode::Tcp);
     assert_eq!(report.total_errors(), 0, "{report:?}");
@@ -206,6 +212,16 @@ fn external_traffic_policy_local_keeps_the_client_address_and_stays_on_the_node(
     // Node 1 has no local endpoint: its nodePort drops, nothing is answered.
     let report = fx.probe(SocketAddrV4::new(node_ip(1), NODE_PORT), 2, ProbeMode::Tcp);
     assert_eq!(report.total_replies(), 0, "{report:?}");
+    // healthCheckNodePort: node 0 has two local endpoints, node 1 none.
+    for (k, code, n) in [(0, 200, 2), (1, 503, 0)] {
+        let target = SocketAddrV4::new(node_ip(k), 32100).into();
+        let (status, body) = fx.cluster.http_get(target, "/").unwrap();
+        assert_eq!(status, code, "node {k}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["service"]["namespace"], "t", "{body}");
+        assert_eq!(v["service"]["name"], "web", "{body}");
+        assert_eq!(v["localEndpoints"], n, "{body}");
+    }
 }
 
 #[test]

@@ -217,7 +217,19 @@ impl Desired {
 #[derive(Debug, Default)]
 pub struct Built {
     pub desired: Desired,
+    /// healthCheckNodePort -> what it reports (services with
+    /// `externalTrafficPolicy: Local`).
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     pub warnings: Vec<String>,
+}
+
+/// What a service's healthCheckNodePort answers: kube-proxy's JSON, 200 while this node
+/// has a local endpoint, 503 otherwise (so load balancers skip the node).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
 }
 
 pub(crate) fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {

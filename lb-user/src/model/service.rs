@@ -12,7 +12,7 @@ use k8s_openapi::api::{
 };
 
 use super::{
-    Built, Frontend, FrontendState, NodeInfo, Proto, Scope,
+    Built, Frontend, FrontendState, HealthCheck, NodeInfo, Proto, Scope,
     endpoints::{Candidate, endpoints_for, select, select_local},
     port_u16,
 };
@@ -36,11 +36,13 @@ pub(super) fn add_service(
     let Some(addrs) = Addresses::of(svc, spec, name, node, &mut built.warnings) else {
         return;
     };
+    let mut local_endpoints = BTreeSet::new();
     for (i, sp) in spec.ports.iter().flatten().enumerate() {
         let Some(port) = Port::parse(sp, i, name, addrs.node_port_type, &mut built.warnings) else {
             continue;
         };
         let candidates = endpoints_for(&port.name, port.proto, slices, node, &mut built.warnings);
+        local_endpoints.extend(select_local(&candidates).into_iter().map(|e| e.addr));
         let label = if port.name.is_empty() {
             name.to_string()
         } else {
@@ -85,6 +87,38 @@ pub(super) fn add_service(
             }
         }
     }
+    if addrs.external_local {
+        add_health_check(spec, name, local_endpoints.len(), built);
+    }
+}
+
+/// The service's healthCheckNodePort, if it has one, reporting `local_endpoints`.
+fn add_health_check(spec: &ServiceSpec, name: &str, local_endpoints: usize, built: &mut Built) {
+    let Some(value) = spec.health_check_node_port else {
+        return;
+    };
+    let Some(port) = port_u16(value) else {
+        built.warnings.push(format!(
+            "Service {name}: field spec.healthCheckNodePort: {value} is not a port (1-65535); no health check served"
+        ));
+        return;
+    };
+    if let Some(other) = built.health_checks.get(&port) {
+        built.warnings.push(format!(
+            "Service {name}: field spec.healthCheckNodePort: {port} is already served for {}/{}; skipped",
+            other.namespace, other.name
+        ));
+        return;
+    }
+    let (namespace, svc_name) = name.split_once('/').unwrap_or(("default", name));
+    built.health_checks.insert(
+        port,
+        HealthCheck {
+            namespace: namespace.to_string(),
+            name: svc_name.to_string(),
+            local_endpoints,
+        },
+    );
 }
 
 /// Where a service is reachable, whatever the port.

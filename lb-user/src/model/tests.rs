@@ -597,3 +597,37 @@ fn external_traffic_policy_local_adds_a_local_scope_for_outside_clients() {
         b.warnings
     );
 }
+
+#[test]
+fn health_check_node_port_counts_this_nodes_endpoints() {
+    let yaml = exposed(
+        ", type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32100",
+        "",
+    );
+    let b = build_from(&yaml);
+    assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+    assert_eq!(
+        b.health_checks.get(&32100),
+        Some(&HealthCheck {
+            namespace: "n".into(),
+            name: "s".into(),
+            local_endpoints: 1,
+        })
+    );
+    // No local endpoint: served, with 0 (the node answers 503).
+    let b = build_from(&yaml.replace("nodeName: node-a", "nodeName: node-c"));
+    assert_eq!(b.health_checks[&32100].local_endpoints, 0);
+    // Cluster policy: no health check; a bad port warns.
+    let b = build_from(&exposed(
+        ", type: LoadBalancer, healthCheckNodePort: 32100",
+        "",
+    ));
+    assert!(b.health_checks.is_empty());
+    let b = build_from(&yaml.replace("32100", "70000"));
+    assert!(b.health_checks.is_empty());
+    assert!(
+        b.warnings[0].contains("field spec.healthCheckNodePort: 70000 is not a port"),
+        "{:?}",
+        b.warnings
+    );
+}

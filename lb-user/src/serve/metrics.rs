@@ -8,8 +8,6 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
 use crate::{
     datapath::Programmed,
     model::{Desired, Objects},
@@ -264,22 +262,10 @@ pub fn serve(
             let metrics = metrics.clone();
             let pin_path = pin_path.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut len = 0;
-                while len < buf.len() {
-                    match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf[len..]))
-                        .await
-                    {
-                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-                        Ok(Ok(n)) => len += n,
-                    }
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let request = String::from_utf8_lossy(&buf[..len]);
-                let path = request.split_whitespace().nth(1).unwrap_or("");
-                let (status, body) = match path {
+                let Some(path) = super::http::request_path(&mut conn).await else {
+                    return;
+                };
+                let (status, body) = match path.as_str() {
                     "/metrics" => {
                         let mut body = metrics.lock().map(|m| m.render()).unwrap_or_default();
                         body.push_str(&render_counters(&pin_path));
@@ -287,11 +273,7 @@ pub fn serve(
                     }
                     _ => ("404 Not Found", "not found: try /metrics\n".to_string()),
                 };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(response.as_bytes()).await;
+                super::http::respond(&mut conn, status, "text/plain; version=0.0.4", &body).await;
             });
         }
     })

@@ -1,7 +1,11 @@
 //! The serving side: what people and scrapers read. The CLI itself is `main.rs`.
 //!
 //! * [`metrics`]: the sync and datapath counters, served on `/metrics`;
-//! * [`dump`]: `lb-user dump`, the maps as a person wants to read them.
+//! * [`dump`]: `lb-user dump`, the maps as a person wants to read them;
+//! * [`health`]: healthCheckNodePort for services with `externalTrafficPolicy: Local`;
+//! * [`http`]: the little HTTP they share.
 
 pub mod dump;
+pub mod health;
+pub mod http;
 pub mod metrics;

@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::lab::{
-    ChildGuard, Lab, LabSpec, Netns, ProbeOptions, ProbeReport, TransferReport, ip, place,
+    ChildGuard, Lab, LabSpec, Netns, ProbeOptions, ProbeReport, TransferReport, ip, place, run,
     unique_prefix,
 };
 
@@ -155,6 +155,16 @@ impl Cluster {
         Ok(Transfer(ChildGuard(
             cmd.spawn().context("starting lb-lab transfer")?,
         )))
+    }
+
+    /// `lb-lab http-get` from the outside client: the status code and the body.
+    pub fn http_get(&self, target: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+        let mut cmd = Command::new(&self.nodes[0].lab_bin);
+        cmd.args(["http-get", "--target", &target.to_string(), "--path", path]);
+        place(&mut cmd, &self.client, None)?;
+        let out = run(&mut cmd)?;
+        let (code, body) = out.trim().split_once(' ').unwrap_or((out.trim(), ""));
+        Ok((code.parse().context("http-get's status")?, body.to_string()))
     }
 
     /// Routes `addr` (an externalIP or LoadBalancer IP) from the client through node `k`,

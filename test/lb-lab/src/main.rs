@@ -95,6 +95,13 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// GET http://TARGET/PATH; prints the status code and the body.
+    HttpGet {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+    },
     /// Build a small namespace cluster, run the agent on example manifests, send traffic.
     Demo {
         /// Directory of the demo's Service and EndpointSlice manifests.
@@ -185,6 +192,9 @@ fn main() -> ExitCode {
             serde_json::to_string(&report)
                 .map(|s| println!("{s}"))
                 .map_err(Into::into)
+        }
+        Cmd::HttpGet { target, path } => {
+            lab::http_get(target, &path).map(|(code, body)| println!("{code} {body}"))
         }
         Cmd::Demo {
             manifests,
