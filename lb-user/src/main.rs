@@ -73,6 +73,9 @@ enum Command {
     Dump {
         #[arg(long, default_value = loader::DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
+        /// Also the packet level's connection-tracking entries (its live NAT flows).
+        #[arg(long)]
+        conntrack: bool,
     },
 }
 
@@ -155,7 +158,10 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(agent::run(opts)))
         }),
-        Command::Dump { pin_path } => BpfMaps::open_pinned(&pin_path)
+        Command::Dump {
+            pin_path,
+            conntrack,
+        } => BpfMaps::open_pinned(&pin_path)
             .and_then(|maps| maps.snapshot())
             .and_then(|snap| {
                 let counters = lb_user::datapath::read_counters(&pin_path)?;
@@ -164,6 +170,13 @@ fn main() -> ExitCode {
                     dump::render(&snap),
                     dump::render_counters(&counters)
                 );
+                if conntrack {
+                    let entries = lb_user::datapath::read_conntrack(&pin_path)?;
+                    print!(
+                        "\n{}",
+                        dump::render_conntrack(&entries, dump::monotonic_ns())
+                    );
+                }
                 Ok(())
             })
             .map_err(anyhow::Error::from),

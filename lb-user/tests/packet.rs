@@ -185,6 +185,14 @@ fn outside_client_reaches_a_node_port_on_backends_of_both_nodes() {
             .unwrap();
         assert!(t.intact && t.received == 5 << 20, "{t:?}");
     }
+    // Hairpin: a backend reaching its own service through its node's nodePort (pods
+    // are in the node's cgroup, so the socket level translates it).
+    let node0 = &fx.cluster.nodes[0];
+    let hairpin = node0
+        .probe_from(&ProbeOptions::tcp(target, 20), &node0.pods[0].netns, true)
+        .unwrap();
+    assert_eq!(hairpin.total_errors(), 0, "hairpin: {hairpin:?}");
+    assert_eq!(split(&hairpin).0.len(), 4, "hairpin: {hairpin:?}");
     // The other node serves the same nodePort.
     let report = fx.probe(SocketAddrV4::new(node_ip(1), NODE_PORT), 20, ProbeMode::Tcp);
     assert_eq!(report.total_errors(), 0, "{report:?}");
@@ -252,6 +260,22 @@ fn a_removed_backend_keeps_its_flows_and_gets_no_new_ones() {
     for a in &mut fx.agents {
         a.wait_synced(2, Duration::from_secs(10)).unwrap();
     }
+    // The paused flow, as `lb-user dump --conntrack` shows it on node 0.
+    let dump = std::process::Command::new(AGENT_BIN)
+        .args(["dump", "--conntrack", "--pin-path"])
+        .arg(&fx.agents[0].pin_path)
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    let flow = dump
+        .lines()
+        .find(|l| l.contains(&format!("tcp {CLIENT_IP}:")) && l.contains("[original snat]"))
+        .unwrap_or_else(|| panic!("no SNAT flow of the client in:\n{dump}"));
+    assert!(
+        flow.contains(&format!("-> {}:{NODE_PORT}", node_ip(0))),
+        "{flow}"
+    );
+    assert!(dump.contains("tc_ingress"), "{dump}");
     let report = fx.probe(target, 10, ProbeMode::Tcp);
     assert_eq!(
         report.replies.get(&format!("n0-pod-0 from {CLIENT_IP}")),

@@ -5,8 +5,9 @@ use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counters, MAP_AFFINITY, MAP_BACKENDS, MAP_COUNTERS,
-    MAP_REVNAT, MAP_SERVICES, MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue, TcIface,
+    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS,
+    MAP_COUNTERS, MAP_CT, MAP_REVNAT, MAP_SERVICES, MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey,
+    ServiceValue, TcIface,
 };
 
 use super::{
@@ -200,6 +201,23 @@ pub fn write_tc_ifaces(ebpf: &mut aya::Ebpf, ifaces: &[Iface]) -> Result<(), Dat
         map.insert(i.ifindex, value, 0).map_err(err)?;
     }
     Ok(())
+}
+
+/// The live connection-tracking entries pinned under `dir` (both directions of every
+/// flow the tc programs translate).
+pub fn read_conntrack(dir: &Path) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
+    let path = dir.join(MAP_CT);
+    let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let map: HashMap<MapData, CtKey, CtValue> =
+        HashMap::try_from(Map::LruHashMap(data)).map_err(|source| DatapathError::Map {
+            map: MAP_CT,
+            source,
+        })?;
+    // Entries may be evicted while we iterate: skip the ones that vanished.
+    Ok(map.iter().flatten().collect())
 }
 
 /// The per-program counters from the maps pinned under `dir`, summed over CPUs, in

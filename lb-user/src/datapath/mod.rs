@@ -28,6 +28,6 @@ pub mod maps;
 pub mod ops;
 pub mod plan;
 
-pub use maps::{BpfMaps, DatapathError, read_counters};
+pub use maps::{BpfMaps, DatapathError, read_conntrack, read_counters};
 pub use ops::{FrontendView, Op, Snapshot, addr_of, frontend_of, ip_of, service_key};
 pub use plan::{Plan, Programmed};

@@ -2,7 +2,7 @@
 
 use std::{fmt::Write as _, net::SocketAddr};
 
-use lb_common::Counters;
+use lb_common::{CT_F_CLOSING, CT_F_REPLY, CT_F_SNAT, Counters, CtKey, CtValue, PROTO_UDP};
 
 use crate::datapath::{Snapshot, frontend_of, ip_of};
 
@@ -20,6 +20,55 @@ pub fn render_counters(counters: &[(&str, Counters)]) -> String {
         );
     }
     out
+}
+
+/// Renders the connection-tracking entries, original directions first, with each
+/// entry's age at `now_ns` (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`).
+pub fn render_conntrack(entries: &[(CtKey, CtValue)], now_ns: u64) -> String {
+    let mut sorted: Vec<&(CtKey, CtValue)> = entries.iter().collect();
+    sorted.sort_by_key(|(k, v)| (v.flags & CT_F_REPLY, *k));
+    let mut out = format!("connection tracking: {} entries\n", entries.len());
+    for (k, v) in sorted {
+        let at = |addr, port| SocketAddr::new(ip_of(addr), port);
+        let mut flags = vec![if v.flags & CT_F_REPLY != 0 {
+            "reply"
+        } else {
+            "original"
+        }];
+        if v.flags & CT_F_SNAT != 0 {
+            flags.push("snat");
+        }
+        if v.flags & CT_F_CLOSING != 0 {
+            flags.push("closing");
+        }
+        if v.expired(k.proto, now_ns) {
+            flags.push("expired");
+        }
+        let _ = writeln!(
+            out,
+            "  {} {} -> {}  =>  {} -> {}  backend {}  [{}]  seen {:.1}s ago",
+            if k.proto == PROTO_UDP { "udp" } else { "tcp" },
+            at(&k.saddr, k.sport),
+            at(&k.daddr, k.dport),
+            at(&v.saddr, v.sport),
+            at(&v.daddr, v.dport),
+            v.backend_id,
+            flags.join(" "),
+            now_ns.saturating_sub(v.last_seen_ns) as f64 / 1e9
+        );
+    }
+    out
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Renders every frontend with its backends, then anything inconsistent.
@@ -102,6 +151,41 @@ mod tests {
         datapath::Programmed,
         model::{Desired, Endpoint, Frontend, FrontendState, Proto, Scope},
     };
+
+    #[test]
+    fn renders_conntrack_entries_both_directions() {
+        let mapped = |s: &str| crate::datapath::addr_of(s.parse().unwrap());
+        let key = CtKey {
+            saddr: mapped("192.168.77.100"),
+            daddr: mapped("192.168.77.1"),
+            sport: 40000,
+            dport: 30080,
+            proto: lb_common::PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let value = CtValue {
+            saddr: mapped("192.168.77.1"),
+            daddr: mapped("10.244.101.2"),
+            sport: 61000,
+            dport: 8080,
+            backend_id: 3,
+            last_seen_ns: 1_000_000_000,
+            flags: CT_F_SNAT,
+            _pad: [0; 7],
+        };
+        let (rk, rv) = value.partner(&key);
+        let out = render_conntrack(&[(rk, rv), (key, value)], 3_000_000_000);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "connection tracking: 2 entries");
+        assert_eq!(
+            lines[1],
+            "  tcp 192.168.77.100:40000 -> 192.168.77.1:30080  =>  192.168.77.1:61000 -> 10.244.101.2:8080  backend 3  [original snat]  seen 2.0s ago"
+        );
+        assert_eq!(
+            lines[2],
+            "  tcp 10.244.101.2:8080 -> 192.168.77.1:61000  =>  192.168.77.1:30080 -> 192.168.77.100:40000  backend 3  [reply snat]  seen 2.0s ago"
+        );
+    }
 
     #[test]
     fn renders_frontends_backends_and_refusing_services() {
