@@ -37,16 +37,18 @@ pub const MAP_BACKENDS: &str = "LB_BACKENDS_V2";
 pub const MAP_REVNAT: &str = "LB_REVNAT_V2";
 pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_REVNAT_V2";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY_V1";
+pub const MAP_AFFINITY_SRC: &str = "LB_AFFINITY_SRC_V1";
 pub const MAP_COUNTERS: &str = "LB_COUNTERS_V3";
 pub const MAP_CT: &str = "LB_CT_V1";
 pub const MAP_TC_IFACES: &str = "LB_TC_IFACES_V1";
 /// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 9] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REVNAT,
     MAP_SOCK_REVNAT,
     MAP_AFFINITY,
+    MAP_AFFINITY_SRC,
     MAP_COUNTERS,
     MAP_CT,
     MAP_TC_IFACES,
@@ -235,6 +237,18 @@ pub struct SockRevNatKey {
 pub struct AffinityKey {
     /// `bpf_get_netns_cookie()` of the calling socket, host order.
     pub netns_cookie: u64,
+    /// The frontend's rev-NAT id, host order.
+    pub rev_nat_id: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Key of the packet level's ClientIP affinity map (LRU): a client by its source address
+/// (what kube-proxy keys affinity by) and a frontend. The value is an [`AffinityValue`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SrcAffinityKey {
+    /// The client's address, network order octets (IPv4 mapped).
+    pub addr: Addr,
     /// The frontend's rev-NAT id, host order.
     pub rev_nat_id: u16,
     pub _pad: [u8; 6],
@@ -431,6 +445,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Counters>() == 32);
+    assert!(core::mem::size_of::<SrcAffinityKey>() == 24);
     assert!(core::mem::size_of::<CtKey>() == 40);
     assert!(core::mem::size_of::<CtValue>() == 56);
     assert!(core::mem::size_of::<TcIface>() == 16);
@@ -448,6 +463,7 @@ mod user {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::SrcAffinityKey {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::TcIface {}

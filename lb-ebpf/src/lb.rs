@@ -3,10 +3,11 @@
 //! else a random slot.
 
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, affinity_valid, pick_slot,
+    AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, SrcAffinityKey, affinity_valid,
+    pick_slot,
 };
 
-use crate::maps::{LB_AFFINITY_V1, LB_BACKENDS_V2, LB_SERVICES_V2, count};
+use crate::maps::{LB_AFFINITY_SRC_V1, LB_AFFINITY_V1, LB_BACKENDS_V2, LB_SERVICES_V2, count};
 
 /// A chosen backend and its id.
 #[derive(Clone, Copy)]
@@ -34,6 +35,26 @@ pub(crate) fn remembered(
 ) -> Option<Chosen> {
     // SAFETY: copied out at once.
     let entry = unsafe { LB_AFFINITY_V1.get(akey) }.copied()?;
+    still_valid(entry, now, header, prog)
+}
+
+/// [`remembered`] for the packet level, whose client is its source address.
+#[inline(always)]
+pub(crate) fn remembered_src(
+    akey: &SrcAffinityKey,
+    now: u64,
+    header: &ServiceValue,
+    prog: u32,
+) -> Option<Chosen> {
+    // SAFETY: copied out at once.
+    let entry = unsafe { LB_AFFINITY_SRC_V1.get(akey) }.copied()?;
+    still_valid(entry, now, header, prog)
+}
+
+/// The backend of an affinity entry, if the entry is within the timeout and the backend
+/// still exists.
+#[inline(always)]
+fn still_valid(entry: AffinityValue, now: u64, header: &ServiceValue, prog: u32) -> Option<Chosen> {
     if !affinity_valid(entry.last_used_ns, now, header.affinity_timeout) {
         return None;
     }
@@ -70,13 +91,28 @@ pub(crate) fn pick(
 /// Remembers `chosen` as the client's backend, as of `now`.
 #[inline(always)]
 pub(crate) fn remember(akey: AffinityKey, now: u64, chosen: &Chosen, prog: u32) {
-    let value = AffinityValue {
+    if LB_AFFINITY_V1.insert(akey, entry(now, chosen), 0).is_err() {
+        count(prog, |c| c.misses += 1);
+    }
+}
+
+/// [`remember`] for the packet level.
+#[inline(always)]
+pub(crate) fn remember_src(akey: &SrcAffinityKey, now: u64, chosen: &Chosen, prog: u32) {
+    if LB_AFFINITY_SRC_V1
+        .insert(akey, entry(now, chosen), 0)
+        .is_err()
+    {
+        count(prog, |c| c.misses += 1);
+    }
+}
+
+#[inline(always)]
+fn entry(now: u64, chosen: &Chosen) -> AffinityValue {
+    AffinityValue {
         backend_id: chosen.id,
         _pad: [0; 4],
         last_used_ns: now,
-    };
-    if LB_AFFINITY_V1.insert(akey, value, 0).is_err() {
-        count(prog, |c| c.misses += 1);
     }
 }
 

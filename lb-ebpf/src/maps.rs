@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, MAX_AFFINITY, MAX_BACKENDS,
     MAX_CT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_TC_IFACES, PROG_NAMES, RevNat,
-    ServiceKey, ServiceValue, SockRevNatKey, TcIface,
+    ServiceKey, ServiceValue, SockRevNatKey, SrcAffinityKey, TcIface,
 };
 
 /// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
@@ -67,6 +67,15 @@ pub(crate) struct CtScratch {
 #[btf_map]
 pub(crate) static LB_TC_IFACES_V1: HashMap<u32, TcIface, { MAX_TC_IFACES as usize }> =
     HashMap::new();
+
+/// (client source address, frontend) -> backend and last use: ClientIP affinity of the
+/// packet level.
+#[btf_map]
+pub(crate) static LB_AFFINITY_SRC_V1: LruHashMap<
+    SrcAffinityKey,
+    AffinityValue,
+    { MAX_AFFINITY as usize },
+> = LruHashMap::new();
 
 /// Per-program counters, indexed by `PROG_*`.
 #[btf_map]

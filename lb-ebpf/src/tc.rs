@@ -18,7 +18,7 @@ use aya_ebpf::{
 use bytemuck::Zeroable as _;
 use lb_common::{
     BACKEND_F_LOCAL, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, PROG_TC_EGRESS, PROG_TC_INGRESS,
-    SCOPE_LOCAL, ServiceKey, ServiceValue,
+    SCOPE_LOCAL, ServiceKey, ServiceValue, SrcAffinityKey,
 };
 
 use crate::{
@@ -118,9 +118,7 @@ fn choose(key: &CtKey, ifindex: u32, now: u64) -> Result<CtValue, i32> {
             },
         );
     }
-    // SAFETY: a helper without arguments.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let Some(chosen) = lb::pick(svc, &header, random, PROG_TC_INGRESS) else {
+    let Some(chosen) = backend(key, svc, &header, now) else {
         return Err(TCX_DROP);
     };
     let snat = chosen.backend.flags & BACKEND_F_LOCAL == 0;
@@ -143,6 +141,31 @@ fn choose(key: &CtKey, ifindex: u32, now: u64) -> Result<CtValue, i32> {
         flags: if snat { CT_F_SNAT } else { 0 },
         _pad: [0; 7],
     })
+}
+
+/// The client's remembered backend (ClientIP affinity, keyed by its source address),
+/// else one at random; the choice is remembered when the frontend has affinity.
+#[inline(always)]
+fn backend(key: &CtKey, svc: ServiceKey, header: &ServiceValue, now: u64) -> Option<lb::Chosen> {
+    if header.affinity_timeout == 0 {
+        // SAFETY: a helper without arguments.
+        let random = unsafe { bpf_get_prandom_u32() };
+        return lb::pick(svc, header, random, PROG_TC_INGRESS);
+    }
+    let akey = SrcAffinityKey {
+        addr: key.saddr,
+        rev_nat_id: header.rev_nat_id,
+        _pad: [0; 6],
+    };
+    if let Some(c) = lb::remembered_src(&akey, now, header, PROG_TC_INGRESS) {
+        lb::remember_src(&akey, now, &c, PROG_TC_INGRESS);
+        return Some(c);
+    }
+    // SAFETY: a helper without arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let chosen = lb::pick(svc, header, random, PROG_TC_INGRESS)?;
+    lb::remember_src(&akey, now, &chosen, PROG_TC_INGRESS);
+    Some(chosen)
 }
 
 /// The frontend a packet is addressed to: its local scope if it has one, else the

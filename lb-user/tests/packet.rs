@@ -338,3 +338,26 @@ fn a_transfer_survives_the_agent_killed_and_restarted() {
     let report = fx.probe(target, 5, ProbeMode::Tcp);
     assert_eq!(report.total_errors(), 0, "after the restart: {report:?}");
 }
+
+#[test]
+fn client_ip_affinity_from_outside_is_keyed_by_the_source_address() {
+    let fx = ClusterFixture::new("pa", 2, |c| {
+        node_port_service(
+            c,
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+            &[0, 1],
+        )
+    });
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    // 30 connections, each a new flow from a new source port: one backend for them all.
+    let report = fx.probe(target, 30, ProbeMode::Tcp);
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+    assert_eq!(split(&report).0.len(), 1, "one backend: {report:?}");
+    let report = fx.probe(target, 10, ProbeMode::UdpSendto);
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+    assert_eq!(
+        split(&report).0.len(),
+        1,
+        "one backend for UDP too: {report:?}"
+    );
+}

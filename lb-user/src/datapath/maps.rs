@@ -5,14 +5,14 @@ use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS,
-    MAP_COUNTERS, MAP_CT, MAP_REVNAT, MAP_SERVICES, MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey,
-    ServiceValue, TcIface,
+    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, MAP_AFFINITY, MAP_AFFINITY_SRC,
+    MAP_BACKENDS, MAP_COUNTERS, MAP_CT, MAP_REVNAT, MAP_SERVICES, MAP_TC_IFACES, PROG_NAMES,
+    RevNat, ServiceKey, ServiceValue, SrcAffinityKey, TcIface,
 };
 
 use super::{
     iface::Iface,
-    ops::{Op, Snapshot, purged},
+    ops::{Op, Snapshot},
 };
 
 /// Errors of the BPF map layer; each names the map and the object concerned.
@@ -47,6 +47,8 @@ pub struct BpfMaps {
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u16, RevNat>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// The packet level's affinity (clients by source address); purged with `affinity`.
+    affinity_src: HashMap<MapData, SrcAffinityKey, AffinityValue>,
 }
 
 fn typed<K: aya::Pod, V: aya::Pod>(
@@ -68,6 +70,7 @@ impl BpfMaps {
             backends: typed(take(MAP_BACKENDS)?, MAP_BACKENDS)?,
             revnat: typed(take(MAP_REVNAT)?, MAP_REVNAT)?,
             affinity: typed(take(MAP_AFFINITY)?, MAP_AFFINITY)?,
+            affinity_src: typed(take(MAP_AFFINITY_SRC)?, MAP_AFFINITY_SRC)?,
         })
     }
 
@@ -85,6 +88,7 @@ impl BpfMaps {
             backends: typed(Map::HashMap(open(MAP_BACKENDS)?), MAP_BACKENDS)?,
             revnat: typed(Map::HashMap(open(MAP_REVNAT)?), MAP_REVNAT)?,
             affinity: typed(Map::LruHashMap(open(MAP_AFFINITY)?), MAP_AFFINITY)?,
+            affinity_src: typed(Map::LruHashMap(open(MAP_AFFINITY_SRC)?), MAP_AFFINITY_SRC)?,
         })
     }
 
@@ -110,17 +114,32 @@ impl BpfMaps {
     }
 
     /// Deletes the affinity entries that any of `purges` (rev-NAT id, backend) names, in
-    /// one pass over the map.
+    /// one pass over each affinity map (socket level and packet level).
     fn purge_affinity(&mut self, purges: &[(u16, Option<u32>)]) -> Result<(), MapError> {
+        let hit = |rev_nat_id: u16, v: &AffinityValue| {
+            purges
+                .iter()
+                .any(|(r, b)| *r == rev_nat_id && b.is_none_or(|b| b == v.backend_id))
+        };
         let doomed: Vec<AffinityKey> = self
             .affinity
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, v)| purges.iter().any(|(r, b)| purged(*r, *b, k, v)))
+            .filter(|(k, v)| hit(k.rev_nat_id, v))
             .map(|(k, _)| k)
             .collect();
         for k in doomed {
             ignore_missing(self.affinity.remove(&k))?;
+        }
+        let doomed: Vec<SrcAffinityKey> = self
+            .affinity_src
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| hit(k.rev_nat_id, v))
+            .map(|(k, _)| k)
+            .collect();
+        for k in doomed {
+            ignore_missing(self.affinity_src.remove(&k))?;
         }
         Ok(())
     }

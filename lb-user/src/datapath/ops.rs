@@ -174,11 +174,6 @@ impl Snapshot {
 }
 
 /// Whether a purge of (`rev_nat_id`, `backend_id`) removes this affinity entry.
-pub(crate) fn purged(
-    rev_nat_id: u16,
-    backend_id: Option<u32>,
-    k: &AffinityKey,
-    v: &AffinityValue,
-) -> bool {
+fn purged(rev_nat_id: u16, backend_id: Option<u32>, k: &AffinityKey, v: &AffinityValue) -> bool {
     k.rev_nat_id == rev_nat_id && backend_id.is_none_or(|b| b == v.backend_id)
 }
