@@ -41,8 +41,9 @@ pub const MAP_AFFINITY_SRC: &str = "LB_AFFINITY_SRC_V1";
 pub const MAP_COUNTERS: &str = "LB_COUNTERS_V3";
 pub const MAP_CT: &str = "LB_CT_V1";
 pub const MAP_TC_IFACES: &str = "LB_TC_IFACES_V1";
+pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES_V1";
 /// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 10] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REVNAT,
@@ -52,6 +53,7 @@ pub const PINNED_MAPS: [&str; 9] = [
     MAP_COUNTERS,
     MAP_CT,
     MAP_TC_IFACES,
+    MAP_SOURCE_RANGES,
 ];
 
 /// Capacity of the maps.
@@ -62,6 +64,7 @@ pub const MAX_SOCK_REVNAT: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 262_144;
 pub const MAX_CT: u32 = 262_144;
 pub const MAX_TC_IFACES: u32 = 64;
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// Backends one frontend may list (slots 1..=MAX_SLOTS).
 pub const MAX_SLOTS: u16 = 65_535;
 
@@ -166,6 +169,10 @@ pub struct ServiceValue {
     pub _pad: [u8; 3],
 }
 
+/// `ServiceValue::flags` (header): the frontend accepts clients from its source ranges
+/// only (`loadBalancerSourceRanges`, in the source-ranges map under its rev-NAT id).
+pub const SVC_F_SOURCE_RANGES: u8 = 1;
+
 impl ServiceValue {
     pub const fn header(count: u16, rev_nat_id: u16, affinity_timeout: u32) -> Self {
         Self {
@@ -240,6 +247,27 @@ pub struct AffinityKey {
     /// The frontend's rev-NAT id, host order.
     pub rev_nat_id: u16,
     pub _pad: [u8; 6],
+}
+
+/// The data of a source-ranges key (an LPM trie; the key is this behind a `u32` prefix
+/// length in bits): a frontend's rev-NAT id, then a client address. An entry's prefix
+/// length is 32 (id and padding, always matched whole) plus the range's prefix on the
+/// 128-bit address (an IPv4 /n is 96 + n on the mapped address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SourceRange {
+    /// The frontend's rev-NAT id, network order (so that it is the key's first bits).
+    pub rev_nat_id_be: u16,
+    pub _pad: [u8; 2],
+    /// Network order octets (IPv4 mapped).
+    pub addr: Addr,
+}
+
+impl SourceRange {
+    /// The prefix length of a range of `addr_bits` bits on the 128-bit address.
+    pub const fn prefix_len(addr_bits: u8) -> u32 {
+        32 + addr_bits as u32
+    }
 }
 
 /// Key of the packet level's ClientIP affinity map (LRU): a client by its source address
@@ -446,6 +474,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Counters>() == 32);
     assert!(core::mem::size_of::<SrcAffinityKey>() == 24);
+    assert!(core::mem::size_of::<SourceRange>() == 20);
     assert!(core::mem::size_of::<CtKey>() == 40);
     assert!(core::mem::size_of::<CtValue>() == 56);
     assert!(core::mem::size_of::<TcIface>() == 16);
@@ -464,6 +493,7 @@ mod user {
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::SrcAffinityKey {}
+    unsafe impl aya::Pod for super::SourceRange {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::TcIface {}

@@ -3,13 +3,14 @@
 //! layout change gets a new `_Vn` name).
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_TC_IFACES, PROG_NAMES, RevNat,
-    ServiceKey, ServiceValue, SockRevNatKey, SrcAffinityKey, TcIface,
+    MAX_CT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_TC_IFACES,
+    PROG_NAMES, RevNat, ServiceKey, ServiceValue, SockRevNatKey, SourceRange, SrcAffinityKey,
+    TcIface,
 };
 
 /// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
@@ -76,6 +77,12 @@ pub(crate) static LB_AFFINITY_SRC_V1: LruHashMap<
     AffinityValue,
     { MAX_AFFINITY as usize },
 > = LruHashMap::new();
+
+/// (frontend rev-NAT id, client prefix) -> 1: loadBalancerSourceRanges of frontends
+/// whose header has `SVC_F_SOURCE_RANGES`.
+#[btf_map]
+pub(crate) static LB_SOURCE_RANGES_V1: LpmTrie<SourceRange, u8, { MAX_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 /// Per-program counters, indexed by `PROG_*`.
 #[btf_map]

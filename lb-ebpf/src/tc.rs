@@ -11,6 +11,7 @@
 //! backends get the frontend back as their source.
 
 use aya_ebpf::{
+    btf_maps::lpm_trie::Key,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::classifier,
     programs::TcContext,
@@ -18,12 +19,12 @@ use aya_ebpf::{
 use bytemuck::Zeroable as _;
 use lb_common::{
     BACKEND_F_LOCAL, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, PROG_TC_EGRESS, PROG_TC_INGRESS,
-    SCOPE_LOCAL, ServiceKey, ServiceValue, SrcAffinityKey,
+    SCOPE_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange, SrcAffinityKey,
 };
 
 use crate::{
     ct, lb,
-    maps::{LB_TC_IFACES_V1, count},
+    maps::{LB_SOURCE_RANGES_V1, LB_TC_IFACES_V1, count},
     nat::{self, Packet},
 };
 
@@ -118,6 +119,11 @@ fn choose(key: &CtKey, ifindex: u32, now: u64) -> Result<CtValue, i32> {
             },
         );
     }
+    if header.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(header.rev_nat_id, key) {
+        // loadBalancerSourceRanges: not from an allowed range.
+        count(PROG_TC_INGRESS, |c| c.refused += 1);
+        return Err(TCX_DROP);
+    }
     let Some(chosen) = backend(key, svc, &header, now) else {
         return Err(TCX_DROP);
     };
@@ -141,6 +147,20 @@ fn choose(key: &CtKey, ifindex: u32, now: u64) -> Result<CtValue, i32> {
         flags: if snat { CT_F_SNAT } else { 0 },
         _pad: [0; 7],
     })
+}
+
+/// Whether the client of `key` is in one of the frontend's source ranges.
+#[inline(always)]
+fn source_allowed(rev_nat_id: u16, key: &CtKey) -> bool {
+    let probe = Key::new(
+        SourceRange::prefix_len(128),
+        SourceRange {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            _pad: [0; 2],
+            addr: key.saddr,
+        },
+    );
+    LB_SOURCE_RANGES_V1.get(&probe).is_some()
 }
 
 /// The client's remembered backend (ClientIP affinity, keyed by its source address),

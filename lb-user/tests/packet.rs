@@ -361,3 +361,35 @@ fn client_ip_affinity_from_outside_is_keyed_by_the_source_address() {
         "one backend for UDP too: {report:?}"
     );
 }
+
+#[test]
+fn load_balancer_source_ranges_let_clients_in_range_through_only() {
+    let ingress = Ipv4Addr::new(203, 0, 113, 30);
+    let service = |c: &Cluster, range: &str| {
+        exposed_service(
+            c,
+            "LoadBalancer",
+            &format!("  loadBalancerSourceRanges: ['{range}']\n"),
+            &format!("status: {{loadBalancer: {{ingress: [{{ip: {ingress}}}]}}}}\n"),
+            &[0, 1],
+        )
+    };
+    let mut fx = ClusterFixture::new("ps", 1, |c| service(c, "192.168.77.96/28"));
+    fx.cluster.route_via(ingress, 0).unwrap();
+    let target = SocketAddrV4::new(ingress, 80);
+    let report = fx.probe(target, 10, ProbeMode::Tcp);
+    assert_eq!(report.total_errors(), 0, "in range: {report:?}");
+    // The range moves away from the client: it is dropped.
+    write_atomic(
+        &fx.dir.join("manifests/all.yaml"),
+        &service(&fx.cluster, "10.0.0.0/8"),
+    );
+    for a in &mut fx.agents {
+        a.wait_synced(2, Duration::from_secs(10)).unwrap();
+    }
+    let report = fx.probe(target, 3, ProbeMode::Tcp);
+    assert_eq!(report.total_replies(), 0, "out of range: {report:?}");
+    // The nodePort of the same service has no source ranges (kube-proxy's rule).
+    let report = fx.probe(SocketAddrV4::new(node_ip(0), NODE_PORT), 5, ProbeMode::Tcp);
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+}

@@ -3,11 +3,12 @@
 
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, MAP_AFFINITY, MAP_AFFINITY_SRC,
-    MAP_BACKENDS, MAP_COUNTERS, MAP_CT, MAP_REVNAT, MAP_SERVICES, MAP_TC_IFACES, PROG_NAMES,
-    RevNat, ServiceKey, ServiceValue, SrcAffinityKey, TcIface,
+    Addr, AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, MAP_AFFINITY,
+    MAP_AFFINITY_SRC, MAP_BACKENDS, MAP_COUNTERS, MAP_CT, MAP_REVNAT, MAP_SERVICES,
+    MAP_SOURCE_RANGES, MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue, SourceRange,
+    SrcAffinityKey, TcIface,
 };
 
 use super::{
@@ -49,6 +50,26 @@ pub struct BpfMaps {
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     /// The packet level's affinity (clients by source address); purged with `affinity`.
     affinity_src: HashMap<MapData, SrcAffinityKey, AffinityValue>,
+    source_ranges: LpmTrie<MapData, SourceRange, u8>,
+}
+
+fn trie(map: Map) -> Result<LpmTrie<MapData, SourceRange, u8>, DatapathError> {
+    LpmTrie::try_from(map).map_err(|source| DatapathError::Map {
+        map: MAP_SOURCE_RANGES,
+        source,
+    })
+}
+
+/// The trie key of a frontend's source range.
+fn range_key(rev_nat_id: u16, addr: Addr, prefix: u8) -> Key<SourceRange> {
+    Key::new(
+        SourceRange::prefix_len(prefix),
+        SourceRange {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            _pad: [0; 2],
+            addr,
+        },
+    )
 }
 
 fn typed<K: aya::Pod, V: aya::Pod>(
@@ -71,6 +92,7 @@ impl BpfMaps {
             revnat: typed(take(MAP_REVNAT)?, MAP_REVNAT)?,
             affinity: typed(take(MAP_AFFINITY)?, MAP_AFFINITY)?,
             affinity_src: typed(take(MAP_AFFINITY_SRC)?, MAP_AFFINITY_SRC)?,
+            source_ranges: trie(take(MAP_SOURCE_RANGES)?)?,
         })
     }
 
@@ -89,6 +111,7 @@ impl BpfMaps {
             revnat: typed(Map::HashMap(open(MAP_REVNAT)?), MAP_REVNAT)?,
             affinity: typed(Map::LruHashMap(open(MAP_AFFINITY)?), MAP_AFFINITY)?,
             affinity_src: typed(Map::LruHashMap(open(MAP_AFFINITY_SRC)?), MAP_AFFINITY_SRC)?,
+            source_ranges: trie(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
         })
     }
 
@@ -107,6 +130,13 @@ impl BpfMaps {
         for entry in self.revnat.iter() {
             let (k, v) = entry.map_err(err(MAP_REVNAT))?;
             snap.revnat.insert(k, v);
+        }
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(err(MAP_SOURCE_RANGES))?;
+            let data = key.data();
+            let prefix = key.prefix_len().saturating_sub(32).min(128) as u8;
+            snap.source_ranges
+                .insert((u16::from_be(data.rev_nat_id_be), data.addr, prefix));
         }
         // Entries may be evicted while we iterate: skip the ones that vanished.
         snap.affinity.extend(self.affinity.iter().flatten());
@@ -173,6 +203,21 @@ impl BpfMaps {
                 Op::DelService { key } => ignore_missing(self.services.remove(&key)),
                 Op::PutRevNat { id, value } => self.revnat.insert(id, value, 0),
                 Op::DelRevNat { id } => ignore_missing(self.revnat.remove(&id)),
+                Op::PutSourceRange {
+                    rev_nat_id,
+                    addr,
+                    prefix,
+                } => self
+                    .source_ranges
+                    .insert(&range_key(rev_nat_id, addr, prefix), 1, 0),
+                Op::DelSourceRange {
+                    rev_nat_id,
+                    addr,
+                    prefix,
+                } => ignore_missing(
+                    self.source_ranges
+                        .remove(&range_key(rev_nat_id, addr, prefix)),
+                ),
             };
             result.map_err(|source| {
                 let full = matches!(&source, MapError::SyscallError(e)

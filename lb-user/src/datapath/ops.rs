@@ -1,14 +1,14 @@
 //! Map operations and the maps' contents as plain data (no BPF here).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, SocketAddr},
 };
 
 use lb_common::{
     Addr, AffinityKey, AffinityValue, Backend, MAP_AFFINITY, MAP_BACKENDS, MAP_REVNAT,
-    MAP_SERVICES, RevNat, ServiceKey, ServiceValue,
+    MAP_SERVICES, MAP_SOURCE_RANGES, RevNat, ServiceKey, ServiceValue,
 };
 
 use crate::model::{Frontend, Proto, Scope};
@@ -41,6 +41,17 @@ pub enum Op {
     PurgeAffinity {
         rev_nat_id: u16,
         backend_id: Option<u32>,
+    },
+    /// A source range of a frontend (`prefix` bits of the 128-bit mapped address).
+    PutSourceRange {
+        rev_nat_id: u16,
+        addr: Addr,
+        prefix: u8,
+    },
+    DelSourceRange {
+        rev_nat_id: u16,
+        addr: Addr,
+        prefix: u8,
     },
 }
 
@@ -75,6 +86,28 @@ impl fmt::Display for Op {
                 rev_nat_id,
                 backend_id: Some(b),
             } => write!(f, "{MAP_AFFINITY}: purge rev-NAT {rev_nat_id} backend {b}"),
+            Self::PutSourceRange {
+                rev_nat_id,
+                addr,
+                prefix,
+            } => {
+                let (ip, len) = range_of(addr, *prefix);
+                write!(
+                    f,
+                    "{MAP_SOURCE_RANGES}: write rev-NAT {rev_nat_id} range {ip}/{len}"
+                )
+            }
+            Self::DelSourceRange {
+                rev_nat_id,
+                addr,
+                prefix,
+            } => {
+                let (ip, len) = range_of(addr, *prefix);
+                write!(
+                    f,
+                    "{MAP_SOURCE_RANGES}: delete rev-NAT {rev_nat_id} range {ip}/{len}"
+                )
+            }
         }
     }
 }
@@ -84,6 +117,24 @@ pub fn addr_of(ip: IpAddr) -> Addr {
     match ip {
         IpAddr::V4(v4) => lb_common::v4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// A range (network, prefix length of its family) as the maps hold it: the mapped
+/// address and the prefix on its 128 bits.
+pub fn range_key(net: IpAddr, len: u8) -> (Addr, u8) {
+    match net {
+        IpAddr::V4(_) => (addr_of(net), 96 + len),
+        IpAddr::V6(_) => (addr_of(net), len),
+    }
+}
+
+/// [`range_key`] back to a range of the address's family.
+pub fn range_of(addr: &Addr, prefix: u8) -> (IpAddr, u8) {
+    let ip = ip_of(addr);
+    match ip {
+        IpAddr::V4(_) => (ip, prefix.saturating_sub(96)),
+        IpAddr::V6(_) => (ip, prefix),
     }
 }
 
@@ -119,6 +170,8 @@ pub struct Snapshot {
     pub revnat: BTreeMap<u16, RevNat>,
     /// Written by the programs; the agent only deletes.
     pub affinity: BTreeMap<AffinityKey, AffinityValue>,
+    /// (rev-NAT id, mapped address, prefix on 128 bits).
+    pub source_ranges: BTreeSet<(u16, Addr, u8)>,
 }
 
 impl Snapshot {
@@ -149,6 +202,20 @@ impl Snapshot {
             } => self
                 .affinity
                 .retain(|k, v| !purged(rev_nat_id, backend_id, k, v)),
+            Op::PutSourceRange {
+                rev_nat_id,
+                addr,
+                prefix,
+            } => {
+                self.source_ranges.insert((rev_nat_id, addr, prefix));
+            }
+            Op::DelSourceRange {
+                rev_nat_id,
+                addr,
+                prefix,
+            } => {
+                self.source_ranges.remove(&(rev_nat_id, addr, prefix));
+            }
         }
     }
 

@@ -1,14 +1,17 @@
 //! The diff: what the maps hold ([`Programmed`]) against what is desired, as map
 //! operations in a safe order (see the module above). Pure: no BPF here.
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use lb_common::{
-    BACKEND_F_LOCAL, Backend, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAX_SLOTS, RevNat,
-    ServiceValue,
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
 };
 
-use super::ops::{Op, Snapshot, addr_of, frontend_of, ip_of, service_key};
+use lb_common::{
+    BACKEND_F_LOCAL, Backend, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES, MAX_SLOTS,
+    RevNat, SVC_F_SOURCE_RANGES, ServiceValue,
+};
+
+use super::ops::{Op, Snapshot, addr_of, frontend_of, ip_of, range_key, range_of, service_key};
 use crate::model::{Desired, Endpoint, Frontend, FrontendState, Proto};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,6 +20,9 @@ struct ProgFrontend {
     affinity_timeout: u32,
     /// Backend ids; index 0 is slot 1.
     slots: Vec<u32>,
+    /// Source ranges (network, prefix length); the header has `SVC_F_SOURCE_RANGES`
+    /// when there are any.
+    source_ranges: BTreeSet<(IpAddr, u8)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +82,12 @@ impl Programmed {
                     rev_nat_id: header.rev_nat_id,
                     affinity_timeout: header.affinity_timeout,
                     slots,
+                    source_ranges: snapshot
+                        .source_ranges
+                        .iter()
+                        .filter(|(id, _, _)| *id == header.rev_nat_id)
+                        .map(|(_, addr, prefix)| range_of(addr, *prefix))
+                        .collect(),
                 },
             );
         }
@@ -116,6 +128,15 @@ impl Programmed {
         {
             me.stale.push(Op::DelRevNat { id: *id });
         }
+        for &(rev_nat_id, addr, prefix) in &snapshot.source_ranges {
+            if !used_revnat.contains(&rev_nat_id) {
+                me.stale.push(Op::DelSourceRange {
+                    rev_nat_id,
+                    addr,
+                    prefix,
+                });
+            }
+        }
         me.next_backend_id = snapshot.backends.keys().max().copied().unwrap_or(0);
         me.next_rev_nat = used_revnat
             .iter()
@@ -141,6 +162,10 @@ impl Programmed {
             (MAP_SERVICES, self.frontends.len() + slots),
             (MAP_BACKENDS, self.backends.len()),
             (MAP_REVNAT, self.frontends.len()),
+            (
+                MAP_SOURCE_RANGES,
+                self.frontends.values().map(|f| f.source_ranges.len()).sum(),
+            ),
         ])
     }
 
@@ -226,6 +251,9 @@ impl Programmed {
         let timeout = state.affinity_timeout;
         let old_timeout = old.as_ref().map(|o| o.affinity_timeout);
         steps.purge_affinity(rev_nat_id, old_timeout, timeout, &old_slots, &new_slots);
+        let no_ranges = BTreeSet::new();
+        let old_ranges = old.as_ref().map_or(&no_ranges, |o| &o.source_ranges);
+        steps.source_ranges(rev_nat_id, old_ranges, &state.source_ranges);
         for (i, id) in new_slots.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
                 steps.frontends.push(Op::PutService {
@@ -234,10 +262,23 @@ impl Programmed {
                 });
             }
         }
-        if old.is_none() || old_slots.len() != new_slots.len() || old_timeout != Some(timeout) {
+        let ranges_changed = old_ranges.is_empty() != state.source_ranges.is_empty();
+        if old.is_none()
+            || old_slots.len() != new_slots.len()
+            || old_timeout != Some(timeout)
+            || ranges_changed
+        {
+            let flags = if state.source_ranges.is_empty() {
+                0
+            } else {
+                SVC_F_SOURCE_RANGES
+            };
             steps.frontends.push(Op::PutService {
                 key: service_key(fe, 0),
-                value: ServiceValue::header(new_slots.len() as u16, rev_nat_id, timeout),
+                value: ServiceValue {
+                    flags,
+                    ..ServiceValue::header(new_slots.len() as u16, rev_nat_id, timeout)
+                },
             });
         }
         for i in new_slots.len()..old_slots.len() {
@@ -251,6 +292,7 @@ impl Programmed {
                 rev_nat_id,
                 affinity_timeout: timeout,
                 slots: new_slots,
+                source_ranges: state.source_ranges.clone(),
             },
         );
     }
@@ -301,6 +343,7 @@ impl Programmed {
                 });
             }
             steps.removals.push(Op::DelRevNat { id: old.rev_nat_id });
+            steps.source_ranges(old.rev_nat_id, &old.source_ranges, &BTreeSet::new());
             self.free_rev_nat.push(old.rev_nat_id);
             steps
                 .released
@@ -353,6 +396,32 @@ struct Steps {
 }
 
 impl Steps {
+    /// A frontend's source ranges from `old` to `new`: new ones before its header (which
+    /// may turn the check on), gone ones after it (which may have turned it off).
+    fn source_ranges(
+        &mut self,
+        rev_nat_id: u16,
+        old: &BTreeSet<(IpAddr, u8)>,
+        new: &BTreeSet<(IpAddr, u8)>,
+    ) {
+        for &(net, len) in new.difference(old) {
+            let (addr, prefix) = range_key(net, len);
+            self.frontends.push(Op::PutSourceRange {
+                rev_nat_id,
+                addr,
+                prefix,
+            });
+        }
+        for &(net, len) in old.difference(new) {
+            let (addr, prefix) = range_key(net, len);
+            self.purges.push(Op::DelSourceRange {
+                rev_nat_id,
+                addr,
+                prefix,
+            });
+        }
+    }
+
     /// The affinity purges a frontend needs: a new affinity frontend may reuse the
     /// rev-NAT id of a removed one, so its entries go before the header exists; a changed
     /// timeout drops all; otherwise the entries of backends that left.
@@ -472,6 +541,7 @@ mod tests {
                                 })
                                 .collect(),
                             affinity_timeout: 0,
+                            source_ranges: BTreeSet::new(),
                         },
                     )
                 })
@@ -808,6 +878,7 @@ mod tests {
                 service: "ns/dual".into(),
                 endpoints: [ep].into(),
                 affinity_timeout: 0,
+                source_ranges: BTreeSet::new(),
             },
         );
         let mut prog = Programmed::default();
@@ -822,5 +893,60 @@ mod tests {
         let adopted = Programmed::adopt(&maps);
         assert_eq!(adopted.frontend_count(), 2);
         assert_eq!(adopted.backend_count(), 2);
+    }
+
+    #[test]
+    fn source_ranges_exist_before_the_header_checks_them_and_go_after() {
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        let lb = fe(20, 80);
+        let mut d = desired(&[(lb, &[1, 2])]);
+        let ranges: BTreeSet<(IpAddr, u8)> = [
+            ("192.168.77.0".parse().unwrap(), 24),
+            ("fd00::".parse().unwrap(), 64),
+        ]
+        .into();
+        d.frontends.get_mut(&lb).unwrap().source_ranges = ranges.clone();
+        let ops = sync(&mut prog, &mut maps, &d);
+        let pos = |want: &dyn Fn(&Op) -> bool| ops.iter().position(want).unwrap();
+        let header = pos(&|o| matches!(o, Op::PutService { key, .. } if key.slot == 0));
+        let first_range = pos(&|o| matches!(o, Op::PutSourceRange { .. }));
+        assert!(first_range < header, "{ops:#?}");
+        let header_value = maps.services[&service_key(&lb, 0)];
+        assert_eq!(header_value.flags, SVC_F_SOURCE_RANGES);
+        let ipv4_range = (
+            header_value.rev_nat_id,
+            addr_of("192.168.77.0".parse().unwrap()),
+            120,
+        );
+        assert!(
+            maps.source_ranges.contains(&ipv4_range),
+            "{:?}",
+            maps.source_ranges
+        );
+        assert_eq!(maps.source_ranges.len(), 2);
+        // A restarted agent adopts them: nothing to write.
+        let mut adopted = Programmed::adopt(&maps);
+        assert!(adopted.plan(&d).ops.is_empty());
+        // Dropped: the header loses the flag first, then the ranges go.
+        d.frontends.get_mut(&lb).unwrap().source_ranges.clear();
+        let ops = sync(&mut prog, &mut maps, &d);
+        let header = pos2(
+            &ops,
+            |o| matches!(o, Op::PutService { key, .. } if key.slot == 0),
+        );
+        let first_del = pos2(&ops, |o| matches!(o, Op::DelSourceRange { .. }));
+        assert!(header < first_del, "{ops:#?}");
+        assert_eq!(maps.services[&service_key(&lb, 0)].flags, 0);
+        assert!(maps.source_ranges.is_empty());
+        // A removed frontend takes its ranges along.
+        d.frontends.get_mut(&lb).unwrap().source_ranges = ranges;
+        sync(&mut prog, &mut maps, &d);
+        sync(&mut prog, &mut maps, &Desired::default());
+        assert!(maps.source_ranges.is_empty() && maps.services.is_empty());
+    }
+
+    fn pos2(ops: &[Op], want: impl Fn(&Op) -> bool) -> usize {
+        ops.iter().position(want).unwrap()
     }
 }

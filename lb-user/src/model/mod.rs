@@ -194,6 +194,9 @@ pub struct FrontendState {
     pub endpoints: BTreeSet<Endpoint>,
     /// ClientIP affinity timeout in seconds; 0 = no affinity.
     pub affinity_timeout: u32,
+    /// `loadBalancerSourceRanges` (network, prefix length) guarding this frontend for
+    /// clients outside the node; empty = any client.
+    pub source_ranges: BTreeSet<(IpAddr, u8)>,
 }
 
 /// The whole desired datapath state.

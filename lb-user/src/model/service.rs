@@ -57,6 +57,7 @@ pub(super) fn add_service(
                 ));
                 continue;
             }
+            let source_ranges = addrs.ranges_for(addr, number, &port);
             let family: Vec<Candidate> = candidates
                 .iter()
                 .filter(|c| c.endpoint.addr.is_ipv4() == addr.is_ipv4())
@@ -68,6 +69,7 @@ pub(super) fn add_service(
                     service: label.clone(),
                     endpoints: select(svc, &family, node, internal),
                     affinity_timeout: addrs.affinity_timeout,
+                    source_ranges: source_ranges.clone(),
                 },
             );
             if !internal && addrs.external_local {
@@ -82,6 +84,7 @@ pub(super) fn add_service(
                         service: label.clone(),
                         endpoints: select_local(&family),
                         affinity_timeout: addrs.affinity_timeout,
+                        source_ranges,
                     },
                 );
             }
@@ -134,6 +137,11 @@ struct Addresses {
     /// endpoints through the external addresses and nodePorts.
     external_local: bool,
     affinity_timeout: u32,
+    /// The LoadBalancer ingress IPs among `external`: `loadBalancerSourceRanges` guards
+    /// them.
+    ingress: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges`, checked (address, prefix length).
+    source_ranges: Vec<(IpAddr, u8)>,
 }
 
 impl Addresses {
@@ -152,9 +160,13 @@ impl Addresses {
         let affinity_timeout = affinity_timeout(svc, name, warnings);
         let families: BTreeSet<bool> = cluster.iter().map(IpAddr::is_ipv4).collect();
         let mut external = Vec::new();
+        let mut ingress = Vec::new();
         for (ip, field) in external_ips(svc, name, warnings) {
             if families.contains(&ip.is_ipv4()) {
                 external.push(ip);
+                if field.starts_with("status.") {
+                    ingress.push(ip);
+                }
             } else {
                 warnings.push(format!(
                     "Service {name}: field {field}: {ip} is not of the family of any cluster IP; skipped"
@@ -177,8 +189,23 @@ impl Addresses {
             node: node_addrs,
             node_port_type: matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")),
             external_local: external_traffic_local(spec, name, warnings),
+            source_ranges: source_ranges(spec, name, !ingress.is_empty(), warnings),
+            ingress,
             affinity_timeout,
         })
+    }
+
+    /// The source ranges that guard frontend `addr`:`number` of `port` (a LoadBalancer
+    /// ingress IP at the service port), of `addr`'s family.
+    fn ranges_for(&self, addr: IpAddr, number: u16, port: &Port) -> BTreeSet<(IpAddr, u8)> {
+        if number != port.port || !self.ingress.contains(&addr) {
+            return BTreeSet::new();
+        }
+        self.source_ranges
+            .iter()
+            .filter(|(net, _)| net.is_ipv4() == addr.is_ipv4())
+            .copied()
+            .collect()
     }
 
     /// (address, port, internal) of every frontend of `port`: cluster IPs (which follow
@@ -210,6 +237,69 @@ fn external_traffic_local(spec: &ServiceSpec, name: &str, warnings: &mut Vec<Str
             false
         }
     }
+}
+
+/// `spec.loadBalancerSourceRanges` as (network address, prefix length); a bad entry
+/// warns and is skipped. They guard the LoadBalancer ingress IPs for clients outside the
+/// node (the packet level); the socket level cannot see a client's source address at
+/// connect() time, which the warning says.
+fn source_ranges(
+    spec: &ServiceSpec,
+    name: &str,
+    has_ingress: bool,
+    warnings: &mut Vec<String>,
+) -> Vec<(IpAddr, u8)> {
+    let mut out = Vec::new();
+    for (i, text) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        match parse_cidr(text) {
+            Ok(net) => out.push(net),
+            Err(why) => warnings.push(format!(
+                "Service {name}: field spec.loadBalancerSourceRanges[{i}]: {text:?}: {why}; skipped"
+            )),
+        }
+    }
+    if !out.is_empty() && has_ingress {
+        warnings.push(format!(
+            "Service {name}: field spec.loadBalancerSourceRanges: enforced for clients outside the node; connections from this node's own processes and pods to the LoadBalancer IP are not checked"
+        ));
+    }
+    out
+}
+
+/// "10.0.0.0/8" (host bits cleared) or a bare address (a /32 or /128).
+fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, len) = match text.trim().split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (text.trim(), None),
+    };
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| "not an IP address or CIDR".to_string())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = match len {
+        None => max,
+        Some(l) => l
+            .parse()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("prefix length {l:?} is not 0-{max}"))?,
+    };
+    let masked = match addr {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::from((u32::from(v4) & mask).to_be_bytes())
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::from((u128::from(v6) & mask).to_be_bytes())
+        }
+    };
+    Ok((masked, len))
 }
 
 /// One `spec.ports[]` entry, checked.

@@ -631,3 +631,36 @@ fn health_check_node_port_counts_this_nodes_endpoints() {
         b.warnings
     );
 }
+
+#[test]
+fn load_balancer_source_ranges_guard_the_ingress_ips_only() {
+    let yaml = exposed(
+        ", type: LoadBalancer, externalIPs: [192.0.2.50], \
+         loadBalancerSourceRanges: [192.168.77.0/24, 10.1.2.3, '10.9.0.0/33', 'fd00::/64', bogus]",
+        "status: {loadBalancer: {ingress: [{ip: 203.0.113.20}]}}\n",
+    );
+    let b = build_from(&yaml);
+    let ranges = |addr: &str, port: u16| {
+        b.desired.frontends[&fe(addr, port, Proto::Tcp)]
+            .source_ranges
+            .clone()
+    };
+    let want: BTreeSet<(IpAddr, u8)> = [
+        ("192.168.77.0".parse().unwrap(), 24),
+        ("10.1.2.3".parse().unwrap(), 32),
+    ]
+    .into();
+    assert_eq!(ranges("203.0.113.20", 80), want);
+    // Not the cluster IP, the externalIP or the nodePorts.
+    assert!(ranges("10.96.0.9", 80).is_empty());
+    assert!(ranges("192.0.2.50", 80).is_empty());
+    assert!(ranges("192.0.2.1", 30080).is_empty());
+    let w = b.warnings.join("\n");
+    assert!(w.contains("field spec.loadBalancerSourceRanges[2]: \"10.9.0.0/33\": prefix length \"33\" is not 0-32"), "{w}");
+    assert!(
+        w.contains("field spec.loadBalancerSourceRanges[4]: \"bogus\": not an IP address or CIDR"),
+        "{w}"
+    );
+    assert!(w.contains("connections from this node's own processes and pods to the LoadBalancer IP are not checked"), "{w}");
+    assert_eq!(b.warnings.len(), 3, "{w}");
+}

@@ -206,6 +206,7 @@ mod tests {
                 service: "demo/web:http".into(),
                 endpoints: [ep(1), ep(2)].into(),
                 affinity_timeout: 0,
+                source_ranges: Default::default(),
             },
         );
         d.frontends.insert(
@@ -219,6 +220,7 @@ mod tests {
                 service: "demo/empty".into(),
                 endpoints: Default::default(),
                 affinity_timeout: 0,
+                source_ranges: Default::default(),
             },
         );
         d.frontends.insert(
@@ -237,6 +239,7 @@ mod tests {
                 }]
                 .into(),
                 affinity_timeout: 30,
+                source_ranges: Default::default(),
             },
         );
         let mut snap = Snapshot::default();
