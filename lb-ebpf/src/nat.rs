@@ -139,6 +139,116 @@ impl Packet {
     }
 }
 
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+
+/// An ICMP error about a TCP or UDP packet: where its parts are, and the tuple of the
+/// packet it quotes (the inner packet, which went the other way).
+#[derive(Clone, Copy)]
+pub(crate) struct IcmpError {
+    /// The quoted packet's tuple, as in [`Packet`].
+    pub inner: Packet,
+    /// Offsets of the ICMP header and the quoted IP header.
+    icmp: usize,
+    inner_ip: usize,
+    daddr: u32,
+}
+
+impl IcmpError {
+    /// An IPv4 ICMP destination-unreachable, time-exceeded or parameter-problem message
+    /// quoting a TCP or UDP packet; `None` for anything else.
+    #[inline(always)]
+    pub(crate) fn parse(ctx: &TcContext) -> Option<Self> {
+        let eth_proto: u16 = ctx.load(12).ok()?;
+        let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+        let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+        if u16::from_be(eth_proto) != ETH_P_IP || vihl >> 4 != 4 || proto != IPPROTO_ICMP {
+            return None;
+        }
+        let icmp = ETH_HLEN + usize::from(vihl & 0x0f) * 4;
+        let kind: u8 = ctx.load(icmp).ok()?;
+        if !matches!(
+            kind,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+        ) {
+            return None;
+        }
+        let inner_ip = icmp + 8;
+        let inner_vihl: u8 = ctx.load(inner_ip).ok()?;
+        let inner_proto: u8 = ctx.load(inner_ip + 9).ok()?;
+        if inner_vihl >> 4 != 4 || (inner_proto != PROTO_TCP && inner_proto != PROTO_UDP) {
+            return None;
+        }
+        let l4 = inner_ip + usize::from(inner_vihl & 0x0f) * 4;
+        Some(Self {
+            inner: Packet {
+                saddr: ctx.load(inner_ip + 12).ok()?,
+                daddr: ctx.load(inner_ip + 16).ok()?,
+                sport: ctx.load(l4).ok()?,
+                dport: ctx.load(l4 + 2).ok()?,
+                proto: inner_proto,
+                tcp_flags: 0,
+                l4,
+            },
+            icmp,
+            inner_ip,
+            daddr: ctx.load(IP_DST).ok()?,
+        })
+    }
+
+    /// Makes the message about the packet `src` -> `dst` (mapped addresses, host-order
+    /// ports) and sends it to `src`'s address: the quoted header is rewritten, with its
+    /// IP checksum and the ICMP checksum, then the outer destination. Not inlined.
+    #[inline(never)]
+    pub(crate) fn rewrite(
+        &self,
+        ctx: &TcContext,
+        src: (Addr, u16),
+        dst: (Addr, u16),
+    ) -> Option<()> {
+        let saddr = u32::from_ne_bytes(as_v4(&src.0)?);
+        let daddr = u32::from_ne_bytes(as_v4(&dst.0)?);
+        let (sport, dport) = (src.1.to_be(), dst.1.to_be());
+        let icmp_csum = self.icmp + 2;
+        let inner_csum = self.inner_ip + 10;
+        let old_ip_csum: u16 = ctx.load(inner_csum).ok()?;
+        let inner = &self.inner;
+        for (off, old, new) in [
+            (self.inner_ip + 12, inner.saddr, saddr),
+            (self.inner_ip + 16, inner.daddr, daddr),
+        ] {
+            if old != new {
+                ctx.l3_csum_replace(inner_csum, old.into(), new.into(), 4)
+                    .ok()?;
+                ctx.l4_csum_replace(icmp_csum, old.into(), new.into(), 4)
+                    .ok()?;
+                ctx.store(off, &new, 0).ok()?;
+            }
+        }
+        let new_ip_csum: u16 = ctx.load(inner_csum).ok()?;
+        ctx.l4_csum_replace(icmp_csum, old_ip_csum.into(), new_ip_csum.into(), 2)
+            .ok()?;
+        for (off, old, new) in [
+            (inner.l4, inner.sport, sport),
+            (inner.l4 + 2, inner.dport, dport),
+        ] {
+            if old != new {
+                ctx.l4_csum_replace(icmp_csum, old.into(), new.into(), 2)
+                    .ok()?;
+                ctx.store(off, &new, 0).ok()?;
+            }
+        }
+        if saddr != self.daddr {
+            ctx.l3_csum_replace(IP_CSUM, self.daddr.into(), saddr.into(), 4)
+                .ok()?;
+            ctx.store(IP_DST, &saddr, 0).ok()?;
+        }
+        Some(())
+    }
+}
+
 /// Sends a (rewritten) packet straight to where the FIB routes its destination, with
 /// the neighbour's address; the stack's forwarding is skipped (it would drop a packet
 /// whose source is the node's own address as a martian). Returns the tc verdict. Not

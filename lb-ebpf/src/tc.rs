@@ -25,7 +25,7 @@ use lb_common::{
 use crate::{
     ct, lb,
     maps::{LB_SOURCE_RANGES_V1, LB_TC_IFACES_V1, count},
-    nat::{self, Packet},
+    nat::{self, IcmpError, Packet},
 };
 
 /// Not ours: the next program (or the stack) decides.
@@ -46,12 +46,19 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn ingress(ctx: &TcContext) -> i32 {
-    let Some(p) = Packet::parse(ctx) else {
-        return TCX_NEXT;
-    };
+    match Packet::parse(ctx) {
+        Some(p) => translate(ctx, &p),
+        None => icmp_error(ctx),
+    }
+}
+
+/// A TCP or UDP packet from outside: a tracked flow's, or a new flow's if it is
+/// addressed to a frontend. Not inlined: its stack frame is its own.
+#[inline(never)]
+fn translate(ctx: &TcContext, p: &Packet) -> i32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = ct::key_of(&p);
+    let key = ct::key_of(p);
     // SAFETY: the context's sk_buff is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let mut value = CtValue::zeroed();
@@ -74,6 +81,45 @@ fn ingress(ctx: &TcContext) -> i32 {
     }
     count(PROG_TC_INGRESS, |c| c.translated += 1);
     nat::forward(ctx, ifindex)
+}
+
+/// An ICMP error about a packet the node SNATed (sent by a router or host between this
+/// node and a backend on another node, to the node's SNAT address): it is made about
+/// the client's own packet and sent to the client, so path-MTU discovery and
+/// unreachable errors work through the NAT. Anything else is not ours.
+#[inline(never)]
+fn icmp_error(ctx: &TcContext) -> i32 {
+    let Some(err) = IcmpError::parse(ctx) else {
+        return TCX_NEXT;
+    };
+    // The quoted packet went node -> backend; its reply tuple is tracked.
+    let quoted = ct::key_of(&err.inner);
+    let reply = CtKey {
+        saddr: quoted.daddr,
+        daddr: quoted.saddr,
+        sport: quoted.dport,
+        dport: quoted.sport,
+        ..quoted
+    };
+    let mut v = CtValue::zeroed();
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !ct::lookup(&reply, now, 0, &mut v) || v.flags & CT_F_SNAT == 0 || v.flags & CT_F_REPLY == 0
+    {
+        return TCX_NEXT;
+    }
+    // The reply entry maps backend -> node:port to frontend -> client: the quoted packet
+    // becomes client -> frontend, and the message goes to the client.
+    if err
+        .rewrite(ctx, (v.daddr, v.dport), (v.saddr, v.sport))
+        .is_none()
+    {
+        count(PROG_TC_INGRESS, |c| c.misses += 1);
+        return TCX_DROP;
+    }
+    count(PROG_TC_INGRESS, |c| c.translated += 1);
+    // SAFETY: the context's sk_buff is valid for the program's run.
+    nat::forward(ctx, unsafe { (*ctx.skb.skb).ifindex })
 }
 
 /// `new_flow`'s verdict when the flow is recorded in `out` (not a tc verdict).

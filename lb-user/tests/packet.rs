@@ -393,3 +393,30 @@ fn load_balancer_source_ranges_let_clients_in_range_through_only() {
     let report = fx.probe(SocketAddrV4::new(node_ip(0), NODE_PORT), 5, ProbeMode::Tcp);
     assert_eq!(report.total_errors(), 0, "{report:?}");
 }
+
+#[test]
+fn fragmentation_needed_from_beyond_the_nat_reaches_the_client() {
+    let fx = ClusterFixture::new("pm", 1, |c| node_port_service(c, "", &[1]));
+    // Node 1 reaches its pod over a link with a smaller MTU that neither end of the
+    // connection knows of: it answers full-size packets with fragmentation-needed, sent
+    // to node 0's SNAT address, which must translate it back to the client.
+    let node1 = &fx.cluster.nodes[1];
+    lb_lab::lab::ip(&[
+        "-n",
+        &node1.node.name,
+        "link",
+        "set",
+        "veth0",
+        "mtu",
+        "1280",
+    ])
+    .unwrap();
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let t = fx
+        .cluster
+        .start_transfer(target.into(), 1 << 20, Duration::ZERO)
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert!(t.intact && t.received == 1 << 20, "{t:?}");
+}
