@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub node_ips: Vec<std::net::IpAddr>,
     /// Interfaces for the tc programs (`--interface`); empty: those carrying `node_ips`.
     pub interfaces: Vec<String>,
+    /// Capacity of the packet level's connection-tracking map (two entries a flow).
+    pub ct_max_entries: u32,
     /// How often the manifest path is checked for changes.
     pub poll_interval: Duration,
     /// The shortest time between two syncs (kube-proxy's --min-sync-period).
@@ -225,7 +227,12 @@ async fn check_source(spec: &SourceSpec) -> anyhow::Result<Option<kube::Client>>
 /// metrics server.
 fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     let cgroup = loader::open_cgroup(&opts.cgroup)?;
-    let mut ebpf = loader::load_and_attach(&opts.pin_path, &cgroup, opts.bpf_log_level)?;
+    let mut ebpf = loader::load_and_attach(
+        &opts.pin_path,
+        &cgroup,
+        opts.bpf_log_level,
+        opts.ct_max_entries,
+    )?;
     tracing::info!(
         cgroup = %opts.cgroup.display(),
         pin_path = %opts.pin_path.display(),

@@ -46,6 +46,12 @@ enum Command {
         /// Default: the interfaces that carry a --node-ip address.
         #[arg(long = "interface", value_name = "IF")]
         interfaces: Vec<String>,
+        /// Capacity of the packet level's connection-tracking map (two entries per flow;
+        /// least recently used ones go first when it is full). A map already pinned
+        /// keeps its size.
+        #[arg(long, default_value_t = lb_common::MAX_CT,
+              value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+        ct_max_entries: u32,
         /// cgroup v2 directory whose processes get service translation.
         #[arg(long)]
         cgroup: PathBuf,
@@ -128,6 +134,7 @@ fn main() -> ExitCode {
             hostname_override,
             node_ips,
             interfaces,
+            ct_max_entries,
             cgroup,
             pin_path,
             min_sync_period,
@@ -146,6 +153,7 @@ fn main() -> ExitCode {
                 node_name: source::node_name(hostname_override.as_deref()),
                 node_ips,
                 interfaces,
+                ct_max_entries,
                 poll_interval: Duration::from_millis(poll_interval_ms.max(1)),
                 min_sync_period,
                 metrics_addr,

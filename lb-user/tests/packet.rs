@@ -54,6 +54,8 @@ impl ClusterFixture {
         let node = &self.cluster.nodes[k];
         let (name, ip) = (format!("node-{k}"), node_ip(k).to_string());
         let manifests = self.dir.join("manifests");
+        // Node 1's connection tracking is sized by flag (node 0 keeps the default).
+        let ct = if k == 1 { "8192" } else { "262144" };
         let args: Vec<&std::ffi::OsStr> = vec![
             "--manifests".as_ref(),
             manifests.as_os_str(),
@@ -61,6 +63,8 @@ impl ClusterFixture {
             name.as_ref(),
             "--node-ip".as_ref(),
             ip.as_ref(),
+            "--ct-max-entries".as_ref(),
+            ct.as_ref(),
         ];
         let pin = PathBuf::from(format!("/sys/fs/bpf/{}", node.prefix));
         let log = self.dir.join(format!("agent-{k}{log_suffix}.log"));
@@ -193,6 +197,16 @@ fn outside_client_reaches_a_node_port_on_backends_of_both_nodes() {
         .unwrap();
     assert_eq!(hairpin.total_errors(), 0, "hairpin: {hairpin:?}");
     assert_eq!(split(&hairpin).0.len(), 4, "hairpin: {hairpin:?}");
+    // Each node's connection-tracking map has the size its agent was given.
+    for (agent, size) in fx.agents.iter().zip([262_144, 8192]) {
+        let show = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(agent.pin_path.join(lb_common::MAP_CT))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+        assert_eq!(v["max_entries"], size, "{v}");
+    }
     // The other node serves the same nodePort.
     let report = fx.probe(SocketAddrV4::new(node_ip(1), NODE_PORT), 20, ProbeMode::Tcp);
     assert_eq!(report.total_errors(), 0, "{report:?}");

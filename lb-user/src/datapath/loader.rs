@@ -177,10 +177,13 @@ pub fn load_and_attach(
     pin_dir: &Path,
     cgroup: &File,
     bpf_log_level: u8,
+    ct_max_entries: u32,
 ) -> Result<Ebpf, LoadError> {
     prepare_pin_dir(pin_dir)?;
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
+    // A map already pinned keeps the size it was made with.
+    loader.map_max_entries(lb_common::MAP_CT, ct_max_entries);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
