@@ -74,6 +74,11 @@ pub const MAX_SLOTS: u16 = 65_535;
 /// the host never binds one.
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 63_999;
+/// The last port of that range is not used for SNAT: a packet to an external frontend
+/// without backends is sent to the node's own stack at this port, where nothing listens,
+/// so the stack refuses it (TCP RST, ICMP port unreachable) and the refusal goes back
+/// translated.
+pub const REJECT_PORT: u16 = SNAT_PORT_MAX;
 
 /// Connection-tracking idle timeouts (seconds): an entry not seen for longer is stale
 /// and a packet of its tuple starts a new flow.
@@ -338,6 +343,9 @@ pub const CT_F_REPLY: u8 = 1;
 pub const CT_F_SNAT: u8 = 2;
 /// A TCP FIN or RST was seen: the entry expires after `CT_TCP_CLOSING_TIMEOUT_S`.
 pub const CT_F_CLOSING: u8 = 4;
+/// A flow to a frontend without backends, sent to the node's stack at `REJECT_PORT`
+/// to be refused there.
+pub const CT_F_REJECT: u8 = 8;
 
 impl CtValue {
     /// The other direction's entry, for the packet `key` that this value translates:

@@ -102,7 +102,8 @@ fn record(key: &CtKey, value: &mut CtValue, random: u32) -> Option<()> {
         LB_CT_V1.insert(key, &*value, 0).ok()?;
         return Some(());
     }
-    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    // The range without its last port, REJECT_PORT.
+    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN);
     for i in 0..SNAT_TRIES {
         value.sport = SNAT_PORT_MIN + (random.wrapping_add(i.wrapping_mul(7919)) % range) as u16;
         value.write_partner(key, &mut reply.key, &mut reply.value);

@@ -153,7 +153,17 @@ pub(crate) struct IcmpError {
     /// Offsets of the ICMP header and the quoted IP header.
     icmp: usize,
     inner_ip: usize,
+    saddr: u32,
     daddr: u32,
+}
+
+/// Which outer address an ICMP error's translation changes.
+#[derive(Clone, Copy)]
+pub(crate) enum Outer {
+    /// The destination becomes the quoted packet's (new) source: the client.
+    ToClient,
+    /// The source becomes the quoted packet's (new) destination: the frontend.
+    FromFrontend,
 }
 
 impl IcmpError {
@@ -194,19 +204,21 @@ impl IcmpError {
             },
             icmp,
             inner_ip,
+            saddr: ctx.load(IP_SRC).ok()?,
             daddr: ctx.load(IP_DST).ok()?,
         })
     }
 
     /// Makes the message about the packet `src` -> `dst` (mapped addresses, host-order
-    /// ports) and sends it to `src`'s address: the quoted header is rewritten, with its
-    /// IP checksum and the ICMP checksum, then the outer destination. Not inlined.
+    /// ports): the quoted header is rewritten, with its IP checksum and the ICMP
+    /// checksum, then the outer address `outer` says. Not inlined.
     #[inline(never)]
     pub(crate) fn rewrite(
         &self,
         ctx: &TcContext,
         src: (Addr, u16),
         dst: (Addr, u16),
+        outer: Outer,
     ) -> Option<()> {
         let saddr = u32::from_ne_bytes(as_v4(&src.0)?);
         let daddr = u32::from_ne_bytes(as_v4(&dst.0)?);
@@ -240,10 +252,14 @@ impl IcmpError {
                 ctx.store(off, &new, 0).ok()?;
             }
         }
-        if saddr != self.daddr {
-            ctx.l3_csum_replace(IP_CSUM, self.daddr.into(), saddr.into(), 4)
+        let (off, old, new) = match outer {
+            Outer::ToClient => (IP_DST, self.daddr, saddr),
+            Outer::FromFrontend => (IP_SRC, self.saddr, daddr),
+        };
+        if old != new {
+            ctx.l3_csum_replace(IP_CSUM, old.into(), new.into(), 4)
                 .ok()?;
-            ctx.store(IP_DST, &saddr, 0).ok()?;
+            ctx.store(off, &new, 0).ok()?;
         }
         Some(())
     }

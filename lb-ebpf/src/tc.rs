@@ -18,14 +18,15 @@ use aya_ebpf::{
 };
 use bytemuck::Zeroable as _;
 use lb_common::{
-    BACKEND_F_LOCAL, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, PROG_TC_EGRESS, PROG_TC_INGRESS,
-    SCOPE_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange, SrcAffinityKey,
+    BACKEND_F_LOCAL, CT_F_CLOSING, CT_F_REJECT, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue,
+    PROG_TC_EGRESS, PROG_TC_INGRESS, REJECT_PORT, SCOPE_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey,
+    ServiceValue, SourceRange, SrcAffinityKey,
 };
 
 use crate::{
     ct, lb,
     maps::{LB_SOURCE_RANGES_V1, LB_TC_IFACES_V1, count},
-    nat::{self, IcmpError, Packet},
+    nat::{self, IcmpError, Outer, Packet},
 };
 
 /// Not ours: the next program (or the stack) decides.
@@ -80,6 +81,10 @@ fn translate(ctx: &TcContext, p: &Packet) -> i32 {
         return TCX_DROP;
     }
     count(PROG_TC_INGRESS, |c| c.translated += 1);
+    if value.flags & CT_F_REJECT != 0 {
+        // To the node's own stack, to be refused.
+        return TCX_PASS;
+    }
     nat::forward(ctx, ifindex)
 }
 
@@ -111,7 +116,7 @@ fn icmp_error(ctx: &TcContext) -> i32 {
     // The reply entry maps backend -> node:port to frontend -> client: the quoted packet
     // becomes client -> frontend, and the message goes to the client.
     if err
-        .rewrite(ctx, (v.daddr, v.dport), (v.saddr, v.sport))
+        .rewrite(ctx, (v.daddr, v.dport), (v.saddr, v.sport), Outer::ToClient)
         .is_none()
     {
         count(PROG_TC_INGRESS, |c| c.misses += 1);
@@ -122,7 +127,49 @@ fn icmp_error(ctx: &TcContext) -> i32 {
     nat::forward(ctx, unsafe { (*ctx.skb.skb).ifindex })
 }
 
-/// `new_flow`'s verdict when the flow is recorded in `out` (not a tc verdict).
+/// The node stack's ICMP port unreachable for a flow it was sent to be refused (a
+/// frontend without backends): made about the client's packet to the frontend, and sent
+/// from the frontend's address.
+#[inline(never)]
+fn refusal(ctx: &TcContext) -> i32 {
+    let Some(err) = IcmpError::parse(ctx) else {
+        return TCX_NEXT;
+    };
+    // The quoted packet is client -> node:REJECT_PORT; its reply tuple is tracked.
+    let quoted = ct::key_of(&err.inner);
+    let reply = CtKey {
+        saddr: quoted.daddr,
+        daddr: quoted.saddr,
+        sport: quoted.dport,
+        dport: quoted.sport,
+        ..quoted
+    };
+    let mut v = CtValue::zeroed();
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !ct::lookup(&reply, now, 0, &mut v)
+        || v.flags & CT_F_REJECT == 0
+        || v.flags & CT_F_REPLY == 0
+    {
+        return TCX_NEXT;
+    }
+    if err
+        .rewrite(
+            ctx,
+            (v.daddr, v.dport),
+            (v.saddr, v.sport),
+            Outer::FromFrontend,
+        )
+        .is_some()
+    {
+        count(PROG_TC_EGRESS, |c| c.translated += 1);
+    } else {
+        count(PROG_TC_EGRESS, |c| c.misses += 1);
+    }
+    TCX_NEXT
+}
+
+/// `new_flow`'s and `choose`'s verdict when the flow is in `out` (not a tc verdict).
 const FLOW_RECORDED: i32 = i32::MIN;
 
 /// A packet that no flow tracks: a new flow if it is addressed to a frontend, recorded
@@ -130,60 +177,70 @@ const FLOW_RECORDED: i32 = i32::MIN;
 /// stack frame is its own.
 #[inline(never)]
 fn new_flow(key: &CtKey, ifindex: u32, now: u64, out: &mut CtValue) -> i32 {
-    match choose(key, ifindex, now) {
-        Ok(v) => {
-            *out = v;
-            // SAFETY: a helper without arguments.
-            let random = unsafe { bpf_get_prandom_u32() };
-            if ct::create(key, out, random) {
-                FLOW_RECORDED
-            } else {
-                count(PROG_TC_INGRESS, |c| c.misses += 1);
-                TCX_DROP
-            }
-        }
-        Err(verdict) => verdict,
+    let verdict = choose(key, ifindex, now, out);
+    if verdict != FLOW_RECORDED {
+        return verdict;
+    }
+    // SAFETY: a helper without arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
+    if ct::create(key, out, random) {
+        FLOW_RECORDED
+    } else {
+        count(PROG_TC_INGRESS, |c| c.misses += 1);
+        TCX_DROP
     }
 }
 
-/// The backend and the translation for a new flow `key`.
+/// The backend and the translation for a new flow `key`, written to `out`
+/// ([`FLOW_RECORDED`]); else the packet's verdict.
 #[inline(always)]
-fn choose(key: &CtKey, ifindex: u32, now: u64) -> Result<CtValue, i32> {
+fn choose(key: &CtKey, ifindex: u32, now: u64, out: &mut CtValue) -> i32 {
     let Some((svc, header)) = frontend(key) else {
-        return Err(TCX_NEXT);
+        return TCX_NEXT;
     };
     if header.count == 0 {
         count(PROG_TC_INGRESS, |c| c.refused += 1);
         // externalTrafficPolicy Local without a local backend: dropped, as kube-proxy
-        // does. Otherwise a frontend on the node's own address goes to its stack, which
-        // answers as for a closed port (TCP RST, ICMP port unreachable, rate-limited).
-        return Err(
-            if svc.scope != SCOPE_LOCAL && node_addr(ifindex) == Some(key.daddr) {
-                TCX_PASS
-            } else {
-                TCX_DROP
-            },
-        );
+        // does. Otherwise the packet goes to the node's own stack at a port where
+        // nothing listens: it answers as for a closed port (TCP RST; ICMP port
+        // unreachable, rate-limited), and egress gives the answer the frontend's address.
+        if svc.scope == SCOPE_LOCAL {
+            return TCX_DROP;
+        }
+        let Some(node) = node_addr(ifindex) else {
+            return TCX_DROP;
+        };
+        *out = CtValue {
+            saddr: key.saddr,
+            daddr: node,
+            sport: key.sport,
+            dport: REJECT_PORT,
+            backend_id: 0,
+            last_seen_ns: now,
+            flags: CT_F_REJECT | CT_F_CLOSING,
+            _pad: [0; 7],
+        };
+        return FLOW_RECORDED;
     }
     if header.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(header.rev_nat_id, key) {
         // loadBalancerSourceRanges: not from an allowed range.
         count(PROG_TC_INGRESS, |c| c.refused += 1);
-        return Err(TCX_DROP);
+        return TCX_DROP;
     }
     let Some(chosen) = backend(key, svc, &header, now) else {
-        return Err(TCX_DROP);
+        return TCX_DROP;
     };
     let snat = chosen.backend.flags & BACKEND_F_LOCAL == 0;
     let (saddr, sport) = if snat {
         let Some(addr) = node_addr(ifindex) else {
             count(PROG_TC_INGRESS, |c| c.misses += 1);
-            return Err(TCX_DROP);
+            return TCX_DROP;
         };
         (addr, 0)
     } else {
         (key.saddr, key.sport)
     };
-    Ok(CtValue {
+    *out = CtValue {
         saddr,
         daddr: chosen.backend.addr,
         sport,
@@ -192,7 +249,8 @@ fn choose(key: &CtKey, ifindex: u32, now: u64) -> Result<CtValue, i32> {
         last_seen_ns: now,
         flags: if snat { CT_F_SNAT } else { 0 },
         _pad: [0; 7],
-    })
+    };
+    FLOW_RECORDED
 }
 
 /// Whether the client of `key` is in one of the frontend's source ranges.
@@ -259,10 +317,17 @@ fn node_addr(ifindex: u32) -> Option<lb_common::Addr> {
 
 #[inline(always)]
 fn egress(ctx: &TcContext) -> i32 {
-    let Some(p) = Packet::parse(ctx) else {
-        return TCX_NEXT;
-    };
-    let key = ct::key_of(&p);
+    match Packet::parse(ctx) {
+        Some(p) => reverse(ctx, &p),
+        None => refusal(ctx),
+    }
+}
+
+/// A reply of this node's own backend (or of its stack refusing a flow): the frontend
+/// becomes its source again. Not inlined: its stack frame is its own.
+#[inline(never)]
+fn reverse(ctx: &TcContext, p: &Packet) -> i32 {
+    let key = ct::key_of(p);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut v = CtValue::zeroed();

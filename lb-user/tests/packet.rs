@@ -247,13 +247,34 @@ fn external_traffic_policy_local_keeps_the_client_address_and_stays_on_the_node(
 }
 
 #[test]
-fn a_node_port_without_endpoints_is_refused_at_once() {
-    let fx = ClusterFixture::new("pn", 1, |c| node_port_service(c, "", &[]));
-    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
-    let report = fx.probe(target, 3, ProbeMode::Tcp);
-    assert_eq!(report.errors.get("ECONNREFUSED"), Some(&3), "{report:?}");
-    let report = fx.probe(target, 2, ProbeMode::UdpConnected);
-    assert_eq!(report.errors.get("ECONNREFUSED"), Some(&2), "{report:?}");
+fn a_frontend_without_endpoints_is_refused_at_once() {
+    let external = Ipv4Addr::new(203, 0, 113, 40);
+    let fx = ClusterFixture::new("pn", 1, |c| {
+        exposed_service(
+            c,
+            "NodePort",
+            &format!("  externalIPs: [{external}]\n"),
+            "",
+            &[],
+        )
+    });
+    fx.cluster.route_via(external, 0).unwrap();
+    // The nodePort and the externalIP alike: a TCP RST, an ICMP port unreachable, both
+    // from the address the client asked (else the client would ignore them and time out).
+    for (addr, tcp, udp) in [(node_ip(0), NODE_PORT, NODE_PORT), (external, 80, 53)] {
+        let report = fx.probe(SocketAddrV4::new(addr, tcp), 3, ProbeMode::Tcp);
+        assert_eq!(
+            report.errors.get("ECONNREFUSED"),
+            Some(&3),
+            "{addr}: {report:?}"
+        );
+        let report = fx.probe(SocketAddrV4::new(addr, udp), 2, ProbeMode::UdpConnected);
+        assert_eq!(
+            report.errors.get("ECONNREFUSED"),
+            Some(&2),
+            "{addr}: {report:?}"
+        );
+    }
 }
 
 #[test]
