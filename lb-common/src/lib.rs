@@ -40,7 +40,7 @@ pub const MAP_AFFINITY: &str = "LB_AFFINITY_V1";
 pub const MAP_AFFINITY_SRC: &str = "LB_AFFINITY_SRC_V1";
 pub const MAP_COUNTERS: &str = "LB_COUNTERS_V3";
 pub const MAP_CT: &str = "LB_CT_V1";
-pub const MAP_TC_IFACES: &str = "LB_TC_IFACES_V1";
+pub const MAP_TC_IFACES: &str = "LB_TC_IFACES_V2";
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES_V1";
 /// Every map the agent pins.
 pub const PINNED_MAPS: [&str; 10] = [
@@ -397,9 +397,11 @@ impl CtValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct TcIface {
-    /// The node's IPv4 address on the interface, the SNAT source (IPv4 mapped; all zero
-    /// when it has none).
+    /// The node's IPv4 address on the interface, the SNAT source of IPv4 flows (IPv4
+    /// mapped; all zero when it has none).
     pub addr4: Addr,
+    /// The node's IPv6 address there, the SNAT source of IPv6 flows (all zero: none).
+    pub addr6: Addr,
 }
 
 /// Whether an affinity entry last used at `last_used_ns` still holds at `now_ns` for a
@@ -485,7 +487,7 @@ const _: () = {
     assert!(core::mem::size_of::<SourceRange>() == 20);
     assert!(core::mem::size_of::<CtKey>() == 40);
     assert!(core::mem::size_of::<CtValue>() == 56);
-    assert!(core::mem::size_of::<TcIface>() == 16);
+    assert!(core::mem::size_of::<TcIface>() == 32);
     assert!(SNAT_PORT_MIN > 60_999 && SNAT_PORT_MIN <= SNAT_PORT_MAX);
 };
 

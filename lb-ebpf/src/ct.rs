@@ -23,19 +23,27 @@ const REFRESH_NS: u64 = 1_000_000_000;
 /// SNAT ports tried for a new flow before giving up.
 const SNAT_TRIES: u32 = 8;
 
-/// The tracking key of a packet: its tuple as it arrived.
+/// The tracking key of a packet: its tuple as it arrived, written to `key`.
 #[inline(always)]
-pub(crate) fn key_of(p: &Packet) -> CtKey {
-    let (saddr, sport) = p.src();
-    let (daddr, dport) = p.dst();
-    CtKey {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto: p.proto,
-        _pad: [0; 3],
-    }
+pub(crate) fn write_key(p: &Packet, key: &mut CtKey) {
+    key.saddr = p.saddr;
+    key.daddr = p.daddr;
+    key.sport = u16::from_be(p.sport);
+    key.dport = u16::from_be(p.dport);
+    key.proto = p.proto;
+    key._pad = [0; 3];
+}
+
+/// The key of the reply to packet `p` (its tuple reversed), written to `key`: what an
+/// ICMP error's quoted packet is looked up by.
+#[inline(always)]
+pub(crate) fn write_reply_key(p: &Packet, key: &mut CtKey) {
+    key.saddr = p.daddr;
+    key.daddr = p.saddr;
+    key.sport = u16::from_be(p.dport);
+    key.dport = u16::from_be(p.sport);
+    key.proto = p.proto;
+    key._pad = [0; 3];
 }
 
 /// The live entry of `key` at `now`, copied to `out`; `false` when there is none or it

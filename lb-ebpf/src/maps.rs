@@ -2,6 +2,7 @@
 //! `bpftool` and under the agent's pin path: keep them here, and keep them stable (a
 //! layout change gets a new `_Vn` name).
 
+use crate::nat::Packet;
 use aya_ebpf::{
     btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
@@ -56,6 +57,22 @@ pub(crate) static LB_CT_V1: LruHashMap<CtKey, CtValue, { MAX_CT as usize }> = Lr
 #[btf_map]
 pub(crate) static LB_CT_SCRATCH: PerCpuArray<CtScratch, 1> = PerCpuArray::new();
 
+/// A per-CPU scratch area for the packet a tc program handles and its flow.
+#[btf_map]
+pub(crate) static LB_PKT_SCRATCH: PerCpuArray<PktScratch, 1> = PerCpuArray::new();
+
+/// [`LB_PKT_SCRATCH`]'s layout.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct PktScratch {
+    pub packet: Packet,
+    pub key: CtKey,
+    pub value: CtValue,
+    /// A new flow's frontend and its header.
+    pub svc: ServiceKey,
+    pub header: ServiceValue,
+}
+
 /// The scratch area's layout.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -66,7 +83,7 @@ pub(crate) struct CtScratch {
 
 /// ifindex -> what the tc programs need to know of the interface (the SNAT address).
 #[btf_map]
-pub(crate) static LB_TC_IFACES_V1: HashMap<u32, TcIface, { MAX_TC_IFACES as usize }> =
+pub(crate) static LB_TC_IFACES_V2: HashMap<u32, TcIface, { MAX_TC_IFACES as usize }> =
     HashMap::new();
 
 /// (client source address, frontend) -> backend and last use: ClientIP affinity of the

@@ -1,130 +1,244 @@
-//! Packets for the tc programs: parsing an IPv4 TCP or UDP packet, rewriting its
-//! addresses and ports with the kernel's checksum helpers (a checksum is never written
-//! as 0), and sending it on by a FIB lookup.
+//! Packets for the tc programs: parsing an IPv4 or IPv6 TCP or UDP packet (and ICMP
+//! errors about one), rewriting its addresses and ports with the kernel's checksum
+//! helpers (a checksum is never written as 0), and sending it on by a FIB lookup.
 
 use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use lb_common::{Addr, PROTO_TCP, PROTO_UDP, as_v4, v4_mapped};
+use lb_common::{Addr, CtValue, PROTO_TCP, PROTO_UDP, as_v4, v4_mapped};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const IP_CSUM: usize = ETH_HLEN + 10;
 const IP_SRC: usize = ETH_HLEN + 12;
 const IP_DST: usize = ETH_HLEN + 16;
+const IP6_NEXT: usize = ETH_HLEN + 6;
+const IP6_SRC: usize = ETH_HLEN + 8;
+const IP6_DST: usize = ETH_HLEN + 24;
+const IP6_HLEN: usize = 40;
 /// tc's drop verdict (`TC_ACT_SHOT`).
 const SHOT: i32 = 2;
 pub(crate) const TCP_FIN: u8 = 0x01;
 pub(crate) const TCP_RST: u8 = 0x04;
 
-/// An IPv4 TCP or UDP packet: its tuple as it sits in the packet (addresses and ports in
-/// network order, read as they are in memory) and where its L4 header starts.
+/// Where an IP header's addresses are, by family.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The header's family from the Ethernet type.
+    #[inline(always)]
+    fn of(ctx: &TcContext) -> Option<Self> {
+        let eth_proto: u16 = ctx.load(12).ok()?;
+        match u16::from_be(eth_proto) {
+            ETH_P_IP => Some(Self::V4),
+            ETH_P_IPV6 => Some(Self::V6),
+            _ => None,
+        }
+    }
+}
+
+/// The source and destination of the IP header at `ip`, as mapped addresses, written
+/// to `src` and `dst`.
+#[inline(always)]
+fn write_addrs(
+    ctx: &TcContext,
+    ip: usize,
+    family: Family,
+    src: &mut Addr,
+    dst: &mut Addr,
+) -> Option<()> {
+    // Loaded straight into place: no copy on the (small) eBPF stack.
+    match family {
+        Family::V4 => {
+            *src = v4_mapped([0; 4]);
+            *dst = v4_mapped([0; 4]);
+            load_into(ctx, ip + 12, &mut src[12..], 4)?;
+            load_into(ctx, ip + 16, &mut dst[12..], 4)?;
+        }
+        Family::V6 => {
+            load_into(ctx, ip + 8, &mut src[..], 16)?;
+            load_into(ctx, ip + 24, &mut dst[..], 16)?;
+        }
+    }
+    Some(())
+}
+
+/// `len` bytes of the packet at `off` into `dst` (at least `len` long), with a constant
+/// length the verifier can check.
+#[inline(always)]
+fn load_into(ctx: &TcContext, off: usize, dst: &mut [u8], len: u32) -> Option<()> {
+    if dst.len() < len as usize {
+        return None;
+    }
+    // SAFETY: `dst` holds at least `len` bytes; the helper checks the packet's bounds.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            off as u32,
+            dst.as_mut_ptr().cast(),
+            len,
+        )
+    };
+    (ret == 0).then_some(())
+}
+
+/// Where and how [`replace_addr`] writes an address.
+struct AddrEdit {
+    v6: bool,
+    /// The address's offset in the packet.
+    off: usize,
+    /// The checksum the change is folded into, with the helper's flags (pseudo-header,
+    /// mangled-0).
+    csum: usize,
+    flags: u64,
+    /// For IPv4: the IP header checksum that covers the address, if any (else 0).
+    ip_csum: usize,
+}
+
+/// Replaces `old` with `new` as `edit` says (only when they differ). Not inlined: its
+/// stack frame is its own.
+#[inline(never)]
+fn replace_addr(ctx: &TcContext, edit: &AddrEdit, old: &Addr, new: &Addr) -> Option<()> {
+    if old == new {
+        return Some(());
+    }
+    if !edit.v6 {
+        let old = u32::from_ne_bytes(as_v4(old)?);
+        let new = u32::from_ne_bytes(as_v4(new)?);
+        ctx.l4_csum_replace(edit.csum, old.into(), new.into(), edit.flags | 4)
+            .ok()?;
+        if edit.ip_csum != 0 {
+            ctx.l3_csum_replace(edit.ip_csum, old.into(), new.into(), 4)
+                .ok()?;
+        }
+        return ctx.store(edit.off, &new, 0).ok();
+    }
+    // An IPv4 (mapped) address cannot go into an IPv6 header.
+    if new[10] == 0xff && new[11] == 0xff && new[..10].iter().all(|b| *b == 0) {
+        return None;
+    }
+    for i in 0..4 {
+        // SAFETY: in bounds (i < 4 words of 16 bytes); read unaligned.
+        let (old_word, new_word) = unsafe {
+            (
+                old.as_ptr().add(i * 4).cast::<u32>().read_unaligned(),
+                new.as_ptr().add(i * 4).cast::<u32>().read_unaligned(),
+            )
+        };
+        ctx.l4_csum_replace(edit.csum, old_word.into(), new_word.into(), edit.flags | 4)
+            .ok()?;
+    }
+    ctx.store(edit.off, new, 0).ok()
+}
+
+/// The address at `off` of a `family` header, as a mapped address.
+#[inline(always)]
+fn addr_at(ctx: &TcContext, off: usize, family: Family) -> Option<Addr> {
+    match family {
+        Family::V4 => Some(v4_mapped(ctx.load::<[u8; 4]>(off).ok()?)),
+        Family::V6 => ctx.load(off).ok(),
+    }
+}
+
+/// A TCP or UDP packet: its tuple (mapped addresses; ports in network order, as in the
+/// packet), its family and where its L4 header starts. Kept in a per-CPU scratch map
+/// (the eBPF stack is small).
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct Packet {
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     pub tcp_flags: u8,
+    /// IPv6 (else IPv4).
+    pub v6: bool,
     l4: usize,
 }
 
 impl Packet {
-    /// The packet's IPv4 TCP or UDP tuple; `None` for anything else (other protocols,
-    /// fragments, IPv6 for now), which the programs leave alone.
+    /// The packet's TCP or UDP tuple, written to `out`; `None` for anything else (other
+    /// protocols, IPv4 fragments, IPv6 extension headers), which the programs leave alone.
     #[inline(always)]
-    pub(crate) fn parse(ctx: &TcContext) -> Option<Self> {
-        let eth_proto: u16 = ctx.load(12).ok()?;
-        if u16::from_be(eth_proto) != ETH_P_IP {
-            return None;
-        }
-        let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
-        let ihl = usize::from(vihl & 0x0f) * 4;
-        if vihl >> 4 != 4 || ihl < 20 {
-            return None;
-        }
-        let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
-        if u16::from_be(frag) & 0x3fff != 0 {
-            return None;
-        }
-        let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    pub(crate) fn parse_into(ctx: &TcContext, out: &mut Self) -> Option<()> {
+        let family = Family::of(ctx)?;
+        let (proto, l4) = match family {
+            Family::V4 => {
+                let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+                let ihl = usize::from(vihl & 0x0f) * 4;
+                let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
+                if vihl >> 4 != 4 || ihl < 20 || u16::from_be(frag) & 0x3fff != 0 {
+                    return None;
+                }
+                (ctx.load::<u8>(ETH_HLEN + 9).ok()?, ETH_HLEN + ihl)
+            }
+            Family::V6 => (ctx.load::<u8>(IP6_NEXT).ok()?, ETH_HLEN + IP6_HLEN),
+        };
         if proto != PROTO_TCP && proto != PROTO_UDP {
             return None;
         }
-        let l4 = ETH_HLEN + ihl;
         let tcp_flags = if proto == PROTO_TCP {
             ctx.load::<u8>(l4 + 13).ok()?
         } else {
             0
         };
-        Some(Self {
-            saddr: ctx.load(IP_SRC).ok()?,
-            daddr: ctx.load(IP_DST).ok()?,
-            sport: ctx.load(l4).ok()?,
-            dport: ctx.load(l4 + 2).ok()?,
-            proto,
-            tcp_flags,
-            l4,
-        })
+        write_addrs(ctx, ETH_HLEN, family, &mut out.saddr, &mut out.daddr)?;
+        out.sport = ctx.load(l4).ok()?;
+        out.dport = ctx.load(l4 + 2).ok()?;
+        out.proto = proto;
+        out.tcp_flags = tcp_flags;
+        out.v6 = family == Family::V6;
+        out.l4 = l4;
+        Some(())
     }
 
-    pub(crate) fn src(&self) -> (Addr, u16) {
-        (
-            v4_mapped(self.saddr.to_ne_bytes()),
-            u16::from_be(self.sport),
-        )
+    pub(crate) fn family(&self) -> Family {
+        if self.v6 { Family::V6 } else { Family::V4 }
     }
 
-    pub(crate) fn dst(&self) -> (Addr, u16) {
-        (
-            v4_mapped(self.daddr.to_ne_bytes()),
-            u16::from_be(self.dport),
-        )
-    }
-
-    /// Rewrites source and destination to `src` and `dst` (mapped addresses, host-order
-    /// ports), updating the IP and L4 checksums; only what changes is written. `None`
-    /// for an address that is not IPv4 or a helper that failed. Not inlined: its stack
-    /// frame is its own.
+    /// Rewrites source and destination to those of `to` (the tuple a tracked flow's
+    /// packet becomes), updating the IP (IPv4) and L4 checksums; only what changes is
+    /// written. `None` for an address of the other family or a helper that failed. Not
+    /// inlined: its stack frame is its own.
     #[inline(never)]
-    pub(crate) fn rewrite(
-        &self,
-        ctx: &TcContext,
-        src: (Addr, u16),
-        dst: (Addr, u16),
-    ) -> Option<()> {
-        let saddr = u32::from_ne_bytes(as_v4(&src.0)?);
-        let daddr = u32::from_ne_bytes(as_v4(&dst.0)?);
-        let (sport, dport) = (src.1.to_be(), dst.1.to_be());
+    pub(crate) fn rewrite(&self, ctx: &TcContext, to: &CtValue) -> Option<()> {
+        let (sport, dport) = (to.sport.to_be(), to.dport.to_be());
         let csum = self.l4 + if self.proto == PROTO_TCP { 16 } else { 6 };
-        // UDP: a zero checksum means "none" and must stay so.
+        // UDP over IPv4: a zero checksum means "none" and must stay so.
         let mangled = if self.proto == PROTO_UDP {
             u64::from(BPF_F_MARK_MANGLED_0)
         } else {
             0
         };
-        let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
-        if saddr != self.saddr {
-            ctx.l4_csum_replace(csum, self.saddr.into(), saddr.into(), pseudo)
-                .ok()?;
-            ctx.l3_csum_replace(IP_CSUM, self.saddr.into(), saddr.into(), 4)
-                .ok()?;
-            ctx.store(IP_SRC, &saddr, 0).ok()?;
-        }
-        if daddr != self.daddr {
-            ctx.l4_csum_replace(csum, self.daddr.into(), daddr.into(), pseudo)
-                .ok()?;
-            ctx.l3_csum_replace(IP_CSUM, self.daddr.into(), daddr.into(), 4)
-                .ok()?;
-            ctx.store(IP_DST, &daddr, 0).ok()?;
-        }
+        let v6 = self.v6;
+        let (src_off, dst_off, ip_csum) = if v6 {
+            (IP6_SRC, IP6_DST, 0)
+        } else {
+            (IP_SRC, IP_DST, IP_CSUM)
+        };
+        let mut edit = AddrEdit {
+            v6,
+            off: src_off,
+            csum,
+            flags: u64::from(BPF_F_PSEUDO_HDR) | mangled,
+            ip_csum,
+        };
+        replace_addr(ctx, &edit, &self.saddr, &to.saddr)?;
+        edit.off = dst_off;
+        replace_addr(ctx, &edit, &self.daddr, &to.daddr)?;
         if sport != self.sport {
             ctx.l4_csum_replace(csum, self.sport.into(), sport.into(), mangled | 2)
                 .ok()?;
@@ -140,21 +254,22 @@ impl Packet {
 }
 
 const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMPV6_TIME_EXCEED: u8 = 3;
+const ICMPV6_PARAMPROB: u8 = 4;
 
-/// An ICMP error about a TCP or UDP packet: where its parts are, and the tuple of the
-/// packet it quotes (the inner packet, which went the other way).
+/// An ICMP (or ICMPv6) error about a TCP or UDP packet: where its parts are. The tuple
+/// of the packet it quotes (which went the other way) is parsed into a [`Packet`].
 #[derive(Clone, Copy)]
 pub(crate) struct IcmpError {
-    /// The quoted packet's tuple, as in [`Packet`].
-    pub inner: Packet,
     /// Offsets of the ICMP header and the quoted IP header.
     icmp: usize,
     inner_ip: usize,
-    saddr: u32,
-    daddr: u32,
 }
 
 /// Which outer address an ICMP error's translation changes.
@@ -167,81 +282,111 @@ pub(crate) enum Outer {
 }
 
 impl IcmpError {
-    /// An IPv4 ICMP destination-unreachable, time-exceeded or parameter-problem message
-    /// quoting a TCP or UDP packet; `None` for anything else.
+    /// An ICMP destination-unreachable, time-exceeded or parameter-problem message (and
+    /// ICMPv6's packet-too-big) quoting a TCP or UDP packet, whose tuple goes to `inner`;
+    /// `None` for anything else.
     #[inline(always)]
-    pub(crate) fn parse(ctx: &TcContext) -> Option<Self> {
-        let eth_proto: u16 = ctx.load(12).ok()?;
-        let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
-        let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
-        if u16::from_be(eth_proto) != ETH_P_IP || vihl >> 4 != 4 || proto != IPPROTO_ICMP {
-            return None;
-        }
-        let icmp = ETH_HLEN + usize::from(vihl & 0x0f) * 4;
+    pub(crate) fn parse(ctx: &TcContext, inner: &mut Packet) -> Option<Self> {
+        let family = Family::of(ctx)?;
+        let icmp = match family {
+            Family::V4 => {
+                let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+                let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+                if vihl >> 4 != 4 || proto != IPPROTO_ICMP {
+                    return None;
+                }
+                ETH_HLEN + usize::from(vihl & 0x0f) * 4
+            }
+            Family::V6 => {
+                if ctx.load::<u8>(IP6_NEXT).ok()? != IPPROTO_ICMPV6 {
+                    return None;
+                }
+                ETH_HLEN + IP6_HLEN
+            }
+        };
         let kind: u8 = ctx.load(icmp).ok()?;
-        if !matches!(
-            kind,
-            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
-        ) {
+        let error = match family {
+            Family::V4 => matches!(
+                kind,
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+            ),
+            Family::V6 => matches!(
+                kind,
+                ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED | ICMPV6_PARAMPROB
+            ),
+        };
+        if !error {
             return None;
         }
         let inner_ip = icmp + 8;
-        let inner_vihl: u8 = ctx.load(inner_ip).ok()?;
-        let inner_proto: u8 = ctx.load(inner_ip + 9).ok()?;
-        if inner_vihl >> 4 != 4 || (inner_proto != PROTO_TCP && inner_proto != PROTO_UDP) {
+        let (inner_proto, l4) = match family {
+            Family::V4 => {
+                let vihl: u8 = ctx.load(inner_ip).ok()?;
+                if vihl >> 4 != 4 {
+                    return None;
+                }
+                (
+                    ctx.load::<u8>(inner_ip + 9).ok()?,
+                    inner_ip + usize::from(vihl & 0x0f) * 4,
+                )
+            }
+            Family::V6 => (ctx.load::<u8>(inner_ip + 6).ok()?, inner_ip + IP6_HLEN),
+        };
+        if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
             return None;
         }
-        let l4 = inner_ip + usize::from(inner_vihl & 0x0f) * 4;
-        Some(Self {
-            inner: Packet {
-                saddr: ctx.load(inner_ip + 12).ok()?,
-                daddr: ctx.load(inner_ip + 16).ok()?,
-                sport: ctx.load(l4).ok()?,
-                dport: ctx.load(l4 + 2).ok()?,
-                proto: inner_proto,
-                tcp_flags: 0,
-                l4,
-            },
-            icmp,
-            inner_ip,
-            saddr: ctx.load(IP_SRC).ok()?,
-            daddr: ctx.load(IP_DST).ok()?,
-        })
+        write_addrs(ctx, inner_ip, family, &mut inner.saddr, &mut inner.daddr)?;
+        inner.sport = ctx.load(l4).ok()?;
+        inner.dport = ctx.load(l4 + 2).ok()?;
+        inner.proto = inner_proto;
+        inner.tcp_flags = 0;
+        inner.v6 = family == Family::V6;
+        inner.l4 = l4;
+        Some(Self { icmp, inner_ip })
     }
 
-    /// Makes the message about the packet `src` -> `dst` (mapped addresses, host-order
-    /// ports): the quoted header is rewritten, with its IP checksum and the ICMP
-    /// checksum, then the outer address `outer` says. Not inlined.
+    /// Makes the message about the packet that the reply entry `v` answers, instead of
+    /// `inner` (what [`IcmpError::parse`] read): the quoted packet becomes `v`'s
+    /// destination -> `v`'s source (the client -> the frontend); the quoted header is
+    /// rewritten, with its IP checksum (IPv4) and the ICMP checksum, then the outer
+    /// address `outer` says. Not inlined.
     #[inline(never)]
     pub(crate) fn rewrite(
         &self,
         ctx: &TcContext,
-        src: (Addr, u16),
-        dst: (Addr, u16),
+        inner: &Packet,
+        v: &CtValue,
         outer: Outer,
     ) -> Option<()> {
-        let saddr = u32::from_ne_bytes(as_v4(&src.0)?);
-        let daddr = u32::from_ne_bytes(as_v4(&dst.0)?);
-        let (sport, dport) = (src.1.to_be(), dst.1.to_be());
+        // The quoted packet becomes v's destination -> v's source.
+        let family = inner.family();
         let icmp_csum = self.icmp + 2;
-        let inner_csum = self.inner_ip + 10;
-        let old_ip_csum: u16 = ctx.load(inner_csum).ok()?;
-        let inner = &self.inner;
-        for (off, old, new) in [
-            (self.inner_ip + 12, inner.saddr, saddr),
-            (self.inner_ip + 16, inner.daddr, daddr),
-        ] {
-            if old != new {
-                ctx.l3_csum_replace(inner_csum, old.into(), new.into(), 4)
-                    .ok()?;
-                ctx.l4_csum_replace(icmp_csum, old.into(), new.into(), 4)
-                    .ok()?;
-                ctx.store(off, &new, 0).ok()?;
-            }
+        let (inner_csum, src_off, dst_off) = match family {
+            Family::V4 => (self.inner_ip + 10, self.inner_ip + 12, self.inner_ip + 16),
+            Family::V6 => (0, self.inner_ip + 8, self.inner_ip + 24),
+        };
+        let old_ip_csum: u16 = if inner_csum != 0 {
+            ctx.load(inner_csum).ok()?
+        } else {
+            0
+        };
+        // The quoted header is ICMP payload: its changes enter the ICMP checksum plainly.
+        let mut edit = AddrEdit {
+            v6: inner.v6,
+            off: src_off,
+            csum: icmp_csum,
+            flags: 0,
+            ip_csum: inner_csum,
+        };
+        replace_addr(ctx, &edit, &inner.saddr, &v.daddr)?;
+        edit.off = dst_off;
+        replace_addr(ctx, &edit, &inner.daddr, &v.saddr)?;
+        if inner_csum != 0 {
+            let new_ip_csum: u16 = ctx.load(inner_csum).ok()?;
+            ctx.l4_csum_replace(icmp_csum, old_ip_csum.into(), new_ip_csum.into(), 2)
+                .ok()?;
         }
-        let new_ip_csum: u16 = ctx.load(inner_csum).ok()?;
-        ctx.l4_csum_replace(icmp_csum, old_ip_csum.into(), new_ip_csum.into(), 2)
-            .ok()?;
+        let (sport, dport) = (v.dport.to_be(), v.sport.to_be());
         for (off, old, new) in [
             (inner.l4, inner.sport, sport),
             (inner.l4 + 2, inner.dport, dport),
@@ -252,16 +397,33 @@ impl IcmpError {
                 ctx.store(off, &new, 0).ok()?;
             }
         }
-        let (off, old, new) = match outer {
-            Outer::ToClient => (IP_DST, self.daddr, saddr),
-            Outer::FromFrontend => (IP_SRC, self.saddr, daddr),
+        // The outer header: ICMPv6's checksum covers a pseudo-header; ICMP's does not,
+        // only the IPv4 header checksum covers an IPv4 outer address.
+        let (off, new) = match (outer, family) {
+            (Outer::ToClient, Family::V4) => (IP_DST, &v.daddr),
+            (Outer::ToClient, Family::V6) => (IP6_DST, &v.daddr),
+            (Outer::FromFrontend, Family::V4) => (IP_SRC, &v.saddr),
+            (Outer::FromFrontend, Family::V6) => (IP6_SRC, &v.saddr),
         };
-        if old != new {
-            ctx.l3_csum_replace(IP_CSUM, old.into(), new.into(), 4)
-                .ok()?;
-            ctx.store(off, &new, 0).ok()?;
+        let old = addr_at(ctx, off, family)?;
+        if family == Family::V4 {
+            let old4 = u32::from_ne_bytes(as_v4(&old)?);
+            let new4 = u32::from_ne_bytes(as_v4(new)?);
+            if old4 != new4 {
+                ctx.l3_csum_replace(IP_CSUM, old4.into(), new4.into(), 4)
+                    .ok()?;
+                ctx.store(off, &new4, 0).ok()?;
+            }
+            return Some(());
         }
-        Some(())
+        let edit = AddrEdit {
+            v6: true,
+            off,
+            csum: icmp_csum,
+            flags: u64::from(BPF_F_PSEUDO_HDR),
+            ip_csum: 0,
+        };
+        replace_addr(ctx, &edit, &old, new)
     }
 }
 
@@ -270,18 +432,39 @@ impl IcmpError {
 /// whose source is the node's own address as a martian). Returns the tc verdict. Not
 /// inlined: its stack frame is its own.
 #[inline(never)]
-pub(crate) fn forward(ctx: &TcContext, ifindex: u32) -> i32 {
+pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family) -> i32 {
     // SAFETY: a plain C struct; all zero is a valid value.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
     fib.ifindex = ifindex;
-    let (Ok(saddr), Ok(daddr)) = (ctx.load::<u32>(IP_SRC), ctx.load::<u32>(IP_DST)) else {
-        return SHOT;
-    };
     // No tot_len: the kernel then checks the packet against the output device's MTU
     // itself, GSO-aware (with tot_len, a 64 KB GSO packet "needs fragmentation").
-    fib.__bindgen_anon_3.ipv4_src = saddr;
-    fib.__bindgen_anon_4.ipv4_dst = daddr;
+    let loaded = match family {
+        Family::V4 => {
+            fib.family = AF_INET;
+            match (ctx.load::<u32>(IP_SRC), ctx.load::<u32>(IP_DST)) {
+                (Ok(src), Ok(dst)) => {
+                    fib.__bindgen_anon_3.ipv4_src = src;
+                    fib.__bindgen_anon_4.ipv4_dst = dst;
+                    true
+                }
+                _ => false,
+            }
+        }
+        Family::V6 => {
+            fib.family = AF_INET6;
+            match (ctx.load::<[u32; 4]>(IP6_SRC), ctx.load::<[u32; 4]>(IP6_DST)) {
+                (Ok(src), Ok(dst)) => {
+                    fib.__bindgen_anon_3.ipv6_src = src;
+                    fib.__bindgen_anon_4.ipv6_dst = dst;
+                    true
+                }
+                _ => false,
+            }
+        }
+    };
+    if !loaded {
+        return SHOT;
+    }
     // SAFETY: the helper reads and writes `fib`, whose size is passed.
     let ret = unsafe {
         bpf_fib_lookup(

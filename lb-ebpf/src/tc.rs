@@ -16,16 +16,15 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use bytemuck::Zeroable as _;
 use lb_common::{
-    BACKEND_F_LOCAL, CT_F_CLOSING, CT_F_REJECT, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue,
-    PROG_TC_EGRESS, PROG_TC_INGRESS, REJECT_PORT, SCOPE_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey,
-    ServiceValue, SourceRange, SrcAffinityKey,
+    BACKEND_F_LOCAL, CT_F_CLOSING, CT_F_REJECT, CT_F_REPLY, CT_F_SNAT, CtKey, PROG_TC_EGRESS,
+    PROG_TC_INGRESS, REJECT_PORT, SCOPE_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
+    SourceRange, SrcAffinityKey,
 };
 
 use crate::{
     ct, lb,
-    maps::{LB_SOURCE_RANGES_V1, LB_TC_IFACES_V1, count},
+    maps::{LB_PKT_SCRATCH, LB_SOURCE_RANGES_V1, LB_TC_IFACES_V2, PktScratch, count},
     nat::{self, IcmpError, Outer, Packet},
 };
 
@@ -47,45 +46,53 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn ingress(ctx: &TcContext) -> i32 {
-    match Packet::parse(ctx) {
-        Some(p) => translate(ctx, &p),
-        None => icmp_error(ctx),
+    let Some(s) = scratch() else {
+        return TCX_NEXT;
+    };
+    match Packet::parse_into(ctx, &mut s.packet) {
+        Some(()) => translate(ctx, s),
+        None => icmp_error(ctx, s),
     }
+}
+
+/// This CPU's scratch area for the packet and its flow.
+#[inline(always)]
+fn scratch() -> Option<&'static mut PktScratch> {
+    let ptr = LB_PKT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; one program run at a time uses it.
+    Some(unsafe { &mut *ptr })
 }
 
 /// A TCP or UDP packet from outside: a tracked flow's, or a new flow's if it is
 /// addressed to a frontend. Not inlined: its stack frame is its own.
 #[inline(never)]
-fn translate(ctx: &TcContext, p: &Packet) -> i32 {
+fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = ct::key_of(p);
+    ct::write_key(&s.packet, &mut s.key);
     // SAFETY: the context's sk_buff is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let mut value = CtValue::zeroed();
-    if ct::lookup(&key, now, p.tcp_flags, &mut value) {
+    if ct::lookup(&s.key, now, s.packet.tcp_flags, &mut s.value) {
         // A reply of this node's own backend is egress's business.
-        if value.flags & CT_F_REPLY != 0 && value.flags & CT_F_SNAT == 0 {
+        if s.value.flags & CT_F_REPLY != 0 && s.value.flags & CT_F_SNAT == 0 {
             return TCX_NEXT;
         }
     } else {
-        let verdict = new_flow(&key, ifindex, now, &mut value);
+        let verdict = new_flow(s, ifindex, now);
         if verdict != FLOW_RECORDED {
             return verdict;
         }
     }
-    if p.rewrite(ctx, (value.saddr, value.sport), (value.daddr, value.dport))
-        .is_none()
-    {
+    if s.packet.rewrite(ctx, &s.value).is_none() {
         count(PROG_TC_INGRESS, |c| c.misses += 1);
         return TCX_DROP;
     }
     count(PROG_TC_INGRESS, |c| c.translated += 1);
-    if value.flags & CT_F_REJECT != 0 {
+    if s.value.flags & CT_F_REJECT != 0 {
         // To the node's own stack, to be refused.
         return TCX_PASS;
     }
-    nat::forward(ctx, ifindex)
+    nat::forward(ctx, ifindex, s.packet.family())
 }
 
 /// An ICMP error about a packet the node SNATed (sent by a router or host between this
@@ -93,73 +100,47 @@ fn translate(ctx: &TcContext, p: &Packet) -> i32 {
 /// the client's own packet and sent to the client, so path-MTU discovery and
 /// unreachable errors work through the NAT. Anything else is not ours.
 #[inline(never)]
-fn icmp_error(ctx: &TcContext) -> i32 {
-    let Some(err) = IcmpError::parse(ctx) else {
+fn icmp_error(ctx: &TcContext, s: &mut PktScratch) -> i32 {
+    let Some(err) = IcmpError::parse(ctx, &mut s.packet) else {
         return TCX_NEXT;
     };
     // The quoted packet went node -> backend; its reply tuple is tracked.
-    let quoted = ct::key_of(&err.inner);
-    let reply = CtKey {
-        saddr: quoted.daddr,
-        daddr: quoted.saddr,
-        sport: quoted.dport,
-        dport: quoted.sport,
-        ..quoted
-    };
-    let mut v = CtValue::zeroed();
+    ct::write_reply_key(&s.packet, &mut s.key);
+    let v = &mut s.value;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if !ct::lookup(&reply, now, 0, &mut v) || v.flags & CT_F_SNAT == 0 || v.flags & CT_F_REPLY == 0
-    {
+    if !ct::lookup(&s.key, now, 0, v) || v.flags & CT_F_SNAT == 0 || v.flags & CT_F_REPLY == 0 {
         return TCX_NEXT;
     }
     // The reply entry maps backend -> node:port to frontend -> client: the quoted packet
     // becomes client -> frontend, and the message goes to the client.
-    if err
-        .rewrite(ctx, (v.daddr, v.dport), (v.saddr, v.sport), Outer::ToClient)
-        .is_none()
-    {
+    if err.rewrite(ctx, &s.packet, v, Outer::ToClient).is_none() {
         count(PROG_TC_INGRESS, |c| c.misses += 1);
         return TCX_DROP;
     }
     count(PROG_TC_INGRESS, |c| c.translated += 1);
     // SAFETY: the context's sk_buff is valid for the program's run.
-    nat::forward(ctx, unsafe { (*ctx.skb.skb).ifindex })
+    nat::forward(ctx, unsafe { (*ctx.skb.skb).ifindex }, s.packet.family())
 }
 
 /// The node stack's ICMP port unreachable for a flow it was sent to be refused (a
 /// frontend without backends): made about the client's packet to the frontend, and sent
 /// from the frontend's address.
 #[inline(never)]
-fn refusal(ctx: &TcContext) -> i32 {
-    let Some(err) = IcmpError::parse(ctx) else {
+fn refusal(ctx: &TcContext, s: &mut PktScratch) -> i32 {
+    let Some(err) = IcmpError::parse(ctx, &mut s.packet) else {
         return TCX_NEXT;
     };
     // The quoted packet is client -> node:REJECT_PORT; its reply tuple is tracked.
-    let quoted = ct::key_of(&err.inner);
-    let reply = CtKey {
-        saddr: quoted.daddr,
-        daddr: quoted.saddr,
-        sport: quoted.dport,
-        dport: quoted.sport,
-        ..quoted
-    };
-    let mut v = CtValue::zeroed();
+    ct::write_reply_key(&s.packet, &mut s.key);
+    let v = &mut s.value;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if !ct::lookup(&reply, now, 0, &mut v)
-        || v.flags & CT_F_REJECT == 0
-        || v.flags & CT_F_REPLY == 0
-    {
+    if !ct::lookup(&s.key, now, 0, v) || v.flags & CT_F_REJECT == 0 || v.flags & CT_F_REPLY == 0 {
         return TCX_NEXT;
     }
     if err
-        .rewrite(
-            ctx,
-            (v.daddr, v.dport),
-            (v.saddr, v.sport),
-            Outer::FromFrontend,
-        )
+        .rewrite(ctx, &s.packet, v, Outer::FromFrontend)
         .is_some()
     {
         count(PROG_TC_EGRESS, |c| c.translated += 1);
@@ -176,14 +157,14 @@ const FLOW_RECORDED: i32 = i32::MIN;
 /// and written to `out` ([`FLOW_RECORDED`]); else the packet's verdict. Not inlined: its
 /// stack frame is its own.
 #[inline(never)]
-fn new_flow(key: &CtKey, ifindex: u32, now: u64, out: &mut CtValue) -> i32 {
-    let verdict = choose(key, ifindex, now, out);
+fn new_flow(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
+    let verdict = choose(s, ifindex, now);
     if verdict != FLOW_RECORDED {
         return verdict;
     }
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
-    if ct::create(key, out, random) {
+    if ct::create(&s.key, &mut s.value, random) {
         FLOW_RECORDED
     } else {
         count(PROG_TC_INGRESS, |c| c.misses += 1);
@@ -191,13 +172,16 @@ fn new_flow(key: &CtKey, ifindex: u32, now: u64, out: &mut CtValue) -> i32 {
     }
 }
 
-/// The backend and the translation for a new flow `key`, written to `out`
+/// The backend and the translation for the new flow `s.key`, written to `s.value`
 /// ([`FLOW_RECORDED`]); else the packet's verdict.
 #[inline(always)]
-fn choose(key: &CtKey, ifindex: u32, now: u64, out: &mut CtValue) -> i32 {
-    let Some((svc, header)) = frontend(key) else {
+fn choose(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
+    if !frontend(&s.key, &mut s.svc, &mut s.header) {
         return TCX_NEXT;
-    };
+    }
+    let (key, svc, header, out) = (&s.key, &s.svc, &s.header, &mut s.value);
+    out.last_seen_ns = now;
+    out._pad = [0; 7];
     if header.count == 0 {
         count(PROG_TC_INGRESS, |c| c.refused += 1);
         // externalTrafficPolicy Local without a local backend: dropped, as kube-proxy
@@ -207,19 +191,15 @@ fn choose(key: &CtKey, ifindex: u32, now: u64, out: &mut CtValue) -> i32 {
         if svc.scope == SCOPE_LOCAL {
             return TCX_DROP;
         }
-        let Some(node) = node_addr(ifindex) else {
+        let Some(node) = node_addr(ifindex, key) else {
             return TCX_DROP;
         };
-        *out = CtValue {
-            saddr: key.saddr,
-            daddr: node,
-            sport: key.sport,
-            dport: REJECT_PORT,
-            backend_id: 0,
-            last_seen_ns: now,
-            flags: CT_F_REJECT | CT_F_CLOSING,
-            _pad: [0; 7],
-        };
+        out.saddr = key.saddr;
+        out.sport = key.sport;
+        out.daddr = node;
+        out.dport = REJECT_PORT;
+        out.backend_id = 0;
+        out.flags = CT_F_REJECT | CT_F_CLOSING;
         return FLOW_RECORDED;
     }
     if header.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(header.rev_nat_id, key) {
@@ -227,29 +207,26 @@ fn choose(key: &CtKey, ifindex: u32, now: u64, out: &mut CtValue) -> i32 {
         count(PROG_TC_INGRESS, |c| c.refused += 1);
         return TCX_DROP;
     }
-    let Some(chosen) = backend(key, svc, &header, now) else {
+    let Some(chosen) = backend(key, svc, header, now) else {
         return TCX_DROP;
     };
     let snat = chosen.backend.flags & BACKEND_F_LOCAL == 0;
-    let (saddr, sport) = if snat {
-        let Some(addr) = node_addr(ifindex) else {
+    if snat {
+        let Some(addr) = node_addr(ifindex, key) else {
             count(PROG_TC_INGRESS, |c| c.misses += 1);
             return TCX_DROP;
         };
-        (addr, 0)
+        out.saddr = addr;
+        out.sport = 0;
+        out.flags = CT_F_SNAT;
     } else {
-        (key.saddr, key.sport)
-    };
-    *out = CtValue {
-        saddr,
-        daddr: chosen.backend.addr,
-        sport,
-        dport: chosen.backend.port,
-        backend_id: chosen.id,
-        last_seen_ns: now,
-        flags: if snat { CT_F_SNAT } else { 0 },
-        _pad: [0; 7],
-    };
+        out.saddr = key.saddr;
+        out.sport = key.sport;
+        out.flags = 0;
+    }
+    out.daddr = chosen.backend.addr;
+    out.dport = chosen.backend.port;
+    out.backend_id = chosen.id;
     FLOW_RECORDED
 }
 
@@ -270,11 +247,11 @@ fn source_allowed(rev_nat_id: u16, key: &CtKey) -> bool {
 /// The client's remembered backend (ClientIP affinity, keyed by its source address),
 /// else one at random; the choice is remembered when the frontend has affinity.
 #[inline(always)]
-fn backend(key: &CtKey, svc: ServiceKey, header: &ServiceValue, now: u64) -> Option<lb::Chosen> {
+fn backend(key: &CtKey, svc: &ServiceKey, header: &ServiceValue, now: u64) -> Option<lb::Chosen> {
     if header.affinity_timeout == 0 {
         // SAFETY: a helper without arguments.
         let random = unsafe { bpf_get_prandom_u32() };
-        return lb::pick(svc, header, random, PROG_TC_INGRESS);
+        return lb::pick(*svc, header, random, PROG_TC_INGRESS);
     }
     let akey = SrcAffinityKey {
         addr: key.saddr,
@@ -287,57 +264,69 @@ fn backend(key: &CtKey, svc: ServiceKey, header: &ServiceValue, now: u64) -> Opt
     }
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
-    let chosen = lb::pick(svc, header, random, PROG_TC_INGRESS)?;
+    let chosen = lb::pick(*svc, header, random, PROG_TC_INGRESS)?;
     lb::remember_src(&akey, now, &chosen, PROG_TC_INGRESS);
     Some(chosen)
 }
 
-/// The frontend a packet is addressed to: its local scope if it has one, else the
-/// external one.
+/// The frontend a packet is addressed to, written to `svc` and `header`: its local scope
+/// if it has one, else the external one; `false` when there is none.
 #[inline(always)]
-fn frontend(key: &CtKey) -> Option<(ServiceKey, ServiceValue)> {
-    let external = ServiceKey::new(key.daddr, key.dport, key.proto, 0);
-    let local = ServiceKey {
-        scope: SCOPE_LOCAL,
-        ..external
-    };
-    if let Some(h) = lb::header(local) {
-        return Some((local, h));
+fn frontend(key: &CtKey, svc: &mut ServiceKey, header: &mut ServiceValue) -> bool {
+    *svc = ServiceKey::new(key.daddr, key.dport, key.proto, 0);
+    svc.scope = SCOPE_LOCAL;
+    if let Some(h) = lb::header(*svc) {
+        *header = h;
+        return true;
     }
-    lb::header(external).map(|h| (external, h))
+    svc.scope = lb_common::SCOPE_EXTERNAL;
+    match lb::header(*svc) {
+        Some(h) => {
+            *header = h;
+            true
+        }
+        None => false,
+    }
 }
 
-/// The node's IPv4 address on interface `ifindex`, as the agent configured it.
+/// The node's address of `key`'s family on interface `ifindex`, as the agent
+/// configured it.
 #[inline(always)]
-fn node_addr(ifindex: u32) -> Option<lb_common::Addr> {
+fn node_addr(ifindex: u32, key: &CtKey) -> Option<lb_common::Addr> {
     // SAFETY: copied out at once.
-    let iface = unsafe { LB_TC_IFACES_V1.get(ifindex) }.copied()?;
-    (iface.addr4 != [0; 16]).then_some(iface.addr4)
+    let iface = unsafe { LB_TC_IFACES_V2.get(ifindex) }.copied()?;
+    let addr = if lb_common::as_v4(&key.daddr).is_some() {
+        iface.addr4
+    } else {
+        iface.addr6
+    };
+    (addr != [0; 16]).then_some(addr)
 }
 
 #[inline(always)]
 fn egress(ctx: &TcContext) -> i32 {
-    match Packet::parse(ctx) {
-        Some(p) => reverse(ctx, &p),
-        None => refusal(ctx),
+    let Some(s) = scratch() else {
+        return TCX_NEXT;
+    };
+    match Packet::parse_into(ctx, &mut s.packet) {
+        Some(()) => reverse(ctx, s),
+        None => refusal(ctx, s),
     }
 }
 
 /// A reply of this node's own backend (or of its stack refusing a flow): the frontend
 /// becomes its source again. Not inlined: its stack frame is its own.
 #[inline(never)]
-fn reverse(ctx: &TcContext, p: &Packet) -> i32 {
-    let key = ct::key_of(p);
+fn reverse(ctx: &TcContext, s: &mut PktScratch) -> i32 {
+    ct::write_key(&s.packet, &mut s.key);
+    let (p, v) = (&s.packet, &mut s.value);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut v = CtValue::zeroed();
-    if ct::lookup(&key, now, p.tcp_flags, &mut v)
+    if ct::lookup(&s.key, now, p.tcp_flags, v)
         && v.flags & CT_F_REPLY != 0
         && v.flags & CT_F_SNAT == 0
     {
-        if p.rewrite(ctx, (v.saddr, v.sport), (v.daddr, v.dport))
-            .is_some()
-        {
+        if p.rewrite(ctx, v).is_some() {
             count(PROG_TC_EGRESS, |c| c.translated += 1);
         } else {
             count(PROG_TC_EGRESS, |c| c.misses += 1);

@@ -283,10 +283,10 @@ fn attach_packet_level(ebpf: &mut aya::Ebpf, opts: &RunOptions) -> anyhow::Resul
         );
     }
     for i in &ifaces {
-        if i.addr4.is_none() {
-            tracing::warn!(iface = %i.name, "no IPv4 address: flows to backends on other nodes cannot be SNATed here and are dropped");
+        if i.addr4.is_none() && i.addr6.is_none() {
+            tracing::warn!(iface = %i.name, "no address: flows to backends on other nodes cannot be SNATed here and are dropped");
         }
-        tracing::info!(iface = %i.name, ifindex = i.ifindex, snat = ?i.addr4, "tc programs attached");
+        tracing::info!(iface = %i.name, ifindex = i.ifindex, snat4 = ?i.addr4, snat6 = ?i.addr6, "tc programs attached");
     }
     Ok(())
 }

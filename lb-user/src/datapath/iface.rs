@@ -2,7 +2,7 @@
 //! ifindex and IPv4 address (the SNAT source), and the SNAT port range kept away from
 //! the host's own sockets.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 
@@ -13,6 +13,8 @@ pub struct Iface {
     pub ifindex: u32,
     /// The node's IPv4 address on it: the `--node-ip` one if it is there, else the first.
     pub addr4: Option<Ipv4Addr>,
+    /// Its IPv6 address likewise (link-local ones are not used).
+    pub addr6: Option<Ipv6Addr>,
 }
 
 /// Every (interface name, address) pair of this network namespace.
@@ -83,27 +85,40 @@ pub fn resolve(
                     "--interface {name}: no such interface in this network namespace"
                 ));
             }
-            let v4 = |a: &IpAddr| match a {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            };
-            let on_iface: Vec<Ipv4Addr> = addrs
+            let on_iface: Vec<IpAddr> = addrs
                 .iter()
-                .filter(|(n, _)| *n == name)
-                .filter_map(|(_, a)| v4(a))
+                .filter(|(n, a)| *n == name && !is_link_local(a))
+                .map(|(_, a)| *a)
                 .collect();
-            let addr4 = on_iface
-                .iter()
-                .find(|a| node_ips.contains(&IpAddr::V4(**a)))
-                .or(on_iface.first())
-                .copied();
+            // The --node-ip one of the family if it is there, else the first.
+            let pick = |v4: bool| {
+                let family = || on_iface.iter().filter(move |a| a.is_ipv4() == v4);
+                family()
+                    .find(|a| node_ips.contains(a))
+                    .or_else(|| family().next())
+                    .copied()
+            };
             Ok(Iface {
                 name,
                 ifindex,
-                addr4,
+                addr4: pick(true).and_then(|a| match a {
+                    IpAddr::V4(v4) => Some(v4),
+                    IpAddr::V6(_) => None,
+                }),
+                addr6: pick(false).and_then(|a| match a {
+                    IpAddr::V6(v6) => Some(v6),
+                    IpAddr::V4(_) => None,
+                }),
             })
         })
         .collect()
+}
+
+fn is_link_local(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    }
 }
 
 /// `ip_local_reserved_ports` with the SNAT range added (unchanged if it is there).
@@ -152,6 +167,7 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].name, "lo");
         assert_eq!(got[0].addr4, Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(got[0].addr6, Some(Ipv6Addr::LOCALHOST));
         assert!(
             resolve(&[], &["192.0.2.1".parse().unwrap()], &addrs)
                 .unwrap()

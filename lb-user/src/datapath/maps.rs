@@ -261,6 +261,7 @@ pub fn write_tc_ifaces(ebpf: &mut aya::Ebpf, ifaces: &[Iface]) -> Result<(), Dat
             addr4: i
                 .addr4
                 .map_or([0; 16], |a| lb_common::v4_mapped(a.octets())),
+            addr6: i.addr6.map_or([0; 16], |a| a.octets()),
         };
         map.insert(i.ifindex, value, 0).map_err(err)?;
     }
