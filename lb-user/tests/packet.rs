@@ -6,14 +6,14 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use common::{AGENT_BIN, POD_PORT, lab_bin, require_root, write_atomic};
 use lb_lab::{
-    cluster::{CLIENT_IP, Cluster, node_ip},
+    cluster::{CLIENT_IP, CLIENT_IP6, Cluster, node_ip, node_ip6},
     lab::{AgentProcess, ProbeMode, ProbeOptions, ProbeReport},
 };
 
@@ -52,7 +52,11 @@ impl ClusterFixture {
     /// Node `k`'s agent (its log file named with `log_suffix`).
     fn start_agent(&self, k: usize, log_suffix: &str) -> AgentProcess {
         let node = &self.cluster.nodes[k];
-        let (name, ip) = (format!("node-{k}"), node_ip(k).to_string());
+        let (name, ip, ip6) = (
+            format!("node-{k}"),
+            node_ip(k).to_string(),
+            node_ip6(k).to_string(),
+        );
         let manifests = self.dir.join("manifests");
         // Node 1's connection tracking is sized by flag (node 0 keeps the default).
         let ct = if k == 1 { "8192" } else { "262144" };
@@ -63,6 +67,8 @@ impl ClusterFixture {
             name.as_ref(),
             "--node-ip".as_ref(),
             ip.as_ref(),
+            "--node-ip".as_ref(),
+            ip6.as_ref(),
             "--ct-max-entries".as_ref(),
             ct.as_ref(),
         ];
@@ -454,4 +460,74 @@ fn fragmentation_needed_from_beyond_the_nat_reaches_the_client() {
         .finish()
         .unwrap();
     assert!(t.intact && t.received == 1 << 20, "{t:?}");
+}
+
+/// A dual-stack NodePort service over every pod of `on_nodes`, both families.
+fn dual_stack_service(c: &Cluster, on_nodes: &[usize]) -> String {
+    let mut out = node_port_service(c, "", on_nodes).replace(
+        "  clusterIP: 10.96.0.50\n",
+        "  clusterIP: 10.96.0.50\n  clusterIPs: [10.96.0.50, 'fd00:96::50']\n  \
+             ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n",
+    );
+    let mut endpoints = String::new();
+    for k in on_nodes {
+        for pod in &c.nodes[*k].pods {
+            endpoints.push_str(&format!(
+                "- addresses: ['{}']\n  nodeName: node-{k}\n  conditions: {{ready: true}}\n",
+                pod.ip6
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-6\n  \
+         namespace: t\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv6\n\
+         ports: [{{name: http, port: {POD_PORT}, protocol: TCP}}, {{name: dns, port: {POD_PORT}, protocol: UDP}}]\n\
+         endpoints:\n{endpoints}"
+    ));
+    out
+}
+
+#[test]
+fn ipv6_clients_outside_reach_a_node_port_on_both_nodes() {
+    let fx = ClusterFixture::new("p6", 2, |c| dual_stack_service(c, &[0, 1]));
+    let target = SocketAddr::V6(SocketAddrV6::new(node_ip6(0), NODE_PORT, 0, 0));
+    let opts = |count, mode| ProbeOptions {
+        timeout: Duration::from_millis(500),
+        ..ProbeOptions::tcp(target, count).with_mode(mode)
+    };
+    let report = fx.cluster.probe(&opts(40, ProbeMode::Tcp)).unwrap();
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+    let (pods, peers) = split(&report);
+    assert_eq!(pods.len(), 4, "every pod of both nodes answers: {report:?}");
+    for reply in peers.keys() {
+        let (pod, peer) = reply.split_once(" from ").unwrap();
+        let want = if pod.starts_with("n0-") {
+            CLIENT_IP6
+        } else {
+            node_ip6(0)
+        };
+        assert_eq!(peer, want.to_string(), "{reply}");
+    }
+    let report = fx.cluster.probe(&opts(20, ProbeMode::UdpSendto)).unwrap();
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+    let t = fx
+        .cluster
+        .start_transfer(target, 2 << 20, Duration::ZERO)
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert!(t.intact && t.received == 2 << 20, "{t:?}");
+}
+
+#[test]
+fn ipv6_frontend_without_endpoints_is_refused() {
+    let fx = ClusterFixture::new("p7", 1, |c| dual_stack_service(c, &[]));
+    let target = SocketAddr::V6(SocketAddrV6::new(node_ip6(0), NODE_PORT, 0, 0));
+    let report = fx.cluster.probe(&ProbeOptions::tcp(target, 2)).unwrap();
+    assert_eq!(report.errors.get("ECONNREFUSED"), Some(&2), "{report:?}");
+    let report = fx
+        .cluster
+        .probe(&ProbeOptions::tcp(target, 2).with_mode(ProbeMode::UdpConnected))
+        .unwrap();
+    assert_eq!(report.errors.get("ECONNREFUSED"), Some(&2), "{report:?}");
 }

@@ -4,9 +4,11 @@
 //!
 //! ```text
 //!  netns <prefix>-lan: bridge br0
-//!    |-- client netns  eth0 192.168.77.100/24   (routes: the LAN only)
-//!    |-- node 0 netns  eth0 192.168.77.1/24     pods 10.244.1-99.0/24    "n0-pod-<i>"
-//!    |-- node 1 netns  eth0 192.168.77.2/24     pods 10.244.101-199.0/24 "n1-pod-<i>"
+//!    |-- client netns  eth0 192.168.77.100/24 fd00:77::100/64  (routes: the LAN only)
+//!    |-- node 0 netns  eth0 192.168.77.1/24   fd00:77::1/64    pods 10.244.1-99.0/24    "n0-pod-<i>"
+//!    |-- node 1 netns  eth0 192.168.77.2/24   fd00:77::2/64    pods 10.244.101-199.0/24 "n1-pod-<i>"
+//!
+//! (pods have IPv6 too: fd00:10:244:<subnet>::2, see the lab).
 //! ```
 //!
 //! The client reaches the nodes' addresses and nothing else (no pod, no service range):
@@ -14,7 +16,7 @@
 
 use std::{
     io::Read as _,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     process::{Command, Stdio},
     time::Duration,
@@ -56,6 +58,14 @@ pub const fn node_ip(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(192, 168, 77, k as u8 + 1)
 }
 
+/// The client's IPv6 address on the LAN.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100);
+
+/// Node `k`'s IPv6 address on the LAN.
+pub const fn node_ip6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, k as u16 + 1)
+}
+
 pub struct Cluster {
     pub prefix: String,
     pub client: Netns,
@@ -81,7 +91,7 @@ impl Cluster {
         ip(&["-n", &lan.name, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &lan.name, "link", "set", "br0", "up"])?;
         let client = Netns::create(&format!("{prefix}-client"))?;
-        join_lan(&lan, &client, "pc", CLIENT_IP)?;
+        join_lan(&lan, &client, "pc", CLIENT_IP, CLIENT_IP6)?;
         let mut labs = Vec::new();
         for k in 0..nodes {
             let pod_prefix = format!("n{k}-");
@@ -94,7 +104,7 @@ impl Cluster {
                     ..LabSpec::new(&format!("{tag}{k}"), pods, port)
                 },
             )?;
-            join_lan(&lan, &lab.node, &format!("pn{k}"), node_ip(k))?;
+            join_lan(&lan, &lab.node, &format!("pn{k}"), node_ip(k), node_ip6(k))?;
             for setting in [
                 "net.ipv4.conf.all.rp_filter=0",
                 "net.ipv4.conf.default.rp_filter=0",
@@ -109,6 +119,7 @@ impl Cluster {
             for (j, other) in labs.iter().enumerate().filter(|(j, _)| *j != k) {
                 for pod in &other.pods {
                     let [a, b, c, _] = pod.ip.octets();
+                    let net6 = pod.ip6.segments();
                     ip(&[
                         "-n",
                         &lab.node.name,
@@ -117,6 +128,21 @@ impl Cluster {
                         &format!("{a}.{b}.{c}.0/24"),
                         "via",
                         &node_ip(j).to_string(),
+                        "dev",
+                        "eth0",
+                    ])?;
+                    ip(&[
+                        "-n",
+                        &lab.node.name,
+                        "-6",
+                        "route",
+                        "add",
+                        &format!(
+                            "{:x}:{:x}:{:x}:{:x}::/64",
+                            net6[0], net6[1], net6[2], net6[3]
+                        ),
+                        "via",
+                        &node_ip6(j).to_string(),
                         "dev",
                         "eth0",
                     ])?;
@@ -182,8 +208,15 @@ impl Cluster {
     }
 }
 
-/// A veth from `member`'s `eth0` (with `addr`/24) to the LAN's bridge (port `port`).
-fn join_lan(lan: &Netns, member: &Netns, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+/// A veth from `member`'s `eth0` (with `addr`/24 and `addr6`/64) to the LAN's bridge
+/// (port `port`).
+fn join_lan(
+    lan: &Netns,
+    member: &Netns,
+    port: &str,
+    addr: Ipv4Addr,
+    addr6: Ipv6Addr,
+) -> anyhow::Result<()> {
     ip(&[
         "-n",
         &lan.name,
@@ -207,6 +240,17 @@ fn join_lan(lan: &Netns, member: &Netns, port: &str, addr: Ipv4Addr) -> anyhow::
         &format!("{addr}/24"),
         "dev",
         "eth0",
+    ])?;
+    // nodad: usable at once.
+    ip(&[
+        "-n",
+        &member.name,
+        "addr",
+        "add",
+        &format!("{addr6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
     ])?;
     ip(&["-n", &member.name, "link", "set", "eth0", "up"])
 }

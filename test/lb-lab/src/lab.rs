@@ -74,6 +74,10 @@ impl Netns {
         ip(&["netns", "add", name])?;
         let ns = Self { name: name.into() };
         ip(&["-n", name, "link", "set", "lo", "up"])?;
+        // No duplicate address detection on the interfaces to come: a link-local
+        // address still being checked holds up neighbour discovery (the first IPv6
+        // packets would wait a second or two).
+        ns.sysctl("net.ipv6.conf.default.accept_dad=0")?;
         Ok(ns)
     }
 
@@ -343,8 +347,8 @@ impl Lab {
         ])?;
         // IPv6 beside it; nodad: the addresses are usable at once.
         let (node6, pod6) = (
-            format!("fd00:10:244:{subnet}::1/64"),
-            format!("fd00:10:244:{subnet}::2/64"),
+            format!("fd00:10:244:{subnet:x}::1/64"),
+            format!("fd00:10:244:{subnet:x}::2/64"),
         );
         ip(&["-n", node, "addr", "add", &node6, "dev", &veth, "nodad"])?;
         ip(&["-n", pod, "addr", "add", &pod6, "dev", "eth0", "nodad"])?;
@@ -356,7 +360,7 @@ impl Lab {
             "add",
             "default",
             "via",
-            &format!("fd00:10:244:{subnet}::1"),
+            &format!("fd00:10:244:{subnet:x}::1"),
         ])?;
         let name = format!("{}pod-{i}", self.pod_prefix);
         let child = self.spawn_server(&netns, &name)?;
