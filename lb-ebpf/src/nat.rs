@@ -4,8 +4,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_load_bytes},
     programs::TcContext,
@@ -486,6 +486,11 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family) -> i32 {
         BPF_FIB_LKUP_RET_NO_NEIGH => unsafe {
             bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => TOO_BIG,
         _ => SHOT,
     }
 }
+
+/// [`forward`]'s answer for a packet larger than the next hop's MTU (not a tc verdict):
+/// the caller decides whether the stack may answer it with fragmentation-needed.
+pub(crate) const TOO_BIG: i32 = i32::MIN + 1;

@@ -92,7 +92,18 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
         // To the node's own stack, to be refused.
         return TCX_PASS;
     }
-    nat::forward(ctx, ifindex, s.packet.family())
+    match nat::forward(ctx, ifindex, s.packet.family()) {
+        // Larger than the way to a backend on this node allows: the stack's forwarding
+        // answers it with fragmentation-needed (packet-too-big), which egress makes
+        // about the frontend. A SNATed packet cannot go that way (its source is the
+        // node's own address): dropped.
+        nat::TOO_BIG if s.value.flags & CT_F_SNAT == 0 => TCX_PASS,
+        nat::TOO_BIG => {
+            count(PROG_TC_INGRESS, |c| c.misses += 1);
+            TCX_DROP
+        }
+        verdict => verdict,
+    }
 }
 
 /// An ICMP error about a packet the node SNATed (sent by a router or host between this
@@ -120,23 +131,28 @@ fn icmp_error(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     }
     count(PROG_TC_INGRESS, |c| c.translated += 1);
     // SAFETY: the context's sk_buff is valid for the program's run.
-    nat::forward(ctx, unsafe { (*ctx.skb.skb).ifindex }, s.packet.family())
+    match nat::forward(ctx, unsafe { (*ctx.skb.skb).ifindex }, s.packet.family()) {
+        nat::TOO_BIG => TCX_DROP,
+        verdict => verdict,
+    }
 }
 
-/// The node stack's ICMP port unreachable for a flow it was sent to be refused (a
-/// frontend without backends): made about the client's packet to the frontend, and sent
-/// from the frontend's address.
+/// The node stack's ICMP errors about a flow it handles without SNAT: port unreachable
+/// for a flow sent to be refused (a frontend without backends), fragmentation-needed
+/// for a packet too big for the way to a backend on this node. Made about the client's
+/// packet to the frontend, and sent from the frontend's address.
 #[inline(never)]
 fn refusal(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     let Some(err) = IcmpError::parse(ctx, &mut s.packet) else {
         return TCX_NEXT;
     };
-    // The quoted packet is client -> node:REJECT_PORT; its reply tuple is tracked.
+    // The quoted packet is client -> node:REJECT_PORT or client -> backend; its reply
+    // tuple is tracked.
     ct::write_reply_key(&s.packet, &mut s.key);
     let v = &mut s.value;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if !ct::lookup(&s.key, now, 0, v) || v.flags & CT_F_REJECT == 0 || v.flags & CT_F_REPLY == 0 {
+    if !ct::lookup(&s.key, now, 0, v) || v.flags & CT_F_SNAT != 0 || v.flags & CT_F_REPLY == 0 {
         return TCX_NEXT;
     }
     if err

@@ -436,6 +436,32 @@ fn load_balancer_source_ranges_let_clients_in_range_through_only() {
 }
 
 #[test]
+fn a_packet_too_big_for_a_local_backend_gets_fragmentation_needed() {
+    let fx = ClusterFixture::new("pt", 1, |c| node_port_service(c, "", &[0]));
+    // Node 0's side of its pod's link has a smaller MTU than the pod (which so advertises
+    // the full MSS): full-size packets redirected there are too big.
+    let node0 = &fx.cluster.nodes[0];
+    lb_lab::lab::ip(&[
+        "-n",
+        &node0.node.name,
+        "link",
+        "set",
+        "veth0",
+        "mtu",
+        "1280",
+    ])
+    .unwrap();
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let t = fx
+        .cluster
+        .start_transfer(target.into(), 1 << 20, Duration::ZERO)
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert!(t.intact && t.received == 1 << 20, "{t:?}");
+}
+
+#[test]
 fn fragmentation_needed_from_beyond_the_nat_reaches_the_client() {
     let fx = ClusterFixture::new("pm", 1, |c| node_port_service(c, "", &[1]));
     // Node 1 reaches its pod over a link with a smaller MTU that neither end of the
