@@ -106,21 +106,31 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     }
 }
 
+/// An ICMP error whose quoted packet belongs to a tracked flow: parsed (the quoted tuple
+/// in `s.packet`), with the reply entry that the quoted packet's reverse hits in
+/// `s.value`.
+#[inline(always)]
+fn tracked_icmp_error(ctx: &TcContext, s: &mut PktScratch) -> Option<IcmpError> {
+    let err = IcmpError::parse(ctx, &mut s.packet)?;
+    ct::write_reply_key(&s.packet, &mut s.key);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let hit = ct::lookup(&s.key, now, 0, &mut s.value) && s.value.flags & CT_F_REPLY != 0;
+    hit.then_some(err)
+}
+
 /// An ICMP error about a packet the node SNATed (sent by a router or host between this
 /// node and a backend on another node, to the node's SNAT address): it is made about
 /// the client's own packet and sent to the client, so path-MTU discovery and
 /// unreachable errors work through the NAT. Anything else is not ours.
 #[inline(never)]
 fn icmp_error(ctx: &TcContext, s: &mut PktScratch) -> i32 {
-    let Some(err) = IcmpError::parse(ctx, &mut s.packet) else {
+    // The quoted packet went node -> backend.
+    let Some(err) = tracked_icmp_error(ctx, s) else {
         return TCX_NEXT;
     };
-    // The quoted packet went node -> backend; its reply tuple is tracked.
-    ct::write_reply_key(&s.packet, &mut s.key);
-    let v = &mut s.value;
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if !ct::lookup(&s.key, now, 0, v) || v.flags & CT_F_SNAT == 0 || v.flags & CT_F_REPLY == 0 {
+    let v = &s.value;
+    if v.flags & CT_F_SNAT == 0 {
         return TCX_NEXT;
     }
     // The reply entry maps backend -> node:port to frontend -> client: the quoted packet
@@ -143,16 +153,12 @@ fn icmp_error(ctx: &TcContext, s: &mut PktScratch) -> i32 {
 /// packet to the frontend, and sent from the frontend's address.
 #[inline(never)]
 fn refusal(ctx: &TcContext, s: &mut PktScratch) -> i32 {
-    let Some(err) = IcmpError::parse(ctx, &mut s.packet) else {
+    // The quoted packet is client -> node:REJECT_PORT or client -> backend.
+    let Some(err) = tracked_icmp_error(ctx, s) else {
         return TCX_NEXT;
     };
-    // The quoted packet is client -> node:REJECT_PORT or client -> backend; its reply
-    // tuple is tracked.
-    ct::write_reply_key(&s.packet, &mut s.key);
-    let v = &mut s.value;
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if !ct::lookup(&s.key, now, 0, v) || v.flags & CT_F_SNAT != 0 || v.flags & CT_F_REPLY == 0 {
+    let v = &s.value;
+    if v.flags & CT_F_SNAT != 0 {
         return TCX_NEXT;
     }
     if err

@@ -435,22 +435,13 @@ fn load_balancer_source_ranges_let_clients_in_range_through_only() {
     assert_eq!(report.total_errors(), 0, "{report:?}");
 }
 
-#[test]
-fn a_packet_too_big_for_a_local_backend_gets_fragmentation_needed() {
-    let fx = ClusterFixture::new("pt", 1, |c| node_port_service(c, "", &[0]));
-    // Node 0's side of its pod's link has a smaller MTU than the pod (which so advertises
-    // the full MSS): full-size packets redirected there are too big.
-    let node0 = &fx.cluster.nodes[0];
-    lb_lab::lab::ip(&[
-        "-n",
-        &node0.node.name,
-        "link",
-        "set",
-        "veth0",
-        "mtu",
-        "1280",
-    ])
-    .unwrap();
+/// A 1 MB transfer through node 0's nodePort to the backends of `backend_node`, whose
+/// side of its pods' links has a smaller MTU (1280) than the pods, which so advertise
+/// the full MSS: full-size packets are too big on the last hop.
+fn transfer_over_a_narrow_last_link(tag: &str, backend_node: usize) {
+    let fx = ClusterFixture::new(tag, 1, |c| node_port_service(c, "", &[backend_node]));
+    let node = &fx.cluster.nodes[backend_node];
+    lb_lab::lab::ip(&["-n", &node.node.name, "link", "set", "veth0", "mtu", "1280"]).unwrap();
     let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
     let t = fx
         .cluster
@@ -462,30 +453,17 @@ fn a_packet_too_big_for_a_local_backend_gets_fragmentation_needed() {
 }
 
 #[test]
+fn a_packet_too_big_for_a_local_backend_gets_fragmentation_needed() {
+    // Node 0 itself cannot send them on: its stack answers fragmentation-needed, which
+    // egress makes about the nodePort.
+    transfer_over_a_narrow_last_link("pt", 0);
+}
+
+#[test]
 fn fragmentation_needed_from_beyond_the_nat_reaches_the_client() {
-    let fx = ClusterFixture::new("pm", 1, |c| node_port_service(c, "", &[1]));
-    // Node 1 reaches its pod over a link with a smaller MTU that neither end of the
-    // connection knows of: it answers full-size packets with fragmentation-needed, sent
-    // to node 0's SNAT address, which must translate it back to the client.
-    let node1 = &fx.cluster.nodes[1];
-    lb_lab::lab::ip(&[
-        "-n",
-        &node1.node.name,
-        "link",
-        "set",
-        "veth0",
-        "mtu",
-        "1280",
-    ])
-    .unwrap();
-    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
-    let t = fx
-        .cluster
-        .start_transfer(target.into(), 1 << 20, Duration::ZERO)
-        .unwrap()
-        .finish()
-        .unwrap();
-    assert!(t.intact && t.received == 1 << 20, "{t:?}");
+    // Node 1 answers fragmentation-needed to node 0's SNAT address; node 0 translates it
+    // back to the client.
+    transfer_over_a_narrow_last_link("pm", 1);
 }
 
 /// A dual-stack NodePort service over every pod of `on_nodes`, both families.

@@ -146,32 +146,8 @@ impl BpfMaps {
     /// Deletes the affinity entries that any of `purges` (rev-NAT id, backend) names, in
     /// one pass over each affinity map (socket level and packet level).
     fn purge_affinity(&mut self, purges: &[(u16, Option<u32>)]) -> Result<(), MapError> {
-        let hit = |rev_nat_id: u16, v: &AffinityValue| {
-            purges
-                .iter()
-                .any(|(r, b)| *r == rev_nat_id && b.is_none_or(|b| b == v.backend_id))
-        };
-        let doomed: Vec<AffinityKey> = self
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| hit(k.rev_nat_id, v))
-            .map(|(k, _)| k)
-            .collect();
-        for k in doomed {
-            ignore_missing(self.affinity.remove(&k))?;
-        }
-        let doomed: Vec<SrcAffinityKey> = self
-            .affinity_src
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| hit(k.rev_nat_id, v))
-            .map(|(k, _)| k)
-            .collect();
-        for k in doomed {
-            ignore_missing(self.affinity_src.remove(&k))?;
-        }
-        Ok(())
+        purge(&mut self.affinity, |k| k.rev_nat_id, purges)?;
+        purge(&mut self.affinity_src, |k| k.rev_nat_id, purges)
     }
 
     /// Applies the operations in order; stops at the first that fails. A run of
@@ -315,6 +291,29 @@ pub fn read_counters(dir: &Path) -> Result<Vec<(&'static str, Counters)>, Datapa
             Ok((*name, total))
         })
         .collect()
+}
+
+/// Deletes the entries of an affinity map that any of `purges` (rev-NAT id, backend)
+/// names; `rev_nat_id` reads a key's frontend.
+fn purge<K: aya::Pod>(
+    map: &mut HashMap<MapData, K, AffinityValue>,
+    rev_nat_id: impl Fn(&K) -> u16,
+    purges: &[(u16, Option<u32>)],
+) -> Result<(), MapError> {
+    let doomed: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| {
+            purges
+                .iter()
+                .any(|(r, b)| *r == rev_nat_id(k) && b.is_none_or(|b| b == v.backend_id))
+        })
+        .map(|(k, _)| k)
+        .collect();
+    for k in doomed {
+        ignore_missing(map.remove(&k))?;
+    }
+    Ok(())
 }
 
 /// Deleting an entry that is already gone is what we wanted.
