@@ -15,7 +15,7 @@ use lb_common::{CT_F_CLOSING, CT_F_SNAT, CtKey, CtValue, SNAT_PORT_MAX, SNAT_POR
 
 use crate::{
     maps::{LB_CT_SCRATCH, LB_CT_V1},
-    nat::{Packet, TCP_FIN, TCP_RST},
+    nat::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// How often a live entry's `last_seen_ns` is written back (and its partner refreshed).
@@ -67,11 +67,13 @@ fn live(key: &CtKey, now: u64, tcp_flags: u8) -> Option<CtValue> {
     // SAFETY: a value of the map, updated in place; another CPU may write the same
     // entry's `last_seen_ns` or `flags` at once, which only costs a refresh.
     let entry = unsafe { &mut *ptr };
-    if entry.expired(key.proto, now) {
+    // Stale, or a new connection (a bare SYN) on the tuple of a closing one: a new flow.
+    let new_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && entry.flags & CT_F_CLOSING != 0;
+    if entry.expired(key.proto, now) || new_syn {
         return None;
     }
     let closing = tcp_flags & (TCP_FIN | TCP_RST) != 0 && entry.flags & CT_F_CLOSING == 0;
-    let refresh = closing || now - entry.last_seen_ns > REFRESH_NS;
+    let refresh = closing || now.saturating_sub(entry.last_seen_ns) > REFRESH_NS;
     if closing {
         entry.flags |= CT_F_CLOSING;
     }
@@ -88,6 +90,16 @@ fn live(key: &CtKey, now: u64, tcp_flags: u8) -> Option<CtValue> {
         let _ = LB_CT_V1.insert(&partner.key, &partner.value, 0);
     }
     Some(v)
+}
+
+/// Takes the SNAT port of `reply_key` for `reply` if the entry holding it there is
+/// stale at `now` (a flow that ended: the LRU only evicts when the map is full).
+#[inline(always)]
+fn reclaim(reply_key: &CtKey, reply: &CtValue, now: u64) -> bool {
+    // SAFETY: copied out at once.
+    let stale =
+        unsafe { LB_CT_V1.get(reply_key) }.is_some_and(|old| old.expired(reply_key.proto, now));
+    stale && LB_CT_V1.insert(reply_key, reply, 0).is_ok()
 }
 
 /// Records a new flow `key` -> `value`, reply half first. A SNAT flow's source port is
@@ -118,6 +130,7 @@ fn record(key: &CtKey, value: &mut CtValue, random: u32) -> Option<()> {
         if LB_CT_V1
             .insert(&reply.key, &reply.value, u64::from(BPF_NOEXIST))
             .is_ok()
+            || reclaim(&reply.key, &reply.value, value.last_seen_ns)
         {
             LB_CT_V1.insert(key, &*value, 0).ok()?;
             return Some(());

@@ -116,6 +116,13 @@ fn entry(now: u64, chosen: &Chosen) -> AffinityValue {
     }
 }
 
+/// Whether backend `id` is still in the backends map (some frontend uses it).
+#[inline(always)]
+pub(crate) fn backend_exists(id: u32) -> bool {
+    // SAFETY: only tested for presence.
+    unsafe { LB_BACKENDS_V2.get(id) }.is_some()
+}
+
 /// The backend in one slot of a frontend.
 #[inline(always)]
 fn backend_at(key: ServiceKey, slot: u16) -> Option<Chosen> {

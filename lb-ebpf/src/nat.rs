@@ -5,7 +5,8 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_load_bytes},
     programs::TcContext,
@@ -27,7 +28,9 @@ const IP6_HLEN: usize = 40;
 /// tc's drop verdict (`TC_ACT_SHOT`).
 const SHOT: i32 = 2;
 pub(crate) const TCP_FIN: u8 = 0x01;
+pub(crate) const TCP_SYN: u8 = 0x02;
 pub(crate) const TCP_RST: u8 = 0x04;
+pub(crate) const TCP_ACK: u8 = 0x10;
 
 /// Where an IP header's addresses are, by family.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -487,6 +490,7 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family) -> i32 {
             bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
         BPF_FIB_LKUP_RET_FRAG_NEEDED => TOO_BIG,
+        BPF_FIB_LKUP_RET_NOT_FWDED => LOCAL,
         _ => SHOT,
     }
 }
@@ -494,3 +498,6 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family) -> i32 {
 /// [`forward`]'s answer for a packet larger than the next hop's MTU (not a tc verdict):
 /// the caller decides whether the stack may answer it with fragmentation-needed.
 pub(crate) const TOO_BIG: i32 = i32::MIN + 1;
+/// [`forward`]'s answer for a packet to one of the node's own addresses (a backend in
+/// the host's network namespace): the caller hands it to the stack.
+pub(crate) const LOCAL: i32 = i32::MIN + 2;

@@ -17,9 +17,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    BACKEND_F_LOCAL, CT_F_CLOSING, CT_F_REJECT, CT_F_REPLY, CT_F_SNAT, CtKey, PROG_TC_EGRESS,
-    PROG_TC_INGRESS, REJECT_PORT, SCOPE_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
-    SourceRange, SrcAffinityKey,
+    BACKEND_F_LOCAL, CT_F_CLOSING, CT_F_REJECT, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue,
+    PROG_TC_EGRESS, PROG_TC_INGRESS, PROTO_UDP, REJECT_PORT, SCOPE_LOCAL, SVC_F_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SourceRange, SrcAffinityKey,
 };
 
 use crate::{
@@ -72,12 +72,12 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     ct::write_key(&s.packet, &mut s.key);
     // SAFETY: the context's sk_buff is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if ct::lookup(&s.key, now, s.packet.tcp_flags, &mut s.value) {
-        // A reply of this node's own backend is egress's business.
-        if s.value.flags & CT_F_REPLY != 0 && s.value.flags & CT_F_SNAT == 0 {
-            return TCX_NEXT;
-        }
-    } else {
+    let tracked = ct::lookup(&s.key, now, s.packet.tcp_flags, &mut s.value);
+    // A reply of this node's own backend is egress's business.
+    if tracked && s.value.flags & CT_F_REPLY != 0 && s.value.flags & CT_F_SNAT == 0 {
+        return TCX_NEXT;
+    }
+    if !tracked || rechoose(&s.key, &s.value) {
         let verdict = new_flow(s, ifindex, now);
         if verdict != FLOW_RECORDED {
             return verdict;
@@ -98,12 +98,30 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
         // about the frontend. A SNATed packet cannot go that way (its source is the
         // node's own address): dropped.
         nat::TOO_BIG if s.value.flags & CT_F_SNAT == 0 => TCX_PASS,
-        nat::TOO_BIG => {
+        // A backend at one of the node's own addresses (host network): to the stack,
+        // whose replies egress translates. A SNATed packet cannot go there.
+        nat::LOCAL if s.value.flags & CT_F_SNAT == 0 => TCX_PASS,
+        nat::TOO_BIG | nat::LOCAL => {
             count(PROG_TC_INGRESS, |c| c.misses += 1);
             TCX_DROP
         }
         verdict => verdict,
     }
+}
+
+/// Whether a tracked UDP flow's next datagram starts over, as kube-proxy clears UDP
+/// conntrack entries: its backend left every service, or it was refused and its frontend
+/// has backends now. (TCP flows keep their backend until they end.)
+#[inline(always)]
+fn rechoose(key: &CtKey, v: &CtValue) -> bool {
+    if key.proto != PROTO_UDP || v.flags & CT_F_REPLY != 0 {
+        return false;
+    }
+    if v.flags & CT_F_REJECT != 0 {
+        let external = ServiceKey::new(key.daddr, key.dport, key.proto, 0);
+        return lb::header(external).is_some_and(|h| h.count > 0);
+    }
+    !lb::backend_exists(v.backend_id)
 }
 
 /// An ICMP error whose quoted packet belongs to a tracked flow: parsed (the quoted tuple
@@ -142,7 +160,7 @@ fn icmp_error(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     count(PROG_TC_INGRESS, |c| c.translated += 1);
     // SAFETY: the context's sk_buff is valid for the program's run.
     match nat::forward(ctx, unsafe { (*ctx.skb.skb).ifindex }, s.packet.family()) {
-        nat::TOO_BIG => TCX_DROP,
+        nat::TOO_BIG | nat::LOCAL => TCX_DROP,
         verdict => verdict,
     }
 }

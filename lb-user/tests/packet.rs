@@ -435,13 +435,30 @@ fn load_balancer_source_ranges_let_clients_in_range_through_only() {
     assert_eq!(report.total_errors(), 0, "{report:?}");
 }
 
-/// A 1 MB transfer through node 0's nodePort to the backends of `backend_node`, whose
-/// side of its pods' links has a smaller MTU (1280) than the pods, which so advertise
-/// the full MSS: full-size packets are too big on the last hop.
+/// A 1 MB transfer through node 0's nodePort to the pod of `backend_node`, whose node's
+/// side of the pod's link has a smaller MTU (1280). The pod sends at most 1280 bytes
+/// (its route's MTU) but advertises the full MSS: full-size packets towards it are too
+/// big on the last hop, and only path-MTU discovery gets them through.
 fn transfer_over_a_narrow_last_link(tag: &str, backend_node: usize) {
     let fx = ClusterFixture::new(tag, 1, |c| node_port_service(c, "", &[backend_node]));
     let node = &fx.cluster.nodes[backend_node];
     lb_lab::lab::ip(&["-n", &node.node.name, "link", "set", "veth0", "mtu", "1280"]).unwrap();
+    let pod = &node.pods[0];
+    let gateway = format!("10.244.{}.1", pod.ip.octets()[2]);
+    lb_lab::lab::ip(&[
+        "-n",
+        &pod.netns.name,
+        "route",
+        "replace",
+        "default",
+        "via",
+        &gateway,
+        "mtu",
+        "1280",
+        "advmss",
+        "1460",
+    ])
+    .unwrap();
     let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
     let t = fx
         .cluster
@@ -534,4 +551,37 @@ fn ipv6_frontend_without_endpoints_is_refused() {
         .probe(&ProbeOptions::tcp(target, 2).with_mode(ProbeMode::UdpConnected))
         .unwrap();
     assert_eq!(report.errors.get("ECONNREFUSED"), Some(&2), "{report:?}");
+}
+
+#[test]
+fn a_udp_flow_whose_backend_left_starts_over() {
+    let mut fx = ClusterFixture::new("pu", 1, |c| node_port_service(c, "", &[1]));
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    // The same source port both times: one flow, as a resolver with a fixed port makes.
+    let flow = ProbeOptions {
+        source_port: 40053,
+        timeout: Duration::from_millis(500),
+        ..ProbeOptions::tcp(target, 3).with_mode(ProbeMode::UdpFlow)
+    };
+    let report = fx.cluster.probe(&flow).unwrap();
+    assert_eq!(
+        report.replies.get(&format!("n1-pod-0 from {}", node_ip(0))),
+        Some(&3),
+        "{report:?}"
+    );
+    write_atomic(
+        &fx.dir.join("manifests/all.yaml"),
+        &node_port_service(&fx.cluster, "", &[0]),
+    );
+    for a in &mut fx.agents {
+        a.wait_synced(2, Duration::from_secs(10)).unwrap();
+    }
+    // Its backend left the service: the flow goes to the new one (kube-proxy clears UDP
+    // conntrack entries of removed endpoints), while the old pod still answers.
+    let report = fx.cluster.probe(&flow).unwrap();
+    assert_eq!(
+        report.replies.get(&format!("n0-pod-0 from {CLIENT_IP}")),
+        Some(&3),
+        "{report:?}"
+    );
 }

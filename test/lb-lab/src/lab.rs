@@ -419,7 +419,8 @@ impl Lab {
         cmd.arg("probe")
             .args(["--target", &opts.target.to_string()])
             .args(["--count", &opts.count.to_string()])
-            .args(["--timeout-ms", &opts.timeout.as_millis().to_string()]);
+            .args(["--timeout-ms", &opts.timeout.as_millis().to_string()])
+            .args(["--source-port", &opts.source_port.to_string()]);
         cmd.args([
             "--mode",
             opts.mode
@@ -474,6 +475,8 @@ pub struct ProbeOptions {
     pub count: usize,
     pub timeout: Duration,
     pub mode: ProbeMode,
+    /// The UDP source port (0: any), so two runs can be one flow.
+    pub source_port: u16,
 }
 
 impl ProbeOptions {
@@ -483,6 +486,7 @@ impl ProbeOptions {
             count,
             timeout: Duration::from_secs(1),
             mode: ProbeMode::Tcp,
+            source_port: 0,
         }
     }
 
@@ -545,22 +549,23 @@ fn probe_tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<Stri
 
 /// One UDP exchange on a connected socket; getpeername() must report the target.
 /// An unbound UDP socket of the target's family.
-pub(crate) fn udp_socket_for(target: SocketAddr) -> std::io::Result<UdpSocket> {
+pub(crate) fn udp_socket_for(target: SocketAddr, port: u16) -> std::io::Result<UdpSocket> {
     let any: IpAddr = if target.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
         Ipv6Addr::UNSPECIFIED.into()
     };
-    UdpSocket::bind((any, 0))
+    UdpSocket::bind((any, port))
 }
 
 fn probe_udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    udp_exchange(&connected_udp(target)?, timeout)
+    udp_exchange(&connected_udp(target, 0)?, timeout)
 }
 
-/// A UDP socket connected to `target`; getpeername() must report the target.
-fn connected_udp(target: SocketAddr) -> std::io::Result<UdpSocket> {
-    let s = udp_socket_for(target)?;
+/// A UDP socket from `source_port` (0: any) connected to `target`; getpeername() must
+/// report the target.
+fn connected_udp(target: SocketAddr, source_port: u16) -> std::io::Result<UdpSocket> {
+    let s = udp_socket_for(target, source_port)?;
     s.connect(target)?;
     let peer = s.peer_addr()?;
     if peer != target {
@@ -581,7 +586,7 @@ fn udp_exchange(s: &UdpSocket, timeout: Duration) -> std::io::Result<String> {
 /// One UDP exchange on an unconnected socket (sendto/recvfrom, as DNS resolvers do);
 /// the reply must come from the target address.
 fn probe_udp_sendto_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let s = udp_socket_for(target)?;
+    let s = udp_socket_for(target, 0)?;
     s.set_read_timeout(Some(timeout))?;
     s.send_to(b"hello\n", target)?;
     let mut buf = [0u8; 512];
@@ -596,7 +601,7 @@ fn probe_udp_sendto_once(target: SocketAddr, timeout: Duration) -> std::io::Resu
 pub fn probe(opts: &ProbeOptions) -> ProbeReport {
     let mut report = ProbeReport::default();
     let flow = match opts.mode {
-        ProbeMode::UdpFlow => match connected_udp(opts.target) {
+        ProbeMode::UdpFlow => match connected_udp(opts.target, opts.source_port) {
             Ok(s) => Some(s),
             Err(e) => {
                 *report.errors.entry(error_name(&e)).or_default() += opts.count;

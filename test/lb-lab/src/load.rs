@@ -64,7 +64,7 @@ fn tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
 }
 
 fn udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<()> {
-    let s = lab::udp_socket_for(target)?;
+    let s = lab::udp_socket_for(target, 0)?;
     s.set_read_timeout(Some(timeout))?;
     s.send_to(b"GET\n", target)?;
     let mut buf = [0u8; 64];

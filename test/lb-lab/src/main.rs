@@ -82,6 +82,9 @@ enum Cmd {
         timeout_ms: u64,
         #[arg(long, value_enum, default_value = "tcp")]
         mode: ProbeMode,
+        /// UDP source port (0: any), so that two runs are one flow.
+        #[arg(long, default_value_t = 0)]
+        source_port: u16,
     },
     /// BYTES to TARGET and back through one TCP connection (the pod server echoes after
     /// `ECHO BYTES`), pausing PAUSE_MS halfway; prints what came back as JSON.
@@ -166,12 +169,14 @@ fn main() -> ExitCode {
             count,
             timeout_ms,
             mode,
+            source_port,
         } => {
             let report = lab::probe(&ProbeOptions {
                 target,
                 count,
                 timeout: Duration::from_millis(timeout_ms),
                 mode,
+                source_port,
             });
             serde_json::to_string(&report)
                 .map(|s| println!("{s}"))
