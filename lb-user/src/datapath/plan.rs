@@ -8,7 +8,7 @@ use std::{
 
 use lb_common::{
     BACKEND_F_LOCAL, Backend, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES, MAX_SLOTS,
-    RevNat, SVC_F_SOURCE_RANGES, ServiceValue,
+    RevNat, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
 };
 
 use super::ops::{Op, Snapshot, addr_of, frontend_of, ip_of, range_key, range_of, service_key};
@@ -29,6 +29,14 @@ struct ProgFrontend {
 struct BackendRef {
     id: u32,
     refs: u32,
+}
+
+/// What adopted frontends use of the maps left by an earlier agent.
+#[derive(Default)]
+struct Used {
+    backends: BTreeSet<u32>,
+    revnat: BTreeSet<u16>,
+    keys: BTreeSet<ServiceKey>,
 }
 
 /// What the maps hold, as far as the agent knows.
@@ -56,95 +64,112 @@ impl Programmed {
     /// the first sync only corrects differences instead of flushing the datapath.
     pub fn adopt(snapshot: &Snapshot) -> Self {
         let mut me = Self::default();
-        let mut used_backends = BTreeSet::new();
-        let mut used_revnat = BTreeSet::new();
-        let mut used_keys = BTreeSet::new();
-        for (key, header) in snapshot.services.iter().filter(|(k, _)| k.slot == 0) {
-            let Some(fe) = frontend_of(key) else {
-                continue;
-            };
-            if header.rev_nat_id == 0 || !used_revnat.insert(header.rev_nat_id) {
-                // Unusable header: drop the frontend; the sync writes it anew.
-                continue;
-            }
-            used_keys.insert(*key);
-            let mut slots = Vec::new();
-            for s in 1..=header.count {
-                let k = key.with_slot(s);
-                let id = snapshot.services.get(&k).map_or(0, |v| v.backend_id);
-                used_keys.insert(k);
-                slots.push(id);
-                used_backends.insert(id);
-            }
-            me.frontends.insert(
-                fe,
-                ProgFrontend {
-                    rev_nat_id: header.rev_nat_id,
-                    affinity_timeout: header.affinity_timeout,
-                    slots,
-                    source_ranges: snapshot
-                        .source_ranges
-                        .iter()
-                        .filter(|(id, _, _)| *id == header.rev_nat_id)
-                        .map(|(_, addr, prefix)| range_of(addr, *prefix))
-                        .collect(),
-                },
-            );
-        }
-        for (id, b) in &snapshot.backends {
-            let endpoint = Endpoint {
-                addr: ip_of(&b.addr),
-                port: b.port,
-                local: b.flags & BACKEND_F_LOCAL != 0,
-            };
-            let known =
-                Proto::from_number(b.proto).filter(|p| !me.backends.contains_key(&(endpoint, *p)));
-            match known {
-                Some(proto) if used_backends.contains(id) => {
-                    me.backends
-                        .insert((endpoint, proto), BackendRef { id: *id, refs: 0 });
-                }
-                _ => me.stale.push(Op::DelBackend { id: *id }),
-            }
-        }
-        // Count references; slots that point at a missing backend get id 0 (rewritten).
-        let ids: BTreeMap<u32, (Endpoint, Proto)> =
-            me.backends.iter().map(|(k, r)| (r.id, *k)).collect();
-        for fe in me.frontends.values_mut() {
-            for slot in &mut fe.slots {
-                match ids.get(slot) {
-                    Some(k) => me.backends.get_mut(k).expect("just inserted").refs += 1,
-                    None => *slot = 0,
-                }
-            }
-        }
-        for key in snapshot.services.keys().filter(|k| !used_keys.contains(k)) {
-            me.stale.push(Op::DelService { key: *key });
-        }
-        for id in snapshot
-            .revnat
-            .keys()
-            .filter(|id| !used_revnat.contains(id))
-        {
-            me.stale.push(Op::DelRevNat { id: *id });
-        }
-        for &(rev_nat_id, addr, prefix) in &snapshot.source_ranges {
-            if !used_revnat.contains(&rev_nat_id) {
-                me.stale.push(Op::DelSourceRange {
-                    rev_nat_id,
-                    addr,
-                    prefix,
-                });
-            }
-        }
+        let used = me.adopt_frontends(snapshot);
+        me.adopt_backends(snapshot, &used.backends);
+        me.stale_entries(snapshot, &used);
         me.next_backend_id = snapshot.backends.keys().max().copied().unwrap_or(0);
-        me.next_rev_nat = used_revnat
+        me.next_rev_nat = used
+            .revnat
             .iter()
             .chain(snapshot.revnat.keys())
             .max()
             .copied()
             .unwrap_or(0);
         me
+    }
+
+    /// The frontends of `snapshot` with a usable header, their slots and source ranges;
+    /// returns what they use.
+    fn adopt_frontends(&mut self, snapshot: &Snapshot) -> Used {
+        let mut used = Used::default();
+        for (key, header) in snapshot.services.iter().filter(|(k, _)| k.slot == 0) {
+            let Some(fe) = frontend_of(key) else {
+                continue;
+            };
+            if header.rev_nat_id == 0 || !used.revnat.insert(header.rev_nat_id) {
+                // Unusable header: drop the frontend; the sync writes it anew.
+                continue;
+            }
+            used.keys.insert(*key);
+            let mut slots = Vec::new();
+            for s in 1..=header.count {
+                let k = key.with_slot(s);
+                let id = snapshot.services.get(&k).map_or(0, |v| v.backend_id);
+                used.keys.insert(k);
+                slots.push(id);
+                used.backends.insert(id);
+            }
+            let source_ranges = snapshot
+                .source_ranges
+                .iter()
+                .filter(|(id, _, _)| *id == header.rev_nat_id)
+                .map(|(_, addr, prefix)| range_of(addr, *prefix))
+                .collect();
+            self.frontends.insert(
+                fe,
+                ProgFrontend {
+                    rev_nat_id: header.rev_nat_id,
+                    affinity_timeout: header.affinity_timeout,
+                    slots,
+                    source_ranges,
+                },
+            );
+        }
+        used
+    }
+
+    /// The backends the adopted frontends use, with their references counted; slots that
+    /// point at a missing backend get id 0 (rewritten by the sync).
+    fn adopt_backends(&mut self, snapshot: &Snapshot, used: &BTreeSet<u32>) {
+        for (id, b) in &snapshot.backends {
+            let endpoint = Endpoint {
+                addr: ip_of(&b.addr),
+                port: b.port,
+                local: b.flags & BACKEND_F_LOCAL != 0,
+            };
+            let known = Proto::from_number(b.proto)
+                .filter(|p| !self.backends.contains_key(&(endpoint, *p)));
+            match known {
+                Some(proto) if used.contains(id) => {
+                    self.backends
+                        .insert((endpoint, proto), BackendRef { id: *id, refs: 0 });
+                }
+                _ => self.stale.push(Op::DelBackend { id: *id }),
+            }
+        }
+        let ids: BTreeMap<u32, (Endpoint, Proto)> =
+            self.backends.iter().map(|(k, r)| (r.id, *k)).collect();
+        for fe in self.frontends.values_mut() {
+            for slot in &mut fe.slots {
+                match ids.get(slot) {
+                    Some(k) => self.backends.get_mut(k).expect("just inserted").refs += 1,
+                    None => *slot = 0,
+                }
+            }
+        }
+    }
+
+    /// Entries of `snapshot` that no adopted frontend accounts for: deleted by the next plan.
+    fn stale_entries(&mut self, snapshot: &Snapshot, used: &Used) {
+        for key in snapshot.services.keys().filter(|k| !used.keys.contains(k)) {
+            self.stale.push(Op::DelService { key: *key });
+        }
+        for id in snapshot
+            .revnat
+            .keys()
+            .filter(|id| !used.revnat.contains(id))
+        {
+            self.stale.push(Op::DelRevNat { id: *id });
+        }
+        for &(rev_nat_id, addr, prefix) in &snapshot.source_ranges {
+            if !used.revnat.contains(&rev_nat_id) {
+                self.stale.push(Op::DelSourceRange {
+                    rev_nat_id,
+                    addr,
+                    prefix,
+                });
+            }
+        }
     }
 
     pub fn frontend_count(&self) -> usize {
