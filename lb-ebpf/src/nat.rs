@@ -278,8 +278,8 @@ pub(crate) struct IcmpError {
 /// Which outer address an ICMP error's translation changes.
 #[derive(Clone, Copy)]
 pub(crate) enum Outer {
-    /// The destination becomes the quoted packet's (new) source: the client.
-    ToClient,
+    /// The destination becomes the quoted packet's (new) source: whoever sent it.
+    ToSender,
     /// The source becomes the quoted packet's (new) destination: the frontend.
     FromFrontend,
 }
@@ -403,8 +403,8 @@ impl IcmpError {
         // The outer header: ICMPv6's checksum covers a pseudo-header; ICMP's does not,
         // only the IPv4 header checksum covers an IPv4 outer address.
         let (off, new) = match (outer, family) {
-            (Outer::ToClient, Family::V4) => (IP_DST, &v.daddr),
-            (Outer::ToClient, Family::V6) => (IP6_DST, &v.daddr),
+            (Outer::ToSender, Family::V4) => (IP_DST, &v.daddr),
+            (Outer::ToSender, Family::V6) => (IP6_DST, &v.daddr),
             (Outer::FromFrontend, Family::V4) => (IP_SRC, &v.saddr),
             (Outer::FromFrontend, Family::V6) => (IP6_SRC, &v.saddr),
         };

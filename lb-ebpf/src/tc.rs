@@ -125,35 +125,37 @@ fn rechoose(key: &CtKey, v: &CtValue) -> bool {
 }
 
 /// An ICMP error whose quoted packet belongs to a tracked flow: parsed (the quoted tuple
-/// in `s.packet`), with the reply entry that the quoted packet's reverse hits in
-/// `s.value`.
+/// in `s.packet`), with the entry that the quoted packet's reverse hits in `s.value`.
 #[inline(always)]
 fn tracked_icmp_error(ctx: &TcContext, s: &mut PktScratch) -> Option<IcmpError> {
     let err = IcmpError::parse(ctx, &mut s.packet)?;
     ct::write_reply_key(&s.packet, &mut s.key);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let hit = ct::lookup(&s.key, now, 0, &mut s.value) && s.value.flags & CT_F_REPLY != 0;
-    hit.then_some(err)
+    ct::lookup(&s.key, now, 0, &mut s.value).then_some(err)
 }
 
-/// An ICMP error about a packet the node SNATed (sent by a router or host between this
-/// node and a backend on another node, to the node's SNAT address): it is made about
-/// the client's own packet and sent to the client, so path-MTU discovery and
-/// unreachable errors work through the NAT. Anything else is not ours.
+/// An ICMP error about a translated packet, made about the packet as its sender sent it
+/// and sent to that sender, so path-MTU discovery and unreachable errors work through
+/// the NAT: one about a packet the node SNATed towards a backend on another node (from
+/// a router on that way, to the node's SNAT address) goes to the client; one about a
+/// reply the node sent to a client (from a router on the client's way, to the
+/// frontend) goes to the backend. Anything else is not ours.
 #[inline(never)]
 fn icmp_error(ctx: &TcContext, s: &mut PktScratch) -> i32 {
-    // The quoted packet went node -> backend.
     let Some(err) = tracked_icmp_error(ctx, s) else {
         return TCX_NEXT;
     };
     let v = &s.value;
-    if v.flags & CT_F_SNAT == 0 {
+    let snat_reply = v.flags & CT_F_REPLY != 0 && v.flags & CT_F_SNAT != 0;
+    let client_flow = v.flags & (CT_F_REPLY | CT_F_REJECT) == 0;
+    if !snat_reply && !client_flow {
         return TCX_NEXT;
     }
-    // The reply entry maps backend -> node:port to frontend -> client: the quoted packet
-    // becomes client -> frontend, and the message goes to the client.
-    if err.rewrite(ctx, &s.packet, v, Outer::ToClient).is_none() {
+    // The entry the quoted packet's reverse hits maps it to what its sender sent:
+    // backend -> node:port becomes frontend -> client (the message goes to the client);
+    // client -> frontend becomes backend -> client or node:port (it goes to the backend).
+    if err.rewrite(ctx, &s.packet, v, Outer::ToSender).is_none() {
         count(PROG_TC_INGRESS, |c| c.misses += 1);
         return TCX_DROP;
     }
@@ -176,7 +178,7 @@ fn refusal(ctx: &TcContext, s: &mut PktScratch) -> i32 {
         return TCX_NEXT;
     };
     let v = &s.value;
-    if v.flags & CT_F_SNAT != 0 {
+    if v.flags & CT_F_REPLY == 0 || v.flags & CT_F_SNAT != 0 {
         return TCX_NEXT;
     }
     if err

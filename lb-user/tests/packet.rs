@@ -585,3 +585,31 @@ fn a_udp_flow_whose_backend_left_starts_over() {
         "{report:?}"
     );
 }
+
+#[test]
+fn fragmentation_needed_on_the_clients_way_reaches_the_backend() {
+    let mut fx = ClusterFixture::new("pf", 1, |c| node_port_service(c, "", &[0, 1]));
+    // A client behind a router whose way to it is narrower than anyone knows: the router
+    // answers the backends' full-size replies, sent from the nodePort, with
+    // fragmentation-needed to the nodePort; node 0 must pass it on to the backend.
+    fx.cluster.add_far_client(1280).unwrap();
+    let (_, far) = fx.cluster.far.as_ref().unwrap();
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    // Until both ways were taken (DNAT only to node 0's pod, SNAT to node 1's); 16
+    // transfers miss one with a chance of 1 in 32768.
+    let mut backends = std::collections::BTreeSet::new();
+    for _ in 0..16 {
+        let t = fx
+            .cluster
+            .start_transfer_from(far, target.into(), 1 << 20, Duration::ZERO)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(t.intact && t.received == 1 << 20, "{t:?}");
+        backends.insert(t.reply.split(' ').next().unwrap_or_default().to_string());
+        if backends.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(backends.len(), 2, "{backends:?}");
+}

@@ -69,10 +69,15 @@ pub const fn node_ip6(k: usize) -> Ipv6Addr {
 pub struct Cluster {
     pub prefix: String,
     pub client: Netns,
+    /// A client behind a router (see [`Cluster::add_far_client`]): (router, client).
+    pub far: Option<(Netns, Netns)>,
     pub nodes: Vec<Lab>,
     /// Last: the LAN goes when nothing uses it.
     pub lan: Netns,
 }
+
+/// The far client's address, behind the router.
+pub const FAR_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
 
 impl Cluster {
     /// `nodes` nodes with `pods` pods each, every pod's server answering "NAME from PEER".
@@ -152,9 +157,83 @@ impl Cluster {
         Ok(Self {
             prefix,
             client,
+            far: None,
             nodes: labs,
             lan,
         })
+    }
+
+    /// A second client, 10.99.0.2, behind a router (192.168.77.254 on the LAN) whose way
+    /// to it has a path MTU of `mtu` that neither end knows: the router answers bigger
+    /// packets towards the client with fragmentation-needed, sent to their source.
+    pub fn add_far_client(&mut self, mtu: u16) -> anyhow::Result<()> {
+        let router = Netns::create(&format!("{}-rt", self.prefix))?;
+        router.sysctl("net.ipv4.ip_forward=1")?;
+        join_lan(
+            &self.lan,
+            &router,
+            "prt",
+            Ipv4Addr::new(192, 168, 77, 254),
+            Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0xfe),
+        )?;
+        let far = Netns::create(&format!("{}-far", self.prefix))?;
+        ip(&[
+            "-n",
+            &router.name,
+            "link",
+            "add",
+            "eth1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &far.name,
+        ])?;
+        for (ns, dev, addr) in [
+            (&router, "eth1", "10.99.0.1/24"),
+            (&far, "eth0", "10.99.0.2/24"),
+        ] {
+            ip(&["-n", &ns.name, "addr", "add", addr, "dev", dev])?;
+            ip(&["-n", &ns.name, "link", "set", dev, "up"])?;
+        }
+        // The narrow path is a route's MTU: both interfaces stay at 1500, so the client
+        // advertises the full MSS and its own packets pass.
+        ip(&[
+            "-n",
+            &router.name,
+            "route",
+            "replace",
+            "10.99.0.0/24",
+            "dev",
+            "eth1",
+            "mtu",
+            "lock",
+            &mtu.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            &far.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.99.0.1",
+        ])?;
+        for node in &self.nodes {
+            ip(&[
+                "-n",
+                &node.node.name,
+                "route",
+                "add",
+                "10.99.0.0/24",
+                "via",
+                "192.168.77.254",
+            ])?;
+        }
+        self.far = Some((router, far));
+        Ok(())
     }
 
     /// Runs `lab_bin probe` from the outside client.
@@ -170,6 +249,17 @@ impl Cluster {
         bytes: u64,
         pause: Duration,
     ) -> anyhow::Result<Transfer> {
+        self.start_transfer_from(&self.client, target, bytes, pause)
+    }
+
+    /// [`Cluster::start_transfer`] from another namespace (the far client's).
+    pub fn start_transfer_from(
+        &self,
+        from: &Netns,
+        target: SocketAddr,
+        bytes: u64,
+        pause: Duration,
+    ) -> anyhow::Result<Transfer> {
         let mut cmd = Command::new(&self.nodes[0].lab_bin);
         cmd.args(["transfer", "--target", &target.to_string()])
             .args(["--bytes", &bytes.to_string()])
@@ -177,7 +267,7 @@ impl Cluster {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .stdin(Stdio::null());
-        place(&mut cmd, &self.client, None)?;
+        place(&mut cmd, from, None)?;
         Ok(Transfer(ChildGuard(
             cmd.spawn().context("starting lb-lab transfer")?,
         )))
