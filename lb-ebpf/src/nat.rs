@@ -97,6 +97,12 @@ fn load_into(ctx: &TcContext, off: usize, dst: &mut [u8], len: u32) -> Option<()
     (ret == 0).then_some(())
 }
 
+/// Whether `a` is an IPv4-mapped address (`::ffff:a.b.c.d`).
+#[inline(always)]
+fn is_mapped(a: &Addr) -> bool {
+    a[10] == 0xff && a[11] == 0xff && a[..10].iter().all(|b| *b == 0)
+}
+
 /// Where and how [`replace_addr`] writes an address.
 struct AddrEdit {
     v6: bool,
@@ -129,7 +135,7 @@ fn replace_addr(ctx: &TcContext, edit: &AddrEdit, old: &Addr, new: &Addr) -> Opt
         return ctx.store(edit.off, &new, 0).ok();
     }
     // An IPv4 (mapped) address cannot go into an IPv6 header.
-    if new[10] == 0xff && new[11] == 0xff && new[..10].iter().all(|b| *b == 0) {
+    if is_mapped(new) {
         return None;
     }
     for i in 0..4 {
@@ -199,6 +205,10 @@ impl Packet {
             0
         };
         write_addrs(ctx, ETH_HLEN, family, &mut out.saddr, &mut out.daddr)?;
+        // An IPv6 packet with IPv4-mapped addresses would share keys with IPv4 flows.
+        if family == Family::V6 && (is_mapped(&out.saddr) || is_mapped(&out.daddr)) {
+            return None;
+        }
         out.sport = ctx.load(l4).ok()?;
         out.dport = ctx.load(l4 + 2).ok()?;
         out.proto = proto;
@@ -325,7 +335,7 @@ impl IcmpError {
         let (inner_proto, l4) = match family {
             Family::V4 => {
                 let vihl: u8 = ctx.load(inner_ip).ok()?;
-                if vihl >> 4 != 4 {
+                if vihl >> 4 != 4 || vihl & 0x0f < 5 {
                     return None;
                 }
                 (

@@ -224,6 +224,11 @@ fn choose(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
     let (key, svc, header, out) = (&s.key, &s.svc, &s.header, &mut s.value);
     out.last_seen_ns = now;
     out._pad = [0; 7];
+    if header.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(header.rev_nat_id, key) {
+        // loadBalancerSourceRanges: not from an allowed range (not even to be refused).
+        count(PROG_TC_INGRESS, |c| c.refused += 1);
+        return TCX_DROP;
+    }
     if header.count == 0 {
         count(PROG_TC_INGRESS, |c| c.refused += 1);
         // externalTrafficPolicy Local without a local backend: dropped, as kube-proxy
@@ -243,11 +248,6 @@ fn choose(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
         out.backend_id = 0;
         out.flags = CT_F_REJECT | CT_F_CLOSING;
         return FLOW_RECORDED;
-    }
-    if header.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(header.rev_nat_id, key) {
-        // loadBalancerSourceRanges: not from an allowed range.
-        count(PROG_TC_INGRESS, |c| c.refused += 1);
-        return TCX_DROP;
     }
     let Some(chosen) = backend(key, svc, header, now) else {
         return TCX_DROP;
