@@ -103,17 +103,23 @@ pub const fn v4_mapped(v4: [u8; 4]) -> Addr {
 /// The IPv4 address inside an IPv4-mapped address, `None` for a real IPv6 address.
 #[inline(always)]
 pub fn as_v4(addr: &Addr) -> Option<[u8; 4]> {
+    if is_v4_mapped(addr) {
+        Some([addr[12], addr[13], addr[14], addr[15]])
+    } else {
+        None
+    }
+}
+
+/// Whether `addr` is an IPv4-mapped address (`::ffff:a.b.c.d`).
+#[inline(always)]
+pub fn is_v4_mapped(addr: &Addr) -> bool {
     let mut prefix = 0u8;
     let mut i = 0;
     while i < 10 {
         prefix |= addr[i];
         i += 1;
     }
-    if prefix == 0 && addr[10] == 0xff && addr[11] == 0xff {
-        Some([addr[12], addr[13], addr[14], addr[15]])
-    } else {
-        None
-    }
+    prefix == 0 && addr[10] == 0xff && addr[11] == 0xff
 }
 
 /// Key of the services map: one frontend (address, port, protocol, scope) and a slot.

@@ -11,7 +11,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use lb_common::{Addr, CtValue, PROTO_TCP, PROTO_UDP, as_v4, v4_mapped};
+use lb_common::{Addr, CtValue, PROTO_TCP, PROTO_UDP, as_v4, is_v4_mapped, v4_mapped};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -97,12 +97,6 @@ fn load_into(ctx: &TcContext, off: usize, dst: &mut [u8], len: u32) -> Option<()
     (ret == 0).then_some(())
 }
 
-/// Whether `a` is an IPv4-mapped address (`::ffff:a.b.c.d`).
-#[inline(always)]
-fn is_mapped(a: &Addr) -> bool {
-    a[10] == 0xff && a[11] == 0xff && a[..10].iter().all(|b| *b == 0)
-}
-
 /// Where and how [`replace_addr`] writes an address.
 struct AddrEdit {
     v6: bool,
@@ -135,7 +129,7 @@ fn replace_addr(ctx: &TcContext, edit: &AddrEdit, old: &Addr, new: &Addr) -> Opt
         return ctx.store(edit.off, &new, 0).ok();
     }
     // An IPv4 (mapped) address cannot go into an IPv6 header.
-    if is_mapped(new) {
+    if is_v4_mapped(new) {
         return None;
     }
     for i in 0..4 {
@@ -206,7 +200,7 @@ impl Packet {
         };
         write_addrs(ctx, ETH_HLEN, family, &mut out.saddr, &mut out.daddr)?;
         // An IPv6 packet with IPv4-mapped addresses would share keys with IPv4 flows.
-        if family == Family::V6 && (is_mapped(&out.saddr) || is_mapped(&out.daddr)) {
+        if family == Family::V6 && (is_v4_mapped(&out.saddr) || is_v4_mapped(&out.daddr)) {
             return None;
         }
         out.sport = ctx.load(l4).ok()?;

@@ -6,7 +6,7 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -158,25 +158,29 @@ fn split(report: &ProbeReport) -> (BTreeMap<String, usize>, BTreeMap<String, usi
     (pods, peers)
 }
 
+/// Every pod of both nodes answered; those on node 0 saw `client` itself (DNAT only),
+/// those on node 1 saw `node0`, which SNATed the flow to send it there.
+fn assert_both_nodes_answer(report: &ProbeReport, client: IpAddr, node0: IpAddr) {
+    let (pods, peers) = split(report);
+    assert_eq!(pods.len(), 4, "every pod of both nodes answers: {report:?}");
+    for reply in peers.keys() {
+        let (pod, peer) = reply.split_once(" from ").unwrap();
+        let want = if pod.starts_with("n0-") {
+            client
+        } else {
+            node0
+        };
+        assert_eq!(peer, want.to_string(), "{reply}");
+    }
+}
+
 #[test]
 fn outside_client_reaches_a_node_port_on_backends_of_both_nodes() {
     let fx = ClusterFixture::new("pc", 2, |c| node_port_service(c, "", &[0, 1]));
     let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
     let report = fx.probe(target, 60, ProbeMode::Tcp);
     assert_eq!(report.total_errors(), 0, "{report:?}");
-    let (pods, peers) = split(&report);
-    assert_eq!(pods.len(), 4, "every pod of both nodes answers: {report:?}");
-    for reply in peers.keys() {
-        let (pod, peer) = reply.split_once(" from ").unwrap();
-        // Backends on node 0 see the client itself (DNAT only); those on node 1 see
-        // node 0, which SNATed the flow to send it there.
-        let want = if pod.starts_with("n0-") {
-            CLIENT_IP
-        } else {
-            node_ip(0)
-        };
-        assert_eq!(peer, want.to_string(), "{reply}");
-    }
+    assert_both_nodes_answer(&report, CLIENT_IP.into(), node_ip(0).into());
     // UDP, a new socket (a new flow) per datagram; the reply comes from the nodePort.
     let report = fx.probe(target, 40, ProbeMode::UdpSendto);
     assert_eq!(report.total_errors(), 0, "{report:?}");
@@ -518,17 +522,7 @@ fn ipv6_clients_outside_reach_a_node_port_on_both_nodes() {
     };
     let report = fx.cluster.probe(&opts(40, ProbeMode::Tcp)).unwrap();
     assert_eq!(report.total_errors(), 0, "{report:?}");
-    let (pods, peers) = split(&report);
-    assert_eq!(pods.len(), 4, "every pod of both nodes answers: {report:?}");
-    for reply in peers.keys() {
-        let (pod, peer) = reply.split_once(" from ").unwrap();
-        let want = if pod.starts_with("n0-") {
-            CLIENT_IP6
-        } else {
-            node_ip6(0)
-        };
-        assert_eq!(peer, want.to_string(), "{reply}");
-    }
+    assert_both_nodes_answer(&report, CLIENT_IP6.into(), node_ip6(0).into());
     let report = fx.cluster.probe(&opts(20, ProbeMode::UdpSendto)).unwrap();
     assert_eq!(report.total_errors(), 0, "{report:?}");
     let t = fx

@@ -90,24 +90,12 @@ impl fmt::Display for Op {
                 rev_nat_id,
                 addr,
                 prefix,
-            } => {
-                let (ip, len) = range_of(addr, *prefix);
-                write!(
-                    f,
-                    "{MAP_SOURCE_RANGES}: write rev-NAT {rev_nat_id} range {ip}/{len}"
-                )
-            }
+            } => fmt_range(f, "write", *rev_nat_id, addr, *prefix),
             Self::DelSourceRange {
                 rev_nat_id,
                 addr,
                 prefix,
-            } => {
-                let (ip, len) = range_of(addr, *prefix);
-                write!(
-                    f,
-                    "{MAP_SOURCE_RANGES}: delete rev-NAT {rev_nat_id} range {ip}/{len}"
-                )
-            }
+            } => fmt_range(f, "delete", *rev_nat_id, addr, *prefix),
         }
     }
 }
@@ -118,6 +106,20 @@ pub fn addr_of(ip: IpAddr) -> Addr {
         IpAddr::V4(v4) => lb_common::v4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
     }
+}
+
+fn fmt_range(
+    f: &mut fmt::Formatter<'_>,
+    verb: &str,
+    rev_nat_id: u16,
+    addr: &Addr,
+    prefix: u8,
+) -> fmt::Result {
+    let (ip, len) = range_of(addr, prefix);
+    write!(
+        f,
+        "{MAP_SOURCE_RANGES}: {verb} rev-NAT {rev_nat_id} range {ip}/{len}"
+    )
 }
 
 /// A range (network, prefix length of its family) as the maps hold it: the mapped

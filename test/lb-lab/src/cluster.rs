@@ -26,7 +26,7 @@ use anyhow::{Context as _, bail};
 
 use crate::lab::{
     ChildGuard, Lab, LabSpec, Netns, ProbeOptions, ProbeReport, TransferReport, ip, place, run,
-    unique_prefix,
+    unique_prefix, veth_pair,
 };
 
 /// A running `lb-lab transfer`.
@@ -177,20 +177,7 @@ impl Cluster {
             Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0xfe),
         )?;
         let far = Netns::create(&format!("{}-far", self.prefix))?;
-        ip(&[
-            "-n",
-            &router.name,
-            "link",
-            "add",
-            "eth1",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &far.name,
-        ])?;
+        veth_pair(&router.name, "eth1", &far.name, "eth0")?;
         for (ns, dev, addr) in [
             (&router, "eth1", "10.99.0.1/24"),
             (&far, "eth0", "10.99.0.2/24"),
@@ -307,20 +294,7 @@ fn join_lan(
     addr: Ipv4Addr,
     addr6: Ipv6Addr,
 ) -> anyhow::Result<()> {
-    ip(&[
-        "-n",
-        &lan.name,
-        "link",
-        "add",
-        port,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &member.name,
-    ])?;
+    veth_pair(&lan.name, port, &member.name, "eth0")?;
     ip(&["-n", &lan.name, "link", "set", port, "master", "br0", "up"])?;
     ip(&[
         "-n",

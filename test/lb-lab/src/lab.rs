@@ -54,6 +54,13 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     run(Command::new("ip").args(args)).map(drop)
 }
 
+/// A veth pair: `name` in namespace `ns`, `peer` in namespace `peer_ns`.
+pub fn veth_pair(ns: &str, name: &str, peer_ns: &str, peer: &str) -> anyhow::Result<()> {
+    ip(&[
+        "-n", ns, "link", "add", name, "type", "veth", "peer", "name", peer, "netns", peer_ns,
+    ])
+}
+
 /// A unique prefix for one lab: tag, PID and a counter.
 pub fn unique_prefix(tag: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -313,9 +320,7 @@ impl Lab {
         let (node, pod) = (self.node.name.as_str(), netns.name.as_str());
         let subnet = self.first_subnet + i;
         let veth = format!("veth{i}");
-        ip(&[
-            "-n", node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", pod,
-        ])?;
+        veth_pair(node, &veth, pod, "eth0")?;
         ip(&[
             "-n",
             node,
