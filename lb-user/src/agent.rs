@@ -51,8 +51,8 @@ pub struct RunOptions {
     pub metrics_addr: Option<SocketAddr>,
     /// aya-log level for the programs' own messages (0 = off, 4 = debug).
     pub bpf_log_level: u8,
-    /// Leave the pinned maps in place at exit.
-    pub keep_pins: bool,
+    /// Detach and unpin everything at exit (else the datapath keeps serving).
+    pub cleanup_on_exit: bool,
 }
 
 /// One agent: the maps and what is programmed in them.
@@ -226,10 +226,9 @@ async fn check_source(spec: &SourceSpec) -> anyhow::Result<Option<kube::Client>>
 /// Loads and attaches the programs, opens their maps, starts the log reader and the
 /// metrics server.
 fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
-    let cgroup = loader::open_cgroup(&opts.cgroup)?;
     let mut ebpf = loader::load_and_attach(
         &opts.pin_path,
-        &cgroup,
+        &opts.cgroup,
         opts.bpf_log_level,
         opts.ct_max_entries,
     )?;
@@ -330,7 +329,7 @@ async fn sync_until_stopped(
     loop {
         let retry = agent.programmed.is_none() && last_sync.is_some();
         tokio::select! {
-            name = signals.recv() => { tracing::info!("{name}: detaching"); return; }
+            name = signals.recv() => { tracing::info!("{name}: stopping"); return; }
             _ = changed.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
         }
@@ -345,7 +344,7 @@ async fn sync_until_stopped(
             && !wait.is_zero()
         {
             tokio::select! {
-                name = signals.recv() => { tracing::info!("{name}: detaching"); return; }
+                name = signals.recv() => { tracing::info!("{name}: stopping"); return; }
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -360,11 +359,19 @@ fn shutdown(running: Running, opts: &RunOptions) {
         task.abort();
     }
     drop(agent);
-    drop(ebpf); // closes the links: the programs are detached
-    if !opts.keep_pins {
-        loader::remove_pins(&opts.pin_path);
+    // The pinned links keep the programs attached, and the pinned maps their state.
+    drop(ebpf);
+    if opts.cleanup_on_exit {
+        match loader::cleanup(&opts.pin_path, Some(&opts.cgroup)) {
+            Ok(report) => tracing::info!("--cleanup-on-exit: {report}"),
+            Err(e) => tracing::warn!("--cleanup-on-exit: {e:#}"),
+        }
+        tracing::info!("stopped");
+    } else {
+        tracing::info!(
+            "stopped; the programs stay attached and keep serving (`lb-user cleanup` removes them)"
+        );
     }
-    tracing::info!("stopped");
 }
 
 fn spawn_bpf_logger(ebpf: &mut aya::Ebpf) -> anyhow::Result<tokio::task::JoinHandle<()>> {

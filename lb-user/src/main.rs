@@ -71,9 +71,21 @@ enum Command {
         /// Forward the programs' own debug messages (aya-log) to this log.
         #[arg(long)]
         bpf_debug: bool,
-        /// Leave the pinned maps in place at exit (for inspection with bpftool).
+        /// At exit, detach the programs and remove the pins (as `lb-user cleanup` does).
+        /// Without it, a stopped agent leaves the datapath serving, as kube-proxy's rules
+        /// outlive kube-proxy, and the next agent adopts it.
         #[arg(long)]
-        keep_pins: bool,
+        cleanup_on_exit: bool,
+    },
+    /// Detach every program the agent attached and remove its pins: the maps, the cgroup
+    /// and tc links under --pin-path, and with --cgroup also any link of ours left on
+    /// that cgroup without a pin.
+    Cleanup {
+        #[arg(long, default_value = loader::DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+        /// A cgroup v2 directory an agent attached to.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
     },
     /// Print the services and backends held in the pinned maps.
     Dump {
@@ -141,7 +153,7 @@ fn main() -> ExitCode {
             metrics_bind_address,
             poll_interval_ms,
             bpf_debug,
-            keep_pins,
+            cleanup_on_exit,
         } => parse_bind(&metrics_bind_address).and_then(|metrics_addr| {
             let opts = agent::RunOptions {
                 source: match manifests {
@@ -158,7 +170,7 @@ fn main() -> ExitCode {
                 min_sync_period,
                 metrics_addr,
                 bpf_log_level: if bpf_debug { 4 } else { 0 },
-                keep_pins,
+                cleanup_on_exit,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -188,6 +200,9 @@ fn main() -> ExitCode {
                 Ok(())
             })
             .map_err(anyhow::Error::from),
+        Command::Cleanup { pin_path, cgroup } => {
+            loader::cleanup(&pin_path, cgroup.as_deref()).map(|report| println!("{report}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -197,7 +197,7 @@ fn a_service_without_endpoints_refuses_and_bad_objects_do_not_break_the_others()
 }
 
 #[test]
-fn dump_and_bpftool_show_the_maps_and_sigterm_detaches_cleanly() {
+fn dump_and_bpftool_show_the_maps() {
     let mut fx = Fixture::new("dump", 2, &[("web.yaml", service("web", WEB_IP, 80))]);
     fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1])));
     fx.agent.wait_synced(2, Duration::from_secs(10)).unwrap();
@@ -241,20 +241,6 @@ fn dump_and_bpftool_show_the_maps_and_sigterm_detaches_cleanly() {
     }
 
     assert_eq!(fx.probe(WEB_IP, 10).total_replies(), 10);
-    let status = fx.agent.stop().expect("the agent exits on SIGTERM");
-    assert!(status.success(), "exit status {status}\n{}", fx.agent.log());
-    assert!(!pin.exists(), "pins left behind at {}", pin.display());
-    // Detached: the same client is no longer translated.
-    let after = fx.probe(WEB_IP, 3);
-    assert_eq!(after.errors.get("ENETUNREACH"), Some(&3), "{after:?}");
-    let dump_err = Command::new(AGENT_BIN)
-        .arg("dump")
-        .arg("--pin-path")
-        .arg(&pin)
-        .output()
-        .unwrap();
-    assert!(!dump_err.status.success());
-    assert!(String::from_utf8_lossy(&dump_err.stderr).contains("is the agent running"));
 }
 
 #[test]

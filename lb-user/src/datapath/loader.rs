@@ -16,7 +16,9 @@ use aya::{
 };
 use lb_common::PINNED_MAPS;
 
-use super::iface::Iface;
+use std::os::fd::AsFd as _;
+
+use super::{iface::Iface, sys};
 
 /// The programs, built by lb-user's build script from lb-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -70,6 +72,10 @@ pub enum LoadError {
         path: PathBuf,
         why: String,
     },
+    #[error(
+        "pinned map {path}: {why}; a build with another layout pinned it: run `lb-user cleanup --pin-path DIR` (connections through the old maps will be cut) or use another --pin-path"
+    )]
+    Layout { path: PathBuf, why: String },
     #[error("--interface {iface}: attaching {name}: {source}")]
     Attach {
         iface: String,
@@ -172,14 +178,16 @@ pub fn open_cgroup(path: &Path) -> Result<File, LoadError> {
 
 /// Loads the object with its maps pinned under `pin_dir` (reusing maps already pinned
 /// there, so a restarted agent keeps the datapath), loads every program and attaches it
-/// to `cgroup`. Dropping the returned `Ebpf` detaches the programs.
+/// to `cgroup` (see [`attach_cgroup`]).
 pub fn load_and_attach(
     pin_dir: &Path,
-    cgroup: &File,
+    cgroup_path: &Path,
     bpf_log_level: u8,
     ct_max_entries: u32,
 ) -> Result<Ebpf, LoadError> {
+    let cgroup = open_cgroup(cgroup_path)?;
     prepare_pin_dir(pin_dir)?;
+    check_pinned_layout(pin_dir)?;
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
     // A map already pinned keeps the size it was made with.
@@ -189,6 +197,92 @@ pub fn load_and_attach(
     }
     loader.override_global("AYA_LOG_LEVEL", &bpf_log_level, false);
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Load)?;
+    attach_cgroup(&mut ebpf, pin_dir, cgroup_path, &cgroup)?;
+    remove_stale_maps(pin_dir);
+    Ok(ebpf)
+}
+
+/// The key and value sizes of each pinned map, as this build's object defines them.
+pub fn expected_layout() -> Vec<(&'static str, u32, u32)> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).ok();
+    PINNED_MAPS
+        .iter()
+        .filter_map(|name| {
+            let m = obj.as_ref()?.maps.get(*name)?;
+            Some((*name, m.key_size(), m.value_size()))
+        })
+        .collect()
+}
+
+/// Refuses to start on maps pinned by a build whose layout differs under the same name
+/// (a layout change always takes a new map name, `_V<n>`; this catches a build that
+/// forgot to): reading them with this build's types would misread every entry.
+fn check_pinned_layout(pin_dir: &Path) -> Result<(), LoadError> {
+    for (name, key, value) in expected_layout() {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| LoadError::Layout {
+            path: path.clone(),
+            why: format!("cannot read it: {e}"),
+        })?;
+        if (info.key_size(), info.value_size()) != (key, value) {
+            return Err(LoadError::Layout {
+                path,
+                why: format!(
+                    "it holds {}-byte keys and {}-byte values, this build expects {key} and {value}",
+                    info.key_size(),
+                    info.value_size()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Unpins maps of an older layout (`LB_*` names this build does not use): the programs
+/// that used them have just been replaced.
+fn remove_stale_maps(pin_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with("LB_") && !PINNED_MAPS.contains(&file.as_str()) {
+            tracing::info!(map = %file, "removing a map of an older layout");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Where a cgroup link is pinned: `<pin dir>/links/<program>_cg<cgroup id>`.
+fn cgroup_link_pin(pin_dir: &Path, name: &str, cgroup_id: u64) -> PathBuf {
+    pin_dir.join("links").join(format!("{name}_cg{cgroup_id}"))
+}
+
+/// Attaches every sock_addr program to `cgroup` through a link pinned under `pin_dir`,
+/// so the programs stay attached while no agent runs (a crash, SIGTERM, an upgrade). A
+/// link already pinned there gets the new program in place (`BPF_LINK_UPDATE`): the hook
+/// never runs without a program, so a restart or an upgrade drops no connection. Links
+/// of another cgroup (an earlier `--cgroup`) are unpinned, which detaches them.
+pub fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    cgroup_path: &Path,
+    cgroup: &File,
+) -> Result<(), LoadError> {
+    let cg_err = |why: String| LoadError::Cgroup {
+        path: cgroup_path.to_path_buf(),
+        why,
+        hint: String::new(),
+    };
+    let cgroup_id = sys::cgroup_id(cgroup_path).map_err(|e| cg_err(e.to_string()))?;
+    std::fs::create_dir_all(pin_dir.join("links")).map_err(|e| LoadError::PinPath {
+        path: pin_dir.to_path_buf(),
+        why: format!("creating links/: {e}"),
+    })?;
+    let (mut updated, mut attached) = (0, 0);
     for name in PROGRAMS {
         let perr = |source| LoadError::Program { name, source };
         let prog: &mut CgroupSockAddr = ebpf
@@ -197,12 +291,63 @@ pub fn load_and_attach(
             .try_into()
             .map_err(perr)?;
         prog.load().map_err(perr)?;
+        let path = cgroup_link_pin(pin_dir, name, cgroup_id);
+        let pin_err = |why: String| LoadError::PinLink {
+            iface: cgroup_path.display().to_string(),
+            name,
+            path: path.clone(),
+            why,
+        };
+        if path.exists() {
+            let prog_fd = prog.fd().map_err(perr)?.as_fd();
+            match sys::obj_get(&path).and_then(|link| sys::link_update(link.as_fd(), prog_fd)) {
+                Ok(()) => {
+                    updated += 1;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(link = %path.display(), "cannot update the pinned link in place ({e}): attaching anew");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
         // With bpf_link (kernel >= 5.7) the kernel always attaches in multi mode and
         // rejects explicit flags; `Single` passes none.
-        prog.attach(cgroup, CgroupAttachMode::Single)
+        let id = prog
+            .attach(cgroup, CgroupAttachMode::Single)
             .map_err(perr)?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(perr)?
+            .try_into()
+            .map_err(|e: LinkError| pin_err(e.to_string()))?;
+        link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
+        attached += 1;
     }
-    Ok(ebpf)
+    tracing::info!(updated, attached, cgroup = %cgroup_path.display(), "cgroup links pinned under {}", pin_dir.join("links").display());
+    remove_stale_cgroup_links(pin_dir, cgroup_id);
+    Ok(())
+}
+
+/// Unpins (so detaches) the cgroup links of other cgroups than `cgroup_id`.
+fn remove_stale_cgroup_links(pin_dir: &Path, cgroup_id: u64) {
+    let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let ours = PROGRAMS.iter().any(|p| {
+            file.strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with("_cg"))
+        });
+        let current = PROGRAMS
+            .iter()
+            .any(|p| cgroup_link_pin(pin_dir, p, cgroup_id).ends_with(&file));
+        if ours && !current {
+            tracing::info!(link = %file, "detaching a link of a cgroup no longer used");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Where the tc links are pinned: `<pin dir>/links/<program>_<interface>`.
@@ -286,6 +431,9 @@ fn remove_stale_links(pin_dir: &Path, ifaces: &[Iface]) {
     };
     for entry in entries.flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();
+        if !TC_PROGRAMS.iter().any(|(name, _)| file.starts_with(name)) {
+            continue;
+        }
         let wanted = TC_PROGRAMS.iter().any(|(name, _)| {
             ifaces
                 .iter()
@@ -298,12 +446,58 @@ fn remove_stale_links(pin_dir: &Path, ifaces: &[Iface]) {
     }
 }
 
-/// Removes the pinned maps and links (which detaches the tc programs) and the pin
+/// `lb-user cleanup`: removes the pins under `pin_dir` (maps, and links, which detaches
+/// their programs) and, with `cgroup`, detaches any link of ours still on that cgroup
+/// (one whose pin was lost). Says what it did.
+pub fn cleanup(pin_dir: &Path, cgroup: Option<&Path>) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let pins = std::fs::read_dir(pin_dir.join("links"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let maps = PINNED_MAPS
+        .iter()
+        .filter(|m| pin_dir.join(m).exists())
+        .count();
+    remove_pins(pin_dir);
+    let mut report = format!(
+        "{}: removed {maps} map pins and {pins} link pins",
+        pin_dir.display()
+    );
+    if let Some(cg) = cgroup {
+        let id = sys::cgroup_id(cg).with_context(|| format!("--cgroup {}", cg.display()))?;
+        let ours: Vec<u32> = aya::programs::loaded_programs()
+            .flatten()
+            .filter(|p| {
+                p.name_as_str()
+                    .filter(|n| n.len() > 3)
+                    .is_some_and(|n| PROGRAMS.iter().any(|ours| ours.starts_with(n)))
+            })
+            .map(|p| p.id())
+            .collect();
+        let mut detached = 0;
+        for (info, fd) in sys::cgroup_links(id).context("listing the links of the cgroup")? {
+            if ours.contains(&info.prog_id) {
+                sys::link_detach(fd.as_fd())
+                    .with_context(|| format!("detaching link {} from {}", info.id, cg.display()))?;
+                detached += 1;
+            }
+        }
+        report.push_str(&format!(
+            "; {}: detached {detached} more links",
+            cg.display()
+        ));
+    }
+    Ok(report)
+}
+
+/// Removes the pinned maps and links (which detaches the programs) and the pin
 /// directory if it is then empty.
 pub fn remove_pins(pin_dir: &Path) {
     for m in PINNED_MAPS {
         let _ = std::fs::remove_file(pin_dir.join(m));
     }
+    // And maps of older layouts.
+    remove_stale_maps(pin_dir);
     if let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) {
         for entry in entries.flatten() {
             let _ = std::fs::remove_file(entry.path());

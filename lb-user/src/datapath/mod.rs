@@ -17,6 +17,8 @@
 //! change costs a couple of writes, not a rewrite of the service.
 //!
 //! * [`loader`]: the bpf filesystem, loading, pinning and attaching the programs;
+//! * [`sys`]: the bpf(2) link commands aya lacks (update a cgroup link in place, list
+//!   and detach a cgroup's links);
 //! * [`iface`]: the node's interfaces for the tc programs, and the SNAT port range;
 //! * [`ops`]: the map operations and [`Snapshot`], the maps' contents as plain data;
 //! * [`plan`]: [`Programmed`], the diff of desired state against what the maps hold;
@@ -27,6 +29,7 @@ pub mod loader;
 pub mod maps;
 pub mod ops;
 pub mod plan;
+pub mod sys;
 
 pub use maps::{BpfMaps, DatapathError, read_conntrack, read_counters};
 pub use ops::{FrontendView, Op, Snapshot, addr_of, frontend_of, ip_of, service_key};

@@ -247,17 +247,7 @@ impl Cluster {
         bytes: u64,
         pause: Duration,
     ) -> anyhow::Result<Transfer> {
-        let mut cmd = Command::new(&self.nodes[0].lab_bin);
-        cmd.args(["transfer", "--target", &target.to_string()])
-            .args(["--bytes", &bytes.to_string()])
-            .args(["--pause-ms", &pause.as_millis().to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .stdin(Stdio::null());
-        place(&mut cmd, from, None)?;
-        Ok(Transfer(ChildGuard(
-            cmd.spawn().context("starting lb-lab transfer")?,
-        )))
+        start_transfer(&self.nodes[0].lab_bin, from, target, bytes, pause)
     }
 
     /// `lb-lab http-get` from the outside client: the status code and the body.
@@ -285,9 +275,30 @@ impl Cluster {
     }
 }
 
+/// `lab_bin transfer` from `from`, started now; [`Transfer::finish`] waits for its report.
+pub fn start_transfer(
+    lab_bin: &Path,
+    from: &Netns,
+    target: SocketAddr,
+    bytes: u64,
+    pause: Duration,
+) -> anyhow::Result<Transfer> {
+    let mut cmd = Command::new(lab_bin);
+    cmd.args(["transfer", "--target", &target.to_string()])
+        .args(["--bytes", &bytes.to_string()])
+        .args(["--pause-ms", &pause.as_millis().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .stdin(Stdio::null());
+    place(&mut cmd, from, None)?;
+    Ok(Transfer(ChildGuard(
+        cmd.spawn().context("starting lb-lab transfer")?,
+    )))
+}
+
 /// A veth from `member`'s `eth0` (with `addr`/24 and `addr6`/64) to the LAN's bridge
 /// (port `port`).
-fn join_lan(
+pub(crate) fn join_lan(
     lan: &Netns,
     member: &Netns,
     port: &str,

@@ -28,6 +28,8 @@ pub struct SvcPort {
     pub proto: Proto,
     pub target_port: u16,
     pub endpoints: Vec<Ipv4Addr>,
+    /// The nodePort, for a NodePort service (externalTrafficPolicy Cluster).
+    pub node_port: Option<u16>,
 }
 
 impl SvcPort {
@@ -69,6 +71,14 @@ fn svc_chain(sp: &SvcPort) -> String {
     )
 }
 
+/// kube-proxy's KUBE-EXT chain: what traffic from outside the node goes through.
+fn ext_chain(sp: &SvcPort) -> String {
+    format!(
+        "KUBE-EXT-{}",
+        chain_hash(&format!("{}{}", sp.port_name(), sp.proto))
+    )
+}
+
 fn sep_chain(sp: &SvcPort, ep: Ipv4Addr) -> String {
     format!(
         "KUBE-SEP-{}",
@@ -91,6 +101,15 @@ fn iptables_service_rules(sp: &SvcPort, out: &mut String) {
         "-A {svc} -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
         sp.ip, sp.port
     );
+    if sp.node_port.is_some() {
+        // externalTrafficPolicy Cluster: everything from outside is masqueraded.
+        let ext = ext_chain(sp);
+        let _ = writeln!(
+            out,
+            "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
+        );
+        let _ = writeln!(out, "-A {ext} -j {svc}");
+    }
     let n = sp.endpoints.len();
     for (i, ep) in sp.endpoints.iter().enumerate() {
         let sep = sep_chain(sp, *ep);
@@ -144,6 +163,9 @@ pub fn iptables_restore(services: &[SvcPort]) -> String {
     );
     for sp in services {
         let _ = writeln!(out, ":{} - [0:0]", svc_chain(sp));
+        if sp.node_port.is_some() {
+            let _ = writeln!(out, ":{} - [0:0]", ext_chain(sp));
+        }
         for ep in &sp.endpoints {
             let _ = writeln!(out, ":{} - [0:0]", sep_chain(sp, *ep));
         }
@@ -172,6 +194,17 @@ pub fn iptables_restore(services: &[SvcPort]) -> String {
         "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n",
     );
     for sp in services {
+        if let Some(node_port) = sp.node_port {
+            let p = sp.proto_lower();
+            let _ = writeln!(
+                out,
+                "-A KUBE-NODEPORTS -m comment --comment {} -m {p} -p {p} --dport {node_port} -j {}",
+                sp.port_name(),
+                ext_chain(sp)
+            );
+        }
+    }
+    for sp in services {
         iptables_service_rules(sp, &mut out);
     }
     out.push_str("COMMIT\n");
@@ -187,6 +220,9 @@ pub fn iptables_restore(services: &[SvcPort]) -> String {
 pub fn iptables_change(old: &SvcPort, new: &SvcPort) -> String {
     let mut out = String::from("*nat\n");
     let _ = writeln!(out, ":{} - [0:0]", svc_chain(new));
+    if new.node_port.is_some() {
+        let _ = writeln!(out, ":{} - [0:0]", ext_chain(new));
+    }
     for ep in &new.endpoints {
         let _ = writeln!(out, ":{} - [0:0]", sep_chain(new, *ep));
     }
@@ -216,6 +252,10 @@ fn nft_svc_chain(sp: &SvcPort) -> String {
         sp.proto_lower(),
         sp.port_name
     )
+}
+
+fn nft_ext_chain(sp: &SvcPort) -> String {
+    nft_svc_chain(sp).replacen("service-", "external-", 1)
 }
 
 fn nft_ep_chain(sp: &SvcPort, ep: Ipv4Addr) -> String {
@@ -262,6 +302,13 @@ fn nft_service_rules(sp: &SvcPort, out: &mut String) {
         sp.endpoints.len(),
         vmap.join(" , ")
     );
+    if sp.node_port.is_some() {
+        // externalTrafficPolicy Cluster: everything from outside is masqueraded.
+        let ext = nft_ext_chain(sp);
+        let _ = writeln!(out, "add chain {NFT_T} {ext}");
+        let _ = writeln!(out, "add rule {NFT_T} {ext} jump mark-for-masquerade");
+        let _ = writeln!(out, "add rule {NFT_T} {ext} goto {svc}");
+    }
 }
 
 /// A full `nft -f` input for kube-proxy's nftables mode: a `service-ips` verdict map from
@@ -304,6 +351,14 @@ pub fn nft_ruleset(services: &[SvcPort]) -> String {
             sp.port,
             nft_svc_chain(sp)
         );
+        if let Some(node_port) = sp.node_port {
+            let _ = writeln!(
+                out,
+                "add element {NFT_T} service-nodeports {{ {} . {node_port} : goto {} }}",
+                sp.proto_lower(),
+                nft_ext_chain(sp)
+            );
+        }
     }
     out
 }
@@ -311,6 +366,9 @@ pub fn nft_ruleset(services: &[SvcPort]) -> String {
 /// kube-proxy's nftables partial sync for one service port whose endpoints change.
 pub fn nft_change(old: &SvcPort, new: &SvcPort) -> String {
     let mut out = format!("flush chain {NFT_T} {}\n", nft_svc_chain(new));
+    if new.node_port.is_some() {
+        let _ = writeln!(out, "flush chain {NFT_T} {}", nft_ext_chain(new));
+    }
     let mut body = String::new();
     nft_service_rules(new, &mut body);
     // The service chain exists already: only its rules (and new endpoint chains) are added.
@@ -410,7 +468,52 @@ mod tests {
             proto: Proto::Tcp,
             target_port: 8080,
             endpoints: eps.iter().map(|e| Ipv4Addr::from(*e)).collect(),
+            node_port: None,
         }
+    }
+
+    #[test]
+    fn node_ports_go_through_an_external_chain_that_masquerades() {
+        let np = SvcPort {
+            node_port: Some(30080),
+            ..sp(&[[10, 244, 1, 2], [10, 244, 2, 2]])
+        };
+        let rules = iptables_restore(&[sp(&[[10, 244, 3, 2]]), np.clone()]);
+        let (ext, svc) = (ext_chain(&np), svc_chain(&np));
+        assert_eq!(rules.matches(&format!(":{ext} - [0:0]")).count(), 1);
+        assert!(rules.contains(&format!(
+            "-A KUBE-NODEPORTS -m comment --comment bench/svc-1:http -m tcp -p tcp --dport 30080 -j {ext}"
+        )));
+        assert!(rules.contains(&format!("-A {ext} -j {svc}")));
+        let masq = rules
+            .lines()
+            .position(|l| l.starts_with(&format!("-A {ext}")) && l.ends_with("KUBE-MARK-MASQ"));
+        let jump = rules
+            .lines()
+            .position(|l| l == format!("-A {ext} -j {svc}"));
+        assert!(
+            masq.is_some() && masq < jump,
+            "masquerade mark before the jump"
+        );
+        // Only the NodePort service has one.
+        assert_eq!(rules.matches("-A KUBE-NODEPORTS").count(), 1);
+        assert!(iptables_change(&np, &np).contains(&format!(":{ext} - [0:0]")));
+
+        let nft = nft_ruleset(std::slice::from_ref(&np));
+        let ext = nft_ext_chain(&np);
+        assert!(ext.starts_with("external-"));
+        assert!(nft.contains(&format!(
+            "add element ip kube-proxy service-nodeports {{ tcp . 30080 : goto {ext} }}"
+        )));
+        assert!(nft.contains(&format!(
+            "add rule ip kube-proxy {ext} jump mark-for-masquerade"
+        )));
+        assert!(nft.contains(&format!(
+            "add rule ip kube-proxy {ext} goto {}",
+            nft_svc_chain(&np)
+        )));
+        let change = nft_change(&np, &np);
+        assert!(change.contains(&format!("flush chain ip kube-proxy {ext}")));
     }
 
     #[test]

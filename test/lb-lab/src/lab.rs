@@ -172,7 +172,11 @@ impl Drop for ChildGuard {
 /// Prepares `cmd` to start inside `netns` and, if given, `cgroup` (joined first: the
 /// cgroup file is opened here, written from the child before exec).
 pub fn place(cmd: &mut Command, netns: &Netns, cgroup: Option<&Cgroup>) -> anyhow::Result<()> {
-    let ns = netns.file()?;
+    place_file(cmd, netns.file()?, cgroup)
+}
+
+/// [`place`] with the namespace as an open file.
+fn place_file(cmd: &mut Command, ns: File, cgroup: Option<&Cgroup>) -> anyhow::Result<()> {
     let procs = match cgroup {
         Some(cg) => {
             let p = cg.path.join("cgroup.procs");
@@ -420,11 +424,23 @@ impl Lab {
         netns: &Netns,
         in_cgroup: bool,
     ) -> anyhow::Result<ProbeReport> {
+        let mut cmd = self.probe_command(opts, netns, in_cgroup)?;
+        let out = run(&mut cmd)?;
+        serde_json::from_str(out.trim()).with_context(|| format!("probe printed {out:?}"))
+    }
+
+    fn probe_command(
+        &self,
+        opts: &ProbeOptions,
+        netns: &Netns,
+        in_cgroup: bool,
+    ) -> anyhow::Result<Command> {
         let mut cmd = Command::new(&self.lab_bin);
         cmd.arg("probe")
             .args(["--target", &opts.target.to_string()])
             .args(["--count", &opts.count.to_string()])
             .args(["--timeout-ms", &opts.timeout.as_millis().to_string()])
+            .args(["--interval-ms", &opts.interval.as_millis().to_string()])
             .args(["--source-port", &opts.source_port.to_string()]);
         cmd.args([
             "--mode",
@@ -434,8 +450,17 @@ impl Lab {
                 .get_name(),
         ]);
         place(&mut cmd, netns, in_cgroup.then_some(&self.cgroup))?;
-        let out = run(&mut cmd)?;
-        serde_json::from_str(out.trim()).with_context(|| format!("probe printed {out:?}"))
+        Ok(cmd)
+    }
+
+    /// [`Lab::probe`] started in the background (from the node, in the client cgroup);
+    /// [`RunningProbe::finish`] waits for its report.
+    pub fn start_probe(&self, opts: &ProbeOptions) -> anyhow::Result<RunningProbe> {
+        let mut cmd = self.probe_command(opts, &self.node, true)?;
+        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+        Ok(RunningProbe(ChildGuard(
+            cmd.spawn().context("starting lb-lab probe")?,
+        )))
     }
 
     /// Stops the server of pod `i` (its address stays, nothing answers there any more).
@@ -457,6 +482,27 @@ impl Lab {
     pub fn run_client(&self, mut cmd: Command) -> anyhow::Result<String> {
         place(&mut cmd, &self.node, Some(&self.cgroup))?;
         run(&mut cmd)
+    }
+}
+
+/// A probe running in the background.
+pub struct RunningProbe(ChildGuard);
+
+impl RunningProbe {
+    /// Waits for the probe to end and returns its report.
+    pub fn finish(mut self) -> anyhow::Result<ProbeReport> {
+        let mut out = String::new();
+        self.0
+            .0
+            .stdout
+            .take()
+            .context("probe output")?
+            .read_to_string(&mut out)?;
+        let status = self.0.0.wait()?;
+        if !status.success() {
+            bail!("lb-lab probe failed ({status})");
+        }
+        serde_json::from_str(out.trim()).with_context(|| format!("probe printed {out:?}"))
     }
 }
 
@@ -482,6 +528,8 @@ pub struct ProbeOptions {
     pub mode: ProbeMode,
     /// The UDP source port (0: any), so two runs can be one flow.
     pub source_port: u16,
+    /// A pause after each exchange (a client that keeps going while things change).
+    pub interval: Duration,
 }
 
 impl ProbeOptions {
@@ -492,6 +540,7 @@ impl ProbeOptions {
             timeout: Duration::from_secs(1),
             mode: ProbeMode::Tcp,
             source_port: 0,
+            interval: Duration::ZERO,
         }
     }
 
@@ -628,6 +677,7 @@ pub fn probe(opts: &ProbeOptions) -> ProbeReport {
             Ok(name) => *report.replies.entry(name).or_default() += 1,
             Err(e) => *report.errors.entry(error_name(&e)).or_default() += 1,
         }
+        std::thread::sleep(opts.interval);
     }
     report
 }
@@ -692,6 +742,9 @@ pub struct TransferReport {
     pub received: u64,
     pub intact: bool,
     pub error: Option<String>,
+    /// From connect to the last byte back.
+    #[serde(default)]
+    pub elapsed_ns: u64,
 }
 
 /// `lb-lab transfer`: `bytes` to `target` and back through one TCP connection, pausing
@@ -703,9 +756,11 @@ pub fn transfer(
     timeout: Duration,
 ) -> TransferReport {
     let mut report = TransferReport::default();
+    let start = Instant::now();
     if let Err(e) = run_transfer(target, bytes, pause, timeout, &mut report) {
         report.error = Some(format!("{}: {e}", error_name(&e)));
     }
+    report.elapsed_ns = start.elapsed().as_nanos() as u64;
     report
 }
 
@@ -820,13 +875,50 @@ pub fn http_get(target: SocketAddr, path: &str) -> anyhow::Result<(u16, String)>
     Ok((code, body.trim().to_string()))
 }
 
-/// The running agent, as a process: stopped with SIGTERM on drop, pins removed.
+/// The running agent, as a process: stopped with SIGTERM on drop, and everything it
+/// pinned removed (the programs detached).
 pub struct AgentProcess {
     pub child: ChildGuard,
     pub pin_path: PathBuf,
     pub log_path: PathBuf,
     /// Set by [`AgentProcess::kill`]: the pins stay for the next agent.
     keep_pins: bool,
+    /// How it was started, for [`AgentProcess::restart`].
+    agent_bin: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    netns: Option<String>,
+}
+
+/// `agent_bin ARGS`, in the named network namespace if given, logging to `log_path`.
+fn spawn_agent(
+    agent_bin: &Path,
+    args: &[std::ffi::OsString],
+    netns: Option<&str>,
+    log_path: &Path,
+) -> anyhow::Result<ChildGuard> {
+    let log = File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut cmd = Command::new(agent_bin);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if let Some(name) = netns {
+        let path = format!("/var/run/netns/{name}");
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        place_file(&mut cmd, file, None)?;
+    }
+    Ok(ChildGuard(
+        cmd.spawn().with_context(|| format!("starting {cmd:?}"))?,
+    ))
+}
+
+/// How [`AgentProcess::restart`] stops the running agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGKILL, as a crash or an OOM kill would.
+    Kill,
+    /// SIGTERM, as the kubelet does (a rolling update, a node drain).
+    Term,
 }
 
 impl AgentProcess {
@@ -852,18 +944,14 @@ impl AgentProcess {
         pin_path: &Path,
         log_path: &Path,
     ) -> anyhow::Result<Self> {
-        let log =
-            File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let mut cmd = Command::new(agent_bin);
-        cmd.arg("run")
-            .args(source_args)
-            .arg("--cgroup")
-            .arg(cgroup)
-            .arg("--pin-path")
-            .arg(pin_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        let mut args: Vec<std::ffi::OsString> = vec!["run".into()];
+        args.extend(source_args.iter().map(|a| a.to_os_string()));
+        args.extend([
+            "--cgroup".into(),
+            cgroup.into(),
+            "--pin-path".into(),
+            pin_path.into(),
+        ]);
         // Test defaults, unless the caller sets them.
         for (flag, default) in [
             ("--metrics-bind-address", ""),
@@ -871,19 +959,53 @@ impl AgentProcess {
             ("--poll-interval-ms", "100"),
         ] {
             if !source_args.iter().any(|a| *a == flag) {
-                cmd.args([flag, default]);
+                args.extend([flag.into(), default.into()]);
             }
         }
-        if let Some(ns) = netns {
-            place(&mut cmd, ns, None)?;
-        }
-        let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        let netns = netns.map(|n| n.name.clone());
+        let child = spawn_agent(agent_bin, &args, netns.as_deref(), log_path)?;
         Ok(Self {
-            child: ChildGuard(child),
+            child,
             pin_path: pin_path.to_path_buf(),
             log_path: log_path.to_path_buf(),
             keep_pins: false,
+            agent_bin: agent_bin.to_path_buf(),
+            args,
+            netns,
         })
+    }
+
+    /// Stops the agent as `stop` says, leaving what it pinned; after `down`, starts it
+    /// again with the same arguments and `extra` ones (an upgrade's), logging to
+    /// `log_path`. Does not wait for its first sync.
+    pub fn restart(
+        &mut self,
+        stop: Stop,
+        down: Duration,
+        extra: &[&str],
+        log_path: &Path,
+    ) -> anyhow::Result<()> {
+        match stop {
+            Stop::Kill => {
+                let _ = self.child.0.kill();
+                let _ = self.child.0.wait();
+            }
+            Stop::Term => {
+                let status = self.child.terminate(Duration::from_secs(5));
+                if !status.is_some_and(|s| s.success()) {
+                    bail!(
+                        "the agent did not exit cleanly on SIGTERM ({status:?}):\n{}",
+                        self.log()
+                    );
+                }
+            }
+        }
+        std::thread::sleep(down);
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(Into::into));
+        self.child = spawn_agent(&self.agent_bin, &args, self.netns.as_deref(), log_path)?;
+        self.log_path = log_path.to_path_buf();
+        Ok(())
     }
 
     pub fn log(&self) -> String {

@@ -109,7 +109,8 @@ pub fn load(targets: &[SocketAddr], count: usize, mode: LoadMode, timeout: Durat
 
 /// `lb-lab serve --bench`: read the request line, answer with the name, then wait for
 /// the client to close first. Several threads accept, so a client never waits on a
-/// previous connection's close.
+/// previous connection's close. A request `ECHO N` (a bulk transfer, see
+/// [`lab::transfer`]) gets the name, then the next N bytes echoed back, then a close.
 pub fn serve_bench(name: &str, port: u16) -> anyhow::Result<()> {
     let (tcp, reply) = lab::start_server(name, port, false)?;
     let mut threads = Vec::new();
@@ -118,31 +119,38 @@ pub fn serve_bench(name: &str, port: u16) -> anyhow::Result<()> {
         let reply = reply.clone();
         threads.push(std::thread::spawn(move || {
             for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
+                let Ok(conn) = conn else { continue };
                 let _ = conn.set_nodelay(true);
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut buf = [0u8; 64];
-                let mut got = 0;
-                while !buf[..got].contains(&b'\n') {
-                    match conn.read(&mut buf[got..]) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => got += n,
-                    }
-                    if got == buf.len() {
-                        break;
-                    }
-                }
-                if conn.write_all(reply.as_bytes()).is_err() {
-                    continue;
-                }
-                // Until EOF: the client closes first.
-                while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+                let _ = answer_bench(conn, &reply);
             }
         }));
     }
     for t in threads {
         let _ = t.join();
     }
+    Ok(())
+}
+
+/// One connection of [`serve_bench`].
+fn answer_bench(conn: TcpStream, reply: &str) -> std::io::Result<()> {
+    let mut writer = conn.try_clone()?;
+    let mut reader = std::io::BufReader::new(conn);
+    let mut request = Vec::new();
+    (&mut reader).take(64).read_until(b'\n', &mut request)?;
+    writer.write_all(reply.as_bytes())?;
+    let echo = std::str::from_utf8(&request)
+        .ok()
+        .and_then(|r| r.trim().strip_prefix("ECHO "))
+        .and_then(|n| n.parse::<u64>().ok());
+    if let Some(n) = echo {
+        // The transfer reads until this side closes.
+        std::io::copy(&mut (&mut reader).take(n), &mut writer)?;
+        return Ok(());
+    }
+    // Until EOF: the client closes first.
+    let mut buf = [0u8; 64];
+    while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
     Ok(())
 }
 

@@ -71,6 +71,13 @@ enum Cmd {
         /// The agent binary (default: lb-user next to this program).
         #[arg(long)]
         agent: Option<PathBuf>,
+        /// MB echoed through one connection by the NodePort bulk transfer.
+        #[arg(long, default_value_t = 200)]
+        transfer_mb: u64,
+        /// Which benchmarks: socket (ClusterIP, from the node), nodeport (from outside).
+        #[arg(long, value_delimiter = ',', default_value = "socket,nodeport",
+              value_parser = ["socket", "nodeport"])]
+        paths: Vec<String>,
     },
     /// Exchange COUNT requests with TARGET and print, as JSON, who answered and which errors.
     Probe {
@@ -85,6 +92,9 @@ enum Cmd {
         /// UDP source port (0: any), so that two runs are one flow.
         #[arg(long, default_value_t = 0)]
         source_port: u16,
+        /// Pause after each exchange.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
     /// BYTES to TARGET and back through one TCP connection (the pod server echoes after
     /// `ECHO BYTES`), pausing PAUSE_MS halfway; prints what came back as JSON.
@@ -150,6 +160,8 @@ fn main() -> ExitCode {
             changes,
             out,
             agent,
+            transfer_mb,
+            paths,
         } => std::env::current_exe()
             .context("finding lb-lab")
             .and_then(|me| {
@@ -162,6 +174,8 @@ fn main() -> ExitCode {
                     out,
                     lab_bin: me,
                     agent_bin: agent,
+                    transfer_mb: transfer_mb.max(1),
+                    paths,
                 })
             }),
         Cmd::Probe {
@@ -170,6 +184,7 @@ fn main() -> ExitCode {
             timeout_ms,
             mode,
             source_port,
+            interval_ms,
         } => {
             let report = lab::probe(&ProbeOptions {
                 target,
@@ -177,6 +192,7 @@ fn main() -> ExitCode {
                 timeout: Duration::from_millis(timeout_ms),
                 mode,
                 source_port,
+                interval: Duration::from_millis(interval_ms),
             });
             serde_json::to_string(&report)
                 .map(|s| println!("{s}"))

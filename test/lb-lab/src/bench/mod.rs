@@ -1,8 +1,11 @@
 //! `cargo xtask bench`: our socket-level load balancer side by side with a direct
 //! connection (the limit) and with kube-proxy's iptables (nf_tables and legacy backends)
-//! and nftables modes, each in a lab of its own, variants interleaved round by round.
-//! Writes `results.json`, `control_plane.json`, `report.md` and `rates.svg`.
+//! and nftables modes, each in a lab of its own, variants interleaved round by round;
+//! then the NodePort path from outside the node ([`nodeport`]), our tc programs against
+//! the same kube-proxy modes. Writes `results.json`, `control_plane.json`,
+//! `nodeport.json`, `report.md` and `rates.svg`.
 
+mod nodeport;
 mod report;
 mod workload;
 
@@ -22,7 +25,7 @@ use workload::{ENDPOINTS, churn, manifests, service_ip, services};
 
 use crate::{
     kube_proxy_rules::{KubeProxy, SvcPort},
-    lab::{self, AgentProcess, Cgroup, ChildGuard, Lab, place, run},
+    lab::{self, AgentProcess, Cgroup, ChildGuard, Lab, Netns, place, run},
     load::{LoadMode, LoadReport},
 };
 
@@ -37,6 +40,10 @@ pub struct BenchOptions {
     pub out: PathBuf,
     pub lab_bin: PathBuf,
     pub agent_bin: PathBuf,
+    /// MB echoed by the NodePort benchmark's bulk transfer.
+    pub transfer_mb: u64,
+    /// Which benchmarks: "socket", "nodeport".
+    pub paths: Vec<String>,
 }
 
 /// One line of results.json.
@@ -99,23 +106,24 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
 }
 
-/// Runs the load generator in `lab`'s node namespace and in `cgroup`. Every variant's
-/// client runs in a fresh cgroup of its own (ours with the programs attached, the others
-/// without), so no variant pays for another's cgroup.
+/// Runs the load generator in `netns` and `cgroup`. Every variant's client runs in a
+/// fresh cgroup of its own (ours with the programs attached, the others without), so no
+/// variant pays for another's cgroup.
 fn run_load(
-    lab: &Lab,
+    lab_bin: &Path,
+    netns: &Netns,
+    cgroup: Option<&Cgroup>,
     targets: &[SocketAddr],
     count: usize,
     mode: LoadMode,
-    cgroup: &Cgroup,
 ) -> anyhow::Result<LoadReport> {
-    let mut cmd = Command::new(&lab.lab_bin);
+    let mut cmd = Command::new(lab_bin);
     cmd.arg("load")
         .args(["--count", &count.to_string(), "--mode", mode.name()]);
     for t in targets {
         cmd.args(["--target", &t.to_string()]);
     }
-    place(&mut cmd, &lab.node, Some(cgroup))?;
+    place(&mut cmd, netns, cgroup)?;
     let out = run(&mut cmd)?;
     serde_json::from_str(out.trim()).with_context(|| format!("load printed {out:?}"))
 }
@@ -427,7 +435,14 @@ fn measure_rates(
         eprintln!("bench: {n} services, {}: round {}", mode.name(), round + 1);
         // Interleave: round r starts with variant r.
         for v in (0..len).map(|k| &variants[(round + k) % len]) {
-            let r = run_load(v.lab, &v.targets, opts.count, mode, v.cgroup)?;
+            let r = run_load(
+                &v.lab.lab_bin,
+                &v.lab.node,
+                Some(v.cgroup),
+                &v.targets,
+                opts.count,
+                mode,
+            )?;
             if r.errors > 0 {
                 eprintln!(
                     "bench: {} {} {}: {} of {} requests failed",
@@ -482,8 +497,15 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", opts.out.display()))?;
     let mut records = Vec::new();
     let mut control = Vec::new();
+    let mut node_port = Vec::new();
+    let wants = |p: &str| opts.paths.iter().any(|x| x == p);
     for &n in &opts.sizes {
-        control.push(bench_size(opts, n, &mut records)?);
+        if wants("socket") {
+            control.push(bench_size(opts, n, &mut records)?);
+        }
+        if wants("nodeport") {
+            node_port.extend(nodeport::bench_node_port(opts, n)?);
+        }
     }
     let json = serde_json::to_string_pretty(&records)?;
     std::fs::write(opts.out.join("results.json"), json)?;
@@ -491,12 +513,19 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         opts.out.join("control_plane.json"),
         serde_json::to_string_pretty(&control)?,
     )?;
-    let md = report(&records, &control);
+    std::fs::write(
+        opts.out.join("nodeport.json"),
+        serde_json::to_string_pretty(&node_port)?,
+    )?;
+    let mut md = report(&records, &control);
+    if !node_port.is_empty() {
+        md.push_str(&nodeport::node_port_report(&node_port));
+    }
     std::fs::write(opts.out.join("report.md"), &md)?;
     std::fs::write(opts.out.join("rates.svg"), svg(&records))?;
     println!("{md}");
     println!(
-        "bench: wrote results.json, control_plane.json, report.md and rates.svg to {}",
+        "bench: wrote results.json, control_plane.json, nodeport.json, report.md and rates.svg to {}",
         opts.out.display()
     );
     Ok(())

@@ -86,10 +86,10 @@ fn control_tables(md: &mut String, control: &[ControlPlane]) {
 }
 
 /// The targets, each written as a line with MET or MISSED.
-struct Targets<'a>(&'a mut String);
+pub(super) struct Targets<'a>(pub(super) &'a mut String);
 
 impl Targets<'_> {
-    fn check(&mut self, name: String, ok: bool, detail: String) {
+    pub(super) fn check(&mut self, name: String, ok: bool, detail: String) {
         let _ = writeln!(
             self.0,
             "* {} {name}: {detail}",

@@ -44,6 +44,7 @@ pub fn services(n: usize, pods: &[Ipv4Addr]) -> (Vec<SvcPort>, Vec<(usize, &'sta
             proto: Proto::Tcp,
             target_port: 8080,
             endpoints,
+            node_port: None,
         };
         if is_measured {
             out.push(SvcPort {
@@ -67,7 +68,35 @@ pub fn churn(pod: Ipv4Addr) -> SvcPort {
         proto: Proto::Tcp,
         target_port: 8080,
         endpoints: vec![pod],
+        node_port: None,
     }
+}
+
+/// The nodePort of the service that the NodePort benchmark measures.
+pub const MEASURED_NODE_PORT: u16 = 30_000;
+
+/// The NodePort benchmark's services: `n` TCP services over the same addresses as
+/// [`services`], the last one over the lab's pods and with [`MEASURED_NODE_PORT`], and
+/// one in ten of the others with a nodePort of its own (a cluster's NodePort services
+/// are a minority; the range has room for 2,768 of them).
+pub fn node_port_services(n: usize, pods: &[Ipv4Addr]) -> Vec<SvcPort> {
+    let last = n.max(1) - 1;
+    let (ports, _) = services(n, pods);
+    let mut out: Vec<SvcPort> = ports
+        .into_iter()
+        .filter(|p| p.proto == Proto::Tcp)
+        .collect();
+    let mut next = MEASURED_NODE_PORT + 1;
+    for (i, p) in out.iter_mut().enumerate() {
+        if i == last {
+            p.endpoints = pods.to_vec();
+            p.node_port = Some(MEASURED_NODE_PORT);
+        } else if i % 10 == 0 {
+            p.node_port = Some(next);
+            next += 1;
+        }
+    }
+    out
 }
 
 /// Service and EndpointSlice manifests for `ports` (grouped by service name).
@@ -85,15 +114,20 @@ pub fn manifests(ports: &[SvcPort]) -> String {
         let list = &by_name[name];
         let (ns, svc) = name.split_once('/').expect("ns/name");
         let first = list[0];
+        let node_port = list.iter().any(|p| p.node_port.is_some());
         let _ = write!(
             out,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {ns}}}\nspec:\n  clusterIP: {}\n  ports:\n",
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {ns}}}\nspec:\n  type: {}\n  clusterIP: {}\n  ports:\n",
+            if node_port { "NodePort" } else { "ClusterIP" },
             first.ip
         );
         for p in list {
+            let np = p
+                .node_port
+                .map_or(String::new(), |n| format!(", nodePort: {n}"));
             let _ = writeln!(
                 out,
-                "  - {{name: {}, port: {}, protocol: {}, targetPort: {}}}",
+                "  - {{name: {}, port: {}, protocol: {}, targetPort: {}{np}}}",
                 p.port_name, p.port, p.proto, p.target_port
             );
         }
@@ -168,5 +202,39 @@ mod tests {
                 .values()
                 .all(|f| !f.endpoints.is_empty())
         );
+    }
+
+    #[test]
+    fn node_port_services_measure_the_last_over_the_pods() {
+        let pods = [Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 2, 2)];
+        let ports = node_port_services(10_000, &pods);
+        assert_eq!(ports.len(), 10_000);
+        assert!(ports.iter().all(|p| p.proto == Proto::Tcp));
+        let last = ports.last().unwrap();
+        assert_eq!(last.node_port, Some(MEASURED_NODE_PORT));
+        assert_eq!(last.endpoints, pods);
+        let node_ports: std::collections::BTreeSet<_> =
+            ports.iter().filter_map(|p| p.node_port).collect();
+        assert_eq!(node_ports.len(), 1001, "distinct");
+        assert!(node_ports.iter().all(|p| (30_000..=32_767).contains(p)));
+        assert_eq!(node_port_services(1, &pods).len(), 1);
+        assert_eq!(
+            node_port_services(1, &pods)[0].node_port,
+            Some(MEASURED_NODE_PORT)
+        );
+
+        // They load into the model as NodePort frontends on the node's address.
+        let mut loaded = lb_user::source::manifest::Loaded::default();
+        let small = node_port_services(11, &pods);
+        lb_user::source::manifest::parse_into(&manifests(&small), "np.yaml", &mut loaded);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let node: std::net::IpAddr = Ipv4Addr::new(192, 168, 77, 11).into();
+        let built = lb_user::model::build(&loaded.objects, None, &[node]);
+        assert!(built.warnings.is_empty(), "{:?}", built.warnings);
+        // 11 cluster IPs, and 2 nodePorts on the node's address and on 127.0.0.1.
+        assert_eq!(built.desired.frontends.len(), 15);
+        let on_node = built.desired.frontends.keys().filter(|f| f.addr == node);
+        let ports: Vec<u16> = on_node.map(|f| f.port).collect();
+        assert_eq!(ports, [MEASURED_NODE_PORT, MEASURED_NODE_PORT + 1]);
     }
 }

@@ -1,0 +1,219 @@
+//! The few bpf(2) commands aya does not offer for cgroup links: open a pinned link,
+//! replace a cgroup link's program in place (`BPF_LINK_UPDATE`), and list and detach the
+//! cgroup links of a cgroup (for `lb-user cleanup --cgroup`).
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+/// bpf(2) with `attr` (a `union bpf_attr` member, zero-padded by the caller).
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, initialised value whose size is passed; the kernel reads
+    // and writes only within it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// A file descriptor returned by bpf(2).
+fn owned(fd: libc::c_long) -> OwnedFd {
+    // SAFETY: bpf(2) returned a new descriptor that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Opens the BPF object pinned at `path` (`BPF_OBJ_GET`).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: [u32; 13],
+    }
+    let mut attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: [0; 13],
+    };
+    bpf(BPF_OBJ_GET, &mut attr).map(owned)
+}
+
+/// Replaces the program of `link` by `prog` in one step: the hook never runs without a
+/// program (`BPF_LINK_UPDATE`, kernel 5.7+ for cgroup links).
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+        _pad: [u32; 12],
+    }
+    let mut attr = Attr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+        _pad: [0; 12],
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// What the kernel says of one link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub id: u32,
+    pub prog_id: u32,
+    /// For a cgroup link, the cgroup's id (its directory's inode number), else 0.
+    pub cgroup_id: u64,
+}
+
+/// `struct bpf_link_info`'s head: type, id, prog_id, then (8-aligned) the cgroup part.
+#[repr(C)]
+#[derive(Default)]
+struct RawLinkInfo {
+    type_: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    cgroup_id: u64,
+    attach_type: u32,
+    _rest: [u32; 25],
+}
+
+/// The link info of `fd` (`BPF_OBJ_GET_INFO_BY_FD`).
+pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    let mut info = RawLinkInfo::default();
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+        _pad: [u32; 12],
+    }
+    let mut attr = Attr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<RawLinkInfo>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+        _pad: [0; 12],
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(LinkInfo {
+        id: info.id,
+        prog_id: info.prog_id,
+        cgroup_id: if info.type_ == BPF_LINK_TYPE_CGROUP {
+            info.cgroup_id
+        } else {
+            0
+        },
+    })
+}
+
+#[repr(C)]
+struct IdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+    _pad: [u32; 13],
+}
+
+impl IdAttr {
+    fn new(id: u32) -> Self {
+        Self {
+            id,
+            next_id: 0,
+            open_flags: 0,
+            _pad: [0; 13],
+        }
+    }
+}
+
+/// Every link in the system attached to the cgroup `cgroup_id`, each with an open
+/// descriptor (links that go away meanwhile are skipped).
+pub fn cgroup_links(cgroup_id: u64) -> io::Result<Vec<(LinkInfo, OwnedFd)>> {
+    let mut out = Vec::new();
+    let mut id = 0;
+    loop {
+        let mut attr = IdAttr::new(id);
+        match bpf(BPF_LINK_GET_NEXT_ID, &mut attr) {
+            Ok(_) => id = attr.next_id,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        let Ok(fd) = bpf(BPF_LINK_GET_FD_BY_ID, &mut IdAttr::new(id)).map(owned) else {
+            continue;
+        };
+        if let Ok(info) = link_info(fd.as_fd())
+            && info.cgroup_id == cgroup_id
+        {
+            out.push((info, fd));
+        }
+    }
+}
+
+/// Detaches a link from its hook even while pins or descriptors hold it
+/// (`BPF_LINK_DETACH`, kernel 5.9+).
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        link_fd: u32,
+        _pad: [u32; 15],
+    }
+    let mut attr = Attr {
+        link_fd: link.as_raw_fd() as u32,
+        _pad: [0; 15],
+    };
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
+/// A cgroup v2 directory's id, as links report it: its inode number.
+pub fn cgroup_id(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attr_layouts_match_the_kernel_headers() {
+        // bpf_link_info: the cgroup union member starts 8-aligned after three u32s.
+        assert_eq!(std::mem::offset_of!(RawLinkInfo, cgroup_id), 16);
+        assert_eq!(std::mem::offset_of!(IdAttr, next_id), 4);
+        assert_eq!(std::mem::offset_of!(IdAttr, open_flags), 8);
+    }
+
+    #[test]
+    fn errors_come_back_as_io_errors() {
+        let missing = Path::new("/sys/fs/bpf/definitely-not-pinned-here");
+        assert!(obj_get(missing).is_err());
+        assert!(cgroup_id(missing).is_err());
+    }
+}

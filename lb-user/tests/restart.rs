@@ -1,0 +1,126 @@
+//! Restarts and upgrades drop nothing: the programs stay attached through pinned links
+//! while no agent runs, the maps keep serving, and a starting agent replaces the
+//! programs in place. A client in the cgroup opens a connection to a ClusterIP every
+//! 20 ms throughout; not one may fail.
+
+mod common;
+
+use std::{collections::BTreeSet, process::Command, time::Duration};
+
+use common::{AGENT_BIN, Fixture, WEB_IP, service, slice};
+use lb_lab::lab::{self, ProbeOptions, Stop};
+
+/// (link id, program id) of each cgroup link.
+type Links = BTreeSet<(u32, u32)>;
+
+/// The cgroup links pinned under the agent's pin path.
+fn cgroup_links(fx: &Fixture) -> Links {
+    let dir = fx.agent.pin_path.join("links");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("_cg"))
+        .map(|e| {
+            let fd = lb_user::datapath::sys::obj_get(&e.path()).unwrap();
+            let info = lb_user::datapath::sys::link_info(std::os::fd::AsFd::as_fd(&fd)).unwrap();
+            (info.id, info.prog_id)
+        })
+        .collect()
+}
+
+/// Restarts the agent as `stop` says while the client keeps connecting; asserts that
+/// every connection succeeded and returns the links before and after.
+fn restart_under_load(
+    fx: &mut Fixture,
+    stop: Stop,
+    down: Duration,
+    extra: &[&str],
+) -> (Links, Links) {
+    let before = cgroup_links(fx);
+    assert_eq!(before.len(), 8, "one pinned link per sock_addr program");
+    let count = 100 + down.as_millis() as usize / 20;
+    let opts = ProbeOptions {
+        interval: Duration::from_millis(20),
+        timeout: Duration::from_secs(1),
+        ..ProbeOptions::tcp((WEB_IP, 80), count)
+    };
+    let probe = fx.lab.start_probe(&opts).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let log = fx.dir.join(format!("agent-{stop:?}.log"));
+    fx.agent.restart(stop, down, extra, &log).unwrap();
+    fx.agent.wait_synced(1, Duration::from_secs(20)).unwrap();
+    let report = probe.finish().unwrap();
+    assert_eq!(report.total_errors(), 0, "{report:?}\n{}", fx.agent.log());
+    assert_eq!(report.total_replies(), count);
+    (before, cgroup_links(fx))
+}
+
+fn fixture(tag: &str) -> Fixture {
+    let fx = Fixture::new(tag, 2, &[("web.yaml", service("web", WEB_IP, 80))]);
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1])));
+    fx.wait_answering((WEB_IP, 80), lab::ProbeMode::Tcp);
+    fx
+}
+
+/// Also what an upgrade does: the new agent's programs go into the same links.
+#[test]
+fn sigkill_and_restart_drop_no_connection() {
+    let mut fx = fixture("rkill");
+    let (before, after) = restart_under_load(&mut fx, Stop::Kill, Duration::ZERO, &[]);
+    let ids = |s: &Links| s.iter().map(|l| l.0).collect::<BTreeSet<_>>();
+    // The same links, updated to the new agent's programs.
+    assert_eq!(ids(&before), ids(&after));
+    assert!(
+        before.intersection(&after).next().is_none(),
+        "{before:?} {after:?}"
+    );
+    assert!(fx.agent.log().contains("updated=8"), "{}", fx.agent.log());
+}
+
+#[test]
+fn sigterm_leaves_the_datapath_serving_until_the_next_agent() {
+    let mut fx = fixture("rterm");
+    let (before, after) = restart_under_load(&mut fx, Stop::Term, Duration::from_secs(2), &[]);
+    assert_eq!(before.len(), after.len());
+}
+
+#[test]
+fn cleanup_removes_every_link_program_and_pin() {
+    let mut fx = fixture("rclean");
+    let pin = fx.agent.pin_path.clone();
+    let cgroup = fx.lab.cgroup.path.clone();
+    // Stopped: the datapath keeps serving.
+    let status = fx.agent.child.terminate(Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "{}", fx.agent.log());
+    assert_eq!(fx.probe(WEB_IP, 5).total_replies(), 5);
+    let attached = |cg: &std::path::Path| {
+        lab::run(Command::new("bpftool").args(["cgroup", "show"]).arg(cg)).unwrap()
+    };
+    assert!(
+        attached(&cgroup).contains("lb_connect4"),
+        "{}",
+        attached(&cgroup)
+    );
+
+    let out = lab::run(
+        Command::new(AGENT_BIN)
+            .args(["cleanup", "--pin-path"])
+            .arg(&pin)
+            .arg("--cgroup")
+            .arg(&cgroup),
+    )
+    .unwrap();
+    assert!(out.contains("link pins"), "{out}");
+    assert!(!pin.exists(), "pins left behind at {}", pin.display());
+    let left = attached(&cgroup);
+    assert!(!left.contains("lb_"), "programs still attached:\n{left}");
+    // Detached: the same client is no longer translated.
+    let after = fx.probe(WEB_IP, 3);
+    assert_eq!(after.errors.get("ENETUNREACH"), Some(&3), "{after:?}");
+    let dump = Command::new(AGENT_BIN)
+        .args(["dump", "--pin-path"])
+        .arg(&pin)
+        .output()
+        .unwrap();
+    assert!(!dump.status.success());
+}

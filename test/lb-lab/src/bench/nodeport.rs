@@ -1,0 +1,515 @@
+//! The NodePort path from a client outside the node: our tc programs against kube-proxy's
+//! rules (iptables with the nf_tables and the legacy backend, nftables), each variant on
+//! a node of its own, all on one LAN and in front of the same backends.
+//!
+//! ```text
+//!  netns <prefix>-lan: bridge br0
+//!    |-- client           192.168.77.100  the pod range routed via the direct node
+//!    |-- backends' node   192.168.77.1    the pods; the client routed via the direct node
+//!    |-- direct           192.168.77.10   forwards, translates nothing: the limit
+//!    |-- tc-lb            192.168.77.11   our agent, tc programs on eth0
+//!    |-- iptables-nft     192.168.77.12   kube-proxy's rules, and so on
+//! ```
+//!
+//! Every connection crosses the same links: client, node, backends' node, pod, and back
+//! the same way. The backends are on another node than the one the client connects to
+//! (the common case in a cluster of many nodes), so every variant but direct DNATs and
+//! SNATs to its own address (externalTrafficPolicy Cluster).
+//!
+//! CPU is the whole machine's busy time (`/proc/stat`) over a run, per connection or per
+//! MB: client, servers and forwarding included, which every variant pays alike; the
+//! "added" column subtracts direct's figure from the same round.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    BenchOptions, median,
+    report::Targets,
+    run_load,
+    workload::{ENDPOINTS, MEASURED_NODE_PORT, manifests, node_port_services},
+};
+use crate::{
+    cluster::{CLIENT_IP, CLIENT_IP6, join_lan, start_transfer},
+    kube_proxy_rules::KubeProxy,
+    lab::{self, AgentProcess, Cgroup, Lab, Netns, unique_prefix},
+    load::LoadMode,
+};
+
+/// Our variant's name.
+pub const OURS: &str = "tc-lb";
+/// What the ratios are taken against.
+pub const BASELINE: &str = "iptables-nft";
+
+/// One variant at one size: medians over rounds, ratios taken within each round.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NodePortRecord {
+    pub variant: String,
+    pub services: usize,
+    /// TCP connections per second (connect, request, reply, close), one client.
+    pub conn_rate: f64,
+    pub conn_p99_us: f64,
+    /// Connections that failed (timed out or refused), over every round.
+    pub conn_errors: usize,
+    /// Busy CPU time of the machine per connection.
+    pub cpu_us_per_conn: f64,
+    /// The same, less direct's in the same round: what the node's translation costs.
+    pub added_cpu_us_per_conn: f64,
+    /// One TCP connection echoing the transfer's bytes: MB/s each way.
+    pub transfer_mb_s: f64,
+    pub cpu_us_per_mb: f64,
+    /// Ratios to [`BASELINE`] in the same round (median, min, max over rounds).
+    pub conn_rate_vs_baseline: [f64; 3],
+    pub cpu_per_conn_vs_baseline: [f64; 3],
+    pub transfer_vs_baseline: [f64; 3],
+}
+
+/// One round's figures for one variant.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    conn_errors: usize,
+    conn_rate: f64,
+    conn_p99_us: f64,
+    cpu_us_per_conn: f64,
+    transfer_mb_s: f64,
+    cpu_us_per_mb: f64,
+}
+
+/// A node of the benchmark: a variant, its LAN address and namespace.
+struct Node {
+    variant: String,
+    addr: Ipv4Addr,
+    netns: Netns,
+}
+
+/// The topology above, with every variant programmed for the benchmark's services.
+struct NodePortLab {
+    /// First: stopped before the namespaces go.
+    agent: Option<AgentProcess>,
+    agent_cgroup: Cgroup,
+    dir: PathBuf,
+    nodes: Vec<Node>,
+    client: Netns,
+    backends: Lab,
+    /// Last: the LAN goes when nothing uses it.
+    _lan: Netns,
+}
+
+const BACKENDS_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+
+fn node_addr(k: usize) -> (Ipv4Addr, Ipv6Addr) {
+    (
+        Ipv4Addr::new(192, 168, 77, 10 + k as u8),
+        Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x10 + k as u16),
+    )
+}
+
+fn in_ns(ns: &Netns, args: &[&str]) -> anyhow::Result<()> {
+    let mut full = vec!["-n", ns.name.as_str()];
+    full.extend(args);
+    lab::ip(&full)
+}
+
+impl NodePortLab {
+    fn new(opts: &BenchOptions, n: usize) -> anyhow::Result<Self> {
+        let prefix = unique_prefix("np");
+        let lan = Netns::create(&format!("{prefix}-lan"))?;
+        in_ns(&lan, &["link", "add", "br0", "type", "bridge"])?;
+        in_ns(&lan, &["link", "set", "br0", "up"])?;
+        let backends = Lab::new_with(&opts.lab_bin, "npb", ENDPOINTS, 8080, &["--bench"])?;
+        join_lan(&lan, &backends.node, "pb", BACKENDS_IP, node_addr(90).1)?;
+        let client = Netns::create(&format!("{prefix}-client"))?;
+        join_lan(&lan, &client, "pc", CLIENT_IP, CLIENT_IP6)?;
+        client.sysctl("net.ipv4.tcp_tw_reuse=1")?;
+        let mut nodes = Vec::new();
+        let names = ["direct", OURS]
+            .into_iter()
+            .chain(KubeProxy::ALL.map(KubeProxy::name));
+        for (k, variant) in names.enumerate() {
+            let netns = Netns::create(&format!("{prefix}-n{k}"))?;
+            let (addr, addr6) = node_addr(k);
+            join_lan(&lan, &netns, &format!("pn{k}"), addr, addr6)?;
+            for setting in [
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.eth0.rp_filter=0",
+                // Forwarded out of the interface it came in by: no redirect to the client.
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.eth0.send_redirects=0",
+            ] {
+                netns.sysctl(setting)?;
+            }
+            in_ns(
+                &netns,
+                &[
+                    "route",
+                    "add",
+                    "10.244.0.0/16",
+                    "via",
+                    &BACKENDS_IP.to_string(),
+                ],
+            )?;
+            nodes.push(Node {
+                variant: variant.into(),
+                addr,
+                netns,
+            });
+        }
+        let direct = nodes[0].addr.to_string();
+        in_ns(&client, &["route", "add", "10.244.0.0/16", "via", &direct])?;
+        in_ns(
+            &backends.node,
+            &["route", "add", &format!("{CLIENT_IP}/32"), "via", &direct],
+        )?;
+        let agent_cgroup = Cgroup::create(&format!("{prefix}-agent"))?;
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(dir.join("manifests"))?;
+        let mut lab = Self {
+            agent: None,
+            agent_cgroup,
+            dir,
+            nodes,
+            client,
+            backends,
+            _lan: lan,
+        };
+        lab.program(opts, n, &PathBuf::from(format!("/sys/fs/bpf/{prefix}")))?;
+        Ok(lab)
+    }
+
+    /// kube-proxy's rules on their nodes, our agent (pinning under `pin`) on its node,
+    /// for `n` services.
+    fn program(&mut self, opts: &BenchOptions, n: usize, pin: &Path) -> anyhow::Result<()> {
+        let pods: Vec<Ipv4Addr> = self.backends.pods.iter().map(|p| p.ip).collect();
+        let ports = node_port_services(n, &pods);
+        for node in &self.nodes {
+            if let Some(mode) = KubeProxy::ALL
+                .into_iter()
+                .find(|m| m.name() == node.variant)
+            {
+                eprintln!(
+                    "bench: nodePort, {n} services: loading {} rules",
+                    mode.name()
+                );
+                mode.load(&node.netns.name, &mode.full(&ports), false)?;
+            }
+        }
+        let mdir = self.dir.join("manifests");
+        std::fs::write(mdir.join("services.yaml"), manifests(&ports))?;
+        let ours = self.node(OURS);
+        let node_ip = ours.addr.to_string();
+        let mut agent = AgentProcess::start_in(
+            Some(&ours.netns),
+            &opts.agent_bin,
+            &[
+                "--manifests".as_ref(),
+                mdir.as_os_str(),
+                "--node-ip".as_ref(),
+                node_ip.as_ref(),
+            ],
+            &self.agent_cgroup.path,
+            pin,
+            &self.dir.join("agent.log"),
+        )?;
+        agent.wait_synced(1, Duration::from_secs(120))?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    fn node(&self, variant: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.variant == variant)
+            .expect("every variant has a node")
+    }
+
+    /// Where a variant's client connects: the pods themselves for direct, else the
+    /// node's nodePort.
+    fn targets(&self, node: &Node) -> Vec<SocketAddr> {
+        if node.variant == "direct" {
+            self.backends
+                .pods
+                .iter()
+                .map(|p| SocketAddr::new(p.ip.into(), 8080))
+                .collect()
+        } else {
+            vec![SocketAddr::new(node.addr.into(), MEASURED_NODE_PORT)]
+        }
+    }
+
+    /// One round's figures for `node`'s variant.
+    fn sample(&self, opts: &BenchOptions, node: &Node, round: usize) -> anyhow::Result<Sample> {
+        let targets = self.targets(node);
+        let before = busy_cpu_us()?;
+        let load = run_load(
+            &self.backends.lab_bin,
+            &self.client,
+            None,
+            &targets,
+            opts.count,
+            LoadMode::Tcp,
+        )?;
+        let conn_cpu = busy_cpu_us()? - before;
+        if load.errors > 0 {
+            eprintln!(
+                "bench: nodePort via {}: {} of {} connections failed",
+                node.variant, load.errors, load.count
+            );
+            if let Some(agent) = self.agent.as_ref().filter(|_| node.variant == OURS) {
+                let counters = lb_user::datapath::read_counters(&agent.pin_path)?;
+                eprintln!("{}", lb_user::serve::dump::render_counters(&counters));
+            }
+        }
+        let bytes = opts.transfer_mb * 1_000_000;
+        let target = targets[round % targets.len()];
+        let before = busy_cpu_us()?;
+        let report = start_transfer(
+            &self.backends.lab_bin,
+            &self.client,
+            target,
+            bytes,
+            Duration::ZERO,
+        )?
+        .finish()?;
+        let transfer_cpu = busy_cpu_us()? - before;
+        if !report.intact || report.error.is_some() {
+            bail!(
+                "nodePort via {}: the transfer failed: {report:?}",
+                node.variant
+            );
+        }
+        let secs = report.elapsed_ns as f64 / 1e9;
+        Ok(Sample {
+            conn_errors: load.errors,
+            conn_rate: load.rate(),
+            conn_p99_us: load.p99_ns as f64 / 1e3,
+            cpu_us_per_conn: conn_cpu / load.count as f64,
+            transfer_mb_s: opts.transfer_mb as f64 / secs,
+            cpu_us_per_mb: transfer_cpu / opts.transfer_mb as f64,
+        })
+    }
+}
+
+impl Drop for NodePortLab {
+    fn drop(&mut self) {
+        // Stopped (and its pins removed) before its cgroup and namespace go.
+        drop(self.agent.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The machine's busy CPU time so far (every CPU, all but idle and iowait), in µs.
+fn busy_cpu_us() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    busy_of(&stat).context("no cpu line in /proc/stat")
+}
+
+/// user + nice + system + irq + softirq + steal of /proc/stat's first line, in µs.
+fn busy_of(stat: &str) -> Option<f64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| f.get(i).copied().unwrap_or(0))
+        .sum();
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    Some(busy as f64 * 1e6 / hz as f64)
+}
+
+/// `lb-lab bench`'s NodePort part at `n` services: every variant once per round, in an
+/// order rotated every round.
+pub fn bench_node_port(opts: &BenchOptions, n: usize) -> anyhow::Result<Vec<NodePortRecord>> {
+    eprintln!("bench: nodePort, {n} services: creating the nodes");
+    let lab = NodePortLab::new(opts, n)?;
+    // Warm-up, and a check that every variant answers.
+    for node in &lab.nodes {
+        let r = run_load(
+            &lab.backends.lab_bin,
+            &lab.client,
+            None,
+            &lab.targets(node),
+            20,
+            LoadMode::Tcp,
+        )?;
+        if r.errors > 0 {
+            bail!(
+                "nodePort via {}: {} of 20 warm-up connections failed",
+                node.variant,
+                r.errors
+            );
+        }
+    }
+    let mut runs: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+    let len = lab.nodes.len();
+    for round in 0..opts.rounds {
+        eprintln!("bench: nodePort, {n} services: round {}", round + 1);
+        for node in (0..len).map(|k| &lab.nodes[(round + k) % len]) {
+            let s = lab.sample(opts, node, round)?;
+            runs.entry(node.variant.clone()).or_default().push(s);
+        }
+    }
+    Ok(records_of(n, &runs))
+}
+
+fn spread(v: Vec<f64>) -> [f64; 3] {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    [median(v), min, max]
+}
+
+/// Medians over rounds; ratios within each round.
+fn records_of(n: usize, runs: &BTreeMap<String, Vec<Sample>>) -> Vec<NodePortRecord> {
+    let direct = &runs["direct"];
+    let base = &runs[BASELINE];
+    let ratio = |v: &[Sample], f: fn(&Sample) -> f64| -> [f64; 3] {
+        spread(v.iter().zip(base).map(|(s, b)| f(s) / f(b)).collect())
+    };
+    runs.iter()
+        .map(|(variant, v)| NodePortRecord {
+            variant: variant.clone(),
+            services: n,
+            conn_rate: median(v.iter().map(|s| s.conn_rate).collect()),
+            conn_p99_us: median(v.iter().map(|s| s.conn_p99_us).collect()),
+            conn_errors: v.iter().map(|s| s.conn_errors).sum(),
+            cpu_us_per_conn: median(v.iter().map(|s| s.cpu_us_per_conn).collect()),
+            added_cpu_us_per_conn: median(
+                v.iter()
+                    .zip(direct)
+                    .map(|(s, d)| s.cpu_us_per_conn - d.cpu_us_per_conn)
+                    .collect(),
+            ),
+            transfer_mb_s: median(v.iter().map(|s| s.transfer_mb_s).collect()),
+            cpu_us_per_mb: median(v.iter().map(|s| s.cpu_us_per_mb).collect()),
+            conn_rate_vs_baseline: ratio(v, |s| s.conn_rate),
+            cpu_per_conn_vs_baseline: ratio(v, |s| s.cpu_us_per_conn),
+            transfer_vs_baseline: ratio(v, |s| s.transfer_mb_s),
+        })
+        .collect()
+}
+
+fn fmt3(r: [f64; 3]) -> String {
+    format!("{:.2} ({:.2}–{:.2})", r[0], r[1], r[2])
+}
+
+/// The NodePort section of report.md: a table, then the targets.
+pub fn node_port_report(records: &[NodePortRecord]) -> String {
+    use std::fmt::Write as _;
+    let mut md = String::from(
+        "\n## NodePort from outside the node\n\n\
+         A client outside the node connects to a node's nodePort; the backends are on another node, so the node \
+         DNATs and SNATs (direct: the same path, forwarded without translation). Each variant has a node of its \
+         own; each round runs every variant once, in rotating order. CPU is the machine's busy time per connection \
+         (or per MB), client and servers included; \"added\" is that less direct's in the same round. Ratios are to \
+         iptables-nft within each round: median (min–max over rounds).\n\n\
+         | services | variant | conn/s | p99 µs | failed | CPU µs/conn | added µs/conn | conn/s vs ipt-nft | CPU/conn vs ipt-nft | transfer MB/s | CPU µs/MB | transfer vs ipt-nft |\n\
+         |---:|---|---:|---:|---:|---:|---:|---|---|---:|---:|---|\n",
+    );
+    for r in records {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.0} | {} | {:.1} | {:.1} | {} | {} | {:.0} | {:.0} | {} |",
+            r.services,
+            r.variant,
+            r.conn_rate,
+            r.conn_p99_us,
+            r.conn_errors,
+            r.cpu_us_per_conn,
+            r.added_cpu_us_per_conn,
+            fmt3(r.conn_rate_vs_baseline),
+            fmt3(r.cpu_per_conn_vs_baseline),
+            r.transfer_mb_s,
+            r.cpu_us_per_mb,
+            fmt3(r.transfer_vs_baseline),
+        );
+    }
+    md.push_str(
+        "\n### NodePort targets\n\nThroughput \"not below\" allows the noise that direct shows: direct \
+         translates nothing, so it is at least as fast as iptables-nft, and where it measures below 1.00 that \
+         much is noise; the bar is min(1.00, direct's ratio).\n\n",
+    );
+    let mut targets = Targets(&mut md);
+    for r in records.iter().filter(|r| r.variant == OURS) {
+        let n = r.services;
+        let direct = records
+            .iter()
+            .find(|d| d.variant == "direct" && d.services == n);
+        let bar = |f: fn(&NodePortRecord) -> [f64; 3]| direct.map_or(1.0, |d| f(d)[0].min(1.0));
+        if n >= 10_000 {
+            targets.check(
+                format!("nodePort CPU per connection <= 0.7 x iptables-nft at {n} services"),
+                r.cpu_per_conn_vs_baseline[0] <= 0.7,
+                fmt3(r.cpu_per_conn_vs_baseline),
+            );
+        }
+        let rate_bar = bar(|d| d.conn_rate_vs_baseline);
+        targets.check(
+            format!("nodePort connection rate not below iptables-nft at {n} services"),
+            r.conn_rate_vs_baseline[0] >= rate_bar,
+            format!("{} (bar {rate_bar:.2})", fmt3(r.conn_rate_vs_baseline)),
+        );
+        let transfer_bar = bar(|d| d.transfer_vs_baseline);
+        targets.check(
+            format!("nodePort transfer throughput not below iptables-nft at {n} services"),
+            r.transfer_vs_baseline[0] >= transfer_bar,
+            format!("{} (bar {transfer_bar:.2})", fmt3(r.transfer_vs_baseline)),
+        );
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_time_leaves_out_idle_and_iowait() {
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let stat = "cpu  10 1 5 1000 7 2 3 1 0 0\ncpu0 10 1 5 1000 7 2 3 1 0 0\n";
+        assert_eq!(busy_of(stat), Some(22.0 * 1e6 / hz));
+        assert_eq!(busy_of("intr 5\n"), None);
+    }
+
+    #[test]
+    fn ratios_are_taken_within_rounds_against_iptables_nft() {
+        let s = |rate: f64, cpu: f64| Sample {
+            conn_rate: rate,
+            cpu_us_per_conn: cpu,
+            transfer_mb_s: rate,
+            ..Sample::default()
+        };
+        let mut runs = BTreeMap::new();
+        runs.insert("direct".to_string(), vec![s(100.0, 10.0), s(50.0, 10.0)]);
+        runs.insert(BASELINE.to_string(), vec![s(50.0, 40.0), s(25.0, 40.0)]);
+        runs.insert(OURS.to_string(), vec![s(100.0, 20.0), s(50.0, 20.0)]);
+        let records = records_of(10_000, &runs);
+        let ours = records.iter().find(|r| r.variant == OURS).unwrap();
+        // Rates halve in round 2 for everyone: the ratio stays 2.
+        assert_eq!(ours.conn_rate_vs_baseline, [2.0, 2.0, 2.0]);
+        assert_eq!(ours.cpu_per_conn_vs_baseline, [0.5, 0.5, 0.5]);
+        assert_eq!(ours.added_cpu_us_per_conn, 10.0);
+        let md = node_port_report(&records);
+        assert!(
+            md.contains(
+                "* MET nodePort CPU per connection <= 0.7 x iptables-nft at 10000 services: 0.50"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("* MET nodePort transfer throughput not below iptables-nft"),
+            "{md}"
+        );
+    }
+}
