@@ -506,3 +506,58 @@ pub fn remove_pins(pin_dir: &Path) {
     let _ = std::fs::remove_dir(pin_dir.join("links"));
     let _ = std::fs::remove_dir(pin_dir);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_layout_check_knows_every_pinned_map_with_the_shared_types_sizes() {
+        let layout = expected_layout();
+        assert_eq!(layout.len(), PINNED_MAPS.len(), "{layout:?}");
+        let size = |name: &str| {
+            layout
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map(|(_, k, v)| (*k as usize, *v as usize))
+        };
+        use lb_common::{CtKey, CtValue};
+        assert_eq!(
+            size(lb_common::MAP_CT),
+            Some((size_of::<CtKey>(), size_of::<CtValue>()))
+        );
+    }
+
+    #[test]
+    fn a_pin_dir_without_maps_passes_the_layout_check_and_stale_maps_go() {
+        let dir = std::env::temp_dir().join(format!("lb-layout-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(check_pinned_layout(&dir).is_ok());
+        // A map name of an older layout is removed, anything else is left alone.
+        std::fs::write(dir.join("LB_COUNTERS_V1"), "").unwrap();
+        std::fs::write(dir.join("notes"), "").unwrap();
+        remove_stale_maps(&dir);
+        assert!(!dir.join("LB_COUNTERS_V1").exists());
+        assert!(dir.join("notes").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cgroup_link_pins_are_told_apart_from_tc_link_pins() {
+        let dir = std::env::temp_dir().join(format!("lb-links-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("links")).unwrap();
+        for f in ["lb_connect4_cg7", "lb_connect4_cg9", "lb_tc_ingress_eth0"] {
+            std::fs::write(dir.join("links").join(f), "").unwrap();
+        }
+        remove_stale_cgroup_links(&dir, 9);
+        let left: Vec<String> = std::fs::read_dir(dir.join("links"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(left.contains(&"lb_connect4_cg9".to_string()), "{left:?}");
+        assert!(left.contains(&"lb_tc_ingress_eth0".to_string()), "{left:?}");
+        assert!(!left.contains(&"lb_connect4_cg7".to_string()), "{left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
