@@ -42,8 +42,9 @@ pub const MAP_COUNTERS: &str = "LB_COUNTERS_V3";
 pub const MAP_CT: &str = "LB_CT_V1";
 pub const MAP_TC_IFACES: &str = "LB_TC_IFACES_V2";
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES_V1";
+pub const MAP_DROPS: &str = "LB_DROPS_V1";
 /// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 11] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REVNAT,
@@ -54,6 +55,7 @@ pub const PINNED_MAPS: [&str; 10] = [
     MAP_CT,
     MAP_TC_IFACES,
     MAP_SOURCE_RANGES,
+    MAP_DROPS,
 ];
 
 /// Capacity of the maps.
@@ -468,6 +470,42 @@ pub const PROG_NAMES: [&str; 10] = [
     "getpeername6",
     "tc_ingress",
     "tc_egress",
+];
+
+/// Why the tc programs dropped a packet: indexes of the drops map (a per-CPU count each).
+/// The packet could not be rewritten (shorter than its headers say, a helper failed).
+pub const DROP_REWRITE: u32 = 0;
+/// A new SNAT flow found no free port in the SNAT range, or the CT map refused it.
+pub const DROP_NO_SNAT_PORT: u32 = 1;
+/// A SNATed packet larger than the way to its backend allows.
+pub const DROP_SNAT_TOO_BIG: u32 = 2;
+/// A SNATed packet whose backend is the node itself (host network).
+pub const DROP_SNAT_LOCAL: u32 = 3;
+/// The interface has no address of the packet's family to SNAT or refuse from.
+pub const DROP_NO_NODE_ADDR: u32 = 4;
+/// The choice found no backend (a slot or backend entry missing: a sync in progress).
+pub const DROP_NO_BACKEND: u32 = 5;
+/// loadBalancerSourceRanges: the client is in none of the ranges.
+pub const DROP_SOURCE_RANGE: u32 = 6;
+/// externalTrafficPolicy Local and no endpoint on this node.
+pub const DROP_NO_LOCAL_ENDPOINT: u32 = 7;
+/// No route to the backend (the FIB lookup failed), or the redirect failed.
+pub const DROP_NO_ROUTE: u32 = 8;
+/// The CT map refused a new flow's entry for another reason than a taken port (the
+/// kernel's error: no memory, a lock it could not take).
+pub const DROP_CT_REFUSED: u32 = 9;
+/// Names of the drop reasons by index (metrics labels, `lb-user dump`).
+pub const DROP_REASONS: [&str; 10] = [
+    "rewrite_failed",
+    "no_snat_port",
+    "snat_too_big",
+    "snat_to_host",
+    "no_node_address",
+    "no_backend",
+    "source_range",
+    "no_local_endpoint",
+    "no_route",
+    "ct_refused",
 ];
 
 /// Picks the slot (1..=count) for a random number; `None` when there is no backend.

@@ -8,10 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_TC_IFACES,
-    PROG_NAMES, RevNat, ServiceKey, ServiceValue, SockRevNatKey, SourceRange, SrcAffinityKey,
-    TcIface,
+    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, DROP_REASONS, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_CT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
+    MAX_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue, SockRevNatKey, SourceRange,
+    SrcAffinityKey, TcIface,
 };
 
 /// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
@@ -104,6 +104,19 @@ pub(crate) static LB_SOURCE_RANGES_V1: LpmTrie<SourceRange, u8, { MAX_SOURCE_RAN
 /// Per-program counters, indexed by `PROG_*`.
 #[btf_map]
 pub(crate) static LB_COUNTERS_V3: PerCpuArray<Counters, { PROG_NAMES.len() }> = PerCpuArray::new();
+
+/// Packets the tc programs dropped, per reason (`DROP_*`).
+#[btf_map]
+pub(crate) static LB_DROPS_V1: PerCpuArray<u64, { DROP_REASONS.len() }> = PerCpuArray::new();
+
+/// Counts one packet dropped for `reason` on this CPU.
+#[inline(always)]
+pub(crate) fn dropped(reason: u32) {
+    if let Some(c) = LB_DROPS_V1.get_ptr_mut(reason) {
+        // SAFETY: a per-CPU slot: nothing else on this CPU runs meanwhile.
+        unsafe { *c += 1 };
+    }
+}
 
 /// Bumps one of program `prog`'s counters on this CPU.
 #[inline(always)]

@@ -18,13 +18,15 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_F_LOCAL, CT_F_CLOSING, CT_F_REJECT, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue,
-    PROG_TC_EGRESS, PROG_TC_INGRESS, PROTO_UDP, REJECT_PORT, SCOPE_LOCAL, SVC_F_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SourceRange, SrcAffinityKey,
+    DROP_NO_BACKEND, DROP_NO_LOCAL_ENDPOINT, DROP_NO_NODE_ADDR, DROP_NO_ROUTE, DROP_REWRITE,
+    DROP_SNAT_LOCAL, DROP_SNAT_TOO_BIG, DROP_SOURCE_RANGE, PROG_TC_EGRESS, PROG_TC_INGRESS,
+    PROTO_UDP, REJECT_PORT, SCOPE_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
+    SourceRange, SrcAffinityKey,
 };
 
 use crate::{
     ct, lb,
-    maps::{LB_PKT_SCRATCH, LB_SOURCE_RANGES_V1, LB_TC_IFACES_V2, PktScratch, count},
+    maps::{LB_PKT_SCRATCH, LB_SOURCE_RANGES_V1, LB_TC_IFACES_V2, PktScratch, count, dropped},
     nat::{self, IcmpError, Outer, Packet},
 };
 
@@ -85,6 +87,7 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     }
     if s.packet.rewrite(ctx, &s.value).is_none() {
         count(PROG_TC_INGRESS, |c| c.misses += 1);
+        dropped(DROP_REWRITE);
         return TCX_DROP;
     }
     count(PROG_TC_INGRESS, |c| c.translated += 1);
@@ -101,12 +104,27 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
         // A backend at one of the node's own addresses (host network): to the stack,
         // whose replies egress translates. A SNATed packet cannot go there.
         nat::LOCAL if s.value.flags & CT_F_SNAT == 0 => TCX_PASS,
-        nat::TOO_BIG | nat::LOCAL => {
+        nat::TOO_BIG => {
             count(PROG_TC_INGRESS, |c| c.misses += 1);
+            dropped(DROP_SNAT_TOO_BIG);
             TCX_DROP
         }
-        verdict => verdict,
+        nat::LOCAL => {
+            count(PROG_TC_INGRESS, |c| c.misses += 1);
+            dropped(DROP_SNAT_LOCAL);
+            TCX_DROP
+        }
+        verdict => forwarded(verdict),
     }
+}
+
+/// `verdict` of [`nat::forward`], a drop counted.
+#[inline(always)]
+fn forwarded(verdict: i32) -> i32 {
+    if verdict == TCX_DROP {
+        dropped(DROP_NO_ROUTE);
+    }
+    verdict
 }
 
 /// Whether a tracked UDP flow's next datagram starts over, as kube-proxy clears UDP
@@ -157,13 +175,17 @@ fn icmp_error(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     // client -> frontend becomes backend -> client or node:port (it goes to the backend).
     if err.rewrite(ctx, &s.packet, v, Outer::ToSender).is_none() {
         count(PROG_TC_INGRESS, |c| c.misses += 1);
+        dropped(DROP_REWRITE);
         return TCX_DROP;
     }
     count(PROG_TC_INGRESS, |c| c.translated += 1);
     // SAFETY: the context's sk_buff is valid for the program's run.
     match nat::forward(ctx, unsafe { (*ctx.skb.skb).ifindex }, s.packet.family()) {
-        nat::TOO_BIG | nat::LOCAL => TCX_DROP,
-        verdict => verdict,
+        nat::TOO_BIG | nat::LOCAL => {
+            dropped(DROP_NO_ROUTE);
+            TCX_DROP
+        }
+        verdict => forwarded(verdict),
     }
 }
 
@@ -206,11 +228,13 @@ fn new_flow(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
     }
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
-    if ct::create(&s.key, &mut s.value, random) {
-        FLOW_RECORDED
-    } else {
-        count(PROG_TC_INGRESS, |c| c.misses += 1);
-        TCX_DROP
+    match ct::create(&s.key, &mut s.value, random) {
+        0 => FLOW_RECORDED,
+        reason => {
+            count(PROG_TC_INGRESS, |c| c.misses += 1);
+            dropped(reason);
+            TCX_DROP
+        }
     }
 }
 
@@ -227,6 +251,7 @@ fn choose(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
     if header.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(header.rev_nat_id, key) {
         // loadBalancerSourceRanges: not from an allowed range (not even to be refused).
         count(PROG_TC_INGRESS, |c| c.refused += 1);
+        dropped(DROP_SOURCE_RANGE);
         return TCX_DROP;
     }
     if header.count == 0 {
@@ -236,9 +261,11 @@ fn choose(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
         // nothing listens: it answers as for a closed port (TCP RST; ICMP port
         // unreachable, rate-limited), and egress gives the answer the frontend's address.
         if svc.scope == SCOPE_LOCAL {
+            dropped(DROP_NO_LOCAL_ENDPOINT);
             return TCX_DROP;
         }
         let Some(node) = node_addr(ifindex, key) else {
+            dropped(DROP_NO_NODE_ADDR);
             return TCX_DROP;
         };
         out.saddr = key.saddr;
@@ -250,12 +277,14 @@ fn choose(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
         return FLOW_RECORDED;
     }
     let Some(chosen) = backend(key, svc, header, now) else {
+        dropped(DROP_NO_BACKEND);
         return TCX_DROP;
     };
     let snat = chosen.backend.flags & BACKEND_F_LOCAL == 0;
     if snat {
         let Some(addr) = node_addr(ifindex, key) else {
             count(PROG_TC_INGRESS, |c| c.misses += 1);
+            dropped(DROP_NO_NODE_ADDR);
             return TCX_DROP;
         };
         out.saddr = addr;

@@ -185,10 +185,12 @@ fn main() -> ExitCode {
             .and_then(|maps| maps.snapshot())
             .and_then(|snap| {
                 let counters = lb_user::datapath::read_counters(&pin_path)?;
+                let drops = lb_user::datapath::read_drops(&pin_path)?;
                 print!(
-                    "{}\n{}",
+                    "{}\n{}\n{}",
                     dump::render(&snap),
-                    dump::render_counters(&counters)
+                    dump::render_counters(&counters),
+                    dump::render_drops(&drops)
                 );
                 if conntrack {
                     let entries = lb_user::datapath::read_conntrack(&pin_path)?;

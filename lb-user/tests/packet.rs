@@ -434,6 +434,20 @@ fn load_balancer_source_ranges_let_clients_in_range_through_only() {
     }
     let report = fx.probe(target, 3, ProbeMode::Tcp);
     assert_eq!(report.total_replies(), 0, "out of range: {report:?}");
+    // Counted as such: `lb-user dump` shows the drops by reason.
+    let dump = std::process::Command::new(AGENT_BIN)
+        .args(["dump", "--pin-path"])
+        .arg(&fx.agents[0].pin_path)
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    let line = dump
+        .lines()
+        .find(|l| l.trim_start().starts_with("source_range"));
+    let n: u64 = line
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no source_range drops in:\n{dump}"));
+    assert!(n >= 3, "{dump}");
     // The nodePort of the same service has no source ranges (kube-proxy's rule).
     let report = fx.probe(SocketAddrV4::new(node_ip(0), NODE_PORT), 5, ProbeMode::Tcp);
     assert_eq!(report.total_errors(), 0, "{report:?}");

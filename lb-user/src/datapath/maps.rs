@@ -5,10 +5,10 @@ use std::path::Path;
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key};
 use lb_common::{
-    Addr, AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, MAP_AFFINITY,
-    MAP_AFFINITY_SRC, MAP_BACKENDS, MAP_COUNTERS, MAP_CT, MAP_REVNAT, MAP_SERVICES,
-    MAP_SOURCE_RANGES, MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue, SourceRange,
-    SrcAffinityKey, TcIface,
+    Addr, AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, DROP_REASONS,
+    MAP_AFFINITY, MAP_AFFINITY_SRC, MAP_BACKENDS, MAP_COUNTERS, MAP_CT, MAP_DROPS, MAP_REVNAT,
+    MAP_SERVICES, MAP_SOURCE_RANGES, MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue,
+    SourceRange, SrcAffinityKey, TcIface,
 };
 
 use super::{
@@ -289,6 +289,34 @@ pub fn read_counters(dir: &Path) -> Result<Vec<(&'static str, Counters)>, Datapa
                 total.add(c);
             }
             Ok((*name, total))
+        })
+        .collect()
+}
+
+/// The tc programs' drops per reason (`DROP_REASONS` order), summed over CPUs, from the
+/// map pinned under `dir`.
+pub fn read_drops(dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+    let path = dir.join(MAP_DROPS);
+    let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let array: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|source| DatapathError::Map {
+            map: MAP_DROPS,
+            source,
+        })?;
+    DROP_REASONS
+        .iter()
+        .enumerate()
+        .map(|(i, reason)| {
+            let per_cpu = array
+                .get(&(i as u32), 0)
+                .map_err(|source| DatapathError::Map {
+                    map: MAP_DROPS,
+                    source,
+                })?;
+            Ok((*reason, per_cpu.iter().sum()))
         })
         .collect()
 }

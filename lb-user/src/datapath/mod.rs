@@ -31,6 +31,6 @@ pub mod ops;
 pub mod plan;
 pub mod sys;
 
-pub use maps::{BpfMaps, DatapathError, read_conntrack, read_counters};
+pub use maps::{BpfMaps, DatapathError, read_conntrack, read_counters, read_drops};
 pub use ops::{FrontendView, Op, Snapshot, addr_of, frontend_of, ip_of, service_key};
 pub use plan::{Plan, Programmed};

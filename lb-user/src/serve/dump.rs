@@ -22,6 +22,19 @@ pub fn render_counters(counters: &[(&str, Counters)]) -> String {
     out
 }
 
+/// Renders the tc programs' drops by reason (only the reasons that happened).
+pub fn render_drops(drops: &[(&str, u64)]) -> String {
+    let happened: Vec<&(&str, u64)> = drops.iter().filter(|(_, n)| *n > 0).collect();
+    if happened.is_empty() {
+        return "tc drops: none\n".to_string();
+    }
+    let mut out = String::from("tc drops:\n");
+    for (reason, n) in happened {
+        let _ = writeln!(out, "  {reason:<18} {n:>10}");
+    }
+    out
+}
+
 /// Renders the connection-tracking entries, original directions first, with each
 /// entry's age at `now_ns` (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`).
 pub fn render_conntrack(entries: &[(CtKey, CtValue)], now_ns: u64) -> String {
@@ -151,6 +164,14 @@ mod tests {
         datapath::Programmed,
         model::{Desired, Endpoint, Frontend, FrontendState, Proto, Scope},
     };
+
+    #[test]
+    fn drops_show_only_the_reasons_that_happened() {
+        assert_eq!(render_drops(&[("no_route", 0)]), "tc drops: none\n");
+        let out = render_drops(&[("no_route", 0), ("no_snat_port", 3)]);
+        assert!(out.contains("no_snat_port") && out.contains(" 3"), "{out}");
+        assert!(!out.contains("no_route"), "{out}");
+    }
 
     #[test]
     fn renders_conntrack_entries_both_directions() {

@@ -269,6 +269,7 @@ pub fn serve(
                     "/metrics" => {
                         let mut body = metrics.lock().map(|m| m.render()).unwrap_or_default();
                         body.push_str(&render_counters(&pin_path));
+                        body.push_str(&render_drops(&pin_path));
                         ("200 OK", body)
                     }
                     _ => ("404 Not Found", "not found: try /metrics\n".to_string()),
@@ -277,6 +278,21 @@ pub fn serve(
             });
         }
     })
+}
+
+/// The tc programs' drops by reason, read from the pinned per-CPU map at scrape time.
+fn render_drops(pin_path: &std::path::Path) -> String {
+    let Ok(drops) = crate::datapath::read_drops(pin_path) else {
+        return String::new();
+    };
+    let mut out = String::from(
+        "# HELP lb_tc_drops_total Packets the tc programs dropped, by reason.\n\
+         # TYPE lb_tc_drops_total counter\n",
+    );
+    for (reason, n) in drops {
+        out.push_str(&format!("lb_tc_drops_total{{reason=\"{reason}\"}} {n}\n"));
+    }
+    out
 }
 
 /// The programs' counters, read from the pinned per-CPU map at scrape time.

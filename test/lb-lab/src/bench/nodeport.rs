@@ -264,7 +264,12 @@ impl NodePortLab {
             );
             if let Some(agent) = self.agent.as_ref().filter(|_| node.variant == OURS) {
                 let counters = lb_user::datapath::read_counters(&agent.pin_path)?;
-                eprintln!("{}", lb_user::serve::dump::render_counters(&counters));
+                let drops = lb_user::datapath::read_drops(&agent.pin_path)?;
+                eprintln!(
+                    "{}{}",
+                    lb_user::serve::dump::render_counters(&counters),
+                    lb_user::serve::dump::render_drops(&drops)
+                );
             }
         }
         let bytes = opts.transfer_mb * 1_000_000;
