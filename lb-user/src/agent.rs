@@ -23,6 +23,7 @@ use crate::{
     model,
     serve::{
         health::HealthServer,
+        healthz::{self, ProxierHealth, SharedHealth},
         metrics::{self, Metrics},
     },
     source::{
@@ -49,6 +50,10 @@ pub struct RunOptions {
     /// The shortest time between two syncs (kube-proxy's --min-sync-period).
     pub min_sync_period: Duration,
     pub metrics_addr: Option<SocketAddr>,
+    /// Where `/healthz` and `/livez` are served (kube-proxy's --healthz-bind-address).
+    pub healthz_addr: Option<SocketAddr>,
+    /// How long a change may wait for its sync before `/healthz` says 503.
+    pub healthz_timeout: Duration,
     /// aya-log level for the programs' own messages (0 = off, 4 = debug).
     pub bpf_log_level: u8,
     /// Detach and unpin everything at exit (else the datapath keeps serving).
@@ -64,6 +69,7 @@ struct Agent {
     node_ips: Vec<std::net::IpAddr>,
     metrics: metrics::Shared,
     health: HealthServer,
+    proxier_health: SharedHealth,
 }
 
 /// How long each step of one sync took.
@@ -118,6 +124,10 @@ impl Agent {
                 m.observe_programming(&objects, written_at);
                 self.programmed = Some(programmed);
                 self.health.update(&built.health_checks);
+                self.proxier_health
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .updated(written_at);
             }
             Err(e) => {
                 // What the maps hold is now uncertain: read them back on the next sync.
@@ -248,6 +258,11 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     if let Some(addr) = opts.metrics_addr {
         tasks.push(metrics::serve(addr, metrics.clone(), opts.pin_path.clone()));
     }
+    let proxier_health: SharedHealth =
+        Arc::new(Mutex::new(ProxierHealth::new(opts.healthz_timeout)));
+    if let Some(addr) = opts.healthz_addr {
+        tasks.push(healthz::serve(addr, proxier_health.clone()));
+    }
     let agent = Agent {
         maps: BpfMaps::from_ebpf(&mut ebpf)?,
         programmed: None,
@@ -256,6 +271,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         node_ips: opts.node_ips.clone(),
         metrics,
         health: HealthServer::default(),
+        proxier_health,
     };
     Ok(Running { agent, ebpf, tasks })
 }
@@ -338,6 +354,11 @@ async fn sync_until_stopped(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .last_queued_timestamp = metrics::unix_now();
+        agent
+            .proxier_health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queued(SystemTime::now());
         // Bounded frequency: wait out the rest of the minimum period; changes arriving
         // meanwhile are folded into this sync.
         if let Some(wait) = last_sync.map(|t| opts.min_sync_period.saturating_sub(t.elapsed()))

@@ -65,6 +65,13 @@ enum Command {
         /// Where to serve /metrics; empty to disable.
         #[arg(long, default_value = "127.0.0.1:10249")]
         metrics_bind_address: String,
+        /// Where to serve /healthz and /livez (kube-proxy's semantics); empty to disable.
+        #[arg(long, default_value = "0.0.0.0:10256")]
+        healthz_bind_address: String,
+        /// How long a change may wait for its sync before /healthz answers 503
+        /// (kube-proxy: twice its sync period).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        healthz_timeout: Duration,
         /// How often to look for changed manifests, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_interval_ms: u64,
@@ -120,13 +127,13 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{text:?}: {e}"))
 }
 
-fn parse_bind(text: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+fn parse_bind(flag: &str, text: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
     if text.is_empty() {
         return Ok(None);
     }
     text.parse()
         .map(Some)
-        .map_err(|e| anyhow::anyhow!("--metrics-bind-address {text:?}: {e} (want IP:PORT)"))
+        .map_err(|e| anyhow::anyhow!("{flag} {text:?}: {e} (want IP:PORT)"))
 }
 
 fn main() -> ExitCode {
@@ -151,33 +158,44 @@ fn main() -> ExitCode {
             pin_path,
             min_sync_period,
             metrics_bind_address,
+            healthz_bind_address,
+            healthz_timeout,
             poll_interval_ms,
             bpf_debug,
             cleanup_on_exit,
-        } => parse_bind(&metrics_bind_address).and_then(|metrics_addr| {
-            let opts = agent::RunOptions {
-                source: match manifests {
-                    Some(path) => SourceSpec::Manifests(path),
-                    None => SourceSpec::Kube { kubeconfig },
-                },
-                cgroup,
-                pin_path,
-                node_name: source::node_name(hostname_override.as_deref()),
-                node_ips,
-                interfaces,
-                ct_max_entries,
-                poll_interval: Duration::from_millis(poll_interval_ms.max(1)),
-                min_sync_period,
-                metrics_addr,
-                bpf_log_level: if bpf_debug { 4 } else { 0 },
-                cleanup_on_exit,
-            };
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(agent::run(opts)))
-        }),
+        } => parse_bind("--metrics-bind-address", &metrics_bind_address)
+            .and_then(|m| {
+                Ok((
+                    m,
+                    parse_bind("--healthz-bind-address", &healthz_bind_address)?,
+                ))
+            })
+            .and_then(|(metrics_addr, healthz_addr)| {
+                let opts = agent::RunOptions {
+                    source: match manifests {
+                        Some(path) => SourceSpec::Manifests(path),
+                        None => SourceSpec::Kube { kubeconfig },
+                    },
+                    cgroup,
+                    pin_path,
+                    node_name: source::node_name(hostname_override.as_deref()),
+                    node_ips,
+                    interfaces,
+                    ct_max_entries,
+                    poll_interval: Duration::from_millis(poll_interval_ms.max(1)),
+                    min_sync_period,
+                    metrics_addr,
+                    healthz_addr,
+                    healthz_timeout,
+                    bpf_log_level: if bpf_debug { 4 } else { 0 },
+                    cleanup_on_exit,
+                };
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(agent::run(opts)))
+            }),
         Command::Dump {
             pin_path,
             conntrack,
@@ -232,8 +250,16 @@ mod tests {
 
     #[test]
     fn metrics_address_may_be_disabled() {
-        assert_eq!(parse_bind("").unwrap(), None);
-        assert!(parse_bind("127.0.0.1:10249").unwrap().is_some());
-        assert!(parse_bind("localhost").is_err());
+        assert_eq!(parse_bind("--metrics-bind-address", "").unwrap(), None);
+        assert!(
+            parse_bind("--metrics-bind-address", "127.0.0.1:10249")
+                .unwrap()
+                .is_some()
+        );
+        let err = parse_bind("--healthz-bind-address", "localhost").unwrap_err();
+        assert!(
+            err.to_string().starts_with("--healthz-bind-address"),
+            "{err}"
+        );
     }
 }

@@ -299,3 +299,47 @@ fn a_burst_of_changes_becomes_few_syncs() {
         fx.agent.log()
     );
 }
+
+#[test]
+fn healthz_and_livez_follow_kube_proxys_semantics() {
+    let port = common::free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let fx = Fixture::with_source(
+        "healthz",
+        1,
+        &[("web.yaml", service("web", WEB_IP, 80))],
+        None,
+        &["--healthz-bind-address", &bind, "--healthz-timeout", "1s"],
+    );
+    let target: std::net::SocketAddr = bind.parse().unwrap();
+    let get = |path: &str| lab::http_get(target, path).unwrap();
+    let wait_for_status = |want: u16| {
+        lab::wait_for(Duration::from_secs(10), || {
+            let (code, body) = get("/healthz");
+            (code == want).then_some(body)
+        })
+        .unwrap_or_else(|| panic!("/healthz never answered {want}:\n{}", fx.agent.log()))
+    };
+    // Synced: healthy, with kube-proxy's body.
+    let body = wait_for_status(200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for field in ["lastUpdated", "currentTime"] {
+        let t = json[field].as_str().unwrap_or_default();
+        assert!(t.ends_with('Z') && t.len() >= 20, "{field}: {body}");
+    }
+    assert_eq!(json["nodeEligible"], true, "{body}");
+    assert_eq!(get("/livez").0, 200);
+    assert_eq!(get("/nothing").0, 404);
+    // The manifests vanish: the agent keeps the datapath but cannot sync the change;
+    // once it has waited longer than the timeout, /healthz says so.
+    let manifests = fx.dir.join("manifests");
+    let away = fx.dir.join("away");
+    std::fs::rename(&manifests, &away).unwrap();
+    wait_for_status(503);
+    assert_eq!(get("/livez").0, 503);
+    // The datapath still holds the service (no endpoints: refused, not unreachable).
+    let r = fx.probe(WEB_IP, 1);
+    assert_eq!(r.errors.get("ECONNREFUSED"), Some(&1), "{r:?}");
+    std::fs::rename(&away, &manifests).unwrap();
+    wait_for_status(200);
+}

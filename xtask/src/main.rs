@@ -180,6 +180,17 @@ fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs [`setup`] first when anything it installs is missing, so that on a fresh machine
+/// `cargo xtask demo` and `cargo xtask test` are each one command.
+fn ensure_setup() -> anyhow::Result<()> {
+    let ready = ebpf_build::check_prerequisites().is_ok() && missing_apt_packages().is_empty();
+    if ready {
+        return Ok(());
+    }
+    eprintln!("xtask: installing what is missing first (`cargo xtask setup`)");
+    setup()
+}
+
 fn install_bpf_linker() -> anyhow::Result<()> {
     if let Some(linker) = ebpf_build::find_in_path("bpf-linker")
         && output(Command::new(&linker).arg("--version")).is_some()
@@ -237,15 +248,20 @@ fn install_bpf_linker() -> anyhow::Result<()> {
     )
 }
 
-fn install_apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// The Debian packages of [`APT_PACKAGES`] that are not installed.
+fn missing_apt_packages() -> Vec<&'static str> {
+    APT_PACKAGES
         .iter()
         .copied()
         .filter(|p| {
             output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
                 .is_none_or(|s| !s.contains("install ok installed"))
         })
-        .collect();
+        .collect()
+}
+
+fn install_apt_packages() -> anyhow::Result<()> {
+    let missing = missing_apt_packages();
     if missing.is_empty() {
         eprintln!("setup: Debian packages {APT_PACKAGES:?} are installed");
         return Ok(());
@@ -292,7 +308,7 @@ fn build_lab(release: bool) -> anyhow::Result<()> {
 
 fn demo() -> anyhow::Result<()> {
     require_root("the demo")?;
-    ebpf_build::check_prerequisites().map_err(anyhow::Error::msg)?;
+    ensure_setup()?;
     build_lab(false)?;
     let ws = workspace();
     status(
@@ -305,12 +321,7 @@ fn demo() -> anyhow::Result<()> {
 /// Release build, then `lb-lab bench ARGS` (sizes, rounds, ...; `--help` lists them).
 fn bench(args: &[String]) -> anyhow::Result<()> {
     require_root("the benchmarks")?;
-    ebpf_build::check_prerequisites().map_err(anyhow::Error::msg)?;
-    for tool in ["iptables-nft-restore", "iptables-legacy-restore", "nft"] {
-        if output(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none() {
-            anyhow::bail!("{tool} is missing: run `cargo xtask setup`");
-        }
-    }
+    ensure_setup()?;
     build_lab(true)?;
     let ws = workspace();
     status(
@@ -339,7 +350,7 @@ fn lint() -> anyhow::Result<()> {
 
 fn test() -> anyhow::Result<()> {
     require_root("`cargo xtask test`")?;
-    ebpf_build::check_prerequisites().map_err(anyhow::Error::msg)?;
+    ensure_setup()?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])
         .stdout(Stdio::piped());

@@ -7,5 +7,6 @@
 
 pub mod dump;
 pub mod health;
+pub mod healthz;
 pub mod http;
 pub mod metrics;

@@ -955,6 +955,7 @@ impl AgentProcess {
         // Test defaults, unless the caller sets them.
         for (flag, default) in [
             ("--metrics-bind-address", ""),
+            ("--healthz-bind-address", ""),
             ("--min-sync-period", "200ms"),
             ("--poll-interval-ms", "100"),
         ] {

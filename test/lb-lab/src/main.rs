@@ -72,7 +72,7 @@ enum Cmd {
         #[arg(long)]
         agent: Option<PathBuf>,
         /// MB echoed through one connection by the NodePort bulk transfer.
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 300)]
         transfer_mb: u64,
         /// Which benchmarks: socket (ClusterIP, from the node), nodeport (from outside).
         #[arg(long, value_delimiter = ',', default_value = "socket,nodeport",

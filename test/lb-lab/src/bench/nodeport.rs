@@ -379,7 +379,13 @@ fn records_of(n: usize, runs: &BTreeMap<String, Vec<Sample>>) -> Vec<NodePortRec
     let direct = &runs["direct"];
     let base = &runs[BASELINE];
     let ratio = |v: &[Sample], f: fn(&Sample) -> f64| -> [f64; 3] {
-        spread(v.iter().zip(base).map(|(s, b)| f(s) / f(b)).collect())
+        // A CPU reading below /proc/stat's resolution is 0: no ratio then.
+        spread(
+            v.iter()
+                .zip(base)
+                .map(|(s, b)| if f(b) > 0.0 { f(s) / f(b) } else { f64::NAN })
+                .collect(),
+        )
     };
     runs.iter()
         .map(|(variant, v)| NodePortRecord {
