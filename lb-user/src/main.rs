@@ -22,6 +22,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once, at start; boxing would only obscure the flags"
+)]
 enum Command {
     /// Load and attach the programs, then keep the maps in sync with the Kubernetes API
     /// (default) or with manifest files (--manifests).
