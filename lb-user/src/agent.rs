@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use crate::{
-    datapath::{self, BpfMaps, Programmed, iface, loader},
+    datapath::{self, BpfMaps, Programmed, checks, iface, loader},
     model,
     serve::{
         health::HealthServer,
@@ -208,6 +208,8 @@ struct Running {
     agent: Agent,
     ebpf: aya::Ebpf,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Released last, when the agent is gone.
+    _pin_lock: loader::PinLock,
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
@@ -236,7 +238,11 @@ async fn check_source(spec: &SourceSpec) -> anyhow::Result<Option<kube::Client>>
 /// Loads and attaches the programs, opens their maps, starts the log reader and the
 /// metrics server.
 fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
-    let mut ebpf = loader::load_and_attach(
+    checks::check_capabilities(checks::effective_capabilities())
+        .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
+    checks::check_kernel(&checks::needed(), checks::probe)
+        .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
+    let (mut ebpf, pin_lock) = loader::load_and_attach(
         &opts.pin_path,
         &opts.cgroup,
         opts.bpf_log_level,
@@ -273,7 +279,12 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         health: HealthServer::default(),
         proxier_health,
     };
-    Ok(Running { agent, ebpf, tasks })
+    Ok(Running {
+        agent,
+        ebpf,
+        tasks,
+        _pin_lock: pin_lock,
+    })
 }
 
 /// The tc programs on the node's external interfaces, with their SNAT addresses and
@@ -375,13 +386,19 @@ async fn sync_until_stopped(
 }
 
 fn shutdown(running: Running, opts: &RunOptions) {
-    let Running { agent, ebpf, tasks } = running;
+    let Running {
+        agent,
+        ebpf,
+        tasks,
+        _pin_lock: pin_lock,
+    } = running;
     for task in tasks {
         task.abort();
     }
     drop(agent);
     // The pinned links keep the programs attached, and the pinned maps their state.
     drop(ebpf);
+    drop(pin_lock);
     if opts.cleanup_on_exit {
         match loader::cleanup(&opts.pin_path, Some(&opts.cgroup)) {
             Ok(report) => tracing::info!("--cleanup-on-exit: {report}"),

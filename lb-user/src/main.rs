@@ -56,9 +56,10 @@ enum Command {
         #[arg(long, default_value_t = lb_common::MAX_CT,
               value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
         ct_max_entries: u32,
-        /// cgroup v2 directory whose processes get service translation.
+        /// cgroup v2 directory whose processes get service translation (and every one
+        /// below it). Default: the root of the cgroup v2 hierarchy, the whole node.
         #[arg(long)]
-        cgroup: PathBuf,
+        cgroup: Option<PathBuf>,
         /// Directory (on a bpf filesystem) where the maps are pinned.
         #[arg(long, default_value = loader::DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
@@ -180,7 +181,9 @@ fn main() -> ExitCode {
                         Some(path) => SourceSpec::Manifests(path),
                         None => SourceSpec::Kube { kubeconfig },
                     },
-                    cgroup,
+                    cgroup: cgroup.unwrap_or_else(|| {
+                        loader::mount_point("cgroup2").unwrap_or_else(|| "/sys/fs/cgroup".into())
+                    }),
                     pin_path,
                     node_name: source::node_name(hostname_override.as_deref()),
                     node_ips,

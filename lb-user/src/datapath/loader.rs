@@ -76,6 +76,10 @@ pub enum LoadError {
         "pinned map {path}: {why}; a build with another layout pinned it: run `lb-user cleanup --pin-path DIR` (connections through the old maps will be cut) or use another --pin-path"
     )]
     Layout { path: PathBuf, why: String },
+    #[error(
+        "--pin-path {path}: another agent is running on it (it holds the directory's lock); stop it first, or give this one another --pin-path"
+    )]
+    Busy { path: PathBuf },
     #[error("--interface {iface}: attaching {name}: {source}")]
     Attach {
         iface: String,
@@ -184,9 +188,10 @@ pub fn load_and_attach(
     cgroup_path: &Path,
     bpf_log_level: u8,
     ct_max_entries: u32,
-) -> Result<Ebpf, LoadError> {
+) -> Result<(Ebpf, PinLock), LoadError> {
     let cgroup = open_cgroup(cgroup_path)?;
     prepare_pin_dir(pin_dir)?;
+    let lock = PinLock::take(pin_dir)?;
     check_pinned_layout(pin_dir)?;
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
@@ -199,7 +204,34 @@ pub fn load_and_attach(
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Load)?;
     attach_cgroup(&mut ebpf, pin_dir, cgroup_path, &cgroup)?;
     remove_stale_maps(pin_dir);
-    Ok(ebpf)
+    Ok((ebpf, lock))
+}
+
+/// An exclusive lock on the pin directory (flock), held while an agent or a cleanup
+/// works on it: two agents on one pin path would undo each other's writes.
+pub struct PinLock(#[expect(dead_code, reason = "held for its lock")] File);
+
+impl PinLock {
+    pub fn take(pin_dir: &Path) -> Result<Self, LoadError> {
+        use std::os::fd::AsRawFd as _;
+        let err = |why: String| LoadError::PinPath {
+            path: pin_dir.to_path_buf(),
+            why,
+        };
+        let dir = File::open(pin_dir).map_err(|e| err(format!("cannot open it: {e}")))?;
+        // SAFETY: flock(2) on a descriptor we own.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                LoadError::Busy {
+                    path: pin_dir.to_path_buf(),
+                }
+            } else {
+                err(format!("cannot lock it: {e}"))
+            });
+        }
+        Ok(Self(dir))
+    }
 }
 
 /// The key and value sizes of each pinned map, as this build's object defines them.
@@ -451,6 +483,12 @@ fn remove_stale_links(pin_dir: &Path, ifaces: &[Iface]) {
 /// (one whose pin was lost). Says what it did.
 pub fn cleanup(pin_dir: &Path, cgroup: Option<&Path>) -> anyhow::Result<String> {
     use anyhow::Context as _;
+    // Not under a running agent.
+    let _lock = if pin_dir.is_dir() {
+        Some(PinLock::take(pin_dir)?)
+    } else {
+        None
+    };
     let pins = std::fs::read_dir(pin_dir.join("links"))
         .map(|d| d.count())
         .unwrap_or(0);

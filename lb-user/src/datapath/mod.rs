@@ -16,6 +16,7 @@
 //! Slots are assigned stably: a backend keeps its slot while it stays, so one endpoint
 //! change costs a couple of writes, not a rewrite of the service.
 //!
+//! * [`checks`]: what the agent needs of its process and the kernel, checked first;
 //! * [`loader`]: the bpf filesystem, loading, pinning and attaching the programs;
 //! * [`sys`]: the bpf(2) link commands aya lacks (update a cgroup link in place, list
 //!   and detach a cgroup's links);
@@ -24,6 +25,7 @@
 //! * [`plan`]: [`Programmed`], the diff of desired state against what the maps hold;
 //! * [`maps`]: [`BpfMaps`], the only code that reads and writes the maps.
 
+pub mod checks;
 pub mod iface;
 pub mod loader;
 pub mod maps;
