@@ -1,6 +1,7 @@
 //! `cargo xtask`: setup, builds, the demo and the test run.
 
 mod ebpf_build;
+mod image;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -32,6 +33,9 @@ enum Cmd {
     Test,
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
     Lint,
+    /// The agent's image: a static binary on `FROM scratch`, built with podman, saved
+    /// as an OCI archive to target/image/lb-user.oci.tar.
+    Image,
     /// Benchmarks side by side with direct connections and kube-proxy's modes (root);
     /// the report goes to target/bench/. Arguments go to `lb-lab bench`.
     Bench {
@@ -48,6 +52,10 @@ const APT_PACKAGES: &[&str] = &[
     "dnsutils",
     "iptables",
     "nftables",
+    // The image: a static (musl) build, and podman with the runc runtime.
+    "musl-tools",
+    "podman",
+    "runc",
 ];
 
 /// The workspace root, found at run time (`cargo locate-project --workspace` from the
@@ -136,6 +144,9 @@ fn main() -> ExitCode {
         Cmd::Demo => demo(),
         Cmd::Test => test(),
         Cmd::Lint => lint(),
+        Cmd::Image => ensure_setup()
+            .and_then(|()| image::image())
+            .map(|p| println!("{}", p.display())),
         Cmd::Bench { args } => bench(&args),
     };
     match result {
@@ -351,8 +362,12 @@ fn lint() -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     require_root("`cargo xtask test`")?;
     ensure_setup()?;
+    // The image test runs the image this builds.
+    let archive = image::image()?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .env("LB_IMAGE_ARCHIVE", &archive)
+        .env("LB_CONTAINERS_CONF", image::containers_conf()?)
         .stdout(Stdio::piped());
     eprintln!("+ {cmd:?}");
     let mut child = cmd.spawn().context("cannot run cargo test")?;
