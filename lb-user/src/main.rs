@@ -89,6 +89,10 @@ enum Command {
         #[arg(long)]
         cleanup_on_exit: bool,
     },
+    /// Reserve the packet level's SNAT ports in this network namespace's
+    /// net.ipv4.ip_local_reserved_ports, so no host socket takes one (the DaemonSet's
+    /// privileged init step; `run` also tries, and warns when it cannot).
+    ReservePorts,
     /// Detach every program the agent attached and remove its pins: the maps, the cgroup
     /// and tc links under --pin-path, and with --cgroup also any link of ours left on
     /// that cgroup without a pin.
@@ -227,6 +231,19 @@ fn main() -> ExitCode {
                 Ok(())
             })
             .map_err(anyhow::Error::from),
+        Command::ReservePorts => lb_user::datapath::iface::reserve_snat_ports()
+            .map(|()| {
+                println!(
+                    "reserved {}-{} in net.ipv4.ip_local_reserved_ports",
+                    lb_common::SNAT_PORT_MIN,
+                    lb_common::SNAT_PORT_MAX
+                )
+            })
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "writing /proc/sys/net/ipv4/ip_local_reserved_ports: {e} (needs a writable /proc/sys: root, or a privileged container)"
+                )
+            }),
         Command::Cleanup { pin_path, cgroup } => {
             loader::cleanup(&pin_path, cgroup.as_deref()).map(|report| println!("{report}"))
         }
