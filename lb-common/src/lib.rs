@@ -43,8 +43,9 @@ pub const MAP_CT: &str = "LB_CT_V1";
 pub const MAP_TC_IFACES: &str = "LB_TC_IFACES_V2";
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES_V1";
 pub const MAP_DROPS: &str = "LB_DROPS_V1";
+pub const MAP_NAMES: &str = "LB_NAMES_V1";
 /// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 12] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REVNAT,
@@ -56,6 +57,7 @@ pub const PINNED_MAPS: [&str; 11] = [
     MAP_TC_IFACES,
     MAP_SOURCE_RANGES,
     MAP_DROPS,
+    MAP_NAMES,
 ];
 
 /// Capacity of the maps.
@@ -234,6 +236,38 @@ pub struct RevNat {
     /// Frontend port, host order.
     pub port: u16,
     pub _pad: [u8; 2],
+}
+
+/// Value of the names map (key: rev-NAT id, `u16`): the Service port a frontend belongs
+/// to, `namespace/name:port-name`, for `lb-user dump` (the programs never read it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct FrontendName {
+    /// Bytes of `name` in use.
+    pub len: u8,
+    pub _pad: [u8; 7],
+    /// UTF-8, cut at a character boundary when longer.
+    pub name: [u8; 128],
+}
+
+impl FrontendName {
+    pub fn new(text: &str) -> Self {
+        let mut end = text.len().min(128);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut name = [0u8; 128];
+        name[..end].copy_from_slice(&text.as_bytes()[..end]);
+        Self {
+            len: end as u8,
+            _pad: [0; 7],
+            name,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.name[..usize::from(self.len).min(128)]).unwrap_or("?")
+    }
 }
 
 /// Key of the socket rev-NAT map (LRU): a translated socket and the backend it talks to.
@@ -552,11 +586,26 @@ mod user {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::TcIface {}
+    unsafe impl aya::Pod for super::FrontendName {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frontend_names_are_cut_at_a_character_boundary() {
+        assert_eq!(FrontendName::new("ns/web:http").as_str(), "ns/web:http");
+        // "x" and 70 two-byte "é": 141 bytes; 128 would split an "é".
+        let mut long = [0u8; 141];
+        long[0] = b'x';
+        for pair in long[1..].chunks_mut(2) {
+            pair.copy_from_slice("é".as_bytes());
+        }
+        let long = core::str::from_utf8(&long).unwrap();
+        assert_eq!(FrontendName::new(long).as_str(), &long[..127]);
+        assert_eq!(core::mem::size_of::<FrontendName>(), 136);
+    }
 
     #[test]
     fn key_bytes_are_wire_address_then_host_port() {

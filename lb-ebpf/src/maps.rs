@@ -8,10 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, DROP_REASONS, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
-    MAX_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue, SockRevNatKey, SourceRange,
-    SrcAffinityKey, TcIface,
+    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, DROP_REASONS, FrontendName,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_CT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT,
+    MAX_SOURCE_RANGES, MAX_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue, SockRevNatKey,
+    SourceRange, SrcAffinityKey, TcIface,
 };
 
 /// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
@@ -25,6 +25,12 @@ pub(crate) static LB_SERVICES_V2: HashMap<
 /// Backend id -> pod address and port.
 #[btf_map]
 pub(crate) static LB_BACKENDS_V2: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
+
+/// rev-NAT id -> the Service port of the frontend, for `lb-user dump`; never read here.
+/// Not preallocated (flag 1, `BPF_F_NO_PREALLOC`): memory only for the frontends there are.
+#[btf_map]
+pub(crate) static LB_NAMES_V1: HashMap<u16, FrontendName, { MAX_REVNAT as usize }, 1> =
+    HashMap::new();
 
 /// rev-NAT id -> frontend address and port.
 #[btf_map]

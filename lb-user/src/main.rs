@@ -110,7 +110,12 @@ enum Command {
         /// Also the packet level's connection-tracking entries (its live NAT flows).
         #[arg(long)]
         conntrack: bool,
+        /// `text` for people, `json` for scripts.
+        #[arg(long, short, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
     },
+    /// Print the version and the map layout (each pinned map's name and entry sizes).
+    Version,
 }
 
 /// Go-style durations as kube-proxy takes them: "1s", "250ms", "1m", "1.5s", "0".
@@ -207,14 +212,32 @@ fn main() -> ExitCode {
                     .map_err(anyhow::Error::from)
                     .and_then(|rt| rt.block_on(agent::run(opts)))
             }),
+        Command::Version => {
+            println!("lb-user {}", env!("CARGO_PKG_VERSION"));
+            println!("map layout (name: key bytes, value bytes):");
+            for (name, key, value) in loader::expected_layout() {
+                println!("  {name}: {key}, {value}");
+            }
+            Ok(())
+        }
         Command::Dump {
             pin_path,
             conntrack,
+            output,
         } => BpfMaps::open_pinned(&pin_path)
             .and_then(|maps| maps.snapshot())
             .and_then(|snap| {
                 let counters = lb_user::datapath::read_counters(&pin_path)?;
                 let drops = lb_user::datapath::read_drops(&pin_path)?;
+                if output == "json" {
+                    let mut doc = dump::render_json(&snap, &counters, &drops);
+                    if conntrack {
+                        let entries = lb_user::datapath::read_conntrack(&pin_path)?;
+                        doc["conntrackEntries"] = entries.len().into();
+                    }
+                    println!("{doc:#}");
+                    return Ok(());
+                }
                 print!(
                     "{}\n{}\n{}",
                     dump::render(&snap),

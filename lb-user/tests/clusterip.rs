@@ -210,9 +210,14 @@ fn dump_and_bpftool_show_the_maps() {
             .arg(&pin),
     )
     .unwrap();
+    // Each frontend with the Service it belongs to.
+    let line = dump
+        .lines()
+        .find(|l| l.starts_with("10.96.0.10:80/TCP  "))
+        .unwrap_or_else(|| panic!("{dump}"));
     assert!(
-        dump.contains("10.96.0.10:80/TCP  rev-nat 1  2 backends"),
-        "{dump}"
+        line.contains("  t/web:http  ") && line.ends_with("rev-nat 1  2 backends"),
+        "{line}"
     );
     assert!(
         dump.contains("10.244.1.2:8080") && dump.contains("10.244.2.2:8080"),
@@ -241,6 +246,22 @@ fn dump_and_bpftool_show_the_maps() {
     }
 
     assert_eq!(fx.probe(WEB_IP, 10).total_replies(), 10);
+
+    // The same for scripts.
+    let json = lab::run(
+        Command::new(AGENT_BIN)
+            .args(["dump", "--output", "json", "--pin-path"])
+            .arg(&pin),
+    )
+    .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let fe = &doc["frontends"][0];
+    assert_eq!(fe["address"], "10.96.0.10", "{json}");
+    assert_eq!(fe["port"], 80);
+    assert_eq!(fe["protocol"], "TCP");
+    assert_eq!(fe["service"], "t/web:http", "{json}");
+    assert_eq!(fe["backends"].as_array().unwrap().len(), 2);
+    assert!(doc["counters"]["connect4"]["translated"].as_u64().unwrap() >= 10);
 }
 
 #[test]

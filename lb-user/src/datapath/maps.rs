@@ -6,9 +6,9 @@ use std::path::Path;
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key};
 use lb_common::{
     Addr, AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, DROP_REASONS,
-    MAP_AFFINITY, MAP_AFFINITY_SRC, MAP_BACKENDS, MAP_COUNTERS, MAP_CT, MAP_DROPS, MAP_REVNAT,
-    MAP_SERVICES, MAP_SOURCE_RANGES, MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue,
-    SourceRange, SrcAffinityKey, TcIface,
+    FrontendName, MAP_AFFINITY, MAP_AFFINITY_SRC, MAP_BACKENDS, MAP_COUNTERS, MAP_CT, MAP_DROPS,
+    MAP_NAMES, MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES, MAP_TC_IFACES, PROG_NAMES, RevNat,
+    ServiceKey, ServiceValue, SourceRange, SrcAffinityKey, TcIface,
 };
 
 use super::{
@@ -47,6 +47,7 @@ pub struct BpfMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u16, RevNat>,
+    names: HashMap<MapData, u16, FrontendName>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     /// The packet level's affinity (clients by source address); purged with `affinity`.
     affinity_src: HashMap<MapData, SrcAffinityKey, AffinityValue>,
@@ -90,6 +91,7 @@ impl BpfMaps {
             services: typed(take(MAP_SERVICES)?, MAP_SERVICES)?,
             backends: typed(take(MAP_BACKENDS)?, MAP_BACKENDS)?,
             revnat: typed(take(MAP_REVNAT)?, MAP_REVNAT)?,
+            names: typed(take(MAP_NAMES)?, MAP_NAMES)?,
             affinity: typed(take(MAP_AFFINITY)?, MAP_AFFINITY)?,
             affinity_src: typed(take(MAP_AFFINITY_SRC)?, MAP_AFFINITY_SRC)?,
             source_ranges: trie(take(MAP_SOURCE_RANGES)?)?,
@@ -109,6 +111,7 @@ impl BpfMaps {
             services: typed(Map::HashMap(open(MAP_SERVICES)?), MAP_SERVICES)?,
             backends: typed(Map::HashMap(open(MAP_BACKENDS)?), MAP_BACKENDS)?,
             revnat: typed(Map::HashMap(open(MAP_REVNAT)?), MAP_REVNAT)?,
+            names: typed(Map::HashMap(open(MAP_NAMES)?), MAP_NAMES)?,
             affinity: typed(Map::LruHashMap(open(MAP_AFFINITY)?), MAP_AFFINITY)?,
             affinity_src: typed(Map::LruHashMap(open(MAP_AFFINITY_SRC)?), MAP_AFFINITY_SRC)?,
             source_ranges: trie(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
@@ -130,6 +133,10 @@ impl BpfMaps {
         for entry in self.revnat.iter() {
             let (k, v) = entry.map_err(err(MAP_REVNAT))?;
             snap.revnat.insert(k, v);
+        }
+        for entry in self.names.iter() {
+            let (k, v) = entry.map_err(err(MAP_NAMES))?;
+            snap.names.insert(k, v);
         }
         for key in self.source_ranges.keys() {
             let key = key.map_err(err(MAP_SOURCE_RANGES))?;
@@ -179,6 +186,8 @@ impl BpfMaps {
                 Op::DelService { key } => ignore_missing(self.services.remove(&key)),
                 Op::PutRevNat { id, value } => self.revnat.insert(id, value, 0),
                 Op::DelRevNat { id } => ignore_missing(self.revnat.remove(&id)),
+                Op::PutName { id, name } => self.names.insert(id, name, 0),
+                Op::DelName { id } => ignore_missing(self.names.remove(&id)),
                 Op::PutSourceRange {
                     rev_nat_id,
                     addr,

@@ -7,8 +7,8 @@ use std::{
 };
 
 use lb_common::{
-    Addr, AffinityKey, AffinityValue, Backend, MAP_AFFINITY, MAP_BACKENDS, MAP_REVNAT,
-    MAP_SERVICES, MAP_SOURCE_RANGES, RevNat, ServiceKey, ServiceValue,
+    Addr, AffinityKey, AffinityValue, Backend, FrontendName, MAP_AFFINITY, MAP_BACKENDS, MAP_NAMES,
+    MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES, RevNat, ServiceKey, ServiceValue,
 };
 
 use crate::model::{Frontend, Proto, Scope};
@@ -35,6 +35,14 @@ pub enum Op {
         value: RevNat,
     },
     DelRevNat {
+        id: u16,
+    },
+    /// The Service port a frontend (by rev-NAT id) belongs to, for `lb-user dump`.
+    PutName {
+        id: u16,
+        name: FrontendName,
+    },
+    DelName {
         id: u16,
     },
     /// Deletes the affinity entries of a frontend: all, or those naming one backend.
@@ -78,6 +86,10 @@ impl fmt::Display for Op {
             ),
             Self::PutRevNat { id, .. } => write!(f, "{MAP_REVNAT}: write rev-NAT {id}"),
             Self::DelRevNat { id } => write!(f, "{MAP_REVNAT}: delete rev-NAT {id}"),
+            Self::PutName { id, name } => {
+                write!(f, "{MAP_NAMES}: write rev-NAT {id} = {}", name.as_str())
+            }
+            Self::DelName { id } => write!(f, "{MAP_NAMES}: delete rev-NAT {id}"),
             Self::PurgeAffinity {
                 rev_nat_id,
                 backend_id: None,
@@ -170,6 +182,8 @@ pub struct Snapshot {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub revnat: BTreeMap<u16, RevNat>,
+    /// The Service port of each frontend, by rev-NAT id.
+    pub names: BTreeMap<u16, FrontendName>,
     /// Written by the programs; the agent only deletes.
     pub affinity: BTreeMap<AffinityKey, AffinityValue>,
     /// (rev-NAT id, mapped address, prefix on 128 bits).
@@ -197,6 +211,12 @@ impl Snapshot {
             }
             Op::DelRevNat { id } => {
                 self.revnat.remove(&id);
+            }
+            Op::PutName { id, name } => {
+                self.names.insert(id, name);
+            }
+            Op::DelName { id } => {
+                self.names.remove(&id);
             }
             Op::PurgeAffinity {
                 rev_nat_id,

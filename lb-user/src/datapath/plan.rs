@@ -7,8 +7,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES, MAX_SLOTS,
-    RevNat, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
+    BACKEND_F_LOCAL, Backend, FrontendName, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES,
+    MAP_SOURCE_RANGES, MAX_SLOTS, RevNat, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
 };
 
 use super::ops::{Op, Snapshot, addr_of, frontend_of, ip_of, range_key, range_of, service_key};
@@ -17,6 +17,8 @@ use crate::model::{Desired, Endpoint, Frontend, FrontendState, Proto};
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ProgFrontend {
     rev_nat_id: u16,
+    /// The Service port it belongs to, as the names map holds it.
+    service: String,
     affinity_timeout: u32,
     /// Backend ids; index 0 is slot 1.
     slots: Vec<u32>,
@@ -109,6 +111,11 @@ impl Programmed {
                 fe,
                 ProgFrontend {
                     rev_nat_id: header.rev_nat_id,
+                    service: snapshot
+                        .names
+                        .get(&header.rev_nat_id)
+                        .map(|n| n.as_str().to_string())
+                        .unwrap_or_default(),
                     affinity_timeout: header.affinity_timeout,
                     slots,
                     source_ranges,
@@ -160,6 +167,9 @@ impl Programmed {
             .filter(|id| !used.revnat.contains(id))
         {
             self.stale.push(Op::DelRevNat { id: *id });
+        }
+        for id in snapshot.names.keys().filter(|id| !used.revnat.contains(id)) {
+            self.stale.push(Op::DelName { id: *id });
         }
         for &(rev_nat_id, addr, prefix) in &snapshot.source_ranges {
             if !used.revnat.contains(&rev_nat_id) {
@@ -287,6 +297,12 @@ impl Programmed {
                 });
             }
         }
+        if old.as_ref().is_none_or(|o| o.service != state.service) {
+            steps.frontends.push(Op::PutName {
+                id: rev_nat_id,
+                name: FrontendName::new(&state.service),
+            });
+        }
         let ranges_changed = old_ranges.is_empty() != state.source_ranges.is_empty();
         if old.is_none()
             || old_slots.len() != new_slots.len()
@@ -315,6 +331,7 @@ impl Programmed {
             *fe,
             ProgFrontend {
                 rev_nat_id,
+                service: state.service.clone(),
                 affinity_timeout: timeout,
                 slots: new_slots,
                 source_ranges: state.source_ranges.clone(),
@@ -368,6 +385,7 @@ impl Programmed {
                 });
             }
             steps.removals.push(Op::DelRevNat { id: old.rev_nat_id });
+            steps.removals.push(Op::DelName { id: old.rev_nat_id });
             steps.source_ranges(old.rev_nat_id, &old.source_ranges, &BTreeSet::new());
             self.free_rev_nat.push(old.rev_nat_id);
             steps

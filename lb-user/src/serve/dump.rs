@@ -84,6 +84,67 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The Service port a frontend belongs to, from the names map.
+fn service_of(snap: &Snapshot, rev_nat_id: u16) -> &str {
+    snap.names
+        .get(&rev_nat_id)
+        .map_or("(no name)", |n| n.as_str())
+}
+
+/// Everything `dump` shows, as one JSON document for scripts: frontends with their
+/// Service, scope, affinity and backends; the programs' counters; the tc drops.
+pub fn render_json(
+    snap: &Snapshot,
+    counters: &[(&str, Counters)],
+    drops: &[(&str, u64)],
+) -> serde_json::Value {
+    let frontends: Vec<serde_json::Value> = snap
+        .frontends()
+        .iter()
+        .map(|(key, (header, slots))| {
+            let fe = frontend_of(key);
+            serde_json::json!({
+                "address": ip_of(&key.addr).to_string(),
+                "port": key.port,
+                "protocol": fe.map(|f| format!("{:?}", f.proto).to_uppercase()),
+                "scope": fe.map(|f| format!("{:?}", f.scope).to_lowercase()),
+                "service": snap.names.get(&header.rev_nat_id).map(|n| n.as_str()),
+                "revNatId": header.rev_nat_id,
+                "affinityTimeoutSeconds": header.affinity_timeout,
+                "backends": slots.iter().enumerate().map(|(i, (id, b))| serde_json::json!({
+                    "slot": i + 1,
+                    "id": id,
+                    "address": b.map(|b| ip_of(&b.addr).to_string()),
+                    "port": b.map(|b| b.port),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let counters: serde_json::Map<String, serde_json::Value> = counters
+        .iter()
+        .map(|(prog, c)| {
+            (
+                prog.to_string(),
+                serde_json::json!({
+                    "translated": c.translated,
+                    "refused": c.refused,
+                    "affinityHits": c.affinity_hits,
+                    "misses": c.misses,
+                }),
+            )
+        })
+        .collect();
+    let drops: serde_json::Map<String, serde_json::Value> = drops
+        .iter()
+        .map(|(reason, n)| (reason.to_string(), (*n).into()))
+        .collect();
+    serde_json::json!({
+        "frontends": frontends,
+        "counters": counters,
+        "tcDrops": drops,
+    })
+}
+
 /// Renders every frontend with its backends, then anything inconsistent.
 pub fn render(snap: &Snapshot) -> String {
     let frontends = snap.frontends();
@@ -127,7 +188,8 @@ pub fn render(snap: &Snapshot) -> String {
         };
         let _ = writeln!(
             out,
-            "{name}  rev-nat {}  {state}{affinity}",
+            "{name}  {}  rev-nat {}  {state}{affinity}",
+            service_of(snap, header.rev_nat_id),
             header.rev_nat_id
         );
         for (i, (id, backend)) in slots.iter().enumerate() {
