@@ -334,18 +334,23 @@ mod tests {
             text.starts_with("3 frontends, 3 backends (3 slots)\n"),
             "{text}"
         );
-        assert!(text.contains("10.96.0.10:80/TCP  rev-nat"), "{text}");
+        assert!(
+            text.contains("10.96.0.10:80/TCP  demo/web:http  rev-nat"),
+            "{text}"
+        );
         assert!(
             text.contains("2 backends\n  slot 1   backend 1     10.244.1.2:8080\n"),
             "{text}"
         );
         assert!(
-            text.contains("10.96.0.11:53/UDP  rev-nat 2  no backends: connections are refused"),
+            text.contains(
+                "10.96.0.11:53/UDP  demo/empty  rev-nat 2  no backends: connections are refused"
+            ),
             "{text}"
         );
         assert!(
             text.contains(
-                "[fd00:96::10]:80/TCP  rev-nat 3  1 backends  affinity ClientIP 30s (0 clients)\n  slot 1   backend 3     [fd00:244:1::2]:8080\n"
+                "[fd00:96::10]:80/TCP  demo/web:http  rev-nat 3  1 backends  affinity ClientIP 30s (0 clients)\n  slot 1   backend 3     [fd00:244:1::2]:8080\n"
             ),
             "{text}"
         );
