@@ -1,5 +1,6 @@
-//! Counters the user can read, served in Prometheus text format on
-//! `--metrics-bind-address` (`/metrics`), with kube-proxy's metric names where one exists.
+//! Counters the user can read, served in the OpenMetrics text format (prometheus-client)
+//! on `--metrics-bind-address` (`/metrics`), with kube-proxy's metric names and histogram
+//! buckets where one exists.
 
 use std::{
     collections::BTreeMap,
@@ -7,6 +8,18 @@ use std::{
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets, linear_buckets},
+    },
+    registry::Registry,
+};
+use std::sync::atomic::AtomicU64;
 
 use crate::{
     datapath::Programmed,
@@ -16,8 +29,12 @@ use crate::{
 /// The EndpointSlice annotation kube-proxy measures network programming latency from.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Metrics {
+    /// kube-proxy's SyncProxyRulesLatency buckets: 1 ms doubling 15 times.
+    sync_duration: Histogram,
+    /// kube-proxy's NetworkProgrammingLatency buckets: 0.25 s to 5 min.
+    programming: Histogram,
     pub syncs_total: u64,
     pub sync_errors_total: u64,
     pub sync_seconds_sum: f64,
@@ -36,6 +53,35 @@ pub struct Metrics {
     /// Trigger time last seen per EndpointSlice (namespace/name).
     trigger_seen: BTreeMap<String, String>,
     seeded: bool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let programming = linear_buckets(0.25, 0.25, 2)
+            .chain(linear_buckets(1.0, 1.0, 59))
+            .chain(linear_buckets(60.0, 5.0, 12))
+            .chain(linear_buckets(120.0, 30.0, 7));
+        Self {
+            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            programming: Histogram::new(programming),
+            syncs_total: 0,
+            sync_errors_total: 0,
+            sync_seconds_sum: 0.0,
+            last_sync_seconds: 0.0,
+            last_sync_timestamp: 0.0,
+            last_queued_timestamp: 0.0,
+            services: 0,
+            frontends: 0,
+            backends: 0,
+            map_entries: BTreeMap::new(),
+            map_writes_total: 0,
+            network_programming_count: 0,
+            network_programming_seconds_sum: 0.0,
+            network_programming_last_seconds: 0.0,
+            trigger_seen: BTreeMap::new(),
+            seeded: false,
+        }
+    }
 }
 
 pub type Shared = Arc<Mutex<Metrics>>;
@@ -76,6 +122,7 @@ impl Metrics {
                             .duration_since(at)
                             .unwrap_or(Duration::ZERO)
                             .as_secs_f64();
+                        self.programming.observe(latency);
                         self.network_programming_count += 1;
                         self.network_programming_seconds_sum += latency;
                         self.network_programming_last_seconds = latency;
@@ -101,6 +148,7 @@ impl Metrics {
     ) {
         self.syncs_total += 1;
         self.sync_seconds_sum += took.as_secs_f64();
+        self.sync_duration.observe(took.as_secs_f64());
         self.last_sync_seconds = took.as_secs_f64();
         self.last_sync_timestamp = unix_now();
         self.services = desired.service_count();
@@ -110,132 +158,144 @@ impl Metrics {
         self.map_writes_total += writes as u64;
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        for Family {
-            name,
-            kind,
-            help,
-            samples,
-        } in self.families()
-        {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-            for (suffix, value) in samples {
-                out.push_str(&format!("{name}{suffix} {value}\n"));
-            }
+    /// The OpenMetrics text of every metric: the agent's own, then the programs'
+    /// counters and the tc drops read from the pinned maps under `pin_path` (left out
+    /// when they cannot be read).
+    pub fn render(&self, pin_path: Option<&std::path::Path>) -> String {
+        let mut registry = Registry::default();
+        self.register(&mut registry);
+        if let Some(dir) = pin_path {
+            register_datapath(&mut registry, dir);
         }
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &registry);
         out
     }
 
-    fn families(&self) -> Vec<Family> {
-        let one = |v: &dyn ToString| vec![(String::new(), v.to_string())];
-        let summary = |sum: f64, count: u64| {
-            vec![
-                ("_sum".into(), sum.to_string()),
-                ("_count".into(), count.to_string()),
-            ]
-        };
-        let entries = self
-            .map_entries
-            .iter()
-            .map(|(m, n)| (format!("{{map=\"{m}\"}}"), n.to_string()))
-            .collect();
-        vec![
-            Family::new(
-                "kubeproxy_sync_proxy_rules_duration_seconds",
-                "summary",
-                "How long syncs (model, diff, map writes) took.",
-                summary(self.sync_seconds_sum, self.syncs_total),
-            ),
-            Family::gauge(
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "How long syncs (model, diff, map writes) took",
+            self.sync_duration.clone(),
+        );
+        r.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time to the map write",
+            self.programming.clone(),
+        );
+        let seconds: [(&str, &str, f64); 4] = [
+            (
                 "lb_sync_last_duration_seconds",
-                "Duration of the last sync.",
-                one(&self.last_sync_seconds),
+                "Duration of the last sync",
+                self.last_sync_seconds,
             ),
-            Family::gauge(
+            (
                 "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-                "When the last successful sync finished (unix time).",
-                one(&self.last_sync_timestamp),
+                "When the last successful sync finished (unix time)",
+                self.last_sync_timestamp,
             ),
-            Family::gauge(
+            (
                 "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-                "When the last change was queued (unix time).",
-                one(&self.last_queued_timestamp),
+                "When the last change was queued (unix time)",
+                self.last_queued_timestamp,
             ),
-            Family::new(
-                "kubeproxy_network_programming_duration_seconds",
-                "summary",
-                "From an EndpointSlice's last-change-trigger-time to the map write.",
-                summary(
-                    self.network_programming_seconds_sum,
-                    self.network_programming_count,
-                ),
-            ),
-            Family::gauge(
+            (
                 "lb_network_programming_last_seconds",
-                "Network programming latency of the last observed change.",
-                one(&self.network_programming_last_seconds),
+                "Network programming latency of the last observed change",
+                self.network_programming_last_seconds,
             ),
-            Family::counter(
-                "lb_sync_errors_total",
-                "Syncs whose map writes failed.",
-                one(&self.sync_errors_total),
-            ),
-            Family::counter(
-                "lb_map_writes_total",
-                "Map updates and deletes written.",
-                one(&self.map_writes_total),
-            ),
-            Family::gauge(
-                "lb_programmed_services",
-                "Services with at least one programmed frontend.",
-                one(&self.services),
-            ),
-            Family::gauge(
-                "lb_programmed_frontends",
-                "Programmed frontends (address, port, protocol).",
-                one(&self.frontends),
-            ),
-            Family::gauge(
-                "lb_programmed_endpoints",
-                "Distinct programmed backends (endpoint, protocol).",
-                one(&self.backends),
-            ),
-            Family::gauge("lb_map_entries", "Entries in each BPF map.", entries),
-        ]
-    }
-}
-
-/// One metric family: its samples are (label set or suffix, value).
-struct Family {
-    name: &'static str,
-    kind: &'static str,
-    help: &'static str,
-    samples: Vec<(String, String)>,
-}
-
-impl Family {
-    fn new(
-        name: &'static str,
-        kind: &'static str,
-        help: &'static str,
-        samples: Vec<(String, String)>,
-    ) -> Self {
-        Self {
-            name,
-            kind,
-            help,
-            samples,
+        ];
+        for (name, help, value) in seconds {
+            let g = Gauge::<f64, AtomicU64>::default();
+            g.set(value);
+            r.register(name, help, g);
         }
+        let counts: [(&str, &str, usize); 3] = [
+            (
+                "lb_programmed_services",
+                "Services with at least one programmed frontend",
+                self.services,
+            ),
+            (
+                "lb_programmed_frontends",
+                "Programmed frontends (address, port, protocol)",
+                self.frontends,
+            ),
+            (
+                "lb_programmed_endpoints",
+                "Distinct programmed backends (endpoint, protocol)",
+                self.backends,
+            ),
+        ];
+        for (name, help, value) in counts {
+            let g = Gauge::<i64>::default();
+            g.set(value as i64);
+            r.register(name, help, g);
+        }
+        for (name, help, value) in [
+            (
+                "lb_sync_errors",
+                "Syncs whose map writes failed",
+                self.sync_errors_total,
+            ),
+            (
+                "lb_map_writes",
+                "Map updates and deletes written",
+                self.map_writes_total,
+            ),
+        ] {
+            let c = Counter::<u64>::default();
+            c.inc_by(value);
+            r.register(name, help, c);
+        }
+        let entries = Family::<Vec<(String, String)>, Gauge>::default();
+        for (map, n) in &self.map_entries {
+            entries
+                .get_or_create(&vec![("map".into(), map.to_string())])
+                .set(*n as i64);
+        }
+        r.register("lb_map_entries", "Entries in each BPF map", entries);
     }
+}
 
-    fn gauge(name: &'static str, help: &'static str, samples: Vec<(String, String)>) -> Self {
-        Self::new(name, "gauge", help, samples)
+/// The programs' counters and the tc drops, read from the pinned per-CPU maps now.
+fn register_datapath(r: &mut Registry, pin_path: &std::path::Path) {
+    if let Ok(counters) = crate::datapath::read_counters(pin_path) {
+        let events = Family::<Vec<(String, String)>, Counter>::default();
+        for (prog, c) in counters {
+            for (event, n) in [
+                ("translated", c.translated),
+                ("refused", c.refused),
+                ("affinity_hit", c.affinity_hits),
+                ("miss", c.misses),
+            ] {
+                events
+                    .get_or_create(&vec![
+                        ("program".into(), prog.to_string()),
+                        ("event".into(), event.to_string()),
+                    ])
+                    .inc_by(n);
+            }
+        }
+        r.register(
+            "lb_program_events",
+            "What the eBPF programs did, per program and event",
+            events,
+        );
     }
-
-    fn counter(name: &'static str, help: &'static str, samples: Vec<(String, String)>) -> Self {
-        Self::new(name, "counter", help, samples)
+    if let Ok(drops) = crate::datapath::read_drops(pin_path) {
+        let family = Family::<Vec<(String, String)>, Counter>::default();
+        for (reason, n) in drops {
+            family
+                .get_or_create(&vec![("reason".into(), reason.to_string())])
+                .inc_by(n);
+        }
+        r.register(
+            "lb_tc_drops",
+            "Packets the tc programs dropped, by reason",
+            family,
+        );
     }
 }
 
@@ -267,56 +327,24 @@ pub fn serve(
                 };
                 let (status, body) = match path.as_str() {
                     "/metrics" => {
-                        let mut body = metrics.lock().map(|m| m.render()).unwrap_or_default();
-                        body.push_str(&render_counters(&pin_path));
-                        body.push_str(&render_drops(&pin_path));
+                        let body = metrics
+                            .lock()
+                            .map(|m| m.render(Some(&pin_path)))
+                            .unwrap_or_default();
                         ("200 OK", body)
                     }
                     _ => ("404 Not Found", "not found: try /metrics\n".to_string()),
                 };
-                super::http::respond(&mut conn, status, "text/plain; version=0.0.4", &body).await;
+                super::http::respond(
+                    &mut conn,
+                    status,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    &body,
+                )
+                .await;
             });
         }
     })
-}
-
-/// The tc programs' drops by reason, read from the pinned per-CPU map at scrape time.
-fn render_drops(pin_path: &std::path::Path) -> String {
-    let Ok(drops) = crate::datapath::read_drops(pin_path) else {
-        return String::new();
-    };
-    let mut out = String::from(
-        "# HELP lb_tc_drops_total Packets the tc programs dropped, by reason.\n\
-         # TYPE lb_tc_drops_total counter\n",
-    );
-    for (reason, n) in drops {
-        out.push_str(&format!("lb_tc_drops_total{{reason=\"{reason}\"}} {n}\n"));
-    }
-    out
-}
-
-/// The programs' counters, read from the pinned per-CPU map at scrape time.
-fn render_counters(pin_path: &std::path::Path) -> String {
-    let Ok(counters) = crate::datapath::read_counters(pin_path) else {
-        return String::new();
-    };
-    let mut out = String::from(
-        "# HELP lb_program_events_total What the eBPF programs did, per program and event.\n\
-         # TYPE lb_program_events_total counter\n",
-    );
-    for (prog, c) in counters {
-        for (event, n) in [
-            ("translated", c.translated),
-            ("refused", c.refused),
-            ("affinity_hit", c.affinity_hits),
-            ("miss", c.misses),
-        ] {
-            out.push_str(&format!(
-                "lb_program_events_total{{program=\"{prog}\",event=\"{event}\"}} {n}\n"
-            ));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -358,10 +386,19 @@ mod tests {
             (m.network_programming_seconds_sum - 2.5).abs() < 1e-6,
             "{m:?}"
         );
-        let text = m.render();
+        let text = m.render(None);
         assert!(
             text.contains("kubeproxy_network_programming_duration_seconds_count 2\n"),
             "{text}"
         );
+        // kube-proxy's buckets: 0.5 s and 2 s observed.
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1.0\"} 1\n")
+                && text.contains(
+                    "kubeproxy_network_programming_duration_seconds_bucket{le=\"2.0\"} 2\n"
+                ),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics: {text}");
     }
 }
