@@ -245,10 +245,23 @@ pub struct RevNat {
 pub struct FrontendName {
     /// Bytes of `name` in use.
     pub len: u8,
-    pub _pad: [u8; 7],
+    /// `FRONTEND_*`: what kind of address the frontend is.
+    pub kind: u8,
+    /// `FRONTEND_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 5],
     /// UTF-8, cut at a character boundary when longer.
     pub name: [u8; 128],
 }
+
+/// `FrontendName::kind`.
+pub const FRONTEND_CLUSTER_IP: u8 = 1;
+pub const FRONTEND_NODE_PORT: u8 = 2;
+pub const FRONTEND_EXTERNAL_IP: u8 = 3;
+pub const FRONTEND_LOAD_BALANCER: u8 = 4;
+/// `FrontendName::flags`: the traffic policy that applies to it (internal for a cluster
+/// IP, external for the others) is Local.
+pub const FRONTEND_F_POLICY_LOCAL: u8 = 1;
 
 impl FrontendName {
     pub fn new(text: &str) -> Self {
@@ -260,7 +273,9 @@ impl FrontendName {
         name[..end].copy_from_slice(&text.as_bytes()[..end]);
         Self {
             len: end as u8,
-            _pad: [0; 7],
+            kind: 0,
+            flags: 0,
+            _pad: [0; 5],
             name,
         }
     }

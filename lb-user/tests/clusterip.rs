@@ -216,7 +216,7 @@ fn dump_and_bpftool_show_the_maps() {
         .find(|l| l.starts_with("10.96.0.10:80/TCP  "))
         .unwrap_or_else(|| panic!("{dump}"));
     assert!(
-        line.contains("  t/web:http  ") && line.ends_with("rev-nat 1  2 backends"),
+        line.contains("  t/web:http ClusterIP  ") && line.ends_with("rev-nat 1  2 backends"),
         "{line}"
     );
     assert!(

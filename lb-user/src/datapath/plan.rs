@@ -17,8 +17,8 @@ use crate::model::{Desired, Endpoint, Frontend, FrontendState, Proto};
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ProgFrontend {
     rev_nat_id: u16,
-    /// The Service port it belongs to, as the names map holds it.
-    service: String,
+    /// The Service port it belongs to and its kind, as the names map holds them.
+    name: FrontendName,
     affinity_timeout: u32,
     /// Backend ids; index 0 is slot 1.
     slots: Vec<u32>,
@@ -111,11 +111,11 @@ impl Programmed {
                 fe,
                 ProgFrontend {
                     rev_nat_id: header.rev_nat_id,
-                    service: snapshot
+                    name: snapshot
                         .names
                         .get(&header.rev_nat_id)
-                        .map(|n| n.as_str().to_string())
-                        .unwrap_or_default(),
+                        .copied()
+                        .unwrap_or(FrontendName::new("")),
                     affinity_timeout: header.affinity_timeout,
                     slots,
                     source_ranges,
@@ -297,10 +297,11 @@ impl Programmed {
                 });
             }
         }
-        if old.as_ref().is_none_or(|o| o.service != state.service) {
+        let name = name_of(state);
+        if old.as_ref().is_none_or(|o| o.name != name) {
             steps.frontends.push(Op::PutName {
                 id: rev_nat_id,
-                name: FrontendName::new(&state.service),
+                name,
             });
         }
         let ranges_changed = old_ranges.is_empty() != state.source_ranges.is_empty();
@@ -331,7 +332,7 @@ impl Programmed {
             *fe,
             ProgFrontend {
                 rev_nat_id,
-                service: state.service.clone(),
+                name,
                 affinity_timeout: timeout,
                 slots: new_slots,
                 source_ranges: state.source_ranges.clone(),
@@ -548,6 +549,19 @@ fn stable_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
     slots.into_iter().flatten().collect()
 }
 
+/// The names map's entry for a frontend: its Service port, kind and policy.
+fn name_of(state: &FrontendState) -> FrontendName {
+    FrontendName {
+        kind: state.kind.number(),
+        flags: if state.policy_local {
+            lb_common::FRONTEND_F_POLICY_LOCAL
+        } else {
+            0
+        },
+        ..FrontendName::new(&state.service)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -575,6 +589,8 @@ mod tests {
                         *f,
                         FrontendState {
                             service: format!("ns/{}", f.port),
+                            kind: Default::default(),
+                            policy_local: false,
                             endpoints: backends
                                 .iter()
                                 .map(|b| Endpoint {
@@ -919,6 +935,8 @@ mod tests {
             v6,
             FrontendState {
                 service: "ns/dual".into(),
+                kind: Default::default(),
+                policy_local: false,
                 endpoints: [ep].into(),
                 affinity_timeout: 0,
                 source_ranges: BTreeSet::new(),

@@ -186,11 +186,47 @@ impl fmt::Display for Endpoint {
     }
 }
 
+/// What kind of address a frontend is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FrontendKind {
+    #[default]
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::ClusterIp => lb_common::FRONTEND_CLUSTER_IP,
+            Self::NodePort => lb_common::FRONTEND_NODE_PORT,
+            Self::ExternalIp => lb_common::FRONTEND_EXTERNAL_IP,
+            Self::LoadBalancer => lb_common::FRONTEND_LOAD_BALANCER,
+        }
+    }
+
+    /// As Kubernetes spells it; "-" for an unknown number.
+    pub fn name_of(number: u8) -> &'static str {
+        match number {
+            lb_common::FRONTEND_CLUSTER_IP => "ClusterIP",
+            lb_common::FRONTEND_NODE_PORT => "NodePort",
+            lb_common::FRONTEND_EXTERNAL_IP => "ExternalIP",
+            lb_common::FRONTEND_LOAD_BALANCER => "LoadBalancer",
+            _ => "-",
+        }
+    }
+}
+
 /// What one frontend should balance to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendState {
     /// `namespace/name:port-name` of the service port, for logs and dumps.
     pub service: String,
+    /// What kind of address it is, and whether the traffic policy that applies to it
+    /// (internal for a cluster IP, external for the others) is Local; for dumps.
+    pub kind: FrontendKind,
+    pub policy_local: bool,
     pub endpoints: BTreeSet<Endpoint>,
     /// ClientIP affinity timeout in seconds; 0 = no affinity.
     pub affinity_timeout: u32,

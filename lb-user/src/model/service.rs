@@ -12,7 +12,7 @@ use k8s_openapi::api::{
 };
 
 use super::{
-    Built, Frontend, FrontendState, HealthCheck, NodeInfo, Proto, Scope,
+    Built, Frontend, FrontendKind, FrontendState, HealthCheck, NodeInfo, Proto, Scope,
     endpoints::{Candidate, endpoints_for, select, select_local},
     port_u16,
 };
@@ -48,7 +48,13 @@ pub(super) fn add_service(
         } else {
             format!("{name}:{}", port.name)
         };
-        for (addr, number, internal) in addrs.frontends(&port) {
+        for (addr, number, kind) in addrs.frontends(&port) {
+            let internal = kind == FrontendKind::ClusterIp;
+            let policy_local = if internal {
+                addrs.internal_local
+            } else {
+                addrs.external_local
+            };
             let fe = Frontend::new(addr, number, port.proto);
             if let Some(other) = built.desired.frontends.get(&fe) {
                 built.warnings.push(format!(
@@ -67,6 +73,8 @@ pub(super) fn add_service(
                 fe,
                 FrontendState {
                     service: label.clone(),
+                    kind,
+                    policy_local,
                     endpoints: select(svc, &family, node, internal),
                     affinity_timeout: addrs.affinity_timeout,
                     source_ranges: source_ranges.clone(),
@@ -82,6 +90,8 @@ pub(super) fn add_service(
                     },
                     FrontendState {
                         service: label.clone(),
+                        kind,
+                        policy_local,
                         endpoints: select_local(&family),
                         affinity_timeout: addrs.affinity_timeout,
                         source_ranges,
@@ -136,6 +146,8 @@ struct Addresses {
     /// `externalTrafficPolicy: Local`: clients outside the node reach only this node's
     /// endpoints through the external addresses and nodePorts.
     external_local: bool,
+    /// `internalTrafficPolicy: Local` (the cluster IPs).
+    internal_local: bool,
     affinity_timeout: u32,
     /// The LoadBalancer ingress IPs among `external`: `loadBalancerSourceRanges` guards
     /// them.
@@ -189,6 +201,7 @@ impl Addresses {
             node: node_addrs,
             node_port_type: matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")),
             external_local: external_traffic_local(spec, name, warnings),
+            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
             source_ranges: source_ranges(spec, name, !ingress.is_empty(), warnings),
             ingress,
             affinity_timeout,
@@ -208,17 +221,24 @@ impl Addresses {
             .collect()
     }
 
-    /// (address, port, internal) of every frontend of `port`: cluster IPs (which follow
+    /// (address, port, kind) of every frontend of `port`: cluster IPs (which follow
     /// internalTrafficPolicy), external addresses, then the node addresses at the nodePort.
-    fn frontends(&self, port: &Port) -> Vec<(IpAddr, u16, bool)> {
-        let mut out: Vec<(IpAddr, u16, bool)> = self
+    fn frontends(&self, port: &Port) -> Vec<(IpAddr, u16, FrontendKind)> {
+        let mut out: Vec<(IpAddr, u16, FrontendKind)> = self
             .cluster
             .iter()
-            .map(|ip| (*ip, port.port, true))
+            .map(|ip| (*ip, port.port, FrontendKind::ClusterIp))
             .collect();
-        out.extend(self.external.iter().map(|ip| (*ip, port.port, false)));
+        out.extend(self.external.iter().map(|ip| {
+            let kind = if self.ingress.contains(ip) {
+                FrontendKind::LoadBalancer
+            } else {
+                FrontendKind::ExternalIp
+            };
+            (*ip, port.port, kind)
+        }));
         if let Some(np) = port.node_port {
-            out.extend(self.node.iter().map(|ip| (*ip, np, false)));
+            out.extend(self.node.iter().map(|ip| (*ip, np, FrontendKind::NodePort)));
         }
         out
     }

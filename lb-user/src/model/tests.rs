@@ -664,3 +664,27 @@ fn load_balancer_source_ranges_guard_the_ingress_ips_only() {
     assert!(w.contains("connections from this node's own processes and pods to the LoadBalancer IP are not checked"), "{w}");
     assert_eq!(b.warnings.len(), 3, "{w}");
 }
+
+#[test]
+fn each_frontend_knows_its_kind_and_the_traffic_policy_that_applies() {
+    let status = "status: {loadBalancer: {ingress: [{ip: 203.0.113.5}]}}\n";
+    let b = build_from(&exposed(
+        ", type: LoadBalancer, externalTrafficPolicy: Cluster, externalIPs: [198.51.100.20]",
+        status,
+    ));
+    let kind = |addr: &str, port: u16| {
+        let s = &b.desired.frontends[&fe(addr, port, Proto::Tcp)];
+        (s.kind, s.policy_local)
+    };
+    // internalTrafficPolicy Local (the helper's) applies to the cluster IP only.
+    assert_eq!(kind("10.96.0.9", 80), (FrontendKind::ClusterIp, true));
+    assert_eq!(kind("198.51.100.20", 80), (FrontendKind::ExternalIp, false));
+    assert_eq!(kind("203.0.113.5", 80), (FrontendKind::LoadBalancer, false));
+    assert_eq!(kind("192.0.2.1", 30080), (FrontendKind::NodePort, false));
+    let b = build_from(&exposed(
+        ", type: NodePort, externalTrafficPolicy: Local",
+        "",
+    ));
+    let s = &b.desired.frontends[&fe("192.0.2.1", 30080, Proto::Tcp)];
+    assert_eq!((s.kind, s.policy_local), (FrontendKind::NodePort, true));
+}

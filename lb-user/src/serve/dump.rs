@@ -4,7 +4,10 @@ use std::{fmt::Write as _, net::SocketAddr};
 
 use lb_common::{CT_F_CLOSING, CT_F_REPLY, CT_F_SNAT, Counters, CtKey, CtValue, PROTO_UDP};
 
-use crate::datapath::{Snapshot, frontend_of, ip_of};
+use crate::{
+    datapath::{Snapshot, frontend_of, ip_of},
+    model::FrontendKind,
+};
 
 /// Renders the per-program counters as a table.
 pub fn render_counters(counters: &[(&str, Counters)]) -> String {
@@ -84,11 +87,17 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The Service port a frontend belongs to, from the names map.
-fn service_of(snap: &Snapshot, rev_nat_id: u16) -> &str {
-    snap.names
-        .get(&rev_nat_id)
-        .map_or("(no name)", |n| n.as_str())
+/// The Service port a frontend belongs to, its kind and policy, from the names map:
+/// "ns/web:http NodePort policy=Local".
+fn service_of(snap: &Snapshot, rev_nat_id: u16) -> String {
+    snap.names.get(&rev_nat_id).map_or("(no name)".into(), |n| {
+        let policy = if n.flags & lb_common::FRONTEND_F_POLICY_LOCAL != 0 {
+            " policy=Local"
+        } else {
+            ""
+        };
+        format!("{} {}{policy}", n.as_str(), FrontendKind::name_of(n.kind))
+    })
 }
 
 /// Everything `dump` shows, as one JSON document for scripts: frontends with their
@@ -109,6 +118,9 @@ pub fn render_json(
                 "protocol": fe.map(|f| format!("{:?}", f.proto).to_uppercase()),
                 "scope": fe.map(|f| format!("{:?}", f.scope).to_lowercase()),
                 "service": snap.names.get(&header.rev_nat_id).map(|n| n.as_str()),
+                "type": snap.names.get(&header.rev_nat_id).map(|n| FrontendKind::name_of(n.kind)),
+                "trafficPolicyLocal": snap.names.get(&header.rev_nat_id)
+                    .map(|n| n.flags & lb_common::FRONTEND_F_POLICY_LOCAL != 0),
                 "revNatId": header.rev_nat_id,
                 "affinityTimeoutSeconds": header.affinity_timeout,
                 "backends": slots.iter().enumerate().map(|(i, (id, b))| serde_json::json!({
@@ -287,6 +299,8 @@ mod tests {
             },
             FrontendState {
                 service: "demo/web:http".into(),
+                kind: Default::default(),
+                policy_local: false,
                 endpoints: [ep(1), ep(2)].into(),
                 affinity_timeout: 0,
                 source_ranges: Default::default(),
@@ -301,6 +315,8 @@ mod tests {
             },
             FrontendState {
                 service: "demo/empty".into(),
+                kind: Default::default(),
+                policy_local: false,
                 endpoints: Default::default(),
                 affinity_timeout: 0,
                 source_ranges: Default::default(),
@@ -315,6 +331,8 @@ mod tests {
             },
             FrontendState {
                 service: "demo/web:http".into(),
+                kind: Default::default(),
+                policy_local: false,
                 endpoints: [Endpoint {
                     addr: "fd00:244:1::2".parse().unwrap(),
                     port: 8080,
@@ -335,7 +353,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("10.96.0.10:80/TCP  demo/web:http  rev-nat"),
+            text.contains("10.96.0.10:80/TCP  demo/web:http ClusterIP  rev-nat"),
             "{text}"
         );
         assert!(
@@ -344,13 +362,13 @@ mod tests {
         );
         assert!(
             text.contains(
-                "10.96.0.11:53/UDP  demo/empty  rev-nat 2  no backends: connections are refused"
+                "10.96.0.11:53/UDP  demo/empty ClusterIP  rev-nat 2  no backends: connections are refused"
             ),
             "{text}"
         );
         assert!(
             text.contains(
-                "[fd00:96::10]:80/TCP  demo/web:http  rev-nat 3  1 backends  affinity ClientIP 30s (0 clients)\n  slot 1   backend 3     [fd00:244:1::2]:8080\n"
+                "[fd00:96::10]:80/TCP  demo/web:http ClusterIP  rev-nat 3  1 backends  affinity ClientIP 30s (0 clients)\n  slot 1   backend 3     [fd00:244:1::2]:8080\n"
             ),
             "{text}"
         );
