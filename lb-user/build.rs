@@ -22,6 +22,7 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
+    println!("cargo:rerun-if-env-changed=LB_EBPF_CFG");
     match ebpf_build::build_ebpf(&workspace, &out_dir.join("ebpf-target")) {
         Ok(object) => {
             let dest = out_dir.join("lb-ebpf.o");

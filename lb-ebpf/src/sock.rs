@@ -127,7 +127,21 @@ fn forward(ctx: &SockAddrContext, prog: u32, family: Family) -> i32 {
 /// TCP and connected UDP: the destination is rewritten once, at connect().
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    upgrade_test_mark();
     forward(&ctx, PROG_CONNECT4, Family::V4)
+}
+
+/// Built with `--cfg lb_upgrade_test` (`LB_EBPF_CFG`), the programs read one more global:
+/// other instructions, so another program tag, and nothing else different. The restart
+/// tests upgrade to such a build and check that the kernel runs the new programs.
+#[inline(always)]
+fn upgrade_test_mark() {
+    #[cfg(lb_upgrade_test)]
+    {
+        static UPGRADE_TEST_MARK: u32 = 1;
+        // SAFETY: a read of a static.
+        let _ = unsafe { core::ptr::read_volatile(&UPGRADE_TEST_MARK) };
+    }
 }
 
 /// Unconnected UDP: the destination of every datagram is rewritten.

@@ -84,6 +84,54 @@ fn sigterm_leaves_the_datapath_serving_until_the_next_agent() {
     assert_eq!(before.len(), after.len());
 }
 
+/// The kernel's tag of each program (a hash of its instructions), by program id.
+fn tags(links: &Links) -> BTreeSet<u64> {
+    let progs: BTreeSet<u32> = links.iter().map(|(_, prog)| *prog).collect();
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| progs.contains(&p.id()))
+        .map(|p| p.tag())
+        .collect()
+}
+
+#[test]
+fn an_upgrade_to_programs_that_differ_drops_no_connection() {
+    let Some(upgraded) = std::env::var_os("LB_UPGRADE_AGENT") else {
+        panic!(
+            "no second build: run the tests with `cargo xtask test`, which builds one whose kernel programs differ"
+        );
+    };
+    let mut fx = fixture("rupg");
+    let before = cgroup_links(&fx);
+    let count = 100;
+    let opts = ProbeOptions {
+        interval: Duration::from_millis(20),
+        timeout: Duration::from_secs(1),
+        ..ProbeOptions::tcp((WEB_IP, 80), count)
+    };
+    let probe = fx.lab.start_probe(&opts).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let log = fx.dir.join("agent-upgraded.log");
+    fx.agent
+        .upgrade(upgraded.as_ref(), Stop::Term, Duration::ZERO, &log)
+        .unwrap();
+    fx.agent.wait_synced(1, Duration::from_secs(20)).unwrap();
+    let report = probe.finish().unwrap();
+    assert_eq!(report.total_errors(), 0, "{report:?}\n{}", fx.agent.log());
+    assert_eq!(report.total_replies(), count);
+    let after = cgroup_links(&fx);
+    let ids = |s: &Links| s.iter().map(|l| l.0).collect::<BTreeSet<_>>();
+    assert_eq!(
+        ids(&before),
+        ids(&after),
+        "updated in place, not re-attached"
+    );
+    // The kernel runs other programs: connect4's instructions differ.
+    let (old, new) = (tags(&before), tags(&after));
+    assert!(old != new, "same program tags {old:?}");
+    assert!(fx.agent.log().contains("updated=8"), "{}", fx.agent.log());
+}
+
 #[test]
 fn cleanup_removes_every_link_program_and_pin() {
     let mut fx = fixture("rclean");

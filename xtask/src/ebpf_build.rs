@@ -52,6 +52,19 @@ pub fn find_in_path(program: &str) -> Option<PathBuf> {
 
 /// Builds lb-ebpf (release, BTF) into `target_dir` and returns the object's path.
 /// `workspace` is the repository root.
+/// The kernel build's flags: BTF (it makes `bpftool map dump` print field names;
+/// debuginfo is what BTF is made of), and a `--cfg` for each name in `LB_EBPF_CFG`
+/// (comma-separated; the restart tests' second build uses `lb_upgrade_test`).
+fn rustflags() -> String {
+    let mut flags = vec!["-Cdebuginfo=2".to_string(), "-Clink-arg=--btf".to_string()];
+    for cfg in std::env::var("LB_EBPF_CFG").unwrap_or_default().split(',') {
+        if !cfg.trim().is_empty() {
+            flags.extend(["--cfg".to_string(), cfg.trim().to_string()]);
+        }
+    }
+    flags.join("\x1f")
+}
+
 pub fn build_ebpf(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String> {
     check_prerequisites()?;
     let mut cmd = Command::new("rustup");
@@ -66,11 +79,7 @@ pub fn build_ebpf(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String
         ])
         .arg(target_dir)
         .current_dir(workspace.join(EBPF_PACKAGE))
-        // BTF makes `bpftool map dump` print field names; debuginfo is what BTF is made of.
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
-        );
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags());
     // A build script runs with the outer build's settings in its environment; none of
     // them may leak into the kernel build.
     for var in [

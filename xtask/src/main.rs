@@ -364,8 +364,17 @@ fn test() -> anyhow::Result<()> {
     ensure_setup()?;
     // The image test runs the image this builds.
     let archive = image::image()?;
+    // The upgrade test's second agent: kernel programs that differ (another program tag).
+    let variant = workspace().join("target/upgrade-variant");
+    status(
+        cargo()
+            .args(["build", "--quiet", "--package", "lb-user", "--target-dir"])
+            .arg(&variant)
+            .env("LB_EBPF_CFG", "lb_upgrade_test"),
+    )?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .env("LB_UPGRADE_AGENT", variant.join("debug/lb-user"))
         .env("LB_IMAGE_ARCHIVE", &archive)
         .env("LB_CONTAINERS_CONF", image::containers_conf()?)
         .stdout(Stdio::piped());

@@ -976,6 +976,18 @@ impl AgentProcess {
         })
     }
 
+    /// [`AgentProcess::restart`] with another agent binary (an upgrade).
+    pub fn upgrade(
+        &mut self,
+        agent_bin: &Path,
+        stop: Stop,
+        down: Duration,
+        log_path: &Path,
+    ) -> anyhow::Result<()> {
+        self.agent_bin = agent_bin.to_path_buf();
+        self.restart(stop, down, &[], log_path)
+    }
+
     /// Stops the agent as `stop` says, leaving what it pinned; after `down`, starts it
     /// again with the same arguments and `extra` ones (an upgrade's), logging to
     /// `log_path`. Does not wait for its first sync.
