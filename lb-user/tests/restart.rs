@@ -5,10 +5,10 @@
 
 mod common;
 
-use std::{collections::BTreeSet, process::Command, time::Duration};
+use std::{collections::BTreeSet, path::Path, process::Command, time::Duration};
 
 use common::{AGENT_BIN, Fixture, WEB_IP, service, slice};
-use lb_lab::lab::{self, ProbeOptions, Stop};
+use lb_lab::lab::{self, AgentProcess, ProbeOptions, Stop};
 
 /// (link id, program id) of each cgroup link.
 type Links = BTreeSet<(u32, u32)>;
@@ -28,13 +28,13 @@ fn cgroup_links(fx: &Fixture) -> Links {
         .collect()
 }
 
-/// Restarts the agent as `stop` says while the client keeps connecting; asserts that
-/// every connection succeeded and returns the links before and after.
-fn restart_under_load(
+/// Runs `restart` (which stops the agent, waits `down`, starts one again) while the
+/// client keeps connecting; asserts that every connection succeeded and returns the
+/// links before and after.
+fn under_load(
     fx: &mut Fixture,
-    stop: Stop,
     down: Duration,
-    extra: &[&str],
+    restart: impl FnOnce(&mut AgentProcess, &Path) -> anyhow::Result<()>,
 ) -> (Links, Links) {
     let before = cgroup_links(fx);
     assert_eq!(before.len(), 8, "one pinned link per sock_addr program");
@@ -46,8 +46,8 @@ fn restart_under_load(
     };
     let probe = fx.lab.start_probe(&opts).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let log = fx.dir.join(format!("agent-{stop:?}.log"));
-    fx.agent.restart(stop, down, extra, &log).unwrap();
+    let log = fx.dir.join("agent-restarted.log");
+    restart(&mut fx.agent, &log).unwrap();
     fx.agent.wait_synced(1, Duration::from_secs(20)).unwrap();
     let report = probe.finish().unwrap();
     assert_eq!(report.total_errors(), 0, "{report:?}\n{}", fx.agent.log());
@@ -66,7 +66,9 @@ fn fixture(tag: &str) -> Fixture {
 #[test]
 fn sigkill_and_restart_drop_no_connection() {
     let mut fx = fixture("rkill");
-    let (before, after) = restart_under_load(&mut fx, Stop::Kill, Duration::ZERO, &[]);
+    let (before, after) = under_load(&mut fx, Duration::ZERO, |agent, log| {
+        agent.restart(Stop::Kill, Duration::ZERO, &[], log)
+    });
     let ids = |s: &Links| s.iter().map(|l| l.0).collect::<BTreeSet<_>>();
     // The same links, updated to the new agent's programs.
     assert_eq!(ids(&before), ids(&after));
@@ -80,7 +82,10 @@ fn sigkill_and_restart_drop_no_connection() {
 #[test]
 fn sigterm_leaves_the_datapath_serving_until_the_next_agent() {
     let mut fx = fixture("rterm");
-    let (before, after) = restart_under_load(&mut fx, Stop::Term, Duration::from_secs(2), &[]);
+    let down = Duration::from_secs(2);
+    let (before, after) = under_load(&mut fx, down, |agent, log| {
+        agent.restart(Stop::Term, down, &[], log)
+    });
     assert_eq!(before.len(), after.len());
 }
 
@@ -102,24 +107,9 @@ fn an_upgrade_to_programs_that_differ_drops_no_connection() {
         );
     };
     let mut fx = fixture("rupg");
-    let before = cgroup_links(&fx);
-    let count = 100;
-    let opts = ProbeOptions {
-        interval: Duration::from_millis(20),
-        timeout: Duration::from_secs(1),
-        ..ProbeOptions::tcp((WEB_IP, 80), count)
-    };
-    let probe = fx.lab.start_probe(&opts).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let log = fx.dir.join("agent-upgraded.log");
-    fx.agent
-        .upgrade(upgraded.as_ref(), Stop::Term, Duration::ZERO, &log)
-        .unwrap();
-    fx.agent.wait_synced(1, Duration::from_secs(20)).unwrap();
-    let report = probe.finish().unwrap();
-    assert_eq!(report.total_errors(), 0, "{report:?}\n{}", fx.agent.log());
-    assert_eq!(report.total_replies(), count);
-    let after = cgroup_links(&fx);
+    let (before, after) = under_load(&mut fx, Duration::ZERO, |agent, log| {
+        agent.upgrade(upgraded.as_ref(), Stop::Term, Duration::ZERO, log)
+    });
     let ids = |s: &Links| s.iter().map(|l| l.0).collect::<BTreeSet<_>>();
     assert_eq!(
         ids(&before),

@@ -270,64 +270,55 @@ pub fn read_conntrack(dir: &Path) -> Result<Vec<(CtKey, CtValue)>, DatapathError
     Ok(map.iter().flatten().collect())
 }
 
-/// The per-program counters from the maps pinned under `dir`, summed over CPUs, in
-/// `PROG_NAMES` order.
-pub fn read_counters(dir: &Path) -> Result<Vec<(&'static str, Counters)>, DatapathError> {
-    let path = dir.join(MAP_COUNTERS);
+/// Every row (index 0 to `rows`) of the per-CPU array `map` pinned under `dir`, each as
+/// its per-CPU values.
+fn per_cpu_rows<V: aya::Pod>(
+    dir: &Path,
+    map: &'static str,
+    rows: usize,
+) -> Result<Vec<aya::maps::PerCpuValues<V>>, DatapathError> {
+    let path = dir.join(map);
     let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
         path: path.display().to_string(),
         source,
     })?;
-    let array: PerCpuArray<MapData, Counters> = PerCpuArray::try_from(Map::PerCpuArray(data))
-        .map_err(|source| DatapathError::Map {
-            map: MAP_COUNTERS,
-            source,
-        })?;
-    PROG_NAMES
+    let array: PerCpuArray<MapData, V> = PerCpuArray::try_from(Map::PerCpuArray(data))
+        .map_err(|source| DatapathError::Map { map, source })?;
+    (0..rows as u32)
+        .map(|i| {
+            array
+                .get(&i, 0)
+                .map_err(|source| DatapathError::Map { map, source })
+        })
+        .collect()
+}
+
+/// The per-program counters from the maps pinned under `dir`, summed over CPUs, in
+/// `PROG_NAMES` order.
+pub fn read_counters(dir: &Path) -> Result<Vec<(&'static str, Counters)>, DatapathError> {
+    let rows = per_cpu_rows::<Counters>(dir, MAP_COUNTERS, PROG_NAMES.len())?;
+    Ok(PROG_NAMES
         .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let per_cpu = array
-                .get(&(i as u32), 0)
-                .map_err(|source| DatapathError::Map {
-                    map: MAP_COUNTERS,
-                    source,
-                })?;
+        .zip(rows)
+        .map(|(name, per_cpu)| {
             let mut total = Counters::default();
             for c in per_cpu.iter() {
                 total.add(c);
             }
-            Ok((*name, total))
+            (*name, total)
         })
-        .collect()
+        .collect())
 }
 
 /// The tc programs' drops per reason (`DROP_REASONS` order), summed over CPUs, from the
 /// map pinned under `dir`.
 pub fn read_drops(dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
-    let path = dir.join(MAP_DROPS);
-    let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let array: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|source| DatapathError::Map {
-            map: MAP_DROPS,
-            source,
-        })?;
-    DROP_REASONS
+    let rows = per_cpu_rows::<u64>(dir, MAP_DROPS, DROP_REASONS.len())?;
+    Ok(DROP_REASONS
         .iter()
-        .enumerate()
-        .map(|(i, reason)| {
-            let per_cpu = array
-                .get(&(i as u32), 0)
-                .map_err(|source| DatapathError::Map {
-                    map: MAP_DROPS,
-                    source,
-                })?;
-            Ok((*reason, per_cpu.iter().sum()))
-        })
-        .collect()
+        .zip(rows)
+        .map(|(reason, per_cpu)| (*reason, per_cpu.iter().sum()))
+        .collect())
 }
 
 /// Deletes the entries of an affinity map that any of `purges` (rev-NAT id, backend)

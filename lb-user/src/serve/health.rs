@@ -71,41 +71,26 @@ pub fn response(check: &HealthCheck) -> (&'static str, String) {
 }
 
 fn listen(addr: SocketAddr, first: HealthCheck, checks: Checks) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let listener = match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(
-                    service = %format!("{}/{}", first.namespace, first.name),
-                    "field spec.healthCheckNodePort: cannot listen on {addr}: {e}; no health check served"
-                );
-                return;
-            }
-        };
-        tracing::info!(
-            service = %format!("{}/{}", first.namespace, first.name),
-            "serving the health check on {addr}"
-        );
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
-            };
-            let checks = checks.clone();
-            tokio::spawn(async move {
-                if http::request_path(&mut conn).await.is_none() {
-                    return;
-                }
-                let check = checks
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&addr.port())
-                    .cloned();
-                let Some(check) = check else { return };
-                let (status, body) = response(&check);
-                http::respond(&mut conn, status, "application/json", &body).await;
-            });
-        }
-    })
+    let service = format!("{}/{}", first.namespace, first.name);
+    http::serve(
+        addr,
+        move |bound| match bound {
+            Ok(()) => tracing::info!(service = %service, "serving the health check on {addr}"),
+            Err(e) => tracing::warn!(
+                service = %service,
+                "field spec.healthCheckNodePort: cannot listen on {addr}: {e}; no health check served"
+            ),
+        },
+        move |_path| {
+            let check = checks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&addr.port())
+                .cloned()?;
+            let (status, body) = response(&check);
+            Some((status, "application/json", body))
+        },
+    )
 }
 
 #[cfg(test)]

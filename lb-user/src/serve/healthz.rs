@@ -79,38 +79,29 @@ impl ProxierHealth {
 /// Serves `/healthz` and `/livez` until the task is aborted. A bind failure is logged,
 /// not fatal: the datapath matters more.
 pub fn serve(addr: SocketAddr, health: SharedHealth) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let listener = match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!("--healthz-bind-address {addr}: {e}; health is not served");
-                return;
-            }
-        };
-        tracing::info!("serving health on http://{addr}/healthz and /livez");
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
-            };
-            let health = health.clone();
-            tokio::spawn(async move {
-                let Some(path) = http::request_path(&mut conn).await else {
-                    return;
-                };
-                let (status, body) = match path.as_str() {
-                    "/healthz" | "/livez" => health
+    http::serve(
+        addr,
+        move |bound| match bound {
+            Ok(()) => tracing::info!("serving health on http://{addr}/healthz and /livez"),
+            Err(e) => tracing::warn!("--healthz-bind-address {addr}: {e}; health is not served"),
+        },
+        move |path| {
+            Some(match path {
+                "/healthz" | "/livez" => {
+                    let (status, body) = health
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .response(SystemTime::now()),
-                    _ => (
-                        "404 Not Found",
-                        "not found: try /healthz or /livez\n".to_string(),
-                    ),
-                };
-                http::respond(&mut conn, status, "application/json", &body).await;
-            });
-        }
-    })
+                        .response(SystemTime::now());
+                    (status, "application/json", body)
+                }
+                _ => (
+                    "404 Not Found",
+                    "text/plain",
+                    "not found: try /healthz or /livez\n".to_string(),
+                ),
+            })
+        },
+    )
 }
 
 #[cfg(test)]

@@ -1,12 +1,48 @@
 //! The little HTTP the agent serves (metrics, health checks): read one request's path,
 //! write one response, close.
 
-use std::time::Duration;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
 };
+
+/// A response: status line, content type, body.
+pub type Response = (&'static str, &'static str, String);
+
+/// Serves HTTP on `addr` until the task is aborted: `bound` hears whether it could
+/// listen (a failure is the caller's to log, never fatal), then every request's path
+/// goes to `answer` (`None`: close without a response).
+pub fn serve(
+    addr: SocketAddr,
+    bound: impl FnOnce(Result<(), &std::io::Error>) + Send + 'static,
+    answer: impl Fn(&str) -> Option<Response> + Send + Sync + 'static,
+) -> JoinHandle<()> {
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        let listener = match TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => return bound(Err(&e)),
+        };
+        bound(Ok(()));
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let Some(path) = request_path(&mut conn).await else {
+                    return;
+                };
+                if let Some((status, content_type, body)) = answer(&path) {
+                    respond(&mut conn, status, content_type, &body).await;
+                }
+            });
+        }
+    })
+}
 
 /// The path of the request on `conn` (headers read up to 4 KiB, 5 s at most); `None`
 /// when the client sent nothing usable.

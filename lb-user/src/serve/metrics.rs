@@ -306,45 +306,30 @@ pub fn serve(
     metrics: Shared,
     pin_path: std::path::PathBuf,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let listener = match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!("--metrics-bind-address {addr}: {e}; metrics are not served");
-                return;
-            }
-        };
-        tracing::info!("serving metrics on http://{addr}/metrics");
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
-            };
-            let metrics = metrics.clone();
-            let pin_path = pin_path.clone();
-            tokio::spawn(async move {
-                let Some(path) = super::http::request_path(&mut conn).await else {
-                    return;
-                };
-                let (status, body) = match path.as_str() {
-                    "/metrics" => {
-                        let body = metrics
-                            .lock()
-                            .map(|m| m.render(Some(&pin_path)))
-                            .unwrap_or_default();
-                        ("200 OK", body)
-                    }
-                    _ => ("404 Not Found", "not found: try /metrics\n".to_string()),
-                };
-                super::http::respond(
-                    &mut conn,
-                    status,
+    super::http::serve(
+        addr,
+        move |bound| match bound {
+            Ok(()) => tracing::info!("serving metrics on http://{addr}/metrics"),
+            Err(e) => tracing::warn!("--metrics-bind-address {addr}: {e}; metrics are not served"),
+        },
+        move |path| {
+            Some(match path {
+                "/metrics" => (
+                    "200 OK",
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    &body,
-                )
-                .await;
-            });
-        }
-    })
+                    metrics
+                        .lock()
+                        .map(|m| m.render(Some(&pin_path)))
+                        .unwrap_or_default(),
+                ),
+                _ => (
+                    "404 Not Found",
+                    "text/plain",
+                    "not found: try /metrics\n".to_string(),
+                ),
+            })
+        },
+    )
 }
 
 #[cfg(test)]

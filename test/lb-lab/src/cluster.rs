@@ -15,7 +15,6 @@
 //! only what a node translates gets through.
 
 use std::{
-    io::Read as _,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     process::{Command, Stdio},
@@ -34,19 +33,8 @@ pub struct Transfer(ChildGuard);
 
 impl Transfer {
     /// Waits for the transfer's report.
-    pub fn finish(mut self) -> anyhow::Result<TransferReport> {
-        let mut out = String::new();
-        self.0
-            .0
-            .stdout
-            .take()
-            .context("transfer output")?
-            .read_to_string(&mut out)?;
-        let status = self.0.0.wait()?;
-        if !status.success() {
-            bail!("lb-lab transfer failed ({status})");
-        }
-        serde_json::from_str(out.trim()).with_context(|| format!("transfer printed {out:?}"))
+    pub fn finish(self) -> anyhow::Result<TransferReport> {
+        crate::lab::json_report(self.0, "lb-lab transfer")
     }
 }
 

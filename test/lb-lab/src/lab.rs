@@ -490,20 +490,29 @@ pub struct RunningProbe(ChildGuard);
 
 impl RunningProbe {
     /// Waits for the probe to end and returns its report.
-    pub fn finish(mut self) -> anyhow::Result<ProbeReport> {
-        let mut out = String::new();
-        self.0
-            .0
-            .stdout
-            .take()
-            .context("probe output")?
-            .read_to_string(&mut out)?;
-        let status = self.0.0.wait()?;
-        if !status.success() {
-            bail!("lb-lab probe failed ({status})");
-        }
-        serde_json::from_str(out.trim()).with_context(|| format!("probe printed {out:?}"))
+    pub fn finish(self) -> anyhow::Result<ProbeReport> {
+        json_report(self.0, "lb-lab probe")
     }
+}
+
+/// Waits for `child` (`what`, started with its stdout piped) and reads the JSON report it
+/// printed.
+pub(crate) fn json_report<T: serde::de::DeserializeOwned>(
+    mut child: ChildGuard,
+    what: &str,
+) -> anyhow::Result<T> {
+    let mut out = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .with_context(|| format!("{what}'s output"))?
+        .read_to_string(&mut out)?;
+    let status = child.0.wait()?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    serde_json::from_str(out.trim()).with_context(|| format!("{what} printed {out:?}"))
 }
 
 /// How a probe talks to its target.
