@@ -264,8 +264,10 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     if let Some(addr) = opts.metrics_addr {
         tasks.push(metrics::serve(addr, metrics.clone(), opts.pin_path.clone()));
     }
-    let proxier_health: SharedHealth =
-        Arc::new(Mutex::new(ProxierHealth::new(opts.healthz_timeout)));
+    let proxier_health: SharedHealth = Arc::new(Mutex::new(ProxierHealth::new(
+        opts.healthz_timeout,
+        SystemTime::now(),
+    )));
     if let Some(addr) = opts.healthz_addr {
         tasks.push(healthz::serve(addr, proxier_health.clone()));
     }
@@ -400,7 +402,9 @@ fn shutdown(running: Running, opts: &RunOptions) {
     drop(ebpf);
     drop(pin_lock);
     if opts.cleanup_on_exit {
-        match loader::cleanup(&opts.pin_path, Some(&opts.cgroup)) {
+        // Our pins only: a sweep of the cgroup by program name could take another
+        // agent's links (`lb-user cleanup --cgroup` does that, when asked).
+        match loader::cleanup(&opts.pin_path, None) {
             Ok(report) => tracing::info!("--cleanup-on-exit: {report}"),
             Err(e) => tracing::warn!("--cleanup-on-exit: {e:#}"),
         }

@@ -94,8 +94,9 @@ enum Command {
     /// privileged init step; `run` also tries, and warns when it cannot).
     ReservePorts,
     /// Detach every program the agent attached and remove its pins: the maps, the cgroup
-    /// and tc links under --pin-path, and with --cgroup also any link of ours left on
-    /// that cgroup without a pin.
+    /// and tc links under --pin-path, and with --cgroup also every link on that cgroup of
+    /// a program named like ours, pinned or not, whoever attached it (needs
+    /// CAP_SYS_ADMIN to list the system's links).
     Cleanup {
         #[arg(long, default_value = loader::DEFAULT_PIN_PATH)]
         pin_path: PathBuf,

@@ -70,10 +70,15 @@ impl Programmed {
         me.adopt_backends(snapshot, &used.backends);
         me.stale_entries(snapshot, &used);
         me.next_backend_id = snapshot.backends.keys().max().copied().unwrap_or(0);
+        // Above every id any map still holds: an id whose stale entries the first plan
+        // deletes (at its end) is never handed to a new frontend in that same plan.
         me.next_rev_nat = used
             .revnat
             .iter()
             .chain(snapshot.revnat.keys())
+            .chain(snapshot.names.keys())
+            .chain(snapshot.source_ranges.iter().map(|(id, _, _)| id))
+            .chain(snapshot.affinity.keys().map(|k| &k.rev_nat_id))
             .max()
             .copied()
             .unwrap_or(0);
@@ -744,6 +749,27 @@ mod tests {
                 .any(|o| matches!(o, Op::DelBackend { .. } | Op::PutBackend { .. }))
         );
         assert_eq!(*maps.backends.keys().next().unwrap(), id_before);
+    }
+
+    #[test]
+    fn a_stale_name_left_by_a_crash_never_takes_a_new_frontends_name() {
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1])]));
+        // A crash between a frontend's rev-NAT delete and its name delete: id 2's name.
+        maps.names.insert(2, FrontendName::new("ns/gone"));
+        let mut adopted = Programmed::adopt(&maps);
+        let d = desired(&[(fe(1, 80), &[1]), (fe(2, 81), &[1])]);
+        sync(&mut adopted, &mut maps, &d);
+        // Every frontend has its own name; the stale one is gone.
+        let names: BTreeSet<&str> = maps.names.values().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            BTreeSet::from(["ns/80", "ns/81"]),
+            "{:?}",
+            maps.names
+        );
+        assert_eq!(maps.names.len(), maps.revnat.len());
     }
 
     #[test]

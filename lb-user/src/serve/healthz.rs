@@ -1,8 +1,11 @@
 //! `/healthz` and `/livez` on `--healthz-bind-address`, as kube-proxy serves them: 200
 //! while the datapath follows the cluster (no change has waited longer than the health
-//! timeout for a sync), 503 otherwise, and 503 until the first full sync (a DaemonSet's
-//! readiness probe holds a new agent back until it has programmed everything). The body
-//! is kube-proxy's: `{"lastUpdated": ..., "currentTime": ..., "nodeEligible": true}`.
+//! timeout for a sync), 503 otherwise. The start counts as a change: `/livez` turns 503
+//! only when the first sync has not come within the timeout (a liveness probe does not
+//! kill an agent still listing a big cluster), and `/healthz` stays 503 until that first
+//! full sync (a readiness probe holds a rolling update until the new agent has programmed
+//! everything). The body is kube-proxy's:
+//! `{"lastUpdated": ..., "currentTime": ..., "nodeEligible": true}`.
 
 use std::{
     net::SocketAddr,
@@ -24,12 +27,13 @@ pub type SharedHealth = Arc<Mutex<ProxierHealth>>;
 
 impl ProxierHealth {
     /// `timeout`: how long a change may wait for its sync before the agent is unhealthy
-    /// (kube-proxy: twice its sync period, 60 s by default).
-    pub fn new(timeout: Duration) -> Self {
+    /// (kube-proxy: twice its sync period, 60 s by default); the agent `started` then,
+    /// which is the first change.
+    pub fn new(timeout: Duration, started: SystemTime) -> Self {
         Self {
             timeout,
             last_updated: None,
-            oldest_queued: None,
+            oldest_queued: Some(started),
         }
     }
 
@@ -44,18 +48,21 @@ impl ProxierHealth {
         self.oldest_queued = None;
     }
 
-    /// Healthy at `now`: synced at least once, and no change waiting longer than the
-    /// timeout.
-    pub fn healthy(&self, now: SystemTime) -> bool {
-        let waiting_too_long = self.oldest_queued.is_some_and(|q| {
+    /// Live at `now`: no change (the start included) has waited longer than the timeout.
+    pub fn live(&self, now: SystemTime) -> bool {
+        !self.oldest_queued.is_some_and(|q| {
             now.duration_since(q)
                 .is_ok_and(|waited| waited > self.timeout)
-        });
-        self.last_updated.is_some() && !waiting_too_long
+        })
     }
 
-    /// The status line and JSON body of `/healthz` and `/livez` at `now`.
-    pub fn response(&self, now: SystemTime) -> (&'static str, String) {
+    /// Healthy (ready) at `now`: live, and synced at least once.
+    pub fn healthy(&self, now: SystemTime) -> bool {
+        self.last_updated.is_some() && self.live(now)
+    }
+
+    /// The status line and JSON body of `/healthz` (`ready`) or `/livez` at `now`.
+    pub fn response(&self, now: SystemTime, ready: bool) -> (&'static str, String) {
         let rfc3339 = |t: SystemTime| {
             k8s_openapi::jiff::Timestamp::try_from(t)
                 .map(|t| t.to_string())
@@ -67,7 +74,12 @@ impl ProxierHealth {
             "currentTime": rfc3339(now),
             "nodeEligible": true,
         });
-        let status = if self.healthy(now) {
+        let ok = if ready {
+            self.healthy(now)
+        } else {
+            self.live(now)
+        };
+        let status = if ok {
             "200 OK"
         } else {
             "503 Service Unavailable"
@@ -91,7 +103,7 @@ pub fn serve(addr: SocketAddr, health: SharedHealth) -> tokio::task::JoinHandle<
                     let (status, body) = health
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .response(SystemTime::now());
+                        .response(SystemTime::now(), path == "/healthz");
                     (status, "application/json", body)
                 }
                 _ => (
@@ -112,9 +124,12 @@ mod tests {
     fn unhealthy_until_the_first_sync_then_while_a_change_waits_too_long() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let s = Duration::from_secs;
-        let mut h = ProxierHealth::new(s(60));
+        let mut h = ProxierHealth::new(s(60), t0);
         assert!(!h.healthy(t0), "not ready before the first sync");
-        let (status, body) = h.response(t0);
+        // But live while the first sync may still come.
+        assert_eq!(h.response(t0 + s(60), false).0, "200 OK");
+        assert_eq!(h.response(t0 + s(61), false).0, "503 Service Unavailable");
+        let (status, body) = h.response(t0, true);
         assert_eq!(status, "503 Service Unavailable");
         assert!(
             body.contains("\"lastUpdated\":\"0001-01-01T00:00:00Z\""),
@@ -130,7 +145,7 @@ mod tests {
         h.queued(t0 + s(50));
         assert!(h.healthy(t0 + s(70)));
         assert!(!h.healthy(t0 + s(71)));
-        let (status, body) = h.response(t0 + s(71));
+        let (status, body) = h.response(t0 + s(71), true);
         assert_eq!(status, "503 Service Unavailable");
         assert!(
             body.contains("\"currentTime\":\"2023-11-14T22:14:31Z\""),
@@ -139,7 +154,7 @@ mod tests {
         assert!(body.contains("\"nodeEligible\":true"), "{body}");
         // The sync lands: healthy again.
         h.updated(t0 + s(72));
-        let (status, body) = h.response(t0 + s(72));
+        let (status, body) = h.response(t0 + s(72), true);
         assert_eq!(status, "200 OK");
         assert!(
             body.contains("\"lastUpdated\":\"2023-11-14T22:14:32Z\""),

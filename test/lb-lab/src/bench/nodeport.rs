@@ -295,7 +295,7 @@ impl NodePortLab {
             conn_errors: load.errors,
             conn_rate: load.rate(),
             conn_p99_us: load.p99_ns as f64 / 1e3,
-            cpu_us_per_conn: conn_cpu / load.count as f64,
+            cpu_us_per_conn: conn_cpu / (load.count - load.errors).max(1) as f64,
             transfer_mb_s: opts.transfer_mb as f64 / secs,
             cpu_us_per_mb: transfer_cpu / opts.transfer_mb as f64,
         })
@@ -310,13 +310,14 @@ impl Drop for NodePortLab {
     }
 }
 
-/// The machine's busy CPU time so far (every CPU, all but idle and iowait), in µs.
+/// The machine's busy CPU time so far (every CPU: user, nice, system, irq and softirq;
+/// not idle, iowait or the hypervisor's steal), in µs.
 fn busy_cpu_us() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     busy_of(&stat).context("no cpu line in /proc/stat")
 }
 
-/// user + nice + system + irq + softirq + steal of /proc/stat's first line, in µs.
+/// user + nice + system + irq + softirq of /proc/stat's first line, in µs.
 fn busy_of(stat: &str) -> Option<f64> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let f: Vec<u64> = line
@@ -324,7 +325,7 @@ fn busy_of(stat: &str) -> Option<f64> {
         .skip(1)
         .map(|x| x.parse().unwrap_or(0))
         .collect();
-    let busy: u64 = [0, 1, 2, 5, 6, 7]
+    let busy: u64 = [0, 1, 2, 5, 6]
         .iter()
         .map(|&i| f.get(i).copied().unwrap_or(0))
         .sum();
@@ -489,7 +490,7 @@ mod tests {
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         // user nice system idle iowait irq softirq steal guest guest_nice
         let stat = "cpu  10 1 5 1000 7 2 3 1 0 0\ncpu0 10 1 5 1000 7 2 3 1 0 0\n";
-        assert_eq!(busy_of(stat), Some(22.0 * 1e6 / hz));
+        assert_eq!(busy_of(stat), Some(21.0 * 1e6 / hz));
         assert_eq!(busy_of("intr 5\n"), None);
     }
 
