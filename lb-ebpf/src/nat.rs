@@ -4,11 +4,13 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_FIB_LKUP_RET_FRAG_NEEDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
-        bpf_fib_lookup as FibParams,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_load_bytes},
+    helpers::{
+        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
+    },
     programs::TcContext,
 };
 use lb_common::{Addr, CtValue, PROTO_TCP, PROTO_UDP, as_v4, is_v4_mapped, v4_mapped};
@@ -439,7 +441,7 @@ impl IcmpError {
 /// whose source is the node's own address as a martian). Returns the tc verdict. Not
 /// inlined: its stack frame is its own.
 #[inline(never)]
-pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family) -> i32 {
+pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family, mtu: &mut u16) -> i32 {
     // SAFETY: a plain C struct; all zero is a valid value.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.ifindex = ifindex;
@@ -493,10 +495,105 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family) -> i32 {
         BPF_FIB_LKUP_RET_NO_NEIGH => unsafe {
             bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32
         },
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => TOO_BIG,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: the helper set the union's mtu_result member for this answer.
+            *mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+            TOO_BIG
+        }
         BPF_FIB_LKUP_RET_NOT_FWDED => LOCAL,
         _ => SHOT,
     }
+}
+
+impl Packet {
+    /// Undoes [`Packet::rewrite`] to `to`: the packet is again as it arrived.
+    #[inline(never)]
+    pub(crate) fn unrewrite(&self, ctx: &TcContext, to: &CtValue) -> Option<()> {
+        let now = Packet {
+            saddr: to.saddr,
+            daddr: to.daddr,
+            sport: to.sport.to_be(),
+            dport: to.dport.to_be(),
+            ..*self
+        };
+        let back = CtValue {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: u16::from_be(self.sport),
+            dport: u16::from_be(self.dport),
+            ..*to
+        };
+        now.rewrite(ctx, &back)
+    }
+}
+
+/// `bytes` (16-bit words, network order) added to the unfolded Internet checksum `sum`.
+#[inline(always)]
+fn csum_add<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
+    let mut i = 0;
+    while i + 1 < N {
+        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+#[inline(always)]
+fn csum_fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// How much of the packet an ICMP error made here quotes: the IP header and 20 bytes
+/// (a TCP header's checksum field stays inside, which the kernel's trim of a partially
+/// checksummed packet requires).
+const QUOTE: usize = 40;
+
+/// ICMP "fragmentation needed" (type 3, code 4, next-hop `mtu`) about the IPv4 packet
+/// in `ctx` (`p`, as it arrived: untranslated), made of the packet itself: cut to what
+/// is quoted, an IP and an ICMP header put in front, from the address the client asked
+/// (`p.daddr`) to the client, MAC addresses swapped, and sent back out of `ifindex`.
+/// `None` (the caller drops) for IPv6 and IP options. Not inlined: its stack frame is
+/// its own.
+#[inline(never)]
+pub(crate) fn frag_needed(ctx: &TcContext, p: &Packet, mtu: u16, ifindex: u32) -> Option<i32> {
+    if p.v6 || p.l4 != ETH_HLEN + 20 {
+        return None;
+    }
+    let (src, dst) = (as_v4(&p.daddr)?, as_v4(&p.saddr)?);
+    let dst_mac: [u8; 6] = ctx.load(6).ok()?;
+    let src_mac: [u8; 6] = ctx.load(0).ok()?;
+    // SAFETY: the context's sk_buff, a length and no flags.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + QUOTE) as u32, 0) } != 0 {
+        return None;
+    }
+    ctx.adjust_room(28, BPF_ADJ_ROOM_MAC, 0).ok()?;
+    // The quoted packet, now 28 bytes further, in two halves.
+    let q1: [u8; 20] = ctx.load(ETH_HLEN + 28).ok()?;
+    let q2: [u8; 20] = ctx.load(ETH_HLEN + 48).ok()?;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((28 + QUOTE) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = IPPROTO_ICMP;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let ip_sum = csum_fold(csum_add(0, &ip));
+    ip[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    let mut icmp = [0u8; 8];
+    icmp[0] = ICMP_DEST_UNREACH;
+    icmp[1] = 4;
+    icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
+    let icmp_sum = csum_fold(csum_add(csum_add(csum_add(0, &icmp), &q1), &q2));
+    icmp[2..4].copy_from_slice(&icmp_sum.to_be_bytes());
+    let flags = u64::from(BPF_F_RECOMPUTE_CSUM);
+    ctx.store(0, &dst_mac, flags).ok()?;
+    ctx.store(6, &src_mac, flags).ok()?;
+    ctx.store(ETH_HLEN, &ip, flags).ok()?;
+    ctx.store(ETH_HLEN + 20, &icmp, flags).ok()?;
+    // SAFETY: a helper with plain integers.
+    Some(unsafe { bpf_redirect(ifindex, 0) as i32 })
 }
 
 /// [`forward`]'s answer for a packet larger than the next hop's MTU (not a tc verdict):

@@ -95,20 +95,17 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
         // To the node's own stack, to be refused.
         return TCX_PASS;
     }
-    match nat::forward(ctx, ifindex, s.packet.family()) {
+    let mut mtu = 0u16;
+    match nat::forward(ctx, ifindex, s.packet.family(), &mut mtu) {
         // Larger than the way to a backend on this node allows: the stack's forwarding
         // answers it with fragmentation-needed (packet-too-big), which egress makes
         // about the frontend. A SNATed packet cannot go that way (its source is the
-        // node's own address): dropped.
+        // node's own address): it is answered here.
         nat::TOO_BIG if s.value.flags & CT_F_SNAT == 0 => TCX_PASS,
         // A backend at one of the node's own addresses (host network): to the stack,
         // whose replies egress translates. A SNATed packet cannot go there.
         nat::LOCAL if s.value.flags & CT_F_SNAT == 0 => TCX_PASS,
-        nat::TOO_BIG => {
-            count(PROG_TC_INGRESS, |c| c.misses += 1);
-            dropped(DROP_SNAT_TOO_BIG);
-            TCX_DROP
-        }
+        nat::TOO_BIG => too_big_snat(ctx, s, mtu, ifindex),
         nat::LOCAL => {
             count(PROG_TC_INGRESS, |c| c.misses += 1);
             dropped(DROP_SNAT_LOCAL);
@@ -116,6 +113,28 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
         }
         verdict => forwarded(verdict),
     }
+}
+
+/// A SNATed packet too big for the way to its backend: restored to what the client
+/// sent and answered with fragmentation-needed about it (IPv4 with DF set); otherwise
+/// dropped and counted. Not inlined: its stack frame is its own.
+#[inline(never)]
+fn too_big_snat(ctx: &TcContext, s: &mut PktScratch, mtu: u16, ifindex: u32) -> i32 {
+    let df = ctx
+        .load::<u16>(14 + 6)
+        .is_ok_and(|f| u16::from_be(f) & 0x4000 != 0);
+    let answered = if df && !s.packet.v6 {
+        s.packet
+            .unrewrite(ctx, &s.value)
+            .and_then(|()| nat::frag_needed(ctx, &s.packet, mtu, ifindex))
+    } else {
+        None
+    };
+    answered.unwrap_or_else(|| {
+        count(PROG_TC_INGRESS, |c| c.misses += 1);
+        dropped(DROP_SNAT_TOO_BIG);
+        TCX_DROP
+    })
 }
 
 /// `verdict` of [`nat::forward`], a drop counted.
@@ -180,7 +199,13 @@ fn icmp_error(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     }
     count(PROG_TC_INGRESS, |c| c.translated += 1);
     // SAFETY: the context's sk_buff is valid for the program's run.
-    match nat::forward(ctx, unsafe { (*ctx.skb.skb).ifindex }, s.packet.family()) {
+    let mut mtu = 0u16;
+    match nat::forward(
+        ctx,
+        unsafe { (*ctx.skb.skb).ifindex },
+        s.packet.family(),
+        &mut mtu,
+    ) {
         nat::TOO_BIG | nat::LOCAL => {
             dropped(DROP_NO_ROUTE);
             TCX_DROP

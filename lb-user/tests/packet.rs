@@ -501,6 +501,48 @@ fn fragmentation_needed_from_beyond_the_nat_reaches_the_client() {
     transfer_over_a_narrow_last_link("pm", 1);
 }
 
+#[test]
+fn a_snat_packet_too_big_for_the_way_to_another_node_gets_fragmentation_needed() {
+    // Node 0 reaches node 1's pods over a narrower link of its own (an overlay would
+    // make one): the packets it SNATs there do not fit, and its stack cannot answer for
+    // them (their source is its own address); the tc program answers, about the packet
+    // as the client sent it.
+    let fx = ClusterFixture::new("pn", 1, |c| node_port_service(c, "", &[1]));
+    let (n0, n1) = (&fx.cluster.nodes[0].node, &fx.cluster.nodes[1].node);
+    lb_lab::lab::veth_pair(&n0.name, "nar0", &n1.name, "nar1").unwrap();
+    for (ns, dev, addr) in [(n0, "nar0", "10.98.0.1/30"), (n1, "nar1", "10.98.0.2/30")] {
+        lb_lab::lab::ip(&["-n", &ns.name, "addr", "add", addr, "dev", dev]).unwrap();
+        lb_lab::lab::ip(&["-n", &ns.name, "link", "set", dev, "mtu", "1280", "up"]).unwrap();
+    }
+    let pod = &fx.cluster.nodes[1].pods[0];
+    let subnet = format!("10.244.{}.0/24", pod.ip.octets()[2]);
+    lb_lab::lab::ip(&[
+        "-n",
+        &n0.name,
+        "route",
+        "replace",
+        &subnet,
+        "via",
+        "10.98.0.2",
+        "dev",
+        "nar0",
+    ])
+    .unwrap();
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let t = fx
+        .cluster
+        .start_transfer(target.into(), 1 << 20, Duration::ZERO)
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert!(t.intact && t.received == 1 << 20, "{t:?}");
+    assert_eq!(
+        t.reply,
+        format!("n1-pod-0 from {}", node_ip(0)),
+        "SNATed: {t:?}"
+    );
+}
+
 /// A dual-stack NodePort service over every pod of `on_nodes`, both families.
 fn dual_stack_service(c: &Cluster, on_nodes: &[usize]) -> String {
     let mut out = node_port_service(c, "", on_nodes).replace(
