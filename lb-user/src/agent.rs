@@ -70,6 +70,70 @@ struct Agent {
     metrics: metrics::Shared,
     health: HealthServer,
     proxier_health: SharedHealth,
+    packet: PacketLevel,
+}
+
+/// The tc programs and the interfaces they are on: the `--interface`s, else those that
+/// carry the node's addresses (`--node-ip`, else the Node object's, followed as they
+/// change). Owns the loaded object, whose programs it attaches.
+struct PacketLevel {
+    ebpf: aya::Ebpf,
+    pin_path: PathBuf,
+    interfaces: Vec<String>,
+    /// No `--interface` and no `--node-ip`: the Node object's addresses decide.
+    follow_node: bool,
+    /// The addresses the interfaces were last chosen for.
+    attached_for: Option<Vec<std::net::IpAddr>>,
+}
+
+impl PacketLevel {
+    /// Attaches the tc programs to the interfaces for `node_addrs`, with their SNAT
+    /// addresses, and reserves the SNAT port range.
+    fn attach(&mut self, node_addrs: &[std::net::IpAddr]) -> anyhow::Result<()> {
+        let addrs = iface::addresses().context("listing the node's addresses")?;
+        let ifaces =
+            iface::resolve(&self.interfaces, node_addrs, &addrs).map_err(anyhow::Error::msg)?;
+        loader::attach_tc(&mut self.ebpf, &self.pin_path, &ifaces)?;
+        datapath::maps::write_tc_ifaces(&mut self.ebpf, &ifaces)?;
+        self.attached_for = Some(node_addrs.to_vec());
+        if ifaces.is_empty() {
+            tracing::info!(
+                "packet level off: no --interface, and no interface carries a node address ({node_addrs:?})"
+            );
+            return Ok(());
+        }
+        if let Err(e) = iface::reserve_snat_ports() {
+            tracing::warn!(
+                "reserving the SNAT ports {}-{} in net.ipv4.ip_local_reserved_ports: {e}; a host socket may take one",
+                lb_common::SNAT_PORT_MIN,
+                lb_common::SNAT_PORT_MAX
+            );
+        }
+        for i in &ifaces {
+            if i.addr4.is_none() && i.addr6.is_none() {
+                tracing::warn!(iface = %i.name, "no address: flows to backends on other nodes cannot be SNATed here and are dropped");
+            }
+            tracing::info!(iface = %i.name, ifindex = i.ifindex, snat4 = ?i.addr4, snat6 = ?i.addr6, "tc programs attached");
+        }
+        Ok(())
+    }
+
+    /// Follows the Node object's addresses (when no flag fixed the interfaces): the
+    /// interfaces are chosen again when they change. An error is logged, not fatal.
+    fn follow(&mut self, node_addrs: &[std::net::IpAddr]) {
+        let real: Vec<std::net::IpAddr> = node_addrs
+            .iter()
+            .copied()
+            .filter(|a| !a.is_loopback())
+            .collect();
+        if !self.follow_node || real.is_empty() || self.attached_for.as_deref() == Some(&real) {
+            return;
+        }
+        tracing::info!(addresses = ?real, "the Node object's addresses choose the packet level's interfaces");
+        if let Err(e) = self.attach(&real) {
+            tracing::warn!("attaching the tc programs for the Node's addresses: {e:#}");
+        }
+    }
 }
 
 /// How long each step of one sync took.
@@ -128,6 +192,8 @@ impl Agent {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .updated(written_at);
+                drop(m);
+                self.packet.follow(&built.node_addresses);
             }
             Err(e) => {
                 // What the maps hold is now uncertain: read them back on the next sync.
@@ -205,8 +271,9 @@ impl StopSignals {
 
 /// Everything `run` started; dropped in order at the end.
 struct Running {
+    /// With the loaded object: dropping it closes the programs (the pinned links keep
+    /// them attached).
     agent: Agent,
-    ebpf: aya::Ebpf,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Released last, when the agent is gone.
     _pin_lock: loader::PinLock,
@@ -255,7 +322,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         programs = ?loader::PROGRAMS,
         "programs attached"
     );
-    attach_packet_level(&mut ebpf, opts)?;
+    let follow_node = opts.interfaces.is_empty() && opts.node_ips.is_empty();
     let mut tasks = Vec::new();
     if opts.bpf_log_level > 0 {
         tasks.push(spawn_bpf_logger(&mut ebpf)?);
@@ -271,8 +338,25 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     if let Some(addr) = opts.healthz_addr {
         tasks.push(healthz::serve(addr, proxier_health.clone()));
     }
+    let maps = BpfMaps::from_ebpf(&mut ebpf)?;
+    let mut packet = PacketLevel {
+        ebpf,
+        pin_path: opts.pin_path.clone(),
+        interfaces: opts.interfaces.clone(),
+        follow_node,
+        attached_for: None,
+    };
+    if follow_node {
+        // The tc links an earlier agent pinned stay as they are until the Node's
+        // addresses are known (the first sync).
+        tracing::info!(
+            "no --interface and no --node-ip: the Node object's addresses will choose the packet level's interfaces"
+        );
+    } else {
+        packet.attach(&opts.node_ips)?;
+    }
     let agent = Agent {
-        maps: BpfMaps::from_ebpf(&mut ebpf)?,
+        maps,
         programmed: None,
         last_warnings: Vec::new(),
         node_name: opts.node_name.clone(),
@@ -280,43 +364,13 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         metrics,
         health: HealthServer::default(),
         proxier_health,
+        packet,
     };
     Ok(Running {
         agent,
-        ebpf,
         tasks,
         _pin_lock: pin_lock,
     })
-}
-
-/// The tc programs on the node's external interfaces, with their SNAT addresses and
-/// the SNAT port range reserved.
-fn attach_packet_level(ebpf: &mut aya::Ebpf, opts: &RunOptions) -> anyhow::Result<()> {
-    let addrs = iface::addresses().context("listing the node's addresses")?;
-    let ifaces =
-        iface::resolve(&opts.interfaces, &opts.node_ips, &addrs).map_err(anyhow::Error::msg)?;
-    loader::attach_tc(ebpf, &opts.pin_path, &ifaces)?;
-    datapath::maps::write_tc_ifaces(ebpf, &ifaces)?;
-    if ifaces.is_empty() {
-        tracing::info!(
-            "packet level off: no --interface, and no interface carries a --node-ip address"
-        );
-        return Ok(());
-    }
-    if let Err(e) = iface::reserve_snat_ports() {
-        tracing::warn!(
-            "reserving the SNAT ports {}-{} in net.ipv4.ip_local_reserved_ports: {e}; a host socket may take one",
-            lb_common::SNAT_PORT_MIN,
-            lb_common::SNAT_PORT_MAX
-        );
-    }
-    for i in &ifaces {
-        if i.addr4.is_none() && i.addr6.is_none() {
-            tracing::warn!(iface = %i.name, "no address: flows to backends on other nodes cannot be SNATed here and are dropped");
-        }
-        tracing::info!(iface = %i.name, ifindex = i.ifindex, snat4 = ?i.addr4, snat6 = ?i.addr6, "tc programs attached");
-    }
-    Ok(())
 }
 
 /// Starts the source; for the API, waits for the first complete list. `None` when a
@@ -390,16 +444,14 @@ async fn sync_until_stopped(
 fn shutdown(running: Running, opts: &RunOptions) {
     let Running {
         agent,
-        ebpf,
         tasks,
         _pin_lock: pin_lock,
     } = running;
     for task in tasks {
         task.abort();
     }
-    drop(agent);
     // The pinned links keep the programs attached, and the pinned maps their state.
-    drop(ebpf);
+    drop(agent);
     drop(pin_lock);
     if opts.cleanup_on_exit {
         // Our pins only: a sweep of the cgroup by program name could take another

@@ -47,7 +47,8 @@ enum Command {
         node_ips: Vec<std::net::IpAddr>,
         /// An external interface of the node for the packet level (tc programs: NodePort,
         /// externalIPs and LoadBalancer IPs for clients outside the node); repeatable.
-        /// Default: the interfaces that carry a --node-ip address.
+        /// Default: the interfaces that carry a node address (--node-ip, else the Node
+        /// object's, followed as they change).
         #[arg(long = "interface", value_name = "IF")]
         interfaces: Vec<String>,
         /// Capacity of the packet level's connection-tracking map (two entries per flow;

@@ -24,10 +24,21 @@ struct ClusterFixture {
     agents: Vec<AgentProcess>,
     cluster: Cluster,
     dir: PathBuf,
+    /// Agents get `--node-ip` (else they follow their Node object in the manifests).
+    node_ip_flags: bool,
 }
 
 impl ClusterFixture {
     fn new(tag: &str, pods: usize, manifests: impl Fn(&Cluster) -> String) -> Self {
+        Self::with_flags(tag, pods, manifests, true)
+    }
+
+    fn with_flags(
+        tag: &str,
+        pods: usize,
+        manifests: impl Fn(&Cluster) -> String,
+        node_ip_flags: bool,
+    ) -> Self {
         require_root();
         let cluster = Cluster::new(&lab_bin(), tag, 2, pods, POD_PORT).expect("the cluster lab");
         let dir = std::env::temp_dir().join(&cluster.prefix);
@@ -37,6 +48,7 @@ impl ClusterFixture {
             agents: Vec::new(),
             cluster,
             dir,
+            node_ip_flags,
         };
         for k in 0..fx.cluster.nodes.len() {
             let agent = fx.start_agent(k, "");
@@ -60,18 +72,23 @@ impl ClusterFixture {
         let manifests = self.dir.join("manifests");
         // Node 1's connection tracking is sized by flag (node 0 keeps the default).
         let ct = if k == 1 { "8192" } else { "262144" };
-        let args: Vec<&std::ffi::OsStr> = vec![
+        let mut args: Vec<&std::ffi::OsStr> = vec![
             "--manifests".as_ref(),
             manifests.as_os_str(),
             "--hostname-override".as_ref(),
             name.as_ref(),
-            "--node-ip".as_ref(),
-            ip.as_ref(),
-            "--node-ip".as_ref(),
-            ip6.as_ref(),
             "--ct-max-entries".as_ref(),
             ct.as_ref(),
         ];
+        if self.node_ip_flags {
+            let flags: [&std::ffi::OsStr; 4] = [
+                "--node-ip".as_ref(),
+                ip.as_ref(),
+                "--node-ip".as_ref(),
+                ip6.as_ref(),
+            ];
+            args.extend(flags);
+        }
         let pin = PathBuf::from(format!("/sys/fs/bpf/{}", node.prefix));
         let log = self.dir.join(format!("agent-{k}{log_suffix}.log"));
         AgentProcess::start_in(
@@ -499,6 +516,52 @@ fn fragmentation_needed_from_beyond_the_nat_reaches_the_client() {
     // Node 1 answers fragmentation-needed to node 0's SNAT address; node 0 translates it
     // back to the client.
     transfer_over_a_narrow_last_link("pm", 1);
+}
+
+#[test]
+fn without_node_ip_flags_the_node_objects_addresses_choose_the_interfaces() {
+    // The Node objects (as the API would list them) carry each node's LAN address; the
+    // agents have neither --node-ip nor --interface.
+    let fx = ClusterFixture::with_flags(
+        "pf",
+        2,
+        |c| {
+            let mut all = node_port_service(c, "", &[0, 1]);
+            for k in 0..2 {
+                all.push_str(&format!(
+                    "\n---\napiVersion: v1\nkind: Node\nmetadata: {{name: node-{k}}}\n\
+                     status: {{addresses: [{{type: InternalIP, address: {}}}, {{type: Hostname, address: node-{k}}}]}}\n",
+                    node_ip(k)
+                ));
+            }
+            all
+        },
+        false,
+    );
+    // The first sync brings the Node's address; the tc programs follow.
+    let attached = lb_lab::lab::wait_for(Duration::from_secs(10), || {
+        fx.agents[0]
+            .log()
+            .contains("tc programs attached")
+            .then_some(())
+    });
+    assert!(attached.is_some(), "{}", fx.agents[0].log());
+    // The nodePort from outside reaches both nodes' backends through node 0.
+    let report = fx.probe(SocketAddrV4::new(node_ip(0), NODE_PORT), 40, ProbeMode::Tcp);
+    assert_eq!(
+        report.total_errors(),
+        0,
+        "{report:?}\n{}",
+        fx.agents[0].log()
+    );
+    assert_both_nodes_answer(&report, CLIENT_IP.into(), node_ip(0).into());
+    assert!(
+        fx.agents[0]
+            .log()
+            .contains("the Node object's addresses choose"),
+        "{}",
+        fx.agents[0].log()
+    );
 }
 
 #[test]

@@ -416,7 +416,10 @@ pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, ifaces: &[Iface]) -> Result<()
             .ok_or_else(|| perr(aya::programs::ProgramError::UnexpectedProgramType))?
             .try_into()
             .map_err(perr)?;
-        prog.load().map_err(perr)?;
+        // Loaded once; a later call (the node's addresses changed) only re-attaches.
+        if prog.fd().is_err() {
+            prog.load().map_err(perr)?;
+        }
         for i in ifaces {
             let attach_err = |source| LoadError::Attach {
                 iface: i.name.clone(),

@@ -256,6 +256,9 @@ impl Desired {
 #[derive(Debug, Default)]
 pub struct Built {
     pub desired: Desired,
+    /// This node's addresses (`--node-ip`, else the Node object's): nodePorts are served
+    /// on them, and the interfaces that carry them get the packet level by default.
+    pub node_addresses: Vec<IpAddr>,
     /// healthCheckNodePort -> what it reports (services with
     /// `externalTrafficPolicy: Local`).
     pub health_checks: BTreeMap<u16, HealthCheck>,
@@ -288,7 +291,10 @@ pub(crate) fn port_u16(value: i32) -> Option<u16> {
 /// `node_ips` are the node addresses for nodePorts; empty means the Node object's.
 pub fn build(objects: &Objects, node_name: Option<&str>, node_ips: &[IpAddr]) -> Built {
     let node = &NodeInfo::from_objects(node_name, node_ips, objects);
-    let mut built = Built::default();
+    let mut built = Built {
+        node_addresses: node.addresses.clone(),
+        ..Built::default()
+    };
     // Slices by (namespace, service name).
     let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in &objects.slices {
