@@ -208,7 +208,10 @@ fn main() -> ExitCode {
                     bpf_log_level: if bpf_debug { 4 } else { 0 },
                     cleanup_on_exit,
                 };
-                tokio::runtime::Builder::new_current_thread()
+                // The sync runs on this thread; two workers serve metrics, health and
+                // the health checks meanwhile, so a long sync does not fail a probe.
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
                     .enable_all()
                     .build()
                     .map_err(anyhow::Error::from)
