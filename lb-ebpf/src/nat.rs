@@ -20,6 +20,9 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
+/// IPv4 flags and fragment offset.
+const IP_FRAG: usize = ETH_HLEN + 6;
+const IP_DF: u16 = 0x4000;
 const IP_CSUM: usize = ETH_HLEN + 10;
 const IP_SRC: usize = ETH_HLEN + 12;
 const IP_DST: usize = ETH_HLEN + 16;
@@ -184,7 +187,7 @@ impl Packet {
             Family::V4 => {
                 let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
                 let ihl = usize::from(vihl & 0x0f) * 4;
-                let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
+                let frag: u16 = ctx.load(IP_FRAG).ok()?;
                 if vihl >> 4 != 4 || ihl < 20 || u16::from_be(frag) & 0x3fff != 0 {
                     return None;
                 }
@@ -543,6 +546,14 @@ fn csum_fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// Whether the IPv4 packet in `ctx` has Don't Fragment set (a sender doing path-MTU
+/// discovery, which a fragmentation-needed is for).
+#[inline(always)]
+pub(crate) fn dont_fragment(ctx: &TcContext) -> bool {
+    ctx.load::<u16>(IP_FRAG)
+        .is_ok_and(|f| u16::from_be(f) & IP_DF != 0)
 }
 
 /// How much of the packet an ICMP error made here quotes: the IP header and 20 bytes

@@ -120,10 +120,7 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
 /// dropped and counted. Not inlined: its stack frame is its own.
 #[inline(never)]
 fn too_big_snat(ctx: &TcContext, s: &mut PktScratch, mtu: u16, ifindex: u32) -> i32 {
-    let df = ctx
-        .load::<u16>(14 + 6)
-        .is_ok_and(|f| u16::from_be(f) & 0x4000 != 0);
-    let answered = if df && !s.packet.v6 {
+    let answered = if !s.packet.v6 && nat::dont_fragment(ctx) {
         s.packet
             .unrewrite(ctx, &s.value)
             .and_then(|()| nat::frag_needed(ctx, &s.packet, mtu, ifindex))
