@@ -474,6 +474,20 @@ fn load_balancer_source_ranges_let_clients_in_range_through_only() {
 /// side of the pod's link has a smaller MTU (1280). The pod sends at most 1280 bytes
 /// (its route's MTU) but advertises the full MSS: full-size packets towards it are too
 /// big on the last hop, and only path-MTU discovery gets them through.
+/// A 1 MB transfer from the client through node 0's nodePort, which must come back
+/// intact.
+fn transfer_through_node0(fx: &ClusterFixture) -> lb_lab::lab::TransferReport {
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let t = fx
+        .cluster
+        .start_transfer(target.into(), 1 << 20, Duration::ZERO)
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert!(t.intact && t.received == 1 << 20, "{t:?}");
+    t
+}
+
 fn transfer_over_a_narrow_last_link(tag: &str, backend_node: usize) {
     let fx = ClusterFixture::new(tag, 1, |c| node_port_service(c, "", &[backend_node]));
     let node = &fx.cluster.nodes[backend_node];
@@ -494,14 +508,7 @@ fn transfer_over_a_narrow_last_link(tag: &str, backend_node: usize) {
         "1460",
     ])
     .unwrap();
-    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
-    let t = fx
-        .cluster
-        .start_transfer(target.into(), 1 << 20, Duration::ZERO)
-        .unwrap()
-        .finish()
-        .unwrap();
-    assert!(t.intact && t.received == 1 << 20, "{t:?}");
+    transfer_through_node0(&fx);
 }
 
 #[test]
@@ -591,14 +598,7 @@ fn a_snat_packet_too_big_for_the_way_to_another_node_gets_fragmentation_needed()
         "nar0",
     ])
     .unwrap();
-    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
-    let t = fx
-        .cluster
-        .start_transfer(target.into(), 1 << 20, Duration::ZERO)
-        .unwrap()
-        .finish()
-        .unwrap();
-    assert!(t.intact && t.received == 1 << 20, "{t:?}");
+    let t = transfer_through_node0(&fx);
     assert_eq!(
         t.reply,
         format!("n1-pod-0 from {}", node_ip(0)),

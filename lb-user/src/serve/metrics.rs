@@ -35,9 +35,7 @@ pub struct Metrics {
     sync_duration: Histogram,
     /// kube-proxy's NetworkProgrammingLatency buckets: 0.25 s to 5 min.
     programming: Histogram,
-    pub syncs_total: u64,
     pub sync_errors_total: u64,
-    pub sync_seconds_sum: f64,
     pub last_sync_seconds: f64,
     pub last_sync_timestamp: f64,
     pub last_queued_timestamp: f64,
@@ -64,9 +62,7 @@ impl Default for Metrics {
         Self {
             sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             programming: Histogram::new(programming),
-            syncs_total: 0,
             sync_errors_total: 0,
-            sync_seconds_sum: 0.0,
             last_sync_seconds: 0.0,
             last_sync_timestamp: 0.0,
             last_queued_timestamp: 0.0,
@@ -146,8 +142,6 @@ impl Metrics {
         writes: usize,
         took: Duration,
     ) {
-        self.syncs_total += 1;
-        self.sync_seconds_sum += took.as_secs_f64();
         self.sync_duration.observe(took.as_secs_f64());
         self.last_sync_seconds = took.as_secs_f64();
         self.last_sync_timestamp = unix_now();

@@ -88,6 +88,13 @@ impl Netns {
         Ok(ns)
     }
 
+    /// `ip -n NAME ARGS...`: the `ip` command inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<()> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend(args);
+        ip(&full)
+    }
+
     /// `sysctl -w SETTING` inside the namespace (per-namespace settings only).
     pub fn sysctl(&self, setting: &str) -> anyhow::Result<()> {
         run(Command::new("ip").args(["netns", "exec", &self.name, "sysctl", "-qw", setting]))

@@ -25,7 +25,7 @@ use workload::{ENDPOINTS, churn, manifests, service_ip, services};
 
 use crate::{
     kube_proxy_rules::{KubeProxy, SvcPort},
-    lab::{self, AgentProcess, Cgroup, ChildGuard, Lab, Netns, place, run},
+    lab::{AgentProcess, Cgroup, ChildGuard, Lab, Netns, place, run},
     load::{LoadMode, LoadReport},
 };
 
@@ -373,9 +373,7 @@ fn rules_labs(
                 "169.254.0.1",
             ],
         ] {
-            let mut full = vec!["-n", lab.node.name.as_str()];
-            full.extend(args);
-            lab::ip(&full)?;
+            lab.node.ip(&args)?;
         }
         let mut all = ports.to_vec();
         all.push(churn(pods[0]));

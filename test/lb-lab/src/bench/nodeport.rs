@@ -39,7 +39,7 @@ use super::{
 use crate::{
     cluster::{CLIENT_IP, CLIENT_IP6, join_lan, start_transfer},
     kube_proxy_rules::KubeProxy,
-    lab::{self, AgentProcess, Cgroup, Lab, Netns, unique_prefix},
+    lab::{AgentProcess, Cgroup, Lab, Netns, unique_prefix},
     load::LoadMode,
 };
 
@@ -111,18 +111,12 @@ fn node_addr(k: usize) -> (Ipv4Addr, Ipv6Addr) {
     )
 }
 
-fn in_ns(ns: &Netns, args: &[&str]) -> anyhow::Result<()> {
-    let mut full = vec!["-n", ns.name.as_str()];
-    full.extend(args);
-    lab::ip(&full)
-}
-
 impl NodePortLab {
     fn new(opts: &BenchOptions, n: usize) -> anyhow::Result<Self> {
         let prefix = unique_prefix("np");
         let lan = Netns::create(&format!("{prefix}-lan"))?;
-        in_ns(&lan, &["link", "add", "br0", "type", "bridge"])?;
-        in_ns(&lan, &["link", "set", "br0", "up"])?;
+        lan.ip(&["link", "add", "br0", "type", "bridge"])?;
+        lan.ip(&["link", "set", "br0", "up"])?;
         let backends = Lab::new_with(&opts.lab_bin, "npb", ENDPOINTS, 8080, &["--bench"])?;
         join_lan(&lan, &backends.node, "pb", BACKENDS_IP, node_addr(90).1)?;
         let client = Netns::create(&format!("{prefix}-client"))?;
@@ -146,16 +140,13 @@ impl NodePortLab {
             ] {
                 netns.sysctl(setting)?;
             }
-            in_ns(
-                &netns,
-                &[
-                    "route",
-                    "add",
-                    "10.244.0.0/16",
-                    "via",
-                    &BACKENDS_IP.to_string(),
-                ],
-            )?;
+            netns.ip(&[
+                "route",
+                "add",
+                "10.244.0.0/16",
+                "via",
+                &BACKENDS_IP.to_string(),
+            ])?;
             nodes.push(Node {
                 variant: variant.into(),
                 addr,
@@ -163,11 +154,10 @@ impl NodePortLab {
             });
         }
         let direct = nodes[0].addr.to_string();
-        in_ns(&client, &["route", "add", "10.244.0.0/16", "via", &direct])?;
-        in_ns(
-            &backends.node,
-            &["route", "add", &format!("{CLIENT_IP}/32"), "via", &direct],
-        )?;
+        client.ip(&["route", "add", "10.244.0.0/16", "via", &direct])?;
+        backends
+            .node
+            .ip(&["route", "add", &format!("{CLIENT_IP}/32"), "via", &direct])?;
         let agent_cgroup = Cgroup::create(&format!("{prefix}-agent"))?;
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(dir.join("manifests"))?;
