@@ -60,13 +60,16 @@ pub struct RunOptions {
     pub cleanup_on_exit: bool,
 }
 
-/// One agent: the maps and what is programmed in them.
+/// One agent: the model, the maps and what is programmed in them.
 struct Agent {
+    model: model::Model,
     maps: BpfMaps,
+    /// What the maps hold; `None` until the first sync and after a failed write (then
+    /// they are read back).
     programmed: Option<Programmed>,
+    /// A sync has succeeded (the health checks were handed over at least once).
+    programmed_once: bool,
     last_warnings: Vec<String>,
-    node_name: String,
-    node_ips: Vec<std::net::IpAddr>,
     metrics: metrics::Shared,
     health: HealthServer,
     proxier_health: SharedHealth,
@@ -146,11 +149,13 @@ struct SyncTimes {
 }
 
 impl Agent {
-    /// One sync: source -> model -> diff -> map writes.
+    /// One sync: the source's changes -> the model (the services they touch) -> the diff
+    /// of the frontends that changed -> map writes. After a failed write, or for the
+    /// first sync, the maps are read back and every frontend is diffed.
     fn sync(&mut self, source: &Source) {
         let started = Instant::now();
-        let (objects, read_warnings) = match source.objects() {
-            Ok(o) => o,
+        let read_warnings = match source.drain(&mut self.model) {
+            Ok(w) => w,
             Err(e) => {
                 // Keep the datapath as it is: an unreadable path is not "no services".
                 tracing::error!("{e}; keeping the current datapath");
@@ -158,14 +163,25 @@ impl Agent {
             }
         };
         let read = started.elapsed();
-        let built = model::build(&objects, Some(&self.node_name), &self.node_ips);
+        let update = self.model.update();
         let modelled = started.elapsed();
-        self.warn_once(read_warnings.into_iter().chain(built.warnings).collect());
-        let Some(mut programmed) = self.programmed() else {
-            return;
-        };
+        let mut warnings = read_warnings;
+        warnings.extend(self.model.warnings());
+        self.warn_once(warnings);
         let planning = Instant::now();
-        let plan = programmed.plan(&built.desired);
+        let (programmed, plan) = match self.programmed.take() {
+            Some(mut p) => {
+                let plan = p.plan_changes(self.model.desired(), &update.changed);
+                (p, plan)
+            }
+            None => {
+                let Some(mut p) = self.read_back() else {
+                    return;
+                };
+                let plan = p.plan(self.model.desired());
+                (p, plan)
+            }
+        };
         let planned = planning.elapsed();
         for w in &plan.warnings {
             tracing::warn!("{w}");
@@ -183,17 +199,28 @@ impl Agent {
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(()) => {
-                log_sync(&built.desired, &programmed, plan.ops.len(), &times);
-                m.record_sync(&built.desired, &programmed, plan.ops.len(), times.total);
-                m.observe_programming(&objects, written_at);
+                let services = self.model.service_count();
+                log_sync(
+                    services,
+                    update.services,
+                    &programmed,
+                    plan.ops.len(),
+                    &times,
+                );
+                m.record_sync(services, &programmed, plan.ops.len(), times.total);
+                m.observe_programming(&update.triggers, written_at);
+                let first = self.programmed_once;
                 self.programmed = Some(programmed);
-                self.health.update(&built.health_checks);
+                self.programmed_once = true;
+                if update.health_changed || !first {
+                    self.health.update(self.model.health_checks());
+                }
                 self.proxier_health
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .updated(written_at);
                 drop(m);
-                self.packet.follow(&built.node_addresses);
+                self.packet.follow(self.model.node_addresses());
             }
             Err(e) => {
                 // What the maps hold is now uncertain: read them back on the next sync.
@@ -214,12 +241,9 @@ impl Agent {
         }
     }
 
-    /// What the maps hold: known from the last sync, else read back (adopting the maps an
-    /// earlier agent left, or re-reading them after a failed write).
-    fn programmed(&mut self) -> Option<Programmed> {
-        if let Some(p) = self.programmed.take() {
-            return Some(p);
-        }
+    /// What the maps hold, read back (adopting the maps an earlier agent left, or
+    /// re-reading them after a failed write).
+    fn read_back(&mut self) -> Option<Programmed> {
         match self.maps.snapshot() {
             Ok(snap) => Some(Programmed::adopt(&snap)),
             Err(e) => {
@@ -230,10 +254,17 @@ impl Agent {
     }
 }
 
-fn log_sync(desired: &model::Desired, programmed: &Programmed, writes: usize, t: &SyncTimes) {
+fn log_sync(
+    services: usize,
+    recomputed: usize,
+    programmed: &Programmed,
+    writes: usize,
+    t: &SyncTimes,
+) {
     let us = |d: Duration| d.as_micros() as u64;
     tracing::info!(
-        services = desired.service_count(),
+        services,
+        recomputed,
         frontends = programmed.frontend_count(),
         backends = programmed.backend_count(),
         map_writes = writes,
@@ -356,11 +387,11 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         packet.attach(&opts.node_ips)?;
     }
     let agent = Agent {
+        model: model::Model::new(Some(opts.node_name.clone()), opts.node_ips.clone()),
         maps,
         programmed: None,
+        programmed_once: false,
         last_warnings: Vec::new(),
-        node_name: opts.node_name.clone(),
-        node_ips: opts.node_ips.clone(),
         metrics,
         health: HealthServer::default(),
         proxier_health,

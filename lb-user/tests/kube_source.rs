@@ -1,4 +1,4 @@
-//! The Kubernetes source (kube-rs client, watcher, reflector stores, backoff) against a
+//! The Kubernetes source (kube-rs client, watchers, the change queue, backoff) against a
 //! fake API server over real HTTP: lists, watches, bookmarks, 410 Gone, dropped watch
 //! connections. And, as root, a change served by that server reaching a real connection.
 
@@ -14,7 +14,10 @@ use std::{
 
 use common::{Fixture, OTHER_IP, WEB_IP, service, slice};
 use lb_lab::fake_api::{FakeApi, Kind};
-use lb_user::{model::Objects, source::api::KubeSource};
+use lb_user::{
+    model::{Model, Objects},
+    source::api::KubeSource,
+};
 use tokio::sync::Notify;
 
 const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {topology.kubernetes.io/zone: zone-1}\n";
@@ -41,8 +44,25 @@ fn scratch(tag: &str) -> Scratch {
     Scratch(dir)
 }
 
+/// A source and the model its changes are handed to, as the agent's sync does.
+struct Watched {
+    src: KubeSource,
+    model: std::sync::Mutex<Model>,
+}
+
+impl Watched {
+    /// The objects after the changes queued so far.
+    fn objects(&self) -> Objects {
+        let mut model = self.model.lock().unwrap();
+        for change in self.src.take_changes() {
+            model.apply(change);
+        }
+        model.objects()
+    }
+}
+
 /// Starts a source against `api` and waits for its first complete list.
-async fn source(api: &FakeApi, dir: &std::path::Path) -> (KubeSource, Arc<Notify>) {
+async fn source(api: &FakeApi, dir: &std::path::Path) -> (Watched, Arc<Notify>) {
     let client = lb_user::source::api::client(Some(&api.kubeconfig(dir)))
         .await
         .expect("client from a plain-HTTP kubeconfig");
@@ -52,11 +72,12 @@ async fn source(api: &FakeApi, dir: &std::path::Path) -> (KubeSource, Arc<Notify
         .await
         .expect("stores ready within 10 s")
         .unwrap();
-    (src, changed)
+    let model = std::sync::Mutex::new(Model::new(Some("node-a".into()), Vec::new()));
+    (Watched { src, model }, changed)
 }
 
 /// Waits (bounded) until `f` holds for the source's objects.
-async fn until(src: &KubeSource, what: &str, f: impl Fn(&Objects) -> bool) {
+async fn until(src: &Watched, what: &str, f: impl Fn(&Objects) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !f(&src.objects()) {
         assert!(Instant::now() < deadline, "{what}: not seen within 10 s");
@@ -151,7 +172,7 @@ async fn a_dropped_watch_resumes_from_the_last_bookmark_without_relisting() {
 }
 
 #[tokio::test]
-async fn an_expired_watch_relists_and_the_store_is_never_emptied() {
+async fn an_expired_watch_relists_and_the_model_is_never_emptied() {
     let api = FakeApi::start();
     api.apply(&service("web", WEB_IP, 80));
     api.apply(&slice("web", &pods(2)));
@@ -217,7 +238,7 @@ async fn an_expired_watch_relists_and_the_store_is_never_emptied() {
     assert_eq!(
         min_seen.load(Ordering::Relaxed),
         1,
-        "the store kept the service and its slice throughout the relist"
+        "the model kept the service and its slice throughout the relist"
     );
 }
 

@@ -46,6 +46,11 @@ struct Used {
 pub struct Programmed {
     frontends: BTreeMap<Frontend, ProgFrontend>,
     backends: BTreeMap<(Endpoint, Proto), BackendRef>,
+    /// Backend id -> its key in `backends`.
+    by_id: BTreeMap<u32, (Endpoint, Proto)>,
+    /// Slots and source ranges over every frontend (kept, not counted per sync).
+    slots_total: usize,
+    ranges_total: usize,
     next_backend_id: u32,
     free_backend_ids: Vec<u32>,
     next_rev_nat: u16,
@@ -69,6 +74,8 @@ impl Programmed {
         let used = me.adopt_frontends(snapshot);
         me.adopt_backends(snapshot, &used.backends);
         me.stale_entries(snapshot, &used);
+        me.slots_total = me.frontends.values().map(|f| f.slots.len()).sum();
+        me.ranges_total = me.frontends.values().map(|f| f.source_ranges.len()).sum();
         me.next_backend_id = snapshot.backends.keys().max().copied().unwrap_or(0);
         // Above every id any map still holds: an id whose stale entries the first plan
         // deletes (at its end) is never handed to a new frontend in that same plan.
@@ -149,11 +156,10 @@ impl Programmed {
                 _ => self.stale.push(Op::DelBackend { id: *id }),
             }
         }
-        let ids: BTreeMap<u32, (Endpoint, Proto)> =
-            self.backends.iter().map(|(k, r)| (r.id, *k)).collect();
+        self.by_id = self.backends.iter().map(|(k, r)| (r.id, *k)).collect();
         for fe in self.frontends.values_mut() {
             for slot in &mut fe.slots {
-                match ids.get(slot) {
+                match self.by_id.get(slot) {
                     Some(k) => self.backends.get_mut(k).expect("just inserted").refs += 1,
                     None => *slot = 0,
                 }
@@ -197,15 +203,11 @@ impl Programmed {
 
     /// Entries each map holds, as programmed.
     pub fn map_entries(&self) -> BTreeMap<&'static str, usize> {
-        let slots: usize = self.frontends.values().map(|f| f.slots.len()).sum();
         BTreeMap::from([
-            (MAP_SERVICES, self.frontends.len() + slots),
+            (MAP_SERVICES, self.frontends.len() + self.slots_total),
             (MAP_BACKENDS, self.backends.len()),
             (MAP_REVNAT, self.frontends.len()),
-            (
-                MAP_SOURCE_RANGES,
-                self.frontends.values().map(|f| f.source_ranges.len()).sum(),
-            ),
+            (MAP_SOURCE_RANGES, self.ranges_total),
         ])
     }
 
@@ -220,6 +222,7 @@ impl Programmed {
         });
         self.backends
             .insert((ep, proto), BackendRef { id, refs: 1 });
+        self.by_id.insert(id, (ep, proto));
         ops.push(Op::PutBackend {
             id,
             value: Backend {
@@ -241,13 +244,36 @@ impl Programmed {
     }
 
     /// Diffs against `desired`, updates `self` to the state after the returned operations,
-    /// and returns them in a safe order (see the module documentation).
+    /// and returns them in a safe order (see the module documentation). Looks at every
+    /// frontend: for a first sync, or after the maps had to be read back.
     pub fn plan(&mut self, desired: &Desired) -> Plan {
+        let gone: Vec<Frontend> = self
+            .frontends
+            .keys()
+            .filter(|fe| !desired.frontends.contains_key(fe))
+            .copied()
+            .collect();
+        self.plan_frontends(desired, desired.frontends.keys().chain(&gone))
+    }
+
+    /// [`Self::plan`] for the frontends in `changed` only (the others are known to be
+    /// as desired): what a sync after a change costs is what the change touches.
+    pub fn plan_changes(&mut self, desired: &Desired, changed: &BTreeSet<Frontend>) -> Plan {
+        self.plan_frontends(desired, changed.iter())
+    }
+
+    fn plan_frontends<'a>(
+        &mut self,
+        desired: &Desired,
+        frontends: impl Iterator<Item = &'a Frontend>,
+    ) -> Plan {
         let mut steps = Steps::default();
-        for (fe, state) in &desired.frontends {
-            self.plan_frontend(fe, state, &mut steps);
+        for fe in frontends {
+            match desired.frontends.get(fe) {
+                Some(state) => self.plan_frontend(fe, state, &mut steps),
+                None => self.plan_removal(fe, &mut steps),
+            }
         }
-        self.plan_removals(desired, &mut steps);
         let gc = self.release(&steps.released);
         let Steps {
             backends,
@@ -333,6 +359,8 @@ impl Programmed {
                 key: service_key(fe, i as u16 + 1),
             });
         }
+        self.slots_total = self.slots_total + new_slots.len() - old_slots.len();
+        self.ranges_total = self.ranges_total + state.source_ranges.len() - old_ranges.len();
         self.frontends.insert(
             *fe,
             ProgFrontend {
@@ -372,56 +400,53 @@ impl Programmed {
         Some(id)
     }
 
-    /// Frontends no longer desired: header first, then slots and rev-NAT entry.
-    fn plan_removals(&mut self, desired: &Desired, steps: &mut Steps) {
-        let gone: Vec<Frontend> = self
-            .frontends
-            .keys()
-            .filter(|fe| !desired.frontends.contains_key(fe))
-            .copied()
-            .collect();
-        for fe in gone {
-            let old = self.frontends.remove(&fe).expect("listed above");
+    /// A frontend no longer desired (if programmed): header first, then slots and rev-NAT
+    /// entry.
+    fn plan_removal(&mut self, fe: &Frontend, steps: &mut Steps) {
+        let Some(old) = self.frontends.remove(fe) else {
+            return;
+        };
+        self.slots_total -= old.slots.len();
+        self.ranges_total -= old.source_ranges.len();
+        steps.removals.push(Op::DelService {
+            key: service_key(fe, 0),
+        });
+        for i in 0..old.slots.len() {
             steps.removals.push(Op::DelService {
-                key: service_key(&fe, 0),
+                key: service_key(fe, i as u16 + 1),
             });
-            for i in 0..old.slots.len() {
-                steps.removals.push(Op::DelService {
-                    key: service_key(&fe, i as u16 + 1),
-                });
-            }
-            steps.removals.push(Op::DelRevNat { id: old.rev_nat_id });
-            steps.removals.push(Op::DelName { id: old.rev_nat_id });
-            steps.source_ranges(old.rev_nat_id, &old.source_ranges, &BTreeSet::new());
-            self.free_rev_nat.push(old.rev_nat_id);
-            steps
-                .released
-                .extend(old.slots.iter().map(|id| (*id, fe.proto)));
         }
+        steps.removals.push(Op::DelRevNat { id: old.rev_nat_id });
+        steps.removals.push(Op::DelName { id: old.rev_nat_id });
+        steps.source_ranges(old.rev_nat_id, &old.source_ranges, &BTreeSet::new());
+        self.free_rev_nat.push(old.rev_nat_id);
+        steps
+            .released
+            .extend(old.slots.iter().map(|id| (*id, fe.proto)));
     }
 
     /// Drops the `released` references; backends left without any are deleted (the
     /// returned operations come last).
     fn release(&mut self, released: &[(u32, Proto)]) -> Vec<Op> {
-        let by_id: BTreeMap<u32, (Endpoint, Proto)> =
-            self.backends.iter().map(|(k, r)| (r.id, *k)).collect();
+        let mut emptied = BTreeSet::new();
         for (id, _) in released {
-            if let Some(k) = by_id.get(id) {
-                let r = self.backends.get_mut(k).expect("indexed above");
+            if let Some(k) = self.by_id.get(id) {
+                let r = self.backends.get_mut(k).expect("indexed");
                 r.refs = r.refs.saturating_sub(1);
+                if r.refs == 0 {
+                    emptied.insert(*id);
+                }
             }
         }
-        let unused: Vec<(Endpoint, Proto)> = self
-            .backends
-            .iter()
-            .filter(|(_, r)| r.refs == 0)
-            .map(|(k, _)| *k)
-            .collect();
         let mut gc = Vec::new();
-        for k in unused {
-            let r = self.backends.remove(&k).expect("listed above");
-            gc.push(Op::DelBackend { id: r.id });
-            self.free_backend_ids.push(r.id);
+        for id in emptied {
+            let k = self.by_id[&id];
+            if self.backends[&k].refs == 0 {
+                self.backends.remove(&k);
+                self.by_id.remove(&id);
+                gc.push(Op::DelBackend { id });
+                self.free_backend_ids.push(id);
+            }
         }
         gc
     }

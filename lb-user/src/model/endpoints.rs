@@ -6,9 +6,12 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
-use super::{Endpoint, Objects, Proto, ns_name, port_u16};
+use super::{Endpoint, Proto, ns_name, port_u16};
 
 /// One endpoint of a service port with what the selection rules look at.
 #[derive(Clone, Debug)]
@@ -117,13 +120,7 @@ impl NodeInfo {
     /// The zone comes from the Node object's `topology.kubernetes.io/zone` label; the
     /// addresses are `node_ips` or, when that is empty, the Node's InternalIP and
     /// ExternalIP addresses.
-    pub fn from_objects(name: Option<&str>, node_ips: &[IpAddr], objects: &Objects) -> Self {
-        let node = name.and_then(|n| {
-            objects
-                .nodes
-                .iter()
-                .find(|node| node.metadata.name.as_deref() == Some(n))
-        });
+    pub fn of(name: Option<&str>, node_ips: &[IpAddr], node: Option<&Node>) -> Self {
         let zone = node
             .and_then(|node| node.metadata.labels.as_ref())
             .and_then(|l| l.get(ZONE_LABEL))

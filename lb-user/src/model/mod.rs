@@ -39,9 +39,12 @@ use lb_common::{PROTO_TCP, PROTO_UDP};
 
 mod endpoints;
 mod service;
+mod state;
 
 pub use endpoints::{NodeInfo, ZONE_LABEL};
-use service::add_service;
+pub use state::{
+    Change, Kind, Model, ObjKey, Object, TRIGGER_TIME_ANNOTATION, Update, duplicate_warning,
+};
 
 /// The objects the model works from, as every source emits them.
 #[derive(Clone, Debug, Default)]
@@ -242,7 +245,8 @@ pub struct Desired {
 }
 
 impl Desired {
-    /// Number of distinct services (namespace/name) with at least one frontend.
+    /// Number of distinct services (namespace/name) with at least one frontend (counted
+    /// over every frontend; [`Model::service_count`] keeps the count).
     pub fn service_count(&self) -> usize {
         self.frontends
             .values()
@@ -289,69 +293,20 @@ pub(crate) fn port_u16(value: i32) -> Option<u16> {
 /// Turns the objects into the desired state for the node `node_name` (None: no node
 /// context, so internalTrafficPolicy Local services get no endpoints and no topology).
 /// `node_ips` are the node addresses for nodePorts; empty means the Node object's.
+///
+/// A one-shot full build; the agent keeps a [`Model`] and updates it change by change,
+/// which leaves the same state (the property tests check it).
 pub fn build(objects: &Objects, node_name: Option<&str>, node_ips: &[IpAddr]) -> Built {
-    let node = &NodeInfo::from_objects(node_name, node_ips, objects);
-    let mut built = Built {
-        node_addresses: node.addresses.clone(),
-        ..Built::default()
-    };
-    // Slices by (namespace, service name).
-    let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in &objects.slices {
-        let Some(svc) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            built.warnings.push(format!(
-                "EndpointSlice {}: field metadata.labels: no {SERVICE_NAME_LABEL} label; skipped",
-                ns_name(&slice.metadata)
-            ));
-            continue;
-        };
-        let ns = slice
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        slices.entry((ns, svc.clone())).or_default().push(slice);
+    let mut model = Model::new(node_name.map(str::to_string), node_ips.to_vec());
+    let mut warnings = model.replace(objects.clone());
+    model.update();
+    warnings.extend(model.warnings());
+    Built {
+        desired: model.desired().clone(),
+        node_addresses: model.node_addresses().to_vec(),
+        health_checks: model.health_checks().clone(),
+        warnings,
     }
-
-    let mut services: Vec<&Service> = objects.services.iter().collect();
-    services.sort_by_key(|s| ns_name(&s.metadata));
-    let mut seen_services = BTreeSet::new();
-    for svc in services {
-        let name = ns_name(&svc.metadata);
-        if !seen_services.insert(name.clone()) {
-            built.warnings.push(format!(
-                "Service {name}: defined more than once; the first definition is used"
-            ));
-            continue;
-        }
-        let ns = svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let svc_name = svc.metadata.name.clone().unwrap_or_default();
-        let svc_slices = slices
-            .get(&(ns, svc_name))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        add_service(svc, &name, svc_slices, node, &mut built);
-    }
-    for ((ns, svc), list) in &slices {
-        if !seen_services.contains(&format!("{ns}/{svc}")) {
-            for slice in list {
-                built.warnings.push(format!(
-                    "EndpointSlice {}: field metadata.labels[{SERVICE_NAME_LABEL}]: service {ns}/{svc} does not exist (yet); skipped",
-                    ns_name(&slice.metadata)
-                ));
-            }
-        }
-    }
-    built
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! nodePorts, each port with its endpoints and the service's affinity timeout.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -12,18 +12,29 @@ use k8s_openapi::api::{
 };
 
 use super::{
-    Built, Frontend, FrontendKind, FrontendState, HealthCheck, NodeInfo, Proto, Scope,
+    Frontend, FrontendKind, FrontendState, HealthCheck, NodeInfo, Proto, Scope,
     endpoints::{Candidate, endpoints_for, select, select_local},
     port_u16,
 };
 
-/// Adds the frontends of `svc` (called `name`, with its `slices`) to `built`.
+/// One service's part of the desired state, computed alone (claims on frontends that
+/// another service also wants are settled by the model).
+#[derive(Debug, Default)]
+pub(super) struct ServiceOut {
+    /// Frontend -> its state and the index of the `spec.ports` entry it comes from.
+    pub frontends: BTreeMap<Frontend, (FrontendState, usize)>,
+    /// healthCheckNodePort and what it reports.
+    pub health: Option<(u16, HealthCheck)>,
+    pub warnings: Vec<String>,
+}
+
+/// The frontends of `svc` (called `name`, with its `slices`) into `out`.
 pub(super) fn add_service(
     svc: &Service,
     name: &str,
     slices: &[&EndpointSlice],
     node: &NodeInfo,
-    built: &mut Built,
+    out: &mut ServiceOut,
 ) {
     let Some(spec) = &svc.spec else {
         tracing::debug!("Service {name}: no spec; skipped");
@@ -33,15 +44,15 @@ pub(super) fn add_service(
         tracing::debug!("Service {name}: type ExternalName has no data path; skipped");
         return;
     }
-    let Some(addrs) = Addresses::of(svc, spec, name, node, &mut built.warnings) else {
+    let Some(addrs) = Addresses::of(svc, spec, name, node, &mut out.warnings) else {
         return;
     };
     let mut local_endpoints = BTreeSet::new();
     for (i, sp) in spec.ports.iter().flatten().enumerate() {
-        let Some(port) = Port::parse(sp, i, name, addrs.node_port_type, &mut built.warnings) else {
+        let Some(port) = Port::parse(sp, i, name, addrs.node_port_type, &mut out.warnings) else {
             continue;
         };
-        let candidates = endpoints_for(&port.name, port.proto, slices, node, &mut built.warnings);
+        let candidates = endpoints_for(&port.name, port.proto, slices, node, &mut out.warnings);
         local_endpoints.extend(select_local(&candidates).into_iter().map(|e| e.addr));
         let label = if port.name.is_empty() {
             name.to_string()
@@ -56,8 +67,8 @@ pub(super) fn add_service(
                 addrs.external_local
             };
             let fe = Frontend::new(addr, number, port.proto);
-            if let Some(other) = built.desired.frontends.get(&fe) {
-                built.warnings.push(format!(
+            if let Some((other, _)) = out.frontends.get(&fe) {
+                out.warnings.push(format!(
                     "Service {name}: field spec.ports[{i}]: frontend {fe} is already used by {}; skipped",
                     other.service
                 ));
@@ -69,69 +80,68 @@ pub(super) fn add_service(
                 .filter(|c| c.endpoint.addr.is_ipv4() == addr.is_ipv4())
                 .cloned()
                 .collect();
-            built.desired.frontends.insert(
+            out.frontends.insert(
                 fe,
-                FrontendState {
-                    service: label.clone(),
-                    kind,
-                    policy_local,
-                    endpoints: select(svc, &family, node, internal),
-                    affinity_timeout: addrs.affinity_timeout,
-                    source_ranges: source_ranges.clone(),
-                },
-            );
-            if !internal && addrs.external_local {
-                // Clients outside the node: this node's endpoints only (the socket level
-                // keeps using all of them, as kube-proxy does for traffic from the node).
-                built.desired.frontends.insert(
-                    Frontend {
-                        scope: Scope::Local,
-                        ..fe
-                    },
+                (
                     FrontendState {
                         service: label.clone(),
                         kind,
                         policy_local,
-                        endpoints: select_local(&family),
+                        endpoints: select(svc, &family, node, internal),
                         affinity_timeout: addrs.affinity_timeout,
-                        source_ranges,
+                        source_ranges: source_ranges.clone(),
                     },
+                    i,
+                ),
+            );
+            if !internal && addrs.external_local {
+                // Clients outside the node: this node's endpoints only (the socket level
+                // keeps using all of them, as kube-proxy does for traffic from the node).
+                out.frontends.insert(
+                    Frontend {
+                        scope: Scope::Local,
+                        ..fe
+                    },
+                    (
+                        FrontendState {
+                            service: label.clone(),
+                            kind,
+                            policy_local,
+                            endpoints: select_local(&family),
+                            affinity_timeout: addrs.affinity_timeout,
+                            source_ranges,
+                        },
+                        i,
+                    ),
                 );
             }
         }
     }
     if addrs.external_local {
-        add_health_check(spec, name, local_endpoints.len(), built);
+        add_health_check(spec, name, local_endpoints.len(), out);
     }
 }
 
 /// The service's healthCheckNodePort, if it has one, reporting `local_endpoints`.
-fn add_health_check(spec: &ServiceSpec, name: &str, local_endpoints: usize, built: &mut Built) {
+fn add_health_check(spec: &ServiceSpec, name: &str, local_endpoints: usize, out: &mut ServiceOut) {
     let Some(value) = spec.health_check_node_port else {
         return;
     };
     let Some(port) = port_u16(value) else {
-        built.warnings.push(format!(
+        out.warnings.push(format!(
             "Service {name}: field spec.healthCheckNodePort: {value} is not a port (1-65535); no health check served"
         ));
         return;
     };
-    if let Some(other) = built.health_checks.get(&port) {
-        built.warnings.push(format!(
-            "Service {name}: field spec.healthCheckNodePort: {port} is already served for {}/{}; skipped",
-            other.namespace, other.name
-        ));
-        return;
-    }
     let (namespace, svc_name) = name.split_once('/').unwrap_or(("default", name));
-    built.health_checks.insert(
+    out.health = Some((
         port,
         HealthCheck {
             namespace: namespace.to_string(),
             name: svc_name.to_string(),
             local_endpoints,
         },
-    );
+    ));
 }
 
 /// Where a service is reachable, whatever the port.

@@ -21,13 +21,9 @@ use prometheus_client::{
 };
 use std::sync::atomic::AtomicU64;
 
-use crate::{
-    datapath::Programmed,
-    model::{Desired, Objects},
-};
+use crate::{datapath::Programmed, model::TRIGGER_TIME_ANNOTATION};
 
 /// The EndpointSlice annotation kube-proxy measures network programming latency from.
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -48,9 +44,6 @@ pub struct Metrics {
     pub network_programming_count: u64,
     pub network_programming_seconds_sum: f64,
     pub network_programming_last_seconds: f64,
-    /// Trigger time last seen per EndpointSlice (namespace/name).
-    trigger_seen: BTreeMap<String, String>,
-    seeded: bool,
 }
 
 impl Default for Metrics {
@@ -74,8 +67,6 @@ impl Default for Metrics {
             network_programming_count: 0,
             network_programming_seconds_sum: 0.0,
             network_programming_last_seconds: 0.0,
-            trigger_seen: BTreeMap::new(),
-            seeded: false,
         }
     }
 }
@@ -90,54 +81,35 @@ pub fn unix_now() -> f64 {
 }
 
 impl Metrics {
-    /// Records network programming latency for every EndpointSlice whose trigger-time
-    /// annotation changed since the last successful sync, measured to `written_at`. The
-    /// first sync only learns the annotations (they describe changes from before the
-    /// agent started).
-    pub fn observe_programming(&mut self, objects: &Objects, written_at: SystemTime) {
-        let mut now_seen = BTreeMap::new();
-        for slice in &objects.slices {
-            let Some(trigger) = slice
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-            else {
-                continue;
-            };
-            let key = format!(
-                "{}/{}",
-                slice.metadata.namespace.as_deref().unwrap_or("default"),
-                slice.metadata.name.as_deref().unwrap_or_default()
-            );
-            if self.seeded && self.trigger_seen.get(&key) != Some(trigger) {
-                match trigger.parse::<k8s_openapi::jiff::Timestamp>() {
-                    Ok(t) => {
-                        let at = SystemTime::from(t);
-                        let latency = written_at
-                            .duration_since(at)
-                            .unwrap_or(Duration::ZERO)
-                            .as_secs_f64();
-                        self.programming.observe(latency);
-                        self.network_programming_count += 1;
-                        self.network_programming_seconds_sum += latency;
-                        self.network_programming_last_seconds = latency;
-                    }
-                    Err(e) => tracing::warn!(
-                        "EndpointSlice {key}: field metadata.annotations[{TRIGGER_TIME_ANNOTATION}]: {trigger:?}: {e}"
-                    ),
+    /// Records network programming latency, to `written_at`, for every EndpointSlice
+    /// whose trigger-time annotation changed (`triggers`: namespace/name and the new
+    /// value, as [`crate::model::Update`] lists them; the model leaves out the first
+    /// sync's, which describe changes from before the agent started).
+    pub fn observe_programming(&mut self, triggers: &[(String, String)], written_at: SystemTime) {
+        for (key, trigger) in triggers {
+            match trigger.parse::<k8s_openapi::jiff::Timestamp>() {
+                Ok(t) => {
+                    let latency = written_at
+                        .duration_since(SystemTime::from(t))
+                        .unwrap_or(Duration::ZERO)
+                        .as_secs_f64();
+                    self.programming.observe(latency);
+                    self.network_programming_count += 1;
+                    self.network_programming_seconds_sum += latency;
+                    self.network_programming_last_seconds = latency;
                 }
+                Err(e) => tracing::warn!(
+                    "EndpointSlice {key}: field metadata.annotations[{TRIGGER_TIME_ANNOTATION}]: {trigger:?}: {e}"
+                ),
             }
-            now_seen.insert(key, trigger.clone());
         }
-        self.trigger_seen = now_seen;
-        self.seeded = true;
     }
 
-    /// Records a successful sync of `desired`, now `programmed` with `writes` map writes.
+    /// Records a successful sync of `services` services, now `programmed` with `writes`
+    /// map writes.
     pub fn record_sync(
         &mut self,
-        desired: &Desired,
+        services: usize,
         programmed: &Programmed,
         writes: usize,
         took: Duration,
@@ -145,7 +117,7 @@ impl Metrics {
         self.sync_duration.observe(took.as_secs_f64());
         self.last_sync_seconds = took.as_secs_f64();
         self.last_sync_timestamp = unix_now();
-        self.services = desired.service_count();
+        self.services = services;
         self.frontends = programmed.frontend_count();
         self.backends = programmed.backend_count();
         self.map_entries = programmed.map_entries();
@@ -329,38 +301,23 @@ pub fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::discovery::v1::EndpointSlice;
-
-    fn slice(name: &str, trigger: &str) -> EndpointSlice {
-        let mut s = EndpointSlice::default();
-        s.metadata.name = Some(name.into());
-        s.metadata.annotations =
-            Some([(TRIGGER_TIME_ANNOTATION.to_string(), trigger.to_string())].into());
-        s
-    }
 
     #[test]
-    fn programming_latency_counts_changed_triggers_after_the_first_sync() {
+    fn programming_latency_is_measured_from_each_changed_trigger() {
         let mut m = Metrics::default();
-        let t0 = "2026-01-01T00:00:00Z";
         let at = |secs: u64| UNIX_EPOCH + Duration::from_secs(1_767_225_600 + secs);
-        let mut objects = Objects {
-            slices: vec![slice("a", t0)],
-            ..Objects::default()
-        };
-        m.observe_programming(&objects, at(100));
-        assert_eq!(
-            m.network_programming_count, 0,
-            "startup state is not a change"
-        );
-        m.observe_programming(&objects, at(101));
-        assert_eq!(m.network_programming_count, 0, "unchanged trigger time");
-        objects.slices = vec![
-            slice("a", "2026-01-01T00:00:10Z"),
-            slice("b", "2026-01-01T00:00:11.5Z"),
+        m.observe_programming(&[], at(100));
+        assert_eq!(m.network_programming_count, 0);
+        let triggers = [
+            ("n/a".to_string(), "2026-01-01T00:00:10Z".to_string()),
+            ("n/b".to_string(), "2026-01-01T00:00:11.5Z".to_string()),
+            ("n/c".to_string(), "yesterday".to_string()),
         ];
-        m.observe_programming(&objects, at(12));
-        assert_eq!(m.network_programming_count, 2);
+        m.observe_programming(&triggers, at(12));
+        assert_eq!(
+            m.network_programming_count, 2,
+            "the unreadable one is skipped"
+        );
         assert!(
             (m.network_programming_seconds_sum - 2.5).abs() < 1e-6,
             "{m:?}"

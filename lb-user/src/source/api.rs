@@ -1,11 +1,17 @@
-//! The Kubernetes API source: reflectors (kube-rs watcher + store) for Services,
-//! EndpointSlices and this agent's own Node.
+//! The Kubernetes API source: kube-rs watchers for Services, EndpointSlices and this
+//! agent's own Node, whose events become the model's [`Change`]s.
 //!
-//! A watch that ends, drops or expires (410 Gone) makes the watcher relist; the reflector
-//! store keeps serving the previous objects until the relist is complete and then swaps
-//! the whole snapshot, so the datapath is never flushed while the agent catches up.
+//! Every event is queued as it arrives and handed over at the next sync: a sync costs
+//! what changed, and no copy of the cluster is kept here (the model holds the objects).
+//! A watch that ends, drops or expires (410 Gone) makes the watcher relist; the relisted
+//! objects are held back until the list is complete and then handed over as one
+//! [`Change::Relist`], so the datapath is never flushed while the agent catches up.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
@@ -13,16 +19,12 @@ use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::Endpoin
 use kube::{
     Api, Client, Config, Resource, ResourceExt as _,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 
-use crate::model::Objects;
+use crate::model::{Change, Kind, Object};
 
 /// kube-proxy's selector: services (and their slices) handled by another proxy, and
 /// headless ones, are not watched at all.
@@ -48,66 +50,71 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     Client::try_from(config).context("creating the Kubernetes client")
 }
 
-/// The three reflectors. Dropping it stops the watches.
+/// What the watch tasks queued for the next sync.
+#[derive(Default)]
+struct Pending {
+    changes: Vec<Change>,
+    /// Objects of a relist in progress, by kind.
+    relisting: BTreeMap<Kind, Vec<Object>>,
+    /// Kinds whose first list is complete.
+    listed: BTreeSet<Kind>,
+}
+
+/// The three watches. Dropping it stops them.
 pub struct KubeSource {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    nodes: Store<Node>,
+    pending: Arc<Mutex<Pending>>,
+    listed: Arc<Notify>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl KubeSource {
-    /// Starts the watches; `changed` is notified after every change that reached a store.
+    /// Starts the watches; `changed` is notified after every change queued.
     pub fn start(client: Client, node_name: &str, changed: Arc<Notify>) -> Self {
         let selector = watcher::Config::default().labels(PROXY_SELECTOR);
-        let (services, t1) = reflect(
-            Api::<Service>::all(client.clone()),
-            selector.clone(),
-            "Services",
-            changed.clone(),
-        );
-        let (slices, t2) = reflect(
-            Api::<EndpointSlice>::all(client.clone()),
-            selector,
-            "EndpointSlices",
-            changed.clone(),
-        );
-        let (nodes, t3) = reflect(
-            Api::<Node>::all(client),
-            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-            "Node",
+        let feed = Feed {
+            pending: Arc::default(),
             changed,
-        );
+            listed: Arc::new(Notify::new()),
+        };
+        let tasks = vec![
+            feed.watch(Api::<Service>::all(client.clone()), selector.clone(), |o| {
+                Object::Service(Arc::new(o))
+            }),
+            feed.watch(Api::<EndpointSlice>::all(client.clone()), selector, |o| {
+                Object::EndpointSlice(Arc::new(o))
+            }),
+            feed.watch(
+                Api::<Node>::all(client),
+                watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+                |o| Object::Node(Arc::new(o)),
+            ),
+        ];
         Self {
-            services,
-            slices,
-            nodes,
-            tasks: vec![t1, t2, t3],
+            pending: feed.pending,
+            listed: feed.listed,
+            tasks,
         }
     }
 
-    /// Waits until every store holds a complete first list.
+    /// Waits until every kind's first list is complete.
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
-        self.services.wait_until_ready().await?;
-        self.slices.wait_until_ready().await?;
-        self.nodes.wait_until_ready().await?;
-        Ok(())
+        loop {
+            let notified = self.listed.notified();
+            if lock(&self.pending).listed.len() == 3 {
+                return Ok(());
+            }
+            notified.await;
+        }
     }
 
-    /// A copy of what the stores hold now.
-    pub fn objects(&self) -> Objects {
-        fn copy<K: Clone + Resource>(store: &Store<K>) -> Vec<K>
-        where
-            K::DynamicType: Eq + std::hash::Hash + Clone,
-        {
-            store.state().iter().map(|o| (**o).clone()).collect()
-        }
-        Objects {
-            services: copy(&self.services),
-            slices: copy(&self.slices),
-            nodes: copy(&self.nodes),
-        }
+    /// The changes queued since the last call.
+    pub fn take_changes(&self) -> Vec<Change> {
+        std::mem::take(&mut lock(&self.pending).changes)
     }
+}
+
+fn lock(p: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for KubeSource {
@@ -118,37 +125,82 @@ impl Drop for KubeSource {
     }
 }
 
-fn reflect<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    what: &'static str,
+/// Where the watch tasks put what they see.
+struct Feed {
+    pending: Arc<Mutex<Pending>>,
     changed: Arc<Notify>,
-) -> (Store<K>, JoinHandle<()>)
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(writer);
-    let task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                // A relist (Init, InitApply...) reaches the store as one swap at InitDone.
-                Ok(
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
-                ) => {
-                    changed.notify_one();
+    listed: Arc<Notify>,
+}
+
+impl Feed {
+    /// One watch, its events queued as changes.
+    fn watch<K>(
+        &self,
+        api: Api<K>,
+        config: watcher::Config,
+        wrap: fn(K) -> Object,
+    ) -> JoinHandle<()>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+        K::DynamicType: Default,
+    {
+        let what = K::kind(&K::DynamicType::default()).to_string();
+        let (pending, changed, listed) = (
+            self.pending.clone(),
+            self.changed.clone(),
+            self.listed.clone(),
+        );
+        let stream = watcher(api, config)
+            .default_backoff()
+            .modify(|o| o.managed_fields_mut().clear());
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                let event = match event {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(
+                            "watching {what}: {e}; retrying (the datapath is kept as it is)"
+                        );
+                        continue;
+                    }
+                };
+                let mut p = lock(&pending);
+                match event {
+                    watcher::Event::Apply(o) => p.changes.push(Change::Apply(wrap(o))),
+                    watcher::Event::Delete(o) => {
+                        let obj = wrap(o);
+                        p.changes.push(Change::Delete(obj.kind(), obj.key()));
+                    }
+                    watcher::Event::Init => {
+                        p.relisting.insert(kind_of(&what), Vec::new());
+                        continue;
+                    }
+                    watcher::Event::InitApply(o) => {
+                        let obj = wrap(o);
+                        p.relisting.entry(obj.kind()).or_default().push(obj);
+                        continue;
+                    }
+                    watcher::Event::InitDone => {
+                        let kind = kind_of(&what);
+                        let list = p.relisting.remove(&kind).unwrap_or_default();
+                        p.changes.push(Change::Relist(kind, list));
+                        if p.listed.insert(kind) {
+                            listed.notify_one();
+                        }
+                    }
                 }
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Err(e) => {
-                    tracing::warn!("watching {what}: {e}; retrying (the datapath is kept as it is)")
-                }
+                drop(p);
+                changed.notify_one();
             }
-        }
-    });
-    (reader, task)
+        })
+    }
+}
+
+fn kind_of(what: &str) -> Kind {
+    match what {
+        "Service" => Kind::Service,
+        "EndpointSlice" => Kind::EndpointSlice,
+        _ => Kind::Node,
+    }
 }

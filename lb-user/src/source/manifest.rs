@@ -6,16 +6,17 @@
 //! document, the object and the field; everything else is still loaded.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize as _;
 
-use crate::model::Objects;
+use crate::model::{Change, Kind, ObjKey, Object, Objects, duplicate_warning};
 
 /// Errors that stop a whole load: the path itself is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -76,17 +77,38 @@ pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     Ok(files)
 }
 
-/// A cheap summary of the manifest files (name, size, mtime) that changes when any of
-/// them is written, added, removed or renamed over.
-pub fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+/// What tells a file changed without reading it: size, inode, modification and status
+/// change times (a rename over the file, the usual atomic update, changes the inode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    len: u64,
+    ino: u64,
+    mtime: Option<SystemTime>,
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(file: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = fs::metadata(file).ok()?;
+        Some(Self {
+            len: meta.len(),
+            ino: meta.ino(),
+            mtime: meta.modified().ok(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        })
+    }
+}
+
+/// A cheap summary of the manifest files that changes when any of them is written,
+/// added, removed or renamed over.
+pub fn fingerprint(path: &Path) -> Vec<(PathBuf, Option<Stamp>)> {
     manifest_files(path)
         .unwrap_or_default()
         .into_iter()
         .map(|f| {
-            let meta = fs::metadata(&f).ok();
-            let len = meta.as_ref().map_or(0, |m| m.len());
-            let mtime = meta.and_then(|m| m.modified().ok());
-            (f, len, mtime)
+            let stamp = Stamp::of(&f);
+            (f, stamp)
         })
         .collect()
 }
@@ -105,48 +127,143 @@ pub fn load(path: &Path) -> Result<Loaded, ManifestError> {
     Ok(loaded)
 }
 
-/// [`load`] that parses again only the files whose size or modification time changed
-/// since the last call: one edited file among many costs one file's parse.
+type Id = (Kind, ObjKey);
+
+/// One file as last read.
+#[derive(Debug)]
+struct FileEntry {
+    stamp: Option<Stamp>,
+    objects: BTreeMap<Id, Object>,
+    warnings: Vec<String>,
+}
+
+impl FileEntry {
+    fn read(file: &Path, stamp: Option<Stamp>) -> Self {
+        let mut loaded = Loaded::default();
+        match fs::read_to_string(file) {
+            Ok(text) => parse_into(&text, &file.display().to_string(), &mut loaded),
+            Err(e) => loaded
+                .warnings
+                .push(format!("{}: cannot read: {e}; skipped", file.display())),
+        }
+        let Loaded {
+            objects,
+            mut warnings,
+        } = loaded;
+        let all = (objects.services.into_iter())
+            .map(|o| Object::Service(Arc::new(o)))
+            .chain(
+                objects
+                    .slices
+                    .into_iter()
+                    .map(|o| Object::EndpointSlice(Arc::new(o))),
+            )
+            .chain(objects.nodes.into_iter().map(|o| Object::Node(Arc::new(o))));
+        let mut by_id = BTreeMap::new();
+        for obj in all {
+            match by_id.entry((obj.kind(), obj.key())) {
+                std::collections::btree_map::Entry::Occupied(e) => {
+                    let (kind, key) = e.key();
+                    let dup = duplicate_warning(*kind, key);
+                    warnings.push(format!("{}: {dup}", file.display()));
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(obj);
+                }
+            }
+        }
+        Self {
+            stamp,
+            objects: by_id,
+            warnings,
+        }
+    }
+}
+
+/// The manifest source's memory: each file's objects, parsed again only when the file
+/// changed, and the changes that makes to the whole set (an object defined in several
+/// files: the first file in name order wins, with a warning).
 #[derive(Debug, Default)]
 pub struct Cache {
-    files: BTreeMap<PathBuf, (u64, Option<SystemTime>, Loaded)>,
+    files: BTreeMap<PathBuf, FileEntry>,
+    /// Every object -> the files that define it.
+    defined_in: BTreeMap<Id, BTreeSet<PathBuf>>,
+    /// The objects defined in more than one file.
+    duplicated: BTreeSet<Id>,
 }
 
 impl Cache {
-    pub fn load(&mut self, path: &Path) -> Result<Loaded, ManifestError> {
+    /// Reads what changed under `path` since the last call and returns it as changes,
+    /// with the warnings of every file (not only the changed ones).
+    pub fn refresh(&mut self, path: &Path) -> Result<(Vec<Change>, Vec<String>), ManifestError> {
         let mut seen = BTreeMap::new();
+        let mut touched: BTreeSet<Id> = BTreeSet::new();
         for file in manifest_files(path)? {
-            let meta = fs::metadata(&file).ok();
-            let len = meta.as_ref().map_or(0, |m| m.len());
-            let mtime = meta.and_then(|m| m.modified().ok());
+            let stamp = Stamp::of(&file);
             let entry = match self.files.remove(&file) {
-                Some(e) if e.0 == len && e.1 == mtime && mtime.is_some() => e,
-                _ => {
-                    let mut one = Loaded::default();
-                    match fs::read_to_string(&file) {
-                        Ok(text) => parse_into(&text, &file.display().to_string(), &mut one),
-                        Err(e) => one
-                            .warnings
-                            .push(format!("{}: cannot read: {e}; skipped", file.display())),
+                Some(e) if e.stamp == stamp && stamp.is_some() => e,
+                old => {
+                    let new = FileEntry::read(&file, stamp);
+                    self.forget(&file, old, &mut touched);
+                    for id in new.objects.keys() {
+                        self.defined_in
+                            .entry(id.clone())
+                            .or_default()
+                            .insert(file.clone());
+                        touched.insert(id.clone());
                     }
-                    (len, mtime, one)
+                    new
                 }
             };
             seen.insert(file, entry);
         }
-        self.files = seen;
-        let mut all = Loaded::default();
-        for (_, _, one) in self.files.values() {
-            all.objects
-                .services
-                .extend(one.objects.services.iter().cloned());
-            all.objects
-                .slices
-                .extend(one.objects.slices.iter().cloned());
-            all.objects.nodes.extend(one.objects.nodes.iter().cloned());
-            all.warnings.extend(one.warnings.iter().cloned());
+        for (file, old) in std::mem::replace(&mut self.files, seen) {
+            self.forget(&file, Some(old), &mut touched);
         }
-        Ok(all)
+        let mut changes = Vec::new();
+        for id in touched {
+            let files = self.defined_in.get(&id);
+            if files.is_some_and(|f| f.len() > 1) {
+                self.duplicated.insert(id.clone());
+            } else {
+                self.duplicated.remove(&id);
+            }
+            let first = files.and_then(|files| files.first());
+            match first.and_then(|f| self.files.get(f)?.objects.get(&id)) {
+                Some(obj) => changes.push(Change::Apply(obj.clone())),
+                None => changes.push(Change::Delete(id.0, id.1)),
+            }
+        }
+        let mut warnings: Vec<String> = self
+            .files
+            .values()
+            .flat_map(|f| f.warnings.iter().cloned())
+            .collect();
+        for id @ (kind, key) in &self.duplicated {
+            let names: Vec<String> = self.defined_in[id]
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
+            warnings.push(format!(
+                "{} (in {})",
+                duplicate_warning(*kind, key),
+                names.join(", ")
+            ));
+        }
+        Ok((changes, warnings))
+    }
+
+    /// Drops what `old` (the previous read of `file`) defined.
+    fn forget(&mut self, file: &Path, old: Option<FileEntry>, touched: &mut BTreeSet<Id>) {
+        for id in old.into_iter().flat_map(|o| o.objects.into_keys()) {
+            if let Some(files) = self.defined_in.get_mut(&id) {
+                files.remove(file);
+                if files.is_empty() {
+                    self.defined_in.remove(&id);
+                }
+            }
+            touched.insert(id);
+        }
     }
 }
 
@@ -315,31 +432,65 @@ spec:
     }
 
     #[test]
-    fn cache_reparses_changed_files_only_and_forgets_removed_ones() {
+    fn cache_reports_changed_files_only_and_forgets_removed_ones() {
         let dir = std::env::temp_dir().join(format!("lb-manifest-cache-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("a.yaml"), SVC.replace("web", "a")).unwrap();
         fs::write(dir.join("b.yaml"), SVC.replace("web", "b")).unwrap();
-        let names = |l: &Loaded| -> Vec<String> {
-            l.objects
+        let mut cache = Cache::default();
+        let mut model = crate::model::Model::new(None, Vec::new());
+        let mut refresh = |model: &mut crate::model::Model| {
+            let (changes, warnings) = cache.refresh(&dir).unwrap();
+            let n = changes.len();
+            for c in changes {
+                model.apply(c);
+            }
+            let names: Vec<String> = model
+                .objects()
                 .services
                 .iter()
                 .map(|s| s.metadata.name.clone().unwrap())
-                .collect()
+                .collect();
+            (n, names, warnings)
         };
-        let mut cache = Cache::default();
-        assert_eq!(names(&cache.load(&dir).unwrap()), ["a", "b"]);
-        // Same contents from the cache; a changed file is read again (a longer name, so
-        // the size changes even on a coarse-mtime filesystem).
-        assert_eq!(names(&cache.load(&dir).unwrap()), ["a", "b"]);
-        fs::write(dir.join("b.yaml"), SVC.replace("web", "bee")).unwrap();
-        assert_eq!(names(&cache.load(&dir).unwrap()), ["a", "bee"]);
+        let (n, names, _) = refresh(&mut model);
+        assert_eq!((n, names), (2, vec!["a".to_string(), "b".into()]));
+        assert_eq!(
+            refresh(&mut model).0,
+            0,
+            "nothing changed, nothing reported"
+        );
+        // Renamed over with the same size: another inode.
+        fs::write(dir.join(".b.tmp"), SVC.replace("web", "c")).unwrap();
+        fs::rename(dir.join(".b.tmp"), dir.join("b.yaml")).unwrap();
+        let (n, names, _) = refresh(&mut model);
+        assert_eq!(
+            (n, names),
+            (2, vec!["a".to_string(), "c".into()]),
+            "b gone, c new"
+        );
         fs::remove_file(dir.join("a.yaml")).unwrap();
-        fs::write(dir.join("c.yaml"), "kind: [").unwrap();
-        let l = cache.load(&dir).unwrap();
-        assert_eq!(names(&l), ["bee"]);
-        assert_eq!(l.warnings.len(), 1, "{:?}", l.warnings);
+        fs::write(dir.join("d.yaml"), "kind: [").unwrap();
+        // The same service in two files: the first file's wins, with a warning.
+        fs::write(dir.join("e.yaml"), SVC.replace("web", "c")).unwrap();
+        let (_, names, warnings) = refresh(&mut model);
+        assert_eq!(names, ["c"]);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[1].starts_with("Service shop/c: defined more than once")
+                && warnings[1].contains("b.yaml, ")
+                && warnings[1].ends_with("e.yaml)"),
+            "{warnings:?}"
+        );
+        fs::remove_file(dir.join("b.yaml")).unwrap();
+        let (n, names, warnings) = refresh(&mut model);
+        assert_eq!(
+            (n, names),
+            (1, vec!["c".to_string()]),
+            "e.yaml's copy takes over"
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,5 +1,6 @@
-//! Sources: where the Service, EndpointSlice and Node objects come from. Both emit the
-//! same [`Objects`] set, which is all the model sees; no source touches BPF.
+//! Sources: where the Service, EndpointSlice and Node objects come from. Both report
+//! [`Change`]s (an object added or modified, deleted, or a kind listed anew), which is
+//! all the model sees; no source touches BPF.
 //!
 //! * [`manifest`]: a YAML/JSON file or directory, polled for changes;
 //! * [`api`]: the Kubernetes API, through kube-rs reflectors.
@@ -11,7 +12,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::{sync::Notify, task::JoinHandle};
 
-use crate::model::Objects;
+use crate::model::{Change, Model};
 
 /// Where the objects come from.
 pub enum SourceSpec {
@@ -42,16 +43,20 @@ impl Source {
         }
     }
 
-    /// The objects now, with warnings about what could not be read.
-    pub fn objects(&self) -> Result<(Objects, Vec<String>), manifest::ManifestError> {
-        match self {
+    /// Hands the changes since the last call to `model`; returns warnings about what
+    /// could not be read.
+    pub fn drain(&self, model: &mut Model) -> Result<Vec<String>, manifest::ManifestError> {
+        let (changes, warnings): (Vec<Change>, Vec<String>) = match self {
             Self::Manifests { path, cache, .. } => cache
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .load(path)
-                .map(|l| (l.objects, l.warnings)),
-            Self::Kube(k) => Ok((k.objects(), Vec::new())),
+                .refresh(path)?,
+            Self::Kube(k) => (k.take_changes(), Vec::new()),
+        };
+        for change in changes {
+            model.apply(change);
         }
+        Ok(warnings)
     }
 }
 

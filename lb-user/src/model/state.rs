@@ -1,0 +1,578 @@
+//! The incremental model: the objects a source reported, and the desired state kept up
+//! to date service by service.
+//!
+//! A source reports [`Change`]s; [`Model::apply`] files each object (shared, never
+//! copied) and marks the services it touches. [`Model::update`] then recomputes those
+//! services only and reports which frontends changed, so a sync costs what the change
+//! costs, not what the cluster holds. A change to this node's zone or addresses
+//! recomputes every service (rare: they are what every frontend depends on).
+//!
+//! Two services may claim one frontend (an externalIP, say): as in a full rebuild, the
+//! first by namespace/name wins and the other gets a warning; when the winner lets go,
+//! the next claimant takes over.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{
+    Desired, Frontend, FrontendState, HealthCheck, NodeInfo, Objects, SERVICE_NAME_LABEL, Scope,
+    service::{ServiceOut, add_service},
+};
+
+/// (namespace, name); a Node's namespace is empty.
+pub type ObjKey = (String, String);
+
+/// Which kind of object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+/// One object as a source holds it (shared, not copied).
+#[derive(Clone, Debug)]
+pub enum Object {
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Node(Arc<Node>),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Service(_) => Kind::Service,
+            Self::EndpointSlice(_) => Kind::EndpointSlice,
+            Self::Node(_) => Kind::Node,
+        }
+    }
+
+    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Self::Service(o) => &o.metadata,
+            Self::EndpointSlice(o) => &o.metadata,
+            Self::Node(o) => &o.metadata,
+        }
+    }
+
+    /// (namespace, name): the namespace defaults to "default" (none for a Node).
+    pub fn key(&self) -> ObjKey {
+        let meta = self.meta();
+        let ns = match self {
+            Self::Node(_) => String::new(),
+            _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        };
+        (ns, meta.name.clone().unwrap_or_else(|| "<no name>".into()))
+    }
+
+    /// The same object as far as the model is concerned: the same resourceVersion when
+    /// both have one (the API's objects), else equal content (manifests).
+    fn same_as(&self, other: &Self) -> bool {
+        let (a, b) = (self.meta(), other.meta());
+        if a.resource_version.is_some() && a.resource_version == b.resource_version {
+            return a.uid == b.uid;
+        }
+        match (self, other) {
+            (Self::Service(a), Self::Service(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Self::EndpointSlice(a), Self::EndpointSlice(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Self::Node(a), Self::Node(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        }
+    }
+}
+
+/// What a source reports.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// Added or modified.
+    Apply(Object),
+    Delete(Kind, ObjKey),
+    /// A complete list of one kind: what it lacks is gone.
+    Relist(Kind, Vec<Object>),
+}
+
+/// What one [`Model::update`] changed.
+#[derive(Debug, Default)]
+pub struct Update {
+    /// Frontends whose desired state changed (added, modified or removed).
+    pub changed: BTreeSet<Frontend>,
+    /// The health-check ports or what they report changed.
+    pub health_changed: bool,
+    /// Services recomputed.
+    pub services: usize,
+    /// EndpointSlices (namespace/name) whose last-change-trigger-time annotation changed,
+    /// with the new value; empty for the first update (nothing was programmed before).
+    pub triggers: Vec<(String, String)>,
+}
+
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The objects and the desired state derived from them.
+#[derive(Debug)]
+pub struct Model {
+    node_name: Option<String>,
+    node_ips: Vec<IpAddr>,
+    node: NodeInfo,
+
+    services: BTreeMap<ObjKey, Arc<Service>>,
+    slices: BTreeMap<ObjKey, Arc<EndpointSlice>>,
+    /// Service -> the slices labelled with its name.
+    slices_of: BTreeMap<ObjKey, BTreeSet<ObjKey>>,
+    nodes: BTreeMap<String, Arc<Node>>,
+    /// Slices without the service-name label, with their warning.
+    unlabeled: BTreeMap<ObjKey, String>,
+
+    /// Services (by key) to recompute at the next update.
+    dirty: BTreeSet<ObjKey>,
+    node_dirty: bool,
+    triggers: Vec<(String, String)>,
+    seeded: bool,
+
+    /// Each service's frontends, health check and warnings, as computed alone.
+    outs: BTreeMap<ObjKey, ServiceOut>,
+    /// Keys whose out has warnings.
+    warned: BTreeSet<ObjKey>,
+    /// Frontend -> the services that claim it (the first wins).
+    claims: BTreeMap<Frontend, BTreeSet<ObjKey>>,
+    health_claims: BTreeMap<u16, BTreeSet<ObjKey>>,
+    served: usize,
+
+    desired: Desired,
+    health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+impl Model {
+    /// An empty model for the node `node_name` (None: no node context, so
+    /// internalTrafficPolicy Local services get no endpoints and no topology);
+    /// `node_ips` are the node addresses for nodePorts, empty meaning the Node object's.
+    pub fn new(node_name: Option<String>, node_ips: Vec<IpAddr>) -> Self {
+        let node = NodeInfo::of(node_name.as_deref(), &node_ips, None);
+        Self {
+            node_name,
+            node_ips,
+            node,
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            slices_of: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            unlabeled: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            node_dirty: true,
+            triggers: Vec::new(),
+            seeded: false,
+            outs: BTreeMap::new(),
+            warned: BTreeSet::new(),
+            claims: BTreeMap::new(),
+            health_claims: BTreeMap::new(),
+            served: 0,
+            desired: Desired::default(),
+            health_checks: BTreeMap::new(),
+        }
+    }
+
+    /// Files one change; the services it touches are recomputed by the next update.
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Apply(obj) => self.upsert(obj),
+            Change::Delete(kind, key) => self.delete(kind, &key),
+            Change::Relist(kind, list) => {
+                let listed: BTreeSet<ObjKey> = list.iter().map(Object::key).collect();
+                for key in self.keys(kind) {
+                    if !listed.contains(&key) {
+                        self.delete(kind, &key);
+                    }
+                }
+                for obj in list {
+                    self.upsert(obj);
+                }
+            }
+        }
+    }
+
+    /// Replaces every object with `objects` (a full set, as a one-shot source gives);
+    /// returns a warning per object defined more than once (the first is kept).
+    pub fn replace(&mut self, objects: Objects) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let mut lists: BTreeMap<Kind, BTreeMap<ObjKey, Object>> = BTreeMap::new();
+        let all = (objects
+            .services
+            .into_iter()
+            .map(|o| Object::Service(Arc::new(o))))
+        .chain(
+            objects
+                .slices
+                .into_iter()
+                .map(|o| Object::EndpointSlice(Arc::new(o))),
+        )
+        .chain(objects.nodes.into_iter().map(|o| Object::Node(Arc::new(o))));
+        for obj in all {
+            let (kind, key) = (obj.kind(), obj.key());
+            match lists.entry(kind).or_default().entry(key) {
+                std::collections::btree_map::Entry::Occupied(e) => {
+                    warnings.push(duplicate_warning(kind, e.key()));
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(obj);
+                }
+            }
+        }
+        for kind in [Kind::Service, Kind::EndpointSlice, Kind::Node] {
+            let list = lists.remove(&kind).unwrap_or_default();
+            self.apply(Change::Relist(kind, list.into_values().collect()));
+        }
+        warnings
+    }
+
+    fn keys(&self, kind: Kind) -> Vec<ObjKey> {
+        match kind {
+            Kind::Service => self.services.keys().cloned().collect(),
+            Kind::EndpointSlice => self.slices.keys().cloned().collect(),
+            Kind::Node => self
+                .nodes
+                .keys()
+                .map(|n| (String::new(), n.clone()))
+                .collect(),
+        }
+    }
+
+    fn upsert(&mut self, obj: Object) {
+        let key = obj.key();
+        match obj {
+            Object::Service(svc) => {
+                if let Some(old) = self.services.get(&key)
+                    && Object::Service(old.clone()).same_as(&Object::Service(svc.clone()))
+                {
+                    return;
+                }
+                self.services.insert(key.clone(), svc);
+                self.dirty.insert(key);
+            }
+            Object::EndpointSlice(slice) => {
+                let old = self.slices.get(&key).cloned();
+                if let Some(old) = &old
+                    && Object::EndpointSlice(old.clone())
+                        .same_as(&Object::EndpointSlice(slice.clone()))
+                {
+                    return;
+                }
+                let trigger = trigger_of(&slice);
+                if self.seeded
+                    && let Some(t) = trigger
+                    && old.as_deref().and_then(trigger_of) != Some(t)
+                {
+                    self.triggers
+                        .push((format!("{}/{}", key.0, key.1), t.to_string()));
+                }
+                self.unlink_slice(&key);
+                match owner_of(&slice, &key) {
+                    Ok(owner) => {
+                        self.slices_of
+                            .entry(owner.clone())
+                            .or_default()
+                            .insert(key.clone());
+                        self.dirty.insert(owner);
+                    }
+                    Err(warning) => {
+                        self.unlabeled.insert(key.clone(), warning);
+                    }
+                }
+                self.slices.insert(key, slice);
+            }
+            Object::Node(node) => {
+                let name = key.1;
+                if let Some(old) = self.nodes.get(&name)
+                    && Object::Node(old.clone()).same_as(&Object::Node(node.clone()))
+                {
+                    return;
+                }
+                self.node_dirty |= self.node_name.as_deref() == Some(name.as_str());
+                self.nodes.insert(name, node);
+            }
+        }
+    }
+
+    fn delete(&mut self, kind: Kind, key: &ObjKey) {
+        match kind {
+            Kind::Service => {
+                if self.services.remove(key).is_some() {
+                    self.dirty.insert(key.clone());
+                }
+            }
+            Kind::EndpointSlice => {
+                self.unlink_slice(key);
+                self.slices.remove(key);
+            }
+            Kind::Node => {
+                if self.nodes.remove(&key.1).is_some() {
+                    self.node_dirty |= self.node_name.as_deref() == Some(key.1.as_str());
+                }
+            }
+        }
+    }
+
+    /// Takes slice `key` out of its service's list (marking that service).
+    fn unlink_slice(&mut self, key: &ObjKey) {
+        self.unlabeled.remove(key);
+        let Some(old) = self.slices.get(key) else {
+            return;
+        };
+        let Ok(owner) = owner_of(old, key) else {
+            return;
+        };
+        if let Some(set) = self.slices_of.get_mut(&owner) {
+            set.remove(key);
+            if set.is_empty() {
+                self.slices_of.remove(&owner);
+            }
+        }
+        self.dirty.insert(owner);
+    }
+
+    /// Recomputes the marked services; returns what changed.
+    pub fn update(&mut self) -> Update {
+        if std::mem::take(&mut self.node_dirty) {
+            let node = self.node_name.as_deref().and_then(|n| self.nodes.get(n));
+            let info = NodeInfo::of(
+                self.node_name.as_deref(),
+                &self.node_ips,
+                node.map(|n| &**n),
+            );
+            if info != self.node {
+                self.node = info;
+                // Every service depends on the node's zone and addresses.
+                self.dirty.extend(self.services.keys().cloned());
+                self.dirty.extend(self.outs.keys().cloned());
+            }
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut touched = BTreeSet::new();
+        let mut touched_ports = BTreeSet::new();
+        for key in &dirty {
+            self.recompute(key, &mut touched, &mut touched_ports);
+        }
+        let mut changed = BTreeSet::new();
+        for fe in touched {
+            let now = self.winner_state(&fe).cloned();
+            let before = match now {
+                Some(state) => self.desired.frontends.insert(fe, state),
+                None => self.desired.frontends.remove(&fe),
+            };
+            if before.as_ref() != self.desired.frontends.get(&fe) {
+                changed.insert(fe);
+            }
+        }
+        let mut health_changed = false;
+        for port in touched_ports {
+            let now = self
+                .health_claims
+                .get(&port)
+                .and_then(|owners| owners.first())
+                .and_then(|k| self.outs.get(k))
+                .and_then(|o| o.health.as_ref())
+                .map(|(_, hc)| hc.clone());
+            let before = match now {
+                Some(hc) => self.health_checks.insert(port, hc),
+                None => self.health_checks.remove(&port),
+            };
+            health_changed |= before.as_ref() != self.health_checks.get(&port);
+        }
+        let triggers = if self.seeded {
+            std::mem::take(&mut self.triggers)
+        } else {
+            Vec::new()
+        };
+        self.seeded = true;
+        Update {
+            changed,
+            health_changed,
+            services: dirty.len(),
+            triggers,
+        }
+    }
+
+    /// The state of `fe` from the first service that claims it.
+    fn winner_state(&self, fe: &Frontend) -> Option<&FrontendState> {
+        let owner = self.claims.get(fe)?.first()?;
+        self.outs.get(owner)?.frontends.get(fe).map(|(s, _)| s)
+    }
+
+    /// One service computed alone; its claims replace the old ones. The frontends and
+    /// health-check ports it claimed or claims go to `touched`.
+    fn recompute(
+        &mut self,
+        key: &ObjKey,
+        touched: &mut BTreeSet<Frontend>,
+        touched_ports: &mut BTreeSet<u16>,
+    ) {
+        if let Some(old) = self.outs.remove(key) {
+            if !old.frontends.is_empty() {
+                self.served -= 1;
+            }
+            for fe in old.frontends.keys() {
+                unclaim(&mut self.claims, fe, key);
+                touched.insert(*fe);
+            }
+            if let Some((port, _)) = old.health {
+                unclaim(&mut self.health_claims, &port, key);
+                touched_ports.insert(port);
+            }
+        }
+        self.warned.remove(key);
+        let name = format!("{}/{}", key.0, key.1);
+        let slices: Vec<&EndpointSlice> = self
+            .slices_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k).map(|s| &**s))
+            .collect();
+        let mut out = ServiceOut::default();
+        match self.services.get(key) {
+            Some(svc) => add_service(svc, &name, &slices, &self.node, &mut out),
+            None if slices.is_empty() => return,
+            None => {
+                for slice in &slices {
+                    out.warnings.push(format!(
+                        "EndpointSlice {}: field metadata.labels[{SERVICE_NAME_LABEL}]: service {name} does not exist (yet); skipped",
+                        super::ns_name(&slice.metadata)
+                    ));
+                }
+            }
+        }
+        for fe in out.frontends.keys() {
+            self.claims.entry(*fe).or_default().insert(key.clone());
+            touched.insert(*fe);
+        }
+        if let Some((port, _)) = &out.health {
+            self.health_claims
+                .entry(*port)
+                .or_default()
+                .insert(key.clone());
+            touched_ports.insert(*port);
+        }
+        if !out.frontends.is_empty() {
+            self.served += 1;
+        }
+        if !out.warnings.is_empty() {
+            self.warned.insert(key.clone());
+        }
+        self.outs.insert(key.clone(), out);
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    pub fn health_checks(&self) -> &BTreeMap<u16, HealthCheck> {
+        &self.health_checks
+    }
+
+    /// This node's addresses (`--node-ip`, else the Node object's).
+    pub fn node_addresses(&self) -> &[IpAddr] {
+        &self.node.addresses
+    }
+
+    /// Services with at least one frontend.
+    pub fn service_count(&self) -> usize {
+        self.served
+    }
+
+    /// A warning for every object or field skipped, in a stable order.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.unlabeled.values().cloned().collect();
+        for key in &self.warned {
+            out.extend(self.outs[key].warnings.iter().cloned());
+        }
+        for (fe, owners) in self.claims.iter().filter(|(_, o)| o.len() > 1) {
+            if fe.scope == Scope::Local {
+                continue; // Its external twin carries the warning.
+            }
+            let winner = self.winner_state(fe).map_or("?", |s| s.service.as_str());
+            for loser in owners.iter().skip(1) {
+                let index = self.outs[loser].frontends[fe].1;
+                out.push(format!(
+                    "Service {}/{}: field spec.ports[{index}]: frontend {fe} is already used by {winner}; skipped",
+                    loser.0, loser.1
+                ));
+            }
+        }
+        for (port, owners) in self.health_claims.iter().filter(|(_, o)| o.len() > 1) {
+            let winner = owners.first().expect("more than one");
+            for loser in owners.iter().skip(1) {
+                out.push(format!(
+                    "Service {}/{}: field spec.healthCheckNodePort: {port} is already served for {}/{}; skipped",
+                    loser.0, loser.1, winner.0, winner.1
+                ));
+            }
+        }
+        out
+    }
+
+    /// A copy of the objects held (for tests and debugging).
+    pub fn objects(&self) -> Objects {
+        Objects {
+            services: self.services.values().map(|o| (**o).clone()).collect(),
+            slices: self.slices.values().map(|o| (**o).clone()).collect(),
+            nodes: self.nodes.values().map(|o| (**o).clone()).collect(),
+        }
+    }
+}
+
+fn unclaim<K: Ord>(claims: &mut BTreeMap<K, BTreeSet<ObjKey>>, what: &K, key: &ObjKey) {
+    if let Some(owners) = claims.get_mut(what) {
+        owners.remove(key);
+        if owners.is_empty() {
+            claims.remove(what);
+        }
+    }
+}
+
+/// The service (namespace, name) a slice belongs to, from its label.
+fn owner_of(slice: &EndpointSlice, key: &ObjKey) -> Result<ObjKey, String> {
+    match slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+    {
+        Some(svc) => Ok((key.0.clone(), svc.clone())),
+        None => Err(format!(
+            "EndpointSlice {}/{}: field metadata.labels: no {SERVICE_NAME_LABEL} label; skipped",
+            key.0, key.1
+        )),
+    }
+}
+
+fn trigger_of(slice: &EndpointSlice) -> Option<&str> {
+    slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(TRIGGER_TIME_ANNOTATION)
+        .map(String::as_str)
+}
+
+/// "Service ns/name: defined more than once; the first definition is used".
+pub fn duplicate_warning(kind: Kind, key: &ObjKey) -> String {
+    let what = match kind {
+        Kind::Service => "Service",
+        Kind::EndpointSlice => "EndpointSlice",
+        Kind::Node => "Node",
+    };
+    if key.0.is_empty() {
+        format!(
+            "{what} {}: defined more than once; the first definition is used",
+            key.1
+        )
+    } else {
+        format!(
+            "{what} {}/{}: defined more than once; the first definition is used",
+            key.0, key.1
+        )
+    }
+}
