@@ -268,11 +268,17 @@ impl Programmed {
         frontends: impl Iterator<Item = &'a Frontend>,
     ) -> Plan {
         let mut steps = Steps::default();
+        let mut gone = Vec::new();
         for fe in frontends {
             match desired.frontends.get(fe) {
                 Some(state) => self.plan_frontend(fe, state, &mut steps),
-                None => self.plan_removal(fe, &mut steps),
+                None => gone.push(fe),
             }
+        }
+        // After every new frontend has its rev-NAT id: an id freed here is not reused
+        // in this plan, whose removal of the old entries comes after the new ones.
+        for fe in gone {
+            self.plan_removal(fe, &mut steps);
         }
         let gc = self.release(&steps.released);
         let Steps {

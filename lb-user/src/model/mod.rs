@@ -310,4 +310,6 @@ pub fn build(objects: &Objects, node_name: Option<&str>, node_ips: &[IpAddr]) ->
 }
 
 #[cfg(test)]
+mod incremental_tests;
+#[cfg(test)]
 mod tests;
