@@ -4,6 +4,7 @@
 use std::{
     io::{BufRead as _, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
+    sync::Barrier,
     time::{Duration, Instant},
 };
 
@@ -29,19 +30,84 @@ impl LoadMode {
     }
 }
 
-/// One load run: `count` requests one after the other, round-robin over the targets.
+/// One load run: `clients` clients, each `count` requests one after the other,
+/// round-robin over the targets; the latencies of every client together.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct LoadReport {
+    /// Requests, every client's.
     pub count: usize,
     pub errors: usize,
     pub elapsed_ns: u64,
     pub p50_ns: u64,
     pub p99_ns: u64,
+    #[serde(default)]
+    pub clients: usize,
+    /// The machine's busy CPU time (µs, `/proc/stat`, steal excluded) while the clients
+    /// ran: client, servers and the kernel's work between them.
+    #[serde(default)]
+    pub cpu_us: f64,
 }
 
 impl LoadReport {
     pub fn rate(&self) -> f64 {
         (self.count - self.errors) as f64 / (self.elapsed_ns as f64 / 1e9)
+    }
+
+    /// Busy CPU per successful request (µs); NaN when nothing succeeded.
+    pub fn cpu_us_per_request(&self) -> f64 {
+        match self.count - self.errors {
+            0 => f64::NAN,
+            ok => self.cpu_us / ok as f64,
+        }
+    }
+}
+
+/// What one `lb-lab load` run does.
+#[derive(Clone, Debug)]
+pub struct LoadSpec {
+    pub targets: Vec<SocketAddr>,
+    /// Requests per client.
+    pub count: usize,
+    pub mode: LoadMode,
+    pub timeout: Duration,
+    /// Requests each client makes before the clock starts (not counted): the servers,
+    /// caches and neighbour entries warm whichever variant ran before.
+    pub warmup: usize,
+    /// Clients running at once, each a thread of its own.
+    pub clients: usize,
+}
+
+impl LoadSpec {
+    pub fn new(targets: &[SocketAddr], count: usize, mode: LoadMode) -> Self {
+        Self {
+            targets: targets.to_vec(),
+            count,
+            mode,
+            timeout: Duration::from_secs(1),
+            warmup: 0,
+            clients: 1,
+        }
+    }
+
+    /// The `lb-lab load` arguments that run this.
+    pub fn args(&self) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "load",
+            "--count",
+            &self.count.to_string(),
+            "--mode",
+            self.mode.name(),
+            "--warmup",
+            &self.warmup.to_string(),
+            "--clients",
+            &self.clients.to_string(),
+        ]
+        .map(String::from)
+        .into();
+        for t in &self.targets {
+            args.extend(["--target".into(), t.to_string()]);
+        }
+        args
     }
 }
 
@@ -72,24 +138,63 @@ fn udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `lb-lab load`: the load generator.
-pub fn load(targets: &[SocketAddr], count: usize, mode: LoadMode, timeout: Duration) -> LoadReport {
-    let mut lat = Vec::with_capacity(count);
+fn request(mode: LoadMode, target: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    match mode {
+        LoadMode::Tcp => tcp_once(target, timeout).map(drop),
+        LoadMode::Udp => udp_once(target, timeout),
+    }
+}
+
+/// One client: `warmup` requests, then waits at `start` and makes `count` requests,
+/// round-robin over the targets from `first`; their latencies (ns) and the errors.
+fn client(spec: &LoadSpec, first: usize, start: &Barrier) -> (Vec<u64>, usize) {
+    let target = |i: usize| spec.targets[(first + i) % spec.targets.len()];
+    for i in 0..spec.warmup {
+        let _ = request(spec.mode, target(i), spec.timeout);
+    }
+    start.wait();
+    let mut lat = Vec::with_capacity(spec.count);
     let mut errors = 0;
-    let start = Instant::now();
-    for i in 0..count {
-        let t = targets[i % targets.len()];
+    for i in 0..spec.count {
         let t0 = Instant::now();
-        let r = match mode {
-            LoadMode::Tcp => tcp_once(t, timeout).map(drop),
-            LoadMode::Udp => udp_once(t, timeout),
-        };
-        match r {
+        match request(spec.mode, target(i), spec.timeout) {
             Ok(()) => lat.push(t0.elapsed().as_nanos() as u64),
             Err(_) => errors += 1,
         }
     }
-    let elapsed_ns = start.elapsed().as_nanos() as u64;
+    (lat, errors)
+}
+
+/// `lb-lab load`: the load generator. The clients start together once each has warmed
+/// up; the clock and the CPU reading cover them from then until the last one ends.
+pub fn load(spec: &LoadSpec) -> LoadReport {
+    let clients = spec.clients.max(1);
+    if spec.targets.is_empty() {
+        return LoadReport::default();
+    }
+    let start = Barrier::new(clients + 1);
+    let (results, elapsed_ns, cpu_us) = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..clients)
+            .map(|c| {
+                let start = &start;
+                scope.spawn(move || client(spec, c, start))
+            })
+            .collect();
+        start.wait();
+        let (t0, cpu0) = (Instant::now(), crate::bench::busy_cpu_us().ok());
+        let results: Vec<(Vec<u64>, usize)> = threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|_| (Vec::new(), spec.count)))
+            .collect();
+        let elapsed_ns = t0.elapsed().as_nanos() as u64;
+        let cpu_us = match (cpu0, crate::bench::busy_cpu_us().ok()) {
+            (Some(a), Some(b)) => b - a,
+            _ => f64::NAN,
+        };
+        (results, elapsed_ns, cpu_us)
+    });
+    let errors = results.iter().map(|r| r.1).sum();
+    let mut lat: Vec<u64> = results.into_iter().flat_map(|r| r.0).collect();
     lat.sort_unstable();
     let pct = |p: f64| -> u64 {
         if lat.is_empty() {
@@ -99,11 +204,13 @@ pub fn load(targets: &[SocketAddr], count: usize, mode: LoadMode, timeout: Durat
         }
     };
     LoadReport {
-        count,
+        count: spec.count * clients,
         errors,
         elapsed_ns,
         p50_ns: pct(0.50),
         p99_ns: pct(0.99),
+        clients,
+        cpu_us,
     }
 }
 

@@ -38,7 +38,8 @@ enum Cmd {
         say_peer: bool,
     },
     /// The benchmark's load generator: COUNT requests one after the other, round-robin
-    /// over the targets; prints rate and latency as JSON.
+    /// over the targets, from each of CLIENTS clients; prints rate, latency and the
+    /// machine's busy CPU time as JSON.
     Load {
         #[arg(long, required = true)]
         target: Vec<std::net::SocketAddr>,
@@ -46,6 +47,12 @@ enum Cmd {
         count: usize,
         #[arg(long, value_enum, default_value = "tcp")]
         mode: load::LoadMode,
+        /// Requests per client before the clock starts (not counted).
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+        /// Concurrent clients, each COUNT requests.
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
     },
     /// For each pod name read from stdin, connect to TARGET until that pod answers; print ok.
     Waiter {
@@ -146,8 +153,14 @@ fn main() -> ExitCode {
             target,
             count,
             mode,
+            warmup,
+            clients,
         } => {
-            let report = load::load(&target, count, mode, Duration::from_secs(1));
+            let report = load::load(&load::LoadSpec {
+                warmup,
+                clients,
+                ..load::LoadSpec::new(&target, count, mode)
+            });
             serde_json::to_string(&report)
                 .map(|s| println!("{s}"))
                 .map_err(Into::into)

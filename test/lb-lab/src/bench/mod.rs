@@ -5,6 +5,8 @@
 //! the same kube-proxy modes. Writes `results.json`, `control_plane.json`,
 //! `nodeport.json`, `report.md` and `rates.svg`.
 
+mod api_source;
+mod concurrent;
 mod nodeport;
 mod report;
 mod workload;
@@ -15,10 +17,13 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
+pub use concurrent::ConcurrentRecord;
+pub(crate) use nodeport::busy_cpu_us;
+use nodeport::spread;
 pub use report::{report, svg};
 use serde::{Deserialize, Serialize};
 use workload::{ENDPOINTS, churn, manifests, service_ip, services};
@@ -26,10 +31,16 @@ use workload::{ENDPOINTS, churn, manifests, service_ip, services};
 use crate::{
     kube_proxy_rules::{KubeProxy, SvcPort},
     lab::{AgentProcess, Cgroup, ChildGuard, Lab, Netns, place, run},
-    load::{LoadMode, LoadReport},
+    load::{LoadMode, LoadReport, LoadSpec},
 };
 
 pub const POSITIONS: [&str; 3] = ["first", "middle", "last"];
+
+/// The variants beside `direct`: the same connections to the pods from a second cgroup
+/// without programs (the A/A control: its ratio to direct is the noise), and from the
+/// cgroup with our programs attached (what the hooks cost connections to no service).
+pub const DIRECT_AA: &str = "direct-aa";
+pub const DIRECT_HOOKED: &str = "direct-hooked";
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -62,6 +73,19 @@ pub struct Record {
     pub rate_vs_direct: f64,
     /// Median over rounds of (this p99 / direct's p99 in the same round).
     pub p99_vs_direct: f64,
+    /// The least and the most of those ratios over rounds.
+    #[serde(default = "nan")]
+    pub rate_vs_direct_min: f64,
+    #[serde(default = "nan")]
+    pub rate_vs_direct_max: f64,
+    #[serde(default = "nan")]
+    pub p99_vs_direct_min: f64,
+    #[serde(default = "nan")]
+    pub p99_vs_direct_max: f64,
+}
+
+fn nan() -> f64 {
+    f64::NAN
 }
 
 /// Control-plane measurements for one size.
@@ -73,6 +97,11 @@ pub struct ControlPlane {
     pub cold_read_ms: f64,
     pub cold_program_ms: f64,
     pub cold_write_ms: f64,
+    /// The cold sync's own elapsed time, and the time from the agent's start to it.
+    #[serde(default)]
+    pub cold_elapsed_ms: f64,
+    #[serde(default)]
+    pub start_to_sync_ms: f64,
     /// Full rule loads of the kube-proxy variants (ms), by variant.
     pub cold_rules_ms: BTreeMap<String, f64>,
     /// One EndpointSlice change to the first connection reaching the new backend, by
@@ -80,6 +109,55 @@ pub struct ControlPlane {
     pub change_ms: BTreeMap<String, [f64; 2]>,
     pub agent_rss_mib: f64,
     pub maps_memlock_mib: f64,
+    /// The same agent, on the same objects served by the (fake) Kubernetes API.
+    #[serde(default)]
+    pub api: Option<api_source::ApiFigures>,
+}
+
+/// A cold sync as the agent logs it (ms), and when it came.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct ColdSync {
+    pub read_ms: f64,
+    /// model + diff + map writes.
+    pub program_ms: f64,
+    pub write_ms: f64,
+    pub elapsed_ms: f64,
+    /// From the agent's start to its first " synced" log line.
+    pub start_to_sync_ms: f64,
+}
+
+impl ColdSync {
+    /// The first " synced" line of `agent`'s log, which started at `started`.
+    fn of(agent: &AgentProcess, started: SystemTime) -> Self {
+        let log = agent.log();
+        let first = log.lines().find(|l| l.contains(" synced")).unwrap_or("");
+        let ms = |key| log_field(first, key).unwrap_or(f64::NAN) / 1e3;
+        let start_to_sync_ms = log_time_of_day(first).map_or(f64::NAN, |at| {
+            (at - secs_of_day(started)).rem_euclid(86_400.0) * 1e3
+        });
+        Self {
+            read_ms: ms("read_us"),
+            program_ms: ms("model_us") + ms("plan_us") + ms("write_us"),
+            write_ms: ms("write_us"),
+            elapsed_ms: ms("elapsed_us"),
+            start_to_sync_ms,
+        }
+    }
+}
+
+/// Seconds since midnight (UTC) of a log line's RFC 3339 timestamp
+/// ("2026-01-02T03:04:05.123456Z  INFO ...").
+fn log_time_of_day(line: &str) -> Option<f64> {
+    let time = line.get(11..)?.split(['Z', '+', ' ']).next()?;
+    let mut parts = time.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+/// Seconds since midnight (UTC) of `t`.
+fn secs_of_day(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(f64::NAN, |d| d.as_secs_f64().rem_euclid(86_400.0))
 }
 
 /// A lab whose node has kube-proxy's rules and a route for the service range.
@@ -94,8 +172,14 @@ fn make_lab(opts: &BenchOptions, tag: &str) -> anyhow::Result<Lab> {
     Ok(lab)
 }
 
-fn median(v: Vec<f64>) -> f64 {
-    percentile(v, 0.5)
+/// The middle value; the mean of the two middle ones for an even count.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
@@ -117,12 +201,18 @@ fn run_load(
     count: usize,
     mode: LoadMode,
 ) -> anyhow::Result<LoadReport> {
+    run_spec(lab_bin, netns, cgroup, &LoadSpec::new(targets, count, mode))
+}
+
+/// [`run_load`] as `spec` says (warm-up, concurrent clients).
+fn run_spec(
+    lab_bin: &Path,
+    netns: &Netns,
+    cgroup: Option<&Cgroup>,
+    spec: &LoadSpec,
+) -> anyhow::Result<LoadReport> {
     let mut cmd = Command::new(lab_bin);
-    cmd.arg("load")
-        .args(["--count", &count.to_string(), "--mode", mode.name()]);
-    for t in targets {
-        cmd.args(["--target", &t.to_string()]);
-    }
+    cmd.args(spec.args());
     place(&mut cmd, netns, cgroup)?;
     let out = run(&mut cmd)?;
     serde_json::from_str(out.trim()).with_context(|| format!("load printed {out:?}"))
@@ -195,12 +285,9 @@ fn maps_memlock_mib(pin: &Path) -> f64 {
 }
 
 /// Every variant measured at one size: the labs, our agent and kube-proxy's rules on the
-/// same services, the request rates round by round, then the endpoint changes.
-fn bench_size(
-    opts: &BenchOptions,
-    n: usize,
-    records: &mut Vec<Record>,
-) -> anyhow::Result<ControlPlane> {
+/// same services, the request rates round by round (one client, then one per core), then
+/// the endpoint changes; then our agent again on the API source.
+fn bench_size(opts: &BenchOptions, n: usize, out: &mut Outputs) -> anyhow::Result<()> {
     let mut cp = ControlPlane {
         services: n,
         endpoints: n * ENDPOINTS,
@@ -208,8 +295,9 @@ fn bench_size(
     };
     eprintln!("bench: {n} services: creating labs");
     let base = make_lab(opts, "bb")?;
-    // The direct client's cgroup: no programs attached.
+    // The direct clients' cgroups: no programs attached.
     let plain = Cgroup::create(&format!("{}-plain", base.prefix))?;
+    let plain_aa = Cgroup::create(&format!("{}-plain-aa", base.prefix))?;
     let pods: Vec<Ipv4Addr> = base.pods.iter().map(|p| p.ip).collect();
     let (ports, measured) = services(n, &pods);
     let ours = OurAgent::start(opts, &base, &ports, &pods, &mut cp)?;
@@ -218,13 +306,18 @@ fn bench_size(
         .iter()
         .map(|p| SocketAddr::new((*p).into(), 8080))
         .collect();
-    let mut variants = vec![Variant {
-        name: "direct".into(),
+    let direct = |name: &str, cgroup| Variant {
+        name: name.into(),
         position: "-".into(),
         lab: &base,
-        targets: direct_targets,
-        cgroup: &plain,
-    }];
+        targets: direct_targets.clone(),
+        cgroup,
+    };
+    let mut variants = vec![
+        direct("direct", &plain),
+        direct(DIRECT_AA, &plain_aa),
+        direct(DIRECT_HOOKED, &base.cgroup),
+    ];
     for (i, pos) in &measured {
         let vip = vec![SocketAddr::new(service_ip(*i).into(), 80)];
         variants.push(Variant {
@@ -242,10 +335,13 @@ fn bench_size(
             cgroup: &rl.lab.cgroup,
         }));
     }
+    let all: Vec<&Variant<'_>> = variants.iter().collect();
     for mode in [LoadMode::Tcp, LoadMode::Udp] {
-        let runs = measure_rates(opts, n, mode, &variants)?;
-        records.extend(records_of(n, mode, &runs));
+        let runs = measure_rates(opts, n, &load_spec(opts, mode, 1), &all)?;
+        out.records.extend(records_of(n, mode, &runs));
     }
+    out.concurrent
+        .extend(concurrent::measure(opts, n, &variants, &measured)?);
     eprintln!(
         "bench: {n} services: {} endpoint changes each",
         opts.changes
@@ -267,7 +363,31 @@ fn bench_size(
     }
     cp.agent_rss_mib = vm_hwm_mib(ours.agent.child.0.id());
     cp.maps_memlock_mib = maps_memlock_mib(&ours.pin);
-    Ok(cp)
+    // Stopped (its pins removed) before the API source's agent attaches to the cgroup.
+    drop(ours);
+    eprintln!("bench: {n} services: the agent on the API source");
+    cp.api = Some(api_source::measure(opts, &base, &ports, &pods)?);
+    out.control.push(cp);
+    Ok(())
+}
+
+/// What every size adds to.
+#[derive(Default)]
+struct Outputs {
+    records: Vec<Record>,
+    concurrent: Vec<ConcurrentRecord>,
+    control: Vec<ControlPlane>,
+    node_port: Vec<nodeport::NodePortRecord>,
+}
+
+/// The load of one variant's run: `clients` clients of `opts.count` requests each, after
+/// a warm-up of a tenth of that (10 to 200 requests).
+fn load_spec(opts: &BenchOptions, mode: LoadMode, clients: usize) -> LoadSpec {
+    LoadSpec {
+        warmup: (opts.count / 10).clamp(10, 200),
+        clients,
+        ..LoadSpec::new(&[], opts.count, mode)
+    }
 }
 
 fn p50_p99(times: Vec<f64>) -> [f64; 2] {
@@ -298,6 +418,7 @@ impl OurAgent {
         std::fs::write(mdir.join("services.yaml"), manifests(ports))?;
         std::fs::write(mdir.join("churn.yaml"), manifests(&[churn(pods[0])]))?;
         let pin = PathBuf::from(format!("/sys/fs/bpf/{}", base.prefix));
+        let started = SystemTime::now();
         let mut agent = AgentProcess::start(
             &opts.agent_bin,
             &[
@@ -313,12 +434,12 @@ impl OurAgent {
             &dir.join("agent.log"),
         )?;
         agent.wait_synced(1, Duration::from_secs(120))?;
-        let log = agent.log();
-        let first = log.lines().find(|l| l.contains(" synced")).unwrap_or("");
-        let ms = |key| log_field(first, key).unwrap_or(f64::NAN) / 1e3;
-        cp.cold_read_ms = ms("read_us");
-        cp.cold_program_ms = ms("model_us") + ms("plan_us") + ms("write_us");
-        cp.cold_write_ms = ms("write_us");
+        let cold = ColdSync::of(&agent, started);
+        cp.cold_read_ms = cold.read_ms;
+        cp.cold_program_ms = cold.program_ms;
+        cp.cold_write_ms = cold.write_ms;
+        cp.cold_elapsed_ms = cold.elapsed_ms;
+        cp.start_to_sync_ms = cold.start_to_sync_ms;
         Ok(Self {
             agent,
             dir,
@@ -420,33 +541,51 @@ struct Variant<'a> {
 /// (variant, position) -> one report per round.
 type Runs = BTreeMap<(String, String), Vec<LoadReport>>;
 
-/// Every variant once per round, in an order rotated every round.
+/// The order of `len` variants in round `round`: rotated by one each round, and backwards
+/// every other round, so that no variant always runs right after the same other one (a
+/// variant after another lab's finds its lab's servers cold; one after its own lab's
+/// finds them warm).
+fn round_order(len: usize, round: usize) -> Vec<usize> {
+    (0..len)
+        .map(|k| {
+            let k = if round % 2 == 1 { len - 1 - k } else { k };
+            (round + k) % len
+        })
+        .collect()
+}
+
+/// Every variant once per round, in the order [`round_order`] gives, each run as `spec`
+/// says with the variant's targets.
 fn measure_rates(
     opts: &BenchOptions,
     n: usize,
-    mode: LoadMode,
-    variants: &[Variant<'_>],
+    spec: &LoadSpec,
+    variants: &[&Variant<'_>],
 ) -> anyhow::Result<Runs> {
     let mut runs = Runs::new();
-    let len = variants.len();
     for round in 0..opts.rounds {
-        eprintln!("bench: {n} services, {}: round {}", mode.name(), round + 1);
-        // Interleave: round r starts with variant r.
-        for v in (0..len).map(|k| &variants[(round + k) % len]) {
-            let r = run_load(
-                &v.lab.lab_bin,
-                &v.lab.node,
-                Some(v.cgroup),
-                &v.targets,
-                opts.count,
-                mode,
-            )?;
+        eprintln!(
+            "bench: {n} services, {} x{}: round {}",
+            spec.mode.name(),
+            spec.clients,
+            round + 1
+        );
+        for v in round_order(variants.len(), round)
+            .into_iter()
+            .map(|k| variants[k])
+        {
+            let spec = LoadSpec {
+                targets: v.targets.clone(),
+                ..spec.clone()
+            };
+            let r = run_spec(&v.lab.lab_bin, &v.lab.node, Some(v.cgroup), &spec)?;
             if r.errors > 0 {
                 eprintln!(
-                    "bench: {} {} {}: {} of {} requests failed",
+                    "bench: {} {} {} x{}: {} of {} requests failed",
                     v.name,
                     v.position,
-                    mode.name(),
+                    spec.mode.name(),
+                    spec.clients,
                     r.errors,
                     r.count
                 );
@@ -459,21 +598,25 @@ fn measure_rates(
     Ok(runs)
 }
 
+/// Ratios of `f` to the same round's `base`, as [median, min, max] over rounds.
+fn ratios(runs: &[LoadReport], base: &[LoadReport], f: impl Fn(&LoadReport) -> f64) -> [f64; 3] {
+    // A CPU reading below /proc/stat's resolution is 0: no ratio then.
+    let ratio = |r, b| if b > 0.0 { r / b } else { f64::NAN };
+    spread(
+        runs.iter()
+            .zip(base)
+            .map(|(r, b)| ratio(f(r), f(b)))
+            .collect(),
+    )
+}
+
 /// The medians over rounds, and the ratios to direct taken within each round.
 fn records_of(n: usize, mode: LoadMode, runs: &Runs) -> Vec<Record> {
     let direct = &runs[&("direct".to_string(), "-".to_string())];
     let mut records = Vec::new();
     for ((variant, pos), reports) in runs {
-        let rate_ratio: Vec<f64> = reports
-            .iter()
-            .zip(direct)
-            .map(|(r, d)| r.rate() / d.rate())
-            .collect();
-        let p99_ratio: Vec<f64> = reports
-            .iter()
-            .zip(direct)
-            .map(|(r, d)| r.p99_ns as f64 / d.p99_ns as f64)
-            .collect();
+        let rate = ratios(reports, direct, LoadReport::rate);
+        let p99 = ratios(reports, direct, |r| r.p99_ns as f64);
         records.push(Record {
             variant: variant.clone(),
             services: n,
@@ -482,8 +625,12 @@ fn records_of(n: usize, mode: LoadMode, runs: &Runs) -> Vec<Record> {
             rate: median(reports.iter().map(LoadReport::rate).collect()),
             p50_us: median(reports.iter().map(|r| r.p50_ns as f64 / 1e3).collect()),
             p99_us: median(reports.iter().map(|r| r.p99_ns as f64 / 1e3).collect()),
-            rate_vs_direct: median(rate_ratio),
-            p99_vs_direct: median(p99_ratio),
+            rate_vs_direct: rate[0],
+            p99_vs_direct: p99[0],
+            rate_vs_direct_min: rate[1],
+            rate_vs_direct_max: rate[2],
+            p99_vs_direct_min: p99[1],
+            p99_vs_direct_max: p99[2],
         });
     }
     records
@@ -493,38 +640,114 @@ fn records_of(n: usize, mode: LoadMode, runs: &Runs) -> Vec<Record> {
 pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
-    let mut records = Vec::new();
-    let mut control = Vec::new();
-    let mut node_port = Vec::new();
+    let mut out = Outputs::default();
     let wants = |p: &str| opts.paths.iter().any(|x| x == p);
     for &n in &opts.sizes {
         if wants("socket") {
-            control.push(bench_size(opts, n, &mut records)?);
+            bench_size(opts, n, &mut out)?;
         }
         if wants("nodeport") {
-            node_port.extend(nodeport::bench_node_port(opts, n)?);
+            out.node_port.extend(nodeport::bench_node_port(opts, n)?);
         }
     }
-    let json = serde_json::to_string_pretty(&records)?;
-    std::fs::write(opts.out.join("results.json"), json)?;
-    std::fs::write(
-        opts.out.join("control_plane.json"),
-        serde_json::to_string_pretty(&control)?,
+    let write = |name: &str, json: String| std::fs::write(opts.out.join(name), json);
+    write("results.json", serde_json::to_string_pretty(&out.records)?)?;
+    write(
+        "concurrent.json",
+        serde_json::to_string_pretty(&out.concurrent)?,
     )?;
-    std::fs::write(
-        opts.out.join("nodeport.json"),
-        serde_json::to_string_pretty(&node_port)?,
+    write(
+        "control_plane.json",
+        serde_json::to_string_pretty(&out.control)?,
     )?;
-    let mut md = report(&records, &control);
-    if !node_port.is_empty() {
-        md.push_str(&nodeport::node_port_report(&node_port));
+    write(
+        "nodeport.json",
+        serde_json::to_string_pretty(&out.node_port)?,
+    )?;
+    let mut md = report(&out.records, &out.control);
+    if !out.concurrent.is_empty() {
+        md.push_str(&concurrent::report(&out.concurrent));
+    }
+    if !out.node_port.is_empty() {
+        md.push_str(&nodeport::node_port_report(&out.node_port));
     }
     std::fs::write(opts.out.join("report.md"), &md)?;
-    std::fs::write(opts.out.join("rates.svg"), svg(&records))?;
+    std::fs::write(opts.out.join("rates.svg"), svg(&out.records))?;
     println!("{md}");
     println!(
-        "bench: wrote results.json, control_plane.json, nodeport.json, report.md and rates.svg to {}",
+        "bench: wrote results.json, concurrent.json, control_plane.json, nodeport.json, report.md and rates.svg to {}",
         opts.out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_orders_are_permutations_with_changing_neighbours() {
+        let len = 5;
+        let mut before = std::collections::BTreeSet::new();
+        for round in 0..4 {
+            let order = round_order(len, round);
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..len).collect::<Vec<_>>());
+            // Which variant ran right before variant 0 (its predecessor in the round).
+            if let Some(at) = order.iter().position(|&k| k == 0).filter(|&at| at > 0) {
+                before.insert(order[at - 1]);
+            }
+        }
+        assert_eq!(round_order(3, 0), [0, 1, 2]);
+        assert_eq!(round_order(3, 1), [0, 2, 1]);
+        assert!(
+            before.len() >= 2,
+            "variant 0 follows different variants: {before:?}"
+        );
+    }
+
+    #[test]
+    fn ratios_are_taken_within_rounds_with_their_spread() {
+        let rep = |count: usize, ms: u64, p99: u64| LoadReport {
+            count,
+            elapsed_ns: ms * 1_000_000,
+            p99_ns: p99,
+            ..LoadReport::default()
+        };
+        let direct = vec![rep(1000, 100, 10), rep(1000, 200, 10), rep(1000, 50, 10)];
+        let ours = vec![rep(1000, 110, 11), rep(1000, 200, 12), rep(1000, 40, 10)];
+        let mut runs = Runs::new();
+        runs.insert(("direct".into(), "-".into()), direct);
+        runs.insert(("socket-lb".into(), "first".into()), ours);
+        let records = records_of(1, LoadMode::Tcp, &runs);
+        let r = records.iter().find(|r| r.variant == "socket-lb").unwrap();
+        assert!((r.rate_vs_direct - 1.0).abs() < 1e-9);
+        assert!((r.rate_vs_direct_min - 100.0 / 110.0).abs() < 1e-9);
+        assert!((r.rate_vs_direct_max - 1.25).abs() < 1e-9);
+        assert!((r.p99_vs_direct_max - 1.2).abs() < 1e-9);
+        let d = records.iter().find(|r| r.variant == "direct").unwrap();
+        assert_eq!([d.rate_vs_direct_min, d.rate_vs_direct_max], [1.0, 1.0]);
+    }
+
+    #[test]
+    fn medians_of_even_counts_average_the_middle_two() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
+
+    #[test]
+    fn cold_sync_times_come_from_the_log_timestamp() {
+        let line =
+            "2026-11-25T14:18:01.250000Z  INFO lb_user::agent: synced services=1 elapsed_us=900";
+        assert_eq!(
+            log_time_of_day(line),
+            Some(14.0 * 3600.0 + 18.0 * 60.0 + 1.25)
+        );
+        assert_eq!(log_time_of_day("synced"), None);
+        assert_eq!(log_field(line, "elapsed_us"), Some(900.0));
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * 3 + 61);
+        assert_eq!(secs_of_day(t), 61.0);
+    }
 }

@@ -302,7 +302,7 @@ impl Drop for NodePortLab {
 
 /// The machine's busy CPU time so far (every CPU: user, nice, system, irq and softirq;
 /// not idle, iowait or the hypervisor's steal), in µs.
-fn busy_cpu_us() -> anyhow::Result<f64> {
+pub(crate) fn busy_cpu_us() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     busy_of(&stat).context("no cpu line in /proc/stat")
 }
@@ -359,7 +359,7 @@ pub fn bench_node_port(opts: &BenchOptions, n: usize) -> anyhow::Result<Vec<Node
     Ok(records_of(n, &runs))
 }
 
-fn spread(v: Vec<f64>) -> [f64; 3] {
+pub(super) fn spread(v: Vec<f64>) -> [f64; 3] {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     [median(v), min, max]
@@ -401,7 +401,7 @@ fn records_of(n: usize, runs: &BTreeMap<String, Vec<Sample>>) -> Vec<NodePortRec
         .collect()
 }
 
-fn fmt3(r: [f64; 3]) -> String {
+pub(super) fn fmt3(r: [f64; 3]) -> String {
     format!("{:.2} ({:.2}–{:.2})", r[0], r[1], r[2])
 }
 

@@ -150,6 +150,11 @@ pub fn manifests(ports: &[SvcPort]) -> String {
     out
 }
 
+/// The documents of a multi-document YAML text such as [`manifests`] writes.
+pub fn documents(text: &str) -> impl Iterator<Item = &str> {
+    text.split("---\n").filter(|d| !d.trim().is_empty())
+}
+
 /// The cluster IP of bench service `i`.
 pub fn service_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 96, (i / 250) as u8, (i % 250) as u8 + 1)
@@ -193,6 +198,11 @@ mod tests {
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
         let built = lb_user::model::build(&loaded.objects, None, &[]);
         assert!(built.warnings.is_empty(), "{:?}", built.warnings);
+        assert_eq!(
+            documents(&manifests(&ports)).count(),
+            10,
+            "a Service and a slice each"
+        );
         // 5 TCP frontends + 3 UDP ones, each with its endpoints.
         assert_eq!(built.desired.frontends.len(), 8);
         assert!(
