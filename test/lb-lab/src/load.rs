@@ -53,6 +53,11 @@ impl LoadReport {
         (self.count - self.errors) as f64 / (self.elapsed_ns as f64 / 1e9)
     }
 
+    /// How many CPUs the machine kept busy on average while the clients ran.
+    pub fn busy_cores(&self) -> f64 {
+        self.cpu_us * 1e3 / self.elapsed_ns as f64
+    }
+
     /// Busy CPU per successful request (µs); NaN when nothing succeeded.
     pub fn cpu_us_per_request(&self) -> f64 {
         match self.count - self.errors {

@@ -82,6 +82,10 @@ pub struct Record {
     pub p99_vs_direct_min: f64,
     #[serde(default = "nan")]
     pub p99_vs_direct_max: f64,
+    /// The machine's busy CPU during the runs, in cores (median over rounds): one
+    /// sequential client and its server keep about one core busy; more is other load.
+    #[serde(default = "nan")]
+    pub busy_cores: f64,
 }
 
 fn nan() -> f64 {
@@ -631,6 +635,7 @@ fn records_of(n: usize, mode: LoadMode, runs: &Runs) -> Vec<Record> {
             rate_vs_direct_max: rate[2],
             p99_vs_direct_min: p99[1],
             p99_vs_direct_max: p99[2],
+            busy_cores: median(reports.iter().map(LoadReport::busy_cores).collect()),
         });
     }
     records

@@ -81,9 +81,11 @@ fn noise_table(md: &mut String, records: &[Record]) {
          twice, so its ratio to direct is 1.00 up to noise. Its min–max over rounds is the noise floor: a \
          variant's ratio to direct that lies within it cannot be told from direct. direct-hooked connects to \
          the pods directly from the cgroup with our programs attached: what the hooks cost connections that are \
-         not to a service.\n\n\
-         | services | proto | direct-aa / direct (noise floor) | direct-hooked / direct | socket-lb / direct (first) |\n\
-         |---:|---|---|---|---|\n",
+         not to a service. Busy cores: the machine's busy CPU during direct's runs (/proc/stat); one \
+         sequential client and its server keep about one core busy, more is other load on the machine, which \
+         widens the noise floor.\n\n\
+         | services | proto | direct-aa / direct (noise floor) | direct-hooked / direct | socket-lb / direct (first) | busy cores |\n\
+         |---:|---|---|---|---|---:|\n",
     );
     let mut groups: Vec<(usize, &str)> = records
         .iter()
@@ -94,9 +96,10 @@ fn noise_table(md: &mut String, records: &[Record]) {
     for (n, proto) in groups {
         let cell =
             |variant, pos| find(records, variant, n, proto, pos).map_or("-".into(), rate_spread);
+        let busy = find(records, "direct", n, proto, "-").map_or(f64::NAN, |r| r.busy_cores);
         let _ = writeln!(
             md,
-            "| {n} | {proto} | {} | {} | {} |",
+            "| {n} | {proto} | {} | {} | {} | {busy:.2} |",
             cell(DIRECT_AA, "-"),
             cell(DIRECT_HOOKED, "-"),
             cell("socket-lb", "first"),
@@ -409,6 +412,7 @@ mod tests {
             rate_vs_direct_max: ratio + 0.05,
             p99_vs_direct_min: 1.0,
             p99_vs_direct_max: 1.0,
+            busy_cores: 1.0,
         };
         let records = vec![
             rec("direct", "-", 1.0),
@@ -448,7 +452,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| 10000 | tcp | 1.010 (0.96–1.06) | 0.980 (0.93–1.03) | - |"),
+            md.contains("| 10000 | tcp | 1.010 (0.96–1.06) | 0.980 (0.93–1.03) | - | 1.00 |"),
             "{md}"
         );
         for line in [
