@@ -6,20 +6,16 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    time::{Duration, Instant, SystemTime},
+    time::Instant,
 };
 
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BenchOptions, ColdSync, p50_p99, time_changes, vm_hwm_mib,
+    BenchOptions, ColdSync, p50_p99, start_agent, time_changes, vm_hwm_mib,
     workload::{churn, documents, manifests},
 };
-use crate::{
-    fake_api::FakeApi,
-    kube_proxy_rules::SvcPort,
-    lab::{AgentProcess, Lab},
-};
+use crate::{fake_api::FakeApi, kube_proxy_rules::SvcPort, lab::Lab};
 
 /// The API source's control-plane figures at one size.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -71,24 +67,14 @@ pub(super) fn measure(
     std::fs::create_dir_all(&dir.0)?;
     let kubeconfig = api.kubeconfig(&dir.0);
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}-api", base.prefix));
-    let started = SystemTime::now();
+    let source = [
+        "--kubeconfig".as_ref(),
+        kubeconfig.as_os_str(),
+        "--hostname-override".as_ref(),
+        "bench-node".as_ref(),
+    ];
     // Dropped (stopped, its pins removed) before the directory and the server go.
-    let mut agent = AgentProcess::start(
-        &opts.agent_bin,
-        &[
-            "--kubeconfig".as_ref(),
-            kubeconfig.as_os_str(),
-            "--hostname-override".as_ref(),
-            "bench-node".as_ref(),
-            "--min-sync-period".as_ref(),
-            "0s".as_ref(),
-        ],
-        &base.cgroup.path,
-        &pin,
-        &dir.0.join("agent.log"),
-    )?;
-    agent.wait_synced(1, Duration::from_secs(120))?;
-    let cold = ColdSync::of(&agent, started);
+    let (agent, cold) = start_agent(opts, base, &source, &pin, &dir.0.join("agent.log"))?;
     let churn_vip = SocketAddr::new(churn(pods[0]).ip.into(), 80);
     let times = time_changes(base, churn_vip, opts.changes, |_, to| {
         let slice = churn_slice(pods[to]);

@@ -149,6 +149,24 @@ impl ColdSync {
     }
 }
 
+/// Starts our agent on `source` (its flags) in `base`'s client cgroup, pinning under
+/// `pin`, with no minimum sync period; waits for its first sync and returns its times.
+fn start_agent(
+    opts: &BenchOptions,
+    base: &Lab,
+    source: &[&std::ffi::OsStr],
+    pin: &Path,
+    log: &Path,
+) -> anyhow::Result<(AgentProcess, ColdSync)> {
+    let mut args = source.to_vec();
+    args.extend(["--min-sync-period", "0s", "--poll-interval-ms", "1"].map(std::ffi::OsStr::new));
+    let started = SystemTime::now();
+    let mut agent = AgentProcess::start(&opts.agent_bin, &args, &base.cgroup.path, pin, log)?;
+    agent.wait_synced(1, Duration::from_secs(120))?;
+    let cold = ColdSync::of(&agent, started);
+    Ok((agent, cold))
+}
+
 /// Seconds since midnight (UTC) of a log line's RFC 3339 timestamp
 /// ("2026-01-02T03:04:05.123456Z  INFO ...").
 fn log_time_of_day(line: &str) -> Option<f64> {
@@ -422,23 +440,8 @@ impl OurAgent {
         std::fs::write(mdir.join("services.yaml"), manifests(ports))?;
         std::fs::write(mdir.join("churn.yaml"), manifests(&[churn(pods[0])]))?;
         let pin = PathBuf::from(format!("/sys/fs/bpf/{}", base.prefix));
-        let started = SystemTime::now();
-        let mut agent = AgentProcess::start(
-            &opts.agent_bin,
-            &[
-                "--manifests".as_ref(),
-                mdir.as_os_str(),
-                "--min-sync-period".as_ref(),
-                "0s".as_ref(),
-                "--poll-interval-ms".as_ref(),
-                "1".as_ref(),
-            ],
-            &base.cgroup.path,
-            &pin,
-            &dir.join("agent.log"),
-        )?;
-        agent.wait_synced(1, Duration::from_secs(120))?;
-        let cold = ColdSync::of(&agent, started);
+        let source = ["--manifests".as_ref(), mdir.as_os_str()];
+        let (agent, cold) = start_agent(opts, base, &source, &pin, &dir.join("agent.log"))?;
         cp.cold_read_ms = cold.read_ms;
         cp.cold_program_ms = cold.program_ms;
         cp.cold_write_ms = cold.write_ms;
