@@ -111,6 +111,10 @@ pub struct ControlPlane {
     /// One EndpointSlice change to the first connection reaching the new backend, by
     /// variant: [p50, p99] in ms.
     pub change_ms: BTreeMap<String, [f64; 2]>,
+    /// The first change after the start (not in `change_ms`): the agent's watch or poll,
+    /// or kube-proxy's first partial load, still settling in.
+    #[serde(default)]
+    pub first_change_ms: BTreeMap<String, f64>,
     pub agent_rss_mib: f64,
     pub maps_memlock_mib: f64,
     /// The same agent, on the same objects served by the (fake) Kubernetes API.
@@ -369,18 +373,20 @@ fn bench_size(opts: &BenchOptions, n: usize, out: &mut Outputs) -> anyhow::Resul
         opts.changes
     );
     let churn_vip = SocketAddr::new(churn(pods[0]).ip.into(), 80);
-    let times = time_changes(&base, churn_vip, opts.changes, |_, to| {
+    let (first, times) = time_changes(&base, churn_vip, opts.changes, |_, to| {
         ours.change(&pods, to)
     })?;
+    cp.first_change_ms.insert("socket-lb".into(), first);
     cp.change_ms.insert("socket-lb".into(), p50_p99(times));
     for rl in &rule_labs {
         // kube-proxy's partial rule update.
-        let times = time_changes(&rl.lab, churn_vip, opts.changes, |from, to| {
+        let (first, times) = time_changes(&rl.lab, churn_vip, opts.changes, |from, to| {
             let text = rl.mode.change(&churn(pods[from]), &churn(pods[to]));
             let start = Instant::now();
             rl.mode.load(&rl.lab.node.name, &text, true)?;
             Ok(start)
         })?;
+        cp.first_change_ms.insert(rl.mode.name().into(), first);
         cp.change_ms.insert(rl.mode.name().into(), p50_p99(times));
     }
     cp.agent_rss_mib = vm_hwm_mib(ours.agent.child.0.id());
@@ -515,25 +521,28 @@ fn rules_labs(
 }
 
 /// One endpoint change to the first connection that reaches the new backend, `changes`
-/// times: `change(from, to)` swaps the churn service's pod and returns when it began.
+/// times after a first one: `change(from, to)` swaps the churn service's pod and returns
+/// when it began. Returns the first change's time apart: right after a start it also
+/// measures what is still settling in (a watch being set up, first-time code paths).
 fn time_changes(
     lab: &Lab,
     churn_vip: SocketAddr,
     changes: usize,
     mut change: impl FnMut(usize, usize) -> anyhow::Result<Instant>,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<(f64, Vec<f64>)> {
     let mut times = Vec::new();
     let mut at = 0usize;
     let mut waiter = Waiter::start(lab, churn_vip, &lab.cgroup)?;
     waiter.wait_for("pod-0")?;
-    for _ in 0..changes {
+    for _ in 0..=changes {
         let next = (at + 1) % 2;
         let start = change(at, next)?;
         waiter.wait_for(&format!("pod-{next}"))?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
         at = next;
     }
-    Ok(times)
+    let first = times.remove(0);
+    Ok((first, times))
 }
 
 /// One thing measured: a client in `cgroup` of `lab`'s node, round-robin over `targets`.
