@@ -194,7 +194,8 @@ pub fn load(spec: &LoadSpec) -> LoadReport {
         let elapsed_ns = t0.elapsed().as_nanos() as u64;
         let cpu_us = match (cpu0, crate::bench::busy_cpu_us().ok()) {
             (Some(a), Some(b)) => b - a,
-            _ => f64::NAN,
+            // JSON has no NaN: 0 reads as "below /proc/stat's resolution".
+            _ => 0.0,
         };
         (results, elapsed_ns, cpu_us)
     });
