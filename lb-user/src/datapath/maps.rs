@@ -52,7 +52,13 @@ pub struct BpfMaps {
     /// The packet level's affinity (clients by source address); purged with `affinity`.
     affinity_src: HashMap<MapData, SrcAffinityKey, AffinityValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    /// Runs of writes go in one `BPF_MAP_UPDATE_BATCH` call; off once the kernel says it
+    /// cannot.
+    batch: bool,
 }
+
+/// Writes of one map that can go in one batch.
+const MIN_BATCH: usize = 4;
 
 fn trie(map: Map) -> Result<LpmTrie<MapData, SourceRange, u8>, DatapathError> {
     LpmTrie::try_from(map).map_err(|source| DatapathError::Map {
@@ -95,6 +101,7 @@ impl BpfMaps {
             affinity: typed(take(MAP_AFFINITY)?, MAP_AFFINITY)?,
             affinity_src: typed(take(MAP_AFFINITY_SRC)?, MAP_AFFINITY_SRC)?,
             source_ranges: trie(take(MAP_SOURCE_RANGES)?)?,
+            batch: true,
         })
     }
 
@@ -115,6 +122,7 @@ impl BpfMaps {
             affinity: typed(Map::LruHashMap(open(MAP_AFFINITY)?), MAP_AFFINITY)?,
             affinity_src: typed(Map::LruHashMap(open(MAP_AFFINITY_SRC)?), MAP_AFFINITY_SRC)?,
             source_ranges: trie(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
+            batch: true,
         })
     }
 
@@ -162,6 +170,10 @@ impl BpfMaps {
     pub fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError> {
         let mut i = 0;
         while i < ops.len() {
+            if let Some(done) = self.put_batch(&ops[i..])? {
+                i += done;
+                continue;
+            }
             let op = &ops[i];
             i += 1;
             let result = match *op {
@@ -186,7 +198,7 @@ impl BpfMaps {
                 Op::DelService { key } => ignore_missing(self.services.remove(&key)),
                 Op::PutRevNat { id, value } => self.revnat.insert(id, value, 0),
                 Op::DelRevNat { id } => ignore_missing(self.revnat.remove(&id)),
-                Op::PutName { id, name } => self.names.insert(id, name, 0),
+                Op::PutName { id, ref name } => self.names.insert(id, **name, 0),
                 Op::DelName { id } => ignore_missing(self.names.remove(&id)),
                 Op::PutSourceRange {
                     rev_nat_id,
@@ -204,21 +216,94 @@ impl BpfMaps {
                         .remove(&range_key(rev_nat_id, addr, prefix)),
                 ),
             };
-            result.map_err(|source| {
-                let full = matches!(&source, MapError::SyscallError(e)
-                    if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)));
-                DatapathError::Write {
-                    op: op.to_string(),
-                    hint: if full {
-                        " (the map is full: too many services or endpoints for its capacity)"
-                    } else {
-                        ""
-                    },
-                    source,
-                }
-            })?;
+            result.map_err(|source| write_error(op, source))?;
         }
         Ok(())
+    }
+
+    /// Writes the run of puts into one map that `ops` starts with in one batch call, if
+    /// it is long enough; returns how many operations that took (`None`: not a run, or
+    /// no batches here, so the caller writes one by one).
+    fn put_batch(&mut self, ops: &[Op]) -> Result<Option<usize>, DatapathError> {
+        if !self.batch {
+            return Ok(None);
+        }
+        let result = match ops.first() {
+            Some(Op::PutService { .. }) => {
+                let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = ops
+                    .iter()
+                    .map_while(|op| match *op {
+                        Op::PutService { key, value } => Some((key, value)),
+                        _ => None,
+                    })
+                    .unzip();
+                batch_into(aya::maps::IterableMap::map(&self.services), &keys, &values)
+            }
+            Some(Op::PutBackend { .. }) => {
+                let (keys, values): (Vec<u32>, Vec<Backend>) = ops
+                    .iter()
+                    .map_while(|op| match *op {
+                        Op::PutBackend { id, value } => Some((id, value)),
+                        _ => None,
+                    })
+                    .unzip();
+                batch_into(aya::maps::IterableMap::map(&self.backends), &keys, &values)
+            }
+            _ => return Ok(None),
+        };
+        match result {
+            Ok(n) => Ok(n),
+            Err((0, e)) if unsupported(&e) => {
+                tracing::info!("batched map writes unavailable ({e}); writing one at a time");
+                self.batch = false;
+                Ok(None)
+            }
+            Err((done, e)) => Err(write_error(
+                &ops[done],
+                MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error: e,
+                }),
+            )),
+        }
+    }
+}
+
+/// A batch write of `keys` -> `values` into `map`; `Ok(None)` when the run is too short
+/// to be worth one.
+fn batch_into<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> Result<Option<usize>, (usize, std::io::Error)> {
+    use std::os::fd::AsFd as _;
+    if keys.len() < MIN_BATCH {
+        return Ok(None);
+    }
+    super::sys::map_update_batch(map.fd().as_fd(), keys, values)?;
+    Ok(Some(keys.len()))
+}
+
+/// The kernel has no batch operations for this map.
+fn unsupported(e: &std::io::Error) -> bool {
+    // ENOTSUPP (524) is the kernel's own, not in libc.
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+    )
+}
+
+fn write_error(op: &Op, source: MapError) -> DatapathError {
+    let full = matches!(&source, MapError::SyscallError(e)
+        if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)));
+    DatapathError::Write {
+        op: op.to_string(),
+        hint: if full {
+            " (the map is full: too many services or endpoints for its capacity)"
+        } else {
+            ""
+        },
+        source,
     }
 }
 

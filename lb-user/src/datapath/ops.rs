@@ -13,8 +13,9 @@ use lb_common::{
 
 use crate::model::{Frontend, Proto, Scope};
 
-/// One map write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One map write. Small (the name is boxed): a first sync at 10k services plans a
+/// quarter of a million of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     PutBackend {
         id: u32,
@@ -40,7 +41,7 @@ pub enum Op {
     /// The Service port a frontend (by rev-NAT id) belongs to, for `lb-user dump`.
     PutName {
         id: u16,
-        name: FrontendName,
+        name: Box<FrontendName>,
     },
     DelName {
         id: u16,
@@ -212,8 +213,8 @@ impl Snapshot {
             Op::DelRevNat { id } => {
                 self.revnat.remove(&id);
             }
-            Op::PutName { id, name } => {
-                self.names.insert(id, name);
+            Op::PutName { id, ref name } => {
+                self.names.insert(id, **name);
             }
             Op::DelName { id } => {
                 self.names.remove(&id);

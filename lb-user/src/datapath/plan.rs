@@ -290,7 +290,7 @@ impl Programmed {
             warnings,
         } = steps;
         let mut ops = backends;
-        ops.extend(frontends);
+        ops.extend(grouped(frontends));
         ops.extend(purges);
         ops.extend(removals);
         ops.extend(gc);
@@ -338,7 +338,7 @@ impl Programmed {
         if old.as_ref().is_none_or(|o| o.name != name) {
             steps.frontends.push(Op::PutName {
                 id: rev_nat_id,
-                name,
+                name: Box::new(name),
             });
         }
         let ranges_changed = old_ranges.is_empty() != state.source_ranges.is_empty();
@@ -536,6 +536,21 @@ impl Steps {
             _ => {}
         }
     }
+}
+
+/// The frontends' writes grouped by kind, each frontend's order kept (rev-NAT entry
+/// and source ranges, then slots, then name and header, then slots beyond the count), so
+/// that writes to one map come in long runs, which go to the kernel in batches.
+fn grouped(mut ops: Vec<Op>) -> Vec<Op> {
+    ops.sort_by_key(|op| match op {
+        Op::PutRevNat { .. } => 0,
+        Op::PutSourceRange { .. } => 1,
+        Op::PutService { key, .. } if key.slot != 0 => 2,
+        Op::PutName { .. } => 3,
+        Op::PutService { .. } => 4,
+        _ => 5,
+    });
+    ops
 }
 
 /// The frontend's endpoints, at most [`MAX_SLOTS`] of them (with a warning beyond).

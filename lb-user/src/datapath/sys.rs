@@ -1,6 +1,7 @@
-//! The few bpf(2) commands aya does not offer for cgroup links: open a pinned link,
+//! The few bpf(2) commands aya does not offer: for cgroup links, open a pinned link,
 //! replace a cgroup link's program in place (`BPF_LINK_UPDATE`), and list and detach the
-//! cgroup links of a cgroup (for `lb-user cleanup --cgroup`).
+//! cgroup links of a cgroup (for `lb-user cleanup --cgroup`); for maps, many updates in
+//! one call (`BPF_MAP_UPDATE_BATCH`).
 
 use std::{
     ffi::CString,
@@ -11,6 +12,7 @@ use std::{
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
@@ -40,6 +42,42 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
 fn owned(fd: libc::c_long) -> OwnedFd {
     // SAFETY: bpf(2) returned a new descriptor that nothing else owns.
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Writes `keys[i]` -> `values[i]` into `map` in order, in one call
+/// (`BPF_MAP_UPDATE_BATCH`, kernel 5.6+). `K` and `V` must be the map's key and value
+/// types (their sizes are the map's). On an error, the entries before the failing one
+/// are written; returns how many were.
+pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    #[repr(C)]
+    struct Attr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut attr = Attr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: u32::try_from(keys.len()).map_err(|e| (0, io::Error::other(e)))?,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
+        .map(|_| ())
+        .map_err(|e| (attr.count as usize, e))
 }
 
 /// Opens the BPF object pinned at `path` (`BPF_OBJ_GET`).

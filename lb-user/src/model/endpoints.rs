@@ -6,12 +6,9 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service};
 
-use super::{Endpoint, Proto, ns_name, port_u16};
+use super::{Endpoint, Proto, Slice, ns_name, port_u16};
 
 /// One endpoint of a service port with what the selection rules look at.
 #[derive(Clone, Debug)]
@@ -28,7 +25,7 @@ pub(super) struct Candidate {
 pub(super) fn endpoints_for(
     port_name: &str,
     proto: Proto,
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     node: &NodeInfo,
     warnings: &mut Vec<String>,
 ) -> Vec<Candidate> {

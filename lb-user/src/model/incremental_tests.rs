@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{core::v1::Node, core::v1::Service};
 
 use super::{Change, Kind, Model, ObjKey, Object, Objects, build};
 use crate::datapath::{
@@ -99,7 +99,7 @@ fn random_service(r: &mut Rng, ns: &str, name: &str) -> Service {
 }
 
 /// A random EndpointSlice of service `svc` (sometimes without the label).
-fn random_slice(r: &mut Rng, ns: &str, name: &str, svc: &str) -> EndpointSlice {
+fn random_slice(r: &mut Rng, ns: &str, name: &str, svc: &str) -> super::Slice {
     let mut endpoints = String::new();
     for _ in 0..r.below(4) {
         let ready = r.pick(&["true", "false", "null"]);

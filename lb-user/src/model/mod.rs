@@ -34,14 +34,16 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{core::v1::Node, core::v1::Service};
 use lb_common::{PROTO_TCP, PROTO_UDP};
 
 mod endpoints;
 mod service;
+pub mod slice;
 mod state;
 
 pub use endpoints::{NodeInfo, ZONE_LABEL};
+pub use slice::Slice;
 pub use state::{
     Change, Kind, Model, ObjKey, Object, TRIGGER_TIME_ANNOTATION, Update, duplicate_warning,
 };
@@ -50,7 +52,7 @@ pub use state::{
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    pub slices: Vec<Slice>,
     pub nodes: Vec<Node>,
 }
 

@@ -6,13 +6,10 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort, ServiceSpec},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 
 use super::{
-    Frontend, FrontendKind, FrontendState, HealthCheck, NodeInfo, Proto, Scope,
+    Frontend, FrontendKind, FrontendState, HealthCheck, NodeInfo, Proto, Scope, Slice,
     endpoints::{Candidate, endpoints_for, select, select_local},
     port_u16,
 };
@@ -32,7 +29,7 @@ pub(super) struct ServiceOut {
 pub(super) fn add_service(
     svc: &Service,
     name: &str,
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     node: &NodeInfo,
     out: &mut ServiceOut,
 ) {

@@ -17,10 +17,11 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{core::v1::Node, core::v1::Service};
 
 use super::{
     Desired, Frontend, FrontendState, HealthCheck, NodeInfo, Objects, SERVICE_NAME_LABEL, Scope,
+    Slice,
     service::{ServiceOut, add_service},
 };
 
@@ -39,7 +40,7 @@ pub enum Kind {
 #[derive(Clone, Debug)]
 pub enum Object {
     Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
+    EndpointSlice(Arc<Slice>),
     Node(Arc<Node>),
 }
 
@@ -120,7 +121,7 @@ pub struct Model {
     node: NodeInfo,
 
     services: BTreeMap<ObjKey, Arc<Service>>,
-    slices: BTreeMap<ObjKey, Arc<EndpointSlice>>,
+    slices: BTreeMap<ObjKey, Arc<Slice>>,
     /// Service -> the slices labelled with its name.
     slices_of: BTreeMap<ObjKey, BTreeSet<ObjKey>>,
     nodes: BTreeMap<String, Arc<Node>>,
@@ -424,7 +425,7 @@ impl Model {
         }
         self.warned.remove(key);
         let name = format!("{}/{}", key.0, key.1);
-        let slices: Vec<&EndpointSlice> = self
+        let slices: Vec<&Slice> = self
             .slices_of
             .get(key)
             .into_iter()
@@ -533,7 +534,7 @@ fn unclaim<K: Ord>(claims: &mut BTreeMap<K, BTreeSet<ObjKey>>, what: &K, key: &O
 }
 
 /// The service (namespace, name) a slice belongs to, from its label.
-fn owner_of(slice: &EndpointSlice, key: &ObjKey) -> Result<ObjKey, String> {
+fn owner_of(slice: &Slice, key: &ObjKey) -> Result<ObjKey, String> {
     match slice
         .metadata
         .labels
@@ -548,7 +549,7 @@ fn owner_of(slice: &EndpointSlice, key: &ObjKey) -> Result<ObjKey, String> {
     }
 }
 
-fn trigger_of(slice: &EndpointSlice) -> Option<&str> {
+fn trigger_of(slice: &Slice) -> Option<&str> {
     slice
         .metadata
         .annotations

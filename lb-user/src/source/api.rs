@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::{Node, Service};
 use kube::{
     Api, Client, Config, Resource, ResourceExt as _,
     config::{KubeConfigOptions, Kubeconfig},
@@ -24,7 +24,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, task::JoinHandle};
 
-use crate::model::{Change, Kind, Object};
+use crate::model::{Change, Kind, Object, Slice, slice::slim_meta};
 
 /// kube-proxy's selector: services (and their slices) handled by another proxy, and
 /// headless ones, are not watched at all.
@@ -77,11 +77,17 @@ impl KubeSource {
             listed: Arc::new(Notify::new()),
         };
         let tasks = vec![
-            feed.watch(Api::<Service>::all(client.clone()), selector.clone(), |o| {
-                Object::Service(Arc::new(o))
-            }),
-            feed.watch(Api::<EndpointSlice>::all(client.clone()), selector, |o| {
-                Object::EndpointSlice(Arc::new(o))
+            feed.watch(
+                Api::<Service>::all(client.clone()),
+                selector.clone(),
+                |mut o| {
+                    slim_meta(&mut o.metadata);
+                    Object::Service(Arc::new(o))
+                },
+            ),
+            // Straight into the slim type: no copy of what the model never reads.
+            feed.watch(Api::<Slice>::all(client.clone()), selector, |o| {
+                Object::EndpointSlice(Arc::new(o.slim()))
             }),
             feed.watch(
                 Api::<Node>::all(client),

@@ -13,10 +13,12 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::{Node, Service};
 use serde::Deserialize as _;
 
-use crate::model::{Change, Kind, ObjKey, Object, Objects, duplicate_warning};
+use crate::model::{
+    Change, Kind, ObjKey, Object, Objects, Slice, duplicate_warning, slice::slim_meta,
+};
 
 /// Errors that stop a whole load: the path itself is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -151,12 +153,15 @@ impl FileEntry {
             mut warnings,
         } = loaded;
         let all = (objects.services.into_iter())
-            .map(|o| Object::Service(Arc::new(o)))
+            .map(|mut o| {
+                slim_meta(&mut o.metadata);
+                Object::Service(Arc::new(o))
+            })
             .chain(
                 objects
                     .slices
                     .into_iter()
-                    .map(|o| Object::EndpointSlice(Arc::new(o))),
+                    .map(|o| Object::EndpointSlice(Arc::new(o.slim()))),
             )
             .chain(objects.nodes.into_iter().map(|o| Object::Node(Arc::new(o))));
         let mut by_id = BTreeMap::new();
@@ -269,6 +274,104 @@ impl Cache {
 
 /// Parses one file's text (multi-document YAML or JSON) into `loaded`.
 pub fn parse_into(text: &str, origin: &str, loaded: &mut Loaded) {
+    match parse_fast(text) {
+        Some(objects) => {
+            loaded.objects.services.extend(objects.services);
+            loaded.objects.slices.extend(objects.slices);
+            loaded.objects.nodes.extend(objects.nodes);
+        }
+        None => parse_checked(text, origin, loaded),
+    }
+}
+
+/// The fast path for the usual file: block-style documents, each with a top-level
+/// `apiVersion:` and `kind:` line, read straight into their types (in two threads for a
+/// large file). `None` as soon as anything is unusual or does not parse: the caller then
+/// reads the file with [`parse_checked`], which names what is wrong and where.
+fn parse_fast(text: &str) -> Option<Objects> {
+    let docs = split_documents(text)?;
+    let parse = |docs: &[&str]| -> Option<Objects> {
+        let mut objects = Objects::default();
+        for doc in docs {
+            match type_of(doc)? {
+                ("v1", "Service") => objects.services.push(serde_yaml::from_str(doc).ok()?),
+                ("discovery.k8s.io/v1", "EndpointSlice") => {
+                    objects.slices.push(serde_yaml::from_str(doc).ok()?)
+                }
+                ("v1", "Node") => objects.nodes.push(serde_yaml::from_str(doc).ok()?),
+                (_, "List") => return None,
+                _ => {} // Not used (the checked path logs it at debug level).
+            }
+        }
+        Some(objects)
+    };
+    if text.len() < 1 << 20 {
+        return parse(&docs);
+    }
+    let (a, b) = docs.split_at(docs.len() / 2);
+    let (first, second) = std::thread::scope(|s| {
+        let second = s.spawn(|| parse(b));
+        (parse(a), second.join().ok().flatten())
+    });
+    let (mut first, second) = (first?, second?);
+    first.services.extend(second.services);
+    first.slices.extend(second.slices);
+    first.nodes.extend(second.nodes);
+    Some(first)
+}
+
+/// The documents of a YAML stream split at `---` lines; `None` for directives, document
+/// end markers or anything else the split cannot be sure of.
+fn split_documents(text: &str) -> Option<Vec<&str>> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if line.starts_with('%') || line.starts_with("...") || line.starts_with('\t') {
+            return None;
+        }
+        if let Some(rest) = line.strip_prefix("---") {
+            if !rest.trim().is_empty() {
+                return None; // Content after the marker.
+            }
+            docs.push(&text[start..at]);
+            start = at + line.len();
+        }
+        at += line.len();
+    }
+    docs.push(&text[start..]);
+    docs.retain(|d| {
+        d.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    });
+    Some(docs)
+}
+
+/// (apiVersion, kind) from a document's top-level lines, plain scalars only.
+fn type_of(doc: &str) -> Option<(&str, &str)> {
+    let mut api_version = None;
+    let mut kind = None;
+    for line in doc.lines() {
+        if let Some(v) = line.strip_prefix("apiVersion:") {
+            api_version = Some(plain(v)?);
+        } else if let Some(v) = line.strip_prefix("kind:") {
+            kind = Some(plain(v)?);
+        }
+    }
+    Some((api_version?, kind?))
+}
+
+fn plain(value: &str) -> Option<&str> {
+    let v = value.trim();
+    let ok = !v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "./-".contains(c));
+    ok.then_some(v)
+}
+
+/// Parses one file's text document by document, with a warning naming the document, the
+/// object and the field for everything skipped.
+fn parse_checked(text: &str, origin: &str, loaded: &mut Loaded) {
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let where_ = format!("{origin}: document {}", index + 1);
         match serde_yaml::Value::deserialize(doc) {
@@ -318,9 +421,7 @@ fn add_object(value: serde_yaml::Value, where_: &str, loaded: &mut Loaded) {
             }
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            if let Some(slice) =
-                decode::<EndpointSlice>(value, where_, "EndpointSlice", &name, loaded)
-            {
+            if let Some(slice) = decode::<Slice>(value, where_, "EndpointSlice", &name, loaded) {
                 loaded.objects.slices.push(slice);
             }
         }
