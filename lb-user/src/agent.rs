@@ -187,7 +187,8 @@ impl Agent {
             tracing::warn!("{w}");
         }
         let writing = Instant::now();
-        let result = self.maps.apply(&plan.ops);
+        let writes = plan.len();
+        let result = plan.groups.iter().try_for_each(|g| self.maps.apply(g));
         let times = SyncTimes {
             read,
             model: modelled - read,
@@ -200,20 +201,17 @@ impl Agent {
         match result {
             Ok(()) => {
                 let services = self.model.service_count();
-                log_sync(
-                    services,
-                    update.services,
-                    &programmed,
-                    plan.ops.len(),
-                    &times,
-                );
-                m.record_sync(services, &programmed, plan.ops.len(), times.total);
+                log_sync(services, update.services, &programmed, writes, &times);
+                m.record_sync(services, &programmed, writes, times.total);
                 m.observe_programming(&update.triggers, written_at);
                 let first = self.programmed_once;
                 self.programmed = Some(programmed);
                 self.programmed_once = true;
                 if update.health_changed || !first {
                     self.health.update(self.model.health_checks());
+                }
+                if !first {
+                    trim_heap();
                 }
                 self.proxier_health
                     .lock()
@@ -251,6 +249,26 @@ impl Agent {
                 None
             }
         }
+    }
+}
+
+/// One malloc heap for the whole process (glibc makes up to eight per core, one per
+/// thread that allocates): the first sync's large transient allocations, made on
+/// several threads, would otherwise stay spread over several heaps.
+pub fn one_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Hands the heap's free memory back to the system (after the first sync's peak).
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

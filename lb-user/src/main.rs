@@ -153,6 +153,7 @@ fn parse_bind(flag: &str, text: &str) -> anyhow::Result<Option<std::net::SocketA
 }
 
 fn main() -> ExitCode {
+    lb_user::agent::one_heap();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LB_LOG")

@@ -62,8 +62,25 @@ pub struct Programmed {
 /// The operations of one sync and what could not be programmed.
 #[derive(Debug, Default)]
 pub struct Plan {
-    pub ops: Vec<Op>,
+    /// The operations in order, in the groups the plan made them in (not copied into
+    /// one list: a first sync at 10k services plans a quarter of a million).
+    pub groups: Vec<Vec<Op>>,
     pub warnings: Vec<String>,
+}
+
+impl Plan {
+    /// Every operation, in order.
+    pub fn ops(&self) -> impl Iterator<Item = &Op> {
+        self.groups.iter().flatten()
+    }
+
+    pub fn len(&self) -> usize {
+        self.groups.iter().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.iter().all(Vec::is_empty)
+    }
 }
 
 impl Programmed {
@@ -283,19 +300,22 @@ impl Programmed {
         let gc = self.release(&steps.released);
         let Steps {
             backends,
-            frontends,
+            revnat,
+            ranges,
+            slots,
+            names,
+            headers,
+            tails,
             purges,
             removals,
             released: _,
             warnings,
         } = steps;
-        let mut ops = backends;
-        ops.extend(grouped(frontends));
-        ops.extend(purges);
-        ops.extend(removals);
-        ops.extend(gc);
-        ops.append(&mut self.stale);
-        Plan { ops, warnings }
+        let stale = std::mem::take(&mut self.stale);
+        let groups = vec![
+            backends, revnat, ranges, slots, names, headers, tails, purges, removals, gc, stale,
+        ];
+        Plan { groups, warnings }
     }
 
     /// One desired frontend: its rev-NAT id, backends, affinity purges, slots and header.
@@ -328,7 +348,7 @@ impl Programmed {
         steps.source_ranges(rev_nat_id, old_ranges, &state.source_ranges);
         for (i, id) in new_slots.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
-                steps.frontends.push(Op::PutService {
+                steps.slots.push(Op::PutService {
                     key: service_key(fe, i as u16 + 1),
                     value: ServiceValue::slot(*id),
                 });
@@ -336,7 +356,7 @@ impl Programmed {
         }
         let name = name_of(state);
         if old.as_ref().is_none_or(|o| o.name != name) {
-            steps.frontends.push(Op::PutName {
+            steps.names.push(Op::PutName {
                 id: rev_nat_id,
                 name: Box::new(name),
             });
@@ -352,7 +372,7 @@ impl Programmed {
             } else {
                 SVC_F_SOURCE_RANGES
             };
-            steps.frontends.push(Op::PutService {
+            steps.headers.push(Op::PutService {
                 key: service_key(fe, 0),
                 value: ServiceValue {
                     flags,
@@ -361,7 +381,7 @@ impl Programmed {
             });
         }
         for i in new_slots.len()..old_slots.len() {
-            steps.frontends.push(Op::DelService {
+            steps.tails.push(Op::DelService {
                 key: service_key(fe, i as u16 + 1),
             });
         }
@@ -395,7 +415,7 @@ impl Programmed {
             ));
             return None;
         };
-        steps.frontends.push(Op::PutRevNat {
+        steps.revnat.push(Op::PutRevNat {
             id,
             value: RevNat {
                 addr: addr_of(fe.addr),
@@ -463,8 +483,15 @@ impl Programmed {
 struct Steps {
     /// 1. New backends, and purges of reused rev-NAT ids.
     backends: Vec<Op>,
-    /// 2. Per frontend: rev-NAT entry, slots, header, slots beyond the count.
-    frontends: Vec<Op>,
+    /// 2. Per frontend: rev-NAT entry and new source ranges, slots, name, header, slots
+    ///    beyond the count; each kind in a list of its own, so that the writes to one
+    ///    map come in long runs (batched to the kernel), every frontend's order kept.
+    revnat: Vec<Op>,
+    ranges: Vec<Op>,
+    slots: Vec<Op>,
+    names: Vec<Op>,
+    headers: Vec<Op>,
+    tails: Vec<Op>,
     /// 3. Affinity entries of backends that left, or of a changed timeout.
     purges: Vec<Op>,
     /// 4. Frontends that are gone.
@@ -486,7 +513,7 @@ impl Steps {
     ) {
         for &(net, len) in new.difference(old) {
             let (addr, prefix) = range_key(net, len);
-            self.frontends.push(Op::PutSourceRange {
+            self.ranges.push(Op::PutSourceRange {
                 rev_nat_id,
                 addr,
                 prefix,
@@ -536,21 +563,6 @@ impl Steps {
             _ => {}
         }
     }
-}
-
-/// The frontends' writes grouped by kind, each frontend's order kept (rev-NAT entry
-/// and source ranges, then slots, then name and header, then slots beyond the count), so
-/// that writes to one map come in long runs, which go to the kernel in batches.
-fn grouped(mut ops: Vec<Op>) -> Vec<Op> {
-    ops.sort_by_key(|op| match op {
-        Op::PutRevNat { .. } => 0,
-        Op::PutSourceRange { .. } => 1,
-        Op::PutService { key, .. } if key.slot != 0 => 2,
-        Op::PutName { .. } => 3,
-        Op::PutService { .. } => 4,
-        _ => 5,
-    });
-    ops
 }
 
 /// The frontend's endpoints, at most [`MAX_SLOTS`] of them (with a warning beyond).
@@ -680,11 +692,11 @@ mod tests {
     fn sync(prog: &mut Programmed, maps: &mut Snapshot, d: &Desired) -> Vec<Op> {
         let plan = prog.plan(d);
         assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
-        for op in &plan.ops {
+        for op in plan.ops() {
             maps.apply(op);
             assert_consistent(maps, op);
         }
-        plan.ops
+        plan.ops().cloned().collect()
     }
 
     /// The backends each frontend balances to, read back from the maps.
@@ -1060,7 +1072,7 @@ mod tests {
         assert_eq!(maps.source_ranges.len(), 2);
         // A restarted agent adopts them: nothing to write.
         let mut adopted = Programmed::adopt(&maps);
-        assert!(adopted.plan(&d).ops.is_empty());
+        assert!(adopted.plan(&d).is_empty());
         // Dropped: the header loses the flag first, then the ranges go.
         d.frontends.get_mut(&lb).unwrap().source_ranges.clear();
         let ops = sync(&mut prog, &mut maps, &d);

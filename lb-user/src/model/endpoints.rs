@@ -62,7 +62,7 @@ pub(super) fn endpoints_for(
             continue;
         };
         for (k, ep) in slice.endpoints.iter().enumerate() {
-            let Some(text) = ep.addresses.first() else {
+            let Some(text) = &ep.address else {
                 continue;
             };
             let addr = match text.parse::<IpAddr>() {

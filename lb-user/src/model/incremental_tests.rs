@@ -324,11 +324,11 @@ fn incremental_updates_leave_what_a_full_rebuild_leaves() {
             assert_eq!(sorted(model.warnings()), sorted(full.warnings), "{ctx}");
 
             let plan = prog.plan_changes(model.desired(), &update.changed);
-            for op in &plan.ops {
+            for op in plan.ops() {
                 maps.apply(op);
             }
             let mut fresh_maps = Snapshot::default();
-            for op in &Programmed::default().plan(&full.desired).ops {
+            for op in Programmed::default().plan(&full.desired).ops() {
                 fresh_maps.apply(op);
             }
             assert_eq!(

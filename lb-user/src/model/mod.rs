@@ -41,6 +41,7 @@ mod endpoints;
 mod service;
 pub mod slice;
 mod state;
+mod vecmap;
 
 pub use endpoints::{NodeInfo, ZONE_LABEL};
 pub use slice::Slice;

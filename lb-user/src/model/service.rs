@@ -2,7 +2,7 @@
 //! nodePorts, each port with its endpoints and the service's affinity timeout.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -12,6 +12,7 @@ use super::{
     Frontend, FrontendKind, FrontendState, HealthCheck, NodeInfo, Proto, Scope, Slice,
     endpoints::{Candidate, endpoints_for, select, select_local},
     port_u16,
+    vecmap::VecMap,
 };
 
 /// One service's part of the desired state, computed alone (claims on frontends that
@@ -19,7 +20,7 @@ use super::{
 #[derive(Debug, Default)]
 pub(super) struct ServiceOut {
     /// Frontend -> its state and the index of the `spec.ports` entry it comes from.
-    pub frontends: BTreeMap<Frontend, (FrontendState, usize)>,
+    pub frontends: VecMap<Frontend, (FrontendState, usize)>,
     /// healthCheckNodePort and what it reports.
     pub health: Option<(u16, HealthCheck)>,
     pub warnings: Vec<String>,

@@ -15,8 +15,15 @@ use serde::Deserialize;
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Slice {
+    /// Name, namespace, resourceVersion and uid (see [`Slice::slim`]).
     #[serde(default)]
     pub metadata: ObjectMeta,
+    /// The `kubernetes.io/service-name` label and the last-change-trigger-time
+    /// annotation, taken out of the metadata by [`Slice::slim`].
+    #[serde(skip)]
+    pub service_name: Option<String>,
+    #[serde(skip)]
+    pub trigger_time: Option<String>,
     pub address_type: String,
     pub endpoints: Vec<SliceEndpoint>,
     #[serde(default)]
@@ -37,7 +44,9 @@ pub struct SlicePort {
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SliceEndpoint {
-    pub addresses: Vec<String>,
+    /// `addresses[0]`, the one kube-proxy uses (the API allows one only).
+    #[serde(rename = "addresses", deserialize_with = "first_address")]
+    pub address: Option<String>,
     #[serde(default)]
     pub conditions: Option<Conditions>,
     #[serde(default)]
@@ -74,11 +83,62 @@ pub struct Named {
 }
 
 impl Slice {
-    /// Drops the metadata the model never reads (see [`slim_meta`]).
+    /// Keeps of the metadata the name, namespace, resourceVersion and uid, and the two
+    /// values the model reads of its labels and annotations (as fields); frees the
+    /// endpoint list's spare room.
     pub fn slim(mut self) -> Self {
+        let labels = self.metadata.labels.take();
+        let annotations = self.metadata.annotations.take();
+        self.service_name = self
+            .service_name
+            .take()
+            .or_else(|| labels.and_then(|mut l| l.remove(super::SERVICE_NAME_LABEL)));
+        self.trigger_time = self
+            .trigger_time
+            .take()
+            .or_else(|| annotations.and_then(|mut a| a.remove(super::TRIGGER_TIME_ANNOTATION)));
         slim_meta(&mut self.metadata);
+        self.endpoints.shrink_to_fit();
         self
     }
+
+    /// The service this slice belongs to (its `kubernetes.io/service-name` label).
+    pub fn service_name(&self) -> Option<&str> {
+        self.service_name.as_deref().or_else(|| {
+            let labels = self.metadata.labels.as_ref()?;
+            labels.get(super::SERVICE_NAME_LABEL).map(String::as_str)
+        })
+    }
+
+    /// Its `endpoints.kubernetes.io/last-change-trigger-time` annotation.
+    pub fn trigger_time(&self) -> Option<&str> {
+        self.trigger_time.as_deref().or_else(|| {
+            let annotations = self.metadata.annotations.as_ref()?;
+            annotations
+                .get(super::TRIGGER_TIME_ANNOTATION)
+                .map(String::as_str)
+        })
+    }
+}
+
+/// The first element of a list of strings, the others skipped unstored.
+fn first_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct First;
+    impl<'de> serde::de::Visitor<'de> for First {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of addresses")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let first = seq.next_element::<String>()?;
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(first)
+        }
+    }
+    d.deserialize_seq(First)
 }
 
 /// Keeps of an object's metadata what the model reads: name, namespace, labels,
@@ -148,10 +208,12 @@ mod tests {
         let s = s.slim();
         assert_eq!(s.metadata.name.as_deref(), Some("web-abc"));
         assert!(s.metadata.owner_references.is_none(), "slimmed");
+        assert!(s.metadata.labels.is_none(), "kept as a field");
+        assert_eq!(s.service_name(), Some("web"));
         assert_eq!(s.metadata.resource_version.as_deref(), Some("42"));
         assert_eq!(s.address_type, "IPv4");
         let ep = &s.endpoints[0];
-        assert_eq!(ep.addresses, ["10.244.1.2"]);
+        assert_eq!(ep.address.as_deref(), Some("10.244.1.2"));
         assert_eq!(ep.node_name.as_deref(), Some("node-a"));
         let hints = ep.hints.as_ref().unwrap();
         assert_eq!(hints.for_zones.as_ref().unwrap()[0].name, "z1");

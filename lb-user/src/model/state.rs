@@ -23,6 +23,7 @@ use super::{
     Desired, Frontend, FrontendState, HealthCheck, NodeInfo, Objects, SERVICE_NAME_LABEL, Scope,
     Slice,
     service::{ServiceOut, add_service},
+    vecmap::VecMap,
 };
 
 /// (namespace, name); a Node's namespace is empty.
@@ -61,14 +62,20 @@ impl Object {
         }
     }
 
-    /// (namespace, name): the namespace defaults to "default" (none for a Node).
-    pub fn key(&self) -> ObjKey {
+    /// (kind, namespace, name), borrowed: what [`Self::key`] gives, without copies.
+    pub fn id(&self) -> (Kind, &str, &str) {
         let meta = self.meta();
         let ns = match self {
-            Self::Node(_) => String::new(),
-            _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            Self::Node(_) => "",
+            _ => meta.namespace.as_deref().unwrap_or("default"),
         };
-        (ns, meta.name.clone().unwrap_or_else(|| "<no name>".into()))
+        (self.kind(), ns, meta.name.as_deref().unwrap_or("<no name>"))
+    }
+
+    /// (namespace, name): the namespace defaults to "default" (none for a Node).
+    pub fn key(&self) -> ObjKey {
+        let (_, ns, name) = self.id();
+        (ns.to_string(), name.to_string())
     }
 
     /// The same object as far as the model is concerned: the same resourceVersion when
@@ -123,7 +130,7 @@ pub struct Model {
     services: BTreeMap<ObjKey, Arc<Service>>,
     slices: BTreeMap<ObjKey, Arc<Slice>>,
     /// Service -> the slices labelled with its name.
-    slices_of: BTreeMap<ObjKey, BTreeSet<ObjKey>>,
+    slices_of: BTreeMap<ObjKey, VecMap<ObjKey, ()>>,
     nodes: BTreeMap<String, Arc<Node>>,
     /// Slices without the service-name label, with their warning.
     unlabeled: BTreeMap<ObjKey, String>,
@@ -139,8 +146,8 @@ pub struct Model {
     /// Keys whose out has warnings.
     warned: BTreeSet<ObjKey>,
     /// Frontend -> the services that claim it (the first wins).
-    claims: BTreeMap<Frontend, BTreeSet<ObjKey>>,
-    health_claims: BTreeMap<u16, BTreeSet<ObjKey>>,
+    claims: BTreeMap<Frontend, VecMap<ObjKey, ()>>,
+    health_claims: BTreeMap<u16, VecMap<ObjKey, ()>>,
     served: usize,
 
     desired: Desired,
@@ -208,7 +215,7 @@ impl Model {
             objects
                 .slices
                 .into_iter()
-                .map(|o| Object::EndpointSlice(Arc::new(o))),
+                .map(|o| Object::EndpointSlice(Arc::new(o.slim()))),
         )
         .chain(objects.nodes.into_iter().map(|o| Object::Node(Arc::new(o))));
         for obj in all {
@@ -261,10 +268,10 @@ impl Model {
                 {
                     return;
                 }
-                let trigger = trigger_of(&slice);
+                let trigger = slice.trigger_time();
                 if self.seeded
                     && let Some(t) = trigger
-                    && old.as_deref().and_then(trigger_of) != Some(t)
+                    && old.as_deref().and_then(Slice::trigger_time) != Some(t)
                 {
                     self.triggers
                         .push((format!("{}/{}", key.0, key.1), t.to_string()));
@@ -275,7 +282,7 @@ impl Model {
                         self.slices_of
                             .entry(owner.clone())
                             .or_default()
-                            .insert(key.clone());
+                            .insert(key.clone(), ());
                         self.dirty.insert(owner);
                     }
                     Err(warning) => {
@@ -372,7 +379,7 @@ impl Model {
             let now = self
                 .health_claims
                 .get(&port)
-                .and_then(|owners| owners.first())
+                .and_then(|owners| owners.first_key())
                 .and_then(|k| self.outs.get(k))
                 .and_then(|o| o.health.as_ref())
                 .map(|(_, hc)| hc.clone());
@@ -398,7 +405,7 @@ impl Model {
 
     /// The state of `fe` from the first service that claims it.
     fn winner_state(&self, fe: &Frontend) -> Option<&FrontendState> {
-        let owner = self.claims.get(fe)?.first()?;
+        let owner = self.claims.get(fe)?.first_key()?;
         self.outs.get(owner)?.frontends.get(fe).map(|(s, _)| s)
     }
 
@@ -429,7 +436,7 @@ impl Model {
             .slices_of
             .get(key)
             .into_iter()
-            .flatten()
+            .flat_map(VecMap::keys)
             .filter_map(|k| self.slices.get(k).map(|s| &**s))
             .collect();
         let mut out = ServiceOut::default();
@@ -446,14 +453,14 @@ impl Model {
             }
         }
         for fe in out.frontends.keys() {
-            self.claims.entry(*fe).or_default().insert(key.clone());
+            self.claims.entry(*fe).or_default().insert(key.clone(), ());
             touched.insert(*fe);
         }
         if let Some((port, _)) = &out.health {
             self.health_claims
                 .entry(*port)
                 .or_default()
-                .insert(key.clone());
+                .insert(key.clone(), ());
             touched_ports.insert(*port);
         }
         if !out.frontends.is_empty() {
@@ -494,8 +501,8 @@ impl Model {
                 continue; // Its external twin carries the warning.
             }
             let winner = self.winner_state(fe).map_or("?", |s| s.service.as_str());
-            for loser in owners.iter().skip(1) {
-                let index = self.outs[loser].frontends[fe].1;
+            for loser in owners.keys().skip(1) {
+                let index = self.outs[loser].frontends.get(fe).map_or(0, |(_, i)| *i);
                 out.push(format!(
                     "Service {}/{}: field spec.ports[{index}]: frontend {fe} is already used by {winner}; skipped",
                     loser.0, loser.1
@@ -503,8 +510,8 @@ impl Model {
             }
         }
         for (port, owners) in self.health_claims.iter().filter(|(_, o)| o.len() > 1) {
-            let winner = owners.first().expect("more than one");
-            for loser in owners.iter().skip(1) {
+            let winner = owners.first_key().expect("more than one");
+            for loser in owners.keys().skip(1) {
                 out.push(format!(
                     "Service {}/{}: field spec.healthCheckNodePort: {port} is already served for {}/{}; skipped",
                     loser.0, loser.1, winner.0, winner.1
@@ -524,7 +531,7 @@ impl Model {
     }
 }
 
-fn unclaim<K: Ord>(claims: &mut BTreeMap<K, BTreeSet<ObjKey>>, what: &K, key: &ObjKey) {
+fn unclaim<K: Ord>(claims: &mut BTreeMap<K, VecMap<ObjKey, ()>>, what: &K, key: &ObjKey) {
     if let Some(owners) = claims.get_mut(what) {
         owners.remove(key);
         if owners.is_empty() {
@@ -535,27 +542,13 @@ fn unclaim<K: Ord>(claims: &mut BTreeMap<K, BTreeSet<ObjKey>>, what: &K, key: &O
 
 /// The service (namespace, name) a slice belongs to, from its label.
 fn owner_of(slice: &Slice, key: &ObjKey) -> Result<ObjKey, String> {
-    match slice
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-    {
-        Some(svc) => Ok((key.0.clone(), svc.clone())),
+    match slice.service_name() {
+        Some(svc) => Ok((key.0.clone(), svc.to_string())),
         None => Err(format!(
             "EndpointSlice {}/{}: field metadata.labels: no {SERVICE_NAME_LABEL} label; skipped",
             key.0, key.1
         )),
     }
-}
-
-fn trigger_of(slice: &Slice) -> Option<&str> {
-    slice
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(TRIGGER_TIME_ANNOTATION)
-        .map(String::as_str)
 }
 
 /// "Service ns/name: defined more than once; the first definition is used".

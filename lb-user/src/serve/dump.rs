@@ -344,8 +344,8 @@ mod tests {
             },
         );
         let mut snap = Snapshot::default();
-        for op in Programmed::default().plan(&d).ops {
-            snap.apply(&op);
+        for op in Programmed::default().plan(&d).ops() {
+            snap.apply(op);
         }
         let text = render(&snap);
         assert!(

@@ -135,7 +135,8 @@ type Id = (Kind, ObjKey);
 #[derive(Debug)]
 struct FileEntry {
     stamp: Option<Stamp>,
-    objects: BTreeMap<Id, Object>,
+    /// Its objects sorted by [`Object::id`], one of each (the first definition).
+    objects: Vec<Object>,
     warnings: Vec<String>,
 }
 
@@ -152,7 +153,7 @@ impl FileEntry {
             objects,
             mut warnings,
         } = loaded;
-        let all = (objects.services.into_iter())
+        let mut all: Vec<Object> = (objects.services.into_iter())
             .map(|mut o| {
                 slim_meta(&mut o.metadata);
                 Object::Service(Arc::new(o))
@@ -163,25 +164,30 @@ impl FileEntry {
                     .into_iter()
                     .map(|o| Object::EndpointSlice(Arc::new(o.slim()))),
             )
-            .chain(objects.nodes.into_iter().map(|o| Object::Node(Arc::new(o))));
-        let mut by_id = BTreeMap::new();
-        for obj in all {
-            match by_id.entry((obj.kind(), obj.key())) {
-                std::collections::btree_map::Entry::Occupied(e) => {
-                    let (kind, key) = e.key();
-                    let dup = duplicate_warning(*kind, key);
-                    warnings.push(format!("{}: {dup}", file.display()));
-                }
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    e.insert(obj);
-                }
+            .chain(objects.nodes.into_iter().map(|o| Object::Node(Arc::new(o))))
+            .collect();
+        // Stable: of two definitions, the first stays first.
+        all.sort_by(|a, b| a.id().cmp(&b.id()));
+        all.dedup_by(|later, first| {
+            let dup = later.id() == first.id();
+            if dup {
+                let dup = duplicate_warning(later.kind(), &later.key());
+                warnings.push(format!("{}: {dup}", file.display()));
             }
-        }
+            dup
+        });
+        all.shrink_to_fit();
         Self {
             stamp,
-            objects: by_id,
+            objects: all,
             warnings,
         }
+    }
+
+    fn get(&self, id: &Id) -> Option<&Object> {
+        let want = (id.0, id.1.0.as_str(), id.1.1.as_str());
+        let i = self.objects.binary_search_by(|o| o.id().cmp(&want)).ok()?;
+        Some(&self.objects[i])
     }
 }
 
@@ -191,8 +197,6 @@ impl FileEntry {
 #[derive(Debug, Default)]
 pub struct Cache {
     files: BTreeMap<PathBuf, FileEntry>,
-    /// Every object -> the files that define it.
-    defined_in: BTreeMap<Id, BTreeSet<PathBuf>>,
     /// The objects defined in more than one file.
     duplicated: BTreeSet<Id>,
 }
@@ -203,40 +207,39 @@ impl Cache {
     pub fn refresh(&mut self, path: &Path) -> Result<(Vec<Change>, Vec<String>), ManifestError> {
         let mut seen = BTreeMap::new();
         let mut touched: BTreeSet<Id> = BTreeSet::new();
+        let ids = |e: &FileEntry| {
+            e.objects
+                .iter()
+                .map(|o| (o.kind(), o.key()))
+                .collect::<Vec<_>>()
+        };
         for file in manifest_files(path)? {
             let stamp = Stamp::of(&file);
             let entry = match self.files.remove(&file) {
                 Some(e) if e.stamp == stamp && stamp.is_some() => e,
                 old => {
                     let new = FileEntry::read(&file, stamp);
-                    self.forget(&file, old, &mut touched);
-                    for id in new.objects.keys() {
-                        self.defined_in
-                            .entry(id.clone())
-                            .or_default()
-                            .insert(file.clone());
-                        touched.insert(id.clone());
-                    }
+                    touched.extend(old.iter().flat_map(ids));
+                    touched.extend(ids(&new));
                     new
                 }
             };
             seen.insert(file, entry);
         }
-        for (file, old) in std::mem::replace(&mut self.files, seen) {
-            self.forget(&file, Some(old), &mut touched);
+        for old in std::mem::replace(&mut self.files, seen).values() {
+            touched.extend(ids(old));
         }
-        let mut changes = Vec::new();
+        let mut changes = Vec::with_capacity(touched.len());
         for id in touched {
-            let files = self.defined_in.get(&id);
-            if files.is_some_and(|f| f.len() > 1) {
-                self.duplicated.insert(id.clone());
+            let mut defined = self.files.values().filter_map(|f| f.get(&id));
+            match defined.next() {
+                Some(obj) => changes.push(Change::Apply(obj.clone())),
+                None => changes.push(Change::Delete(id.0, id.1.clone())),
+            }
+            if defined.next().is_some() {
+                self.duplicated.insert(id);
             } else {
                 self.duplicated.remove(&id);
-            }
-            let first = files.and_then(|files| files.first());
-            match first.and_then(|f| self.files.get(f)?.objects.get(&id)) {
-                Some(obj) => changes.push(Change::Apply(obj.clone())),
-                None => changes.push(Change::Delete(id.0, id.1)),
             }
         }
         let mut warnings: Vec<String> = self
@@ -245,9 +248,11 @@ impl Cache {
             .flat_map(|f| f.warnings.iter().cloned())
             .collect();
         for id @ (kind, key) in &self.duplicated {
-            let names: Vec<String> = self.defined_in[id]
+            let names: Vec<String> = self
+                .files
                 .iter()
-                .map(|f| f.display().to_string())
+                .filter(|(_, f)| f.get(id).is_some())
+                .map(|(name, _)| name.display().to_string())
                 .collect();
             warnings.push(format!(
                 "{} (in {})",
@@ -256,19 +261,6 @@ impl Cache {
             ));
         }
         Ok((changes, warnings))
-    }
-
-    /// Drops what `old` (the previous read of `file`) defined.
-    fn forget(&mut self, file: &Path, old: Option<FileEntry>, touched: &mut BTreeSet<Id>) {
-        for id in old.into_iter().flat_map(|o| o.objects.into_keys()) {
-            if let Some(files) = self.defined_in.get_mut(&id) {
-                files.remove(file);
-                if files.is_empty() {
-                    self.defined_in.remove(&id);
-                }
-            }
-            touched.insert(id);
-        }
     }
 }
 
@@ -285,39 +277,24 @@ pub fn parse_into(text: &str, origin: &str, loaded: &mut Loaded) {
 }
 
 /// The fast path for the usual file: block-style documents, each with a top-level
-/// `apiVersion:` and `kind:` line, read straight into their types (in two threads for a
-/// large file). `None` as soon as anything is unusual or does not parse: the caller then
+/// `apiVersion:` and `kind:` line, read straight into their types. (One thread: with the
+/// agent's single malloc heap, two parsing threads spend more time waiting for each
+/// other's allocations than they save.) `None` as soon as anything is unusual or does not parse: the caller then
 /// reads the file with [`parse_checked`], which names what is wrong and where.
 fn parse_fast(text: &str) -> Option<Objects> {
-    let docs = split_documents(text)?;
-    let parse = |docs: &[&str]| -> Option<Objects> {
-        let mut objects = Objects::default();
-        for doc in docs {
-            match type_of(doc)? {
-                ("v1", "Service") => objects.services.push(serde_yaml::from_str(doc).ok()?),
-                ("discovery.k8s.io/v1", "EndpointSlice") => {
-                    objects.slices.push(serde_yaml::from_str(doc).ok()?)
-                }
-                ("v1", "Node") => objects.nodes.push(serde_yaml::from_str(doc).ok()?),
-                (_, "List") => return None,
-                _ => {} // Not used (the checked path logs it at debug level).
+    let mut objects = Objects::default();
+    for doc in split_documents(text)? {
+        match type_of(doc)? {
+            ("v1", "Service") => objects.services.push(serde_yaml::from_str(doc).ok()?),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                objects.slices.push(serde_yaml::from_str(doc).ok()?)
             }
+            ("v1", "Node") => objects.nodes.push(serde_yaml::from_str(doc).ok()?),
+            (_, "List") => return None,
+            _ => {} // Not used (the checked path logs it at debug level).
         }
-        Some(objects)
-    };
-    if text.len() < 1 << 20 {
-        return parse(&docs);
     }
-    let (a, b) = docs.split_at(docs.len() / 2);
-    let (first, second) = std::thread::scope(|s| {
-        let second = s.spawn(|| parse(b));
-        (parse(a), second.join().ok().flatten())
-    });
-    let (mut first, second) = (first?, second?);
-    first.services.extend(second.services);
-    first.slices.extend(second.slices);
-    first.nodes.extend(second.nodes);
-    Some(first)
+    Some(objects)
 }
 
 /// The documents of a YAML stream split at `---` lines; `None` for directives, document
