@@ -60,12 +60,16 @@ pub const PINNED_MAPS: [&str; 12] = [
     MAP_NAMES,
 ];
 
-/// Capacity of the maps.
+/// Capacity of the maps as the object defines them; the agent sizes them at load
+/// (`lb-user run --max-services` and friends; these are the defaults). The services,
+/// backends, rev-NAT and names maps are not preallocated, so their capacity costs no
+/// memory; the LRU maps (affinity, socket rev-NAT, connection tracking) are.
 pub const MAX_SERVICE_ENTRIES: u32 = 524_288;
 pub const MAX_BACKENDS: u32 = 262_144;
-pub const MAX_REVNAT: u32 = 65_536;
-pub const MAX_SOCK_REVNAT: u32 = 262_144;
-pub const MAX_AFFINITY: u32 = 262_144;
+/// Frontends: rev-NAT ids are 16-bit and 0 is never used.
+pub const MAX_REVNAT: u32 = 65_535;
+pub const MAX_SOCK_REVNAT: u32 = 65_536;
+pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_CT: u32 = 262_144;
 pub const MAX_TC_IFACES: u32 = 64;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;

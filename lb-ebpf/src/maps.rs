@@ -15,16 +15,20 @@ use lb_common::{
 };
 
 /// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
+/// Not preallocated (flag 1, `BPF_F_NO_PREALLOC`), like the other maps the agent fills:
+/// their memory follows what is programmed, their capacity is a limit set by flags.
 #[btf_map]
 pub(crate) static LB_SERVICES_V2: HashMap<
     ServiceKey,
     ServiceValue,
     { MAX_SERVICE_ENTRIES as usize },
+    1,
 > = HashMap::new();
 
 /// Backend id -> pod address and port.
 #[btf_map]
-pub(crate) static LB_BACKENDS_V2: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
+pub(crate) static LB_BACKENDS_V2: HashMap<u32, Backend, { MAX_BACKENDS as usize }, 1> =
+    HashMap::new();
 
 /// rev-NAT id -> the Service port of the frontend, for `lb-user dump`; never read here.
 /// Not preallocated (flag 1, `BPF_F_NO_PREALLOC`): memory only for the frontends there are.
@@ -34,7 +38,7 @@ pub(crate) static LB_NAMES_V1: HashMap<u16, FrontendName, { MAX_REVNAT as usize 
 
 /// rev-NAT id -> frontend address and port.
 #[btf_map]
-pub(crate) static LB_REVNAT_V2: HashMap<u16, RevNat, { MAX_REVNAT as usize }> = HashMap::new();
+pub(crate) static LB_REVNAT_V2: HashMap<u16, RevNat, { MAX_REVNAT as usize }, 1> = HashMap::new();
 
 /// (socket cookie, backend) -> the frontend that socket asked for: what getpeername()
 /// and recvmsg() report instead of the backend.

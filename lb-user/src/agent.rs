@@ -43,8 +43,8 @@ pub struct RunOptions {
     pub node_ips: Vec<std::net::IpAddr>,
     /// Interfaces for the tc programs (`--interface`); empty: those carrying `node_ips`.
     pub interfaces: Vec<String>,
-    /// Capacity of the packet level's connection-tracking map (two entries a flow).
-    pub ct_max_entries: u32,
+    /// The maps' capacities.
+    pub map_sizes: loader::MapSizes,
     /// How often the manifest path is checked for changes.
     pub poll_interval: Duration,
     /// The shortest time between two syncs (kube-proxy's --min-sync-period).
@@ -64,6 +64,8 @@ pub struct RunOptions {
 struct Agent {
     model: model::Model,
     maps: BpfMaps,
+    /// The maps' capacities, read from them at start.
+    capacity: datapath::plan::Capacity,
     /// What the maps hold; `None` until the first sync and after a failed write (then
     /// they are read back).
     programmed: Option<Programmed>,
@@ -178,6 +180,7 @@ impl Agent {
                 let Some(mut p) = self.read_back() else {
                     return;
                 };
+                p.set_capacity(self.capacity);
                 let plan = p.plan(self.model.desired());
                 (p, plan)
             }
@@ -203,6 +206,9 @@ impl Agent {
                 let services = self.model.service_count();
                 log_sync(services, update.services, &programmed, writes, &times);
                 m.record_sync(services, &programmed, writes, times.total);
+                for map in &plan.full {
+                    *m.map_full_total.entry(map).or_default() += 1;
+                }
                 m.observe_programming(&update.triggers, written_at);
                 let first = self.programmed_once;
                 self.programmed = Some(programmed);
@@ -362,7 +368,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         &opts.pin_path,
         &opts.cgroup,
         opts.bpf_log_level,
-        opts.ct_max_entries,
+        &opts.map_sizes,
     )?;
     tracing::info!(
         cgroup = %opts.cgroup.display(),
@@ -406,6 +412,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     }
     let agent = Agent {
         model: model::Model::new(Some(opts.node_name.clone()), opts.node_ips.clone()),
+        capacity: maps.capacity()?,
         maps,
         programmed: None,
         programmed_once: false,
@@ -449,7 +456,8 @@ async fn start_source(
 }
 
 /// The bounded-frequency loop: a sync after each change (or a second after a failed
-/// one), at most one per `min_sync_period`, until a signal.
+/// one, and every second while a full map keeps frontends out), at most one per
+/// `min_sync_period`, until a signal.
 async fn sync_until_stopped(
     agent: &mut Agent,
     source: &Source,
@@ -459,7 +467,9 @@ async fn sync_until_stopped(
 ) {
     let mut last_sync: Option<Instant> = None;
     loop {
-        let retry = agent.programmed.is_none() && last_sync.is_some();
+        // After a failed write, or while a full map keeps frontends out: again in a second.
+        let skipped = agent.programmed.as_ref().is_some_and(|p| p.skipped() > 0);
+        let retry = (agent.programmed.is_none() || skipped) && last_sync.is_some();
         tokio::select! {
             name = signals.recv() => { tracing::info!("{name}: stopping"); return; }
             _ = changed.notified() => {}

@@ -51,12 +51,9 @@ enum Command {
         /// object's, followed as they change).
         #[arg(long = "interface", value_name = "IF")]
         interfaces: Vec<String>,
-        /// Capacity of the packet level's connection-tracking map (two entries per flow;
-        /// least recently used ones go first when it is full). A map already pinned
-        /// keeps its size.
-        #[arg(long, default_value_t = lb_common::MAX_CT,
-              value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
-        ct_max_entries: u32,
+        /// The maps' capacities (a map already pinned keeps the size it was made with).
+        #[command(flatten)]
+        map_sizes: loader::MapSizes,
         /// cgroup v2 directory whose processes get service translation (and every one
         /// below it). Default: the root of the cgroup v2 hierarchy, the whole node.
         #[arg(long)]
@@ -170,7 +167,7 @@ fn main() -> ExitCode {
             hostname_override,
             node_ips,
             interfaces,
-            ct_max_entries,
+            map_sizes,
             cgroup,
             pin_path,
             min_sync_period,
@@ -200,7 +197,7 @@ fn main() -> ExitCode {
                     node_name: source::node_name(hostname_override.as_deref()),
                     node_ips,
                     interfaces,
-                    ct_max_entries,
+                    map_sizes,
                     poll_interval: Duration::from_millis(poll_interval_ms.max(1)),
                     min_sync_period,
                     metrics_addr,

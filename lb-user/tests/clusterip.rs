@@ -364,3 +364,51 @@ fn healthz_and_livez_follow_kube_proxys_semantics() {
     std::fs::rename(&away, &manifests).unwrap();
     wait_for_status(200);
 }
+
+#[test]
+fn a_full_map_leaves_a_service_out_with_a_warning_until_another_makes_room() {
+    // Room for one frontend: of two services, the first planned (by address: web's
+    // 10.96.0.10) is programmed, "other" waits.
+    let fx = Fixture::with_source(
+        "full",
+        2,
+        &[
+            ("web.yaml", service("web", WEB_IP, 80)),
+            ("other.yaml", service("other", OTHER_IP, 80)),
+        ],
+        None,
+        &["--max-services", "1"],
+    );
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0])));
+    fx.write("other-slice.yaml", &slice("other", &fx.pod_ips(&[1])));
+    let web = lab::wait_for(Duration::from_secs(5), || {
+        let r = fx.probe(WEB_IP, 1);
+        (r.total_replies() == 1).then_some(r)
+    });
+    assert!(
+        web.is_some(),
+        "the service that fits is served: {}",
+        fx.agent.log()
+    );
+    let log = fx.agent.log();
+    let warning = "t/other:http (10.96.0.11:80/TCP): map LB_REVNAT_V2 is full (1 entries, --max-services); not programmed until there is room";
+    assert!(log.contains(warning), "{log}");
+    let r = fx.probe(OTHER_IP, 3);
+    assert_eq!(r.total_replies(), 0, "other has no room yet: {r:?}");
+
+    // web goes: other gets its room, with no change to other itself.
+    fx.remove("web.yaml");
+    let other = lab::wait_for(Duration::from_secs(5), || {
+        let r = fx.probe(OTHER_IP, 1);
+        (r.total_replies() == 1).then_some(r)
+    });
+    let log = fx.agent.log();
+    assert!(
+        other.is_some(),
+        "other is programmed once there is room: {log}"
+    );
+    assert!(
+        log.matches(warning).count() == 1,
+        "retries do not repeat the warning: {log}"
+    );
+}

@@ -187,7 +187,7 @@ pub fn load_and_attach(
     pin_dir: &Path,
     cgroup_path: &Path,
     bpf_log_level: u8,
-    ct_max_entries: u32,
+    sizes: &MapSizes,
 ) -> Result<(Ebpf, PinLock), LoadError> {
     let cgroup = open_cgroup(cgroup_path)?;
     prepare_pin_dir(pin_dir)?;
@@ -196,7 +196,9 @@ pub fn load_and_attach(
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
     // A map already pinned keeps the size it was made with.
-    loader.map_max_entries(lb_common::MAP_CT, ct_max_entries);
+    for (name, entries) in sizes.entries() {
+        loader.map_max_entries(name, entries);
+    }
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -205,6 +207,76 @@ pub fn load_and_attach(
     attach_cgroup(&mut ebpf, pin_dir, cgroup_path, &cgroup)?;
     remove_stale_maps(pin_dir);
     Ok((ebpf, lock))
+}
+
+/// The maps' capacities (`lb-user run` flags). Only the LRU maps (affinity, socket
+/// rev-NAT, connection tracking) are preallocated: their sizes are memory; the others
+/// take memory as entries are written and their sizes are limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Args)]
+pub struct MapSizes {
+    /// Most frontends programmed: a frontend is one Service port on one address (a
+    /// cluster IP, an external or LoadBalancer IP, a node address for a nodePort).
+    #[arg(long, default_value_t = lb_common::MAX_REVNAT,
+          value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub max_services: u32,
+    /// Most distinct backends (pod address, port, protocol).
+    #[arg(long, default_value_t = lb_common::MAX_BACKENDS,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_backends: u32,
+    /// Most backend slots over all frontends (a backend of several frontends takes one
+    /// in each).
+    #[arg(long, default_value_t = lb_common::MAX_SERVICE_ENTRIES,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_slots: u32,
+    /// Capacity of each ClientIP affinity map (socket level, packet level); least
+    /// recently used entries go first when full. Preallocated.
+    #[arg(long, default_value_t = lb_common::MAX_AFFINITY,
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub max_affinity: u32,
+    /// Capacity of the socket level's reverse translation map (one entry per connected
+    /// UDP socket or TCP connection to a service; least recently used go first).
+    /// Preallocated.
+    #[arg(long, default_value_t = lb_common::MAX_SOCK_REVNAT,
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub max_sock_revnat: u32,
+    /// Capacity of the packet level's connection-tracking map (two entries per flow;
+    /// least recently used ones go first when it is full). Preallocated.
+    #[arg(long, default_value_t = lb_common::MAX_CT,
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub ct_max_entries: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            max_services: lb_common::MAX_REVNAT,
+            max_backends: lb_common::MAX_BACKENDS,
+            max_slots: lb_common::MAX_SERVICE_ENTRIES,
+            max_affinity: lb_common::MAX_AFFINITY,
+            max_sock_revnat: lb_common::MAX_SOCK_REVNAT,
+            ct_max_entries: lb_common::MAX_CT,
+        }
+    }
+}
+
+impl MapSizes {
+    /// (map, max_entries) for each map sized by a flag.
+    pub fn entries(&self) -> [(&'static str, u32); 8] {
+        use lb_common::*;
+        [
+            (
+                MAP_SERVICES,
+                self.max_services.saturating_add(self.max_slots),
+            ),
+            (MAP_BACKENDS, self.max_backends),
+            (MAP_REVNAT, self.max_services),
+            (MAP_NAMES, self.max_services),
+            (MAP_AFFINITY, self.max_affinity),
+            (MAP_AFFINITY_SRC, self.max_affinity),
+            (MAP_SOCK_REVNAT, self.max_sock_revnat),
+            (MAP_CT, self.ct_max_entries),
+        ]
+    }
 }
 
 /// An exclusive lock on the pin directory (flock), held while an agent or a cleanup

@@ -126,6 +126,22 @@ impl BpfMaps {
         })
     }
 
+    /// The capacities the plan must respect, from the maps themselves (a pinned map keeps
+    /// the size it was made with, whatever the flags say now).
+    pub fn capacity(&self) -> Result<super::plan::Capacity, DatapathError> {
+        use aya::maps::IterableMap as _;
+        let max = |map: &MapData, name: &'static str| -> Result<usize, DatapathError> {
+            map.info()
+                .map(|i| i.max_entries() as usize)
+                .map_err(|source| DatapathError::Map { map: name, source })
+        };
+        Ok(super::plan::Capacity {
+            frontends: max(self.revnat.map(), MAP_REVNAT)?.min(max(self.names.map(), MAP_NAMES)?),
+            service_entries: max(self.services.map(), MAP_SERVICES)?,
+            backends: max(self.backends.map(), MAP_BACKENDS)?,
+        })
+    }
+
     /// Reads every entry.
     pub fn snapshot(&self) -> Result<Snapshot, DatapathError> {
         let err = |map| move |source| DatapathError::Map { map, source };

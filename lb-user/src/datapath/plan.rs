@@ -57,6 +57,38 @@ pub struct Programmed {
     free_rev_nat: Vec<u16>,
     /// Entries found in the maps that no frontend accounts for; deleted by the next plan.
     stale: Vec<Op>,
+    /// How much the maps hold (their max_entries).
+    capacity: Capacity,
+    /// Desired frontends left out (or left as they were) because a map was full, with
+    /// the warning given; every plan tries them again (and warns again only when the
+    /// warning changes).
+    skipped: BTreeMap<Frontend, String>,
+}
+
+/// The maps' capacities, as the plan counts them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Frontends (the rev-NAT and names maps).
+    pub frontends: usize,
+    /// Headers and slots (the services map).
+    pub service_entries: usize,
+    pub backends: usize,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self::of(&crate::datapath::loader::MapSizes::default())
+    }
+}
+
+impl Capacity {
+    pub fn of(sizes: &crate::datapath::loader::MapSizes) -> Self {
+        Self {
+            frontends: sizes.max_services as usize,
+            service_entries: sizes.max_services as usize + sizes.max_slots as usize,
+            backends: sizes.max_backends as usize,
+        }
+    }
 }
 
 /// The operations of one sync and what could not be programmed.
@@ -66,6 +98,8 @@ pub struct Plan {
     /// one list: a first sync at 10k services plans a quarter of a million).
     pub groups: Vec<Vec<Op>>,
     pub warnings: Vec<String>,
+    /// The map that was full, for each frontend left out.
+    pub full: Vec<&'static str>,
 }
 
 impl Plan {
@@ -210,6 +244,17 @@ impl Programmed {
         }
     }
 
+    /// The maps' capacities (read from the maps themselves: pinned ones keep the size
+    /// they were made with).
+    pub fn set_capacity(&mut self, capacity: Capacity) {
+        self.capacity = capacity;
+    }
+
+    /// Desired frontends a full map kept out; the next plan tries them again.
+    pub fn skipped(&self) -> usize {
+        self.skipped.len()
+    }
+
     pub fn frontend_count(&self) -> usize {
         self.frontends.len()
     }
@@ -276,7 +321,13 @@ impl Programmed {
     /// [`Self::plan`] for the frontends in `changed` only (the others are known to be
     /// as desired): what a sync after a change costs is what the change touches.
     pub fn plan_changes(&mut self, desired: &Desired, changed: &BTreeSet<Frontend>) -> Plan {
-        self.plan_frontends(desired, changed.iter())
+        let retry: Vec<Frontend> = self
+            .skipped
+            .keys()
+            .filter(|fe| !changed.contains(fe))
+            .copied()
+            .collect();
+        self.plan_frontends(desired, changed.iter().chain(&retry))
     }
 
     fn plan_frontends<'a>(
@@ -310,17 +361,40 @@ impl Programmed {
             removals,
             released: _,
             warnings,
+            full,
         } = steps;
         let stale = std::mem::take(&mut self.stale);
         let groups = vec![
             backends, revnat, ranges, slots, names, headers, tails, purges, removals, gc, stale,
         ];
-        Plan { groups, warnings }
+        Plan {
+            groups,
+            warnings,
+            full,
+        }
     }
 
     /// One desired frontend: its rev-NAT id, backends, affinity purges, slots and header.
     fn plan_frontend(&mut self, fe: &Frontend, state: &FrontendState, steps: &mut Steps) {
         let endpoints = capped_endpoints(fe, state, &mut steps.warnings);
+        if let Some(full) = self.full_map(fe, &endpoints) {
+            let what = if self.frontends.contains_key(fe) {
+                "left as it was"
+            } else {
+                "not programmed"
+            };
+            let warning = format!(
+                "{} ({fe}): map {} is full ({} entries, {}); {what} until there is room",
+                state.service, full.0, full.1, full.2
+            );
+            if self.skipped.get(fe) != Some(&warning) {
+                steps.warnings.push(warning.clone());
+                steps.full.push(full.0);
+                self.skipped.insert(*fe, warning);
+            }
+            return;
+        }
+        self.skipped.remove(fe);
         let old = self.frontends.get(fe).cloned();
         let rev_nat_id = match &old {
             Some(o) => o.rev_nat_id,
@@ -399,6 +473,35 @@ impl Programmed {
         );
     }
 
+    /// The map (name, capacity, flag) that programming `fe` with `endpoints` would
+    /// overfill, if any. Counts what is programmed; what this plan removes frees room
+    /// for the next one.
+    fn full_map(
+        &self,
+        fe: &Frontend,
+        endpoints: &[Endpoint],
+    ) -> Option<(&'static str, usize, &'static str)> {
+        let cap = &self.capacity;
+        let old_slots = self.frontends.get(fe).map(|o| o.slots.len());
+        if old_slots.is_none() && self.frontends.len() >= cap.frontends {
+            return Some((MAP_REVNAT, cap.frontends, "--max-services"));
+        }
+        let entries = self.frontends.len() + self.slots_total;
+        let grow = usize::from(old_slots.is_none()) + endpoints.len();
+        let shrink = old_slots.unwrap_or(0);
+        if grow > shrink && entries + grow - shrink > cap.service_entries {
+            return Some((MAP_SERVICES, cap.service_entries, "--max-slots"));
+        }
+        let new_backends = endpoints
+            .iter()
+            .filter(|ep| !self.backends.contains_key(&(**ep, fe.proto)))
+            .count();
+        if self.backends.len() + new_backends > cap.backends {
+            return Some((MAP_BACKENDS, cap.backends, "--max-backends"));
+        }
+        None
+    }
+
     /// A rev-NAT id and its entry for a new frontend; `None` (with a warning) when every
     /// id is in use.
     fn new_rev_nat(
@@ -429,6 +532,7 @@ impl Programmed {
     /// A frontend no longer desired (if programmed): header first, then slots and rev-NAT
     /// entry.
     fn plan_removal(&mut self, fe: &Frontend, steps: &mut Steps) {
+        self.skipped.remove(fe);
         let Some(old) = self.frontends.remove(fe) else {
             return;
         };
@@ -500,6 +604,8 @@ struct Steps {
     /// backends, is computed).
     released: Vec<(u32, Proto)>,
     warnings: Vec<String>,
+    /// The full map, for each frontend left out.
+    full: Vec<&'static str>,
 }
 
 impl Steps {
@@ -725,6 +831,62 @@ mod tests {
             .iter()
             .map(|(f, s)| (*f, s.endpoints.clone()))
             .collect()
+    }
+
+    #[test]
+    fn a_full_map_keeps_frontends_out_with_a_warning_until_there_is_room() {
+        let mut prog = Programmed::default();
+        // Two frontends, five header and slot entries, three backends.
+        prog.set_capacity(Capacity {
+            frontends: 2,
+            service_entries: 5,
+            backends: 3,
+        });
+        let mut maps = Snapshot::default();
+        let apply = |plan: &Plan, maps: &mut Snapshot| {
+            for op in plan.ops() {
+                maps.apply(op);
+            }
+        };
+        let d = desired(&[(fe(1, 80), &[1, 2]), (fe(2, 80), &[3]), (fe(3, 80), &[1])]);
+        let plan = prog.plan(&d);
+        apply(&plan, &mut maps);
+        assert_eq!(plan.full, [MAP_REVNAT], "{:?}", plan.warnings);
+        assert!(
+            plan.warnings[0].contains("10.96.0.3:80/TCP): map LB_REVNAT_V2 is full (2 entries, --max-services); not programmed"),
+            "{:?}",
+            plan.warnings
+        );
+        assert_eq!(served(&maps).len(), 2);
+        assert_eq!(prog.skipped(), 1);
+
+        // A frontend growing past the slots' room is left as it was.
+        let mut grown = d.clone();
+        grown.frontends.get_mut(&fe(2, 80)).unwrap().endpoints = desired(&[(fe(2, 80), &[3, 4])])
+            .frontends[&fe(2, 80)]
+            .endpoints
+            .clone();
+        let plan = prog.plan_changes(&grown, &BTreeSet::from([fe(2, 80)]));
+        apply(&plan, &mut maps);
+        // (The frontend still kept out is not warned about again.)
+        assert_eq!(plan.full, [MAP_SERVICES], "{:?}", plan.warnings);
+        assert!(
+            plan.warnings[0].contains("is full (5 entries, --max-slots); left as it was"),
+            "{:?}",
+            plan.warnings
+        );
+        assert_eq!(served(&maps)[&fe(2, 80)].len(), 1);
+
+        // Room is made: the next plans program what was left out, with no change asked.
+        let mut smaller = grown.clone();
+        smaller.frontends.remove(&fe(1, 80));
+        let plan = prog.plan_changes(&smaller, &BTreeSet::from([fe(1, 80)]));
+        apply(&plan, &mut maps);
+        let plan = prog.plan_changes(&smaller, &BTreeSet::new());
+        apply(&plan, &mut maps);
+        assert!(plan.full.is_empty(), "{:?}", plan.warnings);
+        assert_eq!(prog.skipped(), 0);
+        assert_eq!(served(&maps), expected(&smaller));
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub backends: usize,
     /// Entries per map name.
     pub map_entries: BTreeMap<&'static str, usize>,
+    /// Frontends a full map kept out, counted per sync and map.
+    pub map_full_total: BTreeMap<&'static str, u64>,
+    /// Desired frontends not programmed (or not updated) now, for want of room.
+    pub frontends_skipped: usize,
     pub map_writes_total: u64,
     pub network_programming_count: u64,
     pub network_programming_seconds_sum: f64,
@@ -63,6 +67,8 @@ impl Default for Metrics {
             frontends: 0,
             backends: 0,
             map_entries: BTreeMap::new(),
+            map_full_total: BTreeMap::new(),
+            frontends_skipped: 0,
             map_writes_total: 0,
             network_programming_count: 0,
             network_programming_seconds_sum: 0.0,
@@ -121,6 +127,7 @@ impl Metrics {
         self.frontends = programmed.frontend_count();
         self.backends = programmed.backend_count();
         self.map_entries = programmed.map_entries();
+        self.frontends_skipped = programmed.skipped();
         self.map_writes_total += writes as u64;
     }
 
@@ -222,6 +229,23 @@ impl Metrics {
                 .set(*n as i64);
         }
         r.register("lb_map_entries", "Entries in each BPF map", entries);
+        let full = Family::<Vec<(String, String)>, Counter>::default();
+        for (map, n) in &self.map_full_total {
+            full.get_or_create(&vec![("map".into(), map.to_string())])
+                .inc_by(*n);
+        }
+        r.register(
+            "lb_map_full",
+            "Frontends a full map kept out, counted when each is first kept out (see the --max-* flags)",
+            full,
+        );
+        let skipped = Gauge::<i64>::default();
+        skipped.set(self.frontends_skipped as i64);
+        r.register(
+            "lb_frontends_skipped",
+            "Desired frontends not programmed now because a map is full",
+            skipped,
+        );
     }
 }
 
