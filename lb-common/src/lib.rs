@@ -64,13 +64,14 @@ pub const PINNED_MAPS: [&str; 12] = [
 /// (`lb-user run --max-services` and friends; these are the defaults). The services,
 /// backends, rev-NAT and names maps are not preallocated, so their capacity costs no
 /// memory; the LRU maps (affinity, socket rev-NAT, connection tracking) are.
-pub const MAX_SERVICE_ENTRIES: u32 = 524_288;
+pub const MAX_SERVICE_ENTRIES: u32 = 262_144;
 pub const MAX_BACKENDS: u32 = 262_144;
 /// Frontends: rev-NAT ids are 16-bit and 0 is never used.
 pub const MAX_REVNAT: u32 = 65_535;
 pub const MAX_SOCK_REVNAT: u32 = 65_536;
 pub const MAX_AFFINITY: u32 = 65_536;
-pub const MAX_CT: u32 = 262_144;
+/// Two entries a flow: 64k flows from outside the node (LRU).
+pub const MAX_CT: u32 = 131_072;
 pub const MAX_TC_IFACES: u32 = 64;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// Backends one frontend may list (slots 1..=MAX_SLOTS).
