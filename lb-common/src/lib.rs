@@ -38,7 +38,7 @@ pub const MAP_REVNAT: &str = "LB_REVNAT_V2";
 pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_REVNAT_V2";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY_V1";
 pub const MAP_AFFINITY_SRC: &str = "LB_AFFINITY_SRC_V1";
-pub const MAP_COUNTERS: &str = "LB_COUNTERS_V3";
+pub const MAP_COUNTERS: &str = "LB_COUNTERS_V4";
 pub const MAP_CT: &str = "LB_CT_V1";
 pub const MAP_TC_IFACES: &str = "LB_TC_IFACES_V2";
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES_V1";
@@ -186,12 +186,22 @@ pub struct ServiceValue {
     pub affinity_timeout: u32,
     /// Header: `SVC_F_*` flags.
     pub flags: u8,
-    pub _pad: [u8; 3],
+    /// Header: the frontend's affinity generation, new for every frontend the agent
+    /// creates and whenever affinity is switched on; an affinity entry of another
+    /// generation (a removed frontend's whose rev-NAT id was reused, or one from before
+    /// affinity was last off) is never followed. 0 in maps of agents that predate it,
+    /// which wrote entries with 0 too.
+    pub epoch: u8,
+    pub _pad: [u8; 2],
 }
 
 /// `ServiceValue::flags` (header): the frontend accepts clients from its source ranges
 /// only (`loadBalancerSourceRanges`, in the source-ranges map under its rev-NAT id).
 pub const SVC_F_SOURCE_RANGES: u8 = 1;
+/// `ServiceValue::flags` (header, count 0): the service has endpoints, but its traffic
+/// policy is Local and none is on this node (kube-proxy drops such traffic; we refuse
+/// with EHOSTUNREACH, where a service without endpoints gets ECONNREFUSED).
+pub const SVC_F_NO_LOCAL: u8 = 2;
 
 impl ServiceValue {
     pub const fn header(count: u16, rev_nat_id: u16, affinity_timeout: u32) -> Self {
@@ -201,7 +211,8 @@ impl ServiceValue {
             rev_nat_id,
             affinity_timeout,
             flags: 0,
-            _pad: [0; 3],
+            epoch: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -212,7 +223,8 @@ impl ServiceValue {
             rev_nat_id: 0,
             affinity_timeout: 0,
             flags: 0,
-            _pad: [0; 3],
+            epoch: 0,
+            _pad: [0; 2],
         }
     }
 }
@@ -355,7 +367,9 @@ pub struct SrcAffinityKey {
 pub struct AffinityValue {
     /// Backend id, host order.
     pub backend_id: u32,
-    pub _pad: [u8; 4],
+    /// The frontend header's `epoch` when the entry was written.
+    pub epoch: u8,
+    pub _pad: [u8; 3],
     /// `bpf_ktime_get_ns()` of the last connection that used the entry.
     pub last_used_ns: u64,
 }
@@ -490,11 +504,15 @@ pub struct Counters {
     /// A lookup that should have hit did not (slot, backend or rev-NAT entry missing,
     /// rev-NAT or affinity map full, a backend of the other family).
     pub misses: u64,
+    /// Connections or datagrams refused because the service's endpoints are all on
+    /// other nodes while its traffic policy is Local (`SVC_F_NO_LOCAL`).
+    pub no_local: u64,
 }
 
 impl Counters {
     pub fn add(&mut self, other: &Self) {
         self.translated += other.translated;
+        self.no_local += other.no_local;
         self.refused += other.refused;
         self.affinity_hits += other.affinity_hits;
         self.misses += other.misses;
@@ -581,7 +599,7 @@ const _: () = {
     assert!(core::mem::size_of::<SockRevNatKey>() == 32);
     assert!(core::mem::size_of::<AffinityKey>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
-    assert!(core::mem::size_of::<Counters>() == 32);
+    assert!(core::mem::size_of::<Counters>() == 40);
     assert!(core::mem::size_of::<SrcAffinityKey>() == 24);
     assert!(core::mem::size_of::<SourceRange>() == 20);
     assert!(core::mem::size_of::<CtKey>() == 40);

@@ -51,11 +51,13 @@ pub(crate) fn remembered_src(
     still_valid(entry, now, header, prog)
 }
 
-/// The backend of an affinity entry, if the entry is within the timeout and the backend
-/// still exists.
+/// The backend of an affinity entry, if the entry is of the frontend's generation,
+/// within the timeout, and the backend still exists.
 #[inline(always)]
 fn still_valid(entry: AffinityValue, now: u64, header: &ServiceValue, prog: u32) -> Option<Chosen> {
-    if !affinity_valid(entry.last_used_ns, now, header.affinity_timeout) {
+    if entry.epoch != header.epoch
+        || !affinity_valid(entry.last_used_ns, now, header.affinity_timeout)
+    {
         return None;
     }
     // SAFETY: copied out at once.
@@ -90,17 +92,20 @@ pub(crate) fn pick(
 
 /// Remembers `chosen` as the client's backend, as of `now`.
 #[inline(always)]
-pub(crate) fn remember(akey: AffinityKey, now: u64, chosen: &Chosen, prog: u32) {
-    if LB_AFFINITY_V1.insert(akey, entry(now, chosen), 0).is_err() {
+pub(crate) fn remember(akey: AffinityKey, now: u64, chosen: &Chosen, epoch: u8, prog: u32) {
+    if LB_AFFINITY_V1
+        .insert(akey, entry(now, chosen, epoch), 0)
+        .is_err()
+    {
         count(prog, |c| c.misses += 1);
     }
 }
 
 /// [`remember`] for the packet level.
 #[inline(always)]
-pub(crate) fn remember_src(akey: &SrcAffinityKey, now: u64, chosen: &Chosen, prog: u32) {
+pub(crate) fn remember_src(akey: &SrcAffinityKey, now: u64, chosen: &Chosen, epoch: u8, prog: u32) {
     if LB_AFFINITY_SRC_V1
-        .insert(akey, entry(now, chosen), 0)
+        .insert(akey, entry(now, chosen, epoch), 0)
         .is_err()
     {
         count(prog, |c| c.misses += 1);
@@ -108,10 +113,11 @@ pub(crate) fn remember_src(akey: &SrcAffinityKey, now: u64, chosen: &Chosen, pro
 }
 
 #[inline(always)]
-fn entry(now: u64, chosen: &Chosen) -> AffinityValue {
+fn entry(now: u64, chosen: &Chosen, epoch: u8) -> AffinityValue {
     AffinityValue {
         backend_id: chosen.id,
-        _pad: [0; 4],
+        epoch,
+        _pad: [0; 3],
         last_used_ns: now,
     }
 }

@@ -113,7 +113,7 @@ pub(crate) static LB_SOURCE_RANGES_V1: LpmTrie<SourceRange, u8, { MAX_SOURCE_RAN
 
 /// Per-program counters, indexed by `PROG_*`.
 #[btf_map]
-pub(crate) static LB_COUNTERS_V3: PerCpuArray<Counters, { PROG_NAMES.len() }> = PerCpuArray::new();
+pub(crate) static LB_COUNTERS_V4: PerCpuArray<Counters, { PROG_NAMES.len() }> = PerCpuArray::new();
 
 /// Packets the tc programs dropped, per reason (`DROP_*`).
 #[btf_map]
@@ -131,7 +131,7 @@ pub(crate) fn dropped(reason: u32) {
 /// Bumps one of program `prog`'s counters on this CPU.
 #[inline(always)]
 pub(crate) fn count(prog: u32, f: impl FnOnce(&mut Counters)) {
-    if let Some(c) = LB_COUNTERS_V3.get_ptr_mut(prog) {
+    if let Some(c) = LB_COUNTERS_V4.get_ptr_mut(prog) {
         // SAFETY: a per-CPU slot: nothing else on this CPU runs this program concurrently.
         f(unsafe { &mut *c });
     }

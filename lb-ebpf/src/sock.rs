@@ -23,7 +23,7 @@ use aya_log_ebpf::debug;
 use lb_common::{
     Addr, AffinityKey, Backend, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6,
     PROG_NAMES, PROG_RECVMSG4, PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROTO_TCP, PROTO_UDP,
-    RevNat, ServiceKey, SockRevNatKey, as_v4, v4_mapped,
+    RevNat, SVC_F_NO_LOCAL, ServiceKey, SockRevNatKey, as_v4, v4_mapped,
 };
 
 use crate::{
@@ -36,6 +36,7 @@ const ALLOW: i32 = 1;
 /// The call fails with the errno set by `bpf_set_retval`.
 const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
 
 /// What happened to one connect() or sendmsg().
 enum Verdict {
@@ -45,6 +46,9 @@ enum Verdict {
     Translated,
     /// A service frontend without a usable backend: refuse like kube-proxy's REJECT.
     Refused,
+    /// A service whose endpoints are all on other nodes while its traffic policy is
+    /// Local (kube-proxy drops): refused with another errno, counted apart.
+    NoLocal,
 }
 
 /// The address family a program handles; picks the `bpf_sock_addr` fields it uses.
@@ -119,6 +123,12 @@ fn forward(ctx: &SockAddrContext, prog: u32, family: Family) -> i32 {
             count(prog, |c| c.refused += 1);
             // SAFETY: a helper call with a plain integer; allowed in sock_addr programs.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
+            REJECT
+        }
+        Verdict::NoLocal => {
+            count(prog, |c| c.no_local += 1);
+            // SAFETY: as above.
+            unsafe { bpf_set_retval(-EHOSTUNREACH) };
             REJECT
         }
     }
@@ -215,6 +225,9 @@ fn try_forward(ctx: &SockAddrContext, prog: u32, family: Family) -> Verdict {
             addr,
             port
         );
+        if header.flags & SVC_F_NO_LOCAL != 0 {
+            return Verdict::NoLocal;
+        }
         return Verdict::Refused;
     }
     let affinity = (header.affinity_timeout != 0).then(|| affinity_key(ctx, header.rev_nat_id));
@@ -232,7 +245,7 @@ fn try_forward(ctx: &SockAddrContext, prog: u32, family: Family) -> Verdict {
         return Verdict::Pass;
     }
     if let Some((akey, now)) = affinity {
-        lb::remember(akey, now, &chosen, prog);
+        lb::remember(akey, now, &chosen, header.epoch, prog);
     }
     remember_frontend(ctx, &chosen.backend, addr, port, prog);
     debug!(

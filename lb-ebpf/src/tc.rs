@@ -352,13 +352,13 @@ fn backend(key: &CtKey, svc: &ServiceKey, header: &ServiceValue, now: u64) -> Op
         _pad: [0; 6],
     };
     if let Some(c) = lb::remembered_src(&akey, now, header, PROG_TC_INGRESS) {
-        lb::remember_src(&akey, now, &c, PROG_TC_INGRESS);
+        lb::remember_src(&akey, now, &c, header.epoch, PROG_TC_INGRESS);
         return Some(c);
     }
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
     let chosen = lb::pick(*svc, header, random, PROG_TC_INGRESS)?;
-    lb::remember_src(&akey, now, &chosen, PROG_TC_INGRESS);
+    lb::remember_src(&akey, now, &chosen, header.epoch, PROG_TC_INGRESS);
     Some(chosen)
 }
 

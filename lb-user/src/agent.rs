@@ -6,6 +6,7 @@
 //! so a burst of events becomes one sync.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -76,6 +77,55 @@ struct Agent {
     health: HealthServer,
     proxier_health: SharedHealth,
     packet: PacketLevel,
+    closer: SocketCloser,
+}
+
+/// Closes the sockets translated to backends that left, off the sync path: a thread
+/// takes the (frontend, backend) pairs each sync ended; a pass may look into every
+/// network namespace, and no sync waits for it.
+struct SocketCloser {
+    tx: std::sync::mpsc::Sender<BTreeSet<datapath::sockets::Left>>,
+}
+
+impl SocketCloser {
+    fn start(pin_path: PathBuf, cgroup: PathBuf, metrics: metrics::Shared) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<BTreeSet<datapath::sockets::Left>>();
+        let spawned = std::thread::Builder::new()
+            .name("lb-sockets".into())
+            .spawn(move || {
+                // Ends when the agent (the sender) is gone.
+                while let Ok(mut left) = rx.recv() {
+                    while let Ok(more) = rx.try_recv() {
+                        left.extend(more);
+                    }
+                    let report = datapath::sockets::close_stale(&pin_path, &cgroup, &left);
+                    if report.destroyed > 0 {
+                        tracing::info!(
+                            destroyed = report.destroyed,
+                            stale = report.stale,
+                            namespaces = report.namespaces,
+                            "closed the sockets translated to backends that left their service"
+                        );
+                    }
+                    for e in &report.errors {
+                        tracing::warn!("closing sockets to backends that left: {e}");
+                    }
+                    let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+                    m.sockets_destroyed_total += report.destroyed as u64;
+                    m.socket_destroy_errors_total += report.errors.len() as u64;
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("starting the socket closer: {e}; stale sockets stay open");
+        }
+        Self { tx }
+    }
+
+    fn close(&self, left: BTreeSet<datapath::sockets::Left>) {
+        if !left.is_empty() {
+            let _ = self.tx.send(left);
+        }
+    }
 }
 
 /// The tc programs and the interfaces they are on: the `--interface`s, else those that
@@ -171,7 +221,7 @@ impl Agent {
         warnings.extend(self.model.warnings());
         self.warn_once(warnings);
         let planning = Instant::now();
-        let (programmed, plan) = match self.programmed.take() {
+        let (programmed, mut plan) = match self.programmed.take() {
             Some(mut p) => {
                 let plan = p.plan_changes(self.model.desired(), &update.changed);
                 (p, plan)
@@ -225,6 +275,7 @@ impl Agent {
                     .updated(written_at);
                 drop(m);
                 self.packet.follow(self.model.node_addresses());
+                self.closer.close(std::mem::take(&mut plan.left));
             }
             Err(e) => {
                 // What the maps hold is now uncertain: read them back on the next sync.
@@ -410,6 +461,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     } else {
         packet.attach(&opts.node_ips)?;
     }
+    let closer = SocketCloser::start(opts.pin_path.clone(), opts.cgroup.clone(), metrics.clone());
     let agent = Agent {
         model: model::Model::new(Some(opts.node_name.clone()), opts.node_ips.clone()),
         capacity: maps.capacity()?,
@@ -419,6 +471,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         last_warnings: Vec::new(),
         metrics,
         health: HealthServer::default(),
+        closer,
         proxier_health,
         packet,
     };

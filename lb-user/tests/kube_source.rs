@@ -76,6 +76,15 @@ async fn source(api: &FakeApi, dir: &std::path::Path) -> (Watched, Arc<Notify>) 
     (Watched { src, model }, changed)
 }
 
+/// Waits (bounded) until `f` holds for the fake API server.
+async fn wait_until(api: &FakeApi, what: &str, f: impl Fn(&FakeApi) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f(api) {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Waits (bounded) until `f` holds for the source's objects.
 async fn until(src: &Watched, what: &str, f: impl Fn(&Objects) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -148,11 +157,18 @@ async fn a_dropped_watch_resumes_from_the_last_bookmark_without_relisting() {
 
     // Unrelated objects move the resourceVersion on; a bookmark tells the watches.
     api.apply("apiVersion: v1\nkind: Node\nmetadata: {name: node-z}\n");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until(&api, "the three watches open", |api| {
+        ["services", "endpointslices", "nodes"]
+            .iter()
+            .all(|r| count(&api.requests(), &format!("WATCH {r}")) >= 1)
+    })
+    .await;
     let bookmark = api.bookmark();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until(&api, "the bookmark written to the three watches", |api| {
+        api.bookmarks_sent() >= 3
+    })
+    .await;
     api.drop_watches();
-    tokio::time::sleep(Duration::from_millis(100)).await;
     api.apply(&slice("web", &pods(4)));
     until(&src, "change after the dropped watch", |o| {
         endpoint_count(o) == 4

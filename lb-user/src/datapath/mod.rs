@@ -10,20 +10,29 @@
 //!    the new count, then slots beyond the new count are deleted;
 //! 3. affinity entries pointing at backends that left a frontend are purged (the kernel
 //!    also ignores entries whose backend is gone, so the purge may come after the slots);
-//! 4. frontends that are gone lose their header first, then their slots and rev-NAT entry;
+//! 4. frontends that are gone lose their header first, then their slots and rev-NAT
+//!    entry, then their affinity entries;
 //! 5. backends no frontend uses any more are deleted.
+//!
+//! Within step 2 each kind of write is grouped (every frontend's order kept) so that the
+//! writes go to the kernel in batches. A backend id is never reused, and every new
+//! frontend (and every frontend whose affinity is switched on) gets a new affinity
+//! generation: no affinity entry can lead to another service's backend. A frontend that
+//! would overfill a map is kept out until there is room.
 //!
 //! Slots are assigned stably: a backend keeps its slot while it stays, so one endpoint
 //! change costs a couple of writes, not a rewrite of the service.
 //!
 //! * [`checks`]: what the agent needs of its process and the kernel, checked first;
 //! * [`loader`]: the bpf filesystem, loading, pinning and attaching the programs;
-//! * [`sys`]: the bpf(2) link commands aya lacks (update a cgroup link in place, list
-//!   and detach a cgroup's links);
+//! * [`sys`]: the bpf(2) commands aya lacks (update a cgroup link in place, list and
+//!   detach a cgroup's links, batched map updates);
 //! * [`iface`]: the node's interfaces for the tc programs, and the SNAT port range;
 //! * [`ops`]: the map operations and [`Snapshot`], the maps' contents as plain data;
 //! * [`plan`]: [`Programmed`], the diff of desired state against what the maps hold;
-//! * [`maps`]: [`BpfMaps`], the only code that reads and writes the maps.
+//! * [`maps`]: [`BpfMaps`], the only code that reads and writes the maps;
+//! * [`sockets`]: closing the sockets translated to a backend that left
+//!   (`SOCK_DESTROY`).
 
 pub mod checks;
 pub mod iface;
@@ -31,6 +40,7 @@ pub mod loader;
 pub mod maps;
 pub mod ops;
 pub mod plan;
+pub mod sockets;
 pub mod sys;
 
 pub use maps::{BpfMaps, DatapathError, read_conntrack, read_counters, read_drops};

@@ -8,7 +8,8 @@ use std::{
 
 use lb_common::{
     BACKEND_F_LOCAL, Backend, FrontendName, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES,
-    MAP_SOURCE_RANGES, MAX_SLOTS, RevNat, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
+    MAP_SOURCE_RANGES, MAX_SLOTS, RevNat, SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey,
+    ServiceValue,
 };
 
 use super::ops::{Op, Snapshot, addr_of, frontend_of, ip_of, range_key, range_of, service_key};
@@ -25,6 +26,11 @@ struct ProgFrontend {
     /// Source ranges (network, prefix length); the header has `SVC_F_SOURCE_RANGES`
     /// when there are any.
     source_ranges: BTreeSet<(IpAddr, u8)>,
+    /// The header's `SVC_F_*` flags and affinity generation.
+    flags: u8,
+    epoch: u8,
+    /// The Service keeps its clients' sockets when a backend leaves.
+    keep_sockets: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,7 +58,8 @@ pub struct Programmed {
     slots_total: usize,
     ranges_total: usize,
     next_backend_id: u32,
-    free_backend_ids: Vec<u32>,
+    /// The last affinity generation handed out.
+    last_epoch: u8,
     next_rev_nat: u16,
     free_rev_nat: Vec<u16>,
     /// Entries found in the maps that no frontend accounts for; deleted by the next plan.
@@ -100,6 +107,9 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// The map that was full, for each frontend left out.
     pub full: Vec<&'static str>,
+    /// (frontend, backend) pairs of the socket level that this plan ends, but for
+    /// Services that keep their sockets: the sockets translated to them are closed.
+    pub left: BTreeSet<super::sockets::Left>,
 }
 
 impl Plan {
@@ -128,6 +138,12 @@ impl Programmed {
         me.slots_total = me.frontends.values().map(|f| f.slots.len()).sum();
         me.ranges_total = me.frontends.values().map(|f| f.source_ranges.len()).sum();
         me.next_backend_id = snapshot.backends.keys().max().copied().unwrap_or(0);
+        me.last_epoch = snapshot
+            .services
+            .values()
+            .map(|v| v.epoch)
+            .max()
+            .unwrap_or(0);
         // Above every id any map still holds: an id whose stale entries the first plan
         // deletes (at its end) is never handed to a new frontend in that same plan.
         me.next_rev_nat = used
@@ -180,6 +196,9 @@ impl Programmed {
                         .copied()
                         .unwrap_or(FrontendName::new("")),
                     affinity_timeout: header.affinity_timeout,
+                    flags: header.flags,
+                    epoch: header.epoch,
+                    keep_sockets: false,
                     slots,
                     source_ranges,
                 },
@@ -278,10 +297,10 @@ impl Programmed {
             r.refs += 1;
             return r.id;
         }
-        let id = self.free_backend_ids.pop().unwrap_or_else(|| {
-            self.next_backend_id += 1;
-            self.next_backend_id
-        });
+        // Never an id used before (until 2^32 backends later): an affinity entry that
+        // outlives its backend then finds no backend, never another service's.
+        self.next_backend_id = self.next_backend_id.checked_add(1).unwrap_or(1);
+        let id = self.next_backend_id;
         self.backends
             .insert((ep, proto), BackendRef { id, refs: 1 });
         self.by_id.insert(id, (ep, proto));
@@ -359,18 +378,32 @@ impl Programmed {
             tails,
             purges,
             removals,
+            removed_affinity,
             released: _,
             warnings,
             full,
+            left,
         } = steps;
         let stale = std::mem::take(&mut self.stale);
         let groups = vec![
-            backends, revnat, ranges, slots, names, headers, tails, purges, removals, gc, stale,
+            backends,
+            revnat,
+            ranges,
+            slots,
+            names,
+            headers,
+            tails,
+            purges,
+            removals,
+            removed_affinity,
+            gc,
+            stale,
         ];
         Plan {
             groups,
             warnings,
             full,
+            left,
         }
     }
 
@@ -414,6 +447,11 @@ impl Programmed {
             .released
             .extend(old_slots.iter().map(|id| (*id, fe.proto)));
         let new_slots = stable_slots(&old_slots, &wanted);
+        if !state.keep_sockets {
+            let kept: BTreeSet<u32> = new_slots.iter().copied().collect();
+            let gone = old_slots.iter().filter(|id| !kept.contains(id));
+            self.note_left(fe, gone, steps);
+        }
         let timeout = state.affinity_timeout;
         let old_timeout = old.as_ref().map(|o| o.affinity_timeout);
         steps.purge_affinity(rev_nat_id, old_timeout, timeout, &old_slots, &new_slots);
@@ -435,21 +473,32 @@ impl Programmed {
                 name: Box::new(name),
             });
         }
-        let ranges_changed = old_ranges.is_empty() != state.source_ranges.is_empty();
+        let mut flags = 0;
+        if !state.source_ranges.is_empty() {
+            flags |= SVC_F_SOURCE_RANGES;
+        }
+        if state.no_local {
+            flags |= SVC_F_NO_LOCAL;
+        }
+        // A new frontend, or affinity switched on: a new generation, so that no entry
+        // written before (another frontend's under a reused rev-NAT id, or this one's from
+        // when affinity was last on) is followed.
+        let epoch = match &old {
+            Some(o) if !(o.affinity_timeout == 0 && timeout != 0) => o.epoch,
+            _ => self.next_epoch(),
+        };
         if old.is_none()
             || old_slots.len() != new_slots.len()
             || old_timeout != Some(timeout)
-            || ranges_changed
+            || old
+                .as_ref()
+                .is_some_and(|o| o.flags != flags || o.epoch != epoch)
         {
-            let flags = if state.source_ranges.is_empty() {
-                0
-            } else {
-                SVC_F_SOURCE_RANGES
-            };
             steps.headers.push(Op::PutService {
                 key: service_key(fe, 0),
                 value: ServiceValue {
                     flags,
+                    epoch,
                     ..ServiceValue::header(new_slots.len() as u16, rev_nat_id, timeout)
                 },
             });
@@ -469,8 +518,30 @@ impl Programmed {
                 affinity_timeout: timeout,
                 slots: new_slots,
                 source_ranges: state.source_ranges.clone(),
+                flags,
+                epoch,
+                keep_sockets: state.keep_sockets,
             },
         );
+    }
+
+    /// Notes the backends (by id) that leave the socket-level frontend `fe`.
+    fn note_left<'a>(&self, fe: &Frontend, ids: impl Iterator<Item = &'a u32>, steps: &mut Steps) {
+        if fe.scope != crate::model::Scope::External {
+            return; // The packet level's own frontends have no sockets.
+        }
+        for id in ids {
+            if let Some((ep, _)) = self.by_id.get(id) {
+                steps.left.insert(((fe.addr, fe.port), (ep.addr, ep.port)));
+            }
+        }
+    }
+
+    /// A new affinity generation (1..=255, round and round; 0 is the one of maps written
+    /// before generations existed).
+    fn next_epoch(&mut self) -> u8 {
+        self.last_epoch = self.last_epoch.checked_add(1).unwrap_or(1);
+        self.last_epoch
     }
 
     /// The map (name, capacity, flag) that programming `fe` with `endpoints` would
@@ -546,8 +617,18 @@ impl Programmed {
                 key: service_key(fe, i as u16 + 1),
             });
         }
+        if !old.keep_sockets {
+            self.note_left(fe, old.slots.iter(), steps);
+        }
         steps.removals.push(Op::DelRevNat { id: old.rev_nat_id });
         steps.removals.push(Op::DelName { id: old.rev_nat_id });
+        if old.affinity_timeout != 0 {
+            // After the header is gone, so that no connection writes one again.
+            steps.removed_affinity.push(Op::PurgeAffinity {
+                rev_nat_id: old.rev_nat_id,
+                backend_id: None,
+            });
+        }
         steps.source_ranges(old.rev_nat_id, &old.source_ranges, &BTreeSet::new());
         self.free_rev_nat.push(old.rev_nat_id);
         steps
@@ -575,7 +656,6 @@ impl Programmed {
                 self.backends.remove(&k);
                 self.by_id.remove(&id);
                 gc.push(Op::DelBackend { id });
-                self.free_backend_ids.push(id);
             }
         }
         gc
@@ -600,12 +680,16 @@ struct Steps {
     purges: Vec<Op>,
     /// 4. Frontends that are gone.
     removals: Vec<Op>,
+    /// 4b. Affinity entries of the frontends that are gone.
+    removed_affinity: Vec<Op>,
     /// Slot references to drop once every frontend is planned (then 5., the unused
     /// backends, is computed).
     released: Vec<(u32, Proto)>,
     warnings: Vec<String>,
     /// The full map, for each frontend left out.
     full: Vec<&'static str>,
+    /// See [`Plan::left`].
+    left: BTreeSet<super::sockets::Left>,
 }
 
 impl Steps {
@@ -760,6 +844,8 @@ mod tests {
                             service: format!("ns/{}", f.port),
                             kind: Default::default(),
                             policy_local: false,
+                            no_local: false,
+                            keep_sockets: false,
                             endpoints: backends
                                 .iter()
                                 .map(|b| Endpoint {
@@ -1066,7 +1152,8 @@ mod tests {
             },
             AffinityValue {
                 backend_id: *id,
-                _pad: [0; 4],
+                epoch: header.epoch,
+                _pad: [0; 3],
                 last_used_ns: 1,
             },
         );
@@ -1183,6 +1270,8 @@ mod tests {
                 service: "ns/dual".into(),
                 kind: Default::default(),
                 policy_local: false,
+                no_local: false,
+                keep_sockets: false,
                 endpoints: [ep].into(),
                 affinity_timeout: 0,
                 source_ranges: BTreeSet::new(),

@@ -19,6 +19,8 @@ pub(super) struct Candidate {
     terminating: bool,
     /// `hints.forZones[].name`; empty when the endpoint has no zone hints.
     zone_hints: BTreeSet<String>,
+    /// `hints.forNodes[].name`; empty when the endpoint has no node hints.
+    node_hints: BTreeSet<String>,
 }
 
 /// The usable endpoints of one service port, over all of the service's slices.
@@ -75,29 +77,29 @@ pub(super) fn endpoints_for(
                     continue;
                 }
             };
+            // kube-proxy's reading: a missing ready or serving condition is true, a
+            // missing terminating one false.
             let cond = ep.conditions.as_ref();
-            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+            let hints = ep.hints.as_deref();
+            let names = |list: Option<&Vec<super::slice::Named>>| -> BTreeSet<String> {
+                list.into_iter().flatten().map(|h| h.name.clone()).collect()
+            };
             let candidate = Candidate {
                 endpoint: Endpoint {
                     addr,
                     port: target,
                     local: node.name.is_some() && ep.node_name == node.name,
                 },
-                ready,
-                serving: cond.and_then(|c| c.serving).unwrap_or(ready),
+                ready: cond.and_then(|c| c.ready).unwrap_or(true),
+                serving: cond.and_then(|c| c.serving).unwrap_or(true),
                 terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
-                zone_hints: ep
-                    .hints
-                    .as_ref()
-                    .and_then(|h| h.for_zones.as_ref())
-                    .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
-                    .unwrap_or_default(),
+                zone_hints: names(hints.and_then(|h| h.for_zones.as_ref())),
+                node_hints: names(hints.and_then(|h| h.for_nodes.as_ref())),
             };
-            match candidates.get(&candidate.endpoint) {
-                Some(existing) if existing.ready || !candidate.ready => {}
-                _ => {
-                    candidates.insert(candidate.endpoint, candidate);
-                }
+            // kube-proxy's rule for an address listed twice: the first copy stays,
+            // unless the later one is on this node.
+            if !candidates.contains_key(&candidate.endpoint) || candidate.endpoint.local {
+                candidates.insert(candidate.endpoint, candidate);
             }
         }
     }
@@ -152,37 +154,61 @@ impl NodeInfo {
 }
 
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
-const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
 
-/// kube-proxy's `canUseTopology`: the service asks for it (trafficDistribution PreferClose,
-/// or the topology-mode annotation Auto), the node has a zone, every ready endpoint has
-/// zone hints, and at least one is hinted for this node's zone.
-fn can_use_topology(svc: &Service, candidates: &[Candidate], node: &NodeInfo) -> bool {
-    let annotations = svc.metadata.annotations.as_ref();
-    let annotation = annotations
-        .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION))
-        .or_else(|| annotations.and_then(|a| a.get(TOPOLOGY_HINTS_ANNOTATION)))
-        .map(String::as_str);
-    let prefer_close = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.traffic_distribution.as_deref())
-        == Some("PreferClose");
-    if !prefer_close && !matches!(annotation, Some("Auto" | "auto")) {
-        return false;
-    }
-    let Some(zone) = &node.zone else {
-        return false;
-    };
-    let mut for_zone = false;
+/// Which endpoints topology-aware routing keeps (kube-proxy's topology mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// No hints to follow: every endpoint.
+    Any,
+    /// `PreferSameNode`: the endpoints hinted for this node.
+    SameNode,
+    /// `PreferSameZone` (and `PreferClose`, topology-aware hints): the endpoints hinted
+    /// for this node's zone.
+    SameZone,
+}
+
+/// kube-proxy's `topologyModeFromHints`: node hints are followed when every ready
+/// endpoint has them and one is for this node; else zone hints, when every ready
+/// endpoint has them and one is for this node's zone; else none. (The EndpointSlice
+/// controller writes hints only for services that ask; kube-proxy looks at the hints
+/// alone.)
+fn topology_mode(candidates: &[Candidate], node: &NodeInfo) -> Topology {
+    let (mut all_node, mut for_node, mut all_zone, mut for_zone) = (true, false, true, false);
     for c in candidates.iter().filter(|c| c.ready) {
-        if c.zone_hints.is_empty() {
-            return false;
+        if c.node_hints.is_empty() {
+            all_node = false;
+        } else {
+            for_node |= hinted(&c.node_hints, &node.name);
         }
-        for_zone |= c.zone_hints.contains(zone);
+        if c.zone_hints.is_empty() {
+            all_zone = false;
+        } else {
+            for_zone |= hinted(&c.zone_hints, &node.zone);
+        }
     }
-    for_zone
+    if all_node && for_node {
+        Topology::SameNode
+    } else if all_zone && for_zone {
+        Topology::SameZone
+    } else {
+        Topology::Any
+    }
+}
+
+impl Topology {
+    /// kube-proxy's `availableForTopology`.
+    fn admits(self, c: &Candidate, node: &NodeInfo) -> bool {
+        match self {
+            Self::Any => true,
+            Self::SameNode => hinted(&c.node_hints, &node.name),
+            Self::SameZone => hinted(&c.zone_hints, &node.zone),
+        }
+    }
+}
+
+/// `name` (this node's name or zone, if known) is among `hints`.
+fn hinted(hints: &BTreeSet<String>, name: &Option<String>) -> bool {
+    name.as_ref().is_some_and(|n| hints.contains(n))
 }
 
 /// The endpoints a client outside the node may reach through an external address of a
@@ -203,8 +229,10 @@ pub(super) fn select_local(candidates: &[Candidate]) -> BTreeSet<Endpoint> {
     pick(&|c| c.serving && c.terminating)
 }
 
-/// kube-proxy's endpoint selection: for a cluster IP (`internal`, internalTrafficPolicy
-/// applies) or for an external frontend reached from this node (all cluster endpoints).
+/// kube-proxy's endpoint selection (`CategorizeEndpoints`): for a cluster IP
+/// (`internal`, internalTrafficPolicy applies) or for an external frontend reached from
+/// this node (all cluster endpoints): the ready ones that topology admits, else the
+/// serving-and-terminating ones it admits.
 pub(super) fn select(
     svc: &Service,
     candidates: &[Candidate],
@@ -227,11 +255,10 @@ pub(super) fn select(
         // Only endpoints on this node; ready ones, else serving-and-terminating ones.
         return select_local(candidates);
     }
-    let topology = can_use_topology(svc, candidates, node);
-    let zone = node.zone.clone().unwrap_or_default();
-    let ready = pick(&|c| c.ready && (!topology || c.zone_hints.contains(&zone)));
+    let topology = topology_mode(candidates, node);
+    let ready = pick(&|c| c.ready && topology.admits(c, node));
     if !ready.is_empty() {
         return ready;
     }
-    pick(&|c| c.serving && c.terminating)
+    pick(&|c| c.serving && c.terminating && topology.admits(c, node))
 }

@@ -3,12 +3,15 @@
 //!
 //! Rules implemented (kube-proxy's):
 //! * Services of type ExternalName, headless services (`clusterIP: None`) and services
-//!   without a clusterIP have no data path.
+//!   without a clusterIP have no data path. Services and EndpointSlices labelled
+//!   `service.kubernetes.io/service-proxy-name` (another proxy's) or
+//!   `service.kubernetes.io/headless` are not looked at, whichever the source (kube-proxy's
+//!   watch selector).
 //! * Every `spec.ports[]` entry of a service is one frontend per cluster IP (IPv4 and
 //!   IPv6: dual-stack services have one of each), protocol TCP (default) or UDP; SCTP is
 //!   refused with a warning.
-//! * The same port is also a frontend on every `spec.externalIPs` address and, for type
-//!   LoadBalancer, every `status.loadBalancer.ingress[].ip` (not with `ipMode: Proxy`). Its
+//! * The same port is also a frontend on every `spec.externalIPs` address and every
+//!   `status.loadBalancer.ingress[].ip` (not with `ipMode: Proxy`), whatever the type. Its
 //!   `nodePort` (types NodePort and LoadBalancer) is a frontend on each node address and on
 //!   127.0.0.1. These external frontends balance over all of the service's endpoints: for
 //!   traffic from the node itself kube-proxy ignores both traffic policies' Local.
@@ -20,8 +23,12 @@
 //! * `sessionAffinity: ClientIP` gives every frontend of the service its affinity timeout
 //!   (`sessionAffinityConfig.clientIP.timeoutSeconds`, default 10800, 1..=86400).
 //! * An endpoint is used when `conditions.ready` is true or absent; when no endpoint of a
-//!   port is ready, the serving-and-terminating ones are used. An address listed in several
-//!   slices counts once. kube-proxy uses `addresses[0]` of each endpoint; so do we.
+//!   port is ready, the serving-and-terminating ones are used (`serving` absent counts as
+//!   true). An address listed in several slices counts once: the first copy, unless a
+//!   later one is on this node. kube-proxy uses `addresses[0]` of each endpoint; so do we.
+//! * Topology: when every ready endpoint has node hints and one is for this node, only
+//!   those (`PreferSameNode`); else when every ready endpoint has zone hints and one is for
+//!   this node's zone, only those (`PreferSameZone`, `PreferClose`); else all.
 //! * A frontend with no usable endpoint stays, with zero backends: connections to it are
 //!   refused (kube-proxy's REJECT), not sent into the void.
 //!
@@ -58,6 +65,22 @@ pub struct Objects {
 }
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A Service annotated `"true"` keeps its clients' sockets when a backend leaves (by
+/// default the agent closes the sockets it translated to that backend, so that the
+/// application reconnects to a live one).
+pub const KEEP_SOCKETS_ANNOTATION: &str = "lb-user.dev/keep-sockets";
+/// Labels that keep a Service (and its EndpointSlices) away from kube-proxy: another
+/// proxy serves it, or it is headless. The API watch filters on them
+/// (`source::api::PROXY_SELECTOR`); the model applies them too, whatever the source.
+pub const NOT_OURS_LABELS: [&str; 2] = [
+    "service.kubernetes.io/service-proxy-name",
+    "service.kubernetes.io/headless",
+];
+
+/// The object's labels keep it away from kube-proxy ([`NOT_OURS_LABELS`]).
+pub fn not_ours(labels: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+    labels.is_some_and(|l| NOT_OURS_LABELS.iter().any(|n| l.contains_key(*n)))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -233,6 +256,13 @@ pub struct FrontendState {
     /// (internal for a cluster IP, external for the others) is Local; for dumps.
     pub kind: FrontendKind,
     pub policy_local: bool,
+    /// No endpoint here, while the service has some elsewhere: the Local policy keeps
+    /// them out (kube-proxy drops; connections are refused with EHOSTUNREACH, where a
+    /// service without endpoints gets ECONNREFUSED).
+    pub no_local: bool,
+    /// The Service asks that sockets to a backend that leaves are not closed
+    /// ([`KEEP_SOCKETS_ANNOTATION`]).
+    pub keep_sockets: bool,
     pub endpoints: BTreeSet<Endpoint>,
     /// ClientIP affinity timeout in seconds; 0 = no affinity.
     pub affinity_timeout: u32,

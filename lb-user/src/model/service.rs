@@ -46,6 +46,12 @@ pub(super) fn add_service(
         return;
     };
     let mut local_endpoints = BTreeSet::new();
+    let keep_sockets = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(super::KEEP_SOCKETS_ANNOTATION))
+        .is_some_and(|v| v == "true");
     for (i, sp) in spec.ports.iter().flatten().enumerate() {
         let Some(port) = Port::parse(sp, i, name, addrs.node_port_type, &mut out.warnings) else {
             continue;
@@ -78,6 +84,10 @@ pub(super) fn add_service(
                 .filter(|c| c.endpoint.addr.is_ipv4() == addr.is_ipv4())
                 .cloned()
                 .collect();
+            // Local policy, endpoints only elsewhere: kube-proxy drops, where a service
+            // without endpoints is rejected; the two are told apart.
+            let anywhere = !select(svc, &family, node, false).is_empty();
+            let endpoints = select(svc, &family, node, internal);
             out.frontends.insert(
                 fe,
                 (
@@ -85,7 +95,9 @@ pub(super) fn add_service(
                         service: label.clone(),
                         kind,
                         policy_local,
-                        endpoints: select(svc, &family, node, internal),
+                        no_local: endpoints.is_empty() && anywhere,
+                        keep_sockets,
+                        endpoints,
                         affinity_timeout: addrs.affinity_timeout,
                         source_ranges: source_ranges.clone(),
                     },
@@ -95,6 +107,7 @@ pub(super) fn add_service(
             if !internal && addrs.external_local {
                 // Clients outside the node: this node's endpoints only (the socket level
                 // keeps using all of them, as kube-proxy does for traffic from the node).
+                let local = select_local(&family);
                 out.frontends.insert(
                     Frontend {
                         scope: Scope::Local,
@@ -105,7 +118,9 @@ pub(super) fn add_service(
                             service: label.clone(),
                             kind,
                             policy_local,
-                            endpoints: select_local(&family),
+                            no_local: local.is_empty() && anywhere,
+                            keep_sockets,
+                            endpoints: local,
                             affinity_timeout: addrs.affinity_timeout,
                             source_ranges,
                         },
@@ -199,9 +214,10 @@ impl Addresses {
             .filter(|a| families.contains(&a.is_ipv4()))
             .copied()
             .collect();
-        if families.contains(&true) {
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        if families.contains(&true) && !node_addrs.contains(&localhost) {
             // kube-proxy (iptables mode) also accepts nodePorts on localhost.
-            node_addrs.push(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            node_addrs.push(localhost);
         }
         Some(Self {
             cluster,
@@ -447,7 +463,8 @@ fn affinity_timeout(svc: &Service, name: &str, warnings: &mut Vec<String>) -> u3
 }
 
 /// The addresses besides the cluster IPs that a service port is reachable on, with the
-/// field each came from: externalIPs and (type LoadBalancer) ingress IPs.
+/// field each came from: externalIPs and LoadBalancer ingress IPs (whatever the
+/// service's type, as kube-proxy serves them).
 fn external_ips(svc: &Service, name: &str, warnings: &mut Vec<String>) -> Vec<(IpAddr, String)> {
     let mut out = Vec::new();
     let Some(spec) = &svc.spec else { return out };
@@ -458,9 +475,6 @@ fn external_ips(svc: &Service, name: &str, warnings: &mut Vec<String>) -> Vec<(I
                 "Service {name}: field spec.externalIPs[{i}]: {text:?} is not an IP address; skipped"
             )),
         }
-    }
-    if spec.type_.as_deref() != Some("LoadBalancer") {
-        return out;
     }
     let ingress = svc
         .status

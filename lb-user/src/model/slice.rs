@@ -24,6 +24,10 @@ pub struct Slice {
     pub service_name: Option<String>,
     #[serde(skip)]
     pub trigger_time: Option<String>,
+    /// Labelled for another proxy or as a headless service's ([`super::not_ours`]),
+    /// recorded by [`Slice::slim`].
+    #[serde(skip)]
+    pub not_ours: bool,
     pub address_type: String,
     pub endpoints: Vec<SliceEndpoint>,
     #[serde(default)]
@@ -89,6 +93,7 @@ impl Slice {
     pub fn slim(mut self) -> Self {
         let labels = self.metadata.labels.take();
         let annotations = self.metadata.annotations.take();
+        self.not_ours |= super::not_ours(labels.as_ref());
         self.service_name = self
             .service_name
             .take()
@@ -100,6 +105,11 @@ impl Slice {
         slim_meta(&mut self.metadata);
         self.endpoints.shrink_to_fit();
         self
+    }
+
+    /// Labelled for another proxy or as a headless service's.
+    pub fn is_not_ours(&self) -> bool {
+        self.not_ours || super::not_ours(self.metadata.labels.as_ref())
     }
 
     /// The service this slice belongs to (its `kubernetes.io/service-name` label).

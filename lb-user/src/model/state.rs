@@ -78,6 +78,15 @@ impl Object {
         (ns.to_string(), name.to_string())
     }
 
+    /// Labelled to be left to another proxy, or headless ([`super::not_ours`]).
+    fn not_ours(&self) -> bool {
+        match self {
+            Self::Service(o) => super::not_ours(o.metadata.labels.as_ref()),
+            Self::EndpointSlice(o) => o.is_not_ours(),
+            Self::Node(_) => false,
+        }
+    }
+
     /// The same object as far as the model is concerned: the same resourceVersion when
     /// both have one (the API's objects), else equal content (manifests).
     fn same_as(&self, other: &Self) -> bool {
@@ -250,6 +259,16 @@ impl Model {
 
     fn upsert(&mut self, obj: Object) {
         let key = obj.key();
+        if obj.not_ours() {
+            tracing::debug!(
+                "{:?} {}/{}: labelled for another proxy or headless; not served",
+                obj.kind(),
+                key.0,
+                key.1
+            );
+            self.delete(obj.kind(), &key);
+            return;
+        }
         match obj {
             Object::Service(svc) => {
                 if let Some(old) = self.services.get(&key)

@@ -291,46 +291,217 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
     );
 }
 
-#[test]
-fn prefer_close_and_topology_mode_auto_use_zone_hints() {
-    let hinted = "- addresses: [10.0.0.1]\n  hints: {forZones: [{name: zone-1}]}\n\
-                      - addresses: [10.0.0.2]\n  hints: {forZones: [{name: zone-2}]}\n";
-    let zone1 = eps(&[("10.0.0.1", 80)]);
-    let both = eps(&[("10.0.0.1", 80), ("10.0.0.2", 80)]);
-    let prefer_close = ", trafficDistribution: PreferClose";
-    let auto = ", annotations: {service.kubernetes.io/topology-mode: Auto}";
-    assert_eq!(
-        selected(&(svc_with(prefer_close, "", hinted) + NODE_A_ZONE_1)),
-        zone1
-    );
-    assert_eq!(
-        selected(&(svc_with("", auto, hinted) + NODE_A_ZONE_1)),
-        zone1
-    );
-    // Not asked for: hints are ignored.
-    assert_eq!(selected(&(svc_with("", "", hinted) + NODE_A_ZONE_1)), both);
-    // The node has no zone (no Node object): hints are ignored.
-    assert_eq!(selected(&svc_with(prefer_close, "", hinted)), both);
-    // One ready endpoint without hints disables topology for the service.
-    let partly =
-        "- addresses: [10.0.0.1]\n  hints: {forZones: [{name: zone-1}]}\n- addresses: [10.0.0.2]\n";
-    assert_eq!(
-        selected(&(svc_with(prefer_close, "", partly) + NODE_A_ZONE_1)),
-        both
-    );
-    // No endpoint is hinted for this zone: all are used.
-    let elsewhere = "- addresses: [10.0.0.1]\n  hints: {forZones: [{name: zone-3}]}\n\
-                         - addresses: [10.0.0.2]\n  hints: {forZones: [{name: zone-2}]}\n";
-    assert_eq!(
-        selected(&(svc_with(prefer_close, "", elsewhere) + NODE_A_ZONE_1)),
-        both
-    );
+/// One endpoint line: address, node, zone hints, node hints, conditions.
+fn ep_line(addr: &str, node: &str, zones: &[&str], nodes: &[&str], conditions: &str) -> String {
+    let names = |v: &[&str]| -> String {
+        v.iter()
+            .map(|n| format!("{{name: {n}}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut hints = Vec::new();
+    if !zones.is_empty() {
+        hints.push(format!("forZones: [{}]", names(zones)));
+    }
+    if !nodes.is_empty() {
+        hints.push(format!("forNodes: [{}]", names(nodes)));
+    }
+    let mut line = format!("- addresses: [{addr}]\n  nodeName: {node}\n");
+    if !hints.is_empty() {
+        line += &format!("  hints: {{{}}}\n", hints.join(", "));
+    }
+    if !conditions.is_empty() {
+        line += &format!("  conditions: {conditions}\n");
+    }
+    line
 }
 
 #[test]
-fn duplicate_endpoint_prefers_the_ready_copy() {
-    let dup = "- addresses: [10.0.0.1]\n  conditions: {ready: false}\n- addresses: [10.0.0.1]\n  conditions: {ready: true}\n";
-    assert_eq!(selected(&svc_with("", "", dup)), eps(&[("10.0.0.1", 80)]));
+fn topology_follows_kube_proxys_topology_mode_from_hints() {
+    // (case, endpoints, node object (zone-1 or none), expected addresses), as kube-proxy
+    // 1.33's topologyModeFromHints / CategorizeEndpoints decide for node-a.
+    let z = |a: &str, zones: &[&str]| ep_line(a, "node-x", zones, &[], "");
+    let n = |a: &str, zones: &[&str], nodes: &[&str]| ep_line(a, "node-x", zones, nodes, "");
+    let cases: Vec<(&str, String, bool, Vec<&str>)> = vec![
+        (
+            "zone hints on every ready endpoint: this zone's only, whatever the service asks",
+            z("10.0.0.1", &["zone-1"]) + &z("10.0.0.2", &["zone-2"]),
+            true,
+            vec!["10.0.0.1"],
+        ),
+        (
+            "one ready endpoint without hints: all",
+            z("10.0.0.1", &["zone-1"]) + &z("10.0.0.2", &[]),
+            true,
+            vec!["10.0.0.1", "10.0.0.2"],
+        ),
+        (
+            "a not-ready endpoint without hints does not count",
+            z("10.0.0.1", &["zone-1"])
+                + &z("10.0.0.2", &["zone-2"])
+                + &ep_line("10.0.0.3", "node-x", &[], &[], "{ready: false}"),
+            true,
+            vec!["10.0.0.1"],
+        ),
+        (
+            "no endpoint hinted for this zone: all",
+            z("10.0.0.1", &["zone-3"]) + &z("10.0.0.2", &["zone-2"]),
+            true,
+            vec!["10.0.0.1", "10.0.0.2"],
+        ),
+        (
+            "the node has no zone: all",
+            z("10.0.0.1", &["zone-1"]) + &z("10.0.0.2", &["zone-2"]),
+            false,
+            vec!["10.0.0.1", "10.0.0.2"],
+        ),
+        (
+            "node hints on every ready endpoint, one for this node: PreferSameNode",
+            n("10.0.0.1", &["zone-1"], &["node-a"]) + &n("10.0.0.2", &["zone-1"], &["node-b"]),
+            true,
+            vec!["10.0.0.1"],
+        ),
+        (
+            "node hints, none for this node: zone hints decide",
+            n("10.0.0.1", &["zone-1"], &["node-c"]) + &n("10.0.0.2", &["zone-2"], &["node-b"]),
+            true,
+            vec!["10.0.0.1"],
+        ),
+        (
+            "node hints on some only: zone hints decide",
+            n("10.0.0.1", &["zone-2"], &["node-a"]) + &n("10.0.0.2", &["zone-1"], &[]),
+            true,
+            vec!["10.0.0.2"],
+        ),
+        (
+            "no ready endpoint: the mode comes from ready ones only, so none; every serving-and-terminating one",
+            ep_line(
+                "10.0.0.1",
+                "node-x",
+                &["zone-1"],
+                &[],
+                "{ready: false, serving: true, terminating: true}",
+            ) + &ep_line(
+                "10.0.0.2",
+                "node-x",
+                &["zone-2"],
+                &[],
+                "{ready: false, serving: true, terminating: true}",
+            ),
+            true,
+            vec!["10.0.0.1", "10.0.0.2"],
+        ),
+    ];
+    for (case, endpoints, zoned, want) in cases {
+        let mut yaml = svc_with("", "", &endpoints);
+        if zoned {
+            yaml += NODE_A_ZONE_1;
+        }
+        let got: Vec<String> = selected(&yaml).iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(got, want, "{case}");
+    }
+}
+
+#[test]
+fn endpoint_conditions_and_duplicates_follow_kube_proxy() {
+    // (case, endpoints, expected addresses). Absent ready and serving are true, absent
+    // terminating false; serving-and-terminating endpoints are used only when none is
+    // ready; an address listed twice: the first copy, unless a later one is local.
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "no conditions: ready",
+            ep_line("10.0.0.1", "node-x", &[], &[], ""),
+            vec!["10.0.0.1"],
+        ),
+        (
+            "not ready, terminating, serving absent (true): the fallback",
+            ep_line(
+                "10.0.0.1",
+                "node-x",
+                &[],
+                &[],
+                "{ready: false, terminating: true}",
+            ),
+            vec!["10.0.0.1"],
+        ),
+        (
+            "not ready, not terminating: unused",
+            ep_line("10.0.0.1", "node-x", &[], &[], "{ready: false}"),
+            vec![],
+        ),
+        (
+            "terminating but not serving: unused",
+            ep_line(
+                "10.0.0.1",
+                "node-x",
+                &[],
+                &[],
+                "{ready: false, serving: false, terminating: true}",
+            ),
+            vec![],
+        ),
+        (
+            "a ready endpoint: the terminating ones are not used",
+            ep_line(
+                "10.0.0.1",
+                "node-x",
+                &[],
+                &[],
+                "{ready: false, terminating: true}",
+            ) + &ep_line("10.0.0.2", "node-x", &[], &[], "{ready: true}"),
+            vec!["10.0.0.2"],
+        ),
+        (
+            "a duplicate: the first copy counts (here not ready)",
+            ep_line("10.0.0.1", "node-x", &[], &[], "{ready: false}")
+                + &ep_line("10.0.0.1", "node-x", &[], &[], "{ready: true}"),
+            vec![],
+        ),
+        (
+            "a duplicate on this node replaces the first copy",
+            ep_line("10.0.0.1", "node-x", &[], &[], "{ready: false}")
+                + &ep_line("10.0.0.1", "node-a", &[], &[], "{ready: true}"),
+            vec!["10.0.0.1"],
+        ),
+    ];
+    for (case, endpoints, want) in cases {
+        let got: Vec<String> = selected(&svc_with("", "", &endpoints))
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(got, want, "{case}");
+    }
+}
+
+#[test]
+fn services_and_slices_of_another_proxy_or_headless_are_not_served() {
+    let other = svc_with("", "", "- addresses: [10.0.0.1]\n").replacen(
+        "metadata: {name: s, namespace: n}",
+        "metadata: {name: s, namespace: n, labels: {service.kubernetes.io/service-proxy-name: other}}",
+        1,
+    );
+    assert!(build_from(&other).desired.frontends.is_empty());
+    // A slice so labelled is not used (a headless service's), the others are.
+    let yaml = svc_with("", "", "- addresses: [10.0.0.1]\n")
+        + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s-2\n  namespace: n\n  \
+           labels: {kubernetes.io/service-name: s, service.kubernetes.io/headless: ''}\naddressType: IPv4\nports: [{port: 80}]\n\
+           endpoints:\n- addresses: [10.0.0.2]\n";
+    assert_eq!(selected(&yaml), eps(&[("10.0.0.1", 80)]));
+}
+
+#[test]
+fn local_policy_with_endpoints_only_elsewhere_is_told_apart_from_no_endpoints() {
+    let remote = "- addresses: [10.0.0.2]\n  nodeName: node-b\n";
+    let b = build_from(&svc_with(", internalTrafficPolicy: Local", "", remote));
+    let state = &b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)];
+    assert!(state.endpoints.is_empty() && state.no_local, "{state:?}");
+    // Nothing usable anywhere: a service without endpoints, refused as such.
+    let unready = "- addresses: [10.0.0.2]\n  nodeName: node-b\n  conditions: {ready: false}\n";
+    let b = build_from(&svc_with(", internalTrafficPolicy: Local", "", unready));
+    let state = &b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)];
+    assert!(state.endpoints.is_empty() && !state.no_local, "{state:?}");
+    let b = build_from(&svc_with("", "", remote));
+    assert!(!b.desired.frontends[&fe("10.96.0.9", 80, Proto::Tcp)].no_local);
 }
 
 #[test]
@@ -490,6 +661,26 @@ fn node_ports_on_node_addresses_and_localhost_use_all_endpoints() {
     // A ClusterIP service keeps no node port even if one is written down.
     let b = build_from(&exposed("", ""));
     assert_eq!(b.desired.frontends.len(), 1);
+    // --node-ip 127.0.0.1 is no clash with the localhost nodePort.
+    let b = build(&objects, Some("node-a"), &["127.0.0.1".parse().unwrap()]);
+    assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+    assert_eq!(b.desired.frontends.len(), 2);
+}
+
+#[test]
+fn ingress_ips_are_served_whatever_the_type() {
+    // kube-proxy reads status.loadBalancer.ingress of every service.
+    let status = "status: {loadBalancer: {ingress: [{ip: 203.0.113.5}]}}\n";
+    for ty in ["", ", type: NodePort", ", type: LoadBalancer"] {
+        let b = build_from(&exposed(ty, status));
+        assert!(
+            b.desired
+                .frontends
+                .contains_key(&fe("203.0.113.5", 80, Proto::Tcp)),
+            "type {ty:?}: {:?}",
+            b.desired.frontends.keys()
+        );
+    }
 }
 
 #[test]

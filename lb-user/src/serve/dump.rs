@@ -12,14 +12,14 @@ use crate::{
 /// Renders the per-program counters as a table.
 pub fn render_counters(counters: &[(&str, Counters)]) -> String {
     let mut out = format!(
-        "{:<14} {:>12} {:>10} {:>14} {:>8}\n",
-        "program", "translated", "refused", "affinity-hits", "misses"
+        "{:<14} {:>12} {:>10} {:>9} {:>14} {:>8}\n",
+        "program", "translated", "refused", "no-local", "affinity-hits", "misses"
     );
     for (name, c) in counters {
         let _ = writeln!(
             out,
-            "{name:<14} {:>12} {:>10} {:>14} {:>8}",
-            c.translated, c.refused, c.affinity_hits, c.misses
+            "{name:<14} {:>12} {:>10} {:>9} {:>14} {:>8}",
+            c.translated, c.refused, c.no_local, c.affinity_hits, c.misses
         );
     }
     out
@@ -122,6 +122,7 @@ pub fn render_json(
                 "trafficPolicyLocal": snap.names.get(&header.rev_nat_id)
                     .map(|n| n.flags & lb_common::FRONTEND_F_POLICY_LOCAL != 0),
                 "revNatId": header.rev_nat_id,
+                "noLocalEndpoint": header.flags & lb_common::SVC_F_NO_LOCAL != 0,
                 "affinityTimeoutSeconds": header.affinity_timeout,
                 "backends": slots.iter().enumerate().map(|(i, (id, b))| serde_json::json!({
                     "slot": i + 1,
@@ -140,6 +141,7 @@ pub fn render_json(
                 serde_json::json!({
                     "translated": c.translated,
                     "refused": c.refused,
+                    "noLocal": c.no_local,
                     "affinityHits": c.affinity_hits,
                     "misses": c.misses,
                 }),
@@ -180,7 +182,9 @@ pub fn render(snap: &Snapshot) -> String {
             },
             |fe| fe.to_string(),
         );
-        let state = if header.count == 0 {
+        let state = if header.count == 0 && header.flags & lb_common::SVC_F_NO_LOCAL != 0 {
+            "no backend on this node (traffic policy Local; the service has endpoints elsewhere): connections are refused with EHOSTUNREACH, packets dropped".to_string()
+        } else if header.count == 0 {
             "no backends: connections are refused".to_string()
         } else {
             format!("{} backends", header.count)
@@ -301,6 +305,8 @@ mod tests {
                 service: "demo/web:http".into(),
                 kind: Default::default(),
                 policy_local: false,
+                no_local: false,
+                keep_sockets: false,
                 endpoints: [ep(1), ep(2)].into(),
                 affinity_timeout: 0,
                 source_ranges: Default::default(),
@@ -317,6 +323,8 @@ mod tests {
                 service: "demo/empty".into(),
                 kind: Default::default(),
                 policy_local: false,
+                no_local: false,
+                keep_sockets: false,
                 endpoints: Default::default(),
                 affinity_timeout: 0,
                 source_ranges: Default::default(),
@@ -333,6 +341,8 @@ mod tests {
                 service: "demo/web:http".into(),
                 kind: Default::default(),
                 policy_local: false,
+                no_local: false,
+                keep_sockets: false,
                 endpoints: [Endpoint {
                     addr: "fd00:244:1::2".parse().unwrap(),
                     port: 8080,

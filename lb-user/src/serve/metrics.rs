@@ -44,6 +44,9 @@ pub struct Metrics {
     pub map_full_total: BTreeMap<&'static str, u64>,
     /// Desired frontends not programmed (or not updated) now, for want of room.
     pub frontends_skipped: usize,
+    /// Sockets closed because their backend left the service, and failures doing so.
+    pub sockets_destroyed_total: u64,
+    pub socket_destroy_errors_total: u64,
     pub map_writes_total: u64,
     pub network_programming_count: u64,
     pub network_programming_seconds_sum: f64,
@@ -69,6 +72,8 @@ impl Default for Metrics {
             map_entries: BTreeMap::new(),
             map_full_total: BTreeMap::new(),
             frontends_skipped: 0,
+            sockets_destroyed_total: 0,
+            socket_destroy_errors_total: 0,
             map_writes_total: 0,
             network_programming_count: 0,
             network_programming_seconds_sum: 0.0,
@@ -217,6 +222,16 @@ impl Metrics {
                 "Map updates and deletes written",
                 self.map_writes_total,
             ),
+            (
+                "lb_sockets_destroyed",
+                "Sockets closed (SOCK_DESTROY) because the backend they were translated to left its service",
+                self.sockets_destroyed_total,
+            ),
+            (
+                "lb_socket_destroy_errors",
+                "Failures closing such sockets (a namespace, the netlink socket, the map)",
+                self.socket_destroy_errors_total,
+            ),
         ] {
             let c = Counter::<u64>::default();
             c.inc_by(value);
@@ -259,6 +274,7 @@ fn register_datapath(r: &mut Registry, pin_path: &std::path::Path) {
                 ("refused", c.refused),
                 ("affinity_hit", c.affinity_hits),
                 ("miss", c.misses),
+                ("no_local", c.no_local),
             ] {
                 events
                     .get_or_create(&vec![

@@ -79,6 +79,8 @@ struct State {
     objects: BTreeMap<(Kind, String, String), Value>,
     history: Vec<Event>,
     requests: Vec<String>,
+    /// Bookmarks written to watch streams.
+    bookmarks_sent: usize,
 }
 
 pub struct FakeApi {
@@ -234,6 +236,11 @@ impl FakeApi {
         let rv = self.state.lock().unwrap().rv;
         let _ = self.control.send(Control::Bookmark);
         rv
+    }
+
+    /// Bookmarks written to watch streams so far (one per open watch and bookmark).
+    pub fn bookmarks_sent(&self) -> usize {
+        self.state.lock().unwrap().bookmarks_sent
     }
 
     /// Requests served so far, as "LIST services rv=" / "WATCH services rv=N".
@@ -536,6 +543,7 @@ impl Live<'_> {
                         if chunk(conn, &bookmark(kind, rv)).await.is_err() {
                             return;
                         }
+                        state.lock().unwrap().bookmarks_sent += 1;
                         self.last = self.last.max(rv);
                     }
                 },

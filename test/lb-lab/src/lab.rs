@@ -1061,6 +1061,18 @@ impl AgentProcess {
         }
     }
 
+    /// Syncs logged so far.
+    pub fn syncs(&self) -> usize {
+        self.log().matches(" synced").count()
+    }
+
+    /// Waits until a sync after the first `before` ones is logged (take `before` from
+    /// [`Self::syncs`] before making the change): never satisfied by a sync that came
+    /// before the change.
+    pub fn wait_sync_after(&mut self, before: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_synced(before + 1, timeout)
+    }
+
     /// SIGTERM and wait; returns the exit status (None if it had to be killed).
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         self.child.terminate(Duration::from_secs(5))

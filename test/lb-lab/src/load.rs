@@ -287,3 +287,123 @@ pub fn waiter(target: SocketAddr) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// What [`hold`] reports of its three sockets.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Held {
+    /// Who answered first: the TCP connection and the connected UDP socket to the
+    /// service, and the UDP socket connected to a pod directly.
+    pub tcp: String,
+    pub udp: String,
+    pub direct: String,
+    /// After "check": the first error each socket gave ("none": none within the wait).
+    pub tcp_error: String,
+    pub udp_error: String,
+    pub direct_error: String,
+    /// The direct socket's answer to one more request after the check.
+    pub direct_after: String,
+}
+
+/// `lb-lab hold`: a TCP connection and a connected UDP socket to `service`, and a UDP
+/// socket connected to the pod `direct`; prints who answered each (JSON), keeps them
+/// (the TCP connection an echo, busy with a byte every 300 ms) until a line on stdin, then
+/// prints the first error each gave within 3 s (JSON).
+pub fn hold(service: SocketAddr, direct: SocketAddr) -> anyhow::Result<()> {
+    use std::net::UdpSocket;
+    let wait = Duration::from_secs(3);
+    let mut tcp = TcpStream::connect_timeout(&service, wait)?;
+    tcp.set_read_timeout(Some(wait))?;
+    // The pod server answers its name, then echoes what comes (the connection stays).
+    tcp.write_all(b"ECHO 1000000\n")?;
+    let mut buf = [0u8; 64];
+    let mut got = 0;
+    while !buf[..got].contains(&b'\n') && got < buf.len() {
+        match tcp.read(&mut buf[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let mut held = Held {
+        tcp: String::from_utf8_lossy(&buf[..got]).trim().to_string(),
+        ..Held::default()
+    };
+    let udp_ask = |s: &UdpSocket| -> std::io::Result<String> {
+        s.send(b"GET\n")?;
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    };
+    let connected = |to: SocketAddr| -> std::io::Result<UdpSocket> {
+        let s = lab::udp_socket_for(to, 0)?;
+        s.connect(to)?;
+        s.set_read_timeout(Some(wait))?;
+        Ok(s)
+    };
+    let udp = connected(service)?;
+    held.udp = udp_ask(&udp)?;
+    let direct_sock = connected(direct)?;
+    held.direct = udp_ask(&direct_sock)?;
+    let mut out = std::io::stdout();
+    writeln!(out, "{}", serde_json::to_string(&held)?)?;
+    out.flush()?;
+    // Keep the connection busy (the pod server gives up on an idle one after 10 s); the
+    // first write error is the connection's error.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keepalive = {
+        let (mut conn, stop) = (tcp.try_clone()?, stop.clone());
+        std::thread::spawn(move || -> Option<std::io::Error> {
+            for _ in 0..200 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return None;
+                }
+                if let Err(e) = conn.write_all(b".") {
+                    return Some(e);
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            None
+        })
+    };
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let describe = |r: std::io::Result<usize>| match r {
+        Ok(0) => "closed".to_string(),
+        Ok(_) => "none".to_string(),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            "none".to_string()
+        }
+        Err(e) => format!("{:?}", e.kind()),
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = keepalive.join().ok().flatten();
+    held.tcp_error = match written {
+        Some(e) => format!("{:?}", e.kind()),
+        // Until an error or the end of the wait: a byte out, the echoes back (what is
+        // buffered is no error).
+        None => {
+            tcp.set_read_timeout(Some(Duration::from_millis(100)))?;
+            let deadline = Instant::now() + wait;
+            loop {
+                if let Err(e) = tcp.write_all(b".") {
+                    break format!("{:?}", e.kind());
+                }
+                match describe(tcp.read(&mut buf)) {
+                    none if none == "none" && Instant::now() < deadline => {}
+                    other => break other,
+                }
+            }
+        }
+    };
+    held.udp_error = describe(udp.recv(&mut buf));
+    direct_sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+    held.direct_error = describe(direct_sock.recv(&mut buf));
+    held.direct_after = udp_ask(&direct_sock).unwrap_or_else(|e| format!("error: {e}"));
+    writeln!(out, "{}", serde_json::to_string(&held)?)?;
+    out.flush()?;
+    Ok(())
+}

@@ -59,6 +59,15 @@ enum Cmd {
         #[arg(long)]
         target: std::net::SocketAddr,
     },
+    /// Hold a TCP connection and a connected UDP socket to SERVICE and a UDP socket
+    /// connected to DIRECT; print who answered (JSON); on a line from stdin, print the
+    /// first error each socket gives (JSON).
+    Hold {
+        #[arg(long)]
+        service: std::net::SocketAddr,
+        #[arg(long)]
+        direct: std::net::SocketAddr,
+    },
     /// Run the benchmarks (see `cargo xtask bench`).
     Bench {
         /// Numbers of services to measure at.
@@ -166,6 +175,7 @@ fn main() -> ExitCode {
                 .map_err(Into::into)
         }
         Cmd::Waiter { target } => load::waiter(target),
+        Cmd::Hold { service, direct } => load::hold(service, direct),
         Cmd::Bench {
             sizes,
             rounds,

@@ -1,0 +1,409 @@
+//! Closing the sockets that our programs translated to a backend that has left its
+//! service: the kernel's socket-diagnostics destroy command (`SOCK_DESTROY` on a
+//! `NETLINK_SOCK_DIAG` socket, `CONFIG_INET_DIAG_DESTROY`), in every network namespace of
+//! the processes under the agent's cgroup (the node's and the pods').
+//!
+//! Which sockets: the socket rev-NAT map holds (socket cookie, backend) -> frontend for
+//! every socket a program translated. An entry whose (frontend, backend) pair has left is
+//! stale; the socket with that cookie is destroyed if it is connected to that backend
+//! (a connected UDP socket or a TCP connection: the application sees ECONNABORTED and
+//! reconnects, and the next connect() is balanced over the live backends). A socket
+//! connected to a pod directly has no entry and is never touched; an unconnected UDP
+//! socket is not connected to the backend and is left alone (sendmsg balances each of
+//! its datagrams anew).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use lb_common::{MAP_SOCK_REVNAT, RevNat, SockRevNatKey};
+
+use super::ops::ip_of;
+
+/// A frontend (address, port) and a backend (address, port) that left it.
+pub type Left = ((IpAddr, u16), (IpAddr, u16));
+
+/// What one pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Entries of the socket rev-NAT map for pairs that left.
+    pub stale: usize,
+    /// Sockets destroyed.
+    pub destroyed: usize,
+    /// Network namespaces looked into.
+    pub namespaces: usize,
+    /// What failed (the pass goes on with the rest).
+    pub errors: Vec<String>,
+}
+
+/// Destroys the sockets translated to the backends in `left`, in the network namespaces
+/// of the processes under `cgroup`; `pin_dir` holds the socket rev-NAT map.
+pub fn close_stale(pin_dir: &Path, cgroup: &Path, left: &BTreeSet<Left>) -> Report {
+    let mut report = Report::default();
+    let map_path = pin_dir.join(MAP_SOCK_REVNAT);
+    let map = match MapData::from_pin(&map_path)
+        .map_err(|e| e.to_string())
+        .and_then(|m| {
+            BpfHashMap::<MapData, SockRevNatKey, RevNat>::try_from(aya::maps::Map::LruHashMap(m))
+                .map_err(|e| e.to_string())
+        }) {
+        Ok(m) => m,
+        Err(e) => {
+            report.errors.push(format!("{}: {e}", map_path.display()));
+            return report;
+        }
+    };
+    // Cookie -> the backends its socket may be connected to and should not be.
+    let mut stale: HashMap<u64, Vec<(IpAddr, u16)>> = HashMap::new();
+    let mut stale_keys = Vec::new();
+    for entry in map.iter() {
+        let Ok((key, frontend)) = entry else {
+            continue; // Evicted while iterating.
+        };
+        let pair = (
+            (ip_of(&frontend.addr), frontend.port),
+            (ip_of(&key.addr), key.port),
+        );
+        if left.contains(&pair) {
+            stale.entry(key.cookie).or_default().push(pair.1);
+            stale_keys.push(key);
+        }
+    }
+    report.stale = stale_keys.len();
+    if stale.is_empty() {
+        return report;
+    }
+    let namespaces = match namespaces_of(cgroup) {
+        Ok(n) => n,
+        Err(e) => {
+            report.errors.push(format!(
+                "listing the processes of {}: {e}",
+                cgroup.display()
+            ));
+            return report;
+        }
+    };
+    report.namespaces = namespaces.len();
+    for ns in namespaces {
+        let stale = &stale;
+        let result = std::thread::scope(|s| {
+            s.spawn(|| in_namespace(&ns, || destroy_matching(stale)))
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the namespace's thread panicked")))
+        });
+        match result {
+            Ok(n) => report.destroyed += n,
+            Err(e) => report.errors.push(format!("{}: {e}", ns.display())),
+        }
+    }
+    let mut map = map;
+    for key in stale_keys {
+        // The socket is gone (or was not connected to the backend): the entry is no use.
+        let _ = map.remove(&key);
+    }
+    report
+}
+
+/// One `/proc/<pid>/ns/net` per network namespace of the processes under `cgroup`.
+fn namespaces_of(cgroup: &Path) -> io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut seen = BTreeMap::new();
+    let mut dirs = vec![cgroup.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let procs = fs::read_to_string(dir.join("cgroup.procs"))?;
+        for pid in procs.lines().filter(|l| !l.is_empty()) {
+            let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+            // A process that exits meanwhile has no namespace to look into.
+            if let Ok(meta) = fs::metadata(&ns) {
+                seen.entry((meta.dev(), meta.ino())).or_insert(ns);
+            }
+        }
+        for entry in fs::read_dir(&dir)?.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(entry.path());
+            }
+        }
+    }
+    Ok(seen.into_values().collect())
+}
+
+/// Runs `f` in the network namespace `ns` (on the calling thread, which must be one of
+/// its own: a thread's namespace is its own, and this one does not go back).
+fn in_namespace<T>(ns: &Path, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let file = fs::File::open(ns)?;
+    // SAFETY: setns(2) on a descriptor we own; it changes this thread's namespace only.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    f()
+}
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+/// `struct nlmsghdr`.
+const HDR: usize = 16;
+/// `struct inet_diag_sockid`.
+const SOCKID: usize = 48;
+/// `struct inet_diag_req_v2`.
+const REQ: usize = 8 + SOCKID;
+
+/// In this thread's namespace: every TCP and UDP socket (IPv4 and IPv6) whose cookie is
+/// in `stale` and which is connected to one of that cookie's backends is destroyed;
+/// returns how many.
+fn destroy_matching(stale: &HashMap<u64, Vec<(IpAddr, u16)>>) -> io::Result<usize> {
+    let nl = netlink()?;
+    let mut destroyed = 0;
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for protocol in [libc::IPPROTO_TCP as u8, libc::IPPROTO_UDP as u8] {
+            let mut targets = Vec::new();
+            dump(&nl, family, protocol, |id| {
+                let cookie = u64::from(u32::from_ne_bytes(id[40..44].try_into().expect("4")))
+                    | u64::from(u32::from_ne_bytes(id[44..48].try_into().expect("4"))) << 32;
+                let Some(backends) = stale.get(&cookie) else {
+                    return;
+                };
+                let dst = (
+                    addr_of_id(family, &id[20..36]),
+                    u16::from_be_bytes([id[2], id[3]]),
+                );
+                if backends.contains(&dst) {
+                    targets.push(*id);
+                }
+            })?;
+            for id in targets {
+                match request(
+                    &nl,
+                    SOCK_DESTROY,
+                    NLM_F_REQUEST | NLM_F_ACK,
+                    family,
+                    protocol,
+                    &id,
+                ) {
+                    Ok(()) => destroyed += 1,
+                    // Closed meanwhile.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(destroyed)
+}
+
+/// A socket address of `inet_diag_sockid` (16 bytes; IPv4 in the first 4).
+fn addr_of_id(family: u8, bytes: &[u8]) -> IpAddr {
+    if family == libc::AF_INET as u8 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        let octets: [u8; 16] = bytes.try_into().expect("16 bytes");
+        let v6 = Ipv6Addr::from(octets);
+        // The programs keep IPv4 as mapped addresses; a v4-mapped peer is that IPv4.
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    }
+}
+
+fn netlink() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let timeout = libc::timeval {
+        tv_sec: 5,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt(2) with a live timeval of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+    }
+    Ok(fd)
+}
+
+/// A netlink message: header and an `inet_diag_req_v2` for `family`, `protocol`, every
+/// state, and the socket id `id`.
+fn message(ty: u16, flags: u16, family: u8, protocol: u8, id: &[u8; SOCKID]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HDR + REQ);
+    m.extend_from_slice(&((HDR + REQ) as u32).to_ne_bytes());
+    m.extend_from_slice(&ty.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+    m.extend_from_slice(&[family, protocol, 0, 0]);
+    m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every TCP state
+    m.extend_from_slice(id);
+    m
+}
+
+fn send(nl: &OwnedFd, msg: &[u8]) -> io::Result<()> {
+    // SAFETY: send(2) of a live buffer of the length passed.
+    let n = unsafe { libc::send(nl.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn recv(nl: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv(2) into a live buffer of the length passed.
+    let n = unsafe { libc::recv(nl.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// The netlink messages in `buf[..len]`: (type, payload).
+fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at + HDR > buf.len() {
+            return None;
+        }
+        let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4")) as usize;
+        let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2"));
+        if len < HDR || at + len > buf.len() {
+            return None;
+        }
+        let payload = &buf[at + HDR..at + len];
+        at += len.next_multiple_of(4);
+        Some((ty, payload))
+    })
+}
+
+/// A netlink error message's errno (0: an acknowledgement).
+fn errno_of(payload: &[u8]) -> i32 {
+    payload
+        .get(..4)
+        .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4")))
+}
+
+/// Dumps the sockets of `family` and `protocol`, calling `each` with every socket id.
+fn dump(
+    nl: &OwnedFd,
+    family: u8,
+    protocol: u8,
+    mut each: impl FnMut(&[u8; SOCKID]),
+) -> io::Result<()> {
+    send(
+        nl,
+        &message(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            family,
+            protocol,
+            &[0; SOCKID],
+        ),
+    )?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = recv(nl, &mut buf)?;
+        for (ty, payload) in messages(&buf[..n]) {
+            match ty {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let e = errno_of(payload);
+                    return Err(io::Error::from_raw_os_error(-e));
+                }
+                SOCK_DIAG_BY_FAMILY => {
+                    // inet_diag_msg: family, state, timer, retrans, then the socket id.
+                    if let Some(id) = payload.get(4..4 + SOCKID) {
+                        each(id.try_into().expect("48 bytes"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Sends one request and waits for its acknowledgement.
+fn request(
+    nl: &OwnedFd,
+    ty: u16,
+    flags: u16,
+    family: u8,
+    protocol: u8,
+    id: &[u8; SOCKID],
+) -> io::Result<()> {
+    send(nl, &message(ty, flags, family, protocol, id))?;
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = recv(nl, &mut buf)?;
+        for (ty, payload) in messages(&buf[..n]) {
+            if ty == NLMSG_ERROR {
+                return match errno_of(payload) {
+                    0 => Ok(()),
+                    e => Err(io::Error::from_raw_os_error(-e)),
+                };
+            }
+        }
+        if n == 0 {
+            return Err(io::Error::other("netlink: no acknowledgement"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_the_kernels_layout_and_replies_are_split() {
+        let mut id = [0u8; SOCKID];
+        id[0..2].copy_from_slice(&80u16.to_be_bytes());
+        let m = message(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 2, 17, &id);
+        assert_eq!(m.len(), 72, "nlmsghdr (16) + inet_diag_req_v2 (56)");
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 72);
+        assert_eq!(
+            u16::from_ne_bytes(m[4..6].try_into().unwrap()),
+            SOCK_DESTROY
+        );
+        assert_eq!(&m[16..20], &[2, 17, 0, 0]);
+        assert_eq!(&m[24..26], &80u16.to_be_bytes());
+        // Two messages back to back, the first padded to 4 bytes.
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&18u32.to_ne_bytes());
+        buf.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        buf.extend_from_slice(&[0; 10]);
+        buf.extend_from_slice(&[7, 7, 0, 0]); // payload 2 bytes + 2 of padding
+        buf.extend_from_slice(&16u32.to_ne_bytes());
+        buf.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
+        buf.extend_from_slice(&[0; 10]);
+        let got: Vec<(u16, usize)> = messages(&buf).map(|(t, p)| (t, p.len())).collect();
+        assert_eq!(got, [(NLMSG_ERROR, 2), (NLMSG_DONE, 0)]);
+        let v4: IpAddr = "10.244.1.2".parse().unwrap();
+        let mut raw = [0u8; 16];
+        raw[..4].copy_from_slice(&[10, 244, 1, 2]);
+        assert_eq!(addr_of_id(libc::AF_INET as u8, &raw), v4);
+        let mapped = Ipv4Addr::new(10, 244, 1, 2).to_ipv6_mapped().octets();
+        assert_eq!(addr_of_id(libc::AF_INET6 as u8, &mapped), v4);
+    }
+}

@@ -1,0 +1,159 @@
+//! Sockets translated to a backend that leaves its service are closed (SOCK_DESTROY):
+//! a TCP connection and a connected UDP socket to a ClusterIP see an error and a new
+//! connection reaches a live backend; a UDP socket connected to the pod directly is not
+//! touched; a Service annotated to keep its sockets keeps them. Needs root.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{Fixture, POD_PORT, WEB_IP, lab_bin};
+use lb_lab::{
+    lab::{self, ChildGuard, place},
+    load::Held,
+};
+
+/// A Service with a TCP and a UDP port 80.
+fn service(keep_sockets: bool) -> String {
+    let annotations = if keep_sockets {
+        ", annotations: {lb-user.dev/keep-sockets: 'true'}"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: t{annotations}}}\n\
+         spec:\n  clusterIP: {WEB_IP}\n  ports:\n  - {{name: tcp, port: 80, protocol: TCP}}\n  \
+         - {{name: udp, port: 80, protocol: UDP}}\n"
+    )
+}
+
+fn slice(pods: &[Ipv4Addr]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-a\n  \
+         namespace: t\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\n\
+         ports: [{{name: tcp, port: {POD_PORT}, protocol: TCP}}, {{name: udp, port: {POD_PORT}, protocol: UDP}}]\nendpoints:\n"
+    );
+    for ip in pods {
+        s.push_str(&format!("- addresses: [{ip}]\n"));
+    }
+    s
+}
+
+/// `lb-lab hold` in the lab's node namespace and cgroup.
+struct Hold {
+    child: ChildGuard,
+    reader: BufReader<std::process::ChildStdout>,
+}
+
+impl Hold {
+    fn start(fx: &Fixture, direct: SocketAddr) -> (Self, Held) {
+        let mut cmd = Command::new(lab_bin());
+        cmd.args(["hold", "--service", &format!("{WEB_IP}:80")])
+            .args(["--direct", &direct.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        place(&mut cmd, &fx.lab.node, Some(&fx.lab.cgroup)).unwrap();
+        let mut child = ChildGuard(cmd.spawn().expect("starting lb-lab hold"));
+        let reader = BufReader::new(child.0.stdout.take().expect("piped"));
+        let mut hold = Self { child, reader };
+        let first = hold.report();
+        (hold, first)
+    }
+
+    fn report(&mut self) -> Held {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("lb-lab hold said {line:?}: {e}"))
+    }
+
+    /// Asks for the errors the sockets give now (each waits up to 3 s for one).
+    fn check(&mut self) -> Held {
+        let stdin = self.child.0.stdin.as_mut().expect("piped");
+        writeln!(stdin, "check").unwrap();
+        stdin.flush().unwrap();
+        self.report()
+    }
+}
+
+fn pod_index(name: &str) -> usize {
+    name.trim_start_matches("pod-").parse().unwrap()
+}
+
+/// A fixture with four pods behind the TCP and UDP service, answering.
+fn fixture(tag: &str, keep_sockets: bool) -> Fixture {
+    let fx = Fixture::with_source(
+        tag,
+        4,
+        &[("web.yaml", service(keep_sockets))],
+        None,
+        &["--poll-interval-ms", "20"],
+    );
+    fx.write("web-slice.yaml", &slice(&fx.pod_ips(&[0, 1, 2, 3])));
+    fx.wait_answering(SocketAddr::new(WEB_IP.into(), 80), lab::ProbeMode::Tcp);
+    fx
+}
+
+/// Removes from the slice the pods that the held sockets use and pod 0 (the direct
+/// socket's); returns the pods kept.
+fn remove_used(fx: &Fixture, held: &Held) -> Vec<usize> {
+    let used: BTreeSet<usize> = [pod_index(&held.tcp), pod_index(&held.udp), 0].into();
+    let kept: Vec<usize> = (0..4).filter(|i| !used.contains(i)).collect();
+    fx.write("web-slice.yaml", &slice(&fx.pod_ips(&kept)));
+    kept
+}
+
+#[test]
+fn sockets_to_a_backend_that_leaves_see_an_error_and_direct_ones_do_not() {
+    let fx = fixture("sockd", false);
+    let direct = SocketAddr::new(fx.pod_ips(&[0])[0].into(), POD_PORT);
+    let (mut hold, held) = Hold::start(&fx, direct);
+    assert_eq!(held.direct, "pod-0");
+    let kept = remove_used(&fx, &held);
+    let after = hold.check();
+    assert_eq!(
+        (after.tcp_error.as_str(), after.udp_error.as_str()),
+        ("ConnectionAborted", "ConnectionAborted"),
+        "{after:?}\n{}",
+        fx.agent.log()
+    );
+    assert_eq!(after.direct_error, "none", "the direct socket is untouched");
+    assert_eq!(after.direct_after, "pod-0", "and still talks to its pod");
+    // A new connection reaches a backend that stayed.
+    let report = fx.probe(WEB_IP, 10);
+    let names: BTreeSet<usize> = report.replies.keys().map(|n| pod_index(n)).collect();
+    assert!(
+        !names.is_empty() && names.iter().all(|i| kept.contains(i)),
+        "{report:?}"
+    );
+    let log = fx.agent.log();
+    assert!(
+        log.contains("closed the sockets translated to backends that left their service"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_service_annotated_to_keep_its_sockets_keeps_them() {
+    let fx = fixture("sockk", true);
+    let direct = SocketAddr::new(fx.pod_ips(&[0])[0].into(), POD_PORT);
+    let (mut hold, held) = Hold::start(&fx, direct);
+    remove_used(&fx, &held);
+    // The removal is programmed before the sockets are asked.
+    lab::wait_for(Duration::from_secs(5), || {
+        let r = fx.probe(WEB_IP, 5);
+        r.replies
+            .keys()
+            .all(|n| ![pod_index(&held.tcp), pod_index(&held.udp), 0].contains(&pod_index(n)))
+            .then_some(())
+    })
+    .expect("the slice change reaches the datapath");
+    let after = hold.check();
+    assert_ne!(after.tcp_error, "ConnectionAborted", "{after:?}");
+    assert_eq!(after.udp_error, "none", "{after:?}");
+}
