@@ -821,6 +821,7 @@ mod tests {
 
     use super::*;
     use lb_common::{AffinityKey, AffinityValue};
+    use std::sync::Arc;
 
     use crate::model::Scope;
 
@@ -856,7 +857,8 @@ mod tests {
                                 .collect(),
                             affinity_timeout: 0,
                             source_ranges: BTreeSet::new(),
-                        },
+                        }
+                        .into(),
                     )
                 })
                 .collect(),
@@ -948,10 +950,10 @@ mod tests {
 
         // A frontend growing past the slots' room is left as it was.
         let mut grown = d.clone();
-        grown.frontends.get_mut(&fe(2, 80)).unwrap().endpoints = desired(&[(fe(2, 80), &[3, 4])])
-            .frontends[&fe(2, 80)]
-            .endpoints
-            .clone();
+        Arc::make_mut(grown.frontends.get_mut(&fe(2, 80)).unwrap()).endpoints =
+            desired(&[(fe(2, 80), &[3, 4])]).frontends[&fe(2, 80)]
+                .endpoints
+                .clone();
         let plan = prog.plan_changes(&grown, &BTreeSet::from([fe(2, 80)]));
         apply(&plan, &mut maps);
         // (The frontend still kept out is not warned about again.)
@@ -1130,9 +1132,107 @@ mod tests {
 
     fn with_affinity(mut d: Desired, timeout: u32) -> Desired {
         for s in d.frontends.values_mut() {
-            s.affinity_timeout = timeout;
+            Arc::make_mut(s).affinity_timeout = timeout;
         }
         d
+    }
+
+    #[test]
+    fn affinity_generations_and_backend_ids_never_lead_to_another_services_backend() {
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        let header = |maps: &Snapshot| maps.services[&service_key(&fe(1, 80), 0)];
+        sync(
+            &mut prog,
+            &mut maps,
+            &with_affinity(desired(&[(fe(1, 80), &[1, 2])]), 30),
+        );
+        let first = header(&maps).epoch;
+        assert_ne!(first, 0, "a new frontend gets a generation");
+        // Backend 2 leaves, backend 3 comes: a new id, never backend 2's.
+        let ids_before: BTreeSet<u32> = maps.backends.keys().copied().collect();
+        sync(
+            &mut prog,
+            &mut maps,
+            &with_affinity(desired(&[(fe(1, 80), &[1])]), 30),
+        );
+        sync(
+            &mut prog,
+            &mut maps,
+            &with_affinity(desired(&[(fe(1, 80), &[1, 3])]), 30),
+        );
+        let new_ids: Vec<u32> = maps
+            .backends
+            .keys()
+            .filter(|id| !ids_before.contains(id))
+            .copied()
+            .collect();
+        assert!(
+            new_ids.len() == 1 && new_ids[0] > *ids_before.iter().max().unwrap(),
+            "{new_ids:?} after {ids_before:?}"
+        );
+        assert_eq!(
+            header(&maps).epoch,
+            first,
+            "the same frontend keeps its generation"
+        );
+        // Affinity off, then on again: a new generation, so no entry from before counts.
+        sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1, 3])]));
+        assert_eq!(header(&maps).epoch, first);
+        sync(
+            &mut prog,
+            &mut maps,
+            &with_affinity(desired(&[(fe(1, 80), &[1, 3])]), 30),
+        );
+        let second = header(&maps).epoch;
+        assert_ne!(second, first);
+        // A frontend that goes takes its entries with it, after its header.
+        remember(&mut maps, &fe(1, 80), 7, 1);
+        let ops = sync(&mut prog, &mut maps, &Desired::default());
+        let header_gone = ops
+            .iter()
+            .position(|o| matches!(o, Op::DelService { key } if key.slot == 0))
+            .unwrap();
+        let purged = ops
+            .iter()
+            .position(|o| {
+                matches!(
+                    o,
+                    Op::PurgeAffinity {
+                        backend_id: None,
+                        ..
+                    }
+                )
+            })
+            .expect("the entries are purged");
+        assert!(purged > header_gone, "{ops:?}");
+        assert!(maps.affinity.is_empty());
+    }
+
+    #[test]
+    fn backends_that_leave_are_listed_for_their_sockets_unless_the_service_keeps_them() {
+        let mut prog = Programmed::default();
+        let backend = |b: u8| (IpAddr::from(Ipv4Addr::new(10, 244, b, 2)), 8080);
+        let frontend = (fe(1, 80).addr, 80);
+        prog.plan(&desired(&[(fe(1, 80), &[1, 2, 3])]));
+        let plan = prog.plan(&desired(&[(fe(1, 80), &[1])]));
+        assert_eq!(
+            plan.left,
+            BTreeSet::from([(frontend, backend(2)), (frontend, backend(3))])
+        );
+        let mut keep = desired(&[(fe(1, 80), &[])]);
+        Arc::make_mut(keep.frontends.get_mut(&fe(1, 80)).unwrap()).keep_sockets = true;
+        assert!(
+            prog.plan(&keep).left.is_empty(),
+            "the Service keeps its sockets"
+        );
+        prog.plan(&desired(&[(fe(1, 80), &[4])]));
+        let gone = prog.plan(&Desired::default());
+        assert_eq!(
+            gone.left,
+            BTreeSet::from([(frontend, backend(4))]),
+            "a frontend that goes"
+        );
     }
 
     /// An affinity entry as the program would write it for client `netns`.
@@ -1275,7 +1375,8 @@ mod tests {
                 endpoints: [ep].into(),
                 affinity_timeout: 0,
                 source_ranges: BTreeSet::new(),
-            },
+            }
+            .into(),
         );
         let mut prog = Programmed::default();
         let mut maps = Snapshot::default();
@@ -1302,7 +1403,7 @@ mod tests {
             ("fd00::".parse().unwrap(), 64),
         ]
         .into();
-        d.frontends.get_mut(&lb).unwrap().source_ranges = ranges.clone();
+        Arc::make_mut(d.frontends.get_mut(&lb).unwrap()).source_ranges = ranges.clone();
         let ops = sync(&mut prog, &mut maps, &d);
         let pos = |want: &dyn Fn(&Op) -> bool| ops.iter().position(want).unwrap();
         let header = pos(&|o| matches!(o, Op::PutService { key, .. } if key.slot == 0));
@@ -1325,7 +1426,9 @@ mod tests {
         let mut adopted = Programmed::adopt(&maps);
         assert!(adopted.plan(&d).is_empty());
         // Dropped: the header loses the flag first, then the ranges go.
-        d.frontends.get_mut(&lb).unwrap().source_ranges.clear();
+        Arc::make_mut(d.frontends.get_mut(&lb).unwrap())
+            .source_ranges
+            .clear();
         let ops = sync(&mut prog, &mut maps, &d);
         let header = pos2(
             &ops,
@@ -1336,7 +1439,7 @@ mod tests {
         assert_eq!(maps.services[&service_key(&lb, 0)].flags, 0);
         assert!(maps.source_ranges.is_empty());
         // A removed frontend takes its ranges along.
-        d.frontends.get_mut(&lb).unwrap().source_ranges = ranges;
+        Arc::make_mut(d.frontends.get_mut(&lb).unwrap()).source_ranges = ranges;
         sync(&mut prog, &mut maps, &d);
         sync(&mut prog, &mut maps, &Desired::default());
         assert!(maps.source_ranges.is_empty() && maps.services.is_empty());

@@ -274,7 +274,8 @@ pub struct FrontendState {
 /// The whole desired datapath state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<Frontend, FrontendState>,
+    /// Shared with the model's per-service results (not a copy of each).
+    pub frontends: BTreeMap<Frontend, std::sync::Arc<FrontendState>>,
 }
 
 impl Desired {

@@ -20,7 +20,7 @@ use super::{
 #[derive(Debug, Default)]
 pub(super) struct ServiceOut {
     /// Frontend -> its state and the index of the `spec.ports` entry it comes from.
-    pub frontends: VecMap<Frontend, (FrontendState, usize)>,
+    pub frontends: VecMap<Frontend, (std::sync::Arc<FrontendState>, usize)>,
     /// healthCheckNodePort and what it reports.
     pub health: Option<(u16, HealthCheck)>,
     pub warnings: Vec<String>,
@@ -100,7 +100,8 @@ pub(super) fn add_service(
                         endpoints,
                         affinity_timeout: addrs.affinity_timeout,
                         source_ranges: source_ranges.clone(),
-                    },
+                    }
+                    .into(),
                     i,
                 ),
             );
@@ -123,7 +124,8 @@ pub(super) fn add_service(
                             endpoints: local,
                             affinity_timeout: addrs.affinity_timeout,
                             source_ranges,
-                        },
+                        }
+                        .into(),
                         i,
                     ),
                 );

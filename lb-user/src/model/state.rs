@@ -423,7 +423,7 @@ impl Model {
     }
 
     /// The state of `fe` from the first service that claims it.
-    fn winner_state(&self, fe: &Frontend) -> Option<&FrontendState> {
+    fn winner_state(&self, fe: &Frontend) -> Option<&Arc<FrontendState>> {
         let owner = self.claims.get(fe)?.first_key()?;
         self.outs.get(owner)?.frontends.get(fe).map(|(s, _)| s)
     }

@@ -310,7 +310,8 @@ mod tests {
                 endpoints: [ep(1), ep(2)].into(),
                 affinity_timeout: 0,
                 source_ranges: Default::default(),
-            },
+            }
+            .into(),
         );
         d.frontends.insert(
             Frontend {
@@ -328,7 +329,8 @@ mod tests {
                 endpoints: Default::default(),
                 affinity_timeout: 0,
                 source_ranges: Default::default(),
-            },
+            }
+            .into(),
         );
         d.frontends.insert(
             Frontend {
@@ -351,7 +353,8 @@ mod tests {
                 .into(),
                 affinity_timeout: 30,
                 source_ranges: Default::default(),
-            },
+            }
+            .into(),
         );
         let mut snap = Snapshot::default();
         for op in Programmed::default().plan(&d).ops() {
