@@ -95,6 +95,9 @@ impl SocketCloser {
             .spawn(move || {
                 // Ends when the agent (the sender) is gone.
                 while let Ok(mut left) = rx.recv() {
+                    // Let the connections that follow a change go first, and gather
+                    // the rest of a burst into one pass.
+                    std::thread::sleep(Duration::from_millis(20));
                     while let Ok(more) = rx.try_recv() {
                         left.extend(more);
                     }
