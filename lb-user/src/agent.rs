@@ -72,6 +72,8 @@ struct Agent {
     programmed: Option<Programmed>,
     /// A sync has succeeded (the health checks were handed over at least once).
     programmed_once: bool,
+    /// The health checks changed in a sync whose writes have not succeeded yet.
+    health_pending: bool,
     last_warnings: Vec<String>,
     metrics: metrics::Shared,
     health: HealthServer,
@@ -219,6 +221,7 @@ impl Agent {
         };
         let read = started.elapsed();
         let update = self.model.update();
+        self.health_pending |= update.health_changed;
         let modelled = started.elapsed();
         let mut warnings = read_warnings;
         warnings.extend(self.model.warnings());
@@ -266,7 +269,7 @@ impl Agent {
                 let first = self.programmed_once;
                 self.programmed = Some(programmed);
                 self.programmed_once = true;
-                if update.health_changed || !first {
+                if std::mem::take(&mut self.health_pending) || !first {
                     self.health.update(self.model.health_checks());
                 }
                 if !first {
@@ -471,6 +474,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         maps,
         programmed: None,
         programmed_once: false,
+        health_pending: false,
         last_warnings: Vec::new(),
         metrics,
         health: HealthServer::default(),

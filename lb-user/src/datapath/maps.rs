@@ -139,6 +139,7 @@ impl BpfMaps {
             frontends: max(self.revnat.map(), MAP_REVNAT)?.min(max(self.names.map(), MAP_NAMES)?),
             service_entries: max(self.services.map(), MAP_SERVICES)?,
             backends: max(self.backends.map(), MAP_BACKENDS)?,
+            source_ranges: max(self.source_ranges.map(), MAP_SOURCE_RANGES)?,
         })
     }
 
@@ -269,7 +270,7 @@ impl BpfMaps {
         };
         match result {
             Ok(n) => Ok(n),
-            Err((0, e)) if unsupported(&e) => {
+            Err((_, e)) if unsupported(&e) => {
                 tracing::info!("batched map writes unavailable ({e}); writing one at a time");
                 self.batch = false;
                 Ok(None)
@@ -296,7 +297,10 @@ fn batch_into<K: aya::Pod, V: aya::Pod>(
     if keys.len() < MIN_BATCH {
         return Ok(None);
     }
-    super::sys::map_update_batch(map.fd().as_fd(), keys, values)?;
+    // The kernel counts what went in only in its loop: an error before it leaves the
+    // count at all of them, and then it is the first that failed.
+    super::sys::map_update_batch(map.fd().as_fd(), keys, values)
+        .map_err(|(done, e)| (if done < keys.len() { done } else { 0 }, e))?;
     Ok(Some(keys.len()))
 }
 

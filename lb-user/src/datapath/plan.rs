@@ -66,6 +66,10 @@ pub struct Programmed {
     stale: Vec<Op>,
     /// How much the maps hold (their max_entries).
     capacity: Capacity,
+    /// Services-map entries that frontends shrinking in the plan being made give back:
+    /// their deletes come after every write of that plan, so the room counts from the
+    /// next one.
+    freed_in_plan: usize,
     /// Desired frontends left out (or left as they were) because a map was full, with
     /// the warning given; every plan tries them again (and warns again only when the
     /// warning changes).
@@ -80,6 +84,8 @@ pub struct Capacity {
     /// Headers and slots (the services map).
     pub service_entries: usize,
     pub backends: usize,
+    /// Source ranges over every frontend.
+    pub source_ranges: usize,
 }
 
 impl Default for Capacity {
@@ -94,6 +100,7 @@ impl Capacity {
             frontends: sizes.max_services as usize,
             service_entries: sizes.max_services as usize + sizes.max_slots as usize,
             backends: sizes.max_backends as usize,
+            source_ranges: lb_common::MAX_SOURCE_RANGES as usize,
         }
     }
 }
@@ -137,7 +144,15 @@ impl Programmed {
         me.stale_entries(snapshot, &used);
         me.slots_total = me.frontends.values().map(|f| f.slots.len()).sum();
         me.ranges_total = me.frontends.values().map(|f| f.source_ranges.len()).sum();
-        me.next_backend_id = snapshot.backends.keys().max().copied().unwrap_or(0);
+        // Above every id a map still names, affinity entries included: an id is never
+        // handed out again while an entry might lead to it.
+        me.next_backend_id = snapshot
+            .backends
+            .keys()
+            .copied()
+            .chain(snapshot.affinity.values().map(|v| v.backend_id))
+            .max()
+            .unwrap_or(0);
         me.last_epoch = snapshot
             .services
             .values()
@@ -356,6 +371,7 @@ impl Programmed {
     ) -> Plan {
         let mut steps = Steps::default();
         let mut gone = Vec::new();
+        self.freed_in_plan = 0;
         for fe in frontends {
             match desired.frontends.get(fe) {
                 Some(state) => self.plan_frontend(fe, state, &mut steps),
@@ -384,8 +400,11 @@ impl Programmed {
             full,
             left,
         } = steps;
+        // Entries no adopted frontend accounts for go first: this plan may write some of
+        // the same keys again (slots of a frontend an earlier agent left half grown).
         let stale = std::mem::take(&mut self.stale);
         let groups = vec![
+            stale,
             backends,
             revnat,
             ranges,
@@ -397,7 +416,6 @@ impl Programmed {
             removals,
             removed_affinity,
             gc,
-            stale,
         ];
         Plan {
             groups,
@@ -410,7 +428,7 @@ impl Programmed {
     /// One desired frontend: its rev-NAT id, backends, affinity purges, slots and header.
     fn plan_frontend(&mut self, fe: &Frontend, state: &FrontendState, steps: &mut Steps) {
         let endpoints = capped_endpoints(fe, state, &mut steps.warnings);
-        if let Some(full) = self.full_map(fe, &endpoints) {
+        if let Some(full) = self.full_map(fe, &endpoints, state.source_ranges.len()) {
             let what = if self.frontends.contains_key(fe) {
                 "left as it was"
             } else {
@@ -427,15 +445,19 @@ impl Programmed {
             }
             return;
         }
-        self.skipped.remove(fe);
         let old = self.frontends.get(fe).cloned();
         let rev_nat_id = match &old {
             Some(o) => o.rev_nat_id,
             None => match self.new_rev_nat(fe, state, steps) {
                 Some(id) => id,
-                None => return,
+                None => {
+                    // Tried again by every plan, like a frontend a full map keeps out.
+                    self.skipped.insert(*fe, String::new());
+                    return;
+                }
             },
         };
+        self.skipped.remove(fe);
         let wanted: Vec<u32> = endpoints
             .iter()
             .map(|ep| self.acquire_backend(*ep, fe.proto, &mut steps.backends))
@@ -448,9 +470,9 @@ impl Programmed {
             .extend(old_slots.iter().map(|id| (*id, fe.proto)));
         let new_slots = stable_slots(&old_slots, &wanted);
         if !state.keep_sockets {
-            let kept: BTreeSet<u32> = new_slots.iter().copied().collect();
-            let gone = old_slots.iter().filter(|id| !kept.contains(id));
-            self.note_left(fe, gone, steps);
+            let staying: BTreeSet<(IpAddr, u16)> =
+                endpoints.iter().map(|e| (e.addr, e.port)).collect();
+            self.note_left(fe, &old_slots, &staying, steps);
         }
         let timeout = state.affinity_timeout;
         let old_timeout = old.as_ref().map(|o| o.affinity_timeout);
@@ -508,6 +530,7 @@ impl Programmed {
                 key: service_key(fe, i as u16 + 1),
             });
         }
+        self.freed_in_plan += old_slots.len().saturating_sub(new_slots.len());
         self.slots_total = self.slots_total + new_slots.len() - old_slots.len();
         self.ranges_total = self.ranges_total + state.source_ranges.len() - old_ranges.len();
         self.frontends.insert(
@@ -526,13 +549,26 @@ impl Programmed {
     }
 
     /// Notes the backends (by id) that leave the socket-level frontend `fe`.
-    fn note_left<'a>(&self, fe: &Frontend, ids: impl Iterator<Item = &'a u32>, steps: &mut Steps) {
+    /// Notes the backends of `slots` (ids) whose address and port are not `staying`:
+    /// they leave the socket-level frontend `fe` (a backend that only changes node keeps
+    /// its sockets).
+    fn note_left(
+        &self,
+        fe: &Frontend,
+        slots: &[u32],
+        staying: &BTreeSet<(IpAddr, u16)>,
+        steps: &mut Steps,
+    ) {
         if fe.scope != crate::model::Scope::External {
             return; // The packet level's own frontends have no sockets.
         }
-        for id in ids {
-            if let Some((ep, _)) = self.by_id.get(id) {
-                steps.left.insert(((fe.addr, fe.port), (ep.addr, ep.port)));
+        for id in slots {
+            if let Some((ep, _)) = self.by_id.get(id)
+                && !staying.contains(&(ep.addr, ep.port))
+            {
+                steps
+                    .left
+                    .insert(((fe.addr, fe.port), (ep.addr, ep.port), fe.proto.number()));
             }
         }
     }
@@ -551,17 +587,27 @@ impl Programmed {
         &self,
         fe: &Frontend,
         endpoints: &[Endpoint],
+        ranges_wanted: usize,
     ) -> Option<(&'static str, usize, &'static str)> {
         let cap = &self.capacity;
         let old_slots = self.frontends.get(fe).map(|o| o.slots.len());
         if old_slots.is_none() && self.frontends.len() >= cap.frontends {
             return Some((MAP_REVNAT, cap.frontends, "--max-services"));
         }
-        let entries = self.frontends.len() + self.slots_total;
+        let entries = self.frontends.len() + self.slots_total + self.freed_in_plan;
         let grow = usize::from(old_slots.is_none()) + endpoints.len();
         let shrink = old_slots.unwrap_or(0);
         if grow > shrink && entries + grow - shrink > cap.service_entries {
             return Some((MAP_SERVICES, cap.service_entries, "--max-slots"));
+        }
+        let ranges = self.frontends.get(fe).map_or(0, |o| o.source_ranges.len());
+        if ranges_wanted > ranges && self.ranges_total + ranges_wanted - ranges > cap.source_ranges
+        {
+            return Some((
+                MAP_SOURCE_RANGES,
+                cap.source_ranges,
+                "loadBalancerSourceRanges",
+            ));
         }
         let new_backends = endpoints
             .iter()
@@ -582,6 +628,9 @@ impl Programmed {
         steps: &mut Steps,
     ) -> Option<u16> {
         let Some(id) = self.alloc_rev_nat() else {
+            if self.skipped.contains_key(fe) {
+                return None; // Said when it was first left out.
+            }
             steps.warnings.push(format!(
                 "{} ({fe}): no free rev-NAT id ({} frontends in use); not programmed",
                 state.service,
@@ -618,7 +667,7 @@ impl Programmed {
             });
         }
         if !old.keep_sockets {
-            self.note_left(fe, old.slots.iter(), steps);
+            self.note_left(fe, &old.slots, &BTreeSet::new(), steps);
         }
         steps.removals.push(Op::DelRevNat { id: old.rev_nat_id });
         steps.removals.push(Op::DelName { id: old.rev_nat_id });
@@ -736,7 +785,8 @@ impl Steps {
         };
         match old_timeout {
             None if timeout != 0 => self.backends.push(all),
-            Some(t) if t != timeout => self.purges.push(all),
+            // Before the new header: an entry written under it is never purged.
+            Some(t) if t != timeout => self.backends.push(all),
             Some(_) if timeout != 0 => {
                 let kept: BTreeSet<u32> = new_slots.iter().copied().collect();
                 let left: BTreeSet<u32> = old_slots
@@ -922,6 +972,40 @@ mod tests {
     }
 
     #[test]
+    fn room_a_shrinking_frontend_gives_back_counts_from_the_next_plan() {
+        // Its slot deletes come after every write of the plan: a frontend growing in
+        // the same plan must not count on them (the map would refuse its writes).
+        let mut prog = Programmed::default();
+        prog.set_capacity(Capacity {
+            frontends: 2,
+            service_entries: 8,
+            backends: 10,
+            source_ranges: 10,
+        });
+        let mut maps = Snapshot::default();
+        sync(
+            &mut prog,
+            &mut maps,
+            &desired(&[(fe(1, 80), &[1, 2, 3, 4, 5]), (fe(2, 80), &[6])]),
+        );
+        assert_eq!(maps.services.len(), 8, "full");
+        let next = desired(&[(fe(1, 80), &[1]), (fe(2, 80), &[6, 7, 8, 9, 5])]);
+        let plan = prog.plan(&next);
+        for op in plan.ops() {
+            maps.apply(op);
+        }
+        assert_eq!(plan.full, [MAP_SERVICES], "{:?}", plan.warnings);
+        assert!(maps.services.len() <= 8, "never more than the map holds");
+        // The next plan has the room.
+        let plan = prog.plan_changes(&next, &BTreeSet::new());
+        for op in plan.ops() {
+            maps.apply(op);
+        }
+        assert!(plan.full.is_empty(), "{:?}", plan.warnings);
+        assert_eq!(served(&maps), expected(&next));
+    }
+
+    #[test]
     fn a_full_map_keeps_frontends_out_with_a_warning_until_there_is_room() {
         let mut prog = Programmed::default();
         // Two frontends, five header and slot entries, three backends.
@@ -929,6 +1013,7 @@ mod tests {
             frontends: 2,
             service_entries: 5,
             backends: 3,
+            source_ranges: 10,
         });
         let mut maps = Snapshot::default();
         let apply = |plan: &Plan, maps: &mut Snapshot| {
@@ -1216,9 +1301,10 @@ mod tests {
         let frontend = (fe(1, 80).addr, 80);
         prog.plan(&desired(&[(fe(1, 80), &[1, 2, 3])]));
         let plan = prog.plan(&desired(&[(fe(1, 80), &[1])]));
+        let tcp = lb_common::PROTO_TCP;
         assert_eq!(
             plan.left,
-            BTreeSet::from([(frontend, backend(2)), (frontend, backend(3))])
+            BTreeSet::from([(frontend, backend(2), tcp), (frontend, backend(3), tcp)])
         );
         let mut keep = desired(&[(fe(1, 80), &[])]);
         Arc::make_mut(keep.frontends.get_mut(&fe(1, 80)).unwrap()).keep_sockets = true;
@@ -1230,7 +1316,7 @@ mod tests {
         let gone = prog.plan(&Desired::default());
         assert_eq!(
             gone.left,
-            BTreeSet::from([(frontend, backend(4))]),
+            BTreeSet::from([(frontend, backend(4), tcp)]),
             "a frontend that goes"
         );
     }

@@ -25,8 +25,9 @@ use lb_common::{MAP_SOCK_REVNAT, RevNat, SockRevNatKey};
 
 use super::ops::ip_of;
 
-/// A frontend (address, port) and a backend (address, port) that left it.
-pub type Left = ((IpAddr, u16), (IpAddr, u16));
+/// A frontend (address, port), a backend (address, port) that left it, and the
+/// protocol (`lb_common::PROTO_*`).
+pub type Left = ((IpAddr, u16), (IpAddr, u16), u8);
 
 /// What one pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -58,20 +59,26 @@ pub fn close_stale(pin_dir: &Path, cgroup: &Path, left: &BTreeSet<Left>) -> Repo
             return report;
         }
     };
-    // Cookie -> the backends its socket may be connected to and should not be.
-    let mut stale: HashMap<u64, Vec<(IpAddr, u16)>> = HashMap::new();
+    // Cookie -> the backends (and protocols) its socket may be connected to and should
+    // not be. The map's entries do not say the protocol: both are looked for.
+    let mut stale: HashMap<u64, Vec<Target>> = HashMap::new();
     let mut stale_keys = Vec::new();
     for entry in map.iter() {
         let Ok((key, frontend)) = entry else {
             continue; // Evicted while iterating.
         };
-        let pair = (
+        let (fe, be) = (
             (ip_of(&frontend.addr), frontend.port),
             (ip_of(&key.addr), key.port),
         );
-        if left.contains(&pair) {
-            stale.entry(key.cookie).or_default().push(pair.1);
-            stale_keys.push(key);
+        for proto in [lb_common::PROTO_TCP, lb_common::PROTO_UDP] {
+            if left.contains(&(fe, be, proto)) {
+                stale
+                    .entry(key.cookie)
+                    .or_default()
+                    .push((be.0, be.1, proto));
+                stale_keys.push(key);
+            }
         }
     }
     report.stale = stale_keys.len();
@@ -98,6 +105,7 @@ pub fn close_stale(pin_dir: &Path, cgroup: &Path, left: &BTreeSet<Left>) -> Repo
             10,
         );
     }
+    let mut destroyed = BTreeSet::new();
     for ns in namespaces {
         let stale = &stale;
         let result = std::thread::scope(|s| {
@@ -106,14 +114,16 @@ pub fn close_stale(pin_dir: &Path, cgroup: &Path, left: &BTreeSet<Left>) -> Repo
                 .unwrap_or_else(|_| Err(io::Error::other("the namespace's thread panicked")))
         });
         match result {
-            Ok(n) => report.destroyed += n,
+            Ok(cookies) => destroyed.extend(cookies),
             Err(e) => report.errors.push(format!("{}: {e}", ns.display())),
         }
     }
+    report.destroyed = destroyed.len();
     let mut map = map;
-    for key in stale_keys {
-        // The socket is gone (or was not connected to the backend): the entry is no use.
-        let _ = map.remove(&key);
+    for key in stale_keys.iter().filter(|k| destroyed.contains(&k.cookie)) {
+        // Its socket is gone. (The others stay: an unconnected UDP socket still needs
+        // its replies from that backend translated back.)
+        let _ = map.remove(key);
     }
     report
 }
@@ -167,12 +177,15 @@ const SOCKID: usize = 48;
 /// `struct inet_diag_req_v2`.
 const REQ: usize = 8 + SOCKID;
 
+/// A backend address, port and protocol a socket must not stay connected to.
+type Target = (IpAddr, u16, u8);
+
 /// In this thread's namespace: every TCP and UDP socket (IPv4 and IPv6) whose cookie is
-/// in `stale` and which is connected to one of that cookie's backends is destroyed;
-/// returns how many.
-fn destroy_matching(stale: &HashMap<u64, Vec<(IpAddr, u16)>>) -> io::Result<usize> {
+/// in `stale` and which is connected to one of that cookie's targets is destroyed;
+/// returns their cookies.
+fn destroy_matching(stale: &HashMap<u64, Vec<Target>>) -> io::Result<Vec<u64>> {
     let nl = netlink()?;
-    let mut destroyed = 0;
+    let mut destroyed = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         for protocol in [libc::IPPROTO_TCP as u8, libc::IPPROTO_UDP as u8] {
             let mut targets = Vec::new();
@@ -185,12 +198,13 @@ fn destroy_matching(stale: &HashMap<u64, Vec<(IpAddr, u16)>>) -> io::Result<usiz
                 let dst = (
                     addr_of_id(family, &id[20..36]),
                     u16::from_be_bytes([id[2], id[3]]),
+                    protocol,
                 );
                 if backends.contains(&dst) {
-                    targets.push(*id);
+                    targets.push((cookie, *id));
                 }
             })?;
-            for id in targets {
+            for (cookie, id) in targets {
                 match request(
                     &nl,
                     SOCK_DESTROY,
@@ -199,7 +213,7 @@ fn destroy_matching(stale: &HashMap<u64, Vec<(IpAddr, u16)>>) -> io::Result<usiz
                     protocol,
                     &id,
                 ) {
-                    Ok(()) => destroyed += 1,
+                    Ok(()) => destroyed.push(cookie),
                     // Closed meanwhile.
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                     Err(e) => return Err(e),

@@ -382,6 +382,10 @@ impl Model {
         for key in &dirty {
             self.recompute(key, &mut touched, &mut touched_ports);
         }
+        // A frontend and its Local-scope twin go together (the twin belongs to whoever
+        // wins the frontend).
+        let twins: Vec<Frontend> = touched.iter().map(twin).collect();
+        touched.extend(twins);
         let mut changed = BTreeSet::new();
         for fe in touched {
             let now = self.winner_state(&fe).cloned();
@@ -422,9 +426,14 @@ impl Model {
         }
     }
 
-    /// The state of `fe` from the first service that claims it.
+    /// The state of `fe` from the first service that claims it; a Local-scope frontend
+    /// is its external twin's winner's (or nobody's).
     fn winner_state(&self, fe: &Frontend) -> Option<&Arc<FrontendState>> {
-        let owner = self.claims.get(fe)?.first_key()?;
+        let external = Frontend {
+            scope: Scope::External,
+            ..*fe
+        };
+        let owner = self.claims.get(&external)?.first_key()?;
         self.outs.get(owner)?.frontends.get(fe).map(|(s, _)| s)
     }
 
@@ -547,6 +556,17 @@ impl Model {
             slices: self.slices.values().map(|o| (**o).clone()).collect(),
             nodes: self.nodes.values().map(|o| (**o).clone()).collect(),
         }
+    }
+}
+
+/// The frontend of the other scope at the same address, port and protocol.
+fn twin(fe: &Frontend) -> Frontend {
+    Frontend {
+        scope: match fe.scope {
+            Scope::External => Scope::Local,
+            Scope::Local => Scope::External,
+        },
+        ..*fe
     }
 }
 

@@ -668,6 +668,44 @@ fn node_ports_on_node_addresses_and_localhost_use_all_endpoints() {
 }
 
 #[test]
+fn a_shared_external_ip_and_its_local_twin_go_to_the_same_service() {
+    // n/a (Cluster) and n/b (externalTrafficPolicy Local) both list 198.51.100.20:80;
+    // a wins it, so the packet level's Local-scope twin is not b's either.
+    let svc = |name: &str, ip: &str, node_port: u16, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: n}}\n\
+             spec: {{type: NodePort, clusterIP: {ip}, externalIPs: [198.51.100.20], ports: [{{port: 80, nodePort: {node_port}}}]{extra}}}\n---\n"
+        )
+    };
+    let yaml = svc("a", "10.96.0.1", 30080, "")
+        + &svc(
+            "b",
+            "10.96.0.2",
+            30081,
+            ", externalTrafficPolicy: Local, healthCheckNodePort: 32000",
+        );
+    let b = build_from(&yaml);
+    let x = fe("198.51.100.20", 80, Proto::Tcp);
+    assert_eq!(b.desired.frontends[&x].service, "n/a");
+    let twin = Frontend {
+        scope: Scope::Local,
+        ..x
+    };
+    assert!(
+        !b.desired.frontends.contains_key(&twin),
+        "{:?}",
+        b.desired.frontends.keys()
+    );
+    assert!(
+        b.warnings
+            .iter()
+            .any(|w| w.contains("frontend 198.51.100.20:80/TCP is already used by n/a")),
+        "{:?}",
+        b.warnings
+    );
+}
+
+#[test]
 fn ingress_ips_are_served_whatever_the_type() {
     // kube-proxy reads status.loadBalancer.ingress of every service.
     let status = "status: {loadBalancer: {ingress: [{ip: 203.0.113.5}]}}\n";

@@ -153,18 +153,27 @@ impl FileEntry {
             objects,
             mut warnings,
         } = loaded;
+        // A saved object's resourceVersion and uid say nothing about a file's edits:
+        // dropped, so that a changed file is compared by content.
+        let unversioned = |m: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            m.resource_version = None;
+            m.uid = None;
+        };
         let mut all: Vec<Object> = (objects.services.into_iter())
             .map(|mut o| {
                 slim_meta(&mut o.metadata);
+                unversioned(&mut o.metadata);
                 Object::Service(Arc::new(o))
             })
-            .chain(
-                objects
-                    .slices
-                    .into_iter()
-                    .map(|o| Object::EndpointSlice(Arc::new(o.slim()))),
-            )
-            .chain(objects.nodes.into_iter().map(|o| Object::Node(Arc::new(o))))
+            .chain(objects.slices.into_iter().map(|o| {
+                let mut o = o.slim();
+                unversioned(&mut o.metadata);
+                Object::EndpointSlice(Arc::new(o))
+            }))
+            .chain(objects.nodes.into_iter().map(|mut o| {
+                unversioned(&mut o.metadata);
+                Object::Node(Arc::new(o))
+            }))
             .collect();
         // Stable: of two definitions, the first stays first.
         all.sort_by(|a, b| a.id().cmp(&b.id()));
