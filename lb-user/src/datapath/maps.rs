@@ -246,26 +246,22 @@ impl BpfMaps {
             return Ok(None);
         }
         let result = match ops.first() {
-            Some(Op::PutService { .. }) => {
-                let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = ops
-                    .iter()
-                    .map_while(|op| match *op {
-                        Op::PutService { key, value } => Some((key, value)),
-                        _ => None,
-                    })
-                    .unzip();
-                batch_into(aya::maps::IterableMap::map(&self.services), &keys, &values)
-            }
-            Some(Op::PutBackend { .. }) => {
-                let (keys, values): (Vec<u32>, Vec<Backend>) = ops
-                    .iter()
-                    .map_while(|op| match *op {
-                        Op::PutBackend { id, value } => Some((id, value)),
-                        _ => None,
-                    })
-                    .unzip();
-                batch_into(aya::maps::IterableMap::map(&self.backends), &keys, &values)
-            }
+            Some(Op::PutService { .. }) => batch_into(
+                aya::maps::IterableMap::map(&self.services),
+                ops,
+                |op| match *op {
+                    Op::PutService { key, value } => Some((key, value)),
+                    _ => None,
+                },
+            ),
+            Some(Op::PutBackend { .. }) => batch_into(
+                aya::maps::IterableMap::map(&self.backends),
+                ops,
+                |op| match *op {
+                    Op::PutBackend { id, value } => Some((id, value)),
+                    _ => None,
+                },
+            ),
             _ => return Ok(None),
         };
         match result {
@@ -286,20 +282,21 @@ impl BpfMaps {
     }
 }
 
-/// A batch write of `keys` -> `values` into `map`; `Ok(None)` when the run is too short
-/// to be worth one.
+/// A batch write into `map` of the run of `ops` that `entry` turns into (key, value);
+/// `Ok(None)` when the run is too short to be worth one.
 fn batch_into<K: aya::Pod, V: aya::Pod>(
     map: &MapData,
-    keys: &[K],
-    values: &[V],
+    ops: &[Op],
+    entry: impl Fn(&Op) -> Option<(K, V)>,
 ) -> Result<Option<usize>, (usize, std::io::Error)> {
     use std::os::fd::AsFd as _;
+    let (keys, values): (Vec<K>, Vec<V>) = ops.iter().map_while(entry).unzip();
     if keys.len() < MIN_BATCH {
         return Ok(None);
     }
     // The kernel counts what went in only in its loop: an error before it leaves the
     // count at all of them, and then it is the first that failed.
-    super::sys::map_update_batch(map.fd().as_fd(), keys, values)
+    super::sys::map_update_batch(map.fd().as_fd(), &keys, &values)
         .map_err(|(done, e)| (if done < keys.len() { done } else { 0 }, e))?;
     Ok(Some(keys.len()))
 }

@@ -257,6 +257,15 @@ impl Model {
         }
     }
 
+    /// The object of `kind` held under `key`, if any.
+    fn held(&self, kind: Kind, key: &ObjKey) -> Option<Object> {
+        match kind {
+            Kind::Service => self.services.get(key).cloned().map(Object::Service),
+            Kind::EndpointSlice => self.slices.get(key).cloned().map(Object::EndpointSlice),
+            Kind::Node => self.nodes.get(&key.1).cloned().map(Object::Node),
+        }
+    }
+
     fn upsert(&mut self, obj: Object) {
         let key = obj.key();
         if obj.not_ours() {
@@ -269,24 +278,19 @@ impl Model {
             self.delete(obj.kind(), &key);
             return;
         }
+        if self
+            .held(obj.kind(), &key)
+            .is_some_and(|old| old.same_as(&obj))
+        {
+            return;
+        }
         match obj {
             Object::Service(svc) => {
-                if let Some(old) = self.services.get(&key)
-                    && Object::Service(old.clone()).same_as(&Object::Service(svc.clone()))
-                {
-                    return;
-                }
                 self.services.insert(key.clone(), svc);
                 self.dirty.insert(key);
             }
             Object::EndpointSlice(slice) => {
                 let old = self.slices.get(&key).cloned();
-                if let Some(old) = &old
-                    && Object::EndpointSlice(old.clone())
-                        .same_as(&Object::EndpointSlice(slice.clone()))
-                {
-                    return;
-                }
                 let trigger = slice.trigger_time();
                 if self.seeded
                     && let Some(t) = trigger
@@ -312,11 +316,6 @@ impl Model {
             }
             Object::Node(node) => {
                 let name = key.1;
-                if let Some(old) = self.nodes.get(&name)
-                    && Object::Node(old.clone()).same_as(&Object::Node(node.clone()))
-                {
-                    return;
-                }
                 self.node_dirty |= self.node_name.as_deref() == Some(name.as_str());
                 self.nodes.insert(name, node);
             }
