@@ -91,20 +91,20 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
         return TCX_DROP;
     }
     count(PROG_TC_INGRESS, |c| c.translated += 1);
-    if s.value.flags & CT_F_REJECT != 0 {
-        // To the node's own stack, to be refused.
+    if s.value.flags & CT_F_SNAT == 0 {
+        // A flow to a backend on this node (a pod, or the node itself), or one sent to
+        // be refused: handed to the node's stack, translated. Its netfilter then sees
+        // client -> backend as one connection whose replies are ESTABLISHED (no CNI
+        // masquerade, no INVALID drop), its FORWARD rules (NetworkPolicy engines) apply,
+        // and its forwarding decrements the TTL and answers a packet too big for the
+        // pod's link with fragmentation-needed (which egress makes about the frontend).
         return TCX_PASS;
     }
+    // A SNATed packet (to a backend on another node, or a reply of one going back to
+    // the client) has the node's own address on one side: the stack's forwarding would
+    // drop it as a martian. It is sent on from here.
     let mut mtu = 0u16;
     match nat::forward(ctx, ifindex, s.packet.family(), &mut mtu) {
-        // Larger than the way to a backend on this node allows: the stack's forwarding
-        // answers it with fragmentation-needed (packet-too-big), which egress makes
-        // about the frontend. A SNATed packet cannot go that way (its source is the
-        // node's own address): it is answered here.
-        nat::TOO_BIG if s.value.flags & CT_F_SNAT == 0 => TCX_PASS,
-        // A backend at one of the node's own addresses (host network): to the stack,
-        // whose replies egress translates. A SNATed packet cannot go there.
-        nat::LOCAL if s.value.flags & CT_F_SNAT == 0 => TCX_PASS,
         nat::TOO_BIG => too_big_snat(ctx, s, mtu, ifindex),
         nat::LOCAL => {
             count(PROG_TC_INGRESS, |c| c.misses += 1);
@@ -195,6 +195,11 @@ fn icmp_error(ctx: &TcContext, s: &mut PktScratch) -> i32 {
         return TCX_DROP;
     }
     count(PROG_TC_INGRESS, |c| c.translated += 1);
+    if client_flow && v.flags & CT_F_SNAT == 0 {
+        // About a reply of a backend on this node: to the stack, whose conntrack
+        // relates it to the flow, as it does for the flow's own packets.
+        return TCX_PASS;
+    }
     // SAFETY: the context's sk_buff is valid for the program's run.
     let mut mtu = 0u16;
     match nat::forward(

@@ -240,6 +240,34 @@ fn outside_client_reaches_a_node_port_on_backends_of_both_nodes() {
 }
 
 #[test]
+fn a_forward_drop_rule_for_a_pod_stops_node_port_traffic_to_it() {
+    // What a NetworkPolicy engine writes: one pod on each node isolated by a FORWARD
+    // drop. Under kube-proxy the node's forwarding applies it to nodePort traffic; the
+    // flows sent to those pods time out, the others are answered.
+    let fx = ClusterFixture::new("pf", 2, |c| node_port_service(c, "", &[0, 1]));
+    let isolated = [
+        fx.cluster.nodes[0].pods[0].ip,
+        fx.cluster.nodes[1].pods[0].ip,
+    ];
+    for (k, pod) in isolated.iter().enumerate() {
+        fx.cluster.drop_forwarded_to(k, *pod).unwrap();
+    }
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let report = fx.probe(target, 40, ProbeMode::Tcp);
+    let (pods, _) = split(&report);
+    assert_eq!(
+        pods.keys().collect::<Vec<_>>(),
+        ["n0-pod-1", "n1-pod-1"],
+        "only the pods no rule isolates answer: {report:?}"
+    );
+    assert!(report.total_errors() > 0, "{report:?}");
+    for (k, pod) in isolated.iter().enumerate() {
+        let drops = fx.cluster.forward_drops_to(k, *pod).unwrap();
+        assert!(drops > 0, "node {k}'s rule for {pod} dropped nothing");
+    }
+}
+
+#[test]
 fn external_traffic_policy_local_keeps_the_client_address_and_stays_on_the_node() {
     let fx = ClusterFixture::new("pl", 2, |c| {
         exposed_service(

@@ -105,6 +105,7 @@ impl Cluster {
             ] {
                 lab.node.sysctl(setting)?;
             }
+            real_node_rules(&lab.node)?;
             labs.push(lab);
         }
         // Each node routes the other nodes' pod subnets through their LAN address.
@@ -248,6 +249,35 @@ impl Cluster {
         Ok((code.parse().context("http-get's status")?, body.to_string()))
     }
 
+    /// Puts a FORWARD rule that drops every packet to `pod` first on node `k`: what an
+    /// iptables-based NetworkPolicy engine writes to isolate a pod.
+    pub fn drop_forwarded_to(&self, k: usize, pod: Ipv4Addr) -> anyhow::Result<()> {
+        let rule = format!("*filter\n-I FORWARD -d {pod}/32 -j DROP\nCOMMIT\n");
+        restore(&self.nodes[k].node, "iptables-nft-restore", &rule)
+    }
+
+    /// The packets that [`Cluster::drop_forwarded_to`]'s rule for `pod` dropped on node `k`.
+    pub fn forward_drops_to(&self, k: usize, pod: Ipv4Addr) -> anyhow::Result<u64> {
+        let out = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.nodes[k].node.name,
+            "iptables-nft",
+            "-L",
+            "FORWARD",
+            "-v",
+            "-x",
+            "-n",
+        ]))?;
+        // "pkts bytes target prot opt in out source destination"
+        let dst = pod.to_string();
+        out.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() >= 9 && f[2] == "DROP" && f[8] == dst)
+            .and_then(|f| f[0].parse().ok())
+            .with_context(|| format!("no FORWARD drop rule for {pod} on node {k}:\n{out}"))
+    }
+
     /// Routes `addr` (an externalIP or LoadBalancer IP) from the client through node `k`,
     /// as a router or a load balancer in front of the cluster would.
     pub fn route_via(&self, addr: Ipv4Addr, k: usize) -> anyhow::Result<()> {
@@ -261,6 +291,64 @@ impl Cluster {
             &node_ip(k).to_string(),
         ])
     }
+}
+
+/// The pod network of every node (IPv4, IPv6): what the CNI's rules below name.
+pub const POD_CIDR: &str = "10.244.0.0/16";
+pub const POD_CIDR6: &str = "fd00:10:244::/48";
+
+/// What a real node's netfilter carries besides the load balancer, loaded into every
+/// node of a cluster lab: the CNI's masquerade of pod traffic that leaves the pod network
+/// (flannel, Calico `natOutgoing`, ip-masq-agent, AWS-SNAT), kube-proxy's (and Docker's,
+/// Calico's) drop of conntrack-INVALID packets in FORWARD, and a FORWARD policy of DROP
+/// with an ACCEPT for the pod network (as Docker leaves it). The same for IPv6.
+pub const REAL_NODE_RULES: &str = "\
+*nat
+-A POSTROUTING -s {pods} ! -d {pods} -j MASQUERADE
+COMMIT
+*filter
+:FORWARD DROP [0:0]
+-A FORWARD -m conntrack --ctstate INVALID -j DROP
+-A FORWARD -s {pods} -j ACCEPT
+-A FORWARD -d {pods} -j ACCEPT
+COMMIT
+";
+
+/// Loads [`REAL_NODE_RULES`] into `node` (iptables and ip6tables, nf_tables backend).
+pub fn real_node_rules(node: &Netns) -> anyhow::Result<()> {
+    for (cmd, pods) in [
+        ("iptables-nft-restore", POD_CIDR),
+        ("ip6tables-nft-restore", POD_CIDR6),
+    ] {
+        restore(node, cmd, &REAL_NODE_RULES.replace("{pods}", pods))?;
+    }
+    Ok(())
+}
+
+/// `ip netns exec NODE CMD --noflush` with `rules` on its input.
+pub fn restore(node: &Netns, cmd: &str, rules: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.name, cmd, "--noflush"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd} in {}", node.name))?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} in {} failed: {}",
+            node.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// `lab_bin transfer` from `from`, started now; [`Transfer::finish`] waits for its report.
