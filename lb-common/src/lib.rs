@@ -42,10 +42,12 @@ pub const MAP_COUNTERS: &str = "LB_COUNTERS_V4";
 pub const MAP_CT: &str = "LB_CT_V1";
 pub const MAP_TC_IFACES: &str = "LB_TC_IFACES_V2";
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES_V1";
-pub const MAP_DROPS: &str = "LB_DROPS_V1";
+pub const MAP_DROPS: &str = "LB_DROPS_V2";
+pub const MAP_CT_EVENTS: &str = "LB_CT_EVENTS_V1";
+pub const MAP_FRAGS: &str = "LB_FRAGS_V1";
 pub const MAP_NAMES: &str = "LB_NAMES_V1";
 /// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 14] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REVNAT,
@@ -58,6 +60,8 @@ pub const PINNED_MAPS: [&str; 12] = [
     MAP_SOURCE_RANGES,
     MAP_DROPS,
     MAP_NAMES,
+    MAP_CT_EVENTS,
+    MAP_FRAGS,
 ];
 
 /// Capacity of the maps as the object defines them; the agent sizes them at load
@@ -92,9 +96,19 @@ pub const REJECT_PORT: u16 = SNAT_PORT_MAX;
 /// Connection-tracking idle timeouts (seconds): an entry not seen for longer is stale
 /// and a packet of its tuple starts a new flow.
 pub const CT_TCP_TIMEOUT_S: u64 = 6 * 3600;
-/// A TCP flow after FIN or RST.
+/// A TCP flow after a RST, or a FIN each way.
 pub const CT_TCP_CLOSING_TIMEOUT_S: u64 = 10;
+/// A TCP flow not established yet (its client has sent nothing but SYNs): Cilium's SYN
+/// timeout. A flood of SYNs that nobody completes gives its entries (and their SNAT
+/// ports) back within this.
+pub const CT_TCP_SYN_TIMEOUT_S: u64 = 60;
 pub const CT_UDP_TIMEOUT_S: u64 = 60;
+
+/// TCP header flags (byte 13 of the header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// An address of either family, as 16 network-order octets: IPv6 as is, IPv4 as the
 /// IPv4-mapped IPv6 address `::ffff:a.b.c.d`. One map layout serves both families, and a
@@ -417,11 +431,23 @@ pub struct CtValue {
 pub const CT_F_REPLY: u8 = 1;
 /// The flow is source-NATed to the node (backend on another node).
 pub const CT_F_SNAT: u8 = 2;
-/// A TCP FIN or RST was seen: the entry expires after `CT_TCP_CLOSING_TIMEOUT_S`.
+/// A TCP RST, or a FIN each way, was seen: the entry expires after
+/// `CT_TCP_CLOSING_TIMEOUT_S`.
 pub const CT_F_CLOSING: u8 = 4;
 /// A flow to a frontend without backends, sent to the node's stack at `REJECT_PORT`
 /// to be refused there.
 pub const CT_F_REJECT: u8 = 8;
+/// A TCP flow whose client has sent only SYNs so far: `CT_TCP_SYN_TIMEOUT_S`. Set
+/// when a bare SYN creates the flow, cleared by the client's first packet without SYN.
+/// (Entries written before this flag existed lack it: established, as they were.)
+pub const CT_F_SYN_SENT: u8 = 16;
+/// A FIN from the flow's client, from its backend: a direction each (both halves carry
+/// both bits); the flow is closing once it has both. A half-closed flow lives on.
+pub const CT_F_FIN_ORIG: u8 = 32;
+pub const CT_F_FIN_REPLY: u8 = 64;
+/// The bits that only ever get set while a flow lives (a flow's halves are merged by
+/// union of these).
+const CT_F_STICKY: u8 = CT_F_CLOSING | CT_F_FIN_ORIG | CT_F_FIN_REPLY;
 
 impl CtValue {
     /// The other direction's entry, for the packet `key` that this value translates:
@@ -454,6 +480,67 @@ impl CtValue {
         v._pad = [0; 7];
     }
 
+    /// Whether this entry, at key `key`, is the other half of the entry at `partner_key`:
+    /// its tuple is the reverse of that key's. A half whose other half's tuple is held by
+    /// an entry that does not name it back belongs to a flow that lost its other half
+    /// (evicted, then taken by another flow): it must never be used.
+    #[inline(always)]
+    pub fn names(&self, partner_key: &CtKey) -> bool {
+        self.saddr == partner_key.daddr
+            && self.daddr == partner_key.saddr
+            && self.sport == partner_key.dport
+            && self.dport == partner_key.sport
+    }
+
+    /// The flags of an entry after a packet with TCP flags `tcp` went its way
+    /// (`CT_F_*`): a RST closes the flow, a FIN marks its direction and closes it once
+    /// both directions sent one, and the client's first packet without SYN establishes it.
+    #[inline(always)]
+    pub const fn flags_after(flags: u8, proto: u8, tcp: u8) -> u8 {
+        if proto != PROTO_TCP {
+            return flags;
+        }
+        let mut f = flags;
+        if tcp & TCP_RST != 0 {
+            f |= CT_F_CLOSING;
+        }
+        if tcp & TCP_FIN != 0 {
+            f |= if f & CT_F_REPLY != 0 {
+                CT_F_FIN_REPLY
+            } else {
+                CT_F_FIN_ORIG
+            };
+        }
+        if f & (CT_F_FIN_ORIG | CT_F_FIN_REPLY) == CT_F_FIN_ORIG | CT_F_FIN_REPLY {
+            f |= CT_F_CLOSING;
+        }
+        if f & CT_F_REPLY == 0 && tcp & (TCP_SYN | TCP_RST) == 0 && tcp & TCP_ACK != 0 {
+            f &= !CT_F_SYN_SENT;
+        }
+        f
+    }
+
+    /// The flags a flow's new entry starts with (`base`: its kind) for its first packet's
+    /// TCP flags: a bare SYN starts it unestablished.
+    #[inline(always)]
+    pub const fn flags_new(base: u8, proto: u8, tcp: u8) -> u8 {
+        if proto == PROTO_TCP && tcp & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            base | CT_F_SYN_SENT
+        } else {
+            base
+        }
+    }
+
+    /// The flags to write to the other half (whose flags are `theirs`) when this half's
+    /// flags are `mine`: the sticky state of both (FINs, closing), unestablished only
+    /// while both say so. A change one CPU writes is never undone by another's refresh.
+    #[inline(always)]
+    pub const fn merged_for_partner(mine: u8, theirs: u8) -> u8 {
+        let sticky = (mine | theirs) & CT_F_STICKY;
+        let syn = mine & theirs & CT_F_SYN_SENT;
+        (theirs & !(CT_F_STICKY | CT_F_SYN_SENT)) | sticky | syn
+    }
+
     /// Whether the entry is stale at `now_ns`. An entry seen "after" `now_ns` was just
     /// refreshed by another CPU (whose clock read came later): live.
     #[inline(always)]
@@ -462,6 +549,8 @@ impl CtValue {
             CT_UDP_TIMEOUT_S
         } else if self.flags & CT_F_CLOSING != 0 {
             CT_TCP_CLOSING_TIMEOUT_S
+        } else if self.flags & CT_F_SYN_SENT != 0 {
+            CT_TCP_SYN_TIMEOUT_S
         } else {
             CT_TCP_TIMEOUT_S
         };
@@ -566,8 +655,14 @@ pub const DROP_NO_ROUTE: u32 = 8;
 /// The CT map refused a new flow's entry for another reason than a taken port (the
 /// kernel's error: no memory, a lock it could not take).
 pub const DROP_CT_REFUSED: u32 = 9;
+/// A new flow's reply tuple is held by another live flow (the same client port sent to
+/// two frontends of one backend): never overwritten.
+pub const DROP_CT_TUPLE_TAKEN: u32 = 10;
+/// A packet the node would forward with a TTL (hop limit) of 1: answered with time
+/// exceeded (IPv4 client flows) or dropped.
+pub const DROP_TTL_EXCEEDED: u32 = 11;
 /// Names of the drop reasons by index (metrics labels, `lb-user dump`).
-pub const DROP_REASONS: [&str; 10] = [
+pub const DROP_REASONS: [&str; 12] = [
     "rewrite_failed",
     "no_snat_port",
     "snat_too_big",
@@ -578,7 +673,65 @@ pub const DROP_REASONS: [&str; 10] = [
     "no_local_endpoint",
     "no_route",
     "ct_refused",
+    "ct_tuple_taken",
+    "ttl_exceeded",
 ];
+
+/// Connection-tracking events the tc programs count (indexes of `LB_CT_EVENTS_V1`, a
+/// per-CPU count each): what happened to flows besides drops.
+/// A missing half of a flow rebuilt from the other (after an LRU eviction).
+pub const CT_EV_REBUILT: u32 = 0;
+/// A half whose other half's tuple now belongs to another flow: removed, never used.
+pub const CT_EV_ORPHAN_REMOVED: u32 = 1;
+/// Rebuilding a missing half failed (the kernel refused the insert, or another flow
+/// took the tuple meanwhile).
+pub const CT_EV_REBUILD_FAILED: u32 = 2;
+/// A new flow took a tuple (a SNAT port) held by a flow that had ended.
+pub const CT_EV_PORT_RECLAIMED: u32 = 3;
+/// Every SNAT port tried was held by a live flow: the new flow took the port of the
+/// oldest unestablished one among them (a SYN flood's), which was removed.
+pub const CT_EV_SYN_EVICTED: u32 = 4;
+/// A later IPv4 fragment whose first fragment was not seen (or not ours): passed on.
+pub const CT_EV_FRAG_UNKNOWN: u32 = 5;
+/// Later fragments translated as their first fragment's flow.
+pub const CT_EV_FRAG_TRANSLATED: u32 = 6;
+/// An IPv6 packet with a fragment header: not translated (passed on).
+pub const CT_EV_FRAG6_PASSED: u32 = 7;
+pub const CT_EVENTS: [&str; 8] = [
+    "partner_rebuilt",
+    "orphan_removed",
+    "rebuild_failed",
+    "port_reclaimed",
+    "syn_evicted",
+    "frag_unknown",
+    "frag_translated",
+    "frag6_passed",
+];
+
+/// Key of the IPv4 fragments map (LRU): what every fragment of one datagram shares.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    /// Source and destination as they arrived (IPv4 mapped).
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// The IP identification, network order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the fragments map: the ports of the datagram's first fragment, network
+/// order (as in the packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragValue {
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Capacity of the fragments map (datagrams in flight; Cilium's default).
+pub const MAX_FRAGS: u32 = 8192;
 
 /// Picks the slot (1..=count) for a random number; `None` when there is no backend.
 /// Shared by the program and the host tests so the choice logic is tested off-kernel.
@@ -604,6 +757,8 @@ const _: () = {
     assert!(core::mem::size_of::<SourceRange>() == 20);
     assert!(core::mem::size_of::<CtKey>() == 40);
     assert!(core::mem::size_of::<CtValue>() == 56);
+    assert!(core::mem::size_of::<FragKey>() == 36);
+    assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<TcIface>() == 32);
     assert!(SNAT_PORT_MIN > 60_999 && SNAT_PORT_MIN <= SNAT_PORT_MAX);
 };
@@ -623,6 +778,8 @@ mod user {
     unsafe impl aya::Pod for super::SourceRange {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::TcIface {}
     unsafe impl aya::Pod for super::FrontendName {}
 }

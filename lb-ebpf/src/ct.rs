@@ -1,7 +1,14 @@
 //! Connection tracking for the packet level. Every translated flow has two entries in
 //! `LB_CT_V1`, one per direction, each mapping a packet's tuple to the tuple it is
-//! rewritten to. Either half rebuilds the other ([`CtValue::partner`]), so an LRU
-//! eviction of one half is repaired by the next packet of the flow, never half-translated.
+//! rewritten to, and each naming the other (its tuple is the other's key reversed).
+//!
+//! No entry of one flow ever overwrites another flow's: a new flow's entries are created
+//! with `BPF_NOEXIST` (reply half first, rolled back if the other fails); a tuple held
+//! by a flow that ended, or by a half whose other half now belongs to another flow, is
+//! taken only after that flow's entries are removed. A half missing after an LRU
+//! eviction is rebuilt from the other, with `BPF_NOEXIST`; a half whose other half's
+//! tuple is held by an entry that does not name it back is removed, never used (its
+//! flow lost that tuple to another flow: using it would cross the two).
 
 // Keys and values go to the map helpers by reference, not by copy: the eBPF stack is
 // 512 bytes for the whole call chain.
@@ -12,16 +19,17 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
-    CT_F_CLOSING, CT_F_SNAT, CtKey, CtValue, DROP_CT_REFUSED, DROP_NO_SNAT_PORT, SNAT_PORT_MAX,
-    SNAT_PORT_MIN,
+    CT_EV_ORPHAN_REMOVED, CT_EV_PORT_RECLAIMED, CT_EV_REBUILD_FAILED, CT_EV_REBUILT,
+    CT_EV_SYN_EVICTED, CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_SENT, CtKey, CtValue, DROP_CT_REFUSED,
+    DROP_CT_TUPLE_TAKEN, DROP_NO_SNAT_PORT, SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_SYN,
 };
 
 /// errno's EEXIST: the key is there (an insert with `BPF_NOEXIST`).
 const EEXIST: i32 = 17;
 
 use crate::{
-    maps::{LB_CT_SCRATCH, LB_CT_V1},
-    nat::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{CtScratch, LB_CT_SCRATCH, LB_CT_V1, ct_event},
+    nat::Packet,
 };
 
 /// How often a live entry's `last_seen_ns` is written back (and its partner refreshed).
@@ -30,6 +38,7 @@ const REFRESH_NS: u64 = 1_000_000_000;
 /// backends, the 10 s hold after a close keeps ~30% of each backend's ports taken: 8
 /// tries then failed one flow in ~15,000 (measured); 32 fail one in ~10^17.
 const SNAT_TRIES: u32 = 32;
+const NOEXIST: u64 = BPF_NOEXIST as u64;
 
 /// The tracking key of a packet: its tuple as it arrived, written to `key`.
 #[inline(always)]
@@ -54,105 +63,224 @@ pub(crate) fn write_reply_key(p: &Packet, key: &mut CtKey) {
     key._pad = [0; 3];
 }
 
-/// The live entry of `key` at `now`, copied to `out`; `false` when there is none or it
-/// is stale (the packet starts a new flow). A TCP FIN or RST marks the flow closing. The
-/// entry and its partner are written back at most once a second; in between, a missing
-/// partner is rebuilt. Not inlined: its stack frame is its own.
-#[inline(never)]
-pub(crate) fn lookup(key: &CtKey, now: u64, tcp_flags: u8, out: &mut CtValue) -> bool {
-    match live(key, now, tcp_flags) {
-        Some(v) => {
-            *out = v;
-            true
-        }
-        None => false,
-    }
+/// Whether TCP flags `tcp` are a bare SYN (a connection's first packet).
+#[inline(always)]
+pub(crate) fn bare_syn(tcp: u8) -> bool {
+    tcp & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 #[inline(always)]
-fn live(key: &CtKey, now: u64, tcp_flags: u8) -> Option<CtValue> {
+fn scratch() -> Option<&'static mut CtScratch> {
+    let ptr = LB_CT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; nothing else runs on this CPU meanwhile.
+    Some(unsafe { &mut *ptr })
+}
+
+/// The live entry of `key` at `now`, copied to `out`; `false` when there is none, it is
+/// stale, or it lost its other half to another flow (the packet starts a new flow). A
+/// TCP packet updates the flow's state ([`CtValue::flags_after`]). The entry and its
+/// partner are written back when the state changes and at most once a second besides;
+/// in between, a missing partner is rebuilt. Not inlined: its stack frame is its own.
+#[inline(never)]
+pub(crate) fn lookup(key: &CtKey, now: u64, tcp_flags: u8, out: &mut CtValue) -> bool {
+    live(key, now, tcp_flags, out).is_some()
+}
+
+#[inline(always)]
+fn live(key: &CtKey, now: u64, tcp_flags: u8, v: &mut CtValue) -> Option<()> {
     let ptr = LB_CT_V1.get_ptr_mut(key)?;
     // SAFETY: a value of the map, updated in place; another CPU may write the same
     // entry's `last_seen_ns` or `flags` at once, which only costs a refresh.
     let entry = unsafe { &mut *ptr };
     // Stale, or a new connection (a bare SYN) on the tuple of a closing one: a new flow.
-    let new_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && entry.flags & CT_F_CLOSING != 0;
-    if entry.expired(key.proto, now) || new_syn {
+    if entry.expired(key.proto, now) || bare_syn(tcp_flags) && entry.flags & CT_F_CLOSING != 0 {
         return None;
     }
-    let closing = tcp_flags & (TCP_FIN | TCP_RST) != 0 && entry.flags & CT_F_CLOSING == 0;
-    let refresh = closing || now.saturating_sub(entry.last_seen_ns) > REFRESH_NS;
-    if closing {
-        entry.flags |= CT_F_CLOSING;
-    }
+    let flags = CtValue::flags_after(entry.flags, key.proto, tcp_flags);
+    let refresh = flags != entry.flags || now.saturating_sub(entry.last_seen_ns) > REFRESH_NS;
     if refresh {
+        entry.flags = flags;
         entry.last_seen_ns = now;
     }
-    let v = *entry;
-    let scratch = LB_CT_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch slot; nothing else runs on this CPU meanwhile.
-    let partner = unsafe { &mut *scratch };
-    v.write_partner(key, &mut partner.key, &mut partner.value);
-    // SAFETY: only tested for presence.
-    if refresh || unsafe { LB_CT_V1.get(&partner.key) }.is_none() {
-        let _ = LB_CT_V1.insert(&partner.key, &partner.value, 0);
+    *v = *entry;
+    let s = scratch()?;
+    v.write_partner(key, &mut s.key, &mut s.value);
+    match LB_CT_V1.get_ptr_mut(&s.key) {
+        Some(p) => {
+            // SAFETY: a value of the map, as above.
+            let partner = unsafe { &mut *p };
+            if !partner.names(key) {
+                // Its tuple belongs to another flow now: this half is dead.
+                let _ = LB_CT_V1.remove(key);
+                ct_event(CT_EV_ORPHAN_REMOVED);
+                return None;
+            }
+            if refresh {
+                partner.flags = CtValue::merged_for_partner(v.flags, partner.flags);
+                partner.last_seen_ns = now;
+            }
+        }
+        None => {
+            let ev = match LB_CT_V1.insert(&s.key, &s.value, NOEXIST) {
+                Ok(()) => CT_EV_REBUILT,
+                Err(_) => CT_EV_REBUILD_FAILED,
+            };
+            ct_event(ev);
+        }
     }
-    Some(v)
+    Some(())
 }
 
-/// Takes the SNAT port of `reply_key` for `reply` if the entry holding it there is
-/// stale at `now` (a flow that ended: the LRU only evicts when the map is full).
+/// Removes the entry `other_key` if it names `key` (it is the other half of `key`'s
+/// flow).
 #[inline(always)]
-fn reclaim(reply_key: &CtKey, reply: &CtValue, now: u64) -> bool {
-    // SAFETY: copied out at once.
-    let stale =
-        unsafe { LB_CT_V1.get(reply_key) }.is_some_and(|old| old.expired(reply_key.proto, now));
-    stale && LB_CT_V1.insert(reply_key, reply, 0).is_ok()
+fn remove_if_names(other_key: &CtKey, key: &CtKey) {
+    // SAFETY: read in place.
+    if unsafe { LB_CT_V1.get(other_key) }.is_some_and(|o| o.names(key)) {
+        let _ = LB_CT_V1.remove(other_key);
+    }
 }
 
-/// Records a new flow `key` -> `value`, reply half first. A SNAT flow's source port is
-/// chosen from the SNAT range so that its reply tuple is new (`random` picks where to
-/// start). Returns 0, or the `DROP_*` reason it failed for (no free port; the map
-/// refused an entry); `value` holds what was recorded. Not inlined: its stack frame is
-/// its own.
+/// What holds a tuple that a new flow wants.
+enum Held {
+    /// The kernel refused the insert for another reason.
+    Refused,
+    /// A live flow; `syn_seen_ns` is when it was last seen if it is unestablished (a
+    /// candidate for eviction under pressure), else 0.
+    Live { syn_seen_ns: u64 },
+}
+
+/// Inserts the half `s.key` -> `s.value` of a new flow with `BPF_NOEXIST`. A tuple
+/// held by a flow that ended, or by a half whose other half now names another flow, is
+/// taken: that flow's entries are removed first. Uses the scratch's `other_*`.
+#[inline(always)]
+fn claim(now: u64, s: &mut CtScratch) -> Result<(), Held> {
+    let CtScratch {
+        key,
+        value,
+        other_key,
+        other_value,
+    } = s;
+    match LB_CT_V1.insert(&*key, &*value, NOEXIST) {
+        Ok(()) => return Ok(()),
+        Err(e) if e == -EEXIST => {}
+        Err(_) => return Err(Held::Refused),
+    }
+    // SAFETY: copied out at once.
+    let holder = unsafe { LB_CT_V1.get(&*key) }.ok_or(Held::Refused)?;
+    holder.write_partner(key, other_key, other_value);
+    // SAFETY: read in place; a concurrent update only makes the answer stale.
+    let holder_partner = unsafe { LB_CT_V1.get(&*other_key) };
+    let orphan = holder_partner.is_some_and(|p| !p.names(key));
+    if !holder.expired(key.proto, now) && !orphan {
+        let syn_seen_ns = if holder.flags & CT_F_SYN_SENT != 0 {
+            holder.last_seen_ns.max(1)
+        } else {
+            0
+        };
+        return Err(Held::Live { syn_seen_ns });
+    }
+    if !orphan && holder_partner.is_some() {
+        let _ = LB_CT_V1.remove(&*other_key);
+    }
+    let _ = LB_CT_V1.remove(&*key);
+    ct_event(CT_EV_PORT_RECLAIMED);
+    LB_CT_V1
+        .insert(&*key, &*value, NOEXIST)
+        .map_err(|_| Held::Live { syn_seen_ns: 0 })
+}
+
+/// Removes the flow whose half holds `s.key` (an unestablished one: its port is needed)
+/// and inserts `s.key` -> `s.value` in its place. Uses the scratch's `other_*`.
+#[inline(always)]
+fn evict(s: &mut CtScratch) -> bool {
+    let CtScratch {
+        key,
+        value,
+        other_key,
+        other_value,
+    } = s;
+    // SAFETY: read in place; a concurrent update only makes the answer stale.
+    let Some(holder) = (unsafe { LB_CT_V1.get(&*key) }) else {
+        return LB_CT_V1.insert(&*key, &*value, NOEXIST).is_ok();
+    };
+    if holder.flags & CT_F_SYN_SENT == 0 {
+        // Established meanwhile: not a victim any more.
+        return false;
+    }
+    holder.write_partner(key, other_key, other_value);
+    remove_if_names(other_key, key);
+    let _ = LB_CT_V1.remove(&*key);
+    ct_event(CT_EV_SYN_EVICTED);
+    LB_CT_V1.insert(&*key, &*value, NOEXIST).is_ok()
+}
+
+/// Records a new flow `key` -> `value` (its first packet's TCP flags already in
+/// `value.flags`), reply half first. A SNAT flow's source port is chosen from the SNAT
+/// range so that its reply tuple is new (`random` picks where to start). Returns 0, or
+/// the `DROP_*` reason it failed for (no free port; the reply tuple held by another
+/// live flow; the map refused an entry); `value` holds what was recorded. Not inlined:
+/// its stack frame is its own.
 #[inline(never)]
 pub(crate) fn create(key: &CtKey, value: &mut CtValue, random: u32) -> u32 {
-    match record(key, value, random) {
-        Ok(()) => 0,
-        Err(reason) => reason,
+    let Some(s) = scratch() else {
+        return DROP_CT_REFUSED;
+    };
+    // What is left of an earlier flow on this tuple (stale, closing, re-chosen, or an
+    // orphan): its other half goes first, so that tuple (a SNAT port) is free at once.
+    // SAFETY: read in place; a concurrent update only makes the answer stale.
+    if let Some(old) = unsafe { LB_CT_V1.get(key) } {
+        old.write_partner(key, &mut s.key, &mut s.value);
+        remove_if_names(&s.key, key);
     }
+    let reason = match record(key, value, random, s) {
+        Ok(()) => match LB_CT_V1.insert(key, &*value, 0) {
+            Ok(()) => return 0,
+            Err(_) => DROP_CT_REFUSED,
+        },
+        Err(reason) => return reason,
+    };
+    // The original half failed: the reply half goes too.
+    let _ = LB_CT_V1.remove(&s.key);
+    reason
 }
 
+/// The reply half of the new flow `key` -> `value`, inserted (its key left in `s.key`).
 #[inline(always)]
-fn record(key: &CtKey, value: &mut CtValue, random: u32) -> Result<(), u32> {
-    let scratch = LB_CT_SCRATCH.get_ptr_mut(0).ok_or(DROP_CT_REFUSED)?;
-    // SAFETY: this CPU's scratch slot; nothing else runs on this CPU meanwhile.
-    let reply = unsafe { &mut *scratch };
+fn record(key: &CtKey, value: &mut CtValue, random: u32, s: &mut CtScratch) -> Result<(), u32> {
+    let now = value.last_seen_ns;
     if value.flags & CT_F_SNAT == 0 {
-        value.write_partner(key, &mut reply.key, &mut reply.value);
-        LB_CT_V1
-            .insert(&reply.key, &reply.value, 0)
-            .map_err(|_| DROP_CT_REFUSED)?;
-        return LB_CT_V1
-            .insert(key, &*value, 0)
-            .map_err(|_| DROP_CT_REFUSED);
+        value.write_partner(key, &mut s.key, &mut s.value);
+        return claim(now, s).map_err(|held| match held {
+            Held::Refused => DROP_CT_REFUSED,
+            Held::Live { .. } => DROP_CT_TUPLE_TAKEN,
+        });
     }
     // The range without its last port, REJECT_PORT.
     let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN);
+    // Under pressure, the oldest unestablished flow seen among the ports tried.
+    let (mut victim_port, mut victim_seen) = (0u16, u64::MAX);
     for i in 0..SNAT_TRIES {
         value.sport = SNAT_PORT_MIN + (random.wrapping_add(i.wrapping_mul(7919)) % range) as u16;
-        value.write_partner(key, &mut reply.key, &mut reply.value);
-        let taken = match LB_CT_V1.insert(&reply.key, &reply.value, u64::from(BPF_NOEXIST)) {
-            Ok(()) => false,
-            // The port is taken for this backend; a flow that ended leaves it.
-            Err(e) if e == -EEXIST => !reclaim(&reply.key, &reply.value, value.last_seen_ns),
-            Err(_) => return Err(DROP_CT_REFUSED),
-        };
-        if !taken {
-            return LB_CT_V1
-                .insert(key, &*value, 0)
-                .map_err(|_| DROP_CT_REFUSED);
+        value.write_partner(key, &mut s.key, &mut s.value);
+        match claim(now, s) {
+            Ok(()) => return Ok(()),
+            Err(Held::Refused) => return Err(DROP_CT_REFUSED),
+            Err(Held::Live { syn_seen_ns }) => {
+                if syn_seen_ns != 0 && syn_seen_ns < victim_seen {
+                    (victim_port, victim_seen) = (value.sport, syn_seen_ns);
+                }
+            }
         }
     }
-    Err(DROP_NO_SNAT_PORT)
+    if victim_port == 0 {
+        return Err(DROP_NO_SNAT_PORT);
+    }
+    value.sport = victim_port;
+    value.write_partner(key, &mut s.key, &mut s.value);
+    if evict(s) {
+        Ok(())
+    } else {
+        Err(DROP_NO_SNAT_PORT)
+    }
 }

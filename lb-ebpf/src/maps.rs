@@ -8,10 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, DROP_REASONS, FrontendName,
-    MAX_AFFINITY, MAX_BACKENDS, MAX_CT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT,
-    MAX_SOURCE_RANGES, MAX_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue, SockRevNatKey,
-    SourceRange, SrcAffinityKey, TcIface,
+    AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
+    FragKey, FragValue, FrontendName, MAX_AFFINITY, MAX_BACKENDS, MAX_CT, MAX_FRAGS, MAX_REVNAT,
+    MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_TC_IFACES, PROG_NAMES, RevNat,
+    ServiceKey, ServiceValue, SockRevNatKey, SourceRange, SrcAffinityKey, TcIface,
 };
 
 /// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
@@ -83,13 +83,22 @@ pub(crate) struct PktScratch {
     pub header: ServiceValue,
 }
 
-/// The scratch area's layout.
+/// The scratch area's layout: the other half of a flow, and the other half of the
+/// entry that holds a tuple a new flow wants.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct CtScratch {
     pub key: CtKey,
     pub value: CtValue,
+    pub other_key: CtKey,
+    pub other_value: CtValue,
 }
+
+/// IPv4 fragments: (source, destination, IP id, protocol) -> the first fragment's
+/// ports, so later fragments (which carry no ports) are translated as their flow.
+#[btf_map]
+pub(crate) static LB_FRAGS_V1: LruHashMap<FragKey, FragValue, { MAX_FRAGS as usize }> =
+    LruHashMap::new();
 
 /// ifindex -> what the tc programs need to know of the interface (the SNAT address).
 #[btf_map]
@@ -117,12 +126,25 @@ pub(crate) static LB_COUNTERS_V4: PerCpuArray<Counters, { PROG_NAMES.len() }> = 
 
 /// Packets the tc programs dropped, per reason (`DROP_*`).
 #[btf_map]
-pub(crate) static LB_DROPS_V1: PerCpuArray<u64, { DROP_REASONS.len() }> = PerCpuArray::new();
+pub(crate) static LB_DROPS_V2: PerCpuArray<u64, { DROP_REASONS.len() }> = PerCpuArray::new();
+
+/// Connection-tracking events, per kind (`CT_EV_*`).
+#[btf_map]
+pub(crate) static LB_CT_EVENTS_V1: PerCpuArray<u64, { CT_EVENTS.len() }> = PerCpuArray::new();
+
+/// Counts one connection-tracking event `ev` on this CPU.
+#[inline(always)]
+pub(crate) fn ct_event(ev: u32) {
+    if let Some(c) = LB_CT_EVENTS_V1.get_ptr_mut(ev) {
+        // SAFETY: a per-CPU slot: nothing else on this CPU runs meanwhile.
+        unsafe { *c += 1 };
+    }
+}
 
 /// Counts one packet dropped for `reason` on this CPU.
 #[inline(always)]
 pub(crate) fn dropped(reason: u32) {
-    if let Some(c) = LB_DROPS_V1.get_ptr_mut(reason) {
+    if let Some(c) = LB_DROPS_V2.get_ptr_mut(reason) {
         // SAFETY: a per-CPU slot: nothing else on this CPU runs meanwhile.
         unsafe { *c += 1 };
     }

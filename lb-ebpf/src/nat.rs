@@ -32,10 +32,6 @@ const IP6_DST: usize = ETH_HLEN + 24;
 const IP6_HLEN: usize = 40;
 /// tc's drop verdict (`TC_ACT_SHOT`).
 const SHOT: i32 = 2;
-pub(crate) const TCP_FIN: u8 = 0x01;
-pub(crate) const TCP_SYN: u8 = 0x02;
-pub(crate) const TCP_RST: u8 = 0x04;
-pub(crate) const TCP_ACK: u8 = 0x10;
 
 /// Where an IP header's addresses are, by family.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -79,7 +79,7 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     if tracked && s.value.flags & CT_F_REPLY != 0 && s.value.flags & CT_F_SNAT == 0 {
         return TCX_NEXT;
     }
-    if !tracked || rechoose(&s.key, &s.value) {
+    if !tracked || rechoose(&s.key, &s.value, s.packet.tcp_flags) {
         let verdict = new_flow(s, ifindex, now);
         if verdict != FLOW_RECORDED {
             return verdict;
@@ -143,13 +143,17 @@ fn forwarded(verdict: i32) -> i32 {
     verdict
 }
 
-/// Whether a tracked UDP flow's next datagram starts over, as kube-proxy clears UDP
-/// conntrack entries: its backend left every service, or it was refused and its frontend
-/// has backends now. (TCP flows keep their backend until they end.)
+/// Whether a tracked flow's packet starts it over: a UDP datagram, as kube-proxy clears
+/// UDP conntrack entries, when its backend left every service or it was refused and its
+/// frontend has backends now; a new TCP connection (a bare SYN on the tuple) when its
+/// backend left. (A TCP connection keeps its backend until it ends.)
 #[inline(always)]
-fn rechoose(key: &CtKey, v: &CtValue) -> bool {
-    if key.proto != PROTO_UDP || v.flags & CT_F_REPLY != 0 {
+fn rechoose(key: &CtKey, v: &CtValue, tcp_flags: u8) -> bool {
+    if v.flags & CT_F_REPLY != 0 {
         return false;
+    }
+    if key.proto != PROTO_UDP {
+        return ct::bare_syn(tcp_flags) && !lb::backend_exists(v.backend_id);
     }
     if v.flags & CT_F_REJECT != 0 {
         let external = ServiceKey::new(key.daddr, key.dport, key.proto, 0);
@@ -253,6 +257,7 @@ fn new_flow(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
     if verdict != FLOW_RECORDED {
         return verdict;
     }
+    s.value.flags = CtValue::flags_new(s.value.flags, s.key.proto, s.packet.tcp_flags);
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
     match ct::create(&s.key, &mut s.value, random) {

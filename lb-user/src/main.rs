@@ -232,8 +232,14 @@ fn main() -> ExitCode {
             .and_then(|snap| {
                 let counters = lb_user::datapath::read_counters(&pin_path)?;
                 let drops = lb_user::datapath::read_drops(&pin_path)?;
+                let ct_events = lb_user::datapath::read_ct_events(&pin_path)?;
                 if output == "json" {
                     let mut doc = dump::render_json(&snap, &counters, &drops);
+                    doc["ctEvents"] = ct_events
+                        .iter()
+                        .map(|(e, n)| (e.to_string(), serde_json::Value::from(*n)))
+                        .collect::<serde_json::Map<_, _>>()
+                        .into();
                     if conntrack {
                         let entries = lb_user::datapath::read_conntrack(&pin_path)?;
                         doc["conntrackEntries"] = entries.len().into();
@@ -242,10 +248,11 @@ fn main() -> ExitCode {
                     return Ok(());
                 }
                 print!(
-                    "{}\n{}\n{}",
+                    "{}\n{}\n{}{}",
                     dump::render(&snap),
                     dump::render_counters(&counters),
-                    dump::render_drops(&drops)
+                    dump::render_drops(&drops),
+                    dump::render_tally("conntrack events", &ct_events)
                 );
                 if conntrack {
                     let entries = lb_user::datapath::read_conntrack(&pin_path)?;

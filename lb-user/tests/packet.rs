@@ -244,7 +244,7 @@ fn a_forward_drop_rule_for_a_pod_stops_node_port_traffic_to_it() {
     // What a NetworkPolicy engine writes: one pod on each node isolated by a FORWARD
     // drop. Under kube-proxy the node's forwarding applies it to nodePort traffic; the
     // flows sent to those pods time out, the others are answered.
-    let fx = ClusterFixture::new("pf", 2, |c| node_port_service(c, "", &[0, 1]));
+    let fx = ClusterFixture::new("pd", 2, |c| node_port_service(c, "", &[0, 1]));
     let isolated = [
         fx.cluster.nodes[0].pods[0].ip,
         fx.cluster.nodes[1].pods[0].ip,
@@ -753,4 +753,135 @@ fn fragmentation_needed_on_the_clients_way_reaches_the_backend() {
         }
     }
     assert_eq!(backends.len(), 2, "{backends:?}");
+}
+
+/// node `k`'s connection-tracking events by name.
+fn ct_events(fx: &ClusterFixture, k: usize) -> BTreeMap<&'static str, u64> {
+    lb_user::datapath::read_ct_events(&fx.agents[k].pin_path)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn a_syn_flood_from_spoofed_sources_leaves_legitimate_clients_served() {
+    // One backend, on node 1: every flow through node 0 takes one of the 2,998 SNAT
+    // ports to it, and 10,000 spoofed SYNs (whose SYN-ACKs go nowhere) want more ports
+    // than there are.
+    let fx = ClusterFixture::new("ps", 1, |c| node_port_service(c, "", &[1]));
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let mut flood = std::process::Command::new(lab_bin());
+    flood
+        .args(["syn-flood", "--target", &target.to_string()])
+        .args(["--count", "10000", "--duration-ms", "3000"])
+        .stdout(std::process::Stdio::piped());
+    lb_lab::lab::place(&mut flood, &fx.cluster.client, None).unwrap();
+    let flood = lb_lab::lab::ChildGuard(flood.spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    let legit = |count| {
+        let opts = ProbeOptions {
+            timeout: Duration::from_secs(3),
+            interval: Duration::from_millis(100),
+            ..ProbeOptions::tcp(target, count)
+        };
+        fx.cluster.probe(&opts).unwrap()
+    };
+    let during = legit(20);
+    let mut flood = flood;
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut flood.0.stdout.take().unwrap(), &mut stdout).unwrap();
+    let sent: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(sent["sent"], 10_000, "{sent}");
+    let after = legit(20);
+    assert!(during.total_errors() <= 1, "during the flood: {during:?}");
+    assert_eq!(after.total_errors(), 0, "after the flood: {after:?}");
+    // The flood's flows are unestablished (60 s, not 6 h) and, ports being short, the
+    // oldest of them gave theirs to new flows.
+    let entries = lb_user::datapath::read_conntrack(&fx.agents[0].pin_path).unwrap();
+    let syn_sent = entries
+        .iter()
+        .filter(|(_, v)| v.flags & lb_common::CT_F_SYN_SENT != 0)
+        .count();
+    assert!(syn_sent > 2_000, "{syn_sent} unestablished entries");
+    let events = ct_events(&fx, 0);
+    assert!(events["syn_evicted"] > 0, "{events:?}");
+}
+
+#[test]
+fn losing_one_half_of_live_flows_never_crosses_two_clients() {
+    // SNATed flows (the backend is on node 1) whose reply halves are deleted, as LRU
+    // eviction would, while they pause; then many new flows, some of which get the
+    // SNAT ports the deleted halves held. Every paused flow then either resumes with
+    // its own bytes or fails: none receives another flow's bytes.
+    let fx = ClusterFixture::new("ph", 1, |c| node_port_service(c, "", &[1]));
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let transfers: Vec<_> = (0..30)
+        .map(|_| {
+            fx.cluster
+                .start_transfer(target.into(), 256 << 10, Duration::from_secs(4))
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let pin = &fx.agents[0].pin_path;
+    let replies: Vec<lb_common::CtKey> = lb_user::datapath::read_conntrack(pin)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, v)| v.flags & lb_common::CT_F_REPLY != 0 && k.proto == lb_common::PROTO_TCP)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(replies.len() >= 30, "{} reply halves", replies.len());
+    let map = aya::maps::MapData::from_pin(pin.join(lb_common::MAP_CT)).unwrap();
+    let mut ct: aya::maps::HashMap<_, lb_common::CtKey, lb_common::CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
+    for k in &replies {
+        ct.remove(k).unwrap();
+    }
+    // New flows, short ones, while the old ones pause: ~1 in 100 lands on a freed port.
+    let opts = ProbeOptions {
+        timeout: Duration::from_millis(500),
+        ..ProbeOptions::tcp(target, 1500)
+    };
+    let _ = fx.cluster.probe(&opts).unwrap();
+    let (mut intact, mut failed) = (0, 0);
+    for t in transfers {
+        let t = t.finish().unwrap();
+        if t.error.is_some() {
+            failed += 1;
+        } else {
+            assert!(
+                t.intact,
+                "a flow received bytes that are not its own: {t:?}"
+            );
+            intact += 1;
+        }
+    }
+    let events = ct_events(&fx, 0);
+    eprintln!("{intact} flows resumed intact, {failed} failed; {events:?}");
+    assert!(
+        events["orphan_removed"] + events["partner_rebuilt"] > 0,
+        "{events:?}"
+    );
+}
+
+#[test]
+fn fragmented_udp_through_a_node_port_both_ways_to_local_and_remote_backends() {
+    // Requests and replies larger than the links: the IP layers fragment them, and
+    // every fragment is translated as its datagram's first one (node 0's pod: DNAT and
+    // the stack's reassembly; node 1's: SNAT both ways).
+    let fx = ClusterFixture::new("pg", 1, |c| node_port_service(c, "", &[0, 1]));
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    for size in [1500, 3000, 8000] {
+        let opts = ProbeOptions {
+            timeout: Duration::from_secs(1),
+            size,
+            ..ProbeOptions::tcp(target, 24).with_mode(ProbeMode::UdpSendto)
+        };
+        let report = fx.cluster.probe(&opts).unwrap();
+        assert_eq!(report.total_errors(), 0, "{size} bytes: {report:?}");
+        let (pods, _) = split(&report);
+        assert_eq!(pods.len(), 2, "{size} bytes, both backends: {report:?}");
+    }
+    let events = ct_events(&fx, 0);
+    assert!(events["frag_translated"] > 0, "{events:?}");
 }

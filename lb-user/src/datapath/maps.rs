@@ -5,10 +5,11 @@ use std::path::Path;
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key};
 use lb_common::{
-    Addr, AffinityKey, AffinityValue, Backend, Counters, CtKey, CtValue, DROP_REASONS,
-    FrontendName, MAP_AFFINITY, MAP_AFFINITY_SRC, MAP_BACKENDS, MAP_COUNTERS, MAP_CT, MAP_DROPS,
-    MAP_NAMES, MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES, MAP_TC_IFACES, PROG_NAMES, RevNat,
-    ServiceKey, ServiceValue, SourceRange, SrcAffinityKey, TcIface,
+    Addr, AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
+    FrontendName, MAP_AFFINITY, MAP_AFFINITY_SRC, MAP_BACKENDS, MAP_COUNTERS, MAP_CT,
+    MAP_CT_EVENTS, MAP_DROPS, MAP_NAMES, MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES,
+    MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue, SourceRange, SrcAffinityKey,
+    TcIface,
 };
 
 use super::{
@@ -415,11 +416,26 @@ pub fn read_counters(dir: &Path) -> Result<Vec<(&'static str, Counters)>, Datapa
 /// The tc programs' drops per reason (`DROP_REASONS` order), summed over CPUs, from the
 /// map pinned under `dir`.
 pub fn read_drops(dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
-    let rows = per_cpu_rows::<u64>(dir, MAP_DROPS, DROP_REASONS.len())?;
-    Ok(DROP_REASONS
+    read_tally(dir, MAP_DROPS, &DROP_REASONS)
+}
+
+/// The tc programs' connection-tracking events per kind (`CT_EVENTS` order), summed
+/// over CPUs, from the map pinned under `dir`.
+pub fn read_ct_events(dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+    read_tally(dir, MAP_CT_EVENTS, &CT_EVENTS)
+}
+
+/// A per-CPU array of counts pinned as `map` under `dir`, named by `names`, summed.
+fn read_tally(
+    dir: &Path,
+    map: &'static str,
+    names: &[&'static str],
+) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+    let rows = per_cpu_rows::<u64>(dir, map, names.len())?;
+    Ok(names
         .iter()
         .zip(rows)
-        .map(|(reason, per_cpu)| (*reason, per_cpu.iter().sum()))
+        .map(|(name, per_cpu)| (*name, per_cpu.iter().sum()))
         .collect())
 }
 

@@ -2,7 +2,10 @@
 
 use std::{fmt::Write as _, net::SocketAddr};
 
-use lb_common::{CT_F_CLOSING, CT_F_REPLY, CT_F_SNAT, Counters, CtKey, CtValue, PROTO_UDP};
+use lb_common::{
+    CT_F_CLOSING, CT_F_FIN_ORIG, CT_F_FIN_REPLY, CT_F_REPLY, CT_F_SNAT, CT_F_SYN_SENT, Counters,
+    CtKey, CtValue, PROTO_UDP,
+};
 
 use crate::{
     datapath::{Snapshot, frontend_of, ip_of},
@@ -27,11 +30,16 @@ pub fn render_counters(counters: &[(&str, Counters)]) -> String {
 
 /// Renders the tc programs' drops by reason (only the reasons that happened).
 pub fn render_drops(drops: &[(&str, u64)]) -> String {
-    let happened: Vec<&(&str, u64)> = drops.iter().filter(|(_, n)| *n > 0).collect();
+    render_tally("tc drops", drops)
+}
+
+/// Renders counts under `title`, only those that happened.
+pub fn render_tally(title: &str, tally: &[(&str, u64)]) -> String {
+    let happened: Vec<&(&str, u64)> = tally.iter().filter(|(_, n)| *n > 0).collect();
     if happened.is_empty() {
-        return "tc drops: none\n".to_string();
+        return format!("{title}: none\n");
     }
-    let mut out = String::from("tc drops:\n");
+    let mut out = format!("{title}:\n");
     for (reason, n) in happened {
         let _ = writeln!(out, "  {reason:<18} {n:>10}");
     }
@@ -56,6 +64,17 @@ pub fn render_conntrack(entries: &[(CtKey, CtValue)], now_ns: u64) -> String {
         }
         if v.flags & CT_F_CLOSING != 0 {
             flags.push("closing");
+        }
+        if v.flags & CT_F_SYN_SENT != 0 {
+            flags.push("syn-sent");
+        }
+        for (bit, name) in [
+            (CT_F_FIN_ORIG, "fin-client"),
+            (CT_F_FIN_REPLY, "fin-backend"),
+        ] {
+            if v.flags & bit != 0 {
+                flags.push(name);
+            }
         }
         if v.expired(k.proto, now_ns) {
             flags.push("expired");

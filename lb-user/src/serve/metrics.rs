@@ -303,6 +303,19 @@ fn register_datapath(r: &mut Registry, pin_path: &std::path::Path) {
             family,
         );
     }
+    if let Ok(events) = crate::datapath::read_ct_events(pin_path) {
+        let family = Family::<Vec<(String, String)>, Counter>::default();
+        for (event, n) in events {
+            family
+                .get_or_create(&vec![("event".into(), event.to_string())])
+                .inc_by(n);
+        }
+        r.register(
+            "lb_ct_events",
+            "What the tc programs' connection tracking did besides drops, by event",
+            family,
+        );
+    }
 }
 
 /// Serves `/metrics` until the task is aborted. A bind failure is logged, not fatal: the

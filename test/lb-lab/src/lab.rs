@@ -448,7 +448,8 @@ impl Lab {
             .args(["--count", &opts.count.to_string()])
             .args(["--timeout-ms", &opts.timeout.as_millis().to_string()])
             .args(["--interval-ms", &opts.interval.as_millis().to_string()])
-            .args(["--source-port", &opts.source_port.to_string()]);
+            .args(["--source-port", &opts.source_port.to_string()])
+            .args(["--size", &opts.size.to_string()]);
         cmd.args([
             "--mode",
             opts.mode
@@ -546,6 +547,8 @@ pub struct ProbeOptions {
     pub source_port: u16,
     /// A pause after each exchange (a client that keeps going while things change).
     pub interval: Duration,
+    /// UDP: the size of each datagram, request and reply alike (0: a short line).
+    pub size: usize,
 }
 
 impl ProbeOptions {
@@ -557,6 +560,7 @@ impl ProbeOptions {
             mode: ProbeMode::Tcp,
             source_port: 0,
             interval: Duration::ZERO,
+            size: 0,
         }
     }
 
@@ -628,8 +632,31 @@ pub(crate) fn udp_socket_for(target: SocketAddr, port: u16) -> std::io::Result<U
     UdpSocket::bind((any, port))
 }
 
-fn probe_udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    udp_exchange(&connected_udp(target, 0)?, timeout)
+fn probe_udp_once(target: SocketAddr, timeout: Duration, size: usize) -> std::io::Result<String> {
+    udp_exchange(&connected_udp(target, 0)?, timeout, size)
+}
+
+/// The datagram a UDP probe sends: a short line, or with `size`, `SIZE n` padded to
+/// `size` bytes (the server answers with as many).
+fn udp_request(size: usize) -> Vec<u8> {
+    if size == 0 {
+        return b"hello\n".to_vec();
+    }
+    let mut req = format!("SIZE {size}\n").into_bytes();
+    req.resize(size.max(req.len()), b'.');
+    req
+}
+
+/// The reply's first line, after checking its size (`size` 0: any).
+fn udp_reply(buf: &[u8], size: usize) -> std::io::Result<String> {
+    if size != 0 && buf.len() != size {
+        return Err(std::io::Error::other(format!(
+            "a reply of {} bytes, not {size}",
+            buf.len()
+        )));
+    }
+    let text = String::from_utf8_lossy(buf);
+    Ok(text.lines().next().unwrap_or_default().trim().to_string())
 }
 
 /// A UDP socket from `source_port` (0: any) connected to `target`; getpeername() must
@@ -645,26 +672,30 @@ fn connected_udp(target: SocketAddr, source_port: u16) -> std::io::Result<UdpSoc
 }
 
 /// One datagram out and its reply, on a connected socket.
-fn udp_exchange(s: &UdpSocket, timeout: Duration) -> std::io::Result<String> {
+fn udp_exchange(s: &UdpSocket, timeout: Duration, size: usize) -> std::io::Result<String> {
     s.set_read_timeout(Some(timeout))?;
-    s.send(b"hello\n")?;
-    let mut buf = [0u8; 512];
+    s.send(&udp_request(size))?;
+    let mut buf = vec![0u8; 65_536];
     let n = s.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    udp_reply(&buf[..n], size)
 }
 
 /// One UDP exchange on an unconnected socket (sendto/recvfrom, as DNS resolvers do);
 /// the reply must come from the target address.
-fn probe_udp_sendto_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+fn probe_udp_sendto_once(
+    target: SocketAddr,
+    timeout: Duration,
+    size: usize,
+) -> std::io::Result<String> {
     let s = udp_socket_for(target, 0)?;
     s.set_read_timeout(Some(timeout))?;
-    s.send_to(b"hello\n", target)?;
-    let mut buf = [0u8; 512];
+    s.send_to(&udp_request(size), target)?;
+    let mut buf = vec![0u8; 65_536];
     let (n, from) = s.recv_from(&mut buf)?;
     if from != target {
         return Err(mismatch("reply from", from, target));
     }
-    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    udp_reply(&buf[..n], size)
 }
 
 /// `lb-lab probe`: `count` exchanges in a row, bounded by `timeout` each.
@@ -682,12 +713,14 @@ pub fn probe(opts: &ProbeOptions) -> ProbeReport {
     };
     for _ in 0..opts.count {
         let result = match (opts.mode, &flow) {
-            (ProbeMode::UdpFlow, Some(s)) => udp_exchange(s, opts.timeout),
+            (ProbeMode::UdpFlow, Some(s)) => udp_exchange(s, opts.timeout, opts.size),
             (ProbeMode::UdpConnected | ProbeMode::UdpFlow, _) => {
-                probe_udp_once(opts.target, opts.timeout)
+                probe_udp_once(opts.target, opts.timeout, opts.size)
             }
             (ProbeMode::Tcp, _) => probe_tcp_once(opts.target, opts.timeout),
-            (ProbeMode::UdpSendto, _) => probe_udp_sendto_once(opts.target, opts.timeout),
+            (ProbeMode::UdpSendto, _) => {
+                probe_udp_sendto_once(opts.target, opts.timeout, opts.size)
+            }
         };
         match result {
             Ok(name) => *report.replies.entry(name).or_default() += 1,
@@ -743,9 +776,15 @@ fn echo(mut reader: BufReader<TcpStream>, line: &str, n: u64) {
     }
 }
 
-/// The byte at offset `i` of a transfer.
-fn pattern(i: u64) -> u8 {
-    (i % 251) as u8
+/// The byte at offset `i` of a transfer whose connection has `seed` (its local port):
+/// bytes of one connection never pass for another's.
+fn pattern(seed: u64, i: u64) -> u8 {
+    // splitmix64 of (seed, i / 8), one byte per position.
+    let mut z = (seed << 48 ^ i / 8).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> ((i % 8) * 8)) as u8
 }
 
 /// What one `lb-lab transfer` did.
@@ -791,6 +830,7 @@ fn run_transfer(
     conn.set_read_timeout(Some(timeout))?;
     conn.set_write_timeout(Some(timeout))?;
     conn.write_all(format!("ECHO {bytes}\n").as_bytes())?;
+    let seed = u64::from(conn.local_addr()?.port());
     let reader = conn.try_clone()?;
     let checker = std::thread::spawn(move || {
         let mut reader = BufReader::new(reader);
@@ -806,7 +846,7 @@ fn run_transfer(
             intact &= buf[..n]
                 .iter()
                 .enumerate()
-                .all(|(k, b)| *b == pattern(received + k as u64));
+                .all(|(k, b)| *b == pattern(seed, received + k as u64));
             received += n as u64;
         }
         Ok::<_, std::io::Error>((line.trim().to_string(), received, intact))
@@ -821,7 +861,7 @@ fn run_transfer(
         }
         let n = (bytes - sent).min(chunk.len() as u64) as usize;
         for (k, b) in chunk[..n].iter_mut().enumerate() {
-            *b = pattern(sent + k as u64);
+            *b = pattern(seed, sent + k as u64);
         }
         conn.write_all(&chunk[..n])?;
         sent += n as u64;
@@ -853,10 +893,17 @@ pub(crate) fn start_server(
     let reply = format!("{name}\n");
     let udp_reply = reply.clone();
     std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-            let line = reply_line(&udp_reply, say_peer, Some(peer));
-            let _ = udp.send_to(line.as_bytes(), peer);
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+            let mut line = reply_line(&udp_reply, say_peer, Some(peer)).into_bytes();
+            // "SIZE n": the reply padded to n bytes (a datagram the IP layer fragments).
+            if let Some(size) = String::from_utf8_lossy(&buf[..n.min(32)])
+                .strip_prefix("SIZE ")
+                .and_then(|r| r.lines().next()?.trim().parse::<usize>().ok())
+            {
+                line.resize(size.clamp(line.len(), 65_000), b'.');
+            }
+            let _ = udp.send_to(&line, peer);
         }
     });
     Ok((tcp, reply))

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod cluster;
 pub mod demo;
 pub mod fake_api;
+pub mod flood;
 pub mod kube_proxy_rules;
 pub mod lab;
 pub mod load;

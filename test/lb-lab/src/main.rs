@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lb_lab::{
-    bench, demo,
+    bench, demo, flood,
     lab::{self, ProbeMode, ProbeOptions},
     load,
 };
@@ -111,6 +111,21 @@ enum Cmd {
         /// Pause after each exchange.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+        /// UDP: datagrams of SIZE bytes each way (0: a short line).
+        #[arg(long, default_value_t = 0)]
+        size: usize,
+    },
+    /// COUNT TCP SYNs to TARGET from random sources in SOURCE_NET (a raw socket), spread
+    /// over DURATION_MS; prints how many were sent (JSON).
+    SynFlood {
+        #[arg(long)]
+        target: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        duration_ms: u64,
+        #[arg(long, default_value = "198.18.0.0/15")]
+        source_net: String,
     },
     /// BYTES to TARGET and back through one TCP connection (the pod server echoes after
     /// `ECHO BYTES`), pausing PAUSE_MS halfway; prints what came back as JSON.
@@ -208,6 +223,7 @@ fn main() -> ExitCode {
             mode,
             source_port,
             interval_ms,
+            size,
         } => {
             let report = lab::probe(&ProbeOptions {
                 target,
@@ -216,6 +232,7 @@ fn main() -> ExitCode {
                 mode,
                 source_port,
                 interval: Duration::from_millis(interval_ms),
+                size,
             });
             serde_json::to_string(&report)
                 .map(|s| println!("{s}"))
@@ -237,6 +254,18 @@ fn main() -> ExitCode {
                 .map(|s| println!("{s}"))
                 .map_err(Into::into)
         }
+        Cmd::SynFlood {
+            target,
+            count,
+            duration_ms,
+            source_net,
+        } => flood::syn_flood(
+            target,
+            count,
+            Duration::from_millis(duration_ms),
+            &source_net,
+        )
+        .map(|sent| println!("{{\"sent\": {sent}}}")),
         Cmd::HttpGet { target, path } => {
             lab::http_get(target, &path).map(|(code, body)| println!("{code} {body}"))
         }
