@@ -81,6 +81,10 @@ pub(crate) struct PktScratch {
     /// A new flow's frontend and its header.
     pub svc: ServiceKey,
     pub header: ServiceValue,
+    /// An ICMP error made here: its IP and ICMP headers and the quote, and the MAC
+    /// addresses (destination, source) it goes out with.
+    pub icmp: [u8; crate::nat::ICMP_REPLY_LEN],
+    pub macs: [u8; 12],
 }
 
 /// The scratch area's layout: the other half of a flow, and the other half of the

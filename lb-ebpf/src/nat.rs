@@ -13,7 +13,12 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use lb_common::{Addr, CtValue, PROTO_TCP, PROTO_UDP, as_v4, is_v4_mapped, v4_mapped};
+use lb_common::{
+    Addr, CT_EV_FRAG_UNKNOWN, CT_EV_FRAG6_PASSED, CtValue, FragKey, FragValue, PROTO_TCP,
+    PROTO_UDP, as_v4, is_v4_mapped, v4_mapped,
+};
+
+use crate::maps::{LB_FRAGS_V1, ct_event};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -26,7 +31,11 @@ const IP_DF: u16 = 0x4000;
 const IP_CSUM: usize = ETH_HLEN + 10;
 const IP_SRC: usize = ETH_HLEN + 12;
 const IP_DST: usize = ETH_HLEN + 16;
+const IP_ID: usize = ETH_HLEN + 4;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 const IP6_NEXT: usize = ETH_HLEN + 6;
+const IPPROTO_FRAGMENT: u8 = 44;
 const IP6_SRC: usize = ETH_HLEN + 8;
 const IP6_DST: usize = ETH_HLEN + 24;
 const IP6_HLEN: usize = 40;
@@ -104,7 +113,7 @@ struct AddrEdit {
     /// The address's offset in the packet.
     off: usize,
     /// The checksum the change is folded into, with the helper's flags (pseudo-header,
-    /// mangled-0).
+    /// mangled-0); 0: none (a later fragment carries no L4 header).
     csum: usize,
     flags: u64,
     /// For IPv4: the IP header checksum that covers the address, if any (else 0).
@@ -121,8 +130,10 @@ fn replace_addr(ctx: &TcContext, edit: &AddrEdit, old: &Addr, new: &Addr) -> Opt
     if !edit.v6 {
         let old = u32::from_ne_bytes(as_v4(old)?);
         let new = u32::from_ne_bytes(as_v4(new)?);
-        ctx.l4_csum_replace(edit.csum, old.into(), new.into(), edit.flags | 4)
-            .ok()?;
+        if edit.csum != 0 {
+            ctx.l4_csum_replace(edit.csum, old.into(), new.into(), edit.flags | 4)
+                .ok()?;
+        }
         if edit.ip_csum != 0 {
             ctx.l3_csum_replace(edit.ip_csum, old.into(), new.into(), 4)
                 .ok()?;
@@ -170,47 +181,121 @@ pub(crate) struct Packet {
     pub tcp_flags: u8,
     /// IPv6 (else IPv4).
     pub v6: bool,
+    /// `FRAG_*`: whether the packet is a fragment, and which.
+    pub frag: u8,
+    /// The IPv4 identification (network order), for fragments.
+    pub ip_id: u16,
     l4: usize,
+    /// The fragments map's key of the packet's datagram (here: not on the stack).
+    fkey: FragKey,
 }
+
+/// [`Packet::frag`]: a whole datagram.
+pub(crate) const FRAG_NONE: u8 = 0;
+/// The first fragment of a datagram: it has the ports.
+pub(crate) const FRAG_FIRST: u8 = 1;
+/// A later fragment: no L4 header; its ports are its first fragment's.
+pub(crate) const FRAG_LATER: u8 = 2;
 
 impl Packet {
     /// The packet's TCP or UDP tuple, written to `out`; `None` for anything else (other
-    /// protocols, IPv4 fragments, IPv6 extension headers), which the programs leave alone.
+    /// protocols, IPv6 extension headers, a later IPv4 fragment whose first fragment was
+    /// not ours), which the programs leave alone. A later fragment's ports are its first
+    /// fragment's ([`Packet::remember_ports`]).
     #[inline(always)]
     pub(crate) fn parse_into(ctx: &TcContext, out: &mut Self) -> Option<()> {
         let family = Family::of(ctx)?;
+        out.frag = FRAG_NONE;
+        out.ip_id = 0;
         let (proto, l4) = match family {
             Family::V4 => {
                 let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
                 let ihl = usize::from(vihl & 0x0f) * 4;
-                let frag: u16 = ctx.load(IP_FRAG).ok()?;
-                if vihl >> 4 != 4 || ihl < 20 || u16::from_be(frag) & 0x3fff != 0 {
+                let frag = u16::from_be(ctx.load::<u16>(IP_FRAG).ok()?);
+                if vihl >> 4 != 4 || ihl < 20 {
                     return None;
+                }
+                if frag & (IP_MF | IP_OFFSET) != 0 {
+                    out.frag = if frag & IP_OFFSET == 0 {
+                        FRAG_FIRST
+                    } else {
+                        FRAG_LATER
+                    };
+                    out.ip_id = ctx.load(IP_ID).ok()?;
                 }
                 (ctx.load::<u8>(ETH_HLEN + 9).ok()?, ETH_HLEN + ihl)
             }
-            Family::V6 => (ctx.load::<u8>(IP6_NEXT).ok()?, ETH_HLEN + IP6_HLEN),
+            Family::V6 => {
+                let next = ctx.load::<u8>(IP6_NEXT).ok()?;
+                if next == IPPROTO_FRAGMENT {
+                    ct_event(CT_EV_FRAG6_PASSED);
+                }
+                (next, ETH_HLEN + IP6_HLEN)
+            }
         };
         if proto != PROTO_TCP && proto != PROTO_UDP {
             return None;
         }
-        let tcp_flags = if proto == PROTO_TCP {
-            ctx.load::<u8>(l4 + 13).ok()?
-        } else {
-            0
-        };
         write_addrs(ctx, ETH_HLEN, family, &mut out.saddr, &mut out.daddr)?;
         // An IPv6 packet with IPv4-mapped addresses would share keys with IPv4 flows.
         if family == Family::V6 && (is_v4_mapped(&out.saddr) || is_v4_mapped(&out.daddr)) {
             return None;
         }
-        out.sport = ctx.load(l4).ok()?;
-        out.dport = ctx.load(l4 + 2).ok()?;
         out.proto = proto;
-        out.tcp_flags = tcp_flags;
         out.v6 = family == Family::V6;
         out.l4 = l4;
+        if out.frag == FRAG_LATER {
+            let ports = out.first_fragment_ports()?;
+            out.sport = ports.sport;
+            out.dport = ports.dport;
+            out.tcp_flags = 0;
+            return Some(());
+        }
+        out.tcp_flags = if proto == PROTO_TCP {
+            ctx.load::<u8>(l4 + 13).ok()?
+        } else {
+            0
+        };
+        out.sport = ctx.load(l4).ok()?;
+        out.dport = ctx.load(l4 + 2).ok()?;
         Some(())
+    }
+
+    /// The fragments map's key of this packet's datagram, written to `self.fkey`.
+    #[inline(always)]
+    fn write_frag_key(&mut self) {
+        self.fkey.saddr = self.saddr;
+        self.fkey.daddr = self.daddr;
+        self.fkey.id = self.ip_id;
+        self.fkey.proto = self.proto;
+        self.fkey._pad = 0;
+    }
+
+    /// A later fragment's ports: those its first fragment had, if that was ours.
+    #[inline(always)]
+    fn first_fragment_ports(&mut self) -> Option<FragValue> {
+        self.write_frag_key();
+        // SAFETY: copied out at once.
+        let found = unsafe { LB_FRAGS_V1.get(&self.fkey) }.copied();
+        if found.is_none() {
+            ct_event(CT_EV_FRAG_UNKNOWN);
+        }
+        found
+    }
+
+    /// Remembers a first fragment's ports for the datagram's later fragments (the packet
+    /// is ours: a tracked flow's). Not inlined: its stack frame is its own.
+    #[inline(never)]
+    pub(crate) fn remember_ports(&mut self) {
+        if self.frag != FRAG_FIRST {
+            return;
+        }
+        self.write_frag_key();
+        let ports = FragValue {
+            sport: self.sport,
+            dport: self.dport,
+        };
+        let _ = LB_FRAGS_V1.insert(&self.fkey, &ports, 0);
     }
 
     pub(crate) fn family(&self) -> Family {
@@ -224,7 +309,14 @@ impl Packet {
     #[inline(never)]
     pub(crate) fn rewrite(&self, ctx: &TcContext, to: &CtValue) -> Option<()> {
         let (sport, dport) = (to.sport.to_be(), to.dport.to_be());
-        let csum = self.l4 + if self.proto == PROTO_TCP { 16 } else { 6 };
+        // A later fragment has no L4 header: its addresses change, and only the IP
+        // header's checksum with them (the first fragment carried the L4 checksum's).
+        let later = self.frag == FRAG_LATER;
+        let csum = if later {
+            0
+        } else {
+            self.l4 + if self.proto == PROTO_TCP { 16 } else { 6 }
+        };
         // UDP over IPv4: a zero checksum means "none" and must stay so.
         let mangled = if self.proto == PROTO_UDP {
             u64::from(BPF_F_MARK_MANGLED_0)
@@ -247,6 +339,9 @@ impl Packet {
         replace_addr(ctx, &edit, &self.saddr, &to.saddr)?;
         edit.off = dst_off;
         replace_addr(ctx, &edit, &self.daddr, &to.daddr)?;
+        if later {
+            return Some(());
+        }
         if sport != self.sport {
             ctx.l4_csum_replace(csum, self.sport.into(), sport.into(), mangled | 2)
                 .ok()?;
@@ -349,6 +444,8 @@ impl IcmpError {
         inner.proto = inner_proto;
         inner.tcp_flags = 0;
         inner.v6 = family == Family::V6;
+        inner.frag = FRAG_NONE;
+        inner.ip_id = 0;
         inner.l4 = l4;
         Some(Self { icmp, inner_ip })
     }
@@ -504,33 +601,25 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family, mtu: &mut u
     }
 }
 
-impl Packet {
-    /// Undoes [`Packet::rewrite`] to `to`: the packet is again as it arrived.
-    #[inline(never)]
-    pub(crate) fn unrewrite(&self, ctx: &TcContext, to: &CtValue) -> Option<()> {
-        let now = Packet {
-            saddr: to.saddr,
-            daddr: to.daddr,
-            sport: to.sport.to_be(),
-            dport: to.dport.to_be(),
-            ..*self
-        };
-        let back = CtValue {
-            saddr: self.saddr,
-            daddr: self.daddr,
-            sport: u16::from_be(self.sport),
-            dport: u16::from_be(self.dport),
-            ..*to
-        };
-        now.rewrite(ctx, &back)
-    }
+/// Swaps the tuple a packet was rewritten from (`p`) with the one it was rewritten to
+/// (`v`): rewriting the packet to `v` after the swap undoes the first rewrite, and `v`
+/// then holds the tuple as it arrived. In place: no copy on the eBPF stack.
+#[inline(always)]
+pub(crate) fn swap_tuple(p: &mut Packet, v: &mut CtValue) {
+    core::mem::swap(&mut p.saddr, &mut v.saddr);
+    core::mem::swap(&mut p.daddr, &mut v.daddr);
+    let (sport, dport) = (p.sport, p.dport);
+    p.sport = v.sport.to_be();
+    p.dport = v.dport.to_be();
+    v.sport = u16::from_be(sport);
+    v.dport = u16::from_be(dport);
 }
 
 /// `bytes` (16-bit words, network order) added to the unfolded Internet checksum `sum`.
 #[inline(always)]
-fn csum_add<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
+fn csum_add(mut sum: u32, bytes: &[u8]) -> u32 {
     let mut i = 0;
-    while i + 1 < N {
+    while i + 1 < bytes.len() {
         sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
         i += 2;
     }
@@ -557,48 +646,62 @@ pub(crate) fn dont_fragment(ctx: &TcContext) -> bool {
 /// checksummed packet requires).
 const QUOTE: usize = 40;
 
-/// ICMP "fragmentation needed" (type 3, code 4, next-hop `mtu`) about the IPv4 packet
-/// in `ctx` (`p`, as it arrived: untranslated), made of the packet itself: cut to what
-/// is quoted, an IP and an ICMP header put in front, from the address the client asked
-/// (`p.daddr`) to the client, MAC addresses swapped, and sent back out of `ifindex`.
-/// `None` (the caller drops) for IPv6 and IP options. Not inlined: its stack frame is
-/// its own.
+/// The size of an ICMP error made here: IP and ICMP headers, and the quote.
+pub(crate) const ICMP_REPLY_LEN: usize = 28 + QUOTE;
+
+/// ICMP fragmentation-needed (type 3, code 4) with next-hop MTU `mtu`.
+pub(crate) const fn frag_needed_msg(mtu: u16) -> u32 {
+    (ICMP_DEST_UNREACH as u32) << 24 | 4 << 16 | mtu as u32
+}
+
+/// ICMP time exceeded in transit (type 11, code 0).
+pub(crate) const TIME_EXCEEDED_MSG: u32 = (ICMP_TIME_EXCEEDED as u32) << 24;
+
+/// An ICMP error `msg` (type << 24 | code << 16 | the low 16 bits of the rest of the
+/// header, the next-hop MTU of a fragmentation-needed) about the IPv4 packet in `ctx`,
+/// whose tuple as it arrived is in `s.value` ([`swap_tuple`]): made of the packet itself,
+/// cut to what is quoted, an IP and an ICMP header put in front (built in `s.icmp`), from
+/// the address the client asked to the client, MAC addresses swapped, and sent back out
+/// of `ifindex`. `None` (the caller drops) for IPv6 and IP options. Not inlined: its
+/// stack frame is its own.
 #[inline(never)]
-pub(crate) fn frag_needed(ctx: &TcContext, p: &Packet, mtu: u16, ifindex: u32) -> Option<i32> {
-    if p.v6 || p.l4 != ETH_HLEN + 20 {
+pub(crate) fn icmp_reply(
+    ctx: &TcContext,
+    s: &mut crate::maps::PktScratch,
+    msg: u32,
+    ifindex: u32,
+) -> Option<i32> {
+    if s.packet.v6 || s.packet.l4 != ETH_HLEN + 20 {
         return None;
     }
-    let (src, dst) = (as_v4(&p.daddr)?, as_v4(&p.saddr)?);
-    let dst_mac: [u8; 6] = ctx.load(6).ok()?;
-    let src_mac: [u8; 6] = ctx.load(0).ok()?;
+    let (src, dst) = (as_v4(&s.value.daddr)?, as_v4(&s.value.saddr)?);
+    load_into(ctx, 0, &mut s.macs[6..], 6)?;
+    load_into(ctx, 6, &mut s.macs[..6], 6)?;
     // SAFETY: the context's sk_buff, a length and no flags.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + QUOTE) as u32, 0) } != 0 {
         return None;
     }
     ctx.adjust_room(28, BPF_ADJ_ROOM_MAC, 0).ok()?;
-    // The quoted packet, now 28 bytes further, in two halves.
-    let q1: [u8; 20] = ctx.load(ETH_HLEN + 28).ok()?;
-    let q2: [u8; 20] = ctx.load(ETH_HLEN + 48).ok()?;
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((28 + QUOTE) as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = IPPROTO_ICMP;
-    ip[12..16].copy_from_slice(&src);
-    ip[16..20].copy_from_slice(&dst);
-    let ip_sum = csum_fold(csum_add(0, &ip));
-    ip[10..12].copy_from_slice(&ip_sum.to_be_bytes());
-    let mut icmp = [0u8; 8];
-    icmp[0] = ICMP_DEST_UNREACH;
-    icmp[1] = 4;
-    icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
-    let icmp_sum = csum_fold(csum_add(csum_add(csum_add(0, &icmp), &q1), &q2));
-    icmp[2..4].copy_from_slice(&icmp_sum.to_be_bytes());
+    let b = &mut s.icmp;
+    // The quoted packet, now 28 bytes further.
+    load_into(ctx, ETH_HLEN + 28, &mut b[28..], QUOTE as u32)?;
+    b[..28].fill(0);
+    b[0] = 0x45;
+    b[2..4].copy_from_slice(&(ICMP_REPLY_LEN as u16).to_be_bytes());
+    b[8] = 64;
+    b[9] = IPPROTO_ICMP;
+    b[12..16].copy_from_slice(&src);
+    b[16..20].copy_from_slice(&dst);
+    let ip_sum = csum_fold(csum_add(0, &b[..20]));
+    b[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    b[20] = (msg >> 24) as u8;
+    b[21] = (msg >> 16) as u8;
+    b[26..28].copy_from_slice(&(msg as u16).to_be_bytes());
+    let icmp_sum = csum_fold(csum_add(0, &b[20..]));
+    b[22..24].copy_from_slice(&icmp_sum.to_be_bytes());
     let flags = u64::from(BPF_F_RECOMPUTE_CSUM);
-    ctx.store(0, &dst_mac, flags).ok()?;
-    ctx.store(6, &src_mac, flags).ok()?;
-    ctx.store(ETH_HLEN, &ip, flags).ok()?;
-    ctx.store(ETH_HLEN + 20, &icmp, flags).ok()?;
+    ctx.store(0, &s.macs, flags).ok()?;
+    ctx.store(ETH_HLEN, &s.icmp, flags).ok()?;
     // SAFETY: a helper with plain integers.
     Some(unsafe { bpf_redirect(ifindex, 0) as i32 })
 }

@@ -17,16 +17,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    BACKEND_F_LOCAL, CT_F_CLOSING, CT_F_REJECT, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue,
-    DROP_NO_BACKEND, DROP_NO_LOCAL_ENDPOINT, DROP_NO_NODE_ADDR, DROP_NO_ROUTE, DROP_REWRITE,
-    DROP_SNAT_LOCAL, DROP_SNAT_TOO_BIG, DROP_SOURCE_RANGE, PROG_TC_EGRESS, PROG_TC_INGRESS,
-    PROTO_UDP, REJECT_PORT, SCOPE_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
-    SourceRange, SrcAffinityKey,
+    BACKEND_F_LOCAL, CT_EV_FRAG_TRANSLATED, CT_F_CLOSING, CT_F_REJECT, CT_F_REPLY, CT_F_SNAT,
+    CtKey, CtValue, DROP_NO_BACKEND, DROP_NO_LOCAL_ENDPOINT, DROP_NO_NODE_ADDR, DROP_NO_ROUTE,
+    DROP_REWRITE, DROP_SNAT_LOCAL, DROP_SNAT_TOO_BIG, DROP_SOURCE_RANGE, PROG_TC_EGRESS,
+    PROG_TC_INGRESS, PROTO_UDP, REJECT_PORT, SCOPE_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey,
+    ServiceValue, SourceRange, SrcAffinityKey,
 };
 
 use crate::{
     ct, lb,
-    maps::{LB_PKT_SCRATCH, LB_SOURCE_RANGES_V1, LB_TC_IFACES_V2, PktScratch, count, dropped},
+    maps::{
+        LB_PKT_SCRATCH, LB_SOURCE_RANGES_V1, LB_TC_IFACES_V2, PktScratch, count, ct_event, dropped,
+    },
     nat::{self, IcmpError, Outer, Packet},
 };
 
@@ -79,12 +81,19 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     if tracked && s.value.flags & CT_F_REPLY != 0 && s.value.flags & CT_F_SNAT == 0 {
         return TCX_NEXT;
     }
-    if !tracked || rechoose(&s.key, &s.value, s.packet.tcp_flags) {
+    if s.packet.frag == nat::FRAG_LATER {
+        // A later fragment follows its datagram's flow; it never starts one.
+        if !tracked {
+            return TCX_NEXT;
+        }
+        ct_event(CT_EV_FRAG_TRANSLATED);
+    } else if !tracked || rechoose(&s.key, &s.value, s.packet.tcp_flags) {
         let verdict = new_flow(s, ifindex, now);
         if verdict != FLOW_RECORDED {
             return verdict;
         }
     }
+    s.packet.remember_ports();
     if s.packet.rewrite(ctx, &s.value).is_none() {
         count(PROG_TC_INGRESS, |c| c.misses += 1);
         dropped(DROP_REWRITE);
@@ -121,9 +130,10 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
 #[inline(never)]
 fn too_big_snat(ctx: &TcContext, s: &mut PktScratch, mtu: u16, ifindex: u32) -> i32 {
     let answered = if !s.packet.v6 && nat::dont_fragment(ctx) {
+        nat::swap_tuple(&mut s.packet, &mut s.value);
         s.packet
-            .unrewrite(ctx, &s.value)
-            .and_then(|()| nat::frag_needed(ctx, &s.packet, mtu, ifindex))
+            .rewrite(ctx, &s.value)
+            .and_then(|()| nat::icmp_reply(ctx, s, nat::frag_needed_msg(mtu), ifindex))
     } else {
         None
     };
@@ -422,13 +432,17 @@ fn egress(ctx: &TcContext) -> i32 {
 #[inline(never)]
 fn reverse(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     ct::write_key(&s.packet, &mut s.key);
-    let (p, v) = (&s.packet, &mut s.value);
+    let (p, v) = (&mut s.packet, &mut s.value);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if ct::lookup(&s.key, now, p.tcp_flags, v)
         && v.flags & CT_F_REPLY != 0
         && v.flags & CT_F_SNAT == 0
     {
+        p.remember_ports();
+        if p.frag == nat::FRAG_LATER {
+            ct_event(CT_EV_FRAG_TRANSLATED);
+        }
         if p.rewrite(ctx, v).is_some() {
             count(PROG_TC_EGRESS, |c| c.translated += 1);
         } else {
