@@ -32,6 +32,8 @@ const IP_CSUM: usize = ETH_HLEN + 10;
 const IP_SRC: usize = ETH_HLEN + 12;
 const IP_DST: usize = ETH_HLEN + 16;
 const IP_ID: usize = ETH_HLEN + 4;
+const IP_TTL: usize = ETH_HLEN + 8;
+const IP6_HOP_LIMIT: usize = ETH_HLEN + 7;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 const IP6_NEXT: usize = ETH_HLEN + 6;
@@ -599,6 +601,31 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family, mtu: &mut u
         BPF_FIB_LKUP_RET_NOT_FWDED => LOCAL,
         _ => SHOT,
     }
+}
+
+/// Takes one hop off the packet's TTL (IPv4, with the header checksum) or hop limit
+/// (IPv6), as forwarding does; `false` (nothing changed) when it has none to give: the
+/// packet must not be forwarded. Not inlined: its stack frame is its own.
+#[inline(never)]
+pub(crate) fn hop(ctx: &TcContext, v6: bool) -> bool {
+    if v6 {
+        return match ctx.load::<u8>(IP6_HOP_LIMIT) {
+            Ok(hl) if hl > 1 => ctx.store(IP6_HOP_LIMIT, &(hl - 1), 0).is_ok(),
+            _ => false,
+        };
+    }
+    // The TTL shares a 16-bit word of the checksum with the protocol.
+    let Ok(word) = ctx.load::<[u8; 2]>(IP_TTL) else {
+        return false;
+    };
+    if word[0] <= 1 {
+        return false;
+    }
+    let new = [word[0] - 1, word[1]];
+    let (old16, new16) = (u16::from_ne_bytes(word), u16::from_ne_bytes(new));
+    ctx.l3_csum_replace(IP_CSUM, old16.into(), new16.into(), 2)
+        .is_ok()
+        && ctx.store(IP_TTL, &new, 0).is_ok()
 }
 
 /// Swaps the tuple a packet was rewritten from (`p`) with the one it was rewritten to

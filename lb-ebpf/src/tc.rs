@@ -19,9 +19,9 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_LOCAL, CT_EV_FRAG_TRANSLATED, CT_F_CLOSING, CT_F_REJECT, CT_F_REPLY, CT_F_SNAT,
     CtKey, CtValue, DROP_NO_BACKEND, DROP_NO_LOCAL_ENDPOINT, DROP_NO_NODE_ADDR, DROP_NO_ROUTE,
-    DROP_REWRITE, DROP_SNAT_LOCAL, DROP_SNAT_TOO_BIG, DROP_SOURCE_RANGE, PROG_TC_EGRESS,
-    PROG_TC_INGRESS, PROTO_UDP, REJECT_PORT, SCOPE_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey,
-    ServiceValue, SourceRange, SrcAffinityKey,
+    DROP_REWRITE, DROP_SNAT_LOCAL, DROP_SNAT_TOO_BIG, DROP_SOURCE_RANGE, DROP_TTL_EXCEEDED,
+    PROG_TC_EGRESS, PROG_TC_INGRESS, PROTO_UDP, REJECT_PORT, SCOPE_LOCAL, SVC_F_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SourceRange, SrcAffinityKey,
 };
 
 use crate::{
@@ -111,7 +111,10 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     }
     // A SNATed packet (to a backend on another node, or a reply of one going back to
     // the client) has the node's own address on one side: the stack's forwarding would
-    // drop it as a martian. It is sent on from here.
+    // drop it as a martian. It is sent on from here, as a router would: one hop less.
+    if !nat::hop(ctx, s.packet.v6) {
+        return ttl_exceeded(ctx, s, ifindex);
+    }
     let mut mtu = 0u16;
     match nat::forward(ctx, ifindex, s.packet.family(), &mut mtu) {
         nat::TOO_BIG => too_big_snat(ctx, s, mtu, ifindex),
@@ -140,6 +143,26 @@ fn too_big_snat(ctx: &TcContext, s: &mut PktScratch, mtu: u16, ifindex: u32) -> 
     answered.unwrap_or_else(|| {
         count(PROG_TC_INGRESS, |c| c.misses += 1);
         dropped(DROP_SNAT_TOO_BIG);
+        TCX_DROP
+    })
+}
+
+/// A SNATed packet that arrived with a TTL (hop limit) of 1: a client's IPv4 packet is
+/// restored to what the client sent and answered with time exceeded, as a router on
+/// the way answers (traceroute sees the node); otherwise dropped and counted. Not
+/// inlined: its stack frame is its own.
+#[inline(never)]
+fn ttl_exceeded(ctx: &TcContext, s: &mut PktScratch, ifindex: u32) -> i32 {
+    let answered = if !s.packet.v6 && s.value.flags & CT_F_REPLY == 0 {
+        nat::swap_tuple(&mut s.packet, &mut s.value);
+        s.packet
+            .rewrite(ctx, &s.value)
+            .and_then(|()| nat::icmp_reply(ctx, s, nat::TIME_EXCEEDED_MSG, ifindex))
+    } else {
+        None
+    };
+    answered.unwrap_or_else(|| {
+        dropped(DROP_TTL_EXCEEDED);
         TCX_DROP
     })
 }

@@ -885,3 +885,39 @@ fn fragmented_udp_through_a_node_port_both_ways_to_local_and_remote_backends() {
     let events = ct_events(&fx, 0);
     assert!(events["frag_translated"] > 0, "{events:?}");
 }
+
+#[test]
+fn a_node_forwarding_to_another_node_is_a_hop_traceroute_sees() {
+    // The backend is on node 1: node 0 SNATs and sends the packets on itself, so it must
+    // take a hop off their TTL and answer a TTL of 1 with time exceeded, as a router.
+    let fx = ClusterFixture::new("pt", 1, |c| node_port_service(c, "", &[1]));
+    let mut cmd = std::process::Command::new("traceroute");
+    cmd.args([
+        "-n",
+        "-U",
+        "-p",
+        &NODE_PORT.to_string(),
+        "-q",
+        "1",
+        "-m",
+        "2",
+        "-w",
+        "2",
+    ])
+    .arg(node_ip(0).to_string());
+    lb_lab::lab::place(&mut cmd, &fx.cluster.client, None).unwrap();
+    let out = lb_lab::lab::run(&mut cmd).unwrap();
+    let hops: Vec<String> = out
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            f.next()?.parse::<u8>().ok()?;
+            f.next().map(str::to_string)
+        })
+        .collect();
+    assert_eq!(
+        hops,
+        [node_ip(0).to_string(), node_ip(1).to_string()],
+        "hop 1 is node 0 (TTL 1 answered there), hop 2 node 1 (TTL 2 left node 0 as 1):\n{out}"
+    );
+}

@@ -52,6 +52,8 @@ const APT_PACKAGES: &[&str] = &[
     "dnsutils",
     "iptables",
     "nftables",
+    // The packet level's TTL test (a traceroute through a nodePort).
+    "traceroute",
     // The image: a static (musl) build, and podman with the runc runtime.
     "musl-tools",
     "podman",
