@@ -6,10 +6,15 @@ use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_FIB_LKUP_RET_FRAG_NEEDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
+        BPF_FIB_LOOKUP_SKIP_NEIGH,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        bpf_check_mtu_ret::{BPF_MTU_CHK_RET_FRAG_NEEDED, BPF_MTU_CHK_RET_SEGS_TOOBIG},
+        bpf_fib_lookup as FibParams,
     },
     helpers::{
-        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+        bpf_skb_load_bytes,
     },
     programs::TcContext,
 };
@@ -534,6 +539,44 @@ impl IcmpError {
     }
 }
 
+/// The interface the FIB routes `dst` out of (looked up as if it arrived on `ifindex`);
+/// `ifindex` itself when the lookup fails. Not inlined: its frame (the lookup's
+/// parameters) is its own.
+#[inline(never)]
+pub(crate) fn route_ifindex(ctx: &TcContext, ifindex: u32, dst: &Addr) -> u32 {
+    // SAFETY: a plain C struct; all zero is a valid value.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.ifindex = ifindex;
+    match as_v4(dst) {
+        Some(v4) => {
+            fib.family = AF_INET;
+            fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(v4);
+        }
+        None => {
+            fib.family = AF_INET6;
+            // SAFETY: 16 bytes into the union's 16-byte IPv6 member.
+            unsafe {
+                fib.__bindgen_anon_4.ipv6_dst = core::mem::transmute::<Addr, [u32; 4]>(*dst);
+            }
+        }
+    }
+    // SAFETY: the helper reads and writes `fib`, whose size is passed. (No
+    // BPF_FIB_LOOKUP_SKIP_NEIGH, 6.3+: the output interface is set before the neighbour
+    // check, so NO_NEIGH has it too.)
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match ret as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => fib.ifindex,
+        _ => ifindex,
+    }
+}
+
 /// Sends a (rewritten) packet straight to where the FIB routes its destination, with
 /// the neighbour's address; the stack's forwarding is skipped (it would drop a packet
 /// whose source is the node's own address as a martian). Returns the tc verdict. Not
@@ -581,7 +624,29 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family, mtu: &mut u
             0,
         )
     };
-    match ret as u32 {
+    let ret = ret as u32;
+    if ret == BPF_FIB_LKUP_RET_SUCCESS || ret == BPF_FIB_LKUP_RET_NO_NEIGH {
+        // The FIB lets a GSO packet (GRO merged on the way in) through whatever its
+        // segments' size: check those against the output device, as forwarding does.
+        let mut mtu_len: u32 = 0;
+        // SAFETY: the context's sk_buff and a u32 the helper writes.
+        let chk = unsafe {
+            bpf_check_mtu(
+                ctx.skb.skb.cast(),
+                fib.ifindex,
+                &mut mtu_len,
+                0,
+                u64::from(BPF_MTU_CHK_SEGS),
+            )
+        };
+        if chk == i64::from(BPF_MTU_CHK_RET_SEGS_TOOBIG)
+            || chk == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED)
+        {
+            *mtu = mtu_len.min(u32::from(u16::MAX)) as u16;
+            return TOO_BIG;
+        }
+    }
+    match ret {
         BPF_FIB_LKUP_RET_SUCCESS => {
             if ctx.store(0, &fib.dmac, 0).is_err() || ctx.store(6, &fib.smac, 0).is_err() {
                 return SHOT;

@@ -88,7 +88,7 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
         }
         ct_event(CT_EV_FRAG_TRANSLATED);
     } else if !tracked || rechoose(&s.key, &s.value, s.packet.tcp_flags) {
-        let verdict = new_flow(s, ifindex, now);
+        let verdict = new_flow(ctx, s, ifindex, now);
         if verdict != FLOW_RECORDED {
             return verdict;
         }
@@ -285,8 +285,8 @@ const FLOW_RECORDED: i32 = i32::MIN;
 /// and written to `out` ([`FLOW_RECORDED`]); else the packet's verdict. Not inlined: its
 /// stack frame is its own.
 #[inline(never)]
-fn new_flow(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
-    let verdict = choose(s, ifindex, now);
+fn new_flow(ctx: &TcContext, s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
+    let verdict = choose(ctx, s, ifindex, now);
     if verdict != FLOW_RECORDED {
         return verdict;
     }
@@ -306,7 +306,7 @@ fn new_flow(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
 /// The backend and the translation for the new flow `s.key`, written to `s.value`
 /// ([`FLOW_RECORDED`]); else the packet's verdict.
 #[inline(always)]
-fn choose(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
+fn choose(ctx: &TcContext, s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
     if !frontend(&s.key, &mut s.svc, &mut s.header) {
         return TCX_NEXT;
     }
@@ -347,7 +347,10 @@ fn choose(s: &mut PktScratch, ifindex: u32, now: u64) -> i32 {
     };
     let snat = chosen.backend.flags & BACKEND_F_LOCAL == 0;
     if snat {
-        let Some(addr) = node_addr(ifindex, key) else {
+        // The address of the interface the flow leaves by (where the backend's replies
+        // come back to), if the programs are on it; else the one it came in by.
+        let out_if = nat::route_ifindex(ctx, ifindex, &chosen.backend.addr);
+        let Some(addr) = node_addr(out_if, key).or_else(|| node_addr(ifindex, key)) else {
             count(PROG_TC_INGRESS, |c| c.misses += 1);
             dropped(DROP_NO_NODE_ADDR);
             return TCX_DROP;

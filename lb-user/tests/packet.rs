@@ -26,6 +26,8 @@ struct ClusterFixture {
     dir: PathBuf,
     /// Agents get `--node-ip` (else they follow their Node object in the manifests).
     node_ip_flags: bool,
+    /// More flags for every agent.
+    extra_flags: Vec<String>,
 }
 
 impl ClusterFixture {
@@ -49,6 +51,7 @@ impl ClusterFixture {
             cluster,
             dir,
             node_ip_flags,
+            extra_flags: Vec::new(),
         };
         for k in 0..fx.cluster.nodes.len() {
             let agent = fx.start_agent(k, "");
@@ -80,6 +83,11 @@ impl ClusterFixture {
             "--ct-max-entries".as_ref(),
             ct.as_ref(),
         ];
+        args.extend(
+            self.extra_flags
+                .iter()
+                .map(|f| std::ffi::OsStr::new(f.as_str())),
+        );
         if self.node_ip_flags {
             let flags: [&std::ffi::OsStr; 4] = [
                 "--node-ip".as_ref(),
@@ -599,13 +607,8 @@ fn without_node_ip_flags_the_node_objects_addresses_choose_the_interfaces() {
     );
 }
 
-#[test]
-fn a_snat_packet_too_big_for_the_way_to_another_node_gets_fragmentation_needed() {
-    // Node 0 reaches node 1's pods over a narrower link of its own (an overlay would
-    // make one): the packets it SNATs there do not fit, and its stack cannot answer for
-    // them (their source is its own address); the tc program answers, about the packet
-    // as the client sent it.
-    let fx = ClusterFixture::new("pn", 1, |c| node_port_service(c, "", &[1]));
+/// Node 0 reaches node 1's pods over a link of MTU 1280 of its own.
+fn narrow_way_to_node1(fx: &ClusterFixture) {
     let (n0, n1) = (&fx.cluster.nodes[0].node, &fx.cluster.nodes[1].node);
     lb_lab::lab::veth_pair(&n0.name, "nar0", &n1.name, "nar1").unwrap();
     for (ns, dev, addr) in [(n0, "nar0", "10.98.0.1/30"), (n1, "nar1", "10.98.0.2/30")] {
@@ -626,6 +629,16 @@ fn a_snat_packet_too_big_for_the_way_to_another_node_gets_fragmentation_needed()
         "nar0",
     ])
     .unwrap();
+}
+
+#[test]
+fn a_snat_packet_too_big_for_the_way_to_another_node_gets_fragmentation_needed() {
+    // Node 0 reaches node 1's pods over a narrower link of its own (an overlay would
+    // make one): the packets it SNATs there do not fit, and its stack cannot answer for
+    // them (their source is its own address); the tc program answers, about the packet
+    // as the client sent it.
+    let fx = ClusterFixture::new("pn", 1, |c| node_port_service(c, "", &[1]));
+    narrow_way_to_node1(&fx);
     let t = transfer_through_node0(&fx);
     assert_eq!(
         t.reply,
@@ -919,5 +932,31 @@ fn a_node_forwarding_to_another_node_is_a_hop_traceroute_sees() {
         hops,
         [node_ip(0).to_string(), node_ip(1).to_string()],
         "hop 1 is node 0 (TTL 1 answered there), hop 2 node 1 (TTL 2 left node 0 as 1):\n{out}"
+    );
+}
+
+#[test]
+fn snat_takes_the_address_of_the_interface_the_flow_leaves_by() {
+    // Node 0 meets clients on eth0 and node 1 on eth1 (a second LAN, which is the only
+    // way to node 1): a flow to node 1's pod must leave with node 0's eth1 address, or
+    // the pod's replies have no way back.
+    let mut fx = ClusterFixture::new("pm", 1, |c| node_port_service(c, "", &[1]));
+    let _lan2 = fx.cluster.add_second_lan().unwrap();
+    // Node 0's agent again, on both interfaces.
+    fx.agents[0].stop();
+    fx.extra_flags = ["--interface", "eth0", "--interface", "eth1"]
+        .map(String::from)
+        .to_vec();
+    let mut agent = fx.start_agent(0, "-two-nics");
+    agent.wait_synced(1, Duration::from_secs(20)).unwrap();
+    fx.agents[0] = agent;
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let report = fx.probe(target, 10, ProbeMode::Tcp);
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+    let (_, peers) = split(&report);
+    assert_eq!(
+        peers.keys().collect::<Vec<_>>(),
+        ["n1-pod-0 from 10.78.0.1"],
+        "{report:?}"
     );
 }

@@ -16,6 +16,11 @@ use lb_lab::lab::{self, Cgroup};
 /// `wrapper` (a command that runs the agent, e.g. with fewer privileges) if given;
 /// waits for it to exit (it must, within 20 s).
 fn run_agent(wrapper: &[&str], cgroup: &Path, pin: &Path) -> Output {
+    run_agent_with(wrapper, cgroup, pin, &[])
+}
+
+/// [`run_agent`] with more flags.
+fn run_agent_with(wrapper: &[&str], cgroup: &Path, pin: &Path, flags: &[&str]) -> Output {
     let dir = std::env::temp_dir().join(lab::unique_prefix("start"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut cmd = Command::new(wrapper.first().copied().unwrap_or(AGENT_BIN));
@@ -34,7 +39,8 @@ fn run_agent(wrapper: &[&str], cgroup: &Path, pin: &Path) -> Output {
     .arg("--cgroup")
     .arg(cgroup)
     .arg("--pin-path")
-    .arg(pin);
+    .arg(pin)
+    .args(flags);
     let child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -148,4 +154,32 @@ fn a_pin_path_off_the_bpf_filesystem_is_refused() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("not on a bpf filesystem"), "{err}");
+}
+
+#[test]
+fn a_packet_level_interface_that_is_not_ethernet_is_refused_by_name() {
+    require_root();
+    // A tun device (IP packets, no Ethernet header), as WireGuard has too.
+    let ns = lab::Netns::create(&lab::unique_prefix("tun")).unwrap();
+    ns.ip(&["tuntap", "add", "dev", "tun0", "mode", "tun"])
+        .unwrap();
+    ns.ip(&["addr", "add", "10.98.0.1/24", "dev", "tun0"])
+        .unwrap();
+    ns.ip(&["link", "set", "tun0", "up"]).unwrap();
+    let cgroup = Cgroup::create(&lab::unique_prefix("tunc")).unwrap();
+    let pin = pin_path("tun");
+    let netns = format!("--net=/var/run/netns/{}", ns.name);
+    let out = run_agent_with(
+        &["nsenter", &netns],
+        &cgroup.path,
+        &pin,
+        &["--interface", "tun0"],
+    );
+    let _ = std::fs::remove_dir_all(&pin);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("--interface tun0: interface tun0 is not Ethernet"),
+        "{err}"
+    );
 }

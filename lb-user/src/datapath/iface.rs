@@ -58,13 +58,62 @@ pub fn addresses() -> std::io::Result<Vec<(String, IpAddr)>> {
     Ok(out)
 }
 
+/// `ARPHRD_*` link types the tc programs can parse: Ethernet, and loopback (whose frames
+/// carry an Ethernet header too).
+const ARPHRD_ETHER: u16 = 1;
+const ARPHRD_LOOPBACK: u16 = 772;
+
+/// The link type (`ARPHRD_*`) of interface `name`, from `SIOCGIFHWADDR`; `None` when it
+/// cannot be read.
+fn link_type(name: &str) -> Option<u16> {
+    // SAFETY: a plain C struct; all zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() {
+        return None;
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: a datagram socket for the ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFHWADDR fills the ifreq we own.
+    let ret = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    // SAFETY: the union member SIOCGIFHWADDR wrote.
+    (ret == 0).then(|| unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+/// Why interface `name` of link type `kind` cannot carry the packet level, if it cannot.
+pub fn unsupported_link(name: &str, kind: Option<u16>) -> Option<String> {
+    match kind {
+        None | Some(ARPHRD_ETHER | ARPHRD_LOOPBACK) => None,
+        Some(t) => Some(format!(
+            "interface {name} is not Ethernet (link type {t}{}): the packet level's tc programs \
+             parse Ethernet frames; attach them to the node's Ethernet interfaces (--interface)",
+            match t {
+                65534 => ", none: a tun, WireGuard or other IP-only device",
+                776 => ", an IPv6-in-IPv4 tunnel",
+                768 => ", an IP-in-IP tunnel",
+                _ => "",
+            }
+        )),
+    }
+}
+
 /// The interfaces to attach to: those named (`--interface`), else those that carry one
-/// of `node_ips`. Errors name the interface that does not exist.
+/// of `node_ips`. Errors name the interface that does not exist, or that is named and
+/// not Ethernet; one not named that is not Ethernet is left out with a warning.
 pub fn resolve(
     names: &[String],
     node_ips: &[IpAddr],
     addrs: &[(String, IpAddr)],
 ) -> Result<Vec<Iface>, String> {
+    let explicit = !names.is_empty();
     let mut chosen: Vec<String> = names.to_vec();
     if chosen.is_empty() {
         for (name, addr) in addrs {
@@ -85,6 +134,13 @@ pub fn resolve(
                     "--interface {name}: no such interface in this network namespace"
                 ));
             }
+            if let Some(why) = unsupported_link(&name, link_type(&name)) {
+                if explicit {
+                    return Err(format!("--interface {name}: {why}"));
+                }
+                tracing::warn!("{why}; it carries a node address and is left out");
+                return Ok(None);
+            }
             let on_iface: Vec<IpAddr> = addrs
                 .iter()
                 .filter(|(n, a)| *n == name && !is_link_local(a))
@@ -98,7 +154,7 @@ pub fn resolve(
                     .or_else(|| family().next())
                     .copied()
             };
-            Ok(Iface {
+            Ok(Some(Iface {
                 name,
                 ifindex,
                 addr4: pick(true).and_then(|a| match a {
@@ -109,8 +165,9 @@ pub fn resolve(
                     IpAddr::V6(v6) => Some(v6),
                     IpAddr::V4(_) => None,
                 }),
-            })
+            }))
         })
+        .filter_map(Result::transpose)
         .collect()
 }
 
@@ -157,6 +214,15 @@ mod tests {
     }
 
     #[test]
+    fn only_ethernet_and_loopback_links_are_usable() {
+        assert_eq!(unsupported_link("eth0", Some(ARPHRD_ETHER)), None);
+        assert_eq!(unsupported_link("lo", Some(ARPHRD_LOOPBACK)), None);
+        let why = unsupported_link("wg0", Some(65534)).unwrap();
+        assert!(why.contains("interface wg0 is not Ethernet"), "{why}");
+        assert!(why.contains("WireGuard"), "{why}");
+    }
+
+    #[test]
     fn interfaces_default_to_those_with_node_addresses() {
         let addrs = vec![
             ("lo".to_string(), "127.0.0.1".parse().unwrap()),
@@ -173,6 +239,8 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        // lo's frames carry an Ethernet header: it is usable.
+        assert_eq!(link_type("lo"), Some(ARPHRD_LOOPBACK));
         let err = resolve(&["nope0".to_string()], &[], &addrs).unwrap_err();
         assert!(
             err.contains("--interface nope0: no such interface"),

@@ -249,6 +249,46 @@ impl Cluster {
         Ok((code.parse().context("http-get's status")?, body.to_string()))
     }
 
+    /// A second LAN between the nodes, 10.78.0.0/24 (node `k` at 10.78.0.<k+1> on its
+    /// `eth1`), which the nodes' routes to each other's pods now take: the way to a
+    /// backend on another node leaves by another interface than the client's (a node
+    /// with a NIC for the cluster network). Node 1 is then reachable by its pod routes
+    /// only over this LAN: its `eth0` address is removed.
+    pub fn add_second_lan(&mut self) -> anyhow::Result<Netns> {
+        let lan = Netns::create(&format!("{}-lan2", self.prefix))?;
+        lan.ip(&["link", "add", "br0", "type", "bridge"])?;
+        lan.ip(&["link", "set", "br0", "up"])?;
+        for (k, node) in self.nodes.iter().enumerate() {
+            let port = format!("pm{k}");
+            veth_pair(&lan.name, &port, &node.node.name, "eth1")?;
+            lan.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            let addr = format!("10.78.0.{}/24", k + 1);
+            node.node.ip(&["addr", "add", &addr, "dev", "eth1"])?;
+            node.node.ip(&["link", "set", "eth1", "up"])?;
+            node.node.sysctl("net.ipv4.conf.eth1.rp_filter=0")?;
+        }
+        for (k, lab) in self.nodes.iter().enumerate() {
+            for (j, other) in self.nodes.iter().enumerate().filter(|(j, _)| *j != k) {
+                for pod in &other.pods {
+                    let [a, b, c, _] = pod.ip.octets();
+                    let via = format!("10.78.0.{}", j + 1);
+                    lab.node.ip(&[
+                        "route",
+                        "replace",
+                        &format!("{a}.{b}.{c}.0/24"),
+                        "via",
+                        &via,
+                        "dev",
+                        "eth1",
+                    ])?;
+                }
+            }
+        }
+        let n1 = &self.nodes[1].node;
+        n1.ip(&["addr", "del", &format!("{}/24", node_ip(1)), "dev", "eth0"])?;
+        Ok(lan)
+    }
+
     /// Puts a FORWARD rule that drops every packet to `pod` first on node `k`: what an
     /// iptables-based NetworkPolicy engine writes to isolate a pod.
     pub fn drop_forwarded_to(&self, k: usize, pod: Ipv4Addr) -> anyhow::Result<()> {

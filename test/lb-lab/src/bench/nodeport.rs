@@ -69,11 +69,83 @@ pub struct NodePortRecord {
     pub conn_rate_vs_baseline: [f64; 3],
     pub cpu_per_conn_vs_baseline: [f64; 3],
     pub transfer_vs_baseline: [f64; 3],
+    /// Ours only: the tc programs' own run time per packet (the kernel's BPF statistics,
+    /// ingress and egress together), on the measured connections' packets and on packets
+    /// that are not ours (SYNs to a port with no service), in ns.
+    pub bpf_ns_per_service_packet: f64,
+    pub bpf_ns_per_other_packet: f64,
+    /// A flood of spoofed SYNs at the nodePort: legitimate connections made meanwhile,
+    /// how many failed, and the machine's busy CPU over the flood (ms).
+    pub flood_legit: usize,
+    pub flood_legit_failed: usize,
+    pub flood_cpu_ms: f64,
+}
+
+/// SYNs in the flood run, sent over [`FLOOD_MS`].
+const FLOOD_SYNS: usize = 10_000;
+const FLOOD_MS: u64 = 2_000;
+
+/// `kernel.bpf_stats_enabled` set while it lives (programs' run_time_ns and run_cnt),
+/// then put back as it was.
+struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> anyhow::Result<Self> {
+        let before = std::fs::read_to_string(Self::PATH)
+            .context("reading kernel.bpf_stats_enabled")?
+            .trim()
+            .to_string();
+        std::fs::write(Self::PATH, "1").context("setting kernel.bpf_stats_enabled")?;
+        Ok(Self(before))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+/// The summed (run_time_ns, run_cnt) of the tc programs linked under `pin`'s links/.
+fn tc_prog_stats(pin: &Path) -> anyhow::Result<(u64, u64)> {
+    let json = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let out = crate::lab::run(std::process::Command::new("bpftool").arg("-j").args(args))?;
+        serde_json::from_str(&out).with_context(|| format!("bpftool {args:?} printed {out:?}"))
+    };
+    let (mut ns, mut cnt) = (0, 0);
+    for entry in std::fs::read_dir(pin.join("links")).context("reading the links")? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if !name.starts_with("lb_tc_") {
+            continue;
+        }
+        let link = json(&["link", "show", "pinned", &path.to_string_lossy()])?;
+        let id = link["prog_id"].as_u64().context("a link without prog_id")?;
+        let prog = json(&["prog", "show", "id", &id.to_string()])?;
+        ns += prog["run_time_ns"].as_u64().unwrap_or(0);
+        cnt += prog["run_cnt"].as_u64().unwrap_or(0);
+    }
+    Ok((ns, cnt))
+}
+
+/// Run time per run between two [`tc_prog_stats`] readings.
+fn ns_per_run(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let runs = after.1.saturating_sub(before.1);
+    if runs == 0 {
+        return 0.0;
+    }
+    after.0.saturating_sub(before.0) as f64 / runs as f64
 }
 
 /// One round's figures for one variant.
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
+    bpf_ns_per_packet: f64,
     conn_errors: usize,
     conn_rate: f64,
     conn_p99_us: f64,
@@ -237,6 +309,12 @@ impl NodePortLab {
     /// One round's figures for `node`'s variant.
     fn sample(&self, opts: &BenchOptions, node: &Node, round: usize) -> anyhow::Result<Sample> {
         let targets = self.targets(node);
+        let pin = self
+            .agent
+            .as_ref()
+            .filter(|_| node.variant == OURS)
+            .map(|a| a.pin_path.clone());
+        let stats_before = pin.as_deref().map(tc_prog_stats).transpose()?;
         let before = busy_cpu_us()?;
         let load = run_load(
             &self.backends.lab_bin,
@@ -247,6 +325,10 @@ impl NodePortLab {
             LoadMode::Tcp,
         )?;
         let conn_cpu = busy_cpu_us()? - before;
+        let bpf_ns_per_packet = match (pin.as_deref(), stats_before) {
+            (Some(pin), Some(b)) => ns_per_run(b, tc_prog_stats(pin)?),
+            _ => 0.0,
+        };
         if load.errors > 0 {
             eprintln!(
                 "bench: nodePort via {}: {} of {} connections failed",
@@ -282,6 +364,7 @@ impl NodePortLab {
         }
         let secs = report.elapsed_ns as f64 / 1e9;
         Ok(Sample {
+            bpf_ns_per_packet,
             conn_errors: load.errors,
             conn_rate: load.rate(),
             conn_p99_us: load.p99_ns as f64 / 1e3,
@@ -289,6 +372,70 @@ impl NodePortLab {
             transfer_mb_s: opts.transfer_mb as f64 / secs,
             cpu_us_per_mb: transfer_cpu / opts.transfer_mb as f64,
         })
+    }
+}
+
+impl NodePortLab {
+    /// The tc programs' run time per packet that is not ours: `count` SYNs to a port of
+    /// our node where no service is (its stack answers them; the programs pass them).
+    fn other_packet_cost(&self, opts: &BenchOptions, count: usize) -> anyhow::Result<f64> {
+        let Some(agent) = self.agent.as_ref() else {
+            return Ok(0.0);
+        };
+        let before = tc_prog_stats(&agent.pin_path)?;
+        let target = std::net::SocketAddrV4::new(self.node(OURS).addr, 9);
+        self.flood(opts, target, count, 0)?;
+        Ok(ns_per_run(before, tc_prog_stats(&agent.pin_path)?))
+    }
+
+    /// `count` spoofed SYNs from the client to `target` over `ms`.
+    fn flood(
+        &self,
+        opts: &BenchOptions,
+        target: std::net::SocketAddrV4,
+        count: usize,
+        ms: u64,
+    ) -> anyhow::Result<crate::lab::ChildGuard> {
+        let mut cmd = std::process::Command::new(&opts.lab_bin);
+        cmd.args(["syn-flood", "--target", &target.to_string()])
+            .args([
+                "--count",
+                &count.to_string(),
+                "--duration-ms",
+                &ms.to_string(),
+            ])
+            .stdout(std::process::Stdio::null());
+        crate::lab::place(&mut cmd, &self.client, None)?;
+        let mut child = crate::lab::ChildGuard(cmd.spawn().context("starting lb-lab syn-flood")?);
+        if ms == 0 {
+            child.0.wait()?;
+        }
+        Ok(child)
+    }
+
+    /// A SYN flood at `node`'s nodePort while a client makes connections: (connections,
+    /// failed, the machine's busy CPU over the flood in ms).
+    fn flood_run(&self, opts: &BenchOptions, node: &Node) -> anyhow::Result<(usize, usize, f64)> {
+        let target = std::net::SocketAddrV4::new(node.addr, MEASURED_NODE_PORT);
+        let before = busy_cpu_us()?;
+        let mut flood = self.flood(opts, target, FLOOD_SYNS, FLOOD_MS)?;
+        // 8 batches of 5 connections, spread over the flood (1 s timeout each).
+        let (mut made, mut failed) = (0, 0);
+        for _ in 0..8 {
+            let r = run_load(
+                &self.backends.lab_bin,
+                &self.client,
+                None,
+                &[target.into()],
+                5,
+                LoadMode::Tcp,
+            )?;
+            (made, failed) = (made + r.count, failed + r.errors);
+            std::thread::sleep(Duration::from_millis(FLOOD_MS / 8));
+        }
+        flood.0.wait()?;
+        let cpu_ms = (busy_cpu_us()? - before) / 1e3;
+        Ok((made, failed, cpu_ms))
     }
 }
 
@@ -347,6 +494,7 @@ pub fn bench_node_port(opts: &BenchOptions, n: usize) -> anyhow::Result<Vec<Node
             );
         }
     }
+    let _stats = BpfStats::enable()?;
     let mut runs: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
     let len = lab.nodes.len();
     for round in 0..opts.rounds {
@@ -356,7 +504,19 @@ pub fn bench_node_port(opts: &BenchOptions, n: usize) -> anyhow::Result<Vec<Node
             runs.entry(node.variant.clone()).or_default().push(s);
         }
     }
-    Ok(records_of(n, &runs))
+    let mut records = records_of(n, &runs);
+    eprintln!("bench: nodePort, {n} services: packets that are not ours, SYN floods");
+    let other = lab.other_packet_cost(opts, 5_000)?;
+    for r in &mut records {
+        if r.variant == OURS {
+            r.bpf_ns_per_other_packet = other;
+        }
+        if r.variant != "direct" {
+            let node = lab.node(&r.variant);
+            (r.flood_legit, r.flood_legit_failed, r.flood_cpu_ms) = lab.flood_run(opts, node)?;
+        }
+    }
+    Ok(records)
 }
 
 pub(super) fn spread(v: Vec<f64>) -> [f64; 3] {
@@ -397,6 +557,8 @@ fn records_of(n: usize, runs: &BTreeMap<String, Vec<Sample>>) -> Vec<NodePortRec
             conn_rate_vs_baseline: ratio(v, |s| s.conn_rate),
             cpu_per_conn_vs_baseline: ratio(v, |s| s.cpu_us_per_conn),
             transfer_vs_baseline: ratio(v, |s| s.transfer_mb_s),
+            bpf_ns_per_service_packet: median(v.iter().map(|s| s.bpf_ns_per_packet).collect()),
+            ..NodePortRecord::default()
         })
         .collect()
 }
@@ -437,6 +599,36 @@ pub fn node_port_report(records: &[NodePortRecord]) -> String {
         );
     }
     md.push_str(
+        "\n### The programs' own cost, and a SYN flood\n\n\
+         Our tc programs' run time per packet from the kernel's BPF statistics (`kernel.bpf_stats_enabled`: \
+         run_time_ns / run_cnt, ingress and egress together): on the measured connections' packets, and on \
+         packets that are not ours (SYNs to a port of the node where no service is: what every packet on the \
+         node pays). Then 10,000 spoofed SYNs in 2 s at each variant's nodePort while a client makes 40 \
+         connections (8 batches of 5 spread over it, 1 s timeout each): how many failed, and the machine's busy CPU over the flood.\n\n\
+         | services | variant | BPF ns/service packet | BPF ns/other packet | flood: failed / connections | flood CPU ms |\n\
+         |---:|---|---:|---:|---:|---:|\n",
+    );
+    for r in records.iter().filter(|r| r.variant != "direct") {
+        let bpf = |v: f64| {
+            if r.variant == OURS {
+                format!("{v:.0}")
+            } else {
+                "-".into()
+            }
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} / {} | {:.0} |",
+            r.services,
+            r.variant,
+            bpf(r.bpf_ns_per_service_packet),
+            bpf(r.bpf_ns_per_other_packet),
+            r.flood_legit_failed,
+            r.flood_legit,
+            r.flood_cpu_ms,
+        );
+    }
+    md.push_str(
         "\n### NodePort targets\n\nThroughput \"not below\" allows the noise that direct shows: direct \
          translates nothing, so it is at least as fast as iptables-nft, and where it measures below 1.00 that \
          much is noise; the bar is min(1.00, direct's ratio).\n\n",
@@ -455,6 +647,11 @@ pub fn node_port_report(records: &[NodePortRecord]) -> String {
                 fmt3(r.cpu_per_conn_vs_baseline),
             );
         }
+        targets.check(
+            format!("nodePort under a SYN flood: at most 1 connection in 20 fails at {n} services"),
+            r.flood_legit_failed * 20 <= r.flood_legit,
+            format!("{} of {} failed", r.flood_legit_failed, r.flood_legit),
+        );
         let rate_bar = bar(|d| d.conn_rate_vs_baseline);
         targets.check(
             format!("nodePort connection rate not below iptables-nft at {n} services"),
