@@ -6,7 +6,6 @@ use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_FIB_LKUP_RET_FRAG_NEEDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_SKIP_NEIGH,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
         bpf_check_mtu_ret::{BPF_MTU_CHK_RET_FRAG_NEEDED, BPF_MTU_CHK_RET_SEGS_TOOBIG},
@@ -280,6 +279,10 @@ impl Packet {
 
     /// A later fragment's ports: those its first fragment had, if that was ours.
     #[inline(always)]
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "a copy would cost eBPF stack"
+    )]
     fn first_fragment_ports(&mut self) -> Option<FragValue> {
         self.write_frag_key();
         // SAFETY: copied out at once.
@@ -293,6 +296,10 @@ impl Packet {
     /// Remembers a first fragment's ports for the datagram's later fragments (the packet
     /// is ours: a tracked flow's). Not inlined: its stack frame is its own.
     #[inline(never)]
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "a copy would cost eBPF stack"
+    )]
     pub(crate) fn remember_ports(&mut self) {
         if self.frag != FRAG_FIRST {
             return;

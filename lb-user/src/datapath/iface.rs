@@ -84,8 +84,11 @@ fn link_type(name: &str) -> Option<u16> {
     let ret = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
     // SAFETY: our own descriptor.
     unsafe { libc::close(fd) };
+    if ret != 0 {
+        return None;
+    }
     // SAFETY: the union member SIOCGIFHWADDR wrote.
-    (ret == 0).then(|| unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
+    Some(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
 }
 
 /// Why interface `name` of link type `kind` cannot carry the packet level, if it cannot.

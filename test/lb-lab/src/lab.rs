@@ -780,7 +780,7 @@ fn echo(mut reader: BufReader<TcpStream>, line: &str, n: u64) {
 /// bytes of one connection never pass for another's.
 fn pattern(seed: u64, i: u64) -> u8 {
     // splitmix64 of (seed, i / 8), one byte per position.
-    let mut z = (seed << 48 ^ i / 8).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = ((seed << 48) ^ (i / 8)).wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
