@@ -81,7 +81,7 @@ fn link_type(name: &str) -> Option<u16> {
         return None;
     }
     // SAFETY: SIOCGIFHWADDR fills the ifreq we own.
-    let ret = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let ret = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR as _, &mut req) };
     // SAFETY: our own descriptor.
     unsafe { libc::close(fd) };
     if ret != 0 {
