@@ -960,3 +960,79 @@ fn snat_takes_the_address_of_the_interface_the_flow_leaves_by() {
         "{report:?}"
     );
 }
+
+#[test]
+fn a_new_connection_on_a_tuple_whose_backend_left_reaches_a_live_one() {
+    // Two backends on node 0. A SYN from the client's port 40000 whose connection never
+    // completes (the client's RST to the SYN-ACK is lost) leaves an unestablished flow to
+    // one backend; that backend leaves the service and its pod goes (its server stops:
+    // a connection sent there is refused); a new connection from the same port must go
+    // to the other backend.
+    let mut fx = ClusterFixture::new("py", 2, |c| node_port_service(c, "", &[0]));
+    let client = &fx.cluster.client;
+    let drop_rst = "*filter\n-A OUTPUT -p tcp --tcp-flags RST RST -j DROP\nCOMMIT\n";
+    lb_lab::cluster::restore(client, "iptables-nft-restore", drop_rst).unwrap();
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let mut syn = std::process::Command::new(lab_bin());
+    syn.args(["syn-flood", "--target", &target.to_string(), "--count", "1"])
+        .args([
+            "--source-net",
+            &format!("{CLIENT_IP}/32"),
+            "--source-port",
+            "40000",
+        ]);
+    lb_lab::lab::place(&mut syn, client, None).unwrap();
+    lb_lab::lab::run(&mut syn).unwrap();
+    let pin = fx.agents[0].pin_path.clone();
+    let first = lb_lab::lab::wait_for(Duration::from_secs(5), || {
+        lb_user::datapath::read_conntrack(&pin)
+            .unwrap()
+            .into_iter()
+            .find(|(k, v)| k.sport == 40_000 && v.flags & lb_common::CT_F_REPLY == 0)
+            .map(|(_, v)| v.daddr)
+    })
+    .expect("the SYN's flow");
+    let pods = &fx.cluster.nodes[0].pods;
+    let left = pods
+        .iter()
+        .find(|p| lb_common::v4_mapped(p.ip.octets()) == first)
+        .map(|p| (p.ip, p.name.clone()))
+        .unwrap();
+    let left_index = pods.iter().position(|p| p.ip == left.0).unwrap();
+    let stays = pods.iter().find(|p| p.ip != left.0).unwrap().name.clone();
+    let manifests = node_port_service(&fx.cluster, "", &[0]).replace(
+        &format!(
+            "- addresses: [{}]\n  nodeName: node-0\n  conditions: {{ready: true}}\n",
+            left.0
+        ),
+        "",
+    );
+    let before = fx.agents[0].syncs();
+    write_atomic(&fx.dir.join("manifests/all.yaml"), &manifests);
+    fx.agents[0]
+        .wait_sync_after(before, Duration::from_secs(10))
+        .unwrap();
+    fx.cluster.nodes[0].stop_server(left_index);
+    lb_lab::lab::run(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        &fx.cluster.client.name,
+        "iptables-nft",
+        "-F",
+        "OUTPUT",
+    ]))
+    .unwrap();
+    let opts = ProbeOptions {
+        timeout: Duration::from_secs(2),
+        source_port: 40_000,
+        ..ProbeOptions::tcp(target, 1)
+    };
+    let report = fx.cluster.probe(&opts).unwrap();
+    let (pods, _) = split(&report);
+    assert_eq!(
+        pods.keys().collect::<Vec<_>>(),
+        [&stays],
+        "{} left the service: {report:?}",
+        left.1
+    );
+}

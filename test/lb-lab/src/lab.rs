@@ -543,7 +543,7 @@ pub struct ProbeOptions {
     pub count: usize,
     pub timeout: Duration,
     pub mode: ProbeMode,
-    /// The UDP source port (0: any), so two runs can be one flow.
+    /// The source port (0: any), so two runs can be one flow (UDP) or one tuple (TCP).
     pub source_port: u16,
     /// A pause after each exchange (a client that keeps going while things change).
     pub interval: Duration,
@@ -608,8 +608,12 @@ fn mismatch(what: &str, got: SocketAddr, target: SocketAddr) -> std::io::Error {
 
 /// One TCP exchange: connect, send a line, read the reply to EOF (the server closes).
 /// getpeername() must report the address the client connected to.
-fn probe_tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&target, timeout)?;
+fn probe_tcp_once(target: SocketAddr, timeout: Duration, port: u16) -> std::io::Result<String> {
+    let mut s = if port == 0 {
+        TcpStream::connect_timeout(&target, timeout)?
+    } else {
+        tcp_connect_from(target, port, timeout)?
+    };
     let peer = s.peer_addr()?;
     if peer != target {
         return Err(mismatch("getpeername", peer, target));
@@ -619,6 +623,62 @@ fn probe_tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<Stri
     let mut reply = String::new();
     s.read_to_string(&mut reply)?;
     Ok(reply.trim().to_string())
+}
+
+/// A TCP connection to the IPv4 `target` from local port `port` (SO_REUSEADDR), within
+/// `timeout`.
+fn tcp_connect_from(
+    target: SocketAddr,
+    port: u16,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let SocketAddr::V4(v4) = target else {
+        return Err(std::io::Error::other(
+            "a TCP source port: IPv4 targets only",
+        ));
+    };
+    let sin = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let check = |r: i32| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    let len = size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: plain socket calls on a descriptor we own (handed to TcpStream, which
+    // closes it; closed here on failure).
+    unsafe {
+        let fd = check(libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+        ))?;
+        let stream = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        check(libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as u32,
+        ))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let local = sin(Ipv4Addr::UNSPECIFIED, port);
+        check(libc::bind(fd, (&raw const local).cast(), len))?;
+        let remote = sin(*v4.ip(), v4.port());
+        // A blocking connect() gives up after SO_SNDTIMEO.
+        check(libc::connect(fd, (&raw const remote).cast(), len))?;
+        Ok(stream)
+    }
 }
 
 /// One UDP exchange on a connected socket; getpeername() must report the target.
@@ -717,7 +777,7 @@ pub fn probe(opts: &ProbeOptions) -> ProbeReport {
             (ProbeMode::UdpConnected | ProbeMode::UdpFlow, _) => {
                 probe_udp_once(opts.target, opts.timeout, opts.size)
             }
-            (ProbeMode::Tcp, _) => probe_tcp_once(opts.target, opts.timeout),
+            (ProbeMode::Tcp, _) => probe_tcp_once(opts.target, opts.timeout, opts.source_port),
             (ProbeMode::UdpSendto, _) => {
                 probe_udp_sendto_once(opts.target, opts.timeout, opts.size)
             }

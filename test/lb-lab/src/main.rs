@@ -105,7 +105,7 @@ enum Cmd {
         timeout_ms: u64,
         #[arg(long, value_enum, default_value = "tcp")]
         mode: ProbeMode,
-        /// UDP source port (0: any), so that two runs are one flow.
+        /// Source port (0: any), so that two runs are one flow (UDP) or one tuple (TCP).
         #[arg(long, default_value_t = 0)]
         source_port: u16,
         /// Pause after each exchange.
@@ -126,6 +126,9 @@ enum Cmd {
         duration_ms: u64,
         #[arg(long, default_value = "198.18.0.0/15")]
         source_net: String,
+        /// Every SYN from this port (0: random ports).
+        #[arg(long, default_value_t = 0)]
+        source_port: u16,
     },
     /// BYTES to TARGET and back through one TCP connection (the pod server echoes after
     /// `ECHO BYTES`), pausing PAUSE_MS halfway; prints what came back as JSON.
@@ -259,11 +262,13 @@ fn main() -> ExitCode {
             count,
             duration_ms,
             source_net,
+            source_port,
         } => flood::syn_flood(
             target,
             count,
             Duration::from_millis(duration_ms),
             &source_net,
+            source_port,
         )
         .map(|sent| println!("{{\"sent\": {sent}}}")),
         Cmd::HttpGet { target, path } => {
