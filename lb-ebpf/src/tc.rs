@@ -444,6 +444,15 @@ fn node_addr(ifindex: u32, key: &CtKey) -> Option<lb_common::Addr> {
 
 #[inline(always)]
 fn egress(ctx: &TcContext) -> i32 {
+    // What egress translates comes from elsewhere: a pod's veth (a local backend's reply)
+    // or the node itself (a host-network backend, the stack's refusals and ICMP errors).
+    // A packet that came in by this very interface is one ingress redirected (a SNATed
+    // flow's, either way): nothing to do, and no lookup to pay.
+    // SAFETY: the context's sk_buff is valid for the program's run.
+    let (in_if, out_if) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).ifindex) };
+    if in_if == out_if {
+        return TCX_NEXT;
+    }
     let Some(s) = scratch() else {
         return TCX_NEXT;
     };
