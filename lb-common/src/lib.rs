@@ -722,13 +722,20 @@ pub struct FragKey {
 }
 
 /// Value of the fragments map: the ports of the datagram's first fragment, network
-/// order (as in the packet).
+/// order (as in the packet), and when it was seen.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FragValue {
     pub sport: u16,
     pub dport: u16,
+    /// `bpf_ktime_get_ns()` of the first fragment, in seconds (wraps after 136 years).
+    pub seen_s: u32,
 }
+
+/// How long a first fragment's ports serve its later fragments (the kernel's
+/// `ipfrag_time`): an entry older than this belongs to an earlier datagram that had the
+/// same IP id (a busy source), never to this one.
+pub const FRAG_TIMEOUT_S: u32 = 30;
 
 /// Capacity of the fragments map (datagrams in flight; Cilium's default).
 pub const MAX_FRAGS: u32 = 8192;
@@ -758,7 +765,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 40);
     assert!(core::mem::size_of::<CtValue>() == 56);
     assert!(core::mem::size_of::<FragKey>() == 36);
-    assert!(core::mem::size_of::<FragValue>() == 4);
+    assert!(core::mem::size_of::<FragValue>() == 8);
     assert!(core::mem::size_of::<TcIface>() == 32);
     assert!(SNAT_PORT_MIN > 60_999 && SNAT_PORT_MIN <= SNAT_PORT_MAX);
 };

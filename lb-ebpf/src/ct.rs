@@ -20,8 +20,9 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
     CT_EV_ORPHAN_REMOVED, CT_EV_PORT_RECLAIMED, CT_EV_REBUILD_FAILED, CT_EV_REBUILT,
-    CT_EV_SYN_EVICTED, CT_F_CLOSING, CT_F_SNAT, CT_F_SYN_SENT, CtKey, CtValue, DROP_CT_REFUSED,
-    DROP_CT_TUPLE_TAKEN, DROP_NO_SNAT_PORT, SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_SYN,
+    CT_EV_SYN_EVICTED, CT_F_CLOSING, CT_F_FIN_ORIG, CT_F_FIN_REPLY, CT_F_REJECT, CT_F_SNAT,
+    CT_F_SYN_SENT, CtKey, CtValue, DROP_CT_REFUSED, DROP_CT_TUPLE_TAKEN, DROP_NO_SNAT_PORT,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, TCP_ACK, TCP_SYN,
 };
 
 /// errno's EEXIST: the key is there (an insert with `BPF_NOEXIST`).
@@ -92,8 +93,10 @@ fn live(key: &CtKey, now: u64, tcp_flags: u8, v: &mut CtValue) -> Option<()> {
     // SAFETY: a value of the map, updated in place; another CPU may write the same
     // entry's `last_seen_ns` or `flags` at once, which only costs a refresh.
     let entry = unsafe { &mut *ptr };
-    // Stale, or a new connection (a bare SYN) on the tuple of a closing one: a new flow.
-    if entry.expired(key.proto, now) || bare_syn(tcp_flags) && entry.flags & CT_F_CLOSING != 0 {
+    // Stale, or a new connection (a bare SYN) on the tuple of one that is closing or
+    // half-closed: a new flow.
+    let ending = CT_F_CLOSING | CT_F_FIN_ORIG | CT_F_FIN_REPLY;
+    if entry.expired(key.proto, now) || bare_syn(tcp_flags) && entry.flags & ending != 0 {
         return None;
     }
     let flags = CtValue::flags_after(entry.flags, key.proto, tcp_flags);
@@ -166,13 +169,21 @@ fn claim(now: u64, s: &mut CtScratch) -> Result<(), Held> {
         Err(e) if e == -EEXIST => {}
         Err(_) => return Err(Held::Refused),
     }
-    // SAFETY: copied out at once.
-    let holder = unsafe { LB_CT_V1.get(&*key) }.ok_or(Held::Refused)?;
+    // SAFETY: read in place; a concurrent update only makes the answer stale.
+    let Some(holder) = (unsafe { LB_CT_V1.get(&*key) }) else {
+        // Gone meanwhile: the tuple is free again.
+        return LB_CT_V1
+            .insert(&*key, &*value, NOEXIST)
+            .map_err(|_| Held::Live { syn_seen_ns: 0 });
+    };
     holder.write_partner(key, other_key, other_value);
     // SAFETY: read in place; a concurrent update only makes the answer stale.
     let holder_partner = unsafe { LB_CT_V1.get(&*other_key) };
     let orphan = holder_partner.is_some_and(|p| !p.names(key));
-    if !holder.expired(key.proto, now) && !orphan {
+    // A refused flow's entry only translates the refusal: any new flow may take its tuple
+    // (the same client port refused at one frontend, then sent to another).
+    let refusal = holder.flags & CT_F_REJECT != 0;
+    if !holder.expired(key.proto, now) && !orphan && !refusal {
         let syn_seen_ns = if holder.flags & CT_F_SYN_SENT != 0 {
             holder.last_seen_ns.max(1)
         } else {
@@ -227,15 +238,29 @@ pub(crate) fn create(key: &CtKey, value: &mut CtValue, random: u32) -> u32 {
         return DROP_CT_REFUSED;
     };
     // What is left of an earlier flow on this tuple (stale, closing, re-chosen, or an
-    // orphan): its other half goes first, so that tuple (a SNAT port) is free at once.
+    // orphan) goes first, its other half too, so that tuple (a SNAT port) is free at once.
     // SAFETY: read in place; a concurrent update only makes the answer stale.
     if let Some(old) = unsafe { LB_CT_V1.get(key) } {
         old.write_partner(key, &mut s.key, &mut s.value);
         remove_if_names(&s.key, key);
+        let _ = LB_CT_V1.remove(key);
     }
     let reason = match record(key, value, random, s) {
-        Ok(()) => match LB_CT_V1.insert(key, &*value, 0) {
+        Ok(()) => match LB_CT_V1.insert(key, &*value, NOEXIST) {
             Ok(()) => return 0,
+            Err(e) if e == -EEXIST => {
+                // Another CPU recorded this flow meanwhile (its first packets on two
+                // CPUs at once): its entry wins, ours goes, the packet follows it.
+                let _ = LB_CT_V1.remove(&s.key);
+                // SAFETY: read in place, copied to the caller's scratch.
+                return match unsafe { LB_CT_V1.get(key) } {
+                    Some(winner) => {
+                        *value = *winner;
+                        0
+                    }
+                    None => DROP_CT_REFUSED,
+                };
+            }
             Err(_) => DROP_CT_REFUSED,
         },
         Err(reason) => return reason,

@@ -12,14 +12,14 @@ use aya_ebpf::{
         bpf_fib_lookup as FibParams,
     },
     helpers::{
-        bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
-        bpf_skb_load_bytes,
+        bpf_check_mtu, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_skb_change_tail, bpf_skb_load_bytes,
     },
     programs::TcContext,
 };
 use lb_common::{
-    Addr, CT_EV_FRAG_UNKNOWN, CT_EV_FRAG6_PASSED, CtValue, FragKey, FragValue, PROTO_TCP,
-    PROTO_UDP, as_v4, is_v4_mapped, v4_mapped,
+    Addr, CT_EV_FRAG_UNKNOWN, CT_EV_FRAG6_PASSED, CtValue, FRAG_TIMEOUT_S, FragKey, FragValue,
+    PROTO_TCP, PROTO_UDP, as_v4, is_v4_mapped, v4_mapped,
 };
 
 use crate::maps::{LB_FRAGS_V1, ct_event};
@@ -285,8 +285,12 @@ impl Packet {
     )]
     fn first_fragment_ports(&mut self) -> Option<FragValue> {
         self.write_frag_key();
+        // SAFETY: a helper without arguments.
+        let now_s = (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32;
         // SAFETY: copied out at once.
-        let found = unsafe { LB_FRAGS_V1.get(&self.fkey) }.copied();
+        let found = unsafe { LB_FRAGS_V1.get(&self.fkey) }
+            .copied()
+            .filter(|v| now_s.wrapping_sub(v.seen_s) <= FRAG_TIMEOUT_S);
         if found.is_none() {
             ct_event(CT_EV_FRAG_UNKNOWN);
         }
@@ -308,6 +312,8 @@ impl Packet {
         let ports = FragValue {
             sport: self.sport,
             dport: self.dport,
+            // SAFETY: a helper without arguments.
+            seen_s: (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32,
         };
         let _ = LB_FRAGS_V1.insert(&self.fkey, &ports, 0);
     }

@@ -153,7 +153,10 @@ fn too_big_snat(ctx: &TcContext, s: &mut PktScratch, mtu: u16, ifindex: u32) -> 
 /// inlined: its stack frame is its own.
 #[inline(never)]
 fn ttl_exceeded(ctx: &TcContext, s: &mut PktScratch, ifindex: u32) -> i32 {
-    let answered = if !s.packet.v6 && s.value.flags & CT_F_REPLY == 0 {
+    // Only about a first fragment (or a whole packet), as routers answer.
+    let answer =
+        !s.packet.v6 && s.value.flags & CT_F_REPLY == 0 && s.packet.frag != nat::FRAG_LATER;
+    let answered = if answer {
         nat::swap_tuple(&mut s.packet, &mut s.value);
         s.packet
             .rewrite(ctx, &s.value)

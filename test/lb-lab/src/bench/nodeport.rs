@@ -74,6 +74,8 @@ pub struct NodePortRecord {
     /// that are not ours (SYNs to a port with no service), in ns.
     pub bpf_ns_per_service_packet: f64,
     pub bpf_ns_per_other_packet: f64,
+    /// Ours only: the programs' run time over the measured connections, per connection.
+    pub bpf_ns_per_conn: f64,
     /// A flood of spoofed SYNs at the nodePort: legitimate connections made meanwhile,
     /// how many failed, and the machine's busy CPU over the flood (ms).
     pub flood_legit: usize,
@@ -146,6 +148,7 @@ fn ns_per_run(before: (u64, u64), after: (u64, u64)) -> f64 {
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
     bpf_ns_per_packet: f64,
+    bpf_ns_per_conn: f64,
     conn_errors: usize,
     conn_rate: f64,
     conn_p99_us: f64,
@@ -325,9 +328,13 @@ impl NodePortLab {
             LoadMode::Tcp,
         )?;
         let conn_cpu = busy_cpu_us()? - before;
-        let bpf_ns_per_packet = match (pin.as_deref(), stats_before) {
-            (Some(pin), Some(b)) => ns_per_run(b, tc_prog_stats(pin)?),
-            _ => 0.0,
+        let (bpf_ns_per_packet, bpf_ns_per_conn) = match (pin.as_deref(), stats_before) {
+            (Some(pin), Some(b)) => {
+                let after = tc_prog_stats(pin)?;
+                let ns = after.0.saturating_sub(b.0) as f64;
+                (ns_per_run(b, after), ns / load.count.max(1) as f64)
+            }
+            _ => (0.0, 0.0),
         };
         if load.errors > 0 {
             eprintln!(
@@ -365,6 +372,7 @@ impl NodePortLab {
         let secs = report.elapsed_ns as f64 / 1e9;
         Ok(Sample {
             bpf_ns_per_packet,
+            bpf_ns_per_conn,
             conn_errors: load.errors,
             conn_rate: load.rate(),
             conn_p99_us: load.p99_ns as f64 / 1e3,
@@ -558,6 +566,7 @@ fn records_of(n: usize, runs: &BTreeMap<String, Vec<Sample>>) -> Vec<NodePortRec
             cpu_per_conn_vs_baseline: ratio(v, |s| s.cpu_us_per_conn),
             transfer_vs_baseline: ratio(v, |s| s.transfer_mb_s),
             bpf_ns_per_service_packet: median(v.iter().map(|s| s.bpf_ns_per_packet).collect()),
+            bpf_ns_per_conn: median(v.iter().map(|s| s.bpf_ns_per_conn).collect()),
             ..NodePortRecord::default()
         })
         .collect()
@@ -600,13 +609,13 @@ pub fn node_port_report(records: &[NodePortRecord]) -> String {
     }
     md.push_str(
         "\n### The programs' own cost, and a SYN flood\n\n\
-         Our tc programs' run time per packet from the kernel's BPF statistics (`kernel.bpf_stats_enabled`: \
-         run_time_ns / run_cnt, ingress and egress together): on the measured connections' packets, and on \
-         packets that are not ours (SYNs to a port of the node where no service is: what every packet on the \
+         Our tc programs' run time from the kernel's BPF statistics (`kernel.bpf_stats_enabled`: \
+         run_time_ns and run_cnt, ingress and egress together): per connection and per program run over the \
+         measured connections, and per run on packets that are not ours (SYNs to a port of the node where no service is: what every packet on the \
          node pays). Then 10,000 spoofed SYNs in 2 s at each variant's nodePort while a client makes 40 \
          connections (8 batches of 5 spread over it, 1 s timeout each): how many failed, and the machine's busy CPU over the flood.\n\n\
-         | services | variant | BPF ns/service packet | BPF ns/other packet | flood: failed / connections | flood CPU ms |\n\
-         |---:|---|---:|---:|---:|---:|\n",
+         | services | variant | BPF ns/connection | BPF ns/run, service packets | BPF ns/run, other packets | flood: failed / connections | flood CPU ms |\n\
+         |---:|---|---:|---:|---:|---:|---:|\n",
     );
     for r in records.iter().filter(|r| r.variant != "direct") {
         let bpf = |v: f64| {
@@ -618,9 +627,10 @@ pub fn node_port_report(records: &[NodePortRecord]) -> String {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} / {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} / {} | {:.0} |",
             r.services,
             r.variant,
+            bpf(r.bpf_ns_per_conn),
             bpf(r.bpf_ns_per_service_packet),
             bpf(r.bpf_ns_per_other_packet),
             r.flood_legit_failed,
