@@ -45,9 +45,10 @@ pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES_V1";
 pub const MAP_DROPS: &str = "LB_DROPS_V2";
 pub const MAP_CT_EVENTS: &str = "LB_CT_EVENTS_V1";
 pub const MAP_FRAGS: &str = "LB_FRAGS_V1";
+pub const MAP_FRONTEND_ADDRS: &str = "LB_FRONTEND_ADDRS_V1";
 pub const MAP_NAMES: &str = "LB_NAMES_V1";
 /// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 14] = [
+pub const PINNED_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REVNAT,
@@ -62,6 +63,7 @@ pub const PINNED_MAPS: [&str; 14] = [
     MAP_NAMES,
     MAP_CT_EVENTS,
     MAP_FRAGS,
+    MAP_FRONTEND_ADDRS,
 ];
 
 /// Capacity of the maps as the object defines them; the agent sizes them at load

@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
+    Addr, AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
     FragKey, FragValue, FrontendName, MAX_AFFINITY, MAX_BACKENDS, MAX_CT, MAX_FRAGS, MAX_REVNAT,
     MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_TC_IFACES, PROG_NAMES, RevNat,
     ServiceKey, ServiceValue, SockRevNatKey, SourceRange, SrcAffinityKey, TcIface,
@@ -34,6 +34,13 @@ pub(crate) static LB_BACKENDS_V2: HashMap<u32, Backend, { MAX_BACKENDS as usize 
 /// Not preallocated (flag 1, `BPF_F_NO_PREALLOC`): memory only for the frontends there are.
 #[btf_map]
 pub(crate) static LB_NAMES_V1: HashMap<u16, FrontendName, { MAX_REVNAT as usize }, 1> =
+    HashMap::new();
+
+/// Every address some frontend has (any port, protocol or scope) -> 1: the packet
+/// level's first check, one lookup, of whether a packet may be ours. Written by the
+/// agent with the frontends; not preallocated.
+#[btf_map]
+pub(crate) static LB_FRONTEND_ADDRS_V1: HashMap<Addr, u8, { MAX_REVNAT as usize }, 1> =
     HashMap::new();
 
 /// rev-NAT id -> frontend address and port.

@@ -27,7 +27,8 @@ use lb_common::{
 use crate::{
     ct, lb,
     maps::{
-        LB_PKT_SCRATCH, LB_SOURCE_RANGES_V1, LB_TC_IFACES_V2, PktScratch, count, ct_event, dropped,
+        LB_FRONTEND_ADDRS_V1, LB_PKT_SCRATCH, LB_SOURCE_RANGES_V1, LB_TC_IFACES_V2, PktScratch,
+        count, ct_event, dropped,
     },
     nat::{self, IcmpError, Outer, Packet},
 };
@@ -71,11 +72,14 @@ fn scratch() -> Option<&'static mut PktScratch> {
 /// addressed to a frontend. Not inlined: its stack frame is its own.
 #[inline(never)]
 fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
+    // SAFETY: the context's sk_buff is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if !maybe_ours(&s.packet.daddr, ifindex) {
+        return TCX_NEXT;
+    }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     ct::write_key(&s.packet, &mut s.key);
-    // SAFETY: the context's sk_buff is valid for the program's run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let tracked = ct::lookup(&s.key, now, s.packet.tcp_flags, &mut s.value);
     // A reply of this node's own backend is egress's business.
     if tracked && s.value.flags & CT_F_REPLY != 0 && s.value.flags & CT_F_SNAT == 0 {
@@ -125,6 +129,20 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
         }
         verdict => forwarded(verdict),
     }
+}
+
+/// Whether a packet to `daddr`, arrived on `ifindex`, may be ours: its destination is
+/// an address some frontend has, or the node's own address there (a SNATed flow's
+/// reply). Everything else (traffic to pods, to other addresses) is passed on after
+/// this one lookup (two for the node's own traffic), before any connection tracking.
+#[inline(always)]
+fn maybe_ours(daddr: &lb_common::Addr, ifindex: u32) -> bool {
+    // SAFETY: only tested for presence.
+    if unsafe { LB_FRONTEND_ADDRS_V1.get(daddr) }.is_some() {
+        return true;
+    }
+    // SAFETY: read in place.
+    unsafe { LB_TC_IFACES_V2.get(ifindex) }.is_some_and(|i| i.addr4 == *daddr || i.addr6 == *daddr)
 }
 
 /// A SNATed packet too big for the way to its backend: restored to what the client

@@ -7,8 +7,9 @@ use std::{
 };
 
 use lb_common::{
-    Addr, AffinityKey, AffinityValue, Backend, FrontendName, MAP_AFFINITY, MAP_BACKENDS, MAP_NAMES,
-    MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES, RevNat, ServiceKey, ServiceValue,
+    Addr, AffinityKey, AffinityValue, Backend, FrontendName, MAP_AFFINITY, MAP_BACKENDS,
+    MAP_FRONTEND_ADDRS, MAP_NAMES, MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES, RevNat, ServiceKey,
+    ServiceValue,
 };
 
 use crate::model::{Frontend, Proto, Scope};
@@ -62,6 +63,13 @@ pub enum Op {
         addr: Addr,
         prefix: u8,
     },
+    /// An address that some frontend has (the packet level's first check).
+    PutFrontendAddr {
+        addr: Addr,
+    },
+    DelFrontendAddr {
+        addr: Addr,
+    },
 }
 
 impl fmt::Display for Op {
@@ -109,6 +117,12 @@ impl fmt::Display for Op {
                 addr,
                 prefix,
             } => fmt_range(f, "delete", *rev_nat_id, addr, *prefix),
+            Self::PutFrontendAddr { addr } => {
+                write!(f, "{MAP_FRONTEND_ADDRS}: write {}", ip_of(addr))
+            }
+            Self::DelFrontendAddr { addr } => {
+                write!(f, "{MAP_FRONTEND_ADDRS}: delete {}", ip_of(addr))
+            }
         }
     }
 }
@@ -189,6 +203,8 @@ pub struct Snapshot {
     pub affinity: BTreeMap<AffinityKey, AffinityValue>,
     /// (rev-NAT id, mapped address, prefix on 128 bits).
     pub source_ranges: BTreeSet<(u16, Addr, u8)>,
+    /// The addresses frontends have.
+    pub frontend_addrs: BTreeSet<Addr>,
 }
 
 impl Snapshot {
@@ -238,6 +254,12 @@ impl Snapshot {
                 prefix,
             } => {
                 self.source_ranges.remove(&(rev_nat_id, addr, prefix));
+            }
+            Op::PutFrontendAddr { addr } => {
+                self.frontend_addrs.insert(addr);
+            }
+            Op::DelFrontendAddr { addr } => {
+                self.frontend_addrs.remove(&addr);
             }
         }
     }

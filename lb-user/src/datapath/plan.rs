@@ -74,6 +74,9 @@ pub struct Programmed {
     /// the warning given; every plan tries them again (and warns again only when the
     /// warning changes).
     skipped: BTreeMap<Frontend, String>,
+    /// Programmed frontends per address: the frontend-address map holds the addresses
+    /// counted here.
+    addr_refs: BTreeMap<IpAddr, u32>,
 }
 
 /// The maps' capacities, as the plan counts them.
@@ -142,6 +145,7 @@ impl Programmed {
         let used = me.adopt_frontends(snapshot);
         me.adopt_backends(snapshot, &used.backends);
         me.stale_entries(snapshot, &used);
+        me.adopt_addrs(snapshot);
         me.slots_total = me.frontends.values().map(|f| f.slots.len()).sum();
         me.ranges_total = me.frontends.values().map(|f| f.source_ranges.len()).sum();
         // Above every id a map still names, affinity entries included: an id is never
@@ -278,6 +282,25 @@ impl Programmed {
         }
     }
 
+    /// The frontend addresses of the adopted frontends, counted; the first plan deletes
+    /// the addresses of the map that none has and writes those it lacks (maps left by an
+    /// agent that had no such map).
+    fn adopt_addrs(&mut self, snapshot: &Snapshot) {
+        for fe in self.frontends.keys() {
+            *self.addr_refs.entry(fe.addr).or_default() += 1;
+        }
+        for addr in &snapshot.frontend_addrs {
+            if !self.addr_refs.contains_key(&ip_of(addr)) {
+                self.stale.push(Op::DelFrontendAddr { addr: *addr });
+            }
+        }
+        for ip in self.addr_refs.keys() {
+            if !snapshot.frontend_addrs.contains(&addr_of(*ip)) {
+                self.stale.push(Op::PutFrontendAddr { addr: addr_of(*ip) });
+            }
+        }
+    }
+
     /// The maps' capacities (read from the maps themselves: pinned ones keep the size
     /// they were made with).
     pub fn set_capacity(&mut self, capacity: Capacity) {
@@ -385,6 +408,8 @@ impl Programmed {
         }
         let gc = self.release(&steps.released);
         let Steps {
+            addrs,
+            addrs_gone,
             backends,
             revnat,
             ranges,
@@ -405,6 +430,7 @@ impl Programmed {
         let stale = std::mem::take(&mut self.stale);
         let groups = vec![
             stale,
+            addrs,
             backends,
             revnat,
             ranges,
@@ -416,6 +442,7 @@ impl Programmed {
             removals,
             removed_affinity,
             gc,
+            addrs_gone,
         ];
         Plan {
             groups,
@@ -529,6 +556,15 @@ impl Programmed {
             steps.tails.push(Op::DelService {
                 key: service_key(fe, i as u16 + 1),
             });
+        }
+        if old.is_none() {
+            let refs = self.addr_refs.entry(fe.addr).or_default();
+            *refs += 1;
+            if *refs == 1 {
+                steps.addrs.push(Op::PutFrontendAddr {
+                    addr: addr_of(fe.addr),
+                });
+            }
         }
         self.freed_in_plan += old_slots.len().saturating_sub(new_slots.len());
         self.slots_total = self.slots_total + new_slots.len() - old_slots.len();
@@ -683,6 +719,15 @@ impl Programmed {
         steps
             .released
             .extend(old.slots.iter().map(|id| (*id, fe.proto)));
+        if let Some(refs) = self.addr_refs.get_mut(&fe.addr) {
+            *refs -= 1;
+            if *refs == 0 {
+                self.addr_refs.remove(&fe.addr);
+                steps.addrs_gone.push(Op::DelFrontendAddr {
+                    addr: addr_of(fe.addr),
+                });
+            }
+        }
     }
 
     /// Drops the `released` references; backends left without any are deleted (the
@@ -714,6 +759,9 @@ impl Programmed {
 /// The operations of one plan, by the step of the safe order they belong to.
 #[derive(Default)]
 struct Steps {
+    /// 0. Addresses of new frontends, before anything of theirs: the packet level looks
+    ///    at nothing else for an address that is not in that map.
+    addrs: Vec<Op>,
     /// 1. New backends, and purges of reused rev-NAT ids.
     backends: Vec<Op>,
     /// 2. Per frontend: rev-NAT entry and new source ranges, slots, name, header, slots
@@ -731,6 +779,8 @@ struct Steps {
     removals: Vec<Op>,
     /// 4b. Affinity entries of the frontends that are gone.
     removed_affinity: Vec<Op>,
+    /// 6. Addresses no frontend has any more, last.
+    addrs_gone: Vec<Op>,
     /// Slot references to drop once every frontend is planned (then 5., the unused
     /// backends, is computed).
     released: Vec<(u32, Proto)>,
@@ -921,6 +971,11 @@ mod tests {
             assert!(
                 maps.revnat.contains_key(&header.rev_nat_id),
                 "after `{after}`: {key:?} has no rev-NAT entry"
+            );
+            // The packet level looks for a frontend only at addresses of that map.
+            assert!(
+                maps.frontend_addrs.contains(&key.addr),
+                "after `{after}`: {key:?}'s address is not in the frontend addresses"
             );
             for (i, (id, backend)) in slots.iter().enumerate() {
                 assert!(
@@ -1199,6 +1254,51 @@ mod tests {
         sync(&mut adopted, &mut maps, &d2);
         assert_eq!(served(&maps), expected(&d2));
         assert_eq!(maps.backends.len(), 2);
+    }
+
+    #[test]
+    fn frontend_addresses_come_before_their_frontends_and_go_with_the_last() {
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        let addr = |last| addr_of(Ipv4Addr::new(10, 96, 0, last).into());
+        // Two frontends on one address, one on another (sync checks every step).
+        let d = desired(&[(fe(1, 80), &[1]), (fe(1, 53), &[2]), (fe(2, 80), &[1])]);
+        sync(&mut prog, &mut maps, &d);
+        assert_eq!(maps.frontend_addrs, BTreeSet::from([addr(1), addr(2)]));
+        // One of the two goes: its address stays for the other.
+        let d = desired(&[(fe(1, 53), &[2]), (fe(2, 80), &[1])]);
+        let ops = sync(&mut prog, &mut maps, &d);
+        assert!(
+            !ops.iter().any(|o| matches!(o, Op::DelFrontendAddr { .. })),
+            "{ops:#?}"
+        );
+        // The last one goes: the address goes, after the frontend's header.
+        let d = desired(&[(fe(2, 80), &[1])]);
+        let ops = sync(&mut prog, &mut maps, &d);
+        let header = pos2(
+            &ops,
+            |o| matches!(o, Op::DelService { key } if key.slot == 0),
+        );
+        let gone = pos2(&ops, |o| *o == Op::DelFrontendAddr { addr: addr(1) });
+        assert!(header < gone, "{ops:#?}");
+        assert_eq!(maps.frontend_addrs, BTreeSet::from([addr(2)]));
+        // Maps of an agent that had no address map: adopting them writes the addresses
+        // first, and deletes one no frontend has.
+        // (Such maps are inconsistent until then: not checked op by op.)
+        maps.frontend_addrs = BTreeSet::from([addr(9)]);
+        let mut adopted = Programmed::adopt(&maps);
+        let ops: Vec<Op> = adopted.plan(&d).ops().cloned().collect();
+        for op in &ops {
+            maps.apply(op);
+        }
+        assert_eq!(maps.frontend_addrs, BTreeSet::from([addr(2)]));
+        assert_eq!(
+            ops,
+            [
+                Op::DelFrontendAddr { addr: addr(9) },
+                Op::PutFrontendAddr { addr: addr(2) }
+            ]
+        );
     }
 
     #[test]

@@ -293,6 +293,14 @@ fn logical(maps: &Snapshot, ctx: &str) -> BTreeMap<String, FrontendRow> {
         maps.source_ranges.iter().all(|(id, _, _)| ids.contains(id)),
         "{ctx}: source ranges without a frontend"
     );
+    assert_eq!(
+        maps.frontend_addrs,
+        maps.frontends()
+            .keys()
+            .map(|k| k.addr)
+            .collect::<BTreeSet<_>>(),
+        "{ctx}: the frontend addresses are those of the frontends"
+    );
     out
 }
 
