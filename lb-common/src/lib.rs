@@ -45,7 +45,7 @@ pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES_V1";
 pub const MAP_DROPS: &str = "LB_DROPS_V2";
 pub const MAP_CT_EVENTS: &str = "LB_CT_EVENTS_V1";
 pub const MAP_FRAGS: &str = "LB_FRAGS_V1";
-pub const MAP_FRONTEND_ADDRS: &str = "LB_FRONTEND_ADDRS_V1";
+pub const MAP_FRONTEND_PORTS: &str = "LB_FRONTEND_PORTS_V1";
 pub const MAP_NAMES: &str = "LB_NAMES_V1";
 /// Every map the agent pins.
 pub const PINNED_MAPS: [&str; 15] = [
@@ -63,7 +63,7 @@ pub const PINNED_MAPS: [&str; 15] = [
     MAP_NAMES,
     MAP_CT_EVENTS,
     MAP_FRAGS,
-    MAP_FRONTEND_ADDRS,
+    MAP_FRONTEND_PORTS,
 ];
 
 /// Capacity of the maps as the object defines them; the agent sizes them at load
@@ -739,6 +739,19 @@ pub struct FragValue {
 /// same IP id (a busy source), never to this one.
 pub const FRAG_TIMEOUT_S: u32 = 30;
 
+/// Key of the frontend-ports map: an address, port and protocol that some frontend has
+/// (whatever its scope), the packet level's first check of whether a packet may be ours.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct FrontendPort {
+    /// Network order octets (IPv4 mapped).
+    pub addr: Addr,
+    /// Host order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
 /// Capacity of the fragments map (datagrams in flight; Cilium's default).
 pub const MAX_FRAGS: u32 = 8192;
 
@@ -768,6 +781,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtValue>() == 56);
     assert!(core::mem::size_of::<FragKey>() == 36);
     assert!(core::mem::size_of::<FragValue>() == 8);
+    assert!(core::mem::size_of::<FrontendPort>() == 20);
     assert!(core::mem::size_of::<TcIface>() == 32);
     assert!(SNAT_PORT_MIN > 60_999 && SNAT_PORT_MIN <= SNAT_PORT_MAX);
 };
@@ -789,6 +803,7 @@ mod user {
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::FrontendPort {}
     unsafe impl aya::Pod for super::TcIface {}
     unsafe impl aya::Pod for super::FrontendName {}
 }

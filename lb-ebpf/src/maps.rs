@@ -8,10 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Addr, AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
-    FragKey, FragValue, FrontendName, MAX_AFFINITY, MAX_BACKENDS, MAX_CT, MAX_FRAGS, MAX_REVNAT,
-    MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_TC_IFACES, PROG_NAMES, RevNat,
-    ServiceKey, ServiceValue, SockRevNatKey, SourceRange, SrcAffinityKey, TcIface,
+    AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
+    FragKey, FragValue, FrontendName, FrontendPort, MAX_AFFINITY, MAX_BACKENDS, MAX_CT, MAX_FRAGS,
+    MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_TC_IFACES, PROG_NAMES,
+    RevNat, ServiceKey, ServiceValue, SockRevNatKey, SourceRange, SrcAffinityKey, TcIface,
 };
 
 /// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
@@ -36,11 +36,11 @@ pub(crate) static LB_BACKENDS_V2: HashMap<u32, Backend, { MAX_BACKENDS as usize 
 pub(crate) static LB_NAMES_V1: HashMap<u16, FrontendName, { MAX_REVNAT as usize }, 1> =
     HashMap::new();
 
-/// Every address some frontend has (any port, protocol or scope) -> 1: the packet
-/// level's first check, one lookup, of whether a packet may be ours. Written by the
-/// agent with the frontends; not preallocated.
+/// Every (address, port, protocol) some frontend has, whatever its scope -> 1: the
+/// packet level's first check, one lookup, of whether a packet may be ours. Written by
+/// the agent with the frontends; not preallocated.
 #[btf_map]
-pub(crate) static LB_FRONTEND_ADDRS_V1: HashMap<Addr, u8, { MAX_REVNAT as usize }, 1> =
+pub(crate) static LB_FRONTEND_PORTS_V1: HashMap<FrontendPort, u8, { MAX_REVNAT as usize }, 1> =
     HashMap::new();
 
 /// rev-NAT id -> frontend address and port.
@@ -88,6 +88,8 @@ pub(crate) struct PktScratch {
     /// A new flow's frontend and its header.
     pub svc: ServiceKey,
     pub header: ServiceValue,
+    /// The first check's key ([`crate::tc`]'s `maybe_ours`).
+    pub port: FrontendPort,
     /// An ICMP error made here: its IP and ICMP headers and the quote, and the MAC
     /// addresses (destination, source) it goes out with.
     pub icmp: [u8; crate::nat::ICMP_REPLY_LEN],

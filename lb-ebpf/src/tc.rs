@@ -20,14 +20,15 @@ use lb_common::{
     BACKEND_F_LOCAL, CT_EV_FRAG_TRANSLATED, CT_F_CLOSING, CT_F_REJECT, CT_F_REPLY, CT_F_SNAT,
     CtKey, CtValue, DROP_NO_BACKEND, DROP_NO_LOCAL_ENDPOINT, DROP_NO_NODE_ADDR, DROP_NO_ROUTE,
     DROP_REWRITE, DROP_SNAT_LOCAL, DROP_SNAT_TOO_BIG, DROP_SOURCE_RANGE, DROP_TTL_EXCEEDED,
-    PROG_TC_EGRESS, PROG_TC_INGRESS, PROTO_UDP, REJECT_PORT, SCOPE_LOCAL, SVC_F_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SourceRange, SrcAffinityKey,
+    FrontendPort, PROG_TC_EGRESS, PROG_TC_INGRESS, PROTO_UDP, REJECT_PORT, SCOPE_LOCAL,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
+    SrcAffinityKey,
 };
 
 use crate::{
     ct, lb,
     maps::{
-        LB_FRONTEND_ADDRS_V1, LB_PKT_SCRATCH, LB_SOURCE_RANGES_V1, LB_TC_IFACES_V2, PktScratch,
+        LB_FRONTEND_PORTS_V1, LB_PKT_SCRATCH, LB_SOURCE_RANGES_V1, LB_TC_IFACES_V2, PktScratch,
         count, ct_event, dropped,
     },
     nat::{self, IcmpError, Outer, Packet},
@@ -74,7 +75,7 @@ fn scratch() -> Option<&'static mut PktScratch> {
 fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     // SAFETY: the context's sk_buff is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if !maybe_ours(&s.packet.daddr, ifindex) {
+    if !maybe_ours(&s.packet, &mut s.port, ifindex) {
         return TCX_NEXT;
     }
     // SAFETY: a helper without arguments.
@@ -131,18 +132,27 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
     }
 }
 
-/// Whether a packet to `daddr`, arrived on `ifindex`, may be ours: its destination is
-/// an address some frontend has, or the node's own address there (a SNATed flow's
-/// reply). Everything else (traffic to pods, to other addresses) is passed on after
-/// this one lookup (two for the node's own traffic), before any connection tracking.
+/// Whether packet `p`, arrived on `ifindex`, may be ours: some frontend has its
+/// destination address, port and protocol (one lookup, the key built in the scratch's
+/// `port`), or it is a SNATed flow's reply (to the node's own address there, at a port
+/// of the SNAT range). Everything else (traffic to pods, to the node's own services, to
+/// other addresses) is passed on after this check, before any connection tracking.
 #[inline(always)]
-fn maybe_ours(daddr: &lb_common::Addr, ifindex: u32) -> bool {
+fn maybe_ours(p: &Packet, key: &mut FrontendPort, ifindex: u32) -> bool {
+    key.addr = p.daddr;
+    key.port = u16::from_be(p.dport);
+    key.proto = p.proto;
+    key._pad = 0;
     // SAFETY: only tested for presence.
-    if unsafe { LB_FRONTEND_ADDRS_V1.get(daddr) }.is_some() {
+    if unsafe { LB_FRONTEND_PORTS_V1.get(&*key) }.is_some() {
         return true;
     }
+    if !(SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&key.port) {
+        return false;
+    }
     // SAFETY: read in place.
-    unsafe { LB_TC_IFACES_V2.get(ifindex) }.is_some_and(|i| i.addr4 == *daddr || i.addr6 == *daddr)
+    unsafe { LB_TC_IFACES_V2.get(ifindex) }
+        .is_some_and(|i| i.addr4 == p.daddr || i.addr6 == p.daddr)
 }
 
 /// A SNATed packet too big for the way to its backend: restored to what the client

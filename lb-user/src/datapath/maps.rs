@@ -6,8 +6,8 @@ use std::path::Path;
 use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key};
 use lb_common::{
     Addr, AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
-    FrontendName, MAP_AFFINITY, MAP_AFFINITY_SRC, MAP_BACKENDS, MAP_COUNTERS, MAP_CT,
-    MAP_CT_EVENTS, MAP_DROPS, MAP_FRONTEND_ADDRS, MAP_NAMES, MAP_REVNAT, MAP_SERVICES,
+    FrontendName, FrontendPort, MAP_AFFINITY, MAP_AFFINITY_SRC, MAP_BACKENDS, MAP_COUNTERS, MAP_CT,
+    MAP_CT_EVENTS, MAP_DROPS, MAP_FRONTEND_PORTS, MAP_NAMES, MAP_REVNAT, MAP_SERVICES,
     MAP_SOURCE_RANGES, MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue, SourceRange,
     SrcAffinityKey, TcIface,
 };
@@ -53,7 +53,7 @@ pub struct BpfMaps {
     /// The packet level's affinity (clients by source address); purged with `affinity`.
     affinity_src: HashMap<MapData, SrcAffinityKey, AffinityValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
-    frontend_addrs: HashMap<MapData, Addr, u8>,
+    frontend_ports: HashMap<MapData, FrontendPort, u8>,
     /// Runs of writes go in one `BPF_MAP_UPDATE_BATCH` call; off once the kernel says it
     /// cannot.
     batch: bool,
@@ -103,7 +103,7 @@ impl BpfMaps {
             affinity: typed(take(MAP_AFFINITY)?, MAP_AFFINITY)?,
             affinity_src: typed(take(MAP_AFFINITY_SRC)?, MAP_AFFINITY_SRC)?,
             source_ranges: trie(take(MAP_SOURCE_RANGES)?)?,
-            frontend_addrs: typed(take(MAP_FRONTEND_ADDRS)?, MAP_FRONTEND_ADDRS)?,
+            frontend_ports: typed(take(MAP_FRONTEND_PORTS)?, MAP_FRONTEND_PORTS)?,
             batch: true,
         })
     }
@@ -125,7 +125,7 @@ impl BpfMaps {
             affinity: typed(Map::LruHashMap(open(MAP_AFFINITY)?), MAP_AFFINITY)?,
             affinity_src: typed(Map::LruHashMap(open(MAP_AFFINITY_SRC)?), MAP_AFFINITY_SRC)?,
             source_ranges: trie(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
-            frontend_addrs: typed(Map::HashMap(open(MAP_FRONTEND_ADDRS)?), MAP_FRONTEND_ADDRS)?,
+            frontend_ports: typed(Map::HashMap(open(MAP_FRONTEND_PORTS)?), MAP_FRONTEND_PORTS)?,
             batch: true,
         })
     }
@@ -174,9 +174,9 @@ impl BpfMaps {
             snap.source_ranges
                 .insert((u16::from_be(data.rev_nat_id_be), data.addr, prefix));
         }
-        for key in self.frontend_addrs.keys() {
-            snap.frontend_addrs
-                .insert(key.map_err(err(MAP_FRONTEND_ADDRS))?);
+        for key in self.frontend_ports.keys() {
+            snap.frontend_ports
+                .insert(key.map_err(err(MAP_FRONTEND_PORTS))?);
         }
         // Entries may be evicted while we iterate: skip the ones that vanished.
         snap.affinity.extend(self.affinity.iter().flatten());
@@ -240,8 +240,8 @@ impl BpfMaps {
                     self.source_ranges
                         .remove(&range_key(rev_nat_id, addr, prefix)),
                 ),
-                Op::PutFrontendAddr { addr } => self.frontend_addrs.insert(addr, 1, 0),
-                Op::DelFrontendAddr { addr } => ignore_missing(self.frontend_addrs.remove(&addr)),
+                Op::PutFrontendPort { key } => self.frontend_ports.insert(key, 1, 0),
+                Op::DelFrontendPort { key } => ignore_missing(self.frontend_ports.remove(&key)),
             };
             result.map_err(|source| write_error(op, source))?;
         }

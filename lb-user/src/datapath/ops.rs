@@ -7,9 +7,9 @@ use std::{
 };
 
 use lb_common::{
-    Addr, AffinityKey, AffinityValue, Backend, FrontendName, MAP_AFFINITY, MAP_BACKENDS,
-    MAP_FRONTEND_ADDRS, MAP_NAMES, MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES, RevNat, ServiceKey,
-    ServiceValue,
+    Addr, AffinityKey, AffinityValue, Backend, FrontendName, FrontendPort, MAP_AFFINITY,
+    MAP_BACKENDS, MAP_FRONTEND_PORTS, MAP_NAMES, MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES,
+    RevNat, ServiceKey, ServiceValue,
 };
 
 use crate::model::{Frontend, Proto, Scope};
@@ -63,12 +63,13 @@ pub enum Op {
         addr: Addr,
         prefix: u8,
     },
-    /// An address that some frontend has (the packet level's first check).
-    PutFrontendAddr {
-        addr: Addr,
+    /// An address, port and protocol that some frontend has (the packet level's first
+    /// check).
+    PutFrontendPort {
+        key: FrontendPort,
     },
-    DelFrontendAddr {
-        addr: Addr,
+    DelFrontendPort {
+        key: FrontendPort,
     },
 }
 
@@ -117,13 +118,33 @@ impl fmt::Display for Op {
                 addr,
                 prefix,
             } => fmt_range(f, "delete", *rev_nat_id, addr, *prefix),
-            Self::PutFrontendAddr { addr } => {
-                write!(f, "{MAP_FRONTEND_ADDRS}: write {}", ip_of(addr))
+            Self::PutFrontendPort { key } => {
+                write!(f, "{MAP_FRONTEND_PORTS}: write {}", fmt_frontend_port(key))
             }
-            Self::DelFrontendAddr { addr } => {
-                write!(f, "{MAP_FRONTEND_ADDRS}: delete {}", ip_of(addr))
+            Self::DelFrontendPort { key } => {
+                write!(f, "{MAP_FRONTEND_PORTS}: delete {}", fmt_frontend_port(key))
             }
         }
+    }
+}
+
+/// "addr:port/PROTO" of a frontend-ports key.
+fn fmt_frontend_port(key: &FrontendPort) -> String {
+    let proto = Proto::from_number(key.proto).map_or("?".into(), |p| format!("{p:?}"));
+    format!(
+        "{}/{}",
+        SocketAddr::new(ip_of(&key.addr), key.port),
+        proto.to_uppercase()
+    )
+}
+
+/// The frontend-ports key of a frontend (its scope aside).
+pub fn frontend_port(fe: &Frontend) -> FrontendPort {
+    FrontendPort {
+        addr: addr_of(fe.addr),
+        port: fe.port,
+        proto: fe.proto.number(),
+        _pad: 0,
     }
 }
 
@@ -203,8 +224,8 @@ pub struct Snapshot {
     pub affinity: BTreeMap<AffinityKey, AffinityValue>,
     /// (rev-NAT id, mapped address, prefix on 128 bits).
     pub source_ranges: BTreeSet<(u16, Addr, u8)>,
-    /// The addresses frontends have.
-    pub frontend_addrs: BTreeSet<Addr>,
+    /// The (address, port, protocol) frontends have.
+    pub frontend_ports: BTreeSet<FrontendPort>,
 }
 
 impl Snapshot {
@@ -255,11 +276,11 @@ impl Snapshot {
             } => {
                 self.source_ranges.remove(&(rev_nat_id, addr, prefix));
             }
-            Op::PutFrontendAddr { addr } => {
-                self.frontend_addrs.insert(addr);
+            Op::PutFrontendPort { key } => {
+                self.frontend_ports.insert(key);
             }
-            Op::DelFrontendAddr { addr } => {
-                self.frontend_addrs.remove(&addr);
+            Op::DelFrontendPort { key } => {
+                self.frontend_ports.remove(&key);
             }
         }
     }

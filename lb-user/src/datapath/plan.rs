@@ -7,12 +7,14 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, FrontendName, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES,
+    BACKEND_F_LOCAL, Backend, FrontendName, FrontendPort, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES,
     MAP_SOURCE_RANGES, MAX_SLOTS, RevNat, SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey,
     ServiceValue,
 };
 
-use super::ops::{Op, Snapshot, addr_of, frontend_of, ip_of, range_key, range_of, service_key};
+use super::ops::{
+    Op, Snapshot, addr_of, frontend_of, frontend_port, ip_of, range_key, range_of, service_key,
+};
 use crate::model::{Desired, Endpoint, Frontend, FrontendState, Proto};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,9 +76,9 @@ pub struct Programmed {
     /// the warning given; every plan tries them again (and warns again only when the
     /// warning changes).
     skipped: BTreeMap<Frontend, String>,
-    /// Programmed frontends per address: the frontend-address map holds the addresses
-    /// counted here.
-    addr_refs: BTreeMap<IpAddr, u32>,
+    /// Programmed frontends per (address, port, protocol): the frontend-ports map holds
+    /// the keys counted here.
+    port_refs: BTreeMap<FrontendPort, u32>,
 }
 
 /// The maps' capacities, as the plan counts them.
@@ -145,7 +147,7 @@ impl Programmed {
         let used = me.adopt_frontends(snapshot);
         me.adopt_backends(snapshot, &used.backends);
         me.stale_entries(snapshot, &used);
-        me.adopt_addrs(snapshot);
+        me.adopt_ports(snapshot);
         me.slots_total = me.frontends.values().map(|f| f.slots.len()).sum();
         me.ranges_total = me.frontends.values().map(|f| f.source_ranges.len()).sum();
         // Above every id a map still names, affinity entries included: an id is never
@@ -282,21 +284,21 @@ impl Programmed {
         }
     }
 
-    /// The frontend addresses of the adopted frontends, counted; the first plan deletes
-    /// the addresses of the map that none has and writes those it lacks (maps left by an
-    /// agent that had no such map).
-    fn adopt_addrs(&mut self, snapshot: &Snapshot) {
+    /// The frontend ports of the adopted frontends, counted; the first plan deletes the
+    /// keys of the map that none has and writes those it lacks (maps left by an agent
+    /// that had no such map).
+    fn adopt_ports(&mut self, snapshot: &Snapshot) {
         for fe in self.frontends.keys() {
-            *self.addr_refs.entry(fe.addr).or_default() += 1;
+            *self.port_refs.entry(frontend_port(fe)).or_default() += 1;
         }
-        for addr in &snapshot.frontend_addrs {
-            if !self.addr_refs.contains_key(&ip_of(addr)) {
-                self.stale.push(Op::DelFrontendAddr { addr: *addr });
+        for key in &snapshot.frontend_ports {
+            if !self.port_refs.contains_key(key) {
+                self.stale.push(Op::DelFrontendPort { key: *key });
             }
         }
-        for ip in self.addr_refs.keys() {
-            if !snapshot.frontend_addrs.contains(&addr_of(*ip)) {
-                self.stale.push(Op::PutFrontendAddr { addr: addr_of(*ip) });
+        for key in self.port_refs.keys() {
+            if !snapshot.frontend_ports.contains(key) {
+                self.stale.push(Op::PutFrontendPort { key: *key });
             }
         }
     }
@@ -408,8 +410,8 @@ impl Programmed {
         }
         let gc = self.release(&steps.released);
         let Steps {
-            addrs,
-            addrs_gone,
+            ports,
+            ports_gone,
             backends,
             revnat,
             ranges,
@@ -430,7 +432,7 @@ impl Programmed {
         let stale = std::mem::take(&mut self.stale);
         let groups = vec![
             stale,
-            addrs,
+            ports,
             backends,
             revnat,
             ranges,
@@ -442,7 +444,7 @@ impl Programmed {
             removals,
             removed_affinity,
             gc,
-            addrs_gone,
+            ports_gone,
         ];
         Plan {
             groups,
@@ -558,12 +560,11 @@ impl Programmed {
             });
         }
         if old.is_none() {
-            let refs = self.addr_refs.entry(fe.addr).or_default();
+            let key = frontend_port(fe);
+            let refs = self.port_refs.entry(key).or_default();
             *refs += 1;
             if *refs == 1 {
-                steps.addrs.push(Op::PutFrontendAddr {
-                    addr: addr_of(fe.addr),
-                });
+                steps.ports.push(Op::PutFrontendPort { key });
             }
         }
         self.freed_in_plan += old_slots.len().saturating_sub(new_slots.len());
@@ -719,13 +720,12 @@ impl Programmed {
         steps
             .released
             .extend(old.slots.iter().map(|id| (*id, fe.proto)));
-        if let Some(refs) = self.addr_refs.get_mut(&fe.addr) {
+        let key = frontend_port(fe);
+        if let Some(refs) = self.port_refs.get_mut(&key) {
             *refs -= 1;
             if *refs == 0 {
-                self.addr_refs.remove(&fe.addr);
-                steps.addrs_gone.push(Op::DelFrontendAddr {
-                    addr: addr_of(fe.addr),
-                });
+                self.port_refs.remove(&key);
+                steps.ports_gone.push(Op::DelFrontendPort { key });
             }
         }
     }
@@ -759,9 +759,9 @@ impl Programmed {
 /// The operations of one plan, by the step of the safe order they belong to.
 #[derive(Default)]
 struct Steps {
-    /// 0. Addresses of new frontends, before anything of theirs: the packet level looks
-    ///    at nothing else for an address that is not in that map.
-    addrs: Vec<Op>,
+    /// 0. The (address, port, protocol) of new frontends, before anything of theirs: the
+    ///    packet level looks at nothing else for a packet that is not in that map.
+    ports: Vec<Op>,
     /// 1. New backends, and purges of reused rev-NAT ids.
     backends: Vec<Op>,
     /// 2. Per frontend: rev-NAT entry and new source ranges, slots, name, header, slots
@@ -779,8 +779,8 @@ struct Steps {
     removals: Vec<Op>,
     /// 4b. Affinity entries of the frontends that are gone.
     removed_affinity: Vec<Op>,
-    /// 6. Addresses no frontend has any more, last.
-    addrs_gone: Vec<Op>,
+    /// 6. Keys no frontend has any more, last.
+    ports_gone: Vec<Op>,
     /// Slot references to drop once every frontend is planned (then 5., the unused
     /// backends, is computed).
     released: Vec<(u32, Proto)>,
@@ -972,10 +972,11 @@ mod tests {
                 maps.revnat.contains_key(&header.rev_nat_id),
                 "after `{after}`: {key:?} has no rev-NAT entry"
             );
-            // The packet level looks for a frontend only at addresses of that map.
+            // The packet level looks for a frontend only where that map says.
             assert!(
-                maps.frontend_addrs.contains(&key.addr),
-                "after `{after}`: {key:?}'s address is not in the frontend addresses"
+                maps.frontend_ports
+                    .contains(&frontend_port(&frontend_of(&key).unwrap())),
+                "after `{after}`: {key:?} is not in the frontend ports"
             );
             for (i, (id, backend)) in slots.iter().enumerate() {
                 assert!(
@@ -1257,46 +1258,53 @@ mod tests {
     }
 
     #[test]
-    fn frontend_addresses_come_before_their_frontends_and_go_with_the_last() {
+    fn frontend_ports_come_before_their_frontends_and_go_with_the_last() {
         let mut prog = Programmed::default();
         let mut maps = Snapshot::default();
-        let addr = |last| addr_of(Ipv4Addr::new(10, 96, 0, last).into());
-        // Two frontends on one address, one on another (sync checks every step).
-        let d = desired(&[(fe(1, 80), &[1]), (fe(1, 53), &[2]), (fe(2, 80), &[1])]);
+        let port = |last, port| frontend_port(&fe(last, port));
+        // Two frontends (external and local scope) on one port, one on another.
+        let local = Frontend {
+            scope: Scope::Local,
+            ..fe(1, 80)
+        };
+        let d = desired(&[(fe(1, 80), &[1]), (local, &[1]), (fe(2, 80), &[1])]);
         sync(&mut prog, &mut maps, &d);
-        assert_eq!(maps.frontend_addrs, BTreeSet::from([addr(1), addr(2)]));
-        // One of the two goes: its address stays for the other.
-        let d = desired(&[(fe(1, 53), &[2]), (fe(2, 80), &[1])]);
+        assert_eq!(
+            maps.frontend_ports,
+            BTreeSet::from([port(1, 80), port(2, 80)])
+        );
+        // One of the two goes: the key stays for the other.
+        let d = desired(&[(local, &[1]), (fe(2, 80), &[1])]);
         let ops = sync(&mut prog, &mut maps, &d);
         assert!(
-            !ops.iter().any(|o| matches!(o, Op::DelFrontendAddr { .. })),
+            !ops.iter().any(|o| matches!(o, Op::DelFrontendPort { .. })),
             "{ops:#?}"
         );
-        // The last one goes: the address goes, after the frontend's header.
+        // The last one goes: the key goes, after the frontend's header.
         let d = desired(&[(fe(2, 80), &[1])]);
         let ops = sync(&mut prog, &mut maps, &d);
         let header = pos2(
             &ops,
             |o| matches!(o, Op::DelService { key } if key.slot == 0),
         );
-        let gone = pos2(&ops, |o| *o == Op::DelFrontendAddr { addr: addr(1) });
+        let gone = pos2(&ops, |o| *o == Op::DelFrontendPort { key: port(1, 80) });
         assert!(header < gone, "{ops:#?}");
-        assert_eq!(maps.frontend_addrs, BTreeSet::from([addr(2)]));
-        // Maps of an agent that had no address map: adopting them writes the addresses
-        // first, and deletes one no frontend has.
-        // (Such maps are inconsistent until then: not checked op by op.)
-        maps.frontend_addrs = BTreeSet::from([addr(9)]);
+        assert_eq!(maps.frontend_ports, BTreeSet::from([port(2, 80)]));
+        // Maps of an agent that had no such map: adopting them writes the keys first,
+        // and deletes one no frontend has. (Such maps are inconsistent until then: not
+        // checked op by op.)
+        maps.frontend_ports = BTreeSet::from([port(9, 9)]);
         let mut adopted = Programmed::adopt(&maps);
         let ops: Vec<Op> = adopted.plan(&d).ops().cloned().collect();
         for op in &ops {
             maps.apply(op);
         }
-        assert_eq!(maps.frontend_addrs, BTreeSet::from([addr(2)]));
+        assert_eq!(maps.frontend_ports, BTreeSet::from([port(2, 80)]));
         assert_eq!(
             ops,
             [
-                Op::DelFrontendAddr { addr: addr(9) },
-                Op::PutFrontendAddr { addr: addr(2) }
+                Op::DelFrontendPort { key: port(9, 9) },
+                Op::PutFrontendPort { key: port(2, 80) }
             ]
         );
     }

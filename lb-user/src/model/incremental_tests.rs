@@ -294,12 +294,12 @@ fn logical(maps: &Snapshot, ctx: &str) -> BTreeMap<String, FrontendRow> {
         "{ctx}: source ranges without a frontend"
     );
     assert_eq!(
-        maps.frontend_addrs,
+        maps.frontend_ports,
         maps.frontends()
             .keys()
-            .map(|k| k.addr)
+            .map(|k| crate::datapath::ops::frontend_port(&frontend_of(k).unwrap()))
             .collect::<BTreeSet<_>>(),
-        "{ctx}: the frontend addresses are those of the frontends"
+        "{ctx}: the frontend ports are those of the frontends"
     );
     out
 }

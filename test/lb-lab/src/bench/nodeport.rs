@@ -74,6 +74,8 @@ pub struct NodePortRecord {
     /// that are not ours (SYNs to a port with no service), in ns.
     pub bpf_ns_per_service_packet: f64,
     pub bpf_ns_per_other_packet: f64,
+    /// Ours only: per packet routed through the node to an address that is not ours.
+    pub bpf_ns_per_passing_packet: f64,
     /// Ours only: the programs' run time over the measured connections, per connection.
     pub bpf_ns_per_conn: f64,
     /// A flood of spoofed SYNs at the nodePort: legitimate connections made meanwhile,
@@ -385,15 +387,29 @@ impl NodePortLab {
 
 impl NodePortLab {
     /// The tc programs' run time per packet that is not ours: `count` SYNs to a port of
-    /// our node where no service is (its stack answers them; the programs pass them).
-    fn other_packet_cost(&self, opts: &BenchOptions, count: usize) -> anyhow::Result<f64> {
+    /// our node where no service is (the node's own traffic: its stack answers them), and
+    /// `count` SYNs routed through the node to an address that is not ours (traffic to
+    /// pods or elsewhere; the node has no route for it and drops them).
+    fn other_packet_cost(&self, opts: &BenchOptions, count: usize) -> anyhow::Result<(f64, f64)> {
         let Some(agent) = self.agent.as_ref() else {
-            return Ok(0.0);
+            return Ok((0.0, 0.0));
         };
-        let before = tc_prog_stats(&agent.pin_path)?;
-        let target = std::net::SocketAddrV4::new(self.node(OURS).addr, 9);
-        self.flood(opts, target, count, 0)?;
-        Ok(ns_per_run(before, tc_prog_stats(&agent.pin_path)?))
+        let ours = self.node(OURS).addr;
+        let cost = |target: std::net::SocketAddrV4| -> anyhow::Result<f64> {
+            let before = tc_prog_stats(&agent.pin_path)?;
+            self.flood(opts, target, count, 0)?;
+            Ok(ns_per_run(before, tc_prog_stats(&agent.pin_path)?))
+        };
+        let to_node = cost(std::net::SocketAddrV4::new(ours, 9))?;
+        self.client.ip(&[
+            "route",
+            "replace",
+            "10.245.0.0/16",
+            "via",
+            &ours.to_string(),
+        ])?;
+        let passing = cost(std::net::SocketAddrV4::new(Ipv4Addr::new(10, 245, 0, 1), 9))?;
+        Ok((to_node, passing))
     }
 
     /// `count` spoofed SYNs from the client to `target` over `ms`.
@@ -514,10 +530,11 @@ pub fn bench_node_port(opts: &BenchOptions, n: usize) -> anyhow::Result<Vec<Node
     }
     let mut records = records_of(n, &runs);
     eprintln!("bench: nodePort, {n} services: packets that are not ours, SYN floods");
-    let other = lab.other_packet_cost(opts, 5_000)?;
+    let (to_node, passing) = lab.other_packet_cost(opts, 5_000)?;
     for r in &mut records {
         if r.variant == OURS {
-            r.bpf_ns_per_other_packet = other;
+            r.bpf_ns_per_other_packet = to_node;
+            r.bpf_ns_per_passing_packet = passing;
         }
         if r.variant != "direct" {
             let node = lab.node(&r.variant);
@@ -611,11 +628,11 @@ pub fn node_port_report(records: &[NodePortRecord]) -> String {
         "\n### The programs' own cost, and a SYN flood\n\n\
          Our tc programs' run time from the kernel's BPF statistics (`kernel.bpf_stats_enabled`: \
          run_time_ns and run_cnt, ingress and egress together): per connection and per program run over the \
-         measured connections, and per run on packets that are not ours (SYNs to a port of the node where no service is: what every packet on the \
-         node pays). Then 10,000 spoofed SYNs in 2 s at each variant's nodePort while a client makes 40 \
+         measured connections, and per run on packets that are not ours: SYNs to a port of the node where no service is \
+         (the node's own traffic), and SYNs routed through the node to an address that is not ours (traffic to pods). Then 10,000 spoofed SYNs in 2 s at each variant's nodePort while a client makes 40 \
          connections (8 batches of 5 spread over it, 1 s timeout each): how many failed, and the machine's busy CPU over the flood.\n\n\
-         | services | variant | BPF ns/connection | BPF ns/run, service packets | BPF ns/run, other packets | flood: failed / connections | flood CPU ms |\n\
-         |---:|---|---:|---:|---:|---:|---:|\n",
+         | services | variant | BPF ns/connection | BPF ns/run, service packets | BPF ns/run, to the node | BPF ns/run, through the node | flood: failed / connections | flood CPU ms |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in records.iter().filter(|r| r.variant != "direct") {
         let bpf = |v: f64| {
@@ -627,12 +644,13 @@ pub fn node_port_report(records: &[NodePortRecord]) -> String {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} / {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {:.0} |",
             r.services,
             r.variant,
             bpf(r.bpf_ns_per_conn),
             bpf(r.bpf_ns_per_service_packet),
             bpf(r.bpf_ns_per_other_packet),
+            bpf(r.bpf_ns_per_passing_packet),
             r.flood_legit_failed,
             r.flood_legit,
             r.flood_cpu_ms,
