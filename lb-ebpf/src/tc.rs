@@ -138,6 +138,10 @@ fn translate(ctx: &TcContext, s: &mut PktScratch) -> i32 {
 /// of the SNAT range). Everything else (traffic to pods, to the node's own services, to
 /// other addresses) is passed on after this check, before any connection tracking.
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "a copy would cost eBPF stack"
+)]
 fn maybe_ours(p: &Packet, key: &mut FrontendPort, ifindex: u32) -> bool {
     key.addr = p.daddr;
     key.port = u16::from_be(p.dport);
