@@ -19,6 +19,16 @@ use lb_lab::{
 
 const NODE_PORT: u16 = 30080;
 
+/// How long an agent may take to load its programs and sync: 20 s, or
+/// `LB_TEST_SYNC_TIMEOUT_S` (a kernel under emulation verifies the programs slowly).
+fn sync_timeout() -> Duration {
+    let secs = std::env::var("LB_TEST_SYNC_TIMEOUT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    Duration::from_secs(secs)
+}
+
 /// A cluster lab with an agent per node, all on the same manifests.
 struct ClusterFixture {
     agents: Vec<AgentProcess>,
@@ -58,8 +68,7 @@ impl ClusterFixture {
             fx.agents.push(agent);
         }
         for a in &mut fx.agents {
-            a.wait_synced(1, Duration::from_secs(20))
-                .expect("agent ready");
+            a.wait_synced(1, sync_timeout()).expect("agent ready");
         }
         fx
     }
@@ -429,7 +438,7 @@ fn a_transfer_survives_the_agent_killed_and_restarted() {
     let report = fx.probe(target, 5, ProbeMode::Tcp);
     assert_eq!(report.total_errors(), 0, "with the agent down: {report:?}");
     let mut again = fx.start_agent(0, "-restarted");
-    again.wait_synced(1, Duration::from_secs(20)).unwrap();
+    again.wait_synced(1, sync_timeout()).unwrap();
     fx.agents.insert(0, again);
     let t = transfer.finish().unwrap();
     assert!(t.intact && t.received == 4 << 20, "{t:?}");
@@ -948,7 +957,7 @@ fn snat_takes_the_address_of_the_interface_the_flow_leaves_by() {
         .map(String::from)
         .to_vec();
     let mut agent = fx.start_agent(0, "-two-nics");
-    agent.wait_synced(1, Duration::from_secs(20)).unwrap();
+    agent.wait_synced(1, sync_timeout()).unwrap();
     fx.agents[0] = agent;
     let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
     let report = fx.probe(target, 10, ProbeMode::Tcp);
