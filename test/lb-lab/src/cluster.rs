@@ -367,28 +367,10 @@ pub fn real_node_rules(node: &Netns) -> anyhow::Result<()> {
 
 /// `ip netns exec NODE CMD --noflush` with `rules` on its input.
 pub fn restore(node: &Netns, cmd: &str, rules: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &node.name, cmd, "--noflush"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {cmd} in {}", node.name))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(rules.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} in {} failed: {}",
-            node.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::lab::run_with_input(
+        Command::new("ip").args(["netns", "exec", &node.name, cmd, "--noflush"]),
+        rules,
+    )
 }
 
 /// `lab_bin transfer` from `from`, started now; [`Transfer::finish`] waits for its report.

@@ -5,13 +5,12 @@
 
 use std::{
     fmt::Write as _,
-    io::Write as _,
     net::Ipv4Addr,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use lb_user::model::Proto;
 
 /// The pod network (kube-proxy's --cluster-cidr): traffic from outside it is masqueraded.
@@ -431,27 +430,9 @@ impl KubeProxy {
             cmd.arg("--noflush");
         }
         let start = Instant::now();
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {cmd:?}"))?;
-        child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(rules.as_bytes())?;
-        let out = child.wait_with_output()?;
-        let took = start.elapsed();
-        if !out.status.success() {
-            bail!(
-                "{} rules did not load: {}",
-                self.name(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(took)
+        crate::lab::run_with_input(&mut cmd, rules)
+            .with_context(|| format!("{} rules did not load", self.name()))?;
+        Ok(start.elapsed())
     }
 }
 
