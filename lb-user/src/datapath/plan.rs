@@ -167,16 +167,22 @@ impl Programmed {
             .unwrap_or(0);
         // Above every id any map still holds: an id whose stale entries the first plan
         // deletes (at its end) is never handed to a new frontend in that same plan.
-        me.next_rev_nat = used
+        let held: BTreeSet<u16> = used
             .revnat
             .iter()
             .chain(snapshot.revnat.keys())
             .chain(snapshot.names.keys())
             .chain(snapshot.source_ranges.iter().map(|(id, _, _)| id))
             .chain(snapshot.affinity.keys().map(|k| &k.rev_nat_id))
-            .max()
             .copied()
-            .unwrap_or(0);
+            .collect();
+        me.next_rev_nat = held.last().copied().unwrap_or(0);
+        // The gaps below it are free: an agent that restarts after many frontends went
+        // hands them out again (lowest first) instead of running out of ids.
+        me.free_rev_nat = (1..me.next_rev_nat)
+            .rev()
+            .filter(|id| !held.contains(id))
+            .collect();
         me
     }
 
@@ -1307,6 +1313,49 @@ mod tests {
                 Op::PutFrontendPort { key: port(2, 80) }
             ]
         );
+    }
+
+    #[test]
+    fn ids_freed_before_a_restart_are_handed_out_again_after_it() {
+        // Most of the rev-NAT id space programmed, then all but the last frontend gone;
+        // an agent that adopts those maps programs a new full set in the gaps.
+        let many = |from: u32, n: u32| -> Vec<(Frontend, &'static [u8])> {
+            (from..from + n)
+                .map(|i| {
+                    let fe = Frontend {
+                        addr: Ipv4Addr::from(0x0a60_0000 + i).into(),
+                        ..fe(0, 80)
+                    };
+                    (fe, &[1u8][..])
+                })
+                .collect()
+        };
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        let full = 65_000;
+        let first = desired(&many(0, full));
+        for op in prog.plan(&first).ops() {
+            maps.apply(op);
+        }
+        let last = desired(&many(full - 1, 1));
+        for op in prog.plan(&last).ops() {
+            maps.apply(op);
+        }
+        assert_eq!(maps.revnat.len(), 1);
+        let mut adopted = Programmed::adopt(&maps);
+        let mut next = many(100_000, full - 1);
+        next.extend(many(full - 1, 1));
+        let plan = adopted.plan(&desired(&next));
+        assert!(
+            plan.warnings.is_empty(),
+            "{:?}",
+            &plan.warnings[..3.min(plan.warnings.len())]
+        );
+        for op in plan.ops() {
+            maps.apply(op);
+        }
+        assert_eq!(maps.revnat.len(), full as usize, "every frontend got an id");
+        assert_eq!(adopted.skipped(), 0);
     }
 
     #[test]
