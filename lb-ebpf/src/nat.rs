@@ -196,6 +196,13 @@ pub(crate) struct Packet {
     fkey: FragKey,
 }
 
+/// `bpf_ktime_get_ns()` in seconds, as the fragments map keeps it (wraps after 136 years).
+#[inline(always)]
+fn now_s() -> u32 {
+    // SAFETY: a helper without arguments.
+    (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
+}
+
 /// [`Packet::frag`]: a whole datagram.
 pub(crate) const FRAG_NONE: u8 = 0;
 /// The first fragment of a datagram: it has the ports.
@@ -285,12 +292,11 @@ impl Packet {
     )]
     fn first_fragment_ports(&mut self) -> Option<FragValue> {
         self.write_frag_key();
-        // SAFETY: a helper without arguments.
-        let now_s = (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32;
+        let now = now_s();
         // SAFETY: copied out at once.
         let found = unsafe { LB_FRAGS_V1.get(&self.fkey) }
             .copied()
-            .filter(|v| now_s.wrapping_sub(v.seen_s) <= FRAG_TIMEOUT_S);
+            .filter(|v| now.wrapping_sub(v.seen_s) <= FRAG_TIMEOUT_S);
         if found.is_none() {
             ct_event(CT_EV_FRAG_UNKNOWN);
         }
@@ -312,8 +318,7 @@ impl Packet {
         let ports = FragValue {
             sport: self.sport,
             dport: self.dport,
-            // SAFETY: a helper without arguments.
-            seen_s: (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32,
+            seen_s: now_s(),
         };
         let _ = LB_FRAGS_V1.insert(&self.fkey, &ports, 0);
     }

@@ -566,12 +566,7 @@ impl Programmed {
             });
         }
         if old.is_none() {
-            let key = frontend_port(fe);
-            let refs = self.port_refs.entry(key).or_default();
-            *refs += 1;
-            if *refs == 1 {
-                steps.ports.push(Op::PutFrontendPort { key });
-            }
+            self.ref_port(fe, steps);
         }
         self.freed_in_plan += old_slots.len().saturating_sub(new_slots.len());
         self.slots_total = self.slots_total + new_slots.len() - old_slots.len();
@@ -726,6 +721,22 @@ impl Programmed {
         steps
             .released
             .extend(old.slots.iter().map(|id| (*id, fe.proto)));
+        self.unref_port(fe, steps);
+    }
+
+    /// Counts a newly programmed frontend on its (address, port, protocol); the first
+    /// writes the key, before anything of the frontend's.
+    fn ref_port(&mut self, fe: &Frontend, steps: &mut Steps) {
+        let key = frontend_port(fe);
+        let refs = self.port_refs.entry(key).or_default();
+        *refs += 1;
+        if *refs == 1 {
+            steps.ports.push(Op::PutFrontendPort { key });
+        }
+    }
+
+    /// Uncounts a removed frontend; the last deletes the key, after everything else.
+    fn unref_port(&mut self, fe: &Frontend, steps: &mut Steps) {
         let key = frontend_port(fe);
         if let Some(refs) = self.port_refs.get_mut(&key) {
             *refs -= 1;

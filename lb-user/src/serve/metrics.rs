@@ -291,31 +291,41 @@ fn register_datapath(r: &mut Registry, pin_path: &std::path::Path) {
         );
     }
     if let Ok(drops) = crate::datapath::read_drops(pin_path) {
-        let family = Family::<Vec<(String, String)>, Counter>::default();
-        for (reason, n) in drops {
-            family
-                .get_or_create(&vec![("reason".into(), reason.to_string())])
-                .inc_by(n);
-        }
-        r.register(
-            "lb_tc_drops",
-            "Packets the tc programs dropped, by reason",
-            family,
+        register_tally(
+            r,
+            ("lb_tc_drops", "Packets the tc programs dropped, by reason"),
+            "reason",
+            drops,
         );
     }
     if let Ok(events) = crate::datapath::read_ct_events(pin_path) {
-        let family = Family::<Vec<(String, String)>, Counter>::default();
-        for (event, n) in events {
-            family
-                .get_or_create(&vec![("event".into(), event.to_string())])
-                .inc_by(n);
-        }
-        r.register(
-            "lb_ct_events",
-            "What the tc programs' connection tracking did besides drops, by event",
-            family,
+        register_tally(
+            r,
+            (
+                "lb_ct_events",
+                "What the tc programs' connection tracking did besides drops, by event",
+            ),
+            "event",
+            events,
         );
     }
+}
+
+/// Registers counts by name as one counter family (`name`, `help`) with the name under
+/// `label`.
+fn register_tally(
+    r: &mut Registry,
+    (name, help): (&str, &str),
+    label: &str,
+    tally: Vec<(&'static str, u64)>,
+) {
+    let family = Family::<Vec<(String, String)>, Counter>::default();
+    for (key, n) in tally {
+        family
+            .get_or_create(&vec![(label.to_string(), key.to_string())])
+            .inc_by(n);
+    }
+    r.register(name, help, family);
 }
 
 /// Serves `/metrics` until the task is aborted. A bind failure is logged, not fatal: the
