@@ -262,6 +262,7 @@ impl Agent {
                 let services = self.model.service_count();
                 log_sync(services, update.services, &programmed, writes, &times);
                 m.record_sync(services, &programmed, writes, times.total);
+                m.frontend_conflicts = self.model.conflicts();
                 for map in &plan.full {
                     *m.map_full_total.entry(map).or_default() += 1;
                 }

@@ -275,3 +275,50 @@ fn ipv6_and_dual_stack_services_are_balanced_at_socket_level() {
     let other = probe(&fx, "[fd00:96::99]:80".parse().unwrap(), 1);
     assert_eq!(other.total_replies(), 0, "{other:?}");
 }
+
+#[test]
+fn a_service_takes_neither_another_services_cluster_ip_nor_its_node_port() {
+    // t/web holds ClusterIP 10.96.0.10 and nodePort 30080 (pod-0). t/evil, first by
+    // name, lists that ClusterIP as an externalIP and asks for the same nodePort (pod-1).
+    let port = common::free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let mut fx = Fixture::with_source("conflict", 2, &[], None, &["--metrics-bind-address", &bind]);
+    let web = "  type: NodePort\n  clusterIP: 10.96.0.10\n";
+    fx.write("web.yaml", &service_yaml("web", web, &fx.pod_ips(&[0])));
+    let cluster: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    fx.wait_answering(cluster, ProbeMode::Tcp);
+    let evil = "  type: NodePort\n  clusterIP: 10.96.0.11\n  externalIPs: [10.96.0.10]\n";
+    fx.write("evil.yaml", &service_yaml("evil", evil, &fx.pod_ips(&[1])));
+    fx.wait_answering(
+        "10.96.0.11:80".parse::<SocketAddr>().unwrap(),
+        ProbeMode::Tcp,
+    );
+    for target in ["10.96.0.10:80", "127.0.0.1:30080"] {
+        let r = probe(&fx, target.parse().unwrap(), 8);
+        assert_eq!(single_backend(&r, 8, target), "pod-0", "{target}: {r:?}");
+    }
+    let metrics = common::http_get(port, "/metrics");
+    assert!(
+        metrics.contains("lb_frontend_conflicts 2\n"),
+        "the externalIP and the nodePort claims lost:\n{metrics}"
+    );
+    let log = fx.agent.log();
+    assert!(
+        log.contains(
+            "frontend 10.96.0.10:80/TCP (ExternalIP) is already used by t/web (its ClusterIP"
+        ),
+        "{log}"
+    );
+    // web goes: evil's claims win now.
+    fx.remove("web.yaml");
+    let moved = lab::wait_for(Duration::from_secs(5), || {
+        let r = probe(&fx, "127.0.0.1:30080".parse().unwrap(), 4);
+        (r.replies.get("pod-1") == Some(&4)).then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "the nodePort never went to evil:\n{}",
+        fx.agent.log()
+    );
+    fx.agent.wait_synced(1, Duration::from_secs(1)).unwrap();
+}

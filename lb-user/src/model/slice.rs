@@ -166,6 +166,8 @@ pub fn slim_meta(meta: &mut ObjectMeta) {
         annotations,
         resource_version: m.resource_version,
         uid: m.uid,
+        // Ranks two Services' claims on one frontend.
+        creation_timestamp: m.creation_timestamp,
         ..ObjectMeta::default()
     };
 }

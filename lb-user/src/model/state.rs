@@ -7,9 +7,12 @@
 //! costs, not what the cluster holds. A change to this node's zone or addresses
 //! recomputes every service (rare: they are what every frontend depends on).
 //!
-//! Two services may claim one frontend (an externalIP, say): as in a full rebuild, the
-//! first by namespace/name wins and the other gets a warning; when the winner lets go,
-//! the next claimant takes over.
+//! Two services may claim one frontend (an externalIP, say), the CVE-2020-8554 pattern.
+//! The claims are ranked ([`Claim`]): a ClusterIP beats an externalIP, LoadBalancer IP or
+//! nodePort; among equal ones the claim made in an earlier update (the one programmed
+//! first) keeps the frontend, then the older creationTimestamp, then namespace/name.
+//! Every other claimant gets a warning and is counted ([`Model::conflicts`]); when the
+//! winner lets go, the next claimant takes over.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,8 +23,8 @@ use std::{
 use k8s_openapi::api::{core::v1::Node, core::v1::Service};
 
 use super::{
-    Desired, Frontend, FrontendState, HealthCheck, NodeInfo, Objects, SERVICE_NAME_LABEL, Scope,
-    Slice,
+    Desired, Frontend, FrontendKind, FrontendState, HealthCheck, NodeInfo, Objects,
+    SERVICE_NAME_LABEL, Scope, Slice,
     service::{ServiceOut, add_service},
     vecmap::VecMap,
 };
@@ -154,9 +157,11 @@ pub struct Model {
     outs: BTreeMap<ObjKey, ServiceOut>,
     /// Keys whose out has warnings.
     warned: BTreeSet<ObjKey>,
-    /// Frontend -> the services that claim it (the first wins).
-    claims: BTreeMap<Frontend, VecMap<ObjKey, ()>>,
-    health_claims: BTreeMap<u16, VecMap<ObjKey, ()>>,
+    /// Frontend -> the services that claim it (the lowest [`Claim`] wins).
+    claims: BTreeMap<Frontend, VecMap<ObjKey, Claim>>,
+    health_claims: BTreeMap<u16, VecMap<ObjKey, Claim>>,
+    /// Counts the updates: the `since` of the claims each one makes.
+    generation: u64,
     served: usize,
 
     desired: Desired,
@@ -186,6 +191,7 @@ impl Model {
             warned: BTreeSet::new(),
             claims: BTreeMap::new(),
             health_claims: BTreeMap::new(),
+            generation: 0,
             served: 0,
             desired: Desired::default(),
             health_checks: BTreeMap::new(),
@@ -375,6 +381,7 @@ impl Model {
                 self.dirty.extend(self.outs.keys().cloned());
             }
         }
+        self.generation += 1;
         let dirty = std::mem::take(&mut self.dirty);
         let mut touched = BTreeSet::new();
         let mut touched_ports = BTreeSet::new();
@@ -401,7 +408,7 @@ impl Model {
             let now = self
                 .health_claims
                 .get(&port)
-                .and_then(|owners| owners.first_key())
+                .and_then(winner)
                 .and_then(|k| self.outs.get(k))
                 .and_then(|o| o.health.as_ref())
                 .map(|(_, hc)| hc.clone());
@@ -425,14 +432,14 @@ impl Model {
         }
     }
 
-    /// The state of `fe` from the first service that claims it; a Local-scope frontend
+    /// The state of `fe` from the service whose claim wins it; a Local-scope frontend
     /// is its external twin's winner's (or nobody's).
     fn winner_state(&self, fe: &Frontend) -> Option<&Arc<FrontendState>> {
         let external = Frontend {
             scope: Scope::External,
             ..*fe
         };
-        let owner = self.claims.get(&external)?.first_key()?;
+        let owner = winner(self.claims.get(&external)?)?;
         self.outs.get(owner)?.frontends.get(fe).map(|(s, _)| s)
     }
 
@@ -444,16 +451,22 @@ impl Model {
         touched: &mut BTreeSet<Frontend>,
         touched_ports: &mut BTreeSet<u16>,
     ) {
+        // When each frontend and health-check port still claimed was first claimed.
+        let mut since: BTreeMap<Frontend, u64> = BTreeMap::new();
+        let mut health_since = None;
         if let Some(old) = self.outs.remove(key) {
             if !old.frontends.is_empty() {
                 self.served -= 1;
             }
             for fe in old.frontends.keys() {
-                unclaim(&mut self.claims, fe, key);
+                if let Some(c) = unclaim(&mut self.claims, fe, key) {
+                    since.insert(*fe, c.since);
+                }
                 touched.insert(*fe);
             }
             if let Some((port, _)) = old.health {
-                unclaim(&mut self.health_claims, &port, key);
+                health_since =
+                    unclaim(&mut self.health_claims, &port, key).map(|c| (port, c.since));
                 touched_ports.insert(port);
             }
         }
@@ -479,15 +492,35 @@ impl Model {
                 }
             }
         }
-        for fe in out.frontends.keys() {
-            self.claims.entry(*fe).or_default().insert(key.clone(), ());
+        let created = self
+            .services
+            .get(key)
+            .and_then(|s| s.metadata.creation_timestamp.as_ref())
+            .map_or(i64::MAX, |t| t.0.as_second());
+        for (fe, (state, _)) in out.frontends.iter() {
+            let claim = Claim {
+                rank: u8::from(state.kind != FrontendKind::ClusterIp),
+                since: since.get(fe).copied().unwrap_or(self.generation),
+                created,
+            };
+            self.claims
+                .entry(*fe)
+                .or_default()
+                .insert(key.clone(), claim);
             touched.insert(*fe);
         }
         if let Some((port, _)) = &out.health {
+            let claim = Claim {
+                rank: 0,
+                since: health_since
+                    .filter(|(p, _)| p == port)
+                    .map_or(self.generation, |(_, s)| s),
+                created,
+            };
             self.health_claims
                 .entry(*port)
                 .or_default()
-                .insert(key.clone(), ());
+                .insert(key.clone(), claim);
             touched_ports.insert(*port);
         }
         if !out.frontends.is_empty() {
@@ -523,29 +556,72 @@ impl Model {
         for key in &self.warned {
             out.extend(self.outs[key].warnings.iter().cloned());
         }
-        for (fe, owners) in self.claims.iter().filter(|(_, o)| o.len() > 1) {
-            if fe.scope == Scope::Local {
-                continue; // Its external twin carries the warning.
-            }
-            let winner = self.winner_state(fe).map_or("?", |s| s.service.as_str());
-            for loser in owners.keys().skip(1) {
-                let index = self.outs[loser].frontends.get(fe).map_or(0, |(_, i)| *i);
+        for (fe, owners) in self.contested() {
+            let won = winner(owners).expect("claimed");
+            let kind = |k: &ObjKey| {
+                let (state, index) = self.outs[k]
+                    .frontends
+                    .get(fe)
+                    .expect("a claimant's frontend");
+                (FrontendKind::name_of(state.kind.number()), *index)
+            };
+            for (loser, claim) in owners.iter().filter(|(k, _)| *k != won) {
+                let ((lost_kind, index), (won_kind, _)) = (kind(loser), kind(won));
                 out.push(format!(
-                    "Service {}/{}: field spec.ports[{index}]: frontend {fe} is already used by {winner}; skipped",
-                    loser.0, loser.1
+                    "Service {}/{}: field spec.ports[{index}]: frontend {fe} ({lost_kind}) is already used by {}/{} (its {won_kind}, {}); skipped",
+                    loser.0,
+                    loser.1,
+                    won.0,
+                    won.1,
+                    why(owners.get(won).expect("claimed"), claim),
                 ));
             }
         }
         for (port, owners) in self.health_claims.iter().filter(|(_, o)| o.len() > 1) {
-            let winner = owners.first_key().expect("more than one");
-            for loser in owners.keys().skip(1) {
+            let won = winner(owners).expect("more than one");
+            for loser in owners.keys().filter(|k| *k != won) {
                 out.push(format!(
                     "Service {}/{}: field spec.healthCheckNodePort: {port} is already served for {}/{}; skipped",
-                    loser.0, loser.1, winner.0, winner.1
+                    loser.0, loser.1, won.0, won.1
                 ));
             }
         }
         out
+    }
+
+    /// The frontends that more than one service claims (their external scope only: a
+    /// Local-scope twin goes with it), with the claimants.
+    fn contested(&self) -> impl Iterator<Item = (&Frontend, &VecMap<ObjKey, Claim>)> {
+        self.claims
+            .iter()
+            .filter(|(fe, o)| o.len() > 1 && fe.scope == Scope::External)
+    }
+
+    /// The claims that lost their frontend or health-check port to another service's
+    /// (`lb_frontend_conflicts`).
+    pub fn conflicts(&self) -> usize {
+        let lost = |o: &VecMap<ObjKey, Claim>| o.len().saturating_sub(1);
+        self.contested().map(|(_, o)| lost(o)).sum::<usize>()
+            + self.health_claims.values().map(lost).sum::<usize>()
+    }
+
+    /// The frontends in [`Self::contested`] (for the property tests, whose full rebuild
+    /// has no history to rank claims by).
+    #[cfg(test)]
+    pub(crate) fn contested_frontends(&self) -> BTreeSet<Frontend> {
+        self.contested()
+            .flat_map(|(fe, _)| [*fe, twin(fe)])
+            .collect()
+    }
+
+    /// The health-check ports more than one service claims.
+    #[cfg(test)]
+    pub(crate) fn contested_ports(&self) -> BTreeSet<u16> {
+        self.health_claims
+            .iter()
+            .filter(|(_, o)| o.len() > 1)
+            .map(|(p, _)| *p)
+            .collect()
     }
 
     /// A copy of the objects held (for tests and debugging).
@@ -569,13 +645,50 @@ fn twin(fe: &Frontend) -> Frontend {
     }
 }
 
-fn unclaim<K: Ord>(claims: &mut BTreeMap<K, VecMap<ObjKey, ()>>, what: &K, key: &ObjKey) {
-    if let Some(owners) = claims.get_mut(what) {
-        owners.remove(key);
-        if owners.is_empty() {
-            claims.remove(what);
-        }
+/// One service's claim on a frontend or a health-check port; the lowest wins (then the
+/// lowest namespace/name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    /// 0 for a ClusterIP (and a health-check port), 1 for an externalIP, LoadBalancer IP
+    /// or nodePort: no Service takes another's ClusterIP with one of those.
+    rank: u8,
+    /// The update in which this service first claimed it: a holder keeps it against
+    /// later claims; claims made in one update (a first list) are equal here.
+    since: u64,
+    /// The service's metadata.creationTimestamp in seconds (unset: last).
+    created: i64,
+}
+
+/// Why the claim `won` beat `lost`, for the loser's warning.
+fn why(won: &Claim, lost: &Claim) -> &'static str {
+    if won.rank < lost.rank {
+        "a ClusterIP, which no other kind of address may take"
+    } else if won.since < lost.since {
+        "held before this claim was made"
+    } else if won.created < lost.created {
+        "the older Service"
+    } else {
+        "first by namespace/name"
     }
+}
+
+/// The claimant whose claim wins.
+fn winner(owners: &VecMap<ObjKey, Claim>) -> Option<&ObjKey> {
+    owners.iter().min_by_key(|(k, c)| (**c, *k)).map(|(k, _)| k)
+}
+
+/// Withdraws `key`'s claim on `what`; returns it.
+fn unclaim<K: Ord>(
+    claims: &mut BTreeMap<K, VecMap<ObjKey, Claim>>,
+    what: &K,
+    key: &ObjKey,
+) -> Option<Claim> {
+    let owners = claims.get_mut(what)?;
+    let claim = owners.remove(key);
+    if owners.is_empty() {
+        claims.remove(what);
+    }
+    claim
 }
 
 /// The service (namespace, name) a slice belongs to, from its label.

@@ -697,9 +697,9 @@ fn a_shared_external_ip_and_its_local_twin_go_to_the_same_service() {
         b.desired.frontends.keys()
     );
     assert!(
-        b.warnings
-            .iter()
-            .any(|w| w.contains("frontend 198.51.100.20:80/TCP is already used by n/a")),
+        b.warnings.iter().any(
+            |w| w.contains("frontend 198.51.100.20:80/TCP (ExternalIP) is already used by n/a")
+        ),
         "{:?}",
         b.warnings
     );
@@ -916,4 +916,146 @@ fn each_frontend_knows_its_kind_and_the_traffic_policy_that_applies() {
     ));
     let s = &b.desired.frontends[&fe("192.0.2.1", 30080, Proto::Tcp)];
     assert_eq!((s.kind, s.policy_local), (FrontendKind::NodePort, true));
+}
+
+/// A model fed `yaml` as one more change (an apply of each object), then updated.
+fn add(model: &mut Model, yaml: &str) {
+    let o = objects_from(yaml);
+    for s in o.services {
+        model.apply(Change::Apply(Object::Service(std::sync::Arc::new(s))));
+    }
+    model.update();
+}
+
+fn owner(model: &Model, addr: &str, port: u16) -> Option<String> {
+    model
+        .desired()
+        .frontends
+        .get(&fe(addr, port, Proto::Tcp))
+        .map(|s| s.service.clone())
+}
+
+fn service_yaml(ns_name: (&str, &str), spec: &str, created: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{namespace: {}, name: {}, creationTimestamp: '{created}'}}\nspec: {spec}\n---\n",
+        ns_name.0, ns_name.1
+    )
+}
+
+#[test]
+fn a_cluster_ip_is_never_taken_by_another_services_external_ip() {
+    // CVE-2020-8554's pattern: aaa/evil (first by name, older) lists zzz/web's ClusterIP
+    // as an externalIP. Whichever comes first, web keeps its ClusterIP.
+    let web = service_yaml(
+        ("zzz", "web"),
+        "{clusterIP: 10.96.0.10, ports: [{port: 80}]}",
+        "2026-01-02T00:00:00Z",
+    );
+    let evil = service_yaml(
+        ("aaa", "evil"),
+        "{clusterIP: 10.96.0.66, externalIPs: [10.96.0.10], ports: [{port: 80}]}",
+        "2026-01-01T00:00:00Z",
+    );
+    for order in [[&web, &evil], [&evil, &web]] {
+        let mut model = Model::new(Some("node-a".into()), Vec::new());
+        add(&mut model, order[0]);
+        add(&mut model, order[1]);
+        assert_eq!(owner(&model, "10.96.0.10", 80).as_deref(), Some("zzz/web"));
+        assert_eq!(model.conflicts(), 1);
+        let w = model.warnings();
+        assert!(
+            w.iter().any(|w| w.contains("Service aaa/evil: field spec.ports[0]: frontend 10.96.0.10:80/TCP (ExternalIP) is already used by zzz/web (its ClusterIP, a ClusterIP, which no other kind of address may take)")),
+            "{w:?}"
+        );
+    }
+    // The full build agrees.
+    let b = build_from(&(evil.clone() + &web));
+    assert_eq!(
+        b.desired.frontends[&fe("10.96.0.10", 80, Proto::Tcp)].service,
+        "zzz/web"
+    );
+}
+
+#[test]
+fn a_new_service_does_not_take_a_node_port_or_an_external_ip_in_use() {
+    let old = service_yaml(
+        ("zzz", "old"),
+        "{type: NodePort, clusterIP: 10.96.0.1, externalIPs: [198.51.100.9], ports: [{port: 80, nodePort: 30080}]}",
+        "2026-01-02T00:00:00Z",
+    );
+    // Older by its timestamp and first by name: neither counts against a holder.
+    let new = service_yaml(
+        ("aaa", "new"),
+        "{type: NodePort, clusterIP: 10.96.0.2, externalIPs: [198.51.100.9], ports: [{port: 80, nodePort: 30080}]}",
+        "2026-01-01T00:00:00Z",
+    );
+    let mut model = Model::new(Some("node-a".into()), Vec::new());
+    add(&mut model, &old);
+    add(&mut model, &new);
+    assert_eq!(
+        owner(&model, "127.0.0.1", 30080).as_deref(),
+        Some("zzz/old")
+    );
+    assert_eq!(
+        owner(&model, "198.51.100.9", 80).as_deref(),
+        Some("zzz/old")
+    );
+    assert_eq!(model.conflicts(), 2);
+    assert!(
+        model
+            .warnings()
+            .iter()
+            .any(|w| w.contains("(its NodePort, held before this claim was made)")),
+        "{:?}",
+        model.warnings()
+    );
+    // A change to the holder (a new port) does not make its claims new.
+    add(
+        &mut model,
+        &old.replace("ports: [", "ports: [{port: 81, name: b}, "),
+    );
+    assert_eq!(
+        owner(&model, "127.0.0.1", 30080).as_deref(),
+        Some("zzz/old")
+    );
+    // The holder lets go: the other claimant takes over.
+    model.apply(Change::Delete(Kind::Service, ("zzz".into(), "old".into())));
+    model.update();
+    assert_eq!(
+        owner(&model, "127.0.0.1", 30080).as_deref(),
+        Some("aaa/new")
+    );
+    assert_eq!(model.conflicts(), 0);
+}
+
+#[test]
+fn claims_made_together_go_to_the_older_service() {
+    let svc = |ns: &str, created: &str| {
+        let ip = if ns == "aaa" { 1 } else { 2 };
+        service_yaml(
+            (ns, "s"),
+            &format!(
+                "{{type: NodePort, clusterIP: 10.96.0.{ip}, ports: [{{port: 80, nodePort: 30080}}]}}"
+            ),
+            created,
+        )
+    };
+    let b = build_from(&(svc("aaa", "2026-03-01T00:00:00Z") + &svc("zzz", "2025-03-01T00:00:00Z")));
+    assert_eq!(
+        b.desired.frontends[&fe("127.0.0.1", 30080, Proto::Tcp)].service,
+        "zzz/s"
+    );
+    assert!(
+        b.warnings
+            .iter()
+            .any(|w| w.contains("(its NodePort, the older Service)")),
+        "{:?}",
+        b.warnings
+    );
+    // Equal timestamps: namespace/name decides.
+    let b = build_from(&(svc("zzz", "2025-03-01T00:00:00Z") + &svc("aaa", "2025-03-01T00:00:00Z")));
+    assert_eq!(
+        b.desired.frontends[&fe("127.0.0.1", 30080, Proto::Tcp)].service,
+        "aaa/s"
+    );
 }

@@ -45,9 +45,8 @@ impl<K: Ord, V> VecMap<K, V> {
         self.0.is_empty()
     }
 
-    /// The smallest key.
-    pub fn first_key(&self) -> Option<&K> {
-        self.0.first().map(|(k, _)| k)
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &K> {
@@ -67,8 +66,8 @@ mod tests {
         }
         assert_eq!(m.keys().copied().collect::<Vec<_>>(), [1, 3, 5]);
         assert_eq!(
-            (m.get(&3), m.first_key(), m.len()),
-            (Some(&30), Some(&1), 3)
+            (m.get(&3), m.iter().next(), m.len()),
+            (Some(&30), Some((&1, &10)), 3)
         );
         assert_eq!(m.remove(&1), Some(10));
         assert_eq!((m.remove(&1), m.get(&1)), (None, None));

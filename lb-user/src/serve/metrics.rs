@@ -44,6 +44,8 @@ pub struct Metrics {
     pub map_full_total: BTreeMap<&'static str, u64>,
     /// Desired frontends not programmed (or not updated) now, for want of room.
     pub frontends_skipped: usize,
+    /// Claims on a frontend or health-check port that another Service's claim beat.
+    pub frontend_conflicts: usize,
     /// Sockets closed because their backend left the service, and failures doing so.
     pub sockets_destroyed_total: u64,
     pub socket_destroy_errors_total: u64,
@@ -72,6 +74,7 @@ impl Default for Metrics {
             map_entries: BTreeMap::new(),
             map_full_total: BTreeMap::new(),
             frontends_skipped: 0,
+            frontend_conflicts: 0,
             sockets_destroyed_total: 0,
             socket_destroy_errors_total: 0,
             map_writes_total: 0,
@@ -189,7 +192,7 @@ impl Metrics {
             g.set(value);
             r.register(name, help, g);
         }
-        let counts: [(&str, &str, usize); 3] = [
+        let counts: [(&str, &str, usize); 4] = [
             (
                 "lb_programmed_services",
                 "Services with at least one programmed frontend",
@@ -204,6 +207,11 @@ impl Metrics {
                 "lb_programmed_endpoints",
                 "Distinct programmed backends (endpoint, protocol)",
                 self.backends,
+            ),
+            (
+                "lb_frontend_conflicts",
+                "Claims on a frontend or healthCheckNodePort that another Service holds (each warned in the log)",
+                self.frontend_conflicts,
             ),
         ];
         for (name, help, value) in counts {
