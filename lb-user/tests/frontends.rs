@@ -282,7 +282,8 @@ fn a_service_takes_neither_another_services_cluster_ip_nor_its_node_port() {
     // name, lists that ClusterIP as an externalIP and asks for the same nodePort (pod-1).
     let port = common::free_port();
     let bind = format!("127.0.0.1:{port}");
-    let mut fx = Fixture::with_source("conflict", 2, &[], None, &["--metrics-bind-address", &bind]);
+    let args = ["--metrics-bind-address", &bind];
+    let fx = Fixture::with_source("conflict", 2, &[], None, &args);
     let web = "  type: NodePort\n  clusterIP: 10.96.0.10\n";
     fx.write("web.yaml", &service_yaml("web", web, &fx.pod_ips(&[0])));
     let cluster: SocketAddr = "10.96.0.10:80".parse().unwrap();
