@@ -321,5 +321,4 @@ fn a_service_takes_neither_another_services_cluster_ip_nor_its_node_port() {
         "the nodePort never went to evil:\n{}",
         fx.agent.log()
     );
-    fx.agent.wait_synced(1, Duration::from_secs(1)).unwrap();
 }
