@@ -81,7 +81,9 @@ fn without_the_capabilities_the_agent_says_which_are_missing() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("lacks CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN"),
+        err.contains(
+            "lacks CAP_BPF (or CAP_SYS_ADMIN), CAP_PERFMON (or CAP_SYS_ADMIN), CAP_NET_ADMIN"
+        ),
         "{err}"
     );
 }
@@ -182,4 +184,154 @@ fn a_packet_level_interface_that_is_not_ethernet_is_refused_by_name() {
         err.contains("--interface tun0: interface tun0 is not Ethernet"),
         "{err}"
     );
+}
+
+/// Whether any program of ours is attached to `cgroup`.
+fn attached(cgroup: &Path) -> String {
+    lab::run(Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup)).unwrap()
+}
+
+#[test]
+fn without_cap_perfmon_the_agent_says_so_before_pinning_anything() {
+    require_root();
+    let cgroup = Cgroup::create(&lab::unique_prefix("perfmon")).unwrap();
+    let pin = pin_path("perfmon");
+    // Root with CAP_BPF and CAP_NET_ADMIN, but neither CAP_PERFMON nor CAP_SYS_ADMIN.
+    let wrapper = ["setpriv", "--bounding-set=-perfmon,-sys_admin"];
+    let out = run_agent(&wrapper, &cgroup.path, &pin);
+    let pinned = pin.exists();
+    lb_user::datapath::loader::remove_pins(&pin);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("lacks CAP_PERFMON (or CAP_SYS_ADMIN) ("),
+        "{err}"
+    );
+    assert!(!err.contains("CAP_BPF"), "{err}");
+    assert!(!pinned, "the pin directory was made before the check");
+}
+
+#[test]
+fn a_pin_directory_another_user_could_change_is_refused() {
+    require_root();
+    let cgroup = Cgroup::create(&lab::unique_prefix("trust")).unwrap();
+    let pin = pin_path("trust");
+    std::fs::create_dir_all(&pin).unwrap();
+    let chmod = |mode: u32| {
+        std::fs::set_permissions(&pin, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
+    };
+    let refused = |want: &str| {
+        let out = run_agent(&[], &cgroup.path, &pin);
+        assert!(!out.status.success(), "{want}: started");
+        let err = stderr(&out);
+        assert!(err.contains(want), "want {want:?}:\n{err}");
+        assert!(!attached(&cgroup.path).contains("lb_"), "{want}: attached");
+    };
+    std::os::unix::fs::chown(&pin, Some(65534), None).unwrap();
+    refused("owned by uid 65534");
+    std::os::unix::fs::chown(&pin, Some(0), None).unwrap();
+    chmod(0o777);
+    refused("owned by uid 0 with mode 777");
+    // Another agent's map, behind a symlink under our name.
+    chmod(0o700);
+    std::os::unix::fs::symlink(
+        "/sys/fs/bpf/elsewhere/LB_BACKENDS",
+        pin.join(lb_common::MAP_BACKENDS),
+    )
+    .unwrap();
+    refused("is a symlink (to /sys/fs/bpf/elsewhere/LB_BACKENDS");
+    let _ = std::fs::remove_file(pin.join(lb_common::MAP_BACKENDS));
+    lb_user::datapath::loader::remove_pins(&pin);
+}
+
+#[test]
+fn the_agent_mounts_the_bpf_filesystem_for_root_alone() {
+    require_root();
+    let cgroup = Cgroup::create(&lab::unique_prefix("mount")).unwrap();
+    // In a mount namespace of its own without /sys/fs/bpf mounted: the agent mounts it,
+    // then stops at an interface that does not exist; the shell prints the mode. The
+    // namespace's bpf filesystem, and every pin in it, goes with the shell.
+    let script = "umount /sys/fs/bpf && \"$0\" \"$@\"; echo \"mode $(stat -c %a /sys/fs/bpf)\" >&2";
+    let wrapper = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+    ];
+    let pin = Path::new("/sys/fs/bpf/lb-mount-test");
+    let out = run_agent_with(&wrapper, &cgroup.path, pin, &["--interface", "lbnope0"]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("mounted a bpf filesystem at /sys/fs/bpf (mode 0700)"),
+        "{err}"
+    );
+    // The kernel adds the sticky bit to a bpf filesystem's root whatever the mode.
+    assert!(err.contains("mode 1700\n"), "{err}");
+    assert!(!pin.exists(), "pinned in the machine's bpf filesystem");
+}
+
+#[test]
+fn cleanup_refuses_a_path_off_the_bpf_filesystem() {
+    let dir = std::env::temp_dir().join(lab::unique_prefix("notpins"));
+    std::fs::create_dir_all(dir.join("links")).unwrap();
+    for f in [lb_common::MAP_SERVICES, "links/precious"] {
+        std::fs::write(dir.join(f), "data").unwrap();
+    }
+    let out = Command::new(AGENT_BIN)
+        .args(["cleanup", "--pin-path"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let kept = dir.join("links/precious").exists() && dir.join(lb_common::MAP_SERVICES).exists();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not on a bpf filesystem"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(kept, "cleanup deleted files off bpffs");
+}
+
+#[test]
+fn a_size_flag_that_differs_from_a_pinned_map_is_refused_with_the_way_to_resize() {
+    require_root();
+    let cgroup = Cgroup::create(&lab::unique_prefix("size")).unwrap();
+    let pin = pin_path("size");
+    std::fs::create_dir_all(&pin).unwrap();
+    // The connection-tracking map, pinned with this build's layout and 4,096 entries.
+    let (_, key, value) = lb_user::datapath::loader::expected_layout()
+        .into_iter()
+        .find(|(n, _, _)| *n == lb_common::MAP_CT)
+        .unwrap();
+    let map = pin.join(lb_common::MAP_CT);
+    lab::run(
+        Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&map)
+            .args([
+                "type",
+                "lru_hash",
+                "key",
+                &key.to_string(),
+                "value",
+                &value.to_string(),
+            ])
+            .args(["entries", "4096", "name", "LB_CT"]),
+    )
+    .unwrap();
+    let out = run_agent_with(&[], &cgroup.path, &pin, &["--ct-max-entries", "8192"]);
+    let _ = std::fs::remove_file(&map);
+    lb_user::datapath::loader::remove_pins(&pin);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("holds 4096 entries, --ct-max-entries asks for 8192")
+            && err.contains("lb-user cleanup --pin-path"),
+        "{err}"
+    );
+    assert!(!attached(&cgroup.path).contains("lb_"));
 }

@@ -10,6 +10,7 @@ use aya::{
 /// Linux capability numbers (linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// The effective capabilities of this process (`CapEff` of /proc/self/status).
@@ -24,13 +25,19 @@ pub fn effective_capabilities() -> u64 {
         .unwrap_or(0)
 }
 
-/// Loading and attaching needs CAP_BPF (or CAP_SYS_ADMIN, which covers it on kernels
-/// before 5.8) and CAP_NET_ADMIN (cgroup socket and tc programs, netlink, sysctls).
+/// Loading and attaching needs CAP_BPF (maps, programs, links), CAP_PERFMON (the
+/// verifier lets programs follow kernel pointers and do the pointer arithmetic ours do
+/// only with it) and CAP_NET_ADMIN (cgroup socket and tc programs, netlink, sysctls);
+/// CAP_SYS_ADMIN covers the first two. Checked before anything is pinned, each missing
+/// one named.
 pub fn check_capabilities(effective: u64) -> Result<(), String> {
     let has = |cap: u32| effective & (1 << cap) != 0;
     let mut missing = Vec::new();
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_BPF (or CAP_SYS_ADMIN)");
+    }
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON (or CAP_SYS_ADMIN)");
     }
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
@@ -41,7 +48,7 @@ pub fn check_capabilities(effective: u64) -> Result<(), String> {
     Err(format!(
         "this process lacks {} (effective capabilities {effective:#x}): run the agent as root, \
          or grant them (the DaemonSet in manifests/deploy does)",
-        missing.join(" and ")
+        missing.join(", ")
     ))
 }
 
@@ -155,15 +162,23 @@ mod tests {
     #[test]
     fn capabilities_name_what_is_missing() {
         assert!(check_capabilities(u64::MAX).is_ok());
-        assert!(check_capabilities((1 << CAP_BPF) | (1 << CAP_NET_ADMIN)).is_ok());
+        let bpf = (1 << CAP_BPF) | (1 << CAP_PERFMON);
+        assert!(check_capabilities(bpf | (1 << CAP_NET_ADMIN)).is_ok());
         assert!(check_capabilities((1 << CAP_SYS_ADMIN) | (1 << CAP_NET_ADMIN)).is_ok());
         let err = check_capabilities(0).unwrap_err();
         assert!(
-            err.contains("CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN"),
+            err.contains(
+                "CAP_BPF (or CAP_SYS_ADMIN), CAP_PERFMON (or CAP_SYS_ADMIN), CAP_NET_ADMIN"
+            ),
             "{err}"
         );
-        let err = check_capabilities(1 << CAP_BPF).unwrap_err();
+        let err = check_capabilities(bpf).unwrap_err();
         assert!(err.contains("lacks CAP_NET_ADMIN ("), "{err}");
+        let err = check_capabilities((1 << CAP_BPF) | (1 << CAP_NET_ADMIN)).unwrap_err();
+        assert!(
+            err.contains("lacks CAP_PERFMON (or CAP_SYS_ADMIN) ("),
+            "{err}"
+        );
     }
 
     #[test]

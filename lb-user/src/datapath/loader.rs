@@ -77,6 +77,17 @@ pub enum LoadError {
     )]
     Layout { path: PathBuf, why: String },
     #[error(
+        "pinned map {path} holds {pinned} entries, {flag} asks for {want}: a pinned map keeps its size. \
+         To resize it, stop the agent, run `lb-user cleanup --pin-path DIR` (connections through the maps are cut) \
+         and start it again; or keep the size: {flag} to match {pinned}"
+    )]
+    Size {
+        path: PathBuf,
+        pinned: u32,
+        want: u32,
+        flag: &'static str,
+    },
+    #[error(
         "--pin-path {path}: another agent is running on it (it holds the directory's lock); stop it first, or give this one another --pin-path"
     )]
     Busy { path: PathBuf },
@@ -124,6 +135,8 @@ fn ensure_bpf_fs_root() -> Result<(), String> {
     if !root.is_dir() {
         return Err(format!("{BPF_FS_ROOT} does not exist"));
     }
+    // Mode 0700, as systemd mounts it: the kernel's default is 1777, which lets any user
+    // make pins there.
     // SAFETY: all pointers are NUL-terminated literals; mount(2) does not keep them.
     let rc = unsafe {
         libc::mount(
@@ -131,7 +144,7 @@ fn ensure_bpf_fs_root() -> Result<(), String> {
             c"/sys/fs/bpf".as_ptr(),
             c"bpf".as_ptr(),
             0,
-            std::ptr::null(),
+            c"mode=0700".as_ptr().cast(),
         )
     };
     if rc != 0 {
@@ -140,12 +153,14 @@ fn ensure_bpf_fs_root() -> Result<(), String> {
             std::io::Error::last_os_error()
         ));
     }
-    tracing::info!("mounted a bpf filesystem at {BPF_FS_ROOT}");
+    tracing::info!("mounted a bpf filesystem at {BPF_FS_ROOT} (mode 0700)");
     Ok(())
 }
 
-/// Creates the pin directory if needed and checks that it is on a bpf filesystem.
+/// Creates the pin directory if needed (mode 0700) and checks that it is on a bpf
+/// filesystem and that no other user can change what is pinned there.
 pub fn prepare_pin_dir(path: &Path) -> Result<(), LoadError> {
+    use std::os::unix::fs::DirBuilderExt as _;
     let err = |why: String| LoadError::PinPath {
         path: path.to_path_buf(),
         why,
@@ -153,12 +168,83 @@ pub fn prepare_pin_dir(path: &Path) -> Result<(), LoadError> {
     if path.starts_with(BPF_FS_ROOT) {
         ensure_bpf_fs_root().map_err(err)?;
     }
-    std::fs::create_dir_all(path).map_err(|e| err(format!("cannot create it: {e}")))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| err(format!("cannot create it: {e}")))?;
     match fs_magic(path) {
-        Some(BPF_FS_MAGIC) => Ok(()),
-        Some(_) => Err(err("not on a bpf filesystem".into())),
-        None => Err(err("cannot stat it".into())),
+        Some(BPF_FS_MAGIC) => {}
+        Some(_) => return Err(err("not on a bpf filesystem".into())),
+        None => return Err(err("cannot stat it".into())),
     }
+    check_trusted(path).map_err(err)?;
+    check_no_symlinks(path).map_err(err)
+}
+
+/// Refuses a pin directory another user could change: it must be a directory (not a
+/// symlink) owned by this process's user and writable by nobody else, and each
+/// directory above it must be owned by root or this user and not writable by others
+/// (a sticky one, as /sys/fs/bpf often is, is fine: nobody can rename what is ours).
+pub fn check_trusted(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("cannot stat it: {e}"))?;
+    if meta.file_type().is_symlink() {
+        return Err("it is a symlink: give the directory itself".into());
+    }
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "owned by uid {} with mode {:o}: another user could replace the maps or links pinned there;              it must be owned by uid {me} and writable by nobody else (`chown {me} DIR && chmod 0700 DIR`)",
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    for parent in dir.ancestors().skip(1) {
+        let Ok(m) = std::fs::metadata(parent) else {
+            continue;
+        };
+        let sticky = m.mode() & 0o1000 != 0;
+        let open = m.mode() & 0o022 != 0 && !sticky;
+        if (m.uid() != 0 && m.uid() != me) || open {
+            return Err(format!(
+                "{} above it is owned by uid {} with mode {:o}: another user could replace the pin directory",
+                parent.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses symlinks where the maps and links are pinned: opening a pin follows them
+/// (BPF_OBJ_GET has no O_NOFOLLOW), and a symlink could make this agent write another
+/// agent's map. With [`check_trusted`] nobody else can add one afterwards.
+pub fn check_no_symlinks(dir: &Path) -> Result<(), String> {
+    let links = std::fs::read_dir(dir.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    let pins = PINNED_MAPS
+        .iter()
+        .map(|m| dir.join(m))
+        .chain([dir.join("links")]);
+    for path in pins.chain(links) {
+        if let Ok(m) = std::fs::symlink_metadata(&path)
+            && m.file_type().is_symlink()
+        {
+            let to = std::fs::read_link(&path).unwrap_or_default();
+            return Err(format!(
+                "{} is a symlink (to {}): pins are never followed; remove it",
+                path.display(),
+                to.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Opens a cgroup v2 directory for attaching.
@@ -193,6 +279,7 @@ pub fn load_and_attach(
     prepare_pin_dir(pin_dir)?;
     let lock = PinLock::take(pin_dir)?;
     check_pinned_layout(pin_dir)?;
+    check_pinned_sizes(pin_dir, sizes)?;
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
     // A map already pinned keeps the size it was made with.
@@ -260,6 +347,20 @@ impl Default for MapSizes {
 }
 
 impl MapSizes {
+    /// The flag(s) that size map `name`.
+    pub fn flag_of(name: &str) -> &'static str {
+        use lb_common::*;
+        match name {
+            MAP_SERVICES => "--max-services plus --max-slots",
+            MAP_BACKENDS => "--max-backends",
+            MAP_REVNAT | MAP_NAMES => "--max-services",
+            MAP_AFFINITY | MAP_AFFINITY_SRC => "--max-affinity",
+            MAP_SOCK_REVNAT => "--max-sock-revnat",
+            MAP_CT => "--ct-max-entries",
+            _ => "no flag",
+        }
+    }
+
     /// (map, max_entries) for each map sized by a flag.
     pub fn entries(&self) -> [(&'static str, u32); 8] {
         use lb_common::*;
@@ -339,6 +440,27 @@ fn check_pinned_layout(pin_dir: &Path) -> Result<(), LoadError> {
                     info.key_size(),
                     info.value_size()
                 ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to start when a `--max-*` flag asks for another size than a map pinned under
+/// `pin_dir` has: a pinned map keeps the size it was made with, and resizing one means
+/// making it anew, which cuts the connections it tracks. The error says how.
+fn check_pinned_sizes(pin_dir: &Path, sizes: &MapSizes) -> Result<(), LoadError> {
+    for (name, want) in sizes.entries() {
+        let path = pin_dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+            continue; // Not pinned (made now) or unreadable (the load says why).
+        };
+        if info.max_entries() != want {
+            return Err(LoadError::Size {
+                path,
+                pinned: info.max_entries(),
+                want,
+                flag: MapSizes::flag_of(name),
             });
         }
     }
@@ -558,6 +680,19 @@ fn remove_stale_links(pin_dir: &Path, ifaces: &[Iface]) {
 /// (one whose pin was lost). Says what it did.
 pub fn cleanup(pin_dir: &Path, cgroup: Option<&Path>) -> anyhow::Result<String> {
     use anyhow::Context as _;
+    if std::fs::symlink_metadata(pin_dir).is_ok() {
+        // Only pins are removed: never files of another filesystem.
+        let why = match fs_magic(pin_dir) {
+            _ if std::fs::symlink_metadata(pin_dir).is_ok_and(|m| m.file_type().is_symlink()) => {
+                Some("it is a symlink: give the directory itself")
+            }
+            Some(BPF_FS_MAGIC) => None,
+            _ => Some("not on a bpf filesystem; cleanup removes only pins and leaves it alone"),
+        };
+        if let Some(why) = why {
+            anyhow::bail!("--pin-path {}: {why}", pin_dir.display());
+        }
+    }
     // Not under a running agent.
     let _lock = if pin_dir.is_dir() {
         Some(PinLock::take(pin_dir)?)

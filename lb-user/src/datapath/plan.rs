@@ -470,7 +470,8 @@ impl Programmed {
                 "not programmed"
             };
             let warning = format!(
-                "{} ({fe}): map {} is full ({} entries, {}); {what} until there is room",
+                "{} ({fe}): map {} is full ({} entries, {}); {what} until there is room \
+                 (a pinned map keeps its size: a bigger flag takes `lb-user cleanup` and a restart, which cuts connections)",
                 state.service, full.0, full.1, full.2
             );
             if self.skipped.get(fe) != Some(&warning) {
