@@ -50,6 +50,9 @@ pub struct RunOptions {
     pub poll_interval: Duration,
     /// The shortest time between two syncs (kube-proxy's --min-sync-period).
     pub min_sync_period: Duration,
+    /// How often the maps are read back and drift repaired (kube-proxy's --sync-period);
+    /// zero: never.
+    pub sync_period: Duration,
     pub metrics_addr: Option<SocketAddr>,
     /// Where `/healthz` and `/livez` are served (kube-proxy's --healthz-bind-address).
     pub healthz_addr: Option<SocketAddr>,
@@ -303,6 +306,56 @@ impl Agent {
         }
     }
 
+    /// The periodic reconcile: the maps are read back and planned against the desired
+    /// state in full, so whatever changed behind the agent's back (an entry deleted or
+    /// rewritten by hand, by another tool, by a bug) is written again. Counted in
+    /// `lb_drift_repairs` and logged when it wrote anything. Changes waiting for a sync
+    /// are not taken in: the desired state is the one the maps were last synced to.
+    fn reconcile(&mut self) {
+        let Some(programmed) = &self.programmed else {
+            return; // The next sync reads the maps back anyway.
+        };
+        let started = Instant::now();
+        let mut fresh = match self.maps.snapshot() {
+            Ok(snap) => programmed.readopt(&snap),
+            Err(e) => {
+                tracing::warn!("reconcile: reading the maps back: {e}; tried again next period");
+                return;
+            }
+        };
+        let mut plan = fresh.plan(self.model.desired());
+        let result = plan.groups.iter().try_for_each(|g| self.maps.apply(g));
+        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) if plan.is_empty() => {
+                tracing::debug!(
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "reconcile: the maps hold what was programmed"
+                );
+            }
+            Ok(()) => {
+                m.drift_repairs_total += plan.len() as u64;
+                let what: Vec<String> = plan.ops().take(5).map(ToString::to_string).collect();
+                tracing::warn!(
+                    map_writes = plan.len(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "reconcile: the maps had changed behind the agent's back; repaired ({}{})",
+                    what.join("; "),
+                    if plan.len() > 5 { "; ..." } else { "" }
+                );
+                drop(m);
+                self.closer.close(std::mem::take(&mut plan.left));
+            }
+            Err(e) => {
+                tracing::error!("reconcile: {e}; the maps will be read back and the sync retried");
+                m.sync_errors_total += 1;
+                self.programmed = None;
+                return;
+            }
+        }
+        self.programmed = Some(fresh);
+    }
+
     /// What the maps hold, read back (adopting the maps an earlier agent left, or
     /// re-reading them after a failed write).
     fn read_back(&mut self) -> Option<Programmed> {
@@ -527,6 +580,8 @@ async fn sync_until_stopped(
     opts: &RunOptions,
 ) {
     let mut last_sync: Option<Instant> = None;
+    let period = (!opts.sync_period.is_zero()).then_some(opts.sync_period);
+    let mut next_reconcile = period.map(|p| tokio::time::Instant::now() + p);
     loop {
         // After a failed write, or while a full map keeps frontends out: again in a second.
         let skipped = agent.programmed.as_ref().is_some_and(|p| p.skipped() > 0);
@@ -535,6 +590,11 @@ async fn sync_until_stopped(
             name = signals.recv() => { tracing::info!("{name}: stopping"); return; }
             _ = changed.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+            _ = sleep_until(next_reconcile), if next_reconcile.is_some() => {
+                agent.reconcile();
+                next_reconcile = period.map(|p| tokio::time::Instant::now() + p);
+                continue;
+            }
         }
         agent
             .metrics
@@ -558,6 +618,14 @@ async fn sync_until_stopped(
         }
         agent.sync(source);
         last_sync = Some(Instant::now());
+    }
+}
+
+/// Sleeps until `at` (forever without one).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

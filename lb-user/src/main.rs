@@ -62,9 +62,13 @@ enum Command {
         #[arg(long, default_value = loader::DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
         /// Shortest time between two syncs: a burst of changes becomes one sync
-        /// (Go-style duration: 1s, 250ms, 0).
+        /// (a duration as Go writes them: 1s, 250ms, 1m30s, 0).
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         min_sync_period: Duration,
+        /// How often the maps are read back and whatever changed behind the agent's back
+        /// is repaired (kube-proxy's --sync-period); 0 to never.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        sync_period: Duration,
         /// Where to serve /metrics; empty to disable.
         #[arg(long, default_value = "127.0.0.1:10249")]
         metrics_bind_address: String,
@@ -117,26 +121,46 @@ enum Command {
     Version,
 }
 
-/// Go-style durations as kube-proxy takes them: "1s", "250ms", "1m", "1.5s", "0".
+/// Durations as kube-proxy's flags take them (Go's time.ParseDuration): a sequence of
+/// decimal numbers, each with a unit (ns, us, µs, ms, s, m, h): "1s", "250ms", "1.5s",
+/// "1m30s"; "0" alone needs none.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" {
         return Ok(Duration::ZERO);
     }
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("{text:?}: add a unit (ms, s, m, h)"))?;
-    let (number, unit) = text.split_at(split);
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
+    if text.is_empty() {
+        return Err("empty: give a duration such as 30s or 1m30s".into());
+    }
+    let mut secs = 0.0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("{text:?}: add a unit (ms, s, m, h)"))?;
+        let (number, tail) = rest.split_at(digits);
+        let n: f64 = number
+            .parse()
+            .map_err(|_| format!("{text:?}: {number:?} is not a number"))?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        secs += n * match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => {
+                return Err(format!(
+                    "{text:?}: unknown unit {unit:?} (ns, us, ms, s, m, h)"
+                ));
+            }
+        };
+        rest = tail;
+    }
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{text:?}: {e}"))
 }
 
@@ -171,6 +195,7 @@ fn main() -> ExitCode {
             cgroup,
             pin_path,
             min_sync_period,
+            sync_period,
             metrics_bind_address,
             healthz_bind_address,
             healthz_timeout,
@@ -200,6 +225,7 @@ fn main() -> ExitCode {
                     map_sizes,
                     poll_interval: Duration::from_millis(poll_interval_ms.max(1)),
                     min_sync_period,
+                    sync_period,
                     metrics_addr,
                     healthz_addr,
                     healthz_timeout,
@@ -301,6 +327,14 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(
+            parse_duration("1h2m3.5s"),
+            Ok(Duration::from_millis(3_723_500))
+        );
+        assert_eq!(parse_duration("1500us"), Ok(Duration::from_micros(1500)));
+        assert!(parse_duration("1m30").unwrap_err().contains("add a unit"));
+        assert!(parse_duration("").unwrap_err().contains("empty"));
         assert!(parse_duration("10").unwrap_err().contains("add a unit"));
         assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
     }

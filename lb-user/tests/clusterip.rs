@@ -425,3 +425,120 @@ fn a_full_map_leaves_a_service_out_with_a_warning_until_another_makes_room() {
         "retries do not repeat the warning: {log}"
     );
 }
+
+/// The entries of a pinned map, as bpftool prints them (hex bytes of key and value).
+fn bpftool_entries(map: &std::path::Path) -> Vec<(Vec<String>, Vec<String>)> {
+    let out = lab::run(
+        Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(map)
+            .arg("-j"),
+    )
+    .unwrap();
+    let bytes = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_str().unwrap().to_string())
+            .collect()
+    };
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    json.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (bytes(&e["key"]), bytes(&e["value"])))
+        .collect()
+}
+
+/// `bpftool map ACTION pinned MAP key hex KEY [value hex VALUE]`.
+fn bpftool_edit(map: &std::path::Path, action: &str, key: &[String], value: Option<&[String]>) {
+    let hex = |b: &[String]| {
+        b.iter()
+            .map(|x| x.trim_start_matches("0x").to_string())
+            .collect::<Vec<_>>()
+    };
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["map", action, "pinned"])
+        .arg(map)
+        .args(["key", "hex"])
+        .args(hex(key));
+    if let Some(v) = value {
+        cmd.args(["value", "hex"]).args(hex(v));
+    }
+    lab::run(&mut cmd).unwrap();
+}
+
+/// The maps as a person reads them, backend and rev-NAT ids aside: each frontend's
+/// header flags and count, its backends, its rev-NAT entry and its name.
+fn view(s: &lb_user::datapath::ops::Snapshot) -> Vec<String> {
+    s.frontends()
+        .into_iter()
+        .map(|(key, (header, slots))| {
+            let backends: BTreeSet<String> = slots
+                .iter()
+                .map(|(_, b)| format!("{:?}", b.map(|b| (b.addr, b.port, b.proto, b.flags))))
+                .collect();
+            let revnat = s.revnat.get(&header.rev_nat_id).map(|r| (r.addr, r.port));
+            let name = s.names.get(&header.rev_nat_id).map(|n| format!("{n:?}"));
+            format!(
+                "{key:?} {} {} {backends:?} {revnat:?} {name:?}",
+                header.flags, header.count
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_periodic_reconcile_repairs_entries_changed_behind_the_agents_back() {
+    let port = common::free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let fx = Fixture::with_source(
+        "drift",
+        2,
+        &[("web.yaml", service("web", WEB_IP, 80))],
+        None,
+        &["--sync-period", "1s", "--metrics-bind-address", &bind],
+    );
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1])));
+    let both = || {
+        let r = fx.probe(WEB_IP, 20);
+        (r.total_replies() == 20 && r.replies.len() == 2).then_some(r)
+    };
+    assert!(
+        lab::wait_for(Duration::from_secs(5), both).is_some(),
+        "{}",
+        fx.agent.log()
+    );
+    let pin = &fx.agent.pin_path;
+    let maps = lb_user::datapath::BpfMaps::open_pinned(pin).unwrap();
+    let before = view(&maps.snapshot().unwrap());
+    // Drift: a backend zeroed (its connections go nowhere), a rev-NAT entry and a
+    // frontend's name deleted.
+    let backends = pin.join(lb_common::MAP_BACKENDS);
+    let (key, value) = bpftool_entries(&backends).remove(0);
+    let zeros = vec!["0x00".to_string(); value.len()];
+    bpftool_edit(&backends, "update", &key, Some(&zeros));
+    for map in [lb_common::MAP_REVNAT, lb_common::MAP_NAMES] {
+        let map = pin.join(map);
+        let (key, _) = bpftool_entries(&map).remove(0);
+        bpftool_edit(&map, "delete", &key, None);
+    }
+    assert_ne!(view(&maps.snapshot().unwrap()), before);
+    // Within a period or two the maps hold what they held, and both pods answer.
+    let repaired = lab::wait_for(Duration::from_secs(5), || {
+        (view(&maps.snapshot().unwrap()) == before).then_some(())
+    });
+    assert!(repaired.is_some(), "not repaired:\n{}", fx.agent.log());
+    assert!(both().is_some(), "{}", fx.agent.log());
+    let metrics = common::http_get(port, "/metrics");
+    assert!(
+        metrics.contains("lb_drift_repairs_total ")
+            && !metrics.contains("lb_drift_repairs_total 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        fx.agent
+            .log()
+            .contains("reconcile: the maps had changed behind the agent's back; repaired")
+    );
+}

@@ -186,6 +186,17 @@ impl Programmed {
         me
     }
 
+    /// What the maps hold now (`snapshot`, read back for a periodic reconcile), with what
+    /// only the agent knows carried over from `self`: the capacity, and the frontends a
+    /// full map keeps out (so their warnings are not given again). The next plan against
+    /// the desired state then repairs whatever changed behind the agent's back.
+    pub fn readopt(&self, snapshot: &Snapshot) -> Self {
+        let mut me = Self::adopt(snapshot);
+        me.capacity = self.capacity;
+        me.skipped = self.skipped.clone();
+        me
+    }
+
     /// The frontends of `snapshot` with a usable header, their slots and source ranges;
     /// returns what they use.
     fn adopt_frontends(&mut self, snapshot: &Snapshot) -> Used {
@@ -199,6 +210,19 @@ impl Programmed {
                 continue;
             }
             used.keys.insert(*key);
+            // A rev-NAT entry that is missing or names another address: written again
+            // first (the replies of this frontend's connections depend on it).
+            let revnat = RevNat {
+                addr: addr_of(fe.addr),
+                port: fe.port,
+                _pad: [0; 2],
+            };
+            if snapshot.revnat.get(&header.rev_nat_id) != Some(&revnat) {
+                self.stale.push(Op::PutRevNat {
+                    id: header.rev_nat_id,
+                    value: revnat,
+                });
+            }
             let mut slots = Vec::new();
             for s in 1..=header.count {
                 let k = key.with_slot(s);

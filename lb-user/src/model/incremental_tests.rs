@@ -420,3 +420,94 @@ fn an_unchanged_object_changes_nothing_and_triggers_count_after_the_first_update
     );
     assert_eq!(third.services, 1, "only its service is recomputed");
 }
+
+/// What a periodic reconcile does (`Programmed::readopt` of the maps read back, then a
+/// full plan) repairs one kind of drift at a time, and writes nothing without drift.
+#[test]
+fn a_reconcile_repairs_each_kind_of_drift_and_writes_nothing_without() {
+    let mut r = Rng(0x5eed_0001);
+    let mut truth = Truth::default();
+    let mut model = Model::new(Some("node-a".into()), Vec::new());
+    for _ in 0..60 {
+        let change = random_change(&mut r, &truth);
+        truth.apply(&change);
+        model.apply(change);
+    }
+    model.update();
+    let mut prog = Programmed::default();
+    let mut maps = Snapshot::default();
+    for op in prog.plan(model.desired()).ops() {
+        maps.apply(op);
+    }
+    let want = logical(&maps, "programmed");
+    assert!(want.len() > 3, "a few frontends: {}", want.len());
+    let reconcile = |prog: &mut Programmed, maps: &mut Snapshot| {
+        let mut fresh = prog.readopt(maps);
+        let plan = fresh.plan(model.desired());
+        for op in plan.ops() {
+            maps.apply(op);
+        }
+        *prog = fresh;
+        plan.len()
+    };
+    assert_eq!(reconcile(&mut prog, &mut maps), 0, "no drift, no write");
+    type Drift = fn(&mut Snapshot);
+    let drifts: [(&str, Drift); 9] = [
+        ("a rev-NAT entry deleted", |m| {
+            let id = *m.revnat.keys().next().unwrap();
+            m.revnat.remove(&id);
+        }),
+        ("a rev-NAT entry changed", |m| {
+            m.revnat.values_mut().next().unwrap().port ^= 1;
+        }),
+        ("a backend deleted", |m| {
+            let id = *m.backends.keys().next().unwrap();
+            m.backends.remove(&id);
+        }),
+        ("a backend changed", |m| {
+            m.backends.values_mut().next().unwrap().port ^= 1;
+        }),
+        ("a slot deleted", |m| {
+            let k = *m.services.keys().find(|k| k.slot > 0).unwrap();
+            m.services.remove(&k);
+        }),
+        ("a header deleted", |m| {
+            let k = *m.services.keys().find(|k| k.slot == 0).unwrap();
+            m.services.remove(&k);
+        }),
+        ("a header's count changed", |m| {
+            let v = m.services.iter_mut().find(|(k, _)| k.slot == 0).unwrap().1;
+            v.count += 1;
+        }),
+        ("a name deleted", |m| {
+            let id = *m.names.keys().next().unwrap();
+            m.names.remove(&id);
+        }),
+        ("a frontend port deleted", |m| {
+            let k = *m.frontend_ports.iter().next().unwrap();
+            m.frontend_ports.remove(&k);
+        }),
+    ];
+    for (what, drift) in drifts {
+        drift(&mut maps);
+        assert_ne!(
+            logical_or_dangling(&maps),
+            Some(want.clone()),
+            "{what}: no drift made"
+        );
+        let writes = reconcile(&mut prog, &mut maps);
+        assert!(writes > 0, "{what}: nothing written");
+        assert_eq!(logical(&maps, what), want, "{what}: not repaired");
+        assert_eq!(
+            reconcile(&mut prog, &mut maps),
+            0,
+            "{what}: a second reconcile wrote"
+        );
+    }
+}
+
+/// [`logical`], or `None` where it finds something dangling.
+fn logical_or_dangling(maps: &Snapshot) -> Option<BTreeMap<String, FrontendRow>> {
+    let maps = maps.clone();
+    std::panic::catch_unwind(move || logical(&maps, "drifted")).ok()
+}

@@ -32,6 +32,8 @@ pub struct Metrics {
     /// kube-proxy's NetworkProgrammingLatency buckets: 0.25 s to 5 min.
     programming: Histogram,
     pub sync_errors_total: u64,
+    /// Map writes the periodic reconcile made to undo changes behind the agent's back.
+    pub drift_repairs_total: u64,
     pub last_sync_seconds: f64,
     pub last_sync_timestamp: f64,
     pub last_queued_timestamp: f64,
@@ -65,6 +67,7 @@ impl Default for Metrics {
             sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             programming: Histogram::new(programming),
             sync_errors_total: 0,
+            drift_repairs_total: 0,
             last_sync_seconds: 0.0,
             last_sync_timestamp: 0.0,
             last_queued_timestamp: 0.0,
@@ -229,6 +232,11 @@ impl Metrics {
                 "lb_map_writes",
                 "Map updates and deletes written",
                 self.map_writes_total,
+            ),
+            (
+                "lb_drift_repairs",
+                "Map writes the periodic reconcile (--sync-period) made to undo changes behind the agent's back",
+                self.drift_repairs_total,
             ),
             (
                 "lb_sockets_destroyed",
