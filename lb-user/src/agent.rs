@@ -531,7 +531,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         health_pending: false,
         last_warnings: Vec::new(),
         metrics,
-        health: HealthServer::default(),
+        health: HealthServer::new(proxier_health.clone()),
         closer,
         proxier_health,
         packet,

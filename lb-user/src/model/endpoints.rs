@@ -222,11 +222,22 @@ pub(super) fn select_local(candidates: &[Candidate]) -> BTreeSet<Endpoint> {
             .map(|c| c.endpoint)
             .collect()
     };
-    let ready = pick(&|c| c.ready);
+    let ready = local_ready(candidates);
     if !ready.is_empty() {
         return ready;
     }
     pick(&|c| c.serving && c.terminating)
+}
+
+/// This node's ready endpoints: what a healthCheckNodePort counts (kube-proxy's
+/// `LocalReadyEndpoints`). Serving-and-terminating ones still get the traffic when no
+/// local one is ready, but are not counted, so load balancers move off the node.
+pub(super) fn local_ready(candidates: &[Candidate]) -> BTreeSet<Endpoint> {
+    candidates
+        .iter()
+        .filter(|c| c.endpoint.local && c.ready)
+        .map(|c| c.endpoint)
+        .collect()
 }
 
 /// kube-proxy's endpoint selection (`CategorizeEndpoints`): for a cluster IP

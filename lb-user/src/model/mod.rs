@@ -304,11 +304,14 @@ pub struct Built {
 }
 
 /// What a service's healthCheckNodePort answers: kube-proxy's JSON, 200 while this node
-/// has a local endpoint, 503 otherwise (so load balancers skip the node).
+/// has a ready local endpoint (and the agent is healthy), 503 otherwise (so load
+/// balancers skip the node).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
     pub namespace: String,
     pub name: String,
+    /// This node's ready endpoints, by address (kube-proxy's `LocalReadyEndpoints`):
+    /// serving-and-terminating ones are left out, though they still get the traffic.
     pub local_endpoints: usize,
 }
 

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 
 use super::{
     Frontend, FrontendKind, FrontendState, HealthCheck, NodeInfo, Proto, Scope, Slice,
-    endpoints::{Candidate, endpoints_for, select, select_local},
+    endpoints::{Candidate, endpoints_for, local_ready, select, select_local},
     port_u16,
     vecmap::VecMap,
 };
@@ -57,7 +57,8 @@ pub(super) fn add_service(
             continue;
         };
         let candidates = endpoints_for(&port.name, port.proto, slices, node, &mut out.warnings);
-        local_endpoints.extend(select_local(&candidates).into_iter().map(|e| e.addr));
+        // kube-proxy counts the node's ready endpoints by address, over all ports.
+        local_endpoints.extend(local_ready(&candidates).into_iter().map(|e| e.addr));
         let label = if port.name.is_empty() {
             name.to_string()
         } else {
@@ -137,7 +138,8 @@ pub(super) fn add_service(
     }
 }
 
-/// The service's healthCheckNodePort, if it has one, reporting `local_endpoints`.
+/// The service's healthCheckNodePort, if it has one, reporting `local_endpoints` (this
+/// node's ready endpoints).
 fn add_health_check(spec: &ServiceSpec, name: &str, local_endpoints: usize, out: &mut ServiceOut) {
     let Some(value) = spec.health_check_node_port else {
         return;

@@ -862,6 +862,36 @@ fn health_check_node_port_counts_this_nodes_endpoints() {
 }
 
 #[test]
+fn health_check_node_port_counts_ready_endpoints_only() {
+    // kube-proxy's LocalReadyEndpoints: this node's endpoint is terminating (still
+    // serving): it keeps the traffic, the check counts 0 (503) so load balancers leave.
+    let yaml = exposed(
+        ", type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32100",
+        "",
+    )
+    .replace(
+        "nodeName: node-a\n",
+        "nodeName: node-a\n  conditions: {ready: false, serving: true, terminating: true}\n",
+    );
+    let b = build_from(&yaml);
+    assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+    assert_eq!(b.health_checks[&32100].local_endpoints, 0);
+    let local_scope = Frontend {
+        scope: Scope::Local,
+        ..fe("192.0.2.1", 30080, Proto::Tcp)
+    };
+    assert_eq!(
+        b.desired.frontends[&local_scope].endpoints,
+        local_eps(&[("10.0.0.1", 80)]),
+        "the terminating endpoint is still programmed"
+    );
+    // Not serving any more: neither programmed nor counted.
+    let b = build_from(&yaml.replace("serving: true", "serving: false"));
+    assert!(b.desired.frontends[&local_scope].endpoints.is_empty());
+    assert_eq!(b.health_checks[&32100].local_endpoints, 0);
+}
+
+#[test]
 fn load_balancer_source_ranges_guard_the_ingress_ips_only() {
     let yaml = exposed(
         ", type: LoadBalancer, externalIPs: [192.0.2.50], \

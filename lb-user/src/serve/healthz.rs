@@ -97,23 +97,26 @@ pub fn serve(addr: SocketAddr, health: SharedHealth) -> tokio::task::JoinHandle<
             Ok(()) => tracing::info!("serving health on http://{addr}/healthz and /livez"),
             Err(e) => tracing::warn!("--healthz-bind-address {addr}: {e}; health is not served"),
         },
-        move |path| {
-            Some(match path {
-                "/healthz" | "/livez" => {
-                    let (status, body) = health
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .response(SystemTime::now(), path == "/healthz");
-                    (status, "application/json", body)
-                }
-                _ => (
-                    "404 Not Found",
-                    "text/plain",
-                    "not found: try /healthz or /livez\n".to_string(),
-                ),
-            })
-        },
+        move |path| Some(answer(&health, path)),
     )
+}
+
+/// The answer to a request for `path` now: `/healthz` or `/livez`, else 404.
+pub fn answer(health: &SharedHealth, path: &str) -> http::Response {
+    match path {
+        "/healthz" | "/livez" => {
+            let (status, body) = health
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .response(SystemTime::now(), path == "/healthz");
+            (status, "application/json", body)
+        }
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "not found: try /healthz or /livez\n".to_string(),
+        ),
+    }
 }
 
 #[cfg(test)]
