@@ -64,77 +64,92 @@ pub(super) fn add_service(
         } else {
             format!("{name}:{}", port.name)
         };
+        let each = PortFrontends {
+            svc,
+            name,
+            index: i,
+            label,
+            addrs: &addrs,
+            port: &port,
+            candidates,
+            node,
+            keep_sockets,
+        };
         for (addr, number, kind) in addrs.frontends(&port) {
-            let internal = kind == FrontendKind::ClusterIp;
-            let policy_local = if internal {
-                addrs.internal_local
-            } else {
-                addrs.external_local
-            };
-            let fe = Frontend::new(addr, number, port.proto);
-            if let Some((other, _)) = out.frontends.get(&fe) {
-                out.warnings.push(format!(
-                    "Service {name}: field spec.ports[{i}]: frontend {fe} is already used by {}; skipped",
-                    other.service
-                ));
-                continue;
-            }
-            let source_ranges = addrs.ranges_for(addr, number, &port);
-            let family: Vec<Candidate> = candidates
-                .iter()
-                .filter(|c| c.endpoint.addr.is_ipv4() == addr.is_ipv4())
-                .cloned()
-                .collect();
-            // Local policy, endpoints only elsewhere: kube-proxy drops, where a service
-            // without endpoints is rejected; the two are told apart.
-            let anywhere = !select(svc, &family, node, false).is_empty();
-            let endpoints = select(svc, &family, node, internal);
-            out.frontends.insert(
-                fe,
-                (
-                    FrontendState {
-                        service: label.clone(),
-                        kind,
-                        policy_local,
-                        no_local: endpoints.is_empty() && anywhere,
-                        keep_sockets,
-                        endpoints,
-                        affinity_timeout: addrs.affinity_timeout,
-                        source_ranges: source_ranges.clone(),
-                    }
-                    .into(),
-                    i,
-                ),
-            );
-            if !internal && addrs.external_local {
-                // Clients outside the node: this node's endpoints only (the socket level
-                // keeps using all of them, as kube-proxy does for traffic from the node).
-                let local = select_local(&family);
-                out.frontends.insert(
-                    Frontend {
-                        scope: Scope::Local,
-                        ..fe
-                    },
-                    (
-                        FrontendState {
-                            service: label.clone(),
-                            kind,
-                            policy_local,
-                            no_local: local.is_empty() && anywhere,
-                            keep_sockets,
-                            endpoints: local,
-                            affinity_timeout: addrs.affinity_timeout,
-                            source_ranges,
-                        }
-                        .into(),
-                        i,
-                    ),
-                );
-            }
+            each.add(addr, number, kind, out);
         }
     }
     if addrs.external_local {
         add_health_check(spec, name, local_endpoints.len(), out);
+    }
+}
+
+/// What the frontends of one service port share.
+struct PortFrontends<'a> {
+    svc: &'a Service,
+    /// namespace/name of the service, and `spec.ports[index]`, for warnings.
+    name: &'a str,
+    index: usize,
+    /// namespace/name:port-name, for logs and dumps.
+    label: String,
+    addrs: &'a Addresses,
+    port: &'a Port,
+    candidates: Vec<Candidate>,
+    node: &'a NodeInfo,
+    keep_sockets: bool,
+}
+
+impl PortFrontends<'_> {
+    /// The frontend `addr`:`number` of `kind` (and its Local-scope twin for external
+    /// traffic under externalTrafficPolicy Local) into `out`.
+    fn add(&self, addr: IpAddr, number: u16, kind: FrontendKind, out: &mut ServiceOut) {
+        let (name, i, addrs) = (self.name, self.index, self.addrs);
+        let internal = kind == FrontendKind::ClusterIp;
+        let fe = Frontend::new(addr, number, self.port.proto);
+        if let Some((other, _)) = out.frontends.get(&fe) {
+            out.warnings.push(format!(
+                "Service {name}: field spec.ports[{i}]: frontend {fe} is already used by {}; skipped",
+                other.service
+            ));
+            return;
+        }
+        let family: Vec<Candidate> = self
+            .candidates
+            .iter()
+            .filter(|c| c.endpoint.addr.is_ipv4() == addr.is_ipv4())
+            .cloned()
+            .collect();
+        // Local policy, endpoints only elsewhere: kube-proxy drops, where a service
+        // without endpoints is rejected; the two are told apart.
+        let anywhere = !select(self.svc, &family, self.node, false).is_empty();
+        let state = |endpoints: BTreeSet<super::Endpoint>| {
+            std::sync::Arc::new(FrontendState {
+                service: self.label.clone(),
+                kind,
+                policy_local: if internal {
+                    addrs.internal_local
+                } else {
+                    addrs.external_local
+                },
+                no_local: endpoints.is_empty() && anywhere,
+                keep_sockets: self.keep_sockets,
+                endpoints,
+                affinity_timeout: addrs.affinity_timeout,
+                source_ranges: addrs.ranges_for(addr, number, self.port),
+            })
+        };
+        let endpoints = select(self.svc, &family, self.node, internal);
+        out.frontends.insert(fe, (state(endpoints), i));
+        if !internal && addrs.external_local {
+            // Clients outside the node: this node's endpoints only (the socket level
+            // keeps using all of them, as kube-proxy does for traffic from the node).
+            let twin = Frontend {
+                scope: Scope::Local,
+                ..fe
+            };
+            out.frontends
+                .insert(twin, (state(select_local(&family)), i));
+        }
     }
 }
 
