@@ -487,22 +487,7 @@ impl Programmed {
     /// One desired frontend: its rev-NAT id, backends, affinity purges, slots and header.
     fn plan_frontend(&mut self, fe: &Frontend, state: &FrontendState, steps: &mut Steps) {
         let endpoints = capped_endpoints(fe, state, &mut steps.warnings);
-        if let Some(full) = self.full_map(fe, &endpoints, state.source_ranges.len()) {
-            let what = if self.frontends.contains_key(fe) {
-                "left as it was"
-            } else {
-                "not programmed"
-            };
-            let warning = format!(
-                "{} ({fe}): map {} is full ({} entries, {}); {what} until there is room \
-                 (a pinned map keeps its size: a bigger flag takes `lb-user cleanup` and a restart, which cuts connections)",
-                state.service, full.0, full.1, full.2
-            );
-            if self.skipped.get(fe) != Some(&warning) {
-                steps.warnings.push(warning.clone());
-                steps.full.push(full.0);
-                self.skipped.insert(*fe, warning);
-            }
+        if self.keep_out(fe, state, &endpoints, steps) {
             return;
         }
         let old = self.frontends.get(fe).cloned();
@@ -555,36 +540,7 @@ impl Programmed {
                 name: Box::new(name),
             });
         }
-        let mut flags = 0;
-        if !state.source_ranges.is_empty() {
-            flags |= SVC_F_SOURCE_RANGES;
-        }
-        if state.no_local {
-            flags |= SVC_F_NO_LOCAL;
-        }
-        // A new frontend, or affinity switched on: a new generation, so that no entry
-        // written before (another frontend's under a reused rev-NAT id, or this one's from
-        // when affinity was last on) is followed.
-        let epoch = match &old {
-            Some(o) if !(o.affinity_timeout == 0 && timeout != 0) => o.epoch,
-            _ => self.next_epoch(),
-        };
-        if old.is_none()
-            || old_slots.len() != new_slots.len()
-            || old_timeout != Some(timeout)
-            || old
-                .as_ref()
-                .is_some_and(|o| o.flags != flags || o.epoch != epoch)
-        {
-            steps.headers.push(Op::PutService {
-                key: service_key(fe, 0),
-                value: ServiceValue {
-                    flags,
-                    epoch,
-                    ..ServiceValue::header(new_slots.len() as u16, rev_nat_id, timeout)
-                },
-            });
-        }
+        let (flags, epoch) = self.header(fe, state, old.as_ref(), rev_nat_id, &new_slots, steps);
         for i in new_slots.len()..old_slots.len() {
             steps.tails.push(Op::DelService {
                 key: service_key(fe, i as u16 + 1),
@@ -611,7 +567,81 @@ impl Programmed {
         );
     }
 
-    /// Notes the backends (by id) that leave the socket-level frontend `fe`.
+    /// Whether a full map keeps `fe` out (or as it was) in this plan; warns once per
+    /// different warning.
+    fn keep_out(
+        &mut self,
+        fe: &Frontend,
+        state: &FrontendState,
+        endpoints: &[Endpoint],
+        steps: &mut Steps,
+    ) -> bool {
+        let Some(full) = self.full_map(fe, endpoints, state.source_ranges.len()) else {
+            return false;
+        };
+        let what = if self.frontends.contains_key(fe) {
+            "left as it was"
+        } else {
+            "not programmed"
+        };
+        let warning = format!(
+            "{} ({fe}): map {} is full ({} entries, {}); {what} until there is room \
+             (a pinned map keeps its size: a bigger flag takes `lb-user cleanup` and a restart, which cuts connections)",
+            state.service, full.0, full.1, full.2
+        );
+        if self.skipped.get(fe) != Some(&warning) {
+            steps.warnings.push(warning.clone());
+            steps.full.push(full.0);
+            self.skipped.insert(*fe, warning);
+        }
+        true
+    }
+
+    /// The header of `fe` (written when it is new or any of its fields changes);
+    /// returns its flags and affinity generation.
+    fn header(
+        &mut self,
+        fe: &Frontend,
+        state: &FrontendState,
+        old: Option<&ProgFrontend>,
+        rev_nat_id: u16,
+        new_slots: &[u32],
+        steps: &mut Steps,
+    ) -> (u8, u8) {
+        let mut flags = 0;
+        if !state.source_ranges.is_empty() {
+            flags |= SVC_F_SOURCE_RANGES;
+        }
+        if state.no_local {
+            flags |= SVC_F_NO_LOCAL;
+        }
+        let timeout = state.affinity_timeout;
+        // A new frontend, or affinity switched on: a new generation, so that no entry
+        // written before (another frontend's under a reused rev-NAT id, or this one's from
+        // when affinity was last on) is followed.
+        let epoch = match old {
+            Some(o) if !(o.affinity_timeout == 0 && timeout != 0) => o.epoch,
+            _ => self.next_epoch(),
+        };
+        let same = old.is_some_and(|o| {
+            o.slots.len() == new_slots.len()
+                && o.affinity_timeout == timeout
+                && o.flags == flags
+                && o.epoch == epoch
+        });
+        if !same {
+            steps.headers.push(Op::PutService {
+                key: service_key(fe, 0),
+                value: ServiceValue {
+                    flags,
+                    epoch,
+                    ..ServiceValue::header(new_slots.len() as u16, rev_nat_id, timeout)
+                },
+            });
+        }
+        (flags, epoch)
+    }
+
     /// Notes the backends of `slots` (ids) whose address and port are not `staying`:
     /// they leave the socket-level frontend `fe` (a backend that only changes node keeps
     /// its sockets).
