@@ -2,9 +2,9 @@
 //!
 //! Data flow, one module a step:
 //!
-//! * [`source`]: manifests or the Kubernetes API, both emitting [`model::Objects`];
+//! * [`source`]: manifests or the Kubernetes API, both reporting [`model::Change`]s;
 //! * [`model`]: pure, kube-proxy's rules: objects in, desired frontends and backends out;
-//! * [`datapath`]: loader, diff and ordered map writes: the only code that touches BPF;
+//! * [`datapath`]: checks, loader, diff and ordered map writes: all the code that touches BPF;
 //! * [`serve`]: metrics and `dump`, for people and scrapers;
 //! * [`agent`]: the run loop that ties them together.
 

@@ -184,6 +184,14 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Dump { .. } | Command::Version) {
+        // Printing commands end quietly when their reader goes (`lb-user dump | head`),
+        // as other command-line tools do, instead of panicking on EPIPE.
+        // SAFETY: restores the default action of one signal before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Run {
             manifests,

@@ -262,6 +262,19 @@ fn dump_and_bpftool_show_the_maps() {
     assert_eq!(fe["service"], "t/web:http", "{json}");
     assert_eq!(fe["backends"].as_array().unwrap().len(), 2);
     assert!(doc["counters"]["connect4"]["translated"].as_u64().unwrap() >= 10);
+
+    // A reader that stops early (`lb-user dump | head -1`) ends the dump quietly.
+    let mut child = Command::new(AGENT_BIN)
+        .args(["dump", "--conntrack", "--pin-path"])
+        .arg(&pin)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // The pipe's reader is gone before the first write.
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]

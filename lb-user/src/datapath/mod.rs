@@ -1,4 +1,5 @@
-//! The datapath layer: the only code that writes the BPF maps.
+//! The datapath layer: all the code that loads the programs and reads or writes the BPF
+//! maps.
 //!
 //! [`Programmed`] mirrors what the maps hold. [`Programmed::plan`](plan::Programmed::plan) diffs it against the
 //! desired state and returns the map operations, in an order that never lets a concurrent
@@ -30,9 +31,10 @@
 //! * [`iface`]: the node's interfaces for the tc programs, and the SNAT port range;
 //! * [`ops`]: the map operations and [`Snapshot`], the maps' contents as plain data;
 //! * [`plan`]: [`Programmed`], the diff of desired state against what the maps hold;
-//! * [`maps`]: [`BpfMaps`], the only code that reads and writes the maps;
+//! * [`maps`]: [`BpfMaps`], the reads and ordered writes of the maps the agent programs
+//!   (and the programs' counters);
 //! * [`sockets`]: closing the sockets translated to a backend that left
-//!   (`SOCK_DESTROY`).
+//!   (`SOCK_DESTROY`), and deleting their socket rev-NAT entries.
 
 pub mod checks;
 pub mod iface;

@@ -178,6 +178,61 @@ pub fn render_json(
     })
 }
 
+/// What in `snap` no frontend accounts for, or a frontend lacks: entries an agent
+/// mid-write, a crash or a hand edit left (the agent's periodic reconcile removes them).
+pub fn inconsistencies(snap: &Snapshot) -> Vec<String> {
+    let frontends = snap.frontends();
+    let mut out = Vec::new();
+    let ids: std::collections::BTreeSet<u16> =
+        frontends.values().map(|(h, _)| h.rev_nat_id).collect();
+    let used: std::collections::BTreeSet<u32> = frontends
+        .values()
+        .flat_map(|(_, slots)| slots.iter().map(|(id, _)| *id))
+        .collect();
+    for id in snap.backends.keys().filter(|id| !used.contains(id)) {
+        out.push(format!("backend {id}: no frontend's slot names it"));
+    }
+    for id in snap.revnat.keys().filter(|id| !ids.contains(id)) {
+        out.push(format!("rev-NAT entry {id}: no frontend has this id"));
+    }
+    for id in snap.names.keys().filter(|id| !ids.contains(id)) {
+        out.push(format!("name {id}: no frontend has this id"));
+    }
+    for (key, (header, _)) in &frontends {
+        if !snap.revnat.contains_key(&header.rev_nat_id) {
+            out.push(format!(
+                "{}: no rev-NAT entry {}",
+                frontend_name(key),
+                header.rev_nat_id
+            ));
+        }
+    }
+    for key in snap.services.keys().filter(|k| k.slot > 0) {
+        let header = snap.services.get(&key.with_slot(0));
+        if header.is_none_or(|h| key.slot > h.count) {
+            out.push(format!(
+                "{} slot {}: beyond its frontend's count",
+                frontend_name(key),
+                key.slot
+            ));
+        }
+    }
+    out
+}
+
+fn frontend_name(key: &lb_common::ServiceKey) -> String {
+    frontend_of(key).map_or_else(
+        || {
+            format!(
+                "{} proto {}",
+                SocketAddr::new(ip_of(&key.addr), key.port),
+                key.proto
+            )
+        },
+        |fe| fe.to_string(),
+    )
+}
+
 /// Renders every frontend with its backends, then anything inconsistent.
 pub fn render(snap: &Snapshot) -> String {
     let frontends = snap.frontends();
@@ -191,16 +246,7 @@ pub fn render(snap: &Snapshot) -> String {
         backends_used
     );
     for (key, (header, slots)) in &frontends {
-        let name = frontend_of(key).map_or_else(
-            || {
-                format!(
-                    "{} proto {}",
-                    SocketAddr::new(ip_of(&key.addr), key.port),
-                    key.proto
-                )
-            },
-            |fe| fe.to_string(),
-        );
+        let name = frontend_name(key);
         let state = if header.count == 0 && header.flags & lb_common::SVC_F_NO_LOCAL != 0 {
             "no backend on this node (traffic policy Local; the service has endpoints elsewhere): connections are refused with EHOSTUNREACH, packets dropped".to_string()
         } else if header.count == 0 {
@@ -247,6 +293,13 @@ pub fn render(snap: &Snapshot) -> String {
                     );
                 }
             }
+        }
+    }
+    let odd = inconsistencies(snap);
+    if !odd.is_empty() {
+        let _ = writeln!(out, "inconsistent ({}):", odd.len());
+        for line in odd {
+            let _ = writeln!(out, "  {line}");
         }
     }
     out
@@ -401,6 +454,26 @@ mod tests {
         assert!(
             text.contains(
                 "[fd00:96::10]:80/TCP  demo/web:http ClusterIP  rev-nat 3  1 backends  affinity ClientIP 30s (0 clients)\n  slot 1   backend 3     [fd00:244:1::2]:8080\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("inconsistent"), "{text}");
+        // What a crash mid-write or a hand edit leaves is listed at the end.
+        snap.revnat.remove(&1);
+        snap.backends.insert(
+            99,
+            lb_common::Backend {
+                addr: crate::datapath::addr_of(Ipv4Addr::new(10, 244, 9, 9).into()),
+                port: 1,
+                proto: lb_common::PROTO_TCP,
+                flags: 0,
+            },
+        );
+        snap.names.remove(&2);
+        let text = render(&snap);
+        assert!(
+            text.ends_with(
+                "inconsistent (2):\n  backend 99: no frontend's slot names it\n  10.96.0.10:80/TCP: no rev-NAT entry 1\n"
             ),
             "{text}"
         );
