@@ -14,7 +14,7 @@ use std::{
 use common::{AGENT_BIN, POD_PORT, lab_bin, require_root, write_atomic};
 use lb_lab::{
     cluster::{CLIENT_IP, CLIENT_IP6, Cluster, node_ip, node_ip6},
-    lab::{AgentProcess, ProbeMode, ProbeOptions, ProbeReport},
+    lab::{AgentProcess, ProbeMode, ProbeOptions, ProbeReport, Stop},
 };
 
 const NODE_PORT: u16 = 30080;
@@ -286,7 +286,7 @@ fn a_forward_drop_rule_for_a_pod_stops_node_port_traffic_to_it() {
 
 #[test]
 fn external_traffic_policy_local_keeps_the_client_address_and_stays_on_the_node() {
-    let fx = ClusterFixture::new("pl", 2, |c| {
+    let manifests = |c: &Cluster| {
         exposed_service(
             c,
             "LoadBalancer",
@@ -294,7 +294,8 @@ fn external_traffic_policy_local_keeps_the_client_address_and_stays_on_the_node(
             "",
             &[0],
         )
-    });
+    };
+    let mut fx = ClusterFixture::new("pl", 2, manifests);
     let report = fx.probe(SocketAddrV4::new(node_ip(0), NODE_PORT), 30, ProbeMode::Tcp);
     assert_eq!(report.total_errors(), 0, "{report:?}");
     let (pods, peers) = split(&report);
@@ -315,7 +316,88 @@ fn external_traffic_policy_local_keeps_the_client_address_and_stays_on_the_node(
         assert_eq!(v["service"]["namespace"], "t", "{body}");
         assert_eq!(v["service"]["name"], "web", "{body}");
         assert_eq!(v["localEndpoints"], n, "{body}");
+        assert_eq!(v["serviceProxyHealthy"], true, "{body}");
     }
+    let ready = manifests(&fx.cluster);
+    health_check_follows_ready_endpoints_and_the_agents_health(&mut fx, &ready);
+}
+
+/// kube-proxy's healthCheckNodePort on node 0 of the fixture above (`ready`: its
+/// manifests): terminating pods keep the traffic but are not counted (503), and a stuck
+/// agent answers 503 with `serviceProxyHealthy: false` beside ready pods.
+fn health_check_follows_ready_endpoints_and_the_agents_health(
+    fx: &mut ClusterFixture,
+    ready: &str,
+) {
+    let check = SocketAddrV4::new(node_ip(0), 32100).into();
+    let read = |(status, body): (u16, String)| {
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        (
+            status,
+            v["localEndpoints"].clone(),
+            v["serviceProxyHealthy"].clone(),
+        )
+    };
+    // A rolling update: node 0's pods terminate, still serving.
+    let terminating = ready.replace(
+        "conditions: {ready: true}",
+        "conditions: {ready: false, serving: true, terminating: true}",
+    );
+    let before = fx.agents[0].syncs();
+    write_atomic(&fx.dir.join("manifests/all.yaml"), &terminating);
+    fx.agents[0]
+        .wait_sync_after(before, Duration::from_secs(10))
+        .unwrap();
+    let report = fx.probe(SocketAddrV4::new(node_ip(0), NODE_PORT), 10, ProbeMode::Tcp);
+    assert_eq!(
+        report.total_errors(),
+        0,
+        "terminating pods still serve: {report:?}"
+    );
+    assert!(
+        split(&report).0.keys().all(|p| p.starts_with("n0-pod-")),
+        "{report:?}"
+    );
+    let got = read(fx.cluster.http_get(check, "/").unwrap());
+    assert_eq!(got, (503, 0.into(), true.into()), "none ready");
+    // The pods ready again, and node 0's agent restarted with a 1 s health timeout.
+    write_atomic(&fx.dir.join("manifests/all.yaml"), ready);
+    let log = fx.dir.join("agent-0-stuck.log");
+    let agent = &mut fx.agents[0];
+    agent
+        .restart(
+            Stop::Term,
+            Duration::ZERO,
+            &["--healthz-timeout", "1s"],
+            &log,
+        )
+        .unwrap();
+    agent.wait_synced(1, sync_timeout()).unwrap();
+    let healthy = lb_lab::lab::wait_for(Duration::from_secs(10), || {
+        let got = read(fx.cluster.http_get(check, "/").ok()?);
+        (got.0 == 200).then_some(got)
+    });
+    assert_eq!(
+        healthy,
+        Some((200, 2.into(), true.into())),
+        "{}",
+        agent.log()
+    );
+    // Its manifests vanish: a change it cannot sync, so after 1 s it is unhealthy and
+    // the check fails beside two ready pods.
+    let (manifests, away) = (fx.dir.join("manifests"), fx.dir.join("away"));
+    std::fs::rename(&manifests, &away).unwrap();
+    let stuck = lb_lab::lab::wait_for(Duration::from_secs(10), || {
+        let got = read(fx.cluster.http_get(check, "/").ok()?);
+        (got.0 == 503).then_some(got)
+    });
+    std::fs::rename(&away, &manifests).unwrap();
+    assert_eq!(
+        stuck,
+        Some((503, 2.into(), false.into())),
+        "{}",
+        agent.log()
+    );
 }
 
 #[test]

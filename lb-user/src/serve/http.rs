@@ -31,7 +31,7 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+    sync::{OwnedSemaphorePermit, Semaphore, oneshot},
     task::JoinHandle,
 };
 
@@ -116,27 +116,36 @@ pub fn serve_listener(
     (task, stats)
 }
 
-/// The connections of one listener: a permit each, and those still sending their
-/// request head (which a new connection may evict), oldest first.
+/// Where an evicted connection hands its slot over to the connection that evicted it.
+type Handover = oneshot::Sender<OwnedSemaphorePermit>;
+
+/// The connections of one listener: a slot (permit) each, and those still sending
+/// their request head, oldest first, each with the way to evict it.
 struct Conns {
     slots: Arc<Semaphore>,
-    reading: Mutex<BTreeMap<u64, Arc<Notify>>>,
+    reading: Mutex<BTreeMap<u64, oneshot::Sender<Handover>>>,
     next_id: AtomicU64,
 }
 
 impl Conns {
-    fn reading(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Notify>>> {
+    fn reading(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, oneshot::Sender<Handover>>> {
         self.reading.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Tells the oldest connection still sending its request head to close; false when
-    /// there is none.
-    fn evict_oldest(&self) -> bool {
-        let Some((_, evict)) = self.reading().pop_first() else {
-            return false;
-        };
-        evict.notify_one();
-        true
+    /// Tells the oldest connection still sending its request head to close and hand
+    /// its slot over; where the slot will come, or `None` when no connection is
+    /// sending its request head.
+    fn evict_oldest(&self) -> Option<oneshot::Receiver<OwnedSemaphorePermit>> {
+        let (mut give, take) = oneshot::channel();
+        let mut reading = self.reading();
+        while let Some((_, evict)) = reading.pop_first() {
+            // A connection that has just ended cannot take it: the next one.
+            match evict.send(give) {
+                Ok(()) => return Some(take),
+                Err(back) => give = back,
+            }
+        }
+        None
     }
 }
 
@@ -144,8 +153,8 @@ impl Conns {
 enum Slot {
     /// A free one, taken.
     Taken(OwnedSemaphorePermit),
-    /// The one an evicted connection is giving up.
-    Awaited,
+    /// The one an evicted connection hands over.
+    HandedOver(oneshot::Receiver<OwnedSemaphorePermit>),
 }
 
 /// Accepts connections on `listener` until the task is aborted.
@@ -195,12 +204,12 @@ where
                     );
                     cap_warned = Some(Instant::now());
                 }
-                if !conns.evict_oldest() {
+                let Some(handover) = conns.evict_oldest() else {
                     stats.refused.fetch_add(1, Ordering::Relaxed);
                     continue;
-                }
+                };
                 stats.evicted.fetch_add(1, Ordering::Relaxed);
-                Slot::Awaited
+                Slot::HandedOver(handover)
             }
         };
         tokio::spawn(connection(
@@ -226,20 +235,19 @@ async fn connection<A>(
 ) where
     A: Fn(&str) -> Option<Response> + Send + Sync + 'static,
 {
-    let _permit = match slot {
+    let permit = match slot {
         Slot::Taken(permit) => permit,
-        // The evicted connection frees its slot as soon as it runs; a second at most.
-        Slot::Awaited => {
-            let wait = conns.slots.clone().acquire_owned();
-            match tokio::time::timeout(Duration::from_secs(1), wait).await {
+        // The evicted connection hands its slot over as soon as it runs; a second at most.
+        Slot::HandedOver(handover) => {
+            match tokio::time::timeout(Duration::from_secs(1), handover).await {
                 Ok(Ok(permit)) => permit,
                 _ => return,
             }
         }
     };
     let id = conns.next_id.fetch_add(1, Ordering::Relaxed);
-    let evict = Arc::new(Notify::new());
-    conns.reading().insert(id, evict.clone());
+    let (evict, mut evicted) = oneshot::channel::<Handover>();
+    conns.reading().insert(id, evict);
     let service = {
         let conns = conns.clone();
         service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -258,11 +266,17 @@ async fn connection<A>(
         .keep_alive(false)
         .max_buf_size(8192)
         .serve_connection(TokioIo::new(stream), service);
-    tokio::select! {
-        _ = tokio::time::timeout(limits.connection_timeout, conn) => {}
-        () = evict.notified() => {}
-    }
+    // Once the head is in, `evicted` ends with an error: that branch is then disabled.
+    let handover = tokio::select! {
+        _ = tokio::time::timeout(limits.connection_timeout, conn) => None,
+        Ok(handover) = &mut evicted => Some(handover),
+    };
     conns.reading().remove(&id);
+    // The connection is closed; its slot goes to the one that evicted it, if any (else
+    // back to the listener).
+    if let Some(handover) = handover {
+        let _ = handover.send(permit);
+    }
 }
 
 /// The answer was no answer: hyper closes the connection without a response.

@@ -3,7 +3,7 @@
 //! * [`metrics`]: the sync and datapath counters, served on `/metrics`;
 //! * [`dump`]: `lb-user dump`, the maps as a person wants to read them;
 //! * [`health`]: healthCheckNodePort for services with `externalTrafficPolicy: Local`;
-//! * [`http`]: the little HTTP they share.
+//! * [`http`]: the HTTP server they share (hyper, with a connection cap and timeouts).
 
 pub mod dump;
 pub mod health;
