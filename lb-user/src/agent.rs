@@ -118,9 +118,7 @@ impl SocketCloser {
                     for e in &report.errors {
                         tracing::warn!("closing sockets to backends that left: {e}");
                     }
-                    let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
-                    m.sockets_destroyed_total += report.destroyed as u64;
-                    m.socket_destroy_errors_total += report.errors.len() as u64;
+                    metrics.sockets_closed(report.destroyed, report.errors.len());
                 }
             });
         if let Err(e) = spawned {
@@ -259,16 +257,13 @@ impl Agent {
             total: started.elapsed(),
         };
         let written_at = SystemTime::now();
-        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        let m = &self.metrics;
         match result {
             Ok(()) => {
                 let services = self.model.service_count();
                 log_sync(services, update.services, &programmed, writes, &times);
-                m.record_sync(services, &programmed, writes, times.total);
-                m.frontend_conflicts = self.model.conflicts();
-                for map in &plan.full {
-                    *m.map_full_total.entry(map).or_default() += 1;
-                }
+                m.record_sync(services, &programmed, (writes, &plan.full), times.total);
+                m.set_conflicts(self.model.conflicts());
                 m.observe_programming(&update.triggers, written_at);
                 let first = self.programmed_once;
                 self.programmed = Some(programmed);
@@ -283,14 +278,13 @@ impl Agent {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .updated(written_at);
-                drop(m);
                 self.packet.follow(self.model.node_addresses());
                 self.closer.close(std::mem::take(&mut plan.left));
             }
             Err(e) => {
                 // What the maps hold is now uncertain: read them back on the next sync.
                 tracing::error!("{e}; the maps will be read back and the sync retried");
-                m.sync_errors_total += 1;
+                m.sync_failed();
                 self.programmed = None;
             }
         }
@@ -325,7 +319,6 @@ impl Agent {
         };
         let mut plan = fresh.plan(self.model.desired());
         let result = plan.groups.iter().try_for_each(|g| self.maps.apply(g));
-        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(()) if plan.is_empty() => {
                 tracing::debug!(
@@ -334,7 +327,7 @@ impl Agent {
                 );
             }
             Ok(()) => {
-                m.drift_repairs_total += plan.len() as u64;
+                self.metrics.drift_repaired(plan.len());
                 let what: Vec<String> = plan.ops().take(5).map(ToString::to_string).collect();
                 tracing::warn!(
                     map_writes = plan.len(),
@@ -343,12 +336,11 @@ impl Agent {
                     what.join("; "),
                     if plan.len() > 5 { "; ..." } else { "" }
                 );
-                drop(m);
                 self.closer.close(std::mem::take(&mut plan.left));
             }
             Err(e) => {
                 tracing::error!("reconcile: {e}; the maps will be read back and the sync retried");
-                m.sync_errors_total += 1;
+                self.metrics.sync_failed();
                 self.programmed = None;
                 return;
             }
@@ -493,9 +485,9 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     if opts.bpf_log_level > 0 {
         tasks.push(spawn_bpf_logger(&mut ebpf)?);
     }
-    let metrics: metrics::Shared = Arc::new(Mutex::new(Metrics::default()));
+    let metrics: metrics::Shared = Arc::new(Metrics::new(Some(opts.pin_path.clone())));
     if let Some(addr) = opts.metrics_addr {
-        tasks.push(metrics::serve(addr, metrics.clone(), opts.pin_path.clone()));
+        tasks.push(metrics::serve(addr, metrics.clone()));
     }
     let proxier_health: SharedHealth = Arc::new(Mutex::new(ProxierHealth::new(
         opts.healthz_timeout,
@@ -596,11 +588,7 @@ async fn sync_until_stopped(
                 continue;
             }
         }
-        agent
-            .metrics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .last_queued_timestamp = metrics::unix_now();
+        agent.metrics.queued();
         agent
             .proxier_health
             .lock()

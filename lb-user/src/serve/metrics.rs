@@ -1,16 +1,22 @@
 //! Counters the user can read, served in the OpenMetrics text format (prometheus-client)
 //! on `--metrics-bind-address` (`/metrics`), with kube-proxy's metric names and histogram
 //! buckets where one exists.
+//!
+//! Every metric is registered once, at start, and the agent updates it through its
+//! handle (atomics: no lock, so a scrape never waits for a sync nor a sync for a
+//! scrape). The programs' per-CPU counters are read from the pinned maps by a
+//! collector at scrape time.
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    path::PathBuf,
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use prometheus_client::{
-    encoding::text::encode,
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, text::encode},
     metrics::{
         counter::Counter,
         family::Family,
@@ -23,72 +29,42 @@ use std::sync::atomic::AtomicU64;
 
 use crate::{datapath::Programmed, model::TRIGGER_TIME_ANNOTATION};
 
-/// The EndpointSlice annotation kube-proxy measures network programming latency from.
+type Labels = Vec<(String, String)>;
+type Seconds = Gauge<f64, AtomicU64>;
 
-#[derive(Clone, Debug)]
+/// The agent's metrics: the registry they are in, and a handle to each.
+#[derive(Debug)]
 pub struct Metrics {
+    registry: Registry,
     /// kube-proxy's SyncProxyRulesLatency buckets: 1 ms doubling 15 times.
     sync_duration: Histogram,
     /// kube-proxy's NetworkProgrammingLatency buckets: 0.25 s to 5 min.
     programming: Histogram,
-    pub sync_errors_total: u64,
-    /// Map writes the periodic reconcile made to undo changes behind the agent's back.
-    pub drift_repairs_total: u64,
-    pub last_sync_seconds: f64,
-    pub last_sync_timestamp: f64,
-    pub last_queued_timestamp: f64,
-    pub services: usize,
-    pub frontends: usize,
-    pub backends: usize,
-    /// Entries per map name.
-    pub map_entries: BTreeMap<&'static str, usize>,
-    /// Frontends a full map kept out, counted per sync and map.
-    pub map_full_total: BTreeMap<&'static str, u64>,
+    programming_last: Seconds,
+    last_sync_seconds: Seconds,
+    last_sync_timestamp: Seconds,
+    last_queued_timestamp: Seconds,
+    services: Gauge,
+    frontends: Gauge,
+    backends: Gauge,
     /// Desired frontends not programmed (or not updated) now, for want of room.
-    pub frontends_skipped: usize,
+    frontends_skipped: Gauge,
     /// Claims on a frontend or health-check port that another Service's claim beat.
-    pub frontend_conflicts: usize,
+    frontend_conflicts: Gauge,
+    /// Entries per map name.
+    map_entries: Family<Labels, Gauge>,
+    /// Frontends a full map kept out, counted per sync and map.
+    map_full: Family<Labels, Counter>,
+    sync_errors: Counter,
+    /// Map writes the periodic reconcile made to undo changes behind the agent's back.
+    drift_repairs: Counter,
+    map_writes: Counter,
     /// Sockets closed because their backend left the service, and failures doing so.
-    pub sockets_destroyed_total: u64,
-    pub socket_destroy_errors_total: u64,
-    pub map_writes_total: u64,
-    pub network_programming_count: u64,
-    pub network_programming_seconds_sum: f64,
-    pub network_programming_last_seconds: f64,
+    sockets_destroyed: Counter,
+    socket_destroy_errors: Counter,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        let programming = linear_buckets(0.25, 0.25, 2)
-            .chain(linear_buckets(1.0, 1.0, 59))
-            .chain(linear_buckets(60.0, 5.0, 12))
-            .chain(linear_buckets(120.0, 30.0, 7));
-        Self {
-            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
-            programming: Histogram::new(programming),
-            sync_errors_total: 0,
-            drift_repairs_total: 0,
-            last_sync_seconds: 0.0,
-            last_sync_timestamp: 0.0,
-            last_queued_timestamp: 0.0,
-            services: 0,
-            frontends: 0,
-            backends: 0,
-            map_entries: BTreeMap::new(),
-            map_full_total: BTreeMap::new(),
-            frontends_skipped: 0,
-            frontend_conflicts: 0,
-            sockets_destroyed_total: 0,
-            socket_destroy_errors_total: 0,
-            map_writes_total: 0,
-            network_programming_count: 0,
-            network_programming_seconds_sum: 0.0,
-            network_programming_last_seconds: 0.0,
-        }
-    }
-}
-
-pub type Shared = Arc<Mutex<Metrics>>;
+pub type Shared = Arc<Metrics>;
 
 pub fn unix_now() -> f64 {
     SystemTime::now()
@@ -98,11 +74,48 @@ pub fn unix_now() -> f64 {
 }
 
 impl Metrics {
+    /// Every metric, registered; with `pin_path`, also the programs' counters, the tc
+    /// drops and the connection-tracking events read from the maps pinned there at
+    /// each scrape.
+    pub fn new(pin_path: Option<PathBuf>) -> Self {
+        let programming = linear_buckets(0.25, 0.25, 2)
+            .chain(linear_buckets(1.0, 1.0, 59))
+            .chain(linear_buckets(60.0, 5.0, 12))
+            .chain(linear_buckets(120.0, 30.0, 7));
+        let mut m = Self {
+            registry: Registry::default(),
+            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            programming: Histogram::new(programming),
+            programming_last: Seconds::default(),
+            last_sync_seconds: Seconds::default(),
+            last_sync_timestamp: Seconds::default(),
+            last_queued_timestamp: Seconds::default(),
+            services: Gauge::default(),
+            frontends: Gauge::default(),
+            backends: Gauge::default(),
+            frontends_skipped: Gauge::default(),
+            frontend_conflicts: Gauge::default(),
+            map_entries: Family::default(),
+            map_full: Family::default(),
+            sync_errors: Counter::default(),
+            drift_repairs: Counter::default(),
+            map_writes: Counter::default(),
+            sockets_destroyed: Counter::default(),
+            socket_destroy_errors: Counter::default(),
+        };
+        m.register();
+        if let Some(pin_path) = pin_path {
+            m.registry
+                .register_collector(Box::new(DatapathCollector { pin_path }));
+        }
+        m
+    }
+
     /// Records network programming latency, to `written_at`, for every EndpointSlice
     /// whose trigger-time annotation changed (`triggers`: namespace/name and the new
     /// value, as [`crate::model::Update`] lists them; the model leaves out the first
     /// sync's, which describe changes from before the agent started).
-    pub fn observe_programming(&mut self, triggers: &[(String, String)], written_at: SystemTime) {
+    pub fn observe_programming(&self, triggers: &[(String, String)], written_at: SystemTime) {
         for (key, trigger) in triggers {
             match trigger.parse::<k8s_openapi::jiff::Timestamp>() {
                 Ok(t) => {
@@ -111,9 +124,7 @@ impl Metrics {
                         .unwrap_or(Duration::ZERO)
                         .as_secs_f64();
                     self.programming.observe(latency);
-                    self.network_programming_count += 1;
-                    self.network_programming_seconds_sum += latency;
-                    self.network_programming_last_seconds = latency;
+                    self.programming_last.set(latency);
                 }
                 Err(e) => tracing::warn!(
                     "EndpointSlice {key}: field metadata.annotations[{TRIGGER_TIME_ANNOTATION}]: {trigger:?}: {e}"
@@ -123,41 +134,69 @@ impl Metrics {
     }
 
     /// Records a successful sync of `services` services, now `programmed` with `writes`
-    /// map writes.
+    /// map writes; `full`: the maps that kept a frontend out.
     pub fn record_sync(
-        &mut self,
+        &self,
         services: usize,
         programmed: &Programmed,
-        writes: usize,
+        (writes, full): (usize, &[&'static str]),
         took: Duration,
     ) {
         self.sync_duration.observe(took.as_secs_f64());
-        self.last_sync_seconds = took.as_secs_f64();
-        self.last_sync_timestamp = unix_now();
-        self.services = services;
-        self.frontends = programmed.frontend_count();
-        self.backends = programmed.backend_count();
-        self.map_entries = programmed.map_entries();
-        self.frontends_skipped = programmed.skipped();
-        self.map_writes_total += writes as u64;
+        self.last_sync_seconds.set(took.as_secs_f64());
+        self.last_sync_timestamp.set(unix_now());
+        self.services.set(services as i64);
+        self.frontends.set(programmed.frontend_count() as i64);
+        self.backends.set(programmed.backend_count() as i64);
+        for (map, n) in programmed.map_entries() {
+            self.map_entries
+                .get_or_create(&vec![("map".into(), map.to_string())])
+                .set(n as i64);
+        }
+        self.frontends_skipped.set(programmed.skipped() as i64);
+        self.map_writes.inc_by(writes as u64);
+        for map in full {
+            self.map_full
+                .get_or_create(&vec![("map".into(), map.to_string())])
+                .inc();
+        }
     }
 
-    /// The OpenMetrics text of every metric: the agent's own, then the programs'
-    /// counters and the tc drops read from the pinned maps under `pin_path` (left out
-    /// when they cannot be read).
-    pub fn render(&self, pin_path: Option<&std::path::Path>) -> String {
-        let mut registry = Registry::default();
-        self.register(&mut registry);
-        if let Some(dir) = pin_path {
-            register_datapath(&mut registry, dir);
-        }
+    /// A change was queued now.
+    pub fn queued(&self) {
+        self.last_queued_timestamp.set(unix_now());
+    }
+
+    /// A sync's (or a reconcile's) map writes failed.
+    pub fn sync_failed(&self) {
+        self.sync_errors.inc();
+    }
+
+    /// The periodic reconcile wrote `writes` entries back.
+    pub fn drift_repaired(&self, writes: usize) {
+        self.drift_repairs.inc_by(writes as u64);
+    }
+
+    pub fn set_conflicts(&self, n: usize) {
+        self.frontend_conflicts.set(n as i64);
+    }
+
+    /// A pass of the socket closer destroyed `destroyed` sockets and met `errors`.
+    pub fn sockets_closed(&self, destroyed: usize, errors: usize) {
+        self.sockets_destroyed.inc_by(destroyed as u64);
+        self.socket_destroy_errors.inc_by(errors as u64);
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = encode(&mut out, &registry);
+        let _ = encode(&mut out, &self.registry);
         out
     }
 
-    fn register(&self, r: &mut Registry) {
+    fn register(&mut self) {
+        let r = &mut self.registry;
         r.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "How long syncs (model, diff, map writes) took",
@@ -168,189 +207,168 @@ impl Metrics {
             "From an EndpointSlice's last-change-trigger-time to the map write",
             self.programming.clone(),
         );
-        let seconds: [(&str, &str, f64); 4] = [
+        for (name, help, g) in [
             (
                 "lb_sync_last_duration_seconds",
                 "Duration of the last sync",
-                self.last_sync_seconds,
+                &self.last_sync_seconds,
             ),
             (
                 "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
                 "When the last successful sync finished (unix time)",
-                self.last_sync_timestamp,
+                &self.last_sync_timestamp,
             ),
             (
                 "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
                 "When the last change was queued (unix time)",
-                self.last_queued_timestamp,
+                &self.last_queued_timestamp,
             ),
             (
                 "lb_network_programming_last_seconds",
                 "Network programming latency of the last observed change",
-                self.network_programming_last_seconds,
+                &self.programming_last,
             ),
-        ];
-        for (name, help, value) in seconds {
-            let g = Gauge::<f64, AtomicU64>::default();
-            g.set(value);
-            r.register(name, help, g);
+        ] {
+            r.register(name, help, g.clone());
         }
-        let counts: [(&str, &str, usize); 4] = [
+        for (name, help, g) in [
             (
                 "lb_programmed_services",
                 "Services with at least one programmed frontend",
-                self.services,
+                &self.services,
             ),
             (
                 "lb_programmed_frontends",
                 "Programmed frontends (address, port, protocol)",
-                self.frontends,
+                &self.frontends,
             ),
             (
                 "lb_programmed_endpoints",
                 "Distinct programmed backends (endpoint, protocol)",
-                self.backends,
+                &self.backends,
             ),
             (
                 "lb_frontend_conflicts",
                 "Claims on a frontend or healthCheckNodePort that another Service holds (each warned in the log)",
-                self.frontend_conflicts,
+                &self.frontend_conflicts,
             ),
-        ];
-        for (name, help, value) in counts {
-            let g = Gauge::<i64>::default();
-            g.set(value as i64);
-            r.register(name, help, g);
+            (
+                "lb_frontends_skipped",
+                "Desired frontends not programmed now because a map is full",
+                &self.frontends_skipped,
+            ),
+        ] {
+            r.register(name, help, g.clone());
         }
-        for (name, help, value) in [
+        for (name, help, c) in [
             (
                 "lb_sync_errors",
                 "Syncs whose map writes failed",
-                self.sync_errors_total,
+                &self.sync_errors,
             ),
             (
                 "lb_map_writes",
                 "Map updates and deletes written",
-                self.map_writes_total,
+                &self.map_writes,
             ),
             (
                 "lb_drift_repairs",
                 "Map writes the periodic reconcile (--sync-period) made to undo changes behind the agent's back",
-                self.drift_repairs_total,
+                &self.drift_repairs,
             ),
             (
                 "lb_sockets_destroyed",
                 "Sockets closed (SOCK_DESTROY) because the backend they were translated to left its service",
-                self.sockets_destroyed_total,
+                &self.sockets_destroyed,
             ),
             (
                 "lb_socket_destroy_errors",
                 "Failures closing such sockets (a namespace, the netlink socket, the map)",
-                self.socket_destroy_errors_total,
+                &self.socket_destroy_errors,
             ),
         ] {
-            let c = Counter::<u64>::default();
-            c.inc_by(value);
-            r.register(name, help, c);
+            r.register(name, help, c.clone());
         }
-        let entries = Family::<Vec<(String, String)>, Gauge>::default();
-        for (map, n) in &self.map_entries {
-            entries
-                .get_or_create(&vec![("map".into(), map.to_string())])
-                .set(*n as i64);
-        }
-        r.register("lb_map_entries", "Entries in each BPF map", entries);
-        let full = Family::<Vec<(String, String)>, Counter>::default();
-        for (map, n) in &self.map_full_total {
-            full.get_or_create(&vec![("map".into(), map.to_string())])
-                .inc_by(*n);
-        }
+        r.register(
+            "lb_map_entries",
+            "Entries in each BPF map",
+            self.map_entries.clone(),
+        );
         r.register(
             "lb_map_full",
             "Frontends a full map kept out, counted when each is first kept out (see the --max-* flags)",
-            full,
-        );
-        let skipped = Gauge::<i64>::default();
-        skipped.set(self.frontends_skipped as i64);
-        r.register(
-            "lb_frontends_skipped",
-            "Desired frontends not programmed now because a map is full",
-            skipped,
+            self.map_full.clone(),
         );
     }
 }
 
-/// The programs' counters and the tc drops, read from the pinned per-CPU maps now.
-fn register_datapath(r: &mut Registry, pin_path: &std::path::Path) {
-    if let Ok(counters) = crate::datapath::read_counters(pin_path) {
-        let events = Family::<Vec<(String, String)>, Counter>::default();
-        for (prog, c) in counters {
-            for (event, n) in [
-                ("translated", c.translated),
-                ("refused", c.refused),
-                ("affinity_hit", c.affinity_hits),
-                ("miss", c.misses),
-                ("no_local", c.no_local),
-            ] {
-                events
-                    .get_or_create(&vec![
-                        ("program".into(), prog.to_string()),
-                        ("event".into(), event.to_string()),
-                    ])
-                    .inc_by(n);
+/// The programs' counters, the tc drops and the connection-tracking events, read from
+/// the pinned per-CPU maps at each scrape (left out when they cannot be read).
+#[derive(Debug)]
+struct DatapathCollector {
+    pin_path: PathBuf,
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Ok(counters) = crate::datapath::read_counters(&self.pin_path) {
+            let events = Family::<Labels, Counter>::default();
+            for (prog, c) in counters {
+                for (event, n) in [
+                    ("translated", c.translated),
+                    ("refused", c.refused),
+                    ("affinity_hit", c.affinity_hits),
+                    ("miss", c.misses),
+                    ("no_local", c.no_local),
+                ] {
+                    events
+                        .get_or_create(&vec![
+                            ("program".into(), prog.to_string()),
+                            ("event".into(), event.to_string()),
+                        ])
+                        .inc_by(n);
+                }
             }
+            let help = "What the eBPF programs did, per program and event";
+            events.encode(encoder.encode_descriptor(
+                "lb_program_events",
+                help,
+                None,
+                events.metric_type(),
+            )?)?;
         }
-        r.register(
-            "lb_program_events",
-            "What the eBPF programs did, per program and event",
-            events,
-        );
-    }
-    if let Ok(drops) = crate::datapath::read_drops(pin_path) {
-        register_tally(
-            r,
-            ("lb_tc_drops", "Packets the tc programs dropped, by reason"),
-            "reason",
-            drops,
-        );
-    }
-    if let Ok(events) = crate::datapath::read_ct_events(pin_path) {
-        register_tally(
-            r,
-            (
-                "lb_ct_events",
-                "What the tc programs' connection tracking did besides drops, by event",
-            ),
-            "event",
-            events,
-        );
+        if let Ok(drops) = crate::datapath::read_drops(&self.pin_path) {
+            let help = "Packets the tc programs dropped, by reason";
+            encode_tally(&mut encoder, ("lb_tc_drops", help), "reason", drops)?;
+        }
+        if let Ok(events) = crate::datapath::read_ct_events(&self.pin_path) {
+            let help = "What the tc programs' connection tracking did besides drops, by event";
+            encode_tally(&mut encoder, ("lb_ct_events", help), "event", events)?;
+        }
+        Ok(())
     }
 }
 
-/// Registers counts by name as one counter family (`name`, `help`) with the name under
+/// Encodes counts by name as one counter family (`name`, `help`) with the name under
 /// `label`.
-fn register_tally(
-    r: &mut Registry,
+fn encode_tally(
+    encoder: &mut DescriptorEncoder,
     (name, help): (&str, &str),
     label: &str,
     tally: Vec<(&'static str, u64)>,
-) {
-    let family = Family::<Vec<(String, String)>, Counter>::default();
+) -> Result<(), std::fmt::Error> {
+    let family = Family::<Labels, Counter>::default();
     for (key, n) in tally {
         family
             .get_or_create(&vec![(label.to_string(), key.to_string())])
             .inc_by(n);
     }
-    r.register(name, help, family);
+    family.encode(encoder.encode_descriptor(name, help, None, family.metric_type())?)
 }
 
 /// Serves `/metrics` until the task is aborted. A bind failure is logged, not fatal: the
 /// datapath matters more than the metrics.
-pub fn serve(
-    addr: SocketAddr,
-    metrics: Shared,
-    pin_path: std::path::PathBuf,
-) -> tokio::task::JoinHandle<()> {
+pub fn serve(addr: SocketAddr, metrics: Shared) -> tokio::task::JoinHandle<()> {
     super::http::serve(
         addr,
         move |bound| match bound {
@@ -362,10 +380,7 @@ pub fn serve(
                 "/metrics" => (
                     "200 OK",
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    metrics
-                        .lock()
-                        .map(|m| m.render(Some(&pin_path)))
-                        .unwrap_or_default(),
+                    metrics.render(),
                 ),
                 _ => (
                     "404 Not Found",
@@ -383,28 +398,24 @@ mod tests {
 
     #[test]
     fn programming_latency_is_measured_from_each_changed_trigger() {
-        let mut m = Metrics::default();
+        let m = Metrics::new(None);
         let at = |secs: u64| UNIX_EPOCH + Duration::from_secs(1_767_225_600 + secs);
         m.observe_programming(&[], at(100));
-        assert_eq!(m.network_programming_count, 0);
+        assert!(
+            m.render()
+                .contains("kubeproxy_network_programming_duration_seconds_count 0\n")
+        );
         let triggers = [
             ("n/a".to_string(), "2026-01-01T00:00:10Z".to_string()),
             ("n/b".to_string(), "2026-01-01T00:00:11.5Z".to_string()),
             ("n/c".to_string(), "yesterday".to_string()),
         ];
         m.observe_programming(&triggers, at(12));
-        assert_eq!(
-            m.network_programming_count, 2,
-            "the unreadable one is skipped"
-        );
+        let text = m.render();
         assert!(
-            (m.network_programming_seconds_sum - 2.5).abs() < 1e-6,
-            "{m:?}"
-        );
-        let text = m.render(None);
-        assert!(
-            text.contains("kubeproxy_network_programming_duration_seconds_count 2\n"),
-            "{text}"
+            text.contains("kubeproxy_network_programming_duration_seconds_count 2\n")
+                && text.contains("kubeproxy_network_programming_duration_seconds_sum 2.5\n"),
+            "the unreadable one is skipped: {text}"
         );
         // kube-proxy's buckets: 0.5 s and 2 s observed.
         assert!(
@@ -415,5 +426,38 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "OpenMetrics: {text}");
+    }
+
+    #[test]
+    fn updates_through_handles_show_in_the_next_scrape() {
+        let m = Arc::new(Metrics::new(None));
+        let (a, b) = (m.clone(), m.clone());
+        // From other threads, with no lock: what the sync and the socket closer do.
+        std::thread::spawn(move || a.sockets_closed(3, 1))
+            .join()
+            .unwrap();
+        std::thread::spawn(move || b.drift_repaired(2))
+            .join()
+            .unwrap();
+        m.set_conflicts(4);
+        m.record_sync(
+            7,
+            &Programmed::default(),
+            (5, &["LB_REVNAT_V2"]),
+            Duration::from_millis(3),
+        );
+        let text = m.render();
+        for line in [
+            "lb_sockets_destroyed_total 3\n",
+            "lb_socket_destroy_errors_total 1\n",
+            "lb_drift_repairs_total 2\n",
+            "lb_frontend_conflicts 4\n",
+            "lb_programmed_services 7\n",
+            "lb_map_writes_total 5\n",
+            "lb_map_full_total{map=\"LB_REVNAT_V2\"} 1\n",
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 1\n",
+        ] {
+            assert!(text.contains(line), "{line:?} not in:\n{text}");
+        }
     }
 }
