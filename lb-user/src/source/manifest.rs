@@ -5,8 +5,8 @@
 //! What it does with bad or changing input:
 //! * A file is split into documents at its `---` lines (a line that is `---` or starts
 //!   with `--- `), as YAML does, and each document is parsed alone: a syntax error loses
-//!   that document only. Every warning names the file and the document (1-based), and the
-//!   line in the file where serde_yaml gives one.
+//!   that document only. Every warning names the file and the document (1-based); a
+//!   syntax error's "at line L column C" counts the lines of the file.
 //! * A file that changed is read again; when any of its documents does not parse (or the
 //!   file cannot be read, is over the size limit, or became empty), its last objects stay
 //!   as a whole, with a warning, until it parses cleanly again. A deleted file takes its
@@ -207,6 +207,8 @@ impl Stamp {
 #[derive(Debug, Default)]
 pub struct Settled {
     seen: Option<BTreeMap<PathBuf, Option<Stamp>>>,
+    /// How many files the last look found still being written.
+    young: usize,
 }
 
 impl Settled {
@@ -220,9 +222,11 @@ impl Settled {
     ) -> bool {
         let files = walk(path, limits).map(|w| w.files).unwrap_or_default();
         let mut next = BTreeMap::new();
+        self.young = 0;
         for file in files {
             let stamp = Stamp::of(&file);
             if stamp.is_some_and(|s| !s.settled(settle, now)) {
+                self.young += 1;
                 // Being written: its last settled stamp, if any, stands for it.
                 let last = self.seen.as_ref().and_then(|s| s.get(&file)).copied();
                 if let Some(last) = last {
@@ -235,6 +239,11 @@ impl Settled {
         let changed = self.seen.as_ref() != Some(&next);
         self.seen = Some(next);
         changed
+    }
+
+    /// How many files the last look found still being written (held back).
+    pub fn young(&self) -> usize {
+        self.young
     }
 }
 
@@ -727,14 +736,10 @@ fn parse_checked(doc: &Document<'_>, file: &str, loaded: &mut Loaded) {
             Ok(serde_yaml::Value::Null) => {}
             Ok(value) => add_object(value, file, origin, loaded),
             Err(e) => {
-                let by = doc.line - 1;
-                let at = e
-                    .location()
-                    .map(|l| format!(", line {}", l.line() + by))
-                    .unwrap_or_default();
+                // serde_yaml's "at line L column C", moved to the file's lines.
                 loaded.warnings.push(format!(
-                    "{file}: {origin}{at}: not valid YAML: {}; skipped",
-                    shift_lines(&e.to_string(), by)
+                    "{file}: {origin}: not valid YAML: {}; skipped",
+                    shift_lines(&e.to_string(), doc.line - 1)
                 ));
                 loaded.broken.push(doc.number);
                 // This document's stream cannot be resumed: the next starts at its `---`.
@@ -974,7 +979,7 @@ spec:
         // Document 2 is lines 7-10 of the file; its error is found at its end, line 11 of
         // the file (the next `---`), where the flow sequence opened on line 10 is still open.
         assert!(
-            w.starts_with("test.yaml: document 2, line 11: not valid YAML: "),
+            w.starts_with("test.yaml: document 2: not valid YAML: "),
             "{w}"
         );
         assert!(
@@ -1040,7 +1045,7 @@ spec:
         let l = parse("apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
         assert_eq!(l.warnings.len(), 1);
         assert!(
-            l.warnings[0].starts_with("test.yaml: document 1, line 4: not valid YAML"),
+            l.warnings[0].starts_with("test.yaml: document 1: not valid YAML"),
             "{:?}",
             l.warnings
         );
@@ -1078,7 +1083,7 @@ spec:
         assert_eq!(names, ["c", "x"]);
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(
-            warnings[0].contains("d.yaml: document 1, line 2: not valid YAML"),
+            warnings[0].contains("d.yaml: document 1: not valid YAML"),
             "{warnings:?}"
         );
         assert!(
@@ -1147,7 +1152,9 @@ spec:
         let (n, names, warnings) = refresh(&mut cache, &tmp.0, &mut model);
         assert_eq!((n, names), (0, vec!["a".to_string(), "b".into()]));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(warnings[0].contains("web.yaml: document 1, line 3: not valid YAML"));
+        assert!(warnings[0].contains(
+            "web.yaml: document 1: not valid YAML: did not find expected ',' or ']' at line 3"
+        ));
         assert!(
             warnings[1].ends_with(
                 "web.yaml: document 1 broken: keeping the 2 objects of its last good version \
@@ -1254,8 +1261,10 @@ spec:
         fs::write(tmp.0.join("b.yaml"), svc("b")).unwrap();
         fs::write(tmp.0.join("a.yaml"), svc("a2")).unwrap();
         assert!(!view.observe(&tmp.0, &limits, settle, SystemTime::now()));
+        assert_eq!(view.young(), 2);
         let later = SystemTime::now() + settle;
         assert!(view.observe(&tmp.0, &limits, settle, later), "settled");
+        assert_eq!(view.young(), 0);
         assert!(!view.observe(&tmp.0, &limits, settle, later));
         fs::remove_file(tmp.0.join("b.yaml")).unwrap();
         assert!(view.observe(&tmp.0, &limits, settle, later), "removed");

@@ -11,7 +11,7 @@ pub mod manifest;
 use std::{
     path::PathBuf,
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::{sync::Notify, task::JoinHandle};
@@ -93,10 +93,11 @@ pub fn settle_time(every: Duration) -> Duration {
     every.saturating_mul(2).min(Duration::from_millis(500))
 }
 
-/// Notifies `changed` whenever the settled view of the manifests changes (and once at
-/// start): a file written is reported once it has settled, a file removed at once. The
-/// view is looked at every `every`, so the notification comes at most one poll after
-/// the settle time.
+/// Notifies `changed` whenever the settled view of the manifests changes: a file written
+/// is reported once it has settled, a file removed at once. The view is looked at every
+/// `every`, so the notification comes at most one poll after the settle time. The first
+/// notification (the first sync) waits until no file is being written, at most twice the
+/// settle time, so that files written just before the start are in it.
 fn poll_manifests(
     path: PathBuf,
     every: Duration,
@@ -108,9 +109,16 @@ fn poll_manifests(
         let mut view = manifest::Settled::default();
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let started = Instant::now();
+        let mut first = true;
         loop {
             tick.tick().await;
-            if view.observe(&path, &limits, settle, SystemTime::now()) {
+            let news = view.observe(&path, &limits, settle, SystemTime::now());
+            if first && view.young() > 0 && started.elapsed() < settle.saturating_mul(2) {
+                continue;
+            }
+            if news || first {
+                first = false;
                 changed.notify_one();
             }
         }
