@@ -37,8 +37,9 @@ pub enum Source {
 }
 
 impl Source {
-    /// Starts polling `path` every `every`; `changed` is notified at once and after each
-    /// change, once the changed files have settled (see [`settle_time`]).
+    /// Starts polling `path` every `every`; `changed` is notified at start (once no file
+    /// is being written, at most twice the settle time) and after each change, once the
+    /// changed files have settled (see [`settle_time`]).
     pub fn manifests(path: PathBuf, every: Duration, changed: Arc<Notify>) -> Self {
         let settle = settle_time(every);
         let limits = manifest::Limits::default();
