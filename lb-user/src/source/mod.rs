@@ -8,11 +8,15 @@
 pub mod api;
 pub mod manifest;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use tokio::{sync::Notify, task::JoinHandle};
 
-use crate::model::{Change, Model};
+use crate::model::{Change, Kind, Model, ObjKey};
 
 /// Where the objects come from.
 pub enum SourceSpec {
@@ -33,13 +37,16 @@ pub enum Source {
 }
 
 impl Source {
-    /// Starts polling `path` every `every`; `changed` is notified at once and after each
-    /// change.
+    /// Starts polling `path` every `every`; `changed` is notified at start (once no file
+    /// is being written, at most twice the settle time) and after each change, once the
+    /// changed files have settled (see [`settle_time`]).
     pub fn manifests(path: PathBuf, every: Duration, changed: Arc<Notify>) -> Self {
+        let settle = settle_time(every);
+        let limits = manifest::Limits::default();
         Self::Manifests {
-            poller: poll_manifests(path.clone(), every, changed),
+            poller: poll_manifests(path.clone(), every, settle, limits, changed),
             path,
-            cache: Default::default(),
+            cache: std::sync::Mutex::new(manifest::Cache::new(settle, limits)),
         }
     }
 
@@ -50,13 +57,25 @@ impl Source {
             Self::Manifests { path, cache, .. } => cache
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .refresh(path)?,
+                .refresh(path, SystemTime::now())?,
             Self::Kube(k) => (k.take_changes(), Vec::new()),
         };
         for change in changes {
             model.apply(change);
         }
         Ok(warnings)
+    }
+
+    /// Where an object of the manifests is defined ("FILE, document N"); `None` for an
+    /// object the source does not hold, and for the API source.
+    pub fn origin(&self, kind: Kind, key: &ObjKey) -> Option<String> {
+        match self {
+            Self::Manifests { cache, .. } => cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .origin(kind, key),
+            Self::Kube(_) => None,
+        }
     }
 }
 
@@ -68,17 +87,39 @@ impl Drop for Source {
     }
 }
 
-/// Notifies `changed` whenever the manifests' fingerprint changes (and once at start).
-fn poll_manifests(path: PathBuf, every: Duration, changed: Arc<Notify>) -> JoinHandle<()> {
+/// How long a manifest file must stay unwritten before it is read: two poll intervals
+/// (so a file is read once it looked the same at two polls), at most 500 ms. Short with
+/// the short polls of tests and benchmarks, so a change still arrives in milliseconds.
+pub fn settle_time(every: Duration) -> Duration {
+    every.saturating_mul(2).min(Duration::from_millis(500))
+}
+
+/// Notifies `changed` whenever the settled view of the manifests changes: a file written
+/// is reported once it has settled, a file removed at once. The view is looked at every
+/// `every`, so the notification comes at most one poll after the settle time. The first
+/// notification (the first sync) waits until no file is being written, at most twice the
+/// settle time, so that files written just before the start are in it.
+fn poll_manifests(
+    path: PathBuf,
+    every: Duration,
+    settle: Duration,
+    limits: manifest::Limits,
+    changed: Arc<Notify>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut seen = None;
+        let mut view = manifest::Settled::default();
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let started = Instant::now();
+        let mut first = true;
         loop {
             tick.tick().await;
-            let now = manifest::fingerprint(&path);
-            if seen.as_ref() != Some(&now) {
-                seen = Some(now);
+            let news = view.observe(&path, &limits, settle, SystemTime::now());
+            if first && view.young() > 0 && started.elapsed() < settle.saturating_mul(2) {
+                continue;
+            }
+            if news || first {
+                first = false;
                 changed.notify_one();
             }
         }
