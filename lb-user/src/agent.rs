@@ -225,7 +225,10 @@ impl Agent {
         self.health_pending |= update.health_changed;
         let modelled = started.elapsed();
         let mut warnings = read_warnings;
-        warnings.extend(self.model.warnings());
+        warnings.extend(
+            self.model
+                .located_warnings(|kind, key| source.origin(kind, key)),
+        );
         self.warn_once(warnings);
         let planning = Instant::now();
         let (programmed, mut plan) = match self.programmed.take() {

@@ -552,9 +552,35 @@ impl Model {
 
     /// A warning for every object or field skipped, in a stable order.
     pub fn warnings(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.unlabeled.values().cloned().collect();
+        self.filed_warnings().into_iter().map(|(_, w)| w).collect()
+    }
+
+    /// [`Self::warnings`], each after where `origin` says its object is defined (the
+    /// manifest source's "FILE, document N"), when it knows.
+    pub fn located_warnings(
+        &self,
+        origin: impl Fn(Kind, &ObjKey) -> Option<String>,
+    ) -> Vec<String> {
+        self.filed_warnings()
+            .into_iter()
+            .map(|((kind, key), w)| match origin(kind, key) {
+                Some(o) => format!("{o}: {w}"),
+                None => w,
+            })
+            .collect()
+    }
+
+    /// The warnings, each with the object it is filed under (a Service's own, its
+    /// slices' and its claims' under the Service; an unlabeled slice's under the slice).
+    fn filed_warnings(&self) -> Vec<((Kind, &ObjKey), String)> {
+        let mut out: Vec<((Kind, &ObjKey), String)> = self
+            .unlabeled
+            .iter()
+            .map(|(k, w)| ((Kind::EndpointSlice, k), w.clone()))
+            .collect();
         for key in &self.warned {
-            out.extend(self.outs[key].warnings.iter().cloned());
+            let filed = (Kind::Service, key);
+            out.extend(self.outs[key].warnings.iter().map(|w| (filed, w.clone())));
         }
         for (fe, owners) in self.contested() {
             let won = winner(owners).expect("claimed");
@@ -567,23 +593,23 @@ impl Model {
             };
             for (loser, claim) in owners.iter().filter(|(k, _)| *k != won) {
                 let ((lost_kind, index), (won_kind, _)) = (kind(loser), kind(won));
-                out.push(format!(
+                out.push(((Kind::Service, loser), format!(
                     "Service {}/{}: field spec.ports[{index}]: frontend {fe} ({lost_kind}) is already used by {}/{} (its {won_kind}, {}); skipped",
                     loser.0,
                     loser.1,
                     won.0,
                     won.1,
                     why(owners.get(won).expect("claimed"), claim),
-                ));
+                )));
             }
         }
         for (port, owners) in self.health_claims.iter().filter(|(_, o)| o.len() > 1) {
             let won = winner(owners).expect("more than one");
             for loser in owners.keys().filter(|k| *k != won) {
-                out.push(format!(
+                out.push(((Kind::Service, loser), format!(
                     "Service {}/{}: field spec.healthCheckNodePort: {port} is already served for {}/{}; skipped",
                     loser.0, loser.1, won.0, won.1
-                ));
+                )));
             }
         }
         out

@@ -1089,3 +1089,23 @@ fn claims_made_together_go_to_the_older_service() {
         "aaa/s"
     );
 }
+
+#[test]
+fn warnings_can_say_where_their_object_is_defined() {
+    let b = objects_from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: n}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 70000}]}\n",
+    );
+    let mut model = Model::new(Some("node-a".into()), Vec::new());
+    model.replace(b);
+    model.update();
+    let origin = |kind: Kind, key: &ObjKey| {
+        (kind == Kind::Service && key.1 == "a").then(|| "svc.yaml, document 2".to_string())
+    };
+    let w = model.located_warnings(origin);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("svc.yaml, document 2: Service n/a: field spec.ports[0]"),
+        "{w:?}"
+    );
+    assert_eq!(model.warnings()[0], w[0]["svc.yaml, document 2: ".len()..]);
+}
