@@ -10,7 +10,7 @@
 
 pub mod agent;
 pub mod datapath;
-pub mod model;
+pub use lb_core::model;
 pub mod serve;
 pub mod source;
 

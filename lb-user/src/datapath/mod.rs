@@ -36,12 +36,12 @@
 //! * [`sockets`]: closing the sockets translated to a backend that left
 //!   (`SOCK_DESTROY`), and deleting their socket rev-NAT entries.
 
+pub use lb_core::{ops, plan};
+
 pub mod checks;
 pub mod iface;
 pub mod loader;
 pub mod maps;
-pub mod ops;
-pub mod plan;
 pub mod sockets;
 pub mod sys;
 

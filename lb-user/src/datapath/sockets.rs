@@ -25,9 +25,7 @@ use lb_common::{MAP_SOCK_REVNAT, RevNat, SockRevNatKey};
 
 use super::ops::ip_of;
 
-/// A frontend (address, port), a backend (address, port) that left it, and the
-/// protocol (`lb_common::PROTO_*`).
-pub type Left = ((IpAddr, u16), (IpAddr, u16), u8);
+pub use lb_core::plan::Left;
 
 /// What one pass did.
 #[derive(Debug, Default, PartialEq, Eq)]

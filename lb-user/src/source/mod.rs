@@ -6,7 +6,7 @@
 //! * [`api`]: the Kubernetes API, through kube-rs reflectors.
 
 pub mod api;
-pub mod manifest;
+pub use lb_core::manifest;
 
 use std::{
     path::PathBuf,

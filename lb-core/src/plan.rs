@@ -93,22 +93,22 @@ pub struct Capacity {
     pub source_ranges: usize,
 }
 
+/// The maps' default sizes (lb-user's `--max-*` defaults).
 impl Default for Capacity {
     fn default() -> Self {
-        Self::of(&crate::datapath::loader::MapSizes::default())
-    }
-}
-
-impl Capacity {
-    pub fn of(sizes: &crate::datapath::loader::MapSizes) -> Self {
         Self {
-            frontends: sizes.max_services as usize,
-            service_entries: sizes.max_services as usize + sizes.max_slots as usize,
-            backends: sizes.max_backends as usize,
+            frontends: lb_common::MAX_REVNAT as usize,
+            service_entries: lb_common::MAX_REVNAT as usize
+                + lb_common::MAX_SERVICE_ENTRIES as usize,
+            backends: lb_common::MAX_BACKENDS as usize,
             source_ranges: lb_common::MAX_SOURCE_RANGES as usize,
         }
     }
 }
+
+/// A frontend (address, port), a backend (address, port) that left it, and the
+/// protocol (`lb_common::PROTO_*`): the sockets translated to that backend are closed.
+pub type Left = ((IpAddr, u16), (IpAddr, u16), u8);
 
 /// The operations of one sync and what could not be programmed.
 #[derive(Debug, Default)]
@@ -121,7 +121,7 @@ pub struct Plan {
     pub full: Vec<&'static str>,
     /// (frontend, backend) pairs of the socket level that this plan ends, but for
     /// Services that keep their sockets: the sockets translated to them are closed.
-    pub left: BTreeSet<super::sockets::Left>,
+    pub left: BTreeSet<Left>,
 }
 
 impl Plan {
@@ -860,7 +860,7 @@ struct Steps {
     /// The full map, for each frontend left out.
     full: Vec<&'static str>,
     /// See [`Plan::left`].
-    left: BTreeSet<super::sockets::Left>,
+    left: BTreeSet<Left>,
 }
 
 impl Steps {

@@ -13,9 +13,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::{core::v1::Node, core::v1::Service};
 
 use super::{Change, Kind, Model, ObjKey, Object, Objects, build};
-use crate::datapath::{
-    Programmed,
+use crate::{
     ops::{Snapshot, frontend_of, ip_of},
+    plan::Programmed,
 };
 
 /// xorshift64*: small, seeded, good enough to pick cases.
@@ -297,7 +297,7 @@ fn logical(maps: &Snapshot, ctx: &str) -> BTreeMap<String, FrontendRow> {
         maps.frontend_ports,
         maps.frontends()
             .keys()
-            .map(|k| crate::datapath::ops::frontend_port(&frontend_of(k).unwrap()))
+            .map(|k| crate::ops::frontend_port(&frontend_of(k).unwrap()))
             .collect::<BTreeSet<_>>(),
         "{ctx}: the frontend ports are those of the frontends"
     );

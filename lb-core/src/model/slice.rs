@@ -172,7 +172,7 @@ pub fn slim_meta(meta: &mut ObjectMeta) {
     };
 }
 
-impl kube::Resource for Slice {
+impl kube_core::Resource for Slice {
     type DynamicType = ();
     type Scope = k8s_openapi::NamespaceResourceScope;
 

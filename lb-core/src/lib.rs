@@ -1,0 +1,19 @@
+//! lb-core: the agent's pure parts, which build and test with stable Rust alone (no
+//! eBPF toolchain, no root, no kernel):
+//!
+//! * [`model`]: kube-proxy's rules: Service, EndpointSlice and Node objects in, the
+//!   desired frontends and backends out, kept up to date change by change;
+//! * [`plan`]: [`plan::Programmed`], the diff of the desired state against what the maps
+//!   hold, as ordered map operations;
+//! * [`ops`]: those operations and [`ops::Snapshot`], the maps' contents as plain data;
+//! * [`manifest`]: the manifest parser (YAML/JSON files and directories);
+//! * [`seam`]: [`seam::Datapath`], what the agent needs of the kernel's maps, and
+//!   [`seam::MemoryMaps`], an in-memory one with fault injection for tests.
+//!
+//! lb-user implements [`seam::Datapath`] over the pinned BPF maps and runs the loop.
+
+pub mod manifest;
+pub mod model;
+pub mod ops;
+pub mod plan;
+pub mod seam;
