@@ -1,6 +1,9 @@
-//! The Kubernetes source (kube-rs client, watchers, the change queue, backoff) against a
-//! fake API server over real HTTP: lists, watches, bookmarks, 410 Gone, dropped watch
-//! connections. And, as root, a change served by that server reaching a real connection.
+//! The Kubernetes source (kube-rs client, list-then-watch loops, the change queue,
+//! backoff) against a fake API server over real HTTP: lists, watches, bookmarks, 410 Gone,
+//! dropped watch connections, and faults (stalled LISTs at start and on a relist, 500s,
+//! watches closed at once, truncated streams, endless 410s), each with its recovery and
+//! a bounded request rate. And, as root, a change served by that server reaching a real
+//! connection, and /healthz turning 503 while a relist stalls.
 
 mod common;
 
@@ -13,10 +16,10 @@ use std::{
 };
 
 use common::{Fixture, OTHER_IP, WEB_IP, service, slice};
-use lb_lab::fake_api::{FakeApi, Kind};
+use lb_lab::fake_api::{FakeApi, Fault, Kind};
 use lb_user::{
     model::{Model, Objects},
-    source::api::KubeSource,
+    source::api::{ApiTimeouts, KubeSource},
 };
 use tokio::sync::Notify;
 
@@ -61,19 +64,30 @@ impl Watched {
     }
 }
 
-/// Starts a source against `api` and waits for its first complete list.
-async fn source(api: &FakeApi, dir: &std::path::Path) -> (Watched, Arc<Notify>) {
-    let client = lb_user::source::api::client(Some(&api.kubeconfig(dir)))
+/// The source's bound on a LIST page or a WATCH start here: a stalled one is abandoned
+/// after it (production: 60 s).
+const API_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Starts a source against `api`, without waiting for its first list.
+async fn start(api: &FakeApi, dir: &std::path::Path) -> (Watched, Arc<Notify>) {
+    let timeouts = ApiTimeouts::with_request(API_TIMEOUT);
+    let client = lb_user::source::api::client(Some(&api.kubeconfig(dir)), &timeouts)
         .await
         .expect("client from a plain-HTTP kubeconfig");
     let changed = Arc::new(Notify::new());
-    let src = KubeSource::start(client, "node-a", changed.clone());
-    tokio::time::timeout(Duration::from_secs(10), src.wait_ready())
+    let src = KubeSource::start(client, "node-a", changed.clone(), timeouts);
+    let model = std::sync::Mutex::new(Model::new(Some("node-a".into()), Vec::new()));
+    (Watched { src, model }, changed)
+}
+
+/// Starts a source against `api` and waits for its first complete list.
+async fn source(api: &FakeApi, dir: &std::path::Path) -> (Watched, Arc<Notify>) {
+    let (src, changed) = start(api, dir).await;
+    tokio::time::timeout(Duration::from_secs(10), src.src.wait_ready())
         .await
         .expect("stores ready within 10 s")
         .unwrap();
-    let model = std::sync::Mutex::new(Model::new(Some("node-a".into()), Vec::new()));
-    (Watched { src, model }, changed)
+    (src, changed)
 }
 
 /// Waits (bounded) until `f` holds for the fake API server.
