@@ -58,6 +58,8 @@ pub struct RunOptions {
     pub healthz_addr: Option<SocketAddr>,
     /// How long a change may wait for its sync before `/healthz` says 503.
     pub healthz_timeout: Duration,
+    /// The API source's bound on each LIST page and WATCH start (`--api-timeout`).
+    pub api_timeout: Duration,
     /// aya-log level for the programs' own messages (0 = off, 4 = debug).
     pub bpf_log_level: u8,
     /// Detach and unpin everything at exit (else the datapath keeps serving).
@@ -441,7 +443,7 @@ struct Running {
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let client = check_source(&opts.source).await?;
+    let client = check_source(&opts.source, &api_timeouts(&opts)).await?;
     let mut running = attach(&opts)?;
     let mut signals = StopSignals::install()?;
     let changed = Arc::new(Notify::new());
@@ -452,14 +454,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn api_timeouts(opts: &RunOptions) -> api::ApiTimeouts {
+    api::ApiTimeouts::with_request(opts.api_timeout)
+}
+
 /// Fails early on an unusable manifest path; makes the API client.
-async fn check_source(spec: &SourceSpec) -> anyhow::Result<Option<kube::Client>> {
+async fn check_source(
+    spec: &SourceSpec,
+    timeouts: &api::ApiTimeouts,
+) -> anyhow::Result<Option<kube::Client>> {
     match spec {
         SourceSpec::Manifests(path) => {
             manifest::manifest_files(path)?;
             Ok(None)
         }
-        SourceSpec::Kube { kubeconfig } => Ok(Some(api::client(kubeconfig.as_deref()).await?)),
+        SourceSpec::Kube { kubeconfig } => {
+            Ok(Some(api::client(kubeconfig.as_deref(), timeouts).await?))
+        }
     }
 }
 
@@ -553,7 +564,7 @@ async fn start_source(
             changed,
         ))),
         (SourceSpec::Kube { .. }, Some(client)) => {
-            let k = KubeSource::start(client, &opts.node_name, changed);
+            let k = KubeSource::start(client, &opts.node_name, changed, api_timeouts(opts));
             tracing::info!("waiting for the first list of Services, EndpointSlices and the Node");
             tokio::select! {
                 r = k.wait_ready() => { r?; Ok(Some(Source::Kube(k))) }
@@ -592,11 +603,15 @@ async fn sync_until_stopped(
             }
         }
         agent.metrics.queued();
-        agent
-            .proxier_health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .queued(SystemTime::now());
+        {
+            let mut health = agent
+                .proxier_health
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            health.queued(SystemTime::now());
+            // A source out of sync keeps health down whatever the syncs do.
+            health.source_stalled(source.unsynced_since());
+        }
         // Bounded frequency: wait out the rest of the minimum period; changes arriving
         // meanwhile are folded into this sync.
         if let Some(wait) = last_sync.map(|t| opts.min_sync_period.saturating_sub(t.elapsed()))

@@ -79,6 +79,11 @@ enum Command {
         /// (kube-proxy: twice its sync period).
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         healthz_timeout: Duration,
+        /// How long the Kubernetes API may take to answer each LIST page and to start
+        /// each WATCH before the request is abandoned and retried with backoff (also the
+        /// connect timeout, at most 30s). Watches themselves last 5-10 minutes.
+        #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+        api_timeout: Duration,
         /// How often to look for changed manifests, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_interval_ms: u64,
@@ -164,6 +169,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{text:?}: {e}"))
 }
 
+/// A Go-style duration that is not zero (a timeout).
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err(format!("{text:?}: a timeout must be longer than 0")),
+        d => Ok(d),
+    }
+}
+
 fn parse_bind(flag: &str, text: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
     if text.is_empty() {
         return Ok(None);
@@ -207,6 +220,7 @@ fn main() -> ExitCode {
             metrics_bind_address,
             healthz_bind_address,
             healthz_timeout,
+            api_timeout,
             poll_interval_ms,
             bpf_debug,
             cleanup_on_exit,
@@ -237,6 +251,7 @@ fn main() -> ExitCode {
                     metrics_addr,
                     healthz_addr,
                     healthz_timeout,
+                    api_timeout,
                     bpf_log_level: if bpf_debug { 4 } else { 0 },
                     cleanup_on_exit,
                 };
@@ -345,6 +360,8 @@ mod tests {
         assert!(parse_duration("").unwrap_err().contains("empty"));
         assert!(parse_duration("10").unwrap_err().contains("add a unit"));
         assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_timeout("2s"), Ok(Duration::from_secs(2)));
+        assert!(parse_timeout("0").unwrap_err().contains("longer than 0"));
     }
 
     #[test]

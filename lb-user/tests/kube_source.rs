@@ -1,6 +1,9 @@
-//! The Kubernetes source (kube-rs client, watchers, the change queue, backoff) against a
-//! fake API server over real HTTP: lists, watches, bookmarks, 410 Gone, dropped watch
-//! connections. And, as root, a change served by that server reaching a real connection.
+//! The Kubernetes source (kube-rs client, list-then-watch loops, the change queue,
+//! backoff) against a fake API server over real HTTP: lists, watches, bookmarks, 410 Gone,
+//! dropped watch connections, and faults (stalled LISTs at start and on a relist, 500s,
+//! watches closed at once, truncated streams, endless 410s), each with its recovery and
+//! a bounded request rate. And, as root, a change served by that server reaching a real
+//! connection, and /healthz turning 503 while a relist stalls.
 
 mod common;
 
@@ -13,10 +16,10 @@ use std::{
 };
 
 use common::{Fixture, OTHER_IP, WEB_IP, service, slice};
-use lb_lab::fake_api::{FakeApi, Kind};
+use lb_lab::fake_api::{FakeApi, Fault, Kind};
 use lb_user::{
     model::{Model, Objects},
-    source::api::KubeSource,
+    source::api::{ApiTimeouts, KubeSource},
 };
 use tokio::sync::Notify;
 
@@ -61,19 +64,30 @@ impl Watched {
     }
 }
 
-/// Starts a source against `api` and waits for its first complete list.
-async fn source(api: &FakeApi, dir: &std::path::Path) -> (Watched, Arc<Notify>) {
-    let client = lb_user::source::api::client(Some(&api.kubeconfig(dir)))
+/// The source's bound on a LIST page or a WATCH start here: a stalled one is abandoned
+/// after it (production: 60 s).
+const API_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Starts a source against `api`, without waiting for its first list.
+async fn start(api: &FakeApi, dir: &std::path::Path) -> (Watched, Arc<Notify>) {
+    let timeouts = ApiTimeouts::with_request(API_TIMEOUT);
+    let client = lb_user::source::api::client(Some(&api.kubeconfig(dir)), &timeouts)
         .await
         .expect("client from a plain-HTTP kubeconfig");
     let changed = Arc::new(Notify::new());
-    let src = KubeSource::start(client, "node-a", changed.clone());
-    tokio::time::timeout(Duration::from_secs(10), src.wait_ready())
+    let src = KubeSource::start(client, "node-a", changed.clone(), timeouts);
+    let model = std::sync::Mutex::new(Model::new(Some("node-a".into()), Vec::new()));
+    (Watched { src, model }, changed)
+}
+
+/// Starts a source against `api` and waits for its first complete list.
+async fn source(api: &FakeApi, dir: &std::path::Path) -> (Watched, Arc<Notify>) {
+    let (src, changed) = start(api, dir).await;
+    tokio::time::timeout(Duration::from_secs(10), src.src.wait_ready())
         .await
         .expect("stores ready within 10 s")
         .unwrap();
-    let model = std::sync::Mutex::new(Model::new(Some("node-a".into()), Vec::new()));
-    (Watched { src, model }, changed)
+    (src, changed)
 }
 
 /// Waits (bounded) until `f` holds for the fake API server.
@@ -87,12 +101,47 @@ async fn wait_until(api: &FakeApi, what: &str, f: impl Fn(&FakeApi) -> bool) {
 
 /// Waits (bounded) until `f` holds for the source's objects.
 async fn until(src: &Watched, what: &str, f: impl Fn(&Objects) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(15);
     while !f(&src.objects()) {
-        assert!(Instant::now() < deadline, "{what}: not seen within 10 s");
+        assert!(Instant::now() < deadline, "{what}: not seen within 15 s");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Waits (bounded) until every kind has a watch open.
+async fn wait_watching(api: &FakeApi) {
+    wait_until(api, "the three watches open", |api| {
+        ["services", "endpointslices", "nodes"]
+            .iter()
+            .all(|r| count(&api.requests(), &format!("WATCH {r}")) >= 1)
+    })
+    .await;
+}
+
+/// Waits (bounded) until the source says each kind follows the cluster again.
+async fn in_sync(src: &Watched) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Some(since) = src.src.unsynced_since() {
+        assert!(
+            Instant::now() < deadline,
+            "still out of sync (since {since:?}) after 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The requests starting with `prefix` made during the next `window`.
+async fn made_during(api: &FakeApi, prefix: &str, window: Duration) -> usize {
+    let before = count(&api.requests(), prefix);
+    tokio::time::sleep(window).await;
+    count(&api.requests(), prefix) - before
+}
+
+/// The most requests of one kind in [`RATE_WINDOW`] that a backoff allows: one, then
+/// waits of at least 0.8 s and 1.6 s (0.8 + 1.6 + 3.2 s is longer than the window).
+/// Without backoff a closed watch is reopened about 75 times a second.
+const RATE_WINDOW: Duration = Duration::from_secs(4);
+const MAX_IN_WINDOW: usize = 4;
 
 fn endpoint_count(o: &Objects) -> usize {
     o.slices.iter().map(|s| s.endpoints.len()).sum()
@@ -327,4 +376,319 @@ fn an_api_change_reaches_a_real_connection() {
     api.drop_watches();
     let r = fx.probe(WEB_IP, 20);
     assert_eq!(r.replies.get("pod-1"), Some(&20), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_list_that_never_answers_is_abandoned_and_retried_with_backoff_until_it_does() {
+    let api = FakeApi::start();
+    api.apply(&service("web", WEB_IP, 80));
+    api.apply(&slice("web", &pods(1)));
+    api.apply(NODE);
+    api.fail(Fault::StallLists);
+    let dir = scratch("kube-stall-start");
+    let (src, _changed) = start(&api, &dir).await;
+    tokio::time::sleep(RATE_WINDOW).await;
+    let lists = count(&api.requests(), "LIST services");
+    // Abandoned after API_TIMEOUT and tried again, but not more often than the backoff.
+    assert!(
+        (2..=MAX_IN_WINDOW).contains(&lists),
+        "{lists} LISTs in {RATE_WINDOW:?}: {:?}",
+        api.requests()
+    );
+    assert!(
+        src.src.unsynced_since().is_some(),
+        "out of sync while no list answers"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(10), src.src.wait_ready())
+            .await
+            .is_err(),
+        "not ready before a list answered"
+    );
+    api.heal();
+    tokio::time::timeout(Duration::from_secs(15), src.src.wait_ready())
+        .await
+        .expect("ready within 15 s of the server answering")
+        .unwrap();
+    let o = src.objects();
+    assert_eq!((o.services.len(), endpoint_count(&o)), (1, 1));
+    in_sync(&src).await;
+}
+
+#[tokio::test]
+async fn a_relist_that_stalls_after_a_410_recovers_and_drops_what_was_deleted_meanwhile() {
+    let api = FakeApi::start();
+    api.apply(&service("web", WEB_IP, 80));
+    api.apply(&service("other", OTHER_IP, 80));
+    api.apply(NODE);
+    let dir = scratch("kube-stall-relist");
+    let (src, _changed) = source(&api, &dir).await;
+    wait_watching(&api).await;
+    in_sync(&src).await;
+    api.fail(Fault::StallLists);
+    api.compact(); // every watch gets 410 Gone: each kind lists again, and stalls
+    wait_until(&api, "the relist", |api| {
+        count(&api.requests(), "LIST services") >= 2
+    })
+    .await;
+    // No watch is open now: the deletion can reach the source only through a list.
+    api.delete(Kind::Service, "t", "other");
+    let lists = made_during(&api, "LIST services", RATE_WINDOW).await;
+    assert!(
+        (1..=MAX_IN_WINDOW).contains(&lists),
+        "{lists} LISTs in {RATE_WINDOW:?}: {:?}",
+        api.requests()
+    );
+    assert!(
+        src.src.unsynced_since().is_some(),
+        "a stalled relist is out of sync"
+    );
+    assert_eq!(
+        src.objects().services.len(),
+        2,
+        "the model is kept while the relist stalls"
+    );
+    api.heal();
+    until(&src, "the service deleted during the stall gone", |o| {
+        o.services.len() == 1
+    })
+    .await;
+    in_sync(&src).await;
+}
+
+#[tokio::test]
+async fn lists_answered_500_are_retried_with_backoff() {
+    let api = FakeApi::start();
+    api.apply(&service("web", WEB_IP, 80));
+    api.apply(NODE);
+    api.fail(Fault::Status500);
+    let dir = scratch("kube-500");
+    let (src, _changed) = start(&api, &dir).await;
+    tokio::time::sleep(RATE_WINDOW).await;
+    let lists = count(&api.requests(), "LIST services");
+    assert!(
+        (2..=MAX_IN_WINDOW).contains(&lists),
+        "{lists} LISTs in {RATE_WINDOW:?}: {:?}",
+        api.requests()
+    );
+    assert!(src.src.unsynced_since().is_some());
+    api.heal();
+    tokio::time::timeout(Duration::from_secs(15), src.src.wait_ready())
+        .await
+        .expect("ready within 15 s of the server answering")
+        .unwrap();
+    assert_eq!(src.objects().services.len(), 1);
+    in_sync(&src).await;
+}
+
+#[tokio::test]
+async fn watches_closed_at_once_are_reopened_with_backoff_and_resume() {
+    let api = FakeApi::start();
+    api.apply(&service("web", WEB_IP, 80));
+    api.apply(&slice("web", &pods(1)));
+    api.apply(NODE);
+    let dir = scratch("kube-close");
+    let (src, _changed) = source(&api, &dir).await;
+    wait_watching(&api).await;
+    in_sync(&src).await;
+    api.fail(Fault::CloseWatches);
+    api.drop_watches();
+    let watches = made_during(&api, "WATCH services", RATE_WINDOW).await;
+    assert!(
+        (1..=MAX_IN_WINDOW).contains(&watches),
+        "{watches} WATCHes in {RATE_WINDOW:?}: {:?}",
+        api.requests()
+    );
+    assert!(
+        src.src.unsynced_since().is_some(),
+        "watches that end at once are out of sync"
+    );
+    api.apply(&slice("web", &pods(3)));
+    api.heal();
+    until(&src, "the change made while watches closed", |o| {
+        endpoint_count(o) == 3
+    })
+    .await;
+    in_sync(&src).await;
+    let reqs = api.requests();
+    assert_eq!(
+        count(&reqs, "LIST endpointslices"),
+        1,
+        "resumed, no relist: {reqs:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_cut_in_the_middle_of_an_event_is_resumed_with_backoff() {
+    let api = FakeApi::start();
+    api.apply(&service("web", WEB_IP, 80));
+    api.apply(&slice("web", &pods(1)));
+    api.apply(NODE);
+    let dir = scratch("kube-truncate");
+    let (src, _changed) = source(&api, &dir).await;
+    wait_watching(&api).await;
+    in_sync(&src).await;
+    api.fail(Fault::Truncate);
+    api.apply(&slice("web", &pods(3)));
+    let watches = made_during(&api, "WATCH endpointslices", RATE_WINDOW).await;
+    assert!(
+        (1..=MAX_IN_WINDOW).contains(&watches),
+        "{watches} WATCHes in {RATE_WINDOW:?}: {:?}",
+        api.requests()
+    );
+    assert_eq!(
+        endpoint_count(&src.objects()),
+        1,
+        "half an event is never applied"
+    );
+    assert!(src.src.unsynced_since().is_some());
+    api.heal();
+    until(&src, "the event once it arrives whole", |o| {
+        endpoint_count(o) == 3
+    })
+    .await;
+    in_sync(&src).await;
+}
+
+#[tokio::test]
+async fn watches_that_keep_expiring_relist_with_backoff() {
+    let api = FakeApi::start();
+    api.apply(&service("web", WEB_IP, 80));
+    api.apply(&slice("web", &pods(1)));
+    api.apply(NODE);
+    let dir = scratch("kube-410");
+    let (src, _changed) = source(&api, &dir).await;
+    wait_watching(&api).await;
+    in_sync(&src).await;
+    api.fail(Fault::Gone);
+    api.compact();
+    api.apply(&slice("web", &pods(2)));
+    let lists = made_during(&api, "LIST endpointslices", RATE_WINDOW).await;
+    assert!(
+        (1..=MAX_IN_WINDOW).contains(&lists),
+        "{lists} LISTs in {RATE_WINDOW:?}: {:?}",
+        api.requests()
+    );
+    assert!(
+        src.src.unsynced_since().is_some(),
+        "a watch that cannot stand is out of sync"
+    );
+    api.heal();
+    in_sync(&src).await;
+    // The watch follows again: a change arrives without another list.
+    let lists = count(&api.requests(), "LIST endpointslices");
+    api.apply(&slice("web", &pods(4)));
+    until(&src, "a change through the watch", |o| {
+        endpoint_count(o) == 4
+    })
+    .await;
+    assert_eq!(count(&api.requests(), "LIST endpointslices"), lists);
+}
+
+#[test]
+fn dropping_the_fake_api_ends_it_with_a_stalled_list_open() {
+    use std::io::{Read as _, Write as _};
+    let api = FakeApi::start();
+    api.fail(Fault::StallLists);
+    let mut conn = std::net::TcpStream::connect(api.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(b"GET /api/v1/services HTTP/1.1\r\nHost: fake\r\n\r\n")
+        .unwrap();
+    let stalled = lb_lab::lab::wait_for(Duration::from_secs(5), || {
+        (count(&api.requests(), "LIST services") == 1).then_some(())
+    });
+    assert!(stalled.is_some(), "{:?}", api.requests());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(api);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("the server stops within 5 s of being dropped");
+    let mut rest = Vec::new();
+    let read = conn.read_to_end(&mut rest);
+    assert!(
+        matches!(read, Ok(0)) || read.is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the stalled connection is closed, unanswered: {rest:?}"
+    );
+}
+
+#[test]
+fn health_is_503_while_a_relist_stalls_past_the_timeout_and_200_after() {
+    let api = FakeApi::start();
+    api.apply(&service("web", WEB_IP, 80));
+    api.apply(&service("other", OTHER_IP, 80));
+    api.apply(NODE);
+    let (healthz, metrics) = (common::free_port(), common::free_port());
+    let (healthz_bind, metrics_bind) = (
+        format!("127.0.0.1:{healthz}"),
+        format!("127.0.0.1:{metrics}"),
+    );
+    let fx = Fixture::with_source(
+        "kube-hz",
+        1,
+        &[],
+        Some(&api),
+        &[
+            "--healthz-bind-address",
+            &healthz_bind,
+            "--metrics-bind-address",
+            &metrics_bind,
+            "--healthz-timeout",
+            "2s",
+            "--api-timeout",
+            "1s",
+        ],
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], healthz));
+    let status = |path: &str| lb_lab::lab::http_get(addr, path).map_or(0, |(code, _)| code);
+    let both = |code: u16| {
+        lb_lab::lab::wait_for(Duration::from_secs(20), || {
+            (status("/healthz") == code && status("/livez") == code).then_some(())
+        })
+    };
+    assert!(both(200).is_some(), "never healthy:\n{}", fx.agent.log());
+    let programmed = |n: usize| {
+        common::http_get(metrics, "/metrics").contains(&format!("lb_programmed_services {n}\n"))
+    };
+    assert!(programmed(2));
+    let watching = lb_lab::lab::wait_for(Duration::from_secs(10), || {
+        let reqs = api.requests();
+        ["services", "endpointslices", "nodes"]
+            .iter()
+            .all(|r| count(&reqs, &format!("WATCH {r}")) >= 1)
+            .then_some(())
+    });
+    assert!(watching.is_some(), "no watches: {:?}", api.requests());
+
+    // Every watch expires and every relist stalls: 503 once that lasts past 2 s.
+    api.fail(Fault::StallLists);
+    api.compact();
+    assert!(
+        both(503).is_some(),
+        "healthy while stalled:\n{}",
+        fx.agent.log()
+    );
+    assert!(
+        programmed(2),
+        "the datapath is kept while the source stalls"
+    );
+    api.delete(Kind::Service, "t", "other");
+    api.heal();
+    assert!(
+        both(200).is_some(),
+        "not healthy after recovery:\n{}",
+        fx.agent.log()
+    );
+    let gone = lb_lab::lab::wait_for(Duration::from_secs(5), || programmed(1).then_some(()));
+    assert!(
+        gone.is_some(),
+        "the service deleted during the stall is still programmed"
+    );
+    let log = fx.agent.log();
+    assert!(
+        log.matches("watching Service: ").count() <= 3,
+        "one line going bad, one recovering (and the same for the first list):\n{log}"
+    );
+    assert!(log.contains("watching Service: recovered after"), "{log}");
 }

@@ -15,12 +15,16 @@ use std::{
 
 use super::http;
 
-/// When the datapath was last brought up to date, and the oldest change still waiting.
+/// When the datapath was last brought up to date, the oldest change still waiting, and
+/// since when the source has been out of sync.
 #[derive(Clone, Debug)]
 pub struct ProxierHealth {
     timeout: Duration,
     last_updated: Option<SystemTime>,
     oldest_queued: Option<SystemTime>,
+    /// Since when the source has been unable to follow the cluster (a list not done, a
+    /// watch failing): updates wait there, unseen. Only the source clears it.
+    source_unsynced: Option<SystemTime>,
 }
 
 pub type SharedHealth = Arc<Mutex<ProxierHealth>>;
@@ -34,7 +38,14 @@ impl ProxierHealth {
             timeout,
             last_updated: None,
             oldest_queued: Some(started),
+            source_unsynced: None,
         }
+    }
+
+    /// Since when the source has been out of sync (`None`: it follows the cluster). An
+    /// update not seen yet counts as queued from then on; a sync does not clear it.
+    pub fn source_stalled(&mut self, since: Option<SystemTime>) {
+        self.source_unsynced = since;
     }
 
     /// A change arrived at `now` (kube-proxy's QueuedUpdate): the oldest one counts.
@@ -48,12 +59,16 @@ impl ProxierHealth {
         self.oldest_queued = None;
     }
 
-    /// Live at `now`: no change (the start included) has waited longer than the timeout.
+    /// Live at `now`: no change (the start included) has waited longer than the timeout,
+    /// and the source has not been out of sync for longer either.
     pub fn live(&self, now: SystemTime) -> bool {
-        !self.oldest_queued.is_some_and(|q| {
-            now.duration_since(q)
-                .is_ok_and(|waited| waited > self.timeout)
-        })
+        let too_old = |since: Option<SystemTime>| {
+            since.is_some_and(|q| {
+                now.duration_since(q)
+                    .is_ok_and(|waited| waited > self.timeout)
+            })
+        };
+        !too_old(self.oldest_queued) && !too_old(self.source_unsynced)
     }
 
     /// Healthy (ready) at `now`: live, and synced at least once.
@@ -163,5 +178,28 @@ mod tests {
             body.contains("\"lastUpdated\":\"2023-11-14T22:14:32Z\""),
             "{body}"
         );
+    }
+
+    #[test]
+    fn a_stalled_source_turns_both_503_after_the_timeout_and_a_sync_does_not_clear_it() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let s = Duration::from_secs;
+        let mut h = ProxierHealth::new(s(60), t0);
+        h.updated(t0);
+        h.source_stalled(Some(t0 + s(10)));
+        assert!(
+            h.healthy(t0 + s(70)),
+            "stalled, but not longer than the timeout"
+        );
+        assert!(!h.healthy(t0 + s(71)));
+        assert!(!h.live(t0 + s(71)));
+        // Syncs keep coming (nothing new from the source): still unhealthy.
+        h.updated(t0 + s(72));
+        assert_eq!(h.response(t0 + s(72), true).0, "503 Service Unavailable");
+        assert_eq!(h.response(t0 + s(72), false).0, "503 Service Unavailable");
+        // The source follows again.
+        h.source_stalled(None);
+        assert_eq!(h.response(t0 + s(73), true).0, "200 OK");
+        assert_eq!(h.response(t0 + s(73), false).0, "200 OK");
     }
 }

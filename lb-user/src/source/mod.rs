@@ -66,6 +66,16 @@ impl Source {
         Ok(warnings)
     }
 
+    /// Since when the source has been out of sync with its objects (the API: a kind
+    /// relisting or its watch failing); `None` while in sync, and always for manifests
+    /// (an unreadable path keeps the sync from succeeding instead).
+    pub fn unsynced_since(&self) -> Option<std::time::SystemTime> {
+        match self {
+            Self::Kube(k) => k.unsynced_since(),
+            Self::Manifests { .. } => None,
+        }
+    }
+
     /// Where an object of the manifests is defined ("FILE, document N"); `None` for an
     /// object the source does not hold, and for the API source.
     pub fn origin(&self, kind: Kind, key: &ObjKey) -> Option<String> {

@@ -3,6 +3,9 @@
 //! 410 Gone for expired resource versions, and dropped connections. Services,
 //! EndpointSlices and Nodes, with label selectors (`k`, `!k`, `k=v`, `k!=v`) and the
 //! `metadata.name` / `metadata.namespace` field selectors.
+//!
+//! Faults are switched on with [`FakeApi::fail`] and off with [`FakeApi::heal`]; see
+//! [`Fault`]. Dropping the server ends its thread at once, stalled connections included.
 
 use std::{
     collections::BTreeMap,
@@ -13,7 +16,7 @@ use std::{
 
 use serde_json::{Value, json};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{TcpListener, TcpStream},
     sync::broadcast,
 };
@@ -61,6 +64,22 @@ struct Event {
     object: Value,
 }
 
+/// A way for the server to misbehave, until [`FakeApi::heal`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    /// LISTs are accepted and read, and never answered.
+    StallLists,
+    /// Every LIST and WATCH is answered 500 Internal Server Error.
+    Status500,
+    /// Every WATCH is answered 200 and ended at once, with no event.
+    CloseWatches,
+    /// A watch's next event is cut in the middle of its JSON line (its chunk
+    /// incomplete), and the connection closed.
+    Truncate,
+    /// Every WATCH gets a 410 Gone ERROR event and ends (its resourceVersion too old).
+    Gone,
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Control {
     /// Close every watch connection abruptly (no final chunk).
@@ -81,6 +100,7 @@ struct State {
     requests: Vec<String>,
     /// Bookmarks written to watch streams.
     bookmarks_sent: usize,
+    faults: std::collections::BTreeSet<Fault>,
 }
 
 pub struct FakeApi {
@@ -247,6 +267,18 @@ impl FakeApi {
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
     }
+
+    /// Misbehaves as `fault` says from now on (requests already being served are not
+    /// touched, except that a truncated event can be any watch's next one).
+    pub fn fail(&self, fault: Fault) {
+        self.state.lock().unwrap().faults.insert(fault);
+    }
+
+    /// Every fault off: requests are served normally again (LISTs stalled meanwhile stay
+    /// stalled until their client gives up).
+    pub fn heal(&self) {
+        self.state.lock().unwrap().faults.clear();
+    }
 }
 
 impl Drop for FakeApi {
@@ -323,6 +355,22 @@ async fn chunk(conn: &mut TcpStream, value: &Value) -> std::io::Result<()> {
         .await
 }
 
+/// One event as a chunk; with [`Fault::Truncate`], half of it, then the connection is
+/// closed (an error: the peer must not go on).
+async fn event_chunk(conn: &mut TcpStream, state: &Mutex<State>, e: &Event) -> std::io::Result<()> {
+    let value = json!({"type": e.type_, "object": e.object});
+    if !state.lock().unwrap().faults.contains(&Fault::Truncate) {
+        return chunk(conn, &value).await;
+    }
+    let line = format!("{value}\n");
+    let half = &line.as_bytes()[..line.len() / 2];
+    conn.write_all(format!("{:x}\r\n", line.len()).as_bytes())
+        .await?;
+    conn.write_all(half).await?;
+    let _ = conn.shutdown().await;
+    Err(std::io::Error::other("the event was truncated on purpose"))
+}
+
 fn gone() -> Value {
     json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
         "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}})
@@ -392,7 +440,32 @@ async fn serve_conn(
             }
             continue;
         };
-        if !matches!(req.param("watch").as_str(), "true" | "1") {
+        let is_watch = matches!(req.param("watch").as_str(), "true" | "1");
+        let faults = state.lock().unwrap().faults.clone();
+        if faults.contains(&Fault::Status500) {
+            record(&state, if is_watch { "WATCH" } else { "LIST" }, &req);
+            let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "the fake API fails on purpose", "reason": "InternalError", "code": 500});
+            if respond(
+                conn.get_mut(),
+                "500 Internal Server Error",
+                &body.to_string(),
+            )
+            .await
+            .is_err()
+            {
+                return;
+            }
+            continue;
+        }
+        if !is_watch && faults.contains(&Fault::StallLists) {
+            record(&state, "LIST", &req);
+            // Never answered: held until the client gives up (or the server stops).
+            let mut sink = [0u8; 512];
+            while conn.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+            return;
+        }
+        if !is_watch {
             let body = list(&state, &req, kind);
             if respond(conn.get_mut(), "200 OK", &body.to_string())
                 .await
@@ -409,15 +482,20 @@ async fn serve_conn(
     }
 }
 
-/// The objects of `kind` that match the request's selectors, as a list.
-fn list(state: &Mutex<State>, req: &Request, kind: Kind) -> Value {
-    let (labels, fields) = (req.param("labelSelector"), req.param("fieldSelector"));
-    let mut st = state.lock().unwrap();
-    st.requests.push(format!(
-        "LIST {} rv={}",
+/// Logs a request as "LIST services rv=" / "WATCH services rv=N".
+fn record(state: &Mutex<State>, verb: &str, req: &Request) {
+    state.lock().unwrap().requests.push(format!(
+        "{verb} {} rv={}",
         req.resource(),
         req.param("resourceVersion")
     ));
+}
+
+/// The objects of `kind` that match the request's selectors, as a list.
+fn list(state: &Mutex<State>, req: &Request, kind: Kind) -> Value {
+    let (labels, fields) = (req.param("labelSelector"), req.param("fieldSelector"));
+    record(state, "LIST", req);
+    let st = state.lock().unwrap();
     let items: Vec<&Value> = st
         .objects
         .iter()
@@ -442,18 +520,17 @@ async fn watch(
     let from: u64 = req.param("resourceVersion").parse().unwrap_or(0);
     let bookmarks = req.param("allowWatchBookmarks") == "true";
     let timeout = Duration::from_secs(req.param("timeoutSeconds").parse().unwrap_or(300));
-    let (backlog, expired) = {
-        let mut st = state.lock().unwrap();
-        st.requests
-            .push(format!("WATCH {} rv={from}", req.resource()));
-        let expired = from < st.compacted;
+    record(state, "WATCH", req);
+    let (backlog, expired, faults) = {
+        let st = state.lock().unwrap();
+        let expired = from < st.compacted || st.faults.contains(&Fault::Gone);
         let backlog: Vec<Event> = st
             .history
             .iter()
             .filter(|e| e.kind == kind && e.rv > from)
             .cloned()
             .collect();
-        (backlog, expired)
+        (backlog, expired, st.faults.clone())
     };
     let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
     if conn.write_all(head.as_bytes()).await.is_err() {
@@ -464,13 +541,13 @@ async fn watch(
         let _ = conn.write_all(b"0\r\n\r\n").await;
         return;
     }
+    if faults.contains(&Fault::CloseWatches) {
+        let _ = conn.write_all(b"0\r\n\r\n").await;
+        return;
+    }
     let mut last = from;
     for e in backlog {
-        if matches(&e.object, &labels, &fields)
-            && chunk(conn, &json!({"type": e.type_, "object": e.object}))
-                .await
-                .is_err()
-        {
+        if matches(&e.object, &labels, &fields) && event_chunk(conn, state, &e).await.is_err() {
             return;
         }
         last = e.rv;
@@ -518,9 +595,7 @@ impl Live<'_> {
                         continue;
                     }
                     self.last = e.rv;
-                    if matches(&e.object, labels, fields)
-                        && chunk(conn, &json!({"type": e.type_, "object": e.object})).await.is_err()
-                    {
+                    if matches(&e.object, labels, fields) && event_chunk(conn, state, &e).await.is_err() {
                         return;
                     }
                 }
