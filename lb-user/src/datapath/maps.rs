@@ -479,3 +479,20 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
         other => other,
     }
 }
+
+/// The pinned BPF maps are the agent's datapath.
+impl lb_core::seam::Datapath for BpfMaps {
+    type Error = DatapathError;
+
+    fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError> {
+        BpfMaps::apply(self, ops)
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, DatapathError> {
+        BpfMaps::snapshot(self)
+    }
+
+    fn capacity(&self) -> Result<super::plan::Capacity, DatapathError> {
+        BpfMaps::capacity(self)
+    }
+}

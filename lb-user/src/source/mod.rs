@@ -34,9 +34,20 @@ pub enum Source {
         poller: JoinHandle<()>,
     },
     Kube(api::KubeSource),
+    /// Changes handed in by the caller ([`Source::push`]): tests of the loop, or a
+    /// program that embeds the agent.
+    Queue(std::sync::Mutex<Vec<Change>>),
 }
 
 impl Source {
+    /// Queues `change` for the next sync (a [`Source::Queue`] only; the caller notifies
+    /// the loop).
+    pub fn push(&self, change: Change) {
+        if let Self::Queue(q) = self {
+            q.lock().unwrap_or_else(|p| p.into_inner()).push(change);
+        }
+    }
+
     /// Starts polling `path` every `every`; `changed` is notified at start (once no file
     /// is being written, at most twice the settle time) and after each change, once the
     /// changed files have settled (see [`settle_time`]).
@@ -59,6 +70,10 @@ impl Source {
                 .unwrap_or_else(|p| p.into_inner())
                 .refresh(path, SystemTime::now())?,
             Self::Kube(k) => (k.take_changes(), Vec::new()),
+            Self::Queue(q) => (
+                std::mem::take(&mut *q.lock().unwrap_or_else(|p| p.into_inner())),
+                Vec::new(),
+            ),
         };
         for change in changes {
             model.apply(change);
@@ -72,7 +87,7 @@ impl Source {
     pub fn unsynced_since(&self) -> Option<std::time::SystemTime> {
         match self {
             Self::Kube(k) => k.unsynced_since(),
-            Self::Manifests { .. } => None,
+            Self::Manifests { .. } | Self::Queue(_) => None,
         }
     }
 
@@ -84,7 +99,7 @@ impl Source {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .origin(kind, key),
-            Self::Kube(_) => None,
+            Self::Kube(_) | Self::Queue(_) => None,
         }
     }
 }

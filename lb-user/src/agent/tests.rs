@@ -1,0 +1,312 @@
+//! The loop against in-memory maps ([`MemoryMaps`], faults on demand) under tokio's
+//! paused clock: no root, no kernel, no waiting. What the loop promises: bounded
+//! frequency, a failed write read back and planned again, health checks handed over
+//! only with a successful write, drift repaired each sync period.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use lb_core::{
+    ops::Snapshot,
+    plan::Capacity,
+    seam::{Datapath, Fault, MemoryMaps},
+};
+use tokio::sync::{Notify, oneshot};
+
+use super::sync::{Agent, Timing, sync_until_stopped};
+use crate::{
+    model::{Change, Model, Object, Slice},
+    serve::{
+        health::HealthServer,
+        healthz::{ProxierHealth, SharedHealth},
+        metrics::Metrics,
+    },
+    source::Source,
+};
+
+/// [`MemoryMaps`] the test can look into while the loop owns the agent.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<MemoryMaps>>);
+
+impl Shared {
+    fn with<T>(&self, f: impl FnOnce(&mut MemoryMaps) -> T) -> T {
+        f(&mut self.0.lock().unwrap())
+    }
+
+    /// Each frontend's backend count and backends' ports, as the maps hold them.
+    fn backends(&self) -> Vec<(u16, Vec<Option<u16>>)> {
+        self.with(|m| {
+            m.maps
+                .frontends()
+                .into_values()
+                .map(|(h, slots)| {
+                    (
+                        h.count,
+                        slots.iter().map(|(_, b)| b.map(|b| b.port)).collect(),
+                    )
+                })
+                .collect()
+        })
+    }
+}
+
+impl Datapath for Shared {
+    type Error = String;
+
+    fn apply(&mut self, ops: &[lb_core::ops::Op]) -> Result<(), String> {
+        self.with(|m| m.apply(ops))
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, String> {
+        self.with(|m| m.snapshot())
+    }
+
+    fn capacity(&self) -> Result<Capacity, String> {
+        Ok(Capacity::default())
+    }
+}
+
+fn agent(maps: Shared) -> (Agent<Shared>, Arc<Metrics>, SharedHealth) {
+    let proxier: SharedHealth = Arc::new(Mutex::new(ProxierHealth::new(
+        Duration::from_secs(60),
+        SystemTime::now(),
+    )));
+    let metrics = Arc::new(Metrics::new(None));
+    let agent = Agent {
+        model: Model::new(Some("node-a".into()), Vec::new()),
+        capacity: Capacity::default(),
+        maps,
+        programmed: None,
+        programmed_once: false,
+        health_pending: false,
+        last_warnings: Vec::new(),
+        metrics: metrics.clone(),
+        health: HealthServer::new(proxier.clone()),
+        proxier_health: proxier.clone(),
+        packet: None,
+        closer: None,
+    };
+    (agent, metrics, proxier)
+}
+
+/// Service t/web (ClusterIP 10.96.0.10, port 80; with `health_port`, a LoadBalancer
+/// with externalTrafficPolicy Local) and its slice with one endpoint per port in
+/// `ports`, on this node.
+fn web(ports: &[u16], health_port: Option<u16>) -> [Change; 2] {
+    let extra = health_port.map_or(String::new(), |p| {
+        format!(", type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: {p}")
+    });
+    let svc = format!(
+        "metadata: {{name: web, namespace: t}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{port: 80, targetPort: 8080}}]{extra}}}\n"
+    );
+    let mut slice = String::from(
+        "metadata: {name: web-a, namespace: t, labels: {kubernetes.io/service-name: web}}\n\
+         addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n",
+    );
+    for (i, _) in ports.iter().enumerate() {
+        slice.push_str(&format!(
+            "- {{addresses: [10.244.0.{}], nodeName: node-a}}\n",
+            i + 1
+        ));
+    }
+    let slice: Slice = serde_yaml::from_str(&slice).unwrap();
+    [
+        Change::Apply(Object::Service(Arc::new(
+            serde_yaml::from_str(&svc).unwrap(),
+        ))),
+        Change::Apply(Object::EndpointSlice(Arc::new(slice.slim()))),
+    ]
+}
+
+/// Runs the loop until `script` is done, then stops it.
+async fn run<F: std::future::Future<Output = ()>>(
+    agent: &mut Agent<Shared>,
+    source: &Source,
+    changed: &Notify,
+    timing: Timing,
+    script: F,
+) {
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let stop = async move {
+        let _ = stop_rx.await;
+        "test over"
+    };
+    let script = async move {
+        script.await;
+        let _ = stop_tx.send(());
+    };
+    tokio::join!(
+        sync_until_stopped(agent, source, changed, stop, &timing),
+        script
+    );
+}
+
+fn count(text: &str, metric: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn syncs(m: &Metrics) -> u64 {
+    count(
+        &m.render(),
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+    )
+}
+
+/// Sleeps (on the paused clock) until `f` holds, at most a minute.
+async fn until(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..600 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within a minute");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_changes_becomes_one_sync_per_min_sync_period() {
+    let maps = Shared::default();
+    let (mut agent, metrics, _) = agent(maps.clone());
+    let source = Source::Queue(Default::default());
+    let changed = Notify::new();
+    let timing = Timing {
+        min_sync_period: Duration::from_secs(1),
+        sync_period: Duration::ZERO,
+    };
+    let script = async {
+        for c in web(&[8080], None) {
+            source.push(c);
+        }
+        changed.notify_one();
+        until("the first sync", || syncs(&metrics) == 1).await;
+        let started = tokio::time::Instant::now();
+        // Ten changes over 2 s, a fifth of a second apart.
+        for n in 2..=11 {
+            let ports = vec![8080; n];
+            for c in web(&ports, None) {
+                source.push(c);
+            }
+            changed.notify_one();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        until("the last change", || maps.backends()[0].0 == 11).await;
+        let took = started.elapsed();
+        let n = syncs(&metrics) - 1;
+        // One sync a second at most: the burst of 2 s takes two or three.
+        assert!(
+            (2..=3).contains(&n),
+            "{n} syncs for ten changes in {took:?}"
+        );
+    };
+    run(&mut agent, &source, &changed, timing, script).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_write_is_read_back_and_planned_again() {
+    let maps = Shared::default();
+    // The first write stops after one operation.
+    maps.with(|m| m.inject(Fault::Apply { after: 1 }));
+    let (mut agent, metrics, _) = agent(maps.clone());
+    let source = Source::Queue(Default::default());
+    let changed = Notify::new();
+    let timing = Timing {
+        min_sync_period: Duration::ZERO,
+        sync_period: Duration::ZERO,
+    };
+    let script = async {
+        for c in web(&[8080, 8080], None) {
+            source.push(c);
+        }
+        changed.notify_one();
+        until("the retry", || syncs(&metrics) == 1).await;
+        let text = metrics.render();
+        assert_eq!(count(&text, "lb_sync_errors_total"), 1, "{text}");
+        // The retry read the maps back (with the one write the failure left) and wrote
+        // the rest.
+        assert!(maps.with(|m| m.snapshots) >= 1);
+        assert_eq!(maps.backends(), [(2, vec![Some(8080), Some(8080)])]);
+    };
+    run(&mut agent, &source, &changed, timing, script).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_checks_are_handed_over_with_the_first_successful_write() {
+    let port = {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let maps = Shared::default();
+    maps.with(|m| m.inject(Fault::Apply { after: 0 }));
+    let (mut agent, metrics, _) = agent(maps.clone());
+    let source = Source::Queue(Default::default());
+    let changed = Notify::new();
+    let timing = Timing {
+        min_sync_period: Duration::ZERO,
+        sync_period: Duration::ZERO,
+    };
+    let serving = || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    };
+    let script = async {
+        for c in web(&[8080], Some(port)) {
+            source.push(c);
+        }
+        changed.notify_one();
+        until("the failed write", || {
+            count(&metrics.render(), "lb_sync_errors_total") == 1
+        })
+        .await;
+        tokio::task::yield_now().await;
+        assert!(!serving().await, "a health check served before its write");
+        until("the retry", || syncs(&metrics) == 1).await;
+        for _ in 0..50 {
+            if serving().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the health check on {port} is not served after the write");
+    };
+    run(&mut agent, &source, &changed, timing, script).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn drift_is_repaired_each_sync_period_and_not_before() {
+    let maps = Shared::default();
+    let (mut agent, metrics, _) = agent(maps.clone());
+    let source = Source::Queue(Default::default());
+    let changed = Notify::new();
+    let timing = Timing {
+        min_sync_period: Duration::ZERO,
+        sync_period: Duration::from_secs(30),
+    };
+    let script = async {
+        for c in web(&[8080, 8080], None) {
+            source.push(c);
+        }
+        changed.notify_one();
+        until("the first sync", || syncs(&metrics) == 1).await;
+        let started = tokio::time::Instant::now();
+        let want = maps.backends();
+        // Something deletes a backend behind the agent's back.
+        maps.with(|m| {
+            let id = *m.maps.backends.keys().next().unwrap();
+            m.maps.backends.remove(&id);
+        });
+        assert_ne!(maps.backends(), want);
+        until("the repair", || maps.backends() == want).await;
+        let took = started.elapsed();
+        assert!(
+            (Duration::from_secs(25)..=Duration::from_secs(31)).contains(&took),
+            "repaired after {took:?}, the period is 30 s"
+        );
+        assert!(count(&metrics.render(), "lb_drift_repairs_total") > 0);
+    };
+    run(&mut agent, &source, &changed, timing, script).await;
+}
