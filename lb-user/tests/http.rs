@@ -9,8 +9,8 @@ use std::{
 };
 
 use lb_user::serve::{
-    healthz::{self, ProxierHealth, SharedHealth},
     http::{self, Limits, Stats},
+    proxier_health::{self, ProxierHealth, SharedHealth},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -30,7 +30,7 @@ async fn start(limits: Limits) -> (SocketAddr, tokio::task::JoinHandle<()>, Arc<
     let addr = listener.local_addr().unwrap();
     let health = healthy();
     let (task, stats) = http::serve_listener(listener, limits, move |path| {
-        Some(healthz::answer(&health, path))
+        Some(proxier_health::answer(&health, path))
     });
     (addr, task, stats)
 }

@@ -7,7 +7,6 @@
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -23,9 +22,9 @@ use crate::{
     datapath::{self, BpfMaps, checks, iface, loader},
     model,
     serve::{
-        health::HealthServer,
-        healthz::{self, ProxierHealth, SharedHealth},
         metrics::{self, Metrics},
+        proxier_health::{self, ProxierHealth, SharedHealth},
+        service_health::HealthServer,
     },
     source::{
         Source, SourceSpec,
@@ -34,43 +33,16 @@ use crate::{
     },
 };
 
+mod options;
 mod sync;
 #[cfg(test)]
 mod tests;
 
+pub use options::{parse_duration, parse_timeout};
+
 use sync::{Agent, Timing, sync_until_stopped};
 
-pub struct RunOptions {
-    pub source: SourceSpec,
-    pub cgroup: PathBuf,
-    pub pin_path: PathBuf,
-    /// This node's name (internalTrafficPolicy Local, topology, the Node watch).
-    pub node_name: String,
-    /// This node's addresses for nodePorts (`--node-ip`); empty: the Node object's.
-    pub node_ips: Vec<std::net::IpAddr>,
-    /// Interfaces for the tc programs (`--interface`); empty: those carrying `node_ips`.
-    pub interfaces: Vec<String>,
-    /// The maps' capacities.
-    pub map_sizes: loader::MapSizes,
-    /// How often the manifest path is checked for changes.
-    pub poll_interval: Duration,
-    /// The shortest time between two syncs (kube-proxy's --min-sync-period).
-    pub min_sync_period: Duration,
-    /// How often the maps are read back and drift repaired (kube-proxy's --sync-period);
-    /// zero: never.
-    pub sync_period: Duration,
-    pub metrics_addr: Option<SocketAddr>,
-    /// Where `/healthz` and `/livez` are served (kube-proxy's --healthz-bind-address).
-    pub healthz_addr: Option<SocketAddr>,
-    /// How long a change may wait for its sync before `/healthz` says 503.
-    pub healthz_timeout: Duration,
-    /// The API source's bound on each LIST page and WATCH start (`--api-timeout`).
-    pub api_timeout: Duration,
-    /// aya-log level for the programs' own messages (0 = off, 4 = debug).
-    pub bpf_log_level: u8,
-    /// Detach and unpin everything at exit (else the datapath keeps serving).
-    pub cleanup_on_exit: bool,
-}
+pub use options::RunOptions;
 
 /// Closes the sockets translated to backends that left, off the sync path: a thread
 /// takes the (frontend, backend) pairs each sync ended; a pass may look into every
@@ -229,7 +201,7 @@ struct Running {
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let client = check_source(&opts.source, &api_timeouts(&opts)).await?;
+    let client = check_source(&opts.source(), &api_timeouts(&opts)).await?;
     let mut running = attach(&opts)?;
     let mut signals = StopSignals::install()?;
     let changed = Arc::new(Notify::new());
@@ -280,32 +252,32 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
     let (mut ebpf, pin_lock) = loader::load_and_attach(
         &opts.pin_path,
-        &opts.cgroup,
-        opts.bpf_log_level,
+        &opts.cgroup(),
+        opts.bpf_log_level(),
         &opts.map_sizes,
     )?;
     tracing::info!(
-        cgroup = %opts.cgroup.display(),
+        cgroup = %opts.cgroup().display(),
         pin_path = %opts.pin_path.display(),
-        node = %opts.node_name,
+        node = %opts.node_name(),
         programs = ?loader::PROGRAMS,
         "programs attached"
     );
     let follow_node = opts.interfaces.is_empty() && opts.node_ips.is_empty();
     let mut tasks = Vec::new();
-    if opts.bpf_log_level > 0 {
+    if opts.bpf_log_level() > 0 {
         tasks.push(spawn_bpf_logger(&mut ebpf)?);
     }
     let metrics: metrics::Shared = Arc::new(Metrics::new(Some(opts.pin_path.clone())));
-    if let Some(addr) = opts.metrics_addr {
+    if let Some(addr) = opts.metrics_bind_address.0 {
         tasks.push(metrics::serve(addr, metrics.clone()));
     }
     let proxier_health: SharedHealth = Arc::new(Mutex::new(ProxierHealth::new(
         opts.healthz_timeout,
         SystemTime::now(),
     )));
-    if let Some(addr) = opts.healthz_addr {
-        tasks.push(healthz::serve(addr, proxier_health.clone()));
+    if let Some(addr) = opts.healthz_bind_address.0 {
+        tasks.push(proxier_health::serve(addr, proxier_health.clone()));
     }
     let maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let mut packet = PacketLevel {
@@ -324,9 +296,9 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     } else {
         packet.attach(&opts.node_ips)?;
     }
-    let closer = SocketCloser::start(opts.pin_path.clone(), opts.cgroup.clone(), metrics.clone());
+    let closer = SocketCloser::start(opts.pin_path.clone(), opts.cgroup(), metrics.clone());
     let agent = Agent {
-        model: model::Model::new(Some(opts.node_name.clone()), opts.node_ips.clone()),
+        model: model::Model::new(Some(opts.node_name()), opts.node_ips.clone()),
         capacity: maps.capacity()?,
         maps,
         programmed: None,
@@ -354,14 +326,14 @@ async fn start_source(
     changed: Arc<Notify>,
     signals: &mut StopSignals,
 ) -> anyhow::Result<Option<Source>> {
-    match (&opts.source, client) {
+    match (&opts.source(), client) {
         (SourceSpec::Manifests(path), _) => Ok(Some(Source::manifests(
             path.clone(),
-            opts.poll_interval,
+            opts.poll_interval(),
             changed,
         ))),
         (SourceSpec::Kube { .. }, Some(client)) => {
-            let k = KubeSource::start(client, &opts.node_name, changed, api_timeouts(opts));
+            let k = KubeSource::start(client, &opts.node_name(), changed, api_timeouts(opts));
             tracing::info!("waiting for the first list of Services, EndpointSlices and the Node");
             tokio::select! {
                 r = k.wait_ready() => { r?; Ok(Some(Source::Kube(k))) }

@@ -18,7 +18,7 @@ use super::{PacketLevel, SocketCloser};
 use crate::{
     datapath::{self, BpfMaps, Programmed},
     model,
-    serve::{health::HealthServer, healthz::SharedHealth, metrics},
+    serve::{metrics, proxier_health::SharedHealth, service_health::HealthServer},
     source::Source,
 };
 

@@ -19,9 +19,9 @@ use super::sync::{Agent, Timing, sync_until_stopped};
 use crate::{
     model::{Change, Model, Object, Slice},
     serve::{
-        health::HealthServer,
-        healthz::{ProxierHealth, SharedHealth},
         metrics::Metrics,
+        proxier_health::{ProxierHealth, SharedHealth},
+        service_health::HealthServer,
     },
     source::Source,
 };

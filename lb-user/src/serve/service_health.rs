@@ -16,7 +16,7 @@ use std::{
 
 use tokio::task::JoinHandle;
 
-use super::{healthz::SharedHealth, http};
+use super::{http, proxier_health::SharedHealth};
 use crate::model::HealthCheck;
 
 type Checks = Arc<Mutex<BTreeMap<u16, HealthCheck>>>;
@@ -155,7 +155,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_listener_reports_the_shared_health() {
-        use super::super::healthz::ProxierHealth;
+        use super::super::proxier_health::ProxierHealth;
         use std::time::Duration;
         let t0 = SystemTime::now();
         // Started an hour ago with a 1 s timeout and never synced: unhealthy.
