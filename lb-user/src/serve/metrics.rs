@@ -231,6 +231,12 @@ impl Metrics {
         ] {
             r.register(name, help, g.clone());
         }
+        self.register_counts();
+    }
+
+    /// The gauges of what is programmed, and the counters.
+    fn register_counts(&mut self) {
+        let r = &mut self.registry;
         for (name, help, g) in [
             (
                 "lb_programmed_services",
