@@ -85,13 +85,13 @@ fn pod_index(name: &str) -> usize {
     name.trim_start_matches("pod-").parse().unwrap()
 }
 
-/// A fixture with four pods behind the TCP and UDP service, answering.
+/// A fixture with four pods behind the TCP and UDP service, answering; the agent runs
+/// with exactly the DaemonSet's capabilities.
 fn fixture(tag: &str, keep_sockets: bool) -> Fixture {
-    let fx = Fixture::with_source(
+    let fx = Fixture::as_daemonset(
         tag,
         4,
         &[("web.yaml", service(keep_sockets))],
-        None,
         &["--poll-interval-ms", "20"],
     );
     fx.write("web-slice.yaml", &slice(&fx.pod_ips(&[0, 1, 2, 3])));

@@ -57,6 +57,7 @@ impl SocketCloser {
         let spawned = std::thread::Builder::new()
             .name("lb-sockets".into())
             .spawn(move || {
+                let mut logged = BTreeSet::new();
                 // Ends when the agent (the sender) is gone.
                 while let Ok(mut left) = rx.recv() {
                     // Let the connections that follow a change go first, and gather
@@ -75,9 +76,12 @@ impl SocketCloser {
                         );
                     }
                     for e in &report.errors {
-                        tracing::warn!("closing sockets to backends that left: {e}");
+                        // Once each: the same cause comes back every pass.
+                        if logged.insert(e.clone()) {
+                            tracing::warn!("closing sockets to backends that left: {e}; said once");
+                        }
                     }
-                    metrics.sockets_closed(report.destroyed, report.errors.len());
+                    metrics.sockets_closed(&report);
                 }
             });
         if let Err(e) = spawned {
@@ -250,6 +254,14 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
     checks::check_kernel(&checks::needed(), checks::probe)
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
+    let closer_lacks = checks::socket_closer_missing(checks::effective_capabilities());
+    if !closer_lacks.is_empty() {
+        tracing::warn!(
+            "this process lacks {}: sockets translated to a backend that leaves its Service stay open \
+             (the DaemonSet in manifests/deploy grants them, with hostPID)",
+            closer_lacks.join(" and ")
+        );
+    }
     let (mut ebpf, pin_lock) = loader::load_and_attach(
         &opts.pin_path,
         &opts.cgroup(),

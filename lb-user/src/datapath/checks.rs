@@ -9,6 +9,7 @@ use aya::{
 
 /// Linux capability numbers (linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -50,6 +51,22 @@ pub fn check_capabilities(effective: u64) -> Result<(), String> {
          or grant them (the DaemonSet in manifests/deploy does)",
         missing.join(", ")
     ))
+}
+
+/// What closing the sockets translated to a backend that left needs, and `effective`
+/// lacks: to open other processes' /proc/PID/ns/net (CAP_SYS_PTRACE) and to enter
+/// those namespaces (CAP_SYS_ADMIN). Without them the agent runs, and such sockets stay
+/// open until the application closes them.
+pub fn socket_closer_missing(effective: u64) -> Vec<&'static str> {
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_SYS_PTRACE) {
+        missing.push("CAP_SYS_PTRACE (to open other processes' /proc/PID/ns/net)");
+    }
+    if !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_SYS_ADMIN (to enter their network namespaces)");
+    }
+    missing
 }
 
 /// One kernel feature the programs use.
@@ -178,6 +195,17 @@ mod tests {
         assert!(
             err.contains("lacks CAP_PERFMON (or CAP_SYS_ADMIN) ("),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_socket_closer_says_what_it_lacks() {
+        assert!(socket_closer_missing(u64::MAX).is_empty());
+        let daemonset_before = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN);
+        let missing = socket_closer_missing(daemonset_before).join(", ");
+        assert!(
+            missing.contains("CAP_SYS_PTRACE") && missing.contains("CAP_SYS_ADMIN"),
+            "{missing}"
         );
     }
 

@@ -36,6 +36,12 @@ pub struct Report {
     pub destroyed: usize,
     /// Network namespaces looked into.
     pub namespaces: usize,
+    /// Processes under the cgroup whose namespace could not be looked into: not in
+    /// this agent's PID namespace (`cgroup.procs` says 0: the DaemonSet needs hostPID),
+    /// or whose /proc/PID/ns/net could not be opened (CAP_SYS_PTRACE).
+    pub skipped: usize,
+    /// Network namespaces that could not be entered or searched.
+    pub failed: usize,
     /// What failed (the pass goes on with the rest).
     pub errors: Vec<String>,
 }
@@ -83,7 +89,7 @@ pub fn close_stale(pin_dir: &Path, cgroup: &Path, left: &BTreeSet<Left>) -> Repo
     if stale.is_empty() {
         return report;
     }
-    let namespaces = match namespaces_of(cgroup) {
+    let namespaces = match namespaces_of(cgroup, &mut report) {
         Ok(n) => n,
         Err(e) => {
             report.errors.push(format!(
@@ -113,7 +119,18 @@ pub fn close_stale(pin_dir: &Path, cgroup: &Path, left: &BTreeSet<Left>) -> Repo
         });
         match result {
             Ok(cookies) => destroyed.extend(cookies),
-            Err(e) => report.errors.push(format!("{}: {e}", ns.display())),
+            Err(e) => {
+                report.failed += 1;
+                let hint = if e.raw_os_error() == Some(libc::EPERM) {
+                    " (entering a namespace needs CAP_SYS_ADMIN)"
+                } else {
+                    ""
+                };
+                push_once(
+                    &mut report.errors,
+                    format!("network namespaces of processes under the cgroup: {e}{hint}"),
+                );
+            }
         }
     }
     report.destroyed = destroyed.len();
@@ -126,18 +143,37 @@ pub fn close_stale(pin_dir: &Path, cgroup: &Path, left: &BTreeSet<Left>) -> Repo
     report
 }
 
-/// One `/proc/<pid>/ns/net` per network namespace of the processes under `cgroup`.
-fn namespaces_of(cgroup: &Path) -> io::Result<Vec<PathBuf>> {
+/// One `/proc/<pid>/ns/net` per network namespace of the processes under `cgroup`;
+/// the processes that cannot be looked into are counted in `report` (with the cause).
+fn namespaces_of(cgroup: &Path, report: &mut Report) -> io::Result<Vec<PathBuf>> {
     use std::os::unix::fs::MetadataExt as _;
     let mut seen = BTreeMap::new();
     let mut dirs = vec![cgroup.to_path_buf()];
     while let Some(dir) = dirs.pop() {
         let procs = fs::read_to_string(dir.join("cgroup.procs"))?;
         for pid in procs.lines().filter(|l| !l.is_empty()) {
+            if pid == "0" {
+                // A process outside this PID namespace.
+                report.skipped += 1;
+                push_once(&mut report.errors, "processes under the cgroup are not in this agent's PID namespace (cgroup.procs lists them as 0): run it in the host's (hostPID)".into());
+                continue;
+            }
             let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
-            // A process that exits meanwhile has no namespace to look into.
-            if let Ok(meta) = fs::metadata(&ns) {
-                seen.entry((meta.dev(), meta.ino())).or_insert(ns);
+            match fs::metadata(&ns) {
+                Ok(meta) => {
+                    seen.entry((meta.dev(), meta.ino())).or_insert(ns);
+                }
+                // A process that exits meanwhile has no namespace to look into.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    report.skipped += 1;
+                    push_once(
+                        &mut report.errors,
+                        format!(
+                            "/proc/PID/ns/net of processes under the cgroup: {e} (needs CAP_SYS_PTRACE)"
+                        ),
+                    );
+                }
             }
         }
         for entry in fs::read_dir(&dir)?.flatten() {
@@ -147,6 +183,12 @@ fn namespaces_of(cgroup: &Path) -> io::Result<Vec<PathBuf>> {
         }
     }
     Ok(seen.into_values().collect())
+}
+
+fn push_once(errors: &mut Vec<String>, e: String) {
+    if !errors.contains(&e) {
+        errors.push(e);
+    }
 }
 
 /// Runs `f` in the network namespace `ns` (on the calling thread, which must be one of

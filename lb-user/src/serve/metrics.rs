@@ -62,6 +62,9 @@ pub struct Metrics {
     /// Sockets closed because their backend left the service, and failures doing so.
     sockets_destroyed: Counter,
     socket_destroy_errors: Counter,
+    /// Network namespaces the socket closer entered, failed to enter, or could not see
+    /// (processes skipped).
+    socket_namespaces: Family<Labels, Counter>,
 }
 
 pub type Shared = Arc<Metrics>;
@@ -102,6 +105,7 @@ impl Metrics {
             map_writes: Counter::default(),
             sockets_destroyed: Counter::default(),
             socket_destroy_errors: Counter::default(),
+            socket_namespaces: Family::default(),
         };
         m.register();
         if let Some(pin_path) = pin_path {
@@ -181,10 +185,19 @@ impl Metrics {
         self.frontend_conflicts.set(n as i64);
     }
 
-    /// A pass of the socket closer destroyed `destroyed` sockets and met `errors`.
-    pub fn sockets_closed(&self, destroyed: usize, errors: usize) {
-        self.sockets_destroyed.inc_by(destroyed as u64);
-        self.socket_destroy_errors.inc_by(errors as u64);
+    /// What a pass of the socket closer did.
+    pub fn sockets_closed(&self, pass: &crate::datapath::sockets::Report) {
+        self.sockets_destroyed.inc_by(pass.destroyed as u64);
+        self.socket_destroy_errors.inc_by(pass.errors.len() as u64);
+        for (result, n) in [
+            ("entered", pass.namespaces.saturating_sub(pass.failed)),
+            ("failed", pass.failed),
+            ("skipped", pass.skipped),
+        ] {
+            self.socket_namespaces
+                .get_or_create(&vec![("result".into(), result.into())])
+                .inc_by(n as u64);
+        }
     }
 
     /// The OpenMetrics text of every metric.
@@ -299,6 +312,11 @@ impl Metrics {
             "lb_map_entries",
             "Entries in each BPF map",
             self.map_entries.clone(),
+        );
+        r.register(
+            "lb_socket_closer_namespaces",
+            "Network namespaces the stale-socket closer entered, failed to enter (setns: CAP_SYS_ADMIN), or processes it could not see (hostPID, CAP_SYS_PTRACE), by result",
+            self.socket_namespaces.clone(),
         );
         r.register(
             "lb_map_full",
@@ -439,7 +457,14 @@ mod tests {
         let m = Arc::new(Metrics::new(None));
         let (a, b) = (m.clone(), m.clone());
         // From other threads, with no lock: what the sync and the socket closer do.
-        std::thread::spawn(move || a.sockets_closed(3, 1))
+        let pass = crate::datapath::sockets::Report {
+            destroyed: 3,
+            errors: vec!["e".into()],
+            namespaces: 2,
+            skipped: 5,
+            ..Default::default()
+        };
+        std::thread::spawn(move || a.sockets_closed(&pass))
             .join()
             .unwrap();
         std::thread::spawn(move || b.drift_repaired(2))
@@ -456,6 +481,8 @@ mod tests {
         for line in [
             "lb_sockets_destroyed_total 3\n",
             "lb_socket_destroy_errors_total 1\n",
+            "lb_socket_closer_namespaces_total{result=\"entered\"} 2\n",
+            "lb_socket_closer_namespaces_total{result=\"skipped\"} 5\n",
             "lb_drift_repairs_total 2\n",
             "lb_frontend_conflicts 4\n",
             "lb_programmed_services 7\n",

@@ -59,11 +59,47 @@ pub struct Fixture {
     pub agent: AgentProcess,
     pub lab: Lab,
     pub dir: PathBuf,
+    /// The script that runs the agent with the DaemonSet's capabilities, if it does.
+    wrapper: Option<PathBuf>,
 }
 
 impl Fixture {
     pub fn new(tag: &str, pods: usize, files: &[(&str, String)]) -> Self {
         Self::with_source(tag, pods, files, None, &[])
+    }
+
+    /// The agent as the DaemonSet of manifests/deploy runs it: with exactly the
+    /// capabilities its container adds (read from the manifest) and in the host's PID
+    /// namespace (as `hostPID` there must say), else as [`Fixture::with_source`].
+    pub fn as_daemonset(
+        tag: &str,
+        pods: usize,
+        files: &[(&str, String)],
+        extra_args: &[&str],
+    ) -> Self {
+        require_root();
+        let wrapper =
+            std::env::temp_dir().join(format!("{}-agent.sh", lb_lab::lab::unique_prefix(tag)));
+        let caps: Vec<String> = daemonset_capabilities()
+            .iter()
+            .map(|c| format!("+{}", c.to_lowercase()))
+            .collect();
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec setpriv --bounding-set=-all,{} --inh-caps=-all {AGENT_BIN} \"$@\"\n",
+                caps.join(",")
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let mut fx = Self::start(tag, pods, files, None, extra_args, &wrapper);
+        fx.wrapper = Some(wrapper);
+        fx
     }
 
     /// With `api`, the agent watches that (fake) API server instead of the manifests.
@@ -73,6 +109,17 @@ impl Fixture {
         files: &[(&str, String)],
         api: Option<&FakeApi>,
         extra_args: &[&str],
+    ) -> Self {
+        Self::start(tag, pods, files, api, extra_args, Path::new(AGENT_BIN))
+    }
+
+    fn start(
+        tag: &str,
+        pods: usize,
+        files: &[(&str, String)],
+        api: Option<&FakeApi>,
+        extra_args: &[&str],
+        agent_bin: &Path,
     ) -> Self {
         require_root();
         let lab = Lab::new(&lab_bin(), tag, pods, POD_PORT).expect("creating the lab");
@@ -96,7 +143,7 @@ impl Fixture {
         };
         source.extend(extra_args.iter().map(std::ffi::OsStr::new));
         let mut agent = AgentProcess::start(
-            Path::new(AGENT_BIN),
+            agent_bin,
             &source,
             &lab.cgroup.path,
             &pin,
@@ -106,7 +153,12 @@ impl Fixture {
         agent
             .wait_synced(1, Duration::from_secs(20))
             .expect("agent ready");
-        Self { agent, lab, dir }
+        Self {
+            agent,
+            lab,
+            dir,
+            wrapper: None,
+        }
     }
 
     pub fn pod_ips(&self, which: &[usize]) -> Vec<Ipv4Addr> {
@@ -151,6 +203,9 @@ impl Drop for Fixture {
             eprintln!("agent log:\n{}", self.agent.log());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(w) = &self.wrapper {
+            let _ = std::fs::remove_file(w);
+        }
     }
 }
 
@@ -189,4 +244,32 @@ pub fn http_get(port: u16, path: &str) -> String {
     out.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or(out)
+}
+
+/// The capabilities the DaemonSet of manifests/deploy adds to the agent's container
+/// (`BPF`, `NET_ADMIN`, ...); asserts that it runs in the host's PID namespace, as the
+/// tests' agents do.
+pub fn daemonset_capabilities() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/deploy/daemonset.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let ds: serde_yaml::Value = serde_yaml::from_str(text.split("\n---").next().unwrap()).unwrap();
+    let spec = &ds["spec"]["template"]["spec"];
+    assert_eq!(
+        spec["hostPID"].as_bool(),
+        Some(true),
+        "{}: hostPID",
+        path.display()
+    );
+    let agent = spec["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["args"][0].as_str() == Some("run"))
+        .expect("the agent's container runs `lb-user run`");
+    agent["securityContext"]["capabilities"]["add"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect()
 }
