@@ -275,6 +275,13 @@ fn dump_and_bpftool_show_the_maps() {
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
+    // The lab's cgroup is not the root: the agent says what processes outside it lack.
+    let log = fx.agent.log();
+    assert!(
+        log.contains("--cgroup is not the root of the cgroup v2 hierarchy")
+            && log.contains("nodePort work for them"),
+        "{log}"
+    );
 }
 
 #[test]

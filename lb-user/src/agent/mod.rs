@@ -254,6 +254,16 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
     checks::check_kernel(&checks::needed(), checks::probe)
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
+    let root = loader::mount_point("cgroup2");
+    if root.as_deref() != Some(opts.cgroup().as_path()) {
+        tracing::warn!(
+            cgroup = %opts.cgroup().display(),
+            "--cgroup is not the root of the cgroup v2 hierarchy ({}): processes outside it get no \
+             translation, so neither ClusterIPs nor the node's own address:nodePort work for them \
+             (the packet level sees only the external interfaces); kube-proxy serves every local process",
+            root.map_or("none mounted".into(), |r| r.display().to_string())
+        );
+    }
     let closer_lacks = checks::socket_closer_missing(checks::effective_capabilities());
     if !closer_lacks.is_empty() {
         tracing::warn!(
