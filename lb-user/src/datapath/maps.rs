@@ -250,28 +250,37 @@ impl BpfMaps {
 
     /// Writes the run of puts into one map that `ops` starts with in one batch call, if
     /// it is long enough; returns how many operations that took (`None`: not a run, or
-    /// no batches here, so the caller writes one by one).
+    /// no batches here, so the caller writes one by one). Every hash map the plan writes
+    /// in runs takes batches: a first sync at 10k services writes 10k rev-NAT entries,
+    /// names and frontend ports, not only the slots and backends.
     fn put_batch(&mut self, ops: &[Op]) -> Result<Option<usize>, DatapathError> {
+        use aya::maps::IterableMap as _;
         if !self.batch {
             return Ok(None);
         }
         let result = match ops.first() {
-            Some(Op::PutService { .. }) => batch_into(
-                aya::maps::IterableMap::map(&self.services),
-                ops,
-                |op| match *op {
-                    Op::PutService { key, value } => Some((key, value)),
+            Some(Op::PutService { .. }) => batch_into(self.services.map(), ops, |op| match *op {
+                Op::PutService { key, value } => Some((key, value)),
+                _ => None,
+            }),
+            Some(Op::PutBackend { .. }) => batch_into(self.backends.map(), ops, |op| match *op {
+                Op::PutBackend { id, value } => Some((id, value)),
+                _ => None,
+            }),
+            Some(Op::PutRevNat { .. }) => batch_into(self.revnat.map(), ops, |op| match *op {
+                Op::PutRevNat { id, value } => Some((id, value)),
+                _ => None,
+            }),
+            Some(Op::PutName { .. }) => batch_into(self.names.map(), ops, |op| match *op {
+                Op::PutName { id, ref name } => Some((id, **name)),
+                _ => None,
+            }),
+            Some(Op::PutFrontendPort { .. }) => {
+                batch_into(self.frontend_ports.map(), ops, |op| match *op {
+                    Op::PutFrontendPort { key } => Some((key, 1u8)),
                     _ => None,
-                },
-            ),
-            Some(Op::PutBackend { .. }) => batch_into(
-                aya::maps::IterableMap::map(&self.backends),
-                ops,
-                |op| match *op {
-                    Op::PutBackend { id, value } => Some((id, value)),
-                    _ => None,
-                },
-            ),
+                })
+            }
             _ => return Ok(None),
         };
         match result {
