@@ -302,8 +302,11 @@ impl BpfMaps {
 }
 
 /// A batch write into `map` of the run of `ops` that `entry` turns into (key, value);
-/// `Ok(None)` when the run is too short to be worth one.
-fn batch_into<K: aya::Pod, V: aya::Pod>(
+/// `Ok(None)` when the run is too short to be worth one. A long run is written by two
+/// threads at once, each half in one call: the kernel's work per entry (allocating and
+/// hashing it) is most of a first sync's write time, and the entries of a run are
+/// distinct keys, so their order does not matter.
+fn batch_into<K: aya::Pod + Send + Sync, V: aya::Pod + Send + Sync>(
     map: &MapData,
     ops: &[Op],
     entry: impl Fn(&Op) -> Option<(K, V)>,
@@ -313,11 +316,37 @@ fn batch_into<K: aya::Pod, V: aya::Pod>(
     if keys.len() < MIN_BATCH {
         return Ok(None);
     }
+    let fd = map.fd().as_fd();
     // The kernel counts what went in only in its loop: an error before it leaves the
     // count at all of them, and then it is the first that failed.
-    super::sys::map_update_batch(map.fd().as_fd(), &keys, &values)
-        .map_err(|(done, e)| (if done < keys.len() { done } else { 0 }, e))?;
+    let write = |keys: &[K], values: &[V]| {
+        super::sys::map_update_batch(fd, keys, values)
+            .map_err(|(done, e)| (if done < keys.len() { done } else { 0 }, e))
+    };
+    if keys.len() < PARALLEL_BATCH || !two_cpus() {
+        write(&keys, &values)?;
+        return Ok(Some(keys.len()));
+    }
+    let half = keys.len() / 2;
+    let (first, second) = std::thread::scope(|s| {
+        let second = s.spawn(|| write(&keys[half..], &values[half..]));
+        let first = write(&keys[..half], &values[..half]);
+        (first, second.join())
+    });
+    first?;
+    match second {
+        Ok(result) => result.map_err(|(done, e)| (half + done, e))?,
+        Err(_) => return Err((half, std::io::Error::other("the writing thread panicked"))),
+    }
     Ok(Some(keys.len()))
+}
+
+/// Runs at least this long are written by two threads.
+const PARALLEL_BATCH: usize = 8192;
+
+/// Whether the process may run on two CPUs or more.
+fn two_cpus() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
 }
 
 /// The kernel has no batch operations for this map.
