@@ -679,12 +679,10 @@ fn parse_fast(doc: &str, origin: Origin, loaded: &mut Loaded) -> Option<()> {
     Some(())
 }
 
-/// A document as a `T`: through the plain-YAML reader's value when it reads the
-/// document, else (or when that value is not a `T`) through serde_yaml.
+/// A document as a `T`: by the plain-YAML reader when it reads the document as a `T`,
+/// else by serde_yaml.
 fn typed<T: serde::de::DeserializeOwned>(doc: &str) -> Option<T> {
-    crate::plain_yaml::parse(doc)
-        .and_then(|value| serde_json::from_value(value).ok())
-        .or_else(|| serde_yaml::from_str(doc).ok())
+    crate::plain_yaml::from_str(doc).or_else(|| serde_yaml::from_str(doc).ok())
 }
 
 /// (apiVersion, kind) from a document's top-level lines, plain scalars only.
