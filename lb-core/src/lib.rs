@@ -6,7 +6,8 @@
 //! * [`plan`]: [`plan::Programmed`], the diff of the desired state against what the maps
 //!   hold, as ordered map operations;
 //! * [`ops`]: those operations and [`ops::Snapshot`], the maps' contents as plain data;
-//! * [`manifest`]: the manifest parser (YAML/JSON files and directories);
+//! * [`manifest`]: the manifest parser (YAML/JSON files and directories), with a fast
+//!   reader for the plain subset of YAML that manifests are usually written in;
 //! * [`seam`]: [`seam::Datapath`], what the agent needs of the kernel's maps, and
 //!   [`seam::MemoryMaps`], an in-memory one with fault injection for tests.
 //!
@@ -15,5 +16,6 @@
 pub mod manifest;
 pub mod model;
 pub mod ops;
+mod plain_yaml;
 pub mod plan;
 pub mod seam;

@@ -664,20 +664,25 @@ pub fn parse_into(text: &str, file: &str, loaded: &mut Loaded) {
 }
 
 /// The fast path for the usual document: block style, with a top-level `apiVersion:`
-/// and `kind:` line, read straight into its type. `None` (nothing added) as soon as
+/// and `kind:` line, read straight into its type: by [`crate::plain_yaml`] when the
+/// document is in its subset, else by serde_yaml. `None` (nothing added) as soon as
 /// anything is unusual or does not parse: the caller then reads it with
 /// [`parse_checked`], which names what is wrong and where.
 fn parse_fast(doc: &str, origin: Origin, loaded: &mut Loaded) -> Option<()> {
     match type_of(doc)? {
-        ("v1", "Service") => loaded.push_service(serde_yaml::from_str(doc).ok()?, origin),
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            loaded.push_slice(serde_yaml::from_str(doc).ok()?, origin)
-        }
-        ("v1", "Node") => loaded.push_node(serde_yaml::from_str(doc).ok()?, origin),
+        ("v1", "Service") => loaded.push_service(typed(doc)?, origin),
+        ("discovery.k8s.io/v1", "EndpointSlice") => loaded.push_slice(typed(doc)?, origin),
+        ("v1", "Node") => loaded.push_node(typed(doc)?, origin),
         (_, "List") => return None,
         _ => {} // Not used (the checked path logs it at debug level).
     }
     Some(())
+}
+
+/// A document as a `T`: by the plain-YAML reader when it reads the document as a `T`,
+/// else by serde_yaml.
+fn typed<T: serde::de::DeserializeOwned>(doc: &str) -> Option<T> {
+    crate::plain_yaml::from_str(doc).or_else(|| serde_yaml::from_str(doc).ok())
 }
 
 /// (apiVersion, kind) from a document's top-level lines, plain scalars only.

@@ -562,3 +562,48 @@ fn the_periodic_reconcile_repairs_entries_changed_behind_the_agents_back() {
             .contains("reconcile: the maps had changed behind the agent's back; repaired")
     );
 }
+
+/// A first sync of 1,000 services with 10 endpoints each (made-up addresses) writes
+/// 10,000 backends and 11,000 services-map entries: runs long enough to be written by
+/// two threads at once. Every entry is there, and a service added after them answers.
+#[test]
+fn a_first_sync_of_a_thousand_services_writes_every_entry() {
+    let mut bulk = String::new();
+    for i in 0..1000u32 {
+        let ip = std::net::Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250) as u8 + 1);
+        let endpoints: Vec<std::net::Ipv4Addr> = (0..10)
+            .map(|e| {
+                let k = i * 10 + e;
+                std::net::Ipv4Addr::new(10, 250, (k / 250) as u8, (k % 250) as u8 + 1)
+            })
+            .collect();
+        let name = format!("bulk-{i}");
+        bulk.push_str(&format!(
+            "---\n{}---\n{}",
+            service(&name, ip, 80),
+            slice(&name, &endpoints)
+        ));
+    }
+    let mut fx = Fixture::new("bulk", 2, &[("bulk.yaml", bulk)]);
+    fx.write("web.yaml", &service("web", WEB_IP, 80));
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1])));
+    fx.agent.wait_synced(2, Duration::from_secs(20)).unwrap();
+    fx.wait_answering(SocketAddrV4::new(WEB_IP, 80), lab::ProbeMode::Tcp);
+
+    let snap = lb_user::datapath::BpfMaps::open_pinned(&fx.agent.pin_path)
+        .and_then(|m| m.snapshot())
+        .unwrap();
+    assert_eq!(snap.backends.len(), 10_000 + 2);
+    // A header and a slot per endpoint for each frontend.
+    assert_eq!(snap.services.len(), 1000 * 11 + 3);
+    assert_eq!(snap.revnat.len(), 1001);
+    assert_eq!(snap.names.len(), 1001);
+    assert_eq!(snap.frontend_ports.len(), 1001);
+    let report = fx.probe(WEB_IP, 40);
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+    assert_eq!(
+        names(&report),
+        BTreeSet::from(["pod-0", "pod-1"]),
+        "{report:?}"
+    );
+}

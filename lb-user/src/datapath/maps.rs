@@ -250,28 +250,37 @@ impl BpfMaps {
 
     /// Writes the run of puts into one map that `ops` starts with in one batch call, if
     /// it is long enough; returns how many operations that took (`None`: not a run, or
-    /// no batches here, so the caller writes one by one).
+    /// no batches here, so the caller writes one by one). Every hash map the plan writes
+    /// in runs takes batches: a first sync at 10k services writes 10k rev-NAT entries,
+    /// names and frontend ports, not only the slots and backends.
     fn put_batch(&mut self, ops: &[Op]) -> Result<Option<usize>, DatapathError> {
+        use aya::maps::IterableMap as _;
         if !self.batch {
             return Ok(None);
         }
         let result = match ops.first() {
-            Some(Op::PutService { .. }) => batch_into(
-                aya::maps::IterableMap::map(&self.services),
-                ops,
-                |op| match *op {
-                    Op::PutService { key, value } => Some((key, value)),
+            Some(Op::PutService { .. }) => batch_into(self.services.map(), ops, |op| match *op {
+                Op::PutService { key, value } => Some((key, value)),
+                _ => None,
+            }),
+            Some(Op::PutBackend { .. }) => batch_into(self.backends.map(), ops, |op| match *op {
+                Op::PutBackend { id, value } => Some((id, value)),
+                _ => None,
+            }),
+            Some(Op::PutRevNat { .. }) => batch_into(self.revnat.map(), ops, |op| match *op {
+                Op::PutRevNat { id, value } => Some((id, value)),
+                _ => None,
+            }),
+            Some(Op::PutName { .. }) => batch_into(self.names.map(), ops, |op| match *op {
+                Op::PutName { id, ref name } => Some((id, **name)),
+                _ => None,
+            }),
+            Some(Op::PutFrontendPort { .. }) => {
+                batch_into(self.frontend_ports.map(), ops, |op| match *op {
+                    Op::PutFrontendPort { key } => Some((key, 1u8)),
                     _ => None,
-                },
-            ),
-            Some(Op::PutBackend { .. }) => batch_into(
-                aya::maps::IterableMap::map(&self.backends),
-                ops,
-                |op| match *op {
-                    Op::PutBackend { id, value } => Some((id, value)),
-                    _ => None,
-                },
-            ),
+                })
+            }
             _ => return Ok(None),
         };
         match result {
@@ -293,8 +302,11 @@ impl BpfMaps {
 }
 
 /// A batch write into `map` of the run of `ops` that `entry` turns into (key, value);
-/// `Ok(None)` when the run is too short to be worth one.
-fn batch_into<K: aya::Pod, V: aya::Pod>(
+/// `Ok(None)` when the run is too short to be worth one. A long run is written by two
+/// threads at once, each half in one call: the kernel's work per entry (allocating and
+/// hashing it) is most of a first sync's write time, and the entries of a run are
+/// distinct keys, so their order does not matter.
+fn batch_into<K: aya::Pod + Send + Sync, V: aya::Pod + Send + Sync>(
     map: &MapData,
     ops: &[Op],
     entry: impl Fn(&Op) -> Option<(K, V)>,
@@ -304,11 +316,37 @@ fn batch_into<K: aya::Pod, V: aya::Pod>(
     if keys.len() < MIN_BATCH {
         return Ok(None);
     }
+    let fd = map.fd().as_fd();
     // The kernel counts what went in only in its loop: an error before it leaves the
     // count at all of them, and then it is the first that failed.
-    super::sys::map_update_batch(map.fd().as_fd(), &keys, &values)
-        .map_err(|(done, e)| (if done < keys.len() { done } else { 0 }, e))?;
+    let write = |keys: &[K], values: &[V]| {
+        super::sys::map_update_batch(fd, keys, values)
+            .map_err(|(done, e)| (if done < keys.len() { done } else { 0 }, e))
+    };
+    if keys.len() < PARALLEL_BATCH || !two_cpus() {
+        write(&keys, &values)?;
+        return Ok(Some(keys.len()));
+    }
+    let half = keys.len() / 2;
+    let (first, second) = std::thread::scope(|s| {
+        let second = s.spawn(|| write(&keys[half..], &values[half..]));
+        let first = write(&keys[..half], &values[..half]);
+        (first, second.join())
+    });
+    first?;
+    match second {
+        Ok(result) => result.map_err(|(done, e)| (half + done, e))?,
+        Err(_) => return Err((half, std::io::Error::other("the writing thread panicked"))),
+    }
     Ok(Some(keys.len()))
+}
+
+/// Runs at least this long are written by two threads.
+const PARALLEL_BATCH: usize = 8192;
+
+/// Whether the process may run on two CPUs or more.
+fn two_cpus() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
 }
 
 /// The kernel has no batch operations for this map.

@@ -90,9 +90,10 @@ enum Cmd {
         /// MB echoed through one connection by the NodePort bulk transfer.
         #[arg(long, default_value_t = 300)]
         transfer_mb: u64,
-        /// Which benchmarks: socket (ClusterIP, from the node), nodeport (from outside).
+        /// Which benchmarks: socket (ClusterIP, from the node), nodeport (from outside),
+        /// control (our agent's cold start and changes only, part of socket).
         #[arg(long, value_delimiter = ',', default_value = "socket,nodeport",
-              value_parser = ["socket", "nodeport"])]
+              value_parser = ["socket", "nodeport", "control"])]
         paths: Vec<String>,
     },
     /// Exchange COUNT requests with TARGET and print, as JSON, who answered and which errors.

@@ -53,7 +53,8 @@ pub struct BenchOptions {
     pub agent_bin: PathBuf,
     /// MB echoed by the NodePort benchmark's bulk transfer.
     pub transfer_mb: u64,
-    /// Which benchmarks: "socket", "nodeport".
+    /// Which benchmarks: "socket", "nodeport", "control" (our agent's cold start and
+    /// changes only; part of "socket").
     pub paths: Vec<String>,
 }
 
@@ -372,12 +373,8 @@ fn bench_size(opts: &BenchOptions, n: usize, out: &mut Outputs) -> anyhow::Resul
         "bench: {n} services: {} endpoint changes each",
         opts.changes
     );
+    ours.time_changes(opts, &base, &pods, &mut cp)?;
     let churn_vip = SocketAddr::new(churn(pods[0]).ip.into(), 80);
-    let (first, times) = time_changes(&base, churn_vip, opts.changes, |_, to| {
-        ours.change(&pods, to)
-    })?;
-    cp.first_change_ms.insert("socket-lb".into(), first);
-    cp.change_ms.insert("socket-lb".into(), p50_p99(times));
     for rl in &rule_labs {
         // kube-proxy's partial rule update.
         let (first, times) = time_changes(&rl.lab, churn_vip, opts.changes, |from, to| {
@@ -389,14 +386,24 @@ fn bench_size(opts: &BenchOptions, n: usize, out: &mut Outputs) -> anyhow::Resul
         cp.first_change_ms.insert(rl.mode.name().into(), first);
         cp.change_ms.insert(rl.mode.name().into(), p50_p99(times));
     }
-    cp.agent_rss_mib = vm_hwm_mib(ours.agent.child.0.id());
-    cp.maps_memlock_mib = maps_memlock_mib(&ours.pin);
-    // Stopped (its pins removed) before the API source's agent attaches to the cgroup.
-    drop(ours);
-    eprintln!("bench: {n} services: the agent on the API source");
-    cp.api = Some(api_source::measure(opts, &base, &ports, &pods)?);
-    out.control.push(cp);
-    Ok(())
+    ours.finish(opts, &base, &ports, &pods, cp, out)
+}
+
+/// Our agent alone at one size (`--paths control`): its cold start, endpoint changes
+/// and memory on manifests, then on the API source; no rates and no kube-proxy modes.
+fn bench_control(opts: &BenchOptions, n: usize, out: &mut Outputs) -> anyhow::Result<()> {
+    let mut cp = ControlPlane {
+        services: n,
+        endpoints: n * ENDPOINTS,
+        ..Default::default()
+    };
+    eprintln!("bench: {n} services: our agent only");
+    let base = make_lab(opts, "bc")?;
+    let pods: Vec<Ipv4Addr> = base.pods.iter().map(|p| p.ip).collect();
+    let (ports, _) = services(n, &pods);
+    let ours = OurAgent::start(opts, &base, &ports, &pods, &mut cp)?;
+    ours.time_changes(opts, &base, &pods, &mut cp)?;
+    ours.finish(opts, &base, &ports, &pods, cp, out)
 }
 
 /// What every size adds to.
@@ -459,6 +466,45 @@ impl OurAgent {
             manifests: mdir,
             pin,
         })
+    }
+
+    /// Times `opts.changes` endpoint changes (after a first one) into `cp`.
+    fn time_changes(
+        &self,
+        opts: &BenchOptions,
+        base: &Lab,
+        pods: &[Ipv4Addr],
+        cp: &mut ControlPlane,
+    ) -> anyhow::Result<()> {
+        let churn_vip = SocketAddr::new(churn(pods[0]).ip.into(), 80);
+        let (first, times) =
+            time_changes(base, churn_vip, opts.changes, |_, to| self.change(pods, to))?;
+        cp.first_change_ms.insert("socket-lb".into(), first);
+        cp.change_ms.insert("socket-lb".into(), p50_p99(times));
+        Ok(())
+    }
+
+    /// Records the agent's memory, stops it (its pins removed) before the API source's
+    /// agent attaches to the cgroup, measures that one, and adds `cp` to `out`.
+    fn finish(
+        self,
+        opts: &BenchOptions,
+        base: &Lab,
+        ports: &[SvcPort],
+        pods: &[Ipv4Addr],
+        mut cp: ControlPlane,
+        out: &mut Outputs,
+    ) -> anyhow::Result<()> {
+        cp.agent_rss_mib = vm_hwm_mib(self.agent.child.0.id());
+        cp.maps_memlock_mib = maps_memlock_mib(&self.pin);
+        drop(self);
+        eprintln!(
+            "bench: {} services: the agent on the API source",
+            cp.services
+        );
+        cp.api = Some(api_source::measure(opts, base, ports, pods)?);
+        out.control.push(cp);
+        Ok(())
     }
 
     /// The churn service's manifest replaced (renamed over) with the other pod.
@@ -662,6 +708,8 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     for &n in &opts.sizes {
         if wants("socket") {
             bench_size(opts, n, &mut out)?;
+        } else if wants("control") {
+            bench_control(opts, n, &mut out)?;
         }
         if wants("nodeport") {
             out.node_port.extend(nodeport::bench_node_port(opts, n)?);
