@@ -12,7 +12,7 @@
 //!   as a whole, with a warning, until it parses cleanly again. A deleted file takes its
 //!   objects with it. A file seen for the first time loses only its broken documents.
 //! * A file is read only once it has not been written for the settle time (the manifest
-//!   source uses two poll intervals, at most 500 ms): half a file being written is not
+//!   source uses one poll interval, at most 500 ms): half a file being written is not
 //!   applied. A modification time in the future counts as settled.
 //! * The directory walk follows symlinks but reads no directory twice (no loops), and
 //!   stops at [`Limits`]: depth, bytes per file, number of files; each with a warning.
