@@ -295,6 +295,10 @@ pub const FRONTEND_LOAD_BALANCER: u8 = 4;
 /// `FrontendName::flags`: the traffic policy that applies to it (internal for a cluster
 /// IP, external for the others) is Local.
 pub const FRONTEND_F_POLICY_LOCAL: u8 = 1;
+/// `FrontendName::flags`: the Service keeps its clients' sockets when a backend leaves
+/// (`lb-user.dev/keep-sockets`). Kept in the map so that an agent that reads the maps
+/// back (a restart, the periodic reconcile) still knows it when the Service is deleted.
+pub const FRONTEND_F_KEEP_SOCKETS: u8 = 2;
 
 impl FrontendName {
     pub fn new(text: &str) -> Self {
