@@ -6,8 +6,10 @@
 //! backend, at random or from the client's ClientIP affinity entry, and rewrite the
 //! destination to the backend's pod IP:targetPort, once, so the connection then flows with
 //! no per-packet NAT. `sendmsg4/6` do the same for every datagram of an unconnected UDP
-//! socket; `recvmsg4/6` and `getpeername4/6` turn the backend back into the service
-//! address, from a per-socket rev-NAT entry.
+//! socket, keeping the socket on the backend it was sent to before while that backend
+//! is in the service (the socket's record in `LB_SOCKS_V1`); `recvmsg4/6` and
+//! `getpeername4/6` turn the backend back into the service address, from a per-socket
+//! rev-NAT entry. `sock_release` deletes a closing socket's rev-NAT entries and record.
 
 use aya_ebpf::{
     EbpfContext as _,
