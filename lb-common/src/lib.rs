@@ -299,7 +299,7 @@ pub const FRONTEND_LOAD_BALANCER: u8 = 4;
 pub const FRONTEND_F_POLICY_LOCAL: u8 = 1;
 /// `FrontendName::flags`: the Service keeps its clients' sockets when a backend leaves
 /// (`lb-user.dev/keep-sockets`). Kept in the map so that an agent that reads the maps
-/// back (a restart, the periodic reconcile) still knows it when the Service is deleted.
+/// back (a restart, a failed write) and finds the Service gone still knows it.
 pub const FRONTEND_F_KEEP_SOCKETS: u8 = 2;
 
 impl FrontendName {

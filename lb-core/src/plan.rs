@@ -1553,27 +1553,30 @@ mod tests {
     }
 
     #[test]
-    fn a_deleted_service_keeps_its_sockets_after_the_maps_were_read_back() {
-        let mut prog = Programmed::default();
-        let mut maps = Snapshot::default();
+    fn a_service_gone_when_the_maps_are_read_back_keeps_its_sockets_if_annotated() {
+        // The maps read back (a restart, or after a failed write) and planned against a
+        // desired state without the Service: the annotation comes from the names map.
         let mut keep = desired(&[(fe(1, 80), &[1, 2])]);
         Arc::make_mut(keep.frontends.get_mut(&fe(1, 80)).unwrap()).keep_sockets = true;
-        sync(&mut prog, &mut maps, &keep);
-        // The periodic reconcile (or a restart) reads the maps back: the annotation is
-        // known from the names map.
-        let mut fresh = prog.readopt(&maps);
-        assert!(fresh.plan(&keep).is_empty(), "nothing to repair");
-        let gone = fresh.plan(&Desired::default());
+        let mut maps = Snapshot::default();
+        sync(&mut Programmed::default(), &mut maps, &keep);
+        assert!(
+            Programmed::adopt(&maps).plan(&keep).is_empty(),
+            "nothing to repair"
+        );
+        let gone = Programmed::adopt(&maps).plan(&Desired::default());
         assert!(
             gone.left.is_empty(),
             "the Service kept its sockets: {:?}",
             gone.left
         );
-        // Without the annotation, a Service that goes after a read-back closes them.
-        let plain = desired(&[(fe(1, 80), &[1, 2])]);
+        // Without the annotation, its backends are listed as left.
         let mut maps = Snapshot::default();
-        let mut prog = Programmed::default();
-        sync(&mut prog, &mut maps, &plain);
+        sync(
+            &mut Programmed::default(),
+            &mut maps,
+            &desired(&[(fe(1, 80), &[1, 2])]),
+        );
         let gone = Programmed::adopt(&maps).plan(&Desired::default());
         assert_eq!(gone.left.len(), 2, "{:?}", gone.left);
     }

@@ -201,3 +201,30 @@ fn long_lived_sockets_keep_their_rev_nat_entries_through_many_short_connections(
         fx.agent.log()
     );
 }
+
+#[test]
+fn a_service_deleted_while_the_agent_was_down_keeps_its_sockets_if_annotated() {
+    let mut fx = fixture("sockg", true, &[]);
+    let direct = SocketAddr::new(fx.pod_ips(&[0])[0].into(), POD_PORT);
+    let (mut hold, _) = Hold::start(&fx, direct);
+    // The agent is killed at once; the Service goes 300 ms later, while it is down; it
+    // starts again after 1 s and finds the Service's frontends only in the maps.
+    let manifests = fx.dir.join("manifests");
+    let remover = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        for f in ["web.yaml", "web-slice.yaml"] {
+            std::fs::remove_file(manifests.join(f)).unwrap();
+        }
+    });
+    let log = fx.dir.join("agent-2.log");
+    fx.agent
+        .restart(lab::Stop::Kill, Duration::from_secs(1), &[], &log)
+        .unwrap();
+    remover.join().unwrap();
+    fx.agent.wait_synced(1, Duration::from_secs(20)).unwrap();
+    let r = fx.probe(WEB_IP, 1);
+    assert_eq!(r.total_replies(), 0, "the Service is gone: {r:?}");
+    let after = hold.check();
+    assert_ne!(after.tcp_error, "ConnectionAborted", "{after:?}");
+    assert_eq!(after.udp_error, "none", "{after:?}");
+}
