@@ -87,10 +87,11 @@ pub(crate) fn stuck(
     backend_id: u32,
     slot: u16,
 ) -> Option<Chosen> {
-    if slot != 0 && slot <= header.count {
-        if let Some(c) = backend_at(key, slot).filter(|c| c.id == backend_id) {
-            return Some(c);
-        }
+    if slot != 0
+        && slot <= header.count
+        && let Some(c) = backend_at(key, slot).filter(|c| c.id == backend_id)
+    {
+        return Some(c);
     }
     let mut s = 1;
     while s <= STUCK_SCAN && s <= header.count {

@@ -280,10 +280,10 @@ fn choose(
     if prog == PROG_SENDMSG4 || prog == PROG_SENDMSG6 {
         // SAFETY: copied out at once.
         let record = unsafe { LB_SOCKS_V1.get(cookie) }.copied();
-        if let Some(f) = record.and_then(|r| frontend_of(&r, header.rev_nat_id)) {
-            if let Some(c) = lb::stuck(key, header, f.backend_id, f.slot) {
-                return Some(c);
-            }
+        if let Some(f) = record.and_then(|r| frontend_of(&r, header.rev_nat_id))
+            && let Some(c) = lb::stuck(key, header, f.backend_id, f.slot)
+        {
+            return Some(c);
         }
     }
     // SAFETY: a helper without arguments.
@@ -341,7 +341,7 @@ fn remember_frontend(cookie: u64, backend: &Backend, addr: Addr, port: u16, prog
         _pad: [0; 2],
     };
     // SAFETY: only compared.
-    if unsafe { LB_SOCK_REVNAT_V2.get(&rev_key) }.is_some_and(|v| *v == frontend) {
+    if unsafe { LB_SOCK_REVNAT_V2.get(rev_key) }.is_some_and(|v| *v == frontend) {
         return;
     }
     if LB_SOCK_REVNAT_V2.insert(rev_key, frontend, 0).is_err() {
