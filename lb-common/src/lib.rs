@@ -47,8 +47,9 @@ pub const MAP_CT_EVENTS: &str = "LB_CT_EVENTS_V1";
 pub const MAP_FRAGS: &str = "LB_FRAGS_V1";
 pub const MAP_FRONTEND_PORTS: &str = "LB_FRONTEND_PORTS_V1";
 pub const MAP_NAMES: &str = "LB_NAMES_V1";
+pub const MAP_SOCKS: &str = "LB_SOCKS_V1";
 /// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 15] = [
+pub const PINNED_MAPS: [&str; 16] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REVNAT,
@@ -64,6 +65,7 @@ pub const PINNED_MAPS: [&str; 15] = [
     MAP_CT_EVENTS,
     MAP_FRAGS,
     MAP_FRONTEND_PORTS,
+    MAP_SOCKS,
 ];
 
 /// Capacity of the maps as the object defines them; the agent sizes them at load
@@ -295,6 +297,10 @@ pub const FRONTEND_LOAD_BALANCER: u8 = 4;
 /// `FrontendName::flags`: the traffic policy that applies to it (internal for a cluster
 /// IP, external for the others) is Local.
 pub const FRONTEND_F_POLICY_LOCAL: u8 = 1;
+/// `FrontendName::flags`: the Service keeps its clients' sockets when a backend leaves
+/// (`lb-user.dev/keep-sockets`). Kept in the map so that an agent that reads the maps
+/// back (a restart, a failed write) and finds the Service gone still knows it.
+pub const FRONTEND_F_KEEP_SOCKETS: u8 = 2;
 
 impl FrontendName {
     pub fn new(text: &str) -> Self {
@@ -330,6 +336,37 @@ pub struct SockRevNatKey {
     /// Backend port, host order.
     pub port: u16,
     pub _pad: [u8; 6],
+}
+
+/// Frontends one socket's record ([`SockRecord`]) holds: the services an unconnected UDP
+/// socket talks to at once (a resolver's one or two), or the one a connected socket has.
+pub const SOCK_FRONTENDS: usize = 4;
+
+/// One frontend a socket was translated for: the backend it sticks to and the key of
+/// its socket rev-NAT entry. `rev_nat_id` 0 is an unused entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockFrontend {
+    /// Backend address, network order octets (IPv4 mapped), as in [`SockRevNatKey`].
+    pub addr: Addr,
+    /// Backend port, host order.
+    pub port: u16,
+    /// The frontend's rev-NAT id, host order.
+    pub rev_nat_id: u16,
+    /// The backend's id, host order (never reused for another backend).
+    pub backend_id: u32,
+    /// The frontend's slot the backend was found in (0: not known), host order.
+    pub slot: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the sockets map (LRU; key: the socket cookie, `u64`): the frontends a socket
+/// was translated for. sendmsg() keeps an unconnected UDP socket on its backend through
+/// it, and the socket's release deletes the socket rev-NAT entries it lists.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockRecord {
+    pub frontends: [SockFrontend; SOCK_FRONTENDS],
 }
 
 /// Key of the ClientIP affinity map (LRU): a client and a frontend. At socket level the
@@ -772,6 +809,8 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 20);
     assert!(core::mem::size_of::<RevNat>() == 20);
     assert!(core::mem::size_of::<SockRevNatKey>() == 32);
+    assert!(core::mem::size_of::<SockFrontend>() == 28);
+    assert!(core::mem::size_of::<SockRecord>() == 28 * SOCK_FRONTENDS);
     assert!(core::mem::size_of::<AffinityKey>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<Counters>() == 40);
@@ -794,6 +833,7 @@ mod user {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::RevNat {}
     unsafe impl aya::Pod for super::SockRevNatKey {}
+    unsafe impl aya::Pod for super::SockRecord {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::Counters {}

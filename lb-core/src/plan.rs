@@ -7,9 +7,9 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, FrontendName, FrontendPort, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES,
-    MAP_SOURCE_RANGES, MAX_SLOTS, RevNat, SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, ServiceKey,
-    ServiceValue,
+    BACKEND_F_LOCAL, Backend, FRONTEND_F_KEEP_SOCKETS, FrontendName, FrontendPort, MAP_BACKENDS,
+    MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES, MAX_SLOTS, RevNat, SVC_F_NO_LOCAL,
+    SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
 };
 
 use super::ops::{
@@ -249,7 +249,10 @@ impl Programmed {
                     affinity_timeout: header.affinity_timeout,
                     flags: header.flags,
                     epoch: header.epoch,
-                    keep_sockets: false,
+                    keep_sockets: snapshot
+                        .names
+                        .get(&header.rev_nat_id)
+                        .is_some_and(|n| n.flags & FRONTEND_F_KEEP_SOCKETS != 0),
                     slots,
                     source_ranges,
                 },
@@ -974,12 +977,17 @@ fn stable_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
     slots.into_iter().flatten().collect()
 }
 
-/// The names map's entry for a frontend: its Service port, kind and policy.
+/// The names map's entry for a frontend: its Service port, kind, policy and whether it
+/// keeps its sockets.
 fn name_of(state: &FrontendState) -> FrontendName {
     FrontendName {
         kind: state.kind.number(),
         flags: if state.policy_local {
             lb_common::FRONTEND_F_POLICY_LOCAL
+        } else {
+            0
+        } | if state.keep_sockets {
+            FRONTEND_F_KEEP_SOCKETS
         } else {
             0
         },
@@ -1541,6 +1549,49 @@ mod tests {
             gone.left,
             BTreeSet::from([(frontend, backend(4), tcp)]),
             "a frontend that goes"
+        );
+    }
+
+    #[test]
+    fn a_service_gone_when_the_maps_are_read_back_keeps_its_sockets_if_annotated() {
+        // The maps read back (a restart, or after a failed write) and planned against a
+        // desired state without the Service: the annotation comes from the names map.
+        let mut keep = desired(&[(fe(1, 80), &[1, 2])]);
+        Arc::make_mut(keep.frontends.get_mut(&fe(1, 80)).unwrap()).keep_sockets = true;
+        let mut maps = Snapshot::default();
+        sync(&mut Programmed::default(), &mut maps, &keep);
+        assert!(
+            Programmed::adopt(&maps).plan(&keep).is_empty(),
+            "nothing to repair"
+        );
+        let gone = Programmed::adopt(&maps).plan(&Desired::default());
+        assert!(
+            gone.left.is_empty(),
+            "the Service kept its sockets: {:?}",
+            gone.left
+        );
+        // Without the annotation, its backends are listed as left.
+        let mut maps = Snapshot::default();
+        sync(
+            &mut Programmed::default(),
+            &mut maps,
+            &desired(&[(fe(1, 80), &[1, 2])]),
+        );
+        let gone = Programmed::adopt(&maps).plan(&Desired::default());
+        assert_eq!(gone.left.len(), 2, "{:?}", gone.left);
+    }
+
+    #[test]
+    fn the_keep_sockets_annotation_switched_on_rewrites_the_name() {
+        let mut prog = Programmed::default();
+        let mut maps = Snapshot::default();
+        sync(&mut prog, &mut maps, &desired(&[(fe(1, 80), &[1])]));
+        let mut keep = desired(&[(fe(1, 80), &[1])]);
+        Arc::make_mut(keep.frontends.get_mut(&fe(1, 80)).unwrap()).keep_sockets = true;
+        let ops = sync(&mut prog, &mut maps, &keep);
+        assert!(
+            matches!(ops.as_slice(), [Op::PutName { name, .. }] if name.flags & FRONTEND_F_KEEP_SOCKETS != 0),
+            "{ops:?}"
         );
     }
 

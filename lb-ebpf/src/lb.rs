@@ -9,12 +9,19 @@ use lb_common::{
 
 use crate::maps::{LB_AFFINITY_SRC_V1, LB_AFFINITY_V1, LB_BACKENDS_V2, LB_SERVICES_V2, count};
 
-/// A chosen backend and its id.
+/// A chosen backend, its id and the frontend's slot it was found in (0: not known, as
+/// for an affinity entry's backend).
 #[derive(Clone, Copy)]
 pub(crate) struct Chosen {
     pub id: u32,
     pub backend: Backend,
+    pub slot: u16,
 }
+
+/// Slots [`stuck`] looks through for a socket's backend that is no longer in the slot it
+/// was chosen from (the agent moved it into a hole another backend left): bounded, so
+/// that the program stays small; a socket whose backend moved beyond them chooses anew.
+const STUCK_SCAN: u16 = 16;
 
 /// The header of the frontend `key` (slot 0), if it is one.
 #[inline(always)]
@@ -66,7 +73,37 @@ fn still_valid(entry: AffinityValue, now: u64, header: &ServiceValue, prog: u32)
     Some(Chosen {
         id: entry.backend_id,
         backend,
+        slot: 0,
     })
+}
+
+/// The backend `backend_id` that a socket was translated to before, if it is still one
+/// of the frontend's: in its slot `slot`, or (moved) in one of the first
+/// [`STUCK_SCAN`] slots. Backend ids are never reused, so an id found is that backend.
+#[inline(always)]
+pub(crate) fn stuck(
+    key: ServiceKey,
+    header: &ServiceValue,
+    backend_id: u32,
+    slot: u16,
+) -> Option<Chosen> {
+    if slot != 0
+        && slot <= header.count
+        && let Some(c) = backend_at(key, slot).filter(|c| c.id == backend_id)
+    {
+        return Some(c);
+    }
+    let mut s = 1;
+    while s <= STUCK_SCAN && s <= header.count {
+        // SAFETY: only the id is read.
+        if unsafe { LB_SERVICES_V2.get(key.with_slot(s)) }
+            .is_some_and(|v| v.backend_id == backend_id)
+        {
+            return backend_at(key, s);
+        }
+        s += 1;
+    }
+    None
 }
 
 /// A backend at random among the frontend's `header.count` slots. A slot or backend may
@@ -136,5 +173,5 @@ fn backend_at(key: ServiceKey, slot: u16) -> Option<Chosen> {
     let id = unsafe { LB_SERVICES_V2.get(key.with_slot(slot)) }?.backend_id;
     // SAFETY: copied out at once.
     let backend = unsafe { LB_BACKENDS_V2.get(id) }.copied()?;
-    Some(Chosen { id, backend })
+    Some(Chosen { id, backend, slot })
 }

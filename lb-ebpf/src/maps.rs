@@ -11,7 +11,8 @@ use lb_common::{
     AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
     FragKey, FragValue, FrontendName, FrontendPort, MAX_AFFINITY, MAX_BACKENDS, MAX_CT, MAX_FRAGS,
     MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_TC_IFACES, PROG_NAMES,
-    RevNat, ServiceKey, ServiceValue, SockRevNatKey, SourceRange, SrcAffinityKey, TcIface,
+    RevNat, ServiceKey, ServiceValue, SockRecord, SockRevNatKey, SourceRange, SrcAffinityKey,
+    TcIface,
 };
 
 /// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
@@ -55,6 +56,14 @@ pub(crate) static LB_SOCK_REVNAT_V2: LruHashMap<
     RevNat,
     { MAX_SOCK_REVNAT as usize },
 > = LruHashMap::new();
+
+/// Socket cookie -> the frontends the socket was translated for, each with its backend
+/// and rev-NAT entry: unconnected UDP sticks to its backend through it, and
+/// `lb_sock_release` deletes the socket's rev-NAT entries from it. Sized like the
+/// socket rev-NAT map (`--max-sock-revnat`).
+#[btf_map]
+pub(crate) static LB_SOCKS_V1: LruHashMap<u64, SockRecord, { MAX_SOCK_REVNAT as usize }> =
+    LruHashMap::new();
 
 /// (client, frontend) -> backend and last use: ClientIP affinity.
 #[btf_map]

@@ -6,8 +6,10 @@
 //! backend, at random or from the client's ClientIP affinity entry, and rewrite the
 //! destination to the backend's pod IP:targetPort, once, so the connection then flows with
 //! no per-packet NAT. `sendmsg4/6` do the same for every datagram of an unconnected UDP
-//! socket; `recvmsg4/6` and `getpeername4/6` turn the backend back into the service
-//! address, from a per-socket rev-NAT entry.
+//! socket, keeping the socket on the backend it was sent to before while that backend
+//! is in the service (the socket's record in `LB_SOCKS_V1`); `recvmsg4/6` and
+//! `getpeername4/6` turn the backend back into the service address, from a per-socket
+//! rev-NAT entry. `sock_release` deletes a closing socket's rev-NAT entries and record.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -16,19 +18,21 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_set_retval,
     },
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::debug;
+use bytemuck::Zeroable as _;
 use lb_common::{
     Addr, AffinityKey, Backend, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6,
     PROG_NAMES, PROG_RECVMSG4, PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROTO_TCP, PROTO_UDP,
-    RevNat, SVC_F_NO_LOCAL, ServiceKey, SockRevNatKey, as_v4, v4_mapped,
+    RevNat, SOCK_FRONTENDS, SVC_F_NO_LOCAL, ServiceKey, ServiceValue, SockFrontend, SockRecord,
+    SockRevNatKey, as_v4, v4_mapped,
 };
 
 use crate::{
-    lb,
-    maps::{LB_SOCK_REVNAT_V2, count},
+    lb::{self, Chosen},
+    maps::{LB_SOCK_REVNAT_V2, LB_SOCKS_V1, count},
 };
 
 /// The call may go on (the address may have been rewritten).
@@ -200,8 +204,9 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// Steps: the frontend's header; no backend -> refuse; else the affinity entry or a
-/// random slot; rewrite; remember the choice (affinity) and the frontend (rev-NAT).
+/// Steps: the frontend's header; no backend -> refuse; else the affinity entry, the
+/// socket's own backend (unconnected UDP) or a random slot; rewrite; remember the choice
+/// (affinity), the frontend (rev-NAT) and the socket's backend.
 #[inline(always)]
 fn try_forward(ctx: &SockAddrContext, prog: u32, family: Family) -> Verdict {
     // SAFETY: the kernel hands the program a valid bpf_sock_addr for its whole run.
@@ -230,14 +235,10 @@ fn try_forward(ctx: &SockAddrContext, prog: u32, family: Family) -> Verdict {
         }
         return Verdict::Refused;
     }
+    // SAFETY: the context is a sock_addr context, for which the helper is allowed.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let affinity = (header.affinity_timeout != 0).then(|| affinity_key(ctx, header.rev_nat_id));
-    let remembered = affinity.and_then(|(akey, now)| lb::remembered(akey, now, &header, prog));
-    let chosen = match remembered {
-        Some(c) => Some(c),
-        // SAFETY: a helper without arguments.
-        None => lb::pick(key, &header, unsafe { bpf_get_prandom_u32() }, prog),
-    };
-    let Some(chosen) = chosen else {
+    let Some(chosen) = choose(key, &header, affinity, cookie, prog) else {
         return Verdict::Pass;
     };
     if !set_user_addr(sa, family, &chosen.backend.addr, chosen.backend.port) {
@@ -247,7 +248,8 @@ fn try_forward(ctx: &SockAddrContext, prog: u32, family: Family) -> Verdict {
     if let Some((akey, now)) = affinity {
         lb::remember(akey, now, &chosen, header.epoch, prog);
     }
-    remember_frontend(ctx, &chosen.backend, addr, port, prog);
+    remember_frontend(cookie, &chosen.backend, addr, port, prog);
+    remember_socket(cookie, header.rev_nat_id, &chosen, prog);
     debug!(
         ctx,
         "{}: {:i}:{} -> backend {} {:i}:{}",
@@ -259,6 +261,46 @@ fn try_forward(ctx: &SockAddrContext, prog: u32, family: Family) -> Verdict {
         chosen.backend.port
     );
     Verdict::Translated
+}
+
+/// The backend for this call: the client's affinity entry; for sendmsg, the backend the
+/// socket was sent to before if it is still the frontend's (an unconnected UDP socket
+/// keeps its backend, as a connected one does); else a random slot.
+#[inline(always)]
+fn choose(
+    key: ServiceKey,
+    header: &ServiceValue,
+    affinity: Option<(AffinityKey, u64)>,
+    cookie: u64,
+    prog: u32,
+) -> Option<Chosen> {
+    if let Some(c) = affinity.and_then(|(akey, now)| lb::remembered(akey, now, header, prog)) {
+        return Some(c);
+    }
+    if prog == PROG_SENDMSG4 || prog == PROG_SENDMSG6 {
+        // SAFETY: copied out at once.
+        let record = unsafe { LB_SOCKS_V1.get(cookie) }.copied();
+        if let Some(f) = record.and_then(|r| frontend_of(&r, header.rev_nat_id))
+            && let Some(c) = lb::stuck(key, header, f.backend_id, f.slot)
+        {
+            return Some(c);
+        }
+    }
+    // SAFETY: a helper without arguments.
+    lb::pick(key, header, unsafe { bpf_get_prandom_u32() }, prog)
+}
+
+/// The entry of `record` for the frontend `rev_nat_id`, if any.
+#[inline(always)]
+fn frontend_of(record: &SockRecord, rev_nat_id: u16) -> Option<SockFrontend> {
+    let mut i = 0;
+    while i < SOCK_FRONTENDS {
+        if record.frontends[i].rev_nat_id == rev_nat_id {
+            return Some(record.frontends[i]);
+        }
+        i += 1;
+    }
+    None
 }
 
 #[inline(always)]
@@ -283,11 +325,10 @@ fn affinity_key(ctx: &SockAddrContext, rev_nat_id: u16) -> (AffinityKey, u64) {
 }
 
 /// Records, for this socket and backend, the frontend it asked for: what recvmsg() and
-/// getpeername() report.
+/// getpeername() report. Looked up first: a socket sending to its backend again writes
+/// nothing (and its entry counts as used, so the LRU keeps it).
 #[inline(always)]
-fn remember_frontend(ctx: &SockAddrContext, backend: &Backend, addr: Addr, port: u16, prog: u32) {
-    // SAFETY: the context is a sock_addr context, for which the helper is allowed.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+fn remember_frontend(cookie: u64, backend: &Backend, addr: Addr, port: u16, prog: u32) {
     let rev_key = SockRevNatKey {
         cookie,
         addr: backend.addr,
@@ -299,9 +340,99 @@ fn remember_frontend(ctx: &SockAddrContext, backend: &Backend, addr: Addr, port:
         port,
         _pad: [0; 2],
     };
+    // SAFETY: only compared.
+    if unsafe { LB_SOCK_REVNAT_V2.get(rev_key) }.is_some_and(|v| *v == frontend) {
+        return;
+    }
     if LB_SOCK_REVNAT_V2.insert(rev_key, frontend, 0).is_err() {
         count(prog, |c| c.misses += 1);
     }
+}
+
+/// `BPF_NOEXIST`: insert only if the key is not there yet.
+const BPF_NOEXIST: u64 = 1;
+
+/// Records in the socket's record that it was translated to `chosen` for the frontend
+/// `rev_nat_id` (its next sendmsg() sticks to it; its release deletes the rev-NAT
+/// entry). Written only when it changes. A backend replaced by another (it left) has its
+/// rev-NAT entry deleted. A socket that already has [`SOCK_FRONTENDS`] frontends gets no
+/// entry (counted as a miss): its rev-NAT entry is then left to the LRU.
+#[inline(always)]
+fn remember_socket(cookie: u64, rev_nat_id: u16, chosen: &Chosen, prog: u32) {
+    if LB_SOCKS_V1.get_ptr_mut(cookie).is_none() {
+        let _ = LB_SOCKS_V1.insert(cookie, SockRecord::zeroed(), BPF_NOEXIST);
+    }
+    let Some(record) = LB_SOCKS_V1.get_ptr_mut(cookie) else {
+        count(prog, |c| c.misses += 1);
+        return;
+    };
+    // SAFETY: a map value, valid for the program's run. Two threads sending on one
+    // socket at once may each write an entry; the last wins, and at worst a rev-NAT
+    // entry is left to the LRU.
+    let record = unsafe { &mut *record };
+    let new = SockFrontend {
+        addr: chosen.backend.addr,
+        port: chosen.backend.port,
+        rev_nat_id,
+        backend_id: chosen.id,
+        slot: chosen.slot,
+        _pad: [0; 2],
+    };
+    let mut free = SOCK_FRONTENDS;
+    let mut i = 0;
+    while i < SOCK_FRONTENDS {
+        let old = record.frontends[i];
+        if old.rev_nat_id == rev_nat_id {
+            if old.backend_id == chosen.id && (old.slot == chosen.slot || chosen.slot == 0) {
+                return;
+            }
+            if old.addr != new.addr || old.port != new.port {
+                forget_frontend(cookie, &old);
+            }
+            record.frontends[i] = new;
+            return;
+        }
+        if old.rev_nat_id == 0 && free == SOCK_FRONTENDS {
+            free = i;
+        }
+        i += 1;
+    }
+    if free < SOCK_FRONTENDS {
+        record.frontends[free] = new;
+    } else {
+        count(prog, |c| c.misses += 1);
+    }
+}
+
+/// Deletes the socket rev-NAT entry of one of a socket's frontends.
+#[inline(always)]
+fn forget_frontend(cookie: u64, f: &SockFrontend) {
+    let _ = LB_SOCK_REVNAT_V2.remove(SockRevNatKey {
+        cookie,
+        addr: f.addr,
+        port: f.port,
+        _pad: [0; 6],
+    });
+}
+
+/// A socket in the cgroup is released (its last descriptor closed): its record and the
+/// socket rev-NAT entries it lists go, so the LRU holds only live sockets' entries.
+#[cgroup_sock(sock_release)]
+pub fn lb_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context is a cgroup sock context, for which the helper is allowed.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    if let Some(record) = unsafe { LB_SOCKS_V1.get(cookie) }.copied() {
+        let mut i = 0;
+        while i < SOCK_FRONTENDS {
+            if record.frontends[i].rev_nat_id != 0 {
+                forget_frontend(cookie, &record.frontends[i]);
+            }
+            i += 1;
+        }
+        let _ = LB_SOCKS_V1.remove(cookie);
+    }
+    ALLOW
 }
 
 /// Rewrites a backend peer address back to the frontend the socket asked for.

@@ -369,6 +369,9 @@ fn an_api_change_reaches_a_real_connection() {
         // The programs' counters and the tc drops, read from the maps.
         "lb_program_events_total{program=\"connect4\",event=\"translated\"} ",
         "lb_tc_drops_total{reason=\"no_snat_port\"} 0\n",
+        // Every probe's socket is closed: its entries went with it.
+        "lb_socket_map_entries{map=\"LB_SOCK_REVNAT_V2\"} 0\n",
+        "lb_socket_map_entries{map=\"LB_SOCKS_V1\"} 0\n",
     ] {
         assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
     }

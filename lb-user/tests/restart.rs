@@ -37,7 +37,11 @@ fn under_load(
     restart: impl FnOnce(&mut AgentProcess, &Path) -> anyhow::Result<()>,
 ) -> (Links, Links) {
     let before = cgroup_links(fx);
-    assert_eq!(before.len(), 8, "one pinned link per sock_addr program");
+    assert_eq!(
+        before.len(),
+        lb_user::datapath::loader::CGROUP_PROGRAMS.len(),
+        "one pinned link per cgroup program"
+    );
     let count = 100 + down.as_millis() as usize / 20;
     let opts = ProbeOptions {
         interval: Duration::from_millis(20),
@@ -76,7 +80,7 @@ fn sigkill_and_restart_drop_no_connection() {
         before.intersection(&after).next().is_none(),
         "{before:?} {after:?}"
     );
-    assert!(fx.agent.log().contains("updated=8"), "{}", fx.agent.log());
+    assert!(fx.agent.log().contains("updated=9"), "{}", fx.agent.log());
 }
 
 #[test]
@@ -119,7 +123,7 @@ fn an_upgrade_to_programs_that_differ_drops_no_connection() {
     // The kernel runs other programs: connect4's instructions differ.
     let (old, new) = (tags(&before), tags(&after));
     assert!(old != new, "same program tags {old:?}");
-    assert!(fx.agent.log().contains("updated=8"), "{}", fx.agent.log());
+    assert!(fx.agent.log().contains("updated=9"), "{}", fx.agent.log());
 }
 
 #[test]

@@ -151,3 +151,87 @@ fn a_real_dns_client_gets_answers_from_a_dns_service_over_udp_and_tcp() {
         assert_eq!(seen.len(), 2, "tcp: {tcp}: both DNS pods answer");
     }
 }
+
+/// The one pod that answered every exchange of `r`, with no error.
+fn only_pod(r: &lab::ProbeReport, count: usize) -> String {
+    assert_eq!(r.total_errors(), 0, "{r:?}");
+    assert_eq!(r.total_replies(), count, "{r:?}");
+    assert_eq!(r.replies.len(), 1, "one socket, one pod: {r:?}");
+    r.replies.keys().next().unwrap().clone()
+}
+
+#[test]
+fn an_unconnected_udp_socket_keeps_its_backend_while_it_stays() {
+    let fx = Fixture::new("udp-stick", 4, &[]);
+    let name = |i: usize| format!("pod-{i}");
+    let index = |n: &str| -> usize { n.trim_start_matches("pod-").parse().unwrap() };
+    let write = |pods: &[usize]| {
+        fx.write(
+            "dns.yaml",
+            &udp_service("stick", DNS_IP, 53, 8080, &fx.pod_ips(pods)),
+        );
+    };
+    // Waits until new sockets reach only `pods` (the change is programmed).
+    let wait_only = |pods: &[usize]| {
+        let ok = lab::wait_for(Duration::from_secs(5), || {
+            let r = fx
+                .lab
+                .probe(
+                    &ProbeOptions::tcp(SocketAddrV4::new(DNS_IP, 53), 30)
+                        .with_mode(ProbeMode::UdpSendto),
+                    true,
+                )
+                .ok()?;
+            r.replies
+                .keys()
+                .all(|n| pods.contains(&index(n)))
+                .then_some(())
+        });
+        assert!(ok.is_some(), "never only {pods:?}:\n{}", fx.agent.log());
+    };
+    write(&[0, 1, 2]);
+    let target = SocketAddrV4::new(DNS_IP, 53);
+    fx.wait_answering(target, ProbeMode::UdpSendto);
+    // 100 datagrams from one socket: one pod; many sockets: every pod.
+    let one = fx
+        .lab
+        .probe(
+            &ProbeOptions::tcp(target, 100).with_mode(ProbeMode::UdpSendtoFlow),
+            true,
+        )
+        .unwrap();
+    only_pod(&one, 100);
+    let many = fx
+        .lab
+        .probe(
+            &ProbeOptions::tcp(target, 60).with_mode(ProbeMode::UdpSendto),
+            true,
+        )
+        .unwrap();
+    assert_eq!(
+        many.replies.len(),
+        3,
+        "sockets spread over the pods: {many:?}"
+    );
+
+    let mut sock = fx.lab.udp_socket(target.into()).unwrap();
+    let x = index(&only_pod(&sock.ask("send 20").unwrap(), 20));
+    // Another pod comes, one that is not the socket's goes: it stays (its slot may move).
+    let y = (0..3).find(|i| *i != x).unwrap();
+    write(&[x, y, 3]);
+    wait_only(&[x, y, 3]);
+    assert_eq!(only_pod(&sock.ask("send 20").unwrap(), 20), name(x));
+    let z = (0..4).find(|i| *i != x && *i != y).unwrap();
+    write(&[x, z]);
+    wait_only(&[x, z]);
+    assert_eq!(
+        only_pod(&sock.ask("send 20").unwrap(), 20),
+        name(x),
+        "stays on pod-{x}"
+    );
+    // Its pod leaves: the next datagram reaches a live one, and the socket stays there.
+    write(&[y, z]);
+    wait_only(&[y, z]);
+    let after = index(&only_pod(&sock.ask("send 20").unwrap(), 20));
+    assert!(after == y || after == z, "pod-{after}");
+}

@@ -86,14 +86,14 @@ fn pod_index(name: &str) -> usize {
 }
 
 /// A fixture with four pods behind the TCP and UDP service, answering; the agent runs
-/// with exactly the DaemonSet's capabilities.
-fn fixture(tag: &str, keep_sockets: bool) -> Fixture {
-    let fx = Fixture::as_daemonset(
-        tag,
-        4,
-        &[("web.yaml", service(keep_sockets))],
-        &["--poll-interval-ms", "20"],
-    );
+/// with exactly the DaemonSet's capabilities, and `args`.
+fn fixture(tag: &str, keep_sockets: bool, args: &[&str]) -> Fixture {
+    let args: Vec<&str> = ["--poll-interval-ms", "20"]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect();
+    let fx = Fixture::as_daemonset(tag, 4, &[("web.yaml", service(keep_sockets))], &args);
     fx.write("web-slice.yaml", &slice(&fx.pod_ips(&[0, 1, 2, 3])));
     fx.wait_answering(SocketAddr::new(WEB_IP.into(), 80), lab::ProbeMode::Tcp);
     fx
@@ -110,7 +110,7 @@ fn remove_used(fx: &Fixture, held: &Held) -> Vec<usize> {
 
 #[test]
 fn sockets_to_a_backend_that_leaves_see_an_error_and_direct_ones_do_not() {
-    let fx = fixture("sockd", false);
+    let fx = fixture("sockd", false, &[]);
     let direct = SocketAddr::new(fx.pod_ips(&[0])[0].into(), POD_PORT);
     let (mut hold, held) = Hold::start(&fx, direct);
     assert_eq!(held.direct, "pod-0");
@@ -140,7 +140,7 @@ fn sockets_to_a_backend_that_leaves_see_an_error_and_direct_ones_do_not() {
 
 #[test]
 fn a_service_annotated_to_keep_its_sockets_keeps_them() {
-    let fx = fixture("sockk", true);
+    let fx = fixture("sockk", true, &[]);
     let direct = SocketAddr::new(fx.pod_ips(&[0])[0].into(), POD_PORT);
     let (mut hold, held) = Hold::start(&fx, direct);
     remove_used(&fx, &held);
@@ -153,6 +153,77 @@ fn a_service_annotated_to_keep_its_sockets_keeps_them() {
             .then_some(())
     })
     .expect("the slice change reaches the datapath");
+    let after = hold.check();
+    assert_ne!(after.tcp_error, "ConnectionAborted", "{after:?}");
+    assert_eq!(after.udp_error, "none", "{after:?}");
+}
+
+/// The socket level's per-socket map entries, from the agent's pins.
+fn socket_entries(fx: &Fixture) -> usize {
+    lb_user::datapath::count_socket_entries(&fx.agent.pin_path)
+        .unwrap()
+        .iter()
+        .map(|(_, n)| n)
+        .sum()
+}
+
+#[test]
+fn long_lived_sockets_keep_their_rev_nat_entries_through_many_short_connections() {
+    // The smallest socket rev-NAT map: short connections twice its size would push
+    // every older entry out if closed sockets left theirs behind.
+    let fx = fixture("sockl", false, &["--max-sock-revnat", "1024"]);
+    let direct = SocketAddr::new(fx.pod_ips(&[0])[0].into(), POD_PORT);
+    let (mut hold, held) = Hold::start(&fx, direct);
+    let service = SocketAddr::new(WEB_IP.into(), 80);
+    let mut udp = fx.lab.udp_socket(service).unwrap();
+    let queued = udp.ask("queue").unwrap();
+    assert_eq!(queued.total_errors(), 0, "{queued:?}");
+    let before = socket_entries(&fx);
+    // 2048 connections, each closed after getpeername() checked the service address.
+    let short = fx.probe(WEB_IP, 2048);
+    assert_eq!(short.total_replies(), 2048, "{short:?}");
+    let after = socket_entries(&fx);
+    assert!(
+        after <= before + 8,
+        "closed sockets' entries are gone: {before} before, {after} after"
+    );
+    // The queued reply still comes from the service address.
+    let read = udp.ask("read").unwrap();
+    assert_eq!(read.total_replies(), 1, "{read:?}");
+    assert_eq!(read.total_errors(), 0, "{read:?}");
+    // And the held sockets are still found and closed when their backends leave.
+    remove_used(&fx, &held);
+    let closed = hold.check();
+    assert_eq!(
+        (closed.tcp_error.as_str(), closed.udp_error.as_str()),
+        ("ConnectionAborted", "ConnectionAborted"),
+        "{closed:?}\n{}",
+        fx.agent.log()
+    );
+}
+
+#[test]
+fn a_service_deleted_while_the_agent_was_down_keeps_its_sockets_if_annotated() {
+    let mut fx = fixture("sockg", true, &[]);
+    let direct = SocketAddr::new(fx.pod_ips(&[0])[0].into(), POD_PORT);
+    let (mut hold, _) = Hold::start(&fx, direct);
+    // The agent is killed at once; the Service goes 300 ms later, while it is down; it
+    // starts again after 1 s and finds the Service's frontends only in the maps.
+    let manifests = fx.dir.join("manifests");
+    let remover = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        for f in ["web.yaml", "web-slice.yaml"] {
+            std::fs::remove_file(manifests.join(f)).unwrap();
+        }
+    });
+    let log = fx.dir.join("agent-2.log");
+    fx.agent
+        .restart(lab::Stop::Kill, Duration::from_secs(1), &[], &log)
+        .unwrap();
+    remover.join().unwrap();
+    fx.agent.wait_synced(1, Duration::from_secs(20)).unwrap();
+    let r = fx.probe(WEB_IP, 1);
+    assert_eq!(r.total_replies(), 0, "the Service is gone: {r:?}");
     let after = hold.check();
     assert_ne!(after.tcp_error, "ConnectionAborted", "{after:?}");
     assert_eq!(after.udp_error, "none", "{after:?}");

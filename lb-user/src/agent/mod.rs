@@ -282,7 +282,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         cgroup = %opts.cgroup().display(),
         pin_path = %opts.pin_path.display(),
         node = %opts.node_name(),
-        programs = ?loader::PROGRAMS,
+        programs = ?loader::CGROUP_PROGRAMS,
         "programs attached"
     );
     let follow_node = opts.interfaces.is_empty() && opts.node_ips.is_empty();

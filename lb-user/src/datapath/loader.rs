@@ -8,7 +8,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc,
     },
@@ -34,6 +34,23 @@ pub const PROGRAMS: [&str; 8] = [
     "lb_sendmsg6",
     "lb_recvmsg6",
     "lb_getpeername6",
+];
+
+/// The cgroup sock program that runs when a socket is released: it deletes the socket's
+/// rev-NAT entries.
+pub const RELEASE_PROGRAM: &str = "lb_sock_release";
+
+/// Every program attached to the agent's cgroup.
+pub const CGROUP_PROGRAMS: [&str; 9] = [
+    PROGRAMS[0],
+    PROGRAMS[1],
+    PROGRAMS[2],
+    PROGRAMS[3],
+    PROGRAMS[4],
+    PROGRAMS[5],
+    PROGRAMS[6],
+    PROGRAMS[7],
+    RELEASE_PROGRAM,
 ];
 
 /// The tc programs and where each attaches on an external interface.
@@ -321,8 +338,9 @@ pub struct MapSizes {
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_affinity: u32,
     /// Capacity of the socket level's reverse translation map (one entry per connected
-    /// UDP socket or TCP connection to a service; least recently used go first).
-    /// Preallocated.
+    /// UDP socket or TCP connection to a service, and per service an unconnected UDP
+    /// socket sends to; deleted when the socket is closed, least recently used go first
+    /// when full) and of the map of sockets beside it. Preallocated. At least 1024.
     #[arg(long, default_value_t = lb_common::MAX_SOCK_REVNAT,
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sock_revnat: u32,
@@ -355,14 +373,14 @@ impl MapSizes {
             MAP_BACKENDS => "--max-backends",
             MAP_REVNAT | MAP_NAMES => "--max-services",
             MAP_AFFINITY | MAP_AFFINITY_SRC => "--max-affinity",
-            MAP_SOCK_REVNAT => "--max-sock-revnat",
+            MAP_SOCK_REVNAT | MAP_SOCKS => "--max-sock-revnat",
             MAP_CT => "--ct-max-entries",
             _ => "no flag",
         }
     }
 
     /// (map, max_entries) for each map sized by a flag.
-    pub fn entries(&self) -> [(&'static str, u32); 8] {
+    pub fn entries(&self) -> [(&'static str, u32); 9] {
         use lb_common::*;
         [
             (
@@ -375,6 +393,7 @@ impl MapSizes {
             (MAP_AFFINITY, self.max_affinity),
             (MAP_AFFINITY_SRC, self.max_affinity),
             (MAP_SOCK_REVNAT, self.max_sock_revnat),
+            (MAP_SOCKS, self.max_sock_revnat),
             (MAP_CT, self.ct_max_entries),
         ]
     }
@@ -509,14 +528,7 @@ pub fn attach_cgroup(
         why: format!("creating links/: {e}"),
     })?;
     let (mut updated, mut attached) = (0, 0);
-    for name in PROGRAMS {
-        let perr = |source| LoadError::Program { name, source };
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| perr(aya::programs::ProgramError::UnexpectedProgramType))?
-            .try_into()
-            .map_err(perr)?;
-        prog.load().map_err(perr)?;
+    for name in CGROUP_PROGRAMS {
         let path = cgroup_link_pin(pin_dir, name, cgroup_id);
         let pin_err = |why: String| LoadError::PinLink {
             iface: cgroup_path.display().to_string(),
@@ -524,35 +536,89 @@ pub fn attach_cgroup(
             path: path.clone(),
             why,
         };
-        if path.exists() {
-            let prog_fd = prog.fd().map_err(perr)?.as_fd();
-            match sys::obj_get(&path).and_then(|link| sys::link_update(link.as_fd(), prog_fd)) {
-                Ok(()) => {
-                    updated += 1;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(link = %path.display(), "cannot update the pinned link in place ({e}): attaching anew");
-                    let _ = std::fs::remove_file(&path);
-                }
+        let program = ebpf.program_mut(name).ok_or(LoadError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
+        let link = match program {
+            aya::programs::Program::CgroupSockAddr(p) => attach_one(p, name, &path, cgroup)?,
+            aya::programs::Program::CgroupSock(p) => attach_one(p, name, &path, cgroup)?,
+            _ => {
+                return Err(LoadError::Program {
+                    name,
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                });
+            }
+        };
+        match link {
+            None => updated += 1,
+            Some(link) => {
+                link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
+                attached += 1;
             }
         }
-        // With bpf_link (kernel >= 5.7) the kernel always attaches in multi mode and
-        // rejects explicit flags; `Single` passes none.
-        let id = prog
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(perr)?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(perr)?
-            .try_into()
-            .map_err(|e: LinkError| pin_err(e.to_string()))?;
-        link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
-        attached += 1;
     }
     tracing::info!(updated, attached, cgroup = %cgroup_path.display(), "cgroup links pinned under {}", pin_dir.join("links").display());
     remove_stale_cgroup_links(pin_dir, cgroup_id);
     Ok(())
+}
+
+/// What [`attach_one`] needs of a cgroup program (sock_addr or sock).
+trait CgroupProgram {
+    fn load(&mut self) -> Result<(), aya::programs::ProgramError>;
+    fn prog_fd(&self) -> Result<&aya::programs::ProgramFd, aya::programs::ProgramError>;
+    /// Attaches to `cgroup` and takes the new link out of the program's keeping.
+    fn attach_link(&mut self, cgroup: &File) -> Result<FdLink, aya::programs::ProgramError>;
+}
+
+macro_rules! cgroup_program {
+    ($ty:ty) => {
+        impl CgroupProgram for $ty {
+            fn load(&mut self) -> Result<(), aya::programs::ProgramError> {
+                <$ty>::load(self)
+            }
+            fn prog_fd(&self) -> Result<&aya::programs::ProgramFd, aya::programs::ProgramError> {
+                self.fd()
+            }
+            fn attach_link(
+                &mut self,
+                cgroup: &File,
+            ) -> Result<FdLink, aya::programs::ProgramError> {
+                // With bpf_link (kernel >= 5.7) the kernel always attaches in multi mode
+                // and rejects explicit flags; `Single` passes none.
+                let id = self.attach(cgroup, CgroupAttachMode::Single)?;
+                self.take_link(id)?.try_into().map_err(|e: LinkError| {
+                    aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string()))
+                })
+            }
+        }
+    };
+}
+cgroup_program!(CgroupSockAddr);
+cgroup_program!(CgroupSock);
+
+/// Loads one cgroup program and puts it on the cgroup: into the link pinned at `path`
+/// if there is one (`None` returned: nothing to pin), else through a new link, returned
+/// to be pinned.
+fn attach_one(
+    prog: &mut impl CgroupProgram,
+    name: &'static str,
+    path: &Path,
+    cgroup: &File,
+) -> Result<Option<FdLink>, LoadError> {
+    let perr = |source| LoadError::Program { name, source };
+    prog.load().map_err(perr)?;
+    if path.exists() {
+        let prog_fd = prog.prog_fd().map_err(perr)?.as_fd();
+        match sys::obj_get(path).and_then(|link| sys::link_update(link.as_fd(), prog_fd)) {
+            Ok(()) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(link = %path.display(), "cannot update the pinned link in place ({e}): attaching anew");
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+    prog.attach_link(cgroup).map(Some).map_err(perr)
 }
 
 /// Unpins (so detaches) the cgroup links of other cgroups than `cgroup_id`.
@@ -562,11 +628,11 @@ fn remove_stale_cgroup_links(pin_dir: &Path, cgroup_id: u64) {
     };
     for entry in entries.flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();
-        let ours = PROGRAMS.iter().any(|p| {
+        let ours = CGROUP_PROGRAMS.iter().any(|p| {
             file.strip_prefix(p)
                 .is_some_and(|rest| rest.starts_with("_cg"))
         });
-        let current = PROGRAMS
+        let current = CGROUP_PROGRAMS
             .iter()
             .any(|p| cgroup_link_pin(pin_dir, p, cgroup_id).ends_with(&file));
         if ours && !current {
@@ -718,7 +784,7 @@ pub fn cleanup(pin_dir: &Path, cgroup: Option<&Path>) -> anyhow::Result<String> 
             .filter(|p| {
                 p.name_as_str()
                     .filter(|n| n.len() > 3)
-                    .is_some_and(|n| PROGRAMS.iter().any(|ours| ours.starts_with(n)))
+                    .is_some_and(|n| CGROUP_PROGRAMS.iter().any(|ours| ours.starts_with(n)))
             })
             .map(|p| p.id())
             .collect();

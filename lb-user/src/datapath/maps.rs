@@ -8,8 +8,8 @@ use lb_common::{
     Addr, AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
     FrontendName, FrontendPort, MAP_AFFINITY, MAP_AFFINITY_SRC, MAP_BACKENDS, MAP_COUNTERS, MAP_CT,
     MAP_CT_EVENTS, MAP_DROPS, MAP_FRONTEND_PORTS, MAP_NAMES, MAP_REVNAT, MAP_SERVICES,
-    MAP_SOURCE_RANGES, MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey, ServiceValue, SourceRange,
-    SrcAffinityKey, TcIface,
+    MAP_SOCK_REVNAT, MAP_SOCKS, MAP_SOURCE_RANGES, MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey,
+    ServiceValue, SockRecord, SockRevNatKey, SourceRange, SrcAffinityKey, TcIface,
 };
 
 use super::{
@@ -441,6 +441,38 @@ fn per_cpu_rows<V: aya::Pod>(
                 .map_err(|source| DatapathError::Map { map, source })
         })
         .collect()
+}
+
+/// Entries of the socket level's per-socket maps pinned under `dir`: the socket
+/// rev-NAT map and the sockets map, in that order. Their keys are walked (one syscall
+/// each, at most the map's capacity: a walk that an eviction restarts still ends).
+pub fn count_socket_entries(dir: &Path) -> Result<[(&'static str, usize); 2], DatapathError> {
+    Ok([
+        (
+            MAP_SOCK_REVNAT,
+            count_lru::<SockRevNatKey, RevNat>(dir, MAP_SOCK_REVNAT)?,
+        ),
+        (MAP_SOCKS, count_lru::<u64, SockRecord>(dir, MAP_SOCKS)?),
+    ])
+}
+
+/// Entries of the LRU map `map` pinned under `dir`, walking at most its capacity of keys.
+fn count_lru<K: aya::Pod, V: aya::Pod>(
+    dir: &Path,
+    map: &'static str,
+) -> Result<usize, DatapathError> {
+    let path = dir.join(map);
+    let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let cap = data
+        .info()
+        .map_err(|source| DatapathError::Map { map, source })?
+        .max_entries() as usize;
+    let typed: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(data))
+        .map_err(|source| DatapathError::Map { map, source })?;
+    Ok(typed.keys().take(cap).filter(Result::is_ok).count())
 }
 
 /// The per-program counters from the maps pinned under `dir`, summed over CPUs, in

@@ -45,6 +45,9 @@ pub mod maps;
 pub mod sockets;
 pub mod sys;
 
-pub use maps::{BpfMaps, DatapathError, read_conntrack, read_counters, read_ct_events, read_drops};
+pub use maps::{
+    BpfMaps, DatapathError, count_socket_entries, read_conntrack, read_counters, read_ct_events,
+    read_drops,
+};
 pub use ops::{FrontendView, Op, Snapshot, addr_of, frontend_of, ip_of, service_key};
 pub use plan::{Plan, Programmed};

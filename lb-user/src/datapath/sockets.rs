@@ -9,8 +9,8 @@
 //! (a connected UDP socket or a TCP connection: the application sees ECONNABORTED and
 //! reconnects, and the next connect() is balanced over the live backends). A socket
 //! connected to a pod directly has no entry and is never touched; an unconnected UDP
-//! socket is not connected to the backend and is left alone (sendmsg balances each of
-//! its datagrams anew).
+//! socket is not connected to the backend and is left alone (sendmsg sends its next
+//! datagram to a backend that is still in the service).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},

@@ -361,6 +361,22 @@ impl Collector for DatapathCollector {
                 events.metric_type(),
             )?)?;
         }
+        if let Ok(maps) = crate::datapath::count_socket_entries(&self.pin_path) {
+            let family = Family::<Labels, Gauge>::default();
+            for (map, n) in maps {
+                family
+                    .get_or_create(&vec![("map".into(), map.to_string())])
+                    .set(n as i64);
+            }
+            let help = "Entries of the socket level's per-socket maps (socket rev-NAT, sockets): \
+                        one per live translated socket and service, deleted when the socket closes";
+            family.encode(encoder.encode_descriptor(
+                "lb_socket_map_entries",
+                help,
+                None,
+                family.metric_type(),
+            )?)?;
+        }
         if let Ok(drops) = crate::datapath::read_drops(&self.pin_path) {
             let help = "Packets the tc programs dropped, by reason";
             encode_tally(&mut encoder, ("lb_tc_drops", help), "reason", drops)?;

@@ -518,6 +518,40 @@ impl Lab {
     }
 }
 
+/// `lb-lab udp-socket` running as a client (node namespace, client cgroup): one
+/// unconnected UDP socket, driven line by line.
+pub struct UdpSocketClient {
+    child: ChildGuard,
+    reader: BufReader<std::process::ChildStdout>,
+}
+
+impl UdpSocketClient {
+    /// Sends `line` (`send N`, `queue`, `read`) and returns what the socket got.
+    pub fn ask(&mut self, line: &str) -> anyhow::Result<ProbeReport> {
+        let stdin = self.child.0.stdin.as_mut().context("piped")?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        let mut answer = String::new();
+        self.reader.read_line(&mut answer)?;
+        serde_json::from_str(answer.trim())
+            .with_context(|| format!("lb-lab udp-socket answered {line:?} with {answer:?}"))
+    }
+}
+
+impl Lab {
+    /// Starts a [`UdpSocketClient`] sending to `target`.
+    pub fn udp_socket(&self, target: SocketAddr) -> anyhow::Result<UdpSocketClient> {
+        let mut cmd = Command::new(&self.lab_bin);
+        cmd.args(["udp-socket", "--target", &target.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        place(&mut cmd, &self.node, Some(&self.cgroup))?;
+        let mut child = ChildGuard(cmd.spawn().context("starting lb-lab udp-socket")?);
+        let reader = BufReader::new(child.0.stdout.take().context("piped")?);
+        Ok(UdpSocketClient { child, reader })
+    }
+}
+
 /// A probe running in the background.
 pub struct RunningProbe(ChildGuard);
 
@@ -559,6 +593,9 @@ pub enum ProbeMode {
     UdpSendto,
     /// One connected UDP socket for every exchange: one flow of `count` datagrams.
     UdpFlow,
+    /// One unconnected UDP socket for every exchange: sendto, recvfrom (the reply must
+    /// come from the target), `count` times.
+    UdpSendtoFlow,
 }
 
 /// What one probe run does.
@@ -772,9 +809,29 @@ fn probe_udp_sendto_once(
     timeout: Duration,
     size: usize,
 ) -> std::io::Result<String> {
-    let s = udp_socket_for(target, 0)?;
-    s.set_read_timeout(Some(timeout))?;
+    sendto_exchange(&udp_socket_for(target, 0)?, target, timeout, size)
+}
+
+/// One datagram to `target` on an unconnected socket and its reply, which must come
+/// from `target`.
+fn sendto_exchange(
+    s: &UdpSocket,
+    target: SocketAddr,
+    timeout: Duration,
+    size: usize,
+) -> std::io::Result<String> {
     s.send_to(&udp_request(size), target)?;
+    udp_receive(s, target, timeout, size)
+}
+
+/// The next datagram `s` receives (within `timeout`), which must come from `target`.
+fn udp_receive(
+    s: &UdpSocket,
+    target: SocketAddr,
+    timeout: Duration,
+    size: usize,
+) -> std::io::Result<String> {
+    s.set_read_timeout(Some(timeout))?;
     let mut buf = vec![0u8; 65_536];
     let (n, from) = s.recv_from(&mut buf)?;
     if from != target {
@@ -783,27 +840,69 @@ fn probe_udp_sendto_once(
     udp_reply(&buf[..n], size)
 }
 
+/// `lb-lab udp-socket`: one unconnected UDP socket to `target`, driven by lines on
+/// stdin, each answered with a [`ProbeReport`] (JSON line) of what it did:
+/// * `send N`: N exchanges (sendto, recvfrom);
+/// * `queue`: one datagram sent, its reply left in the socket's receive queue;
+/// * `read`: one datagram received (the queued reply).
+///
+/// A reply from another address than `target` counts as an error. Each receive waits
+/// at most `timeout`; ends at the end of stdin.
+pub fn udp_socket(target: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let s = udp_socket_for(target, 0)?;
+    for line in std::io::stdin().lines() {
+        let line = line?;
+        let mut report = ProbeReport::default();
+        let mut note = |r: std::io::Result<String>| match r {
+            Ok(name) => *report.replies.entry(name).or_default() += 1,
+            Err(e) => *report.errors.entry(error_name(&e)).or_default() += 1,
+        };
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["send", n] => {
+                let n: usize = n.parse().with_context(|| format!("{line:?}: a count"))?;
+                for _ in 0..n {
+                    note(sendto_exchange(&s, target, timeout, 0));
+                }
+            }
+            ["queue"] => {
+                if let Err(e) = s.send_to(&udp_request(0), target) {
+                    note(Err(e));
+                }
+            }
+            ["read"] => note(udp_receive(&s, target, timeout, 0)),
+            _ => bail!("{line:?}: not `send N`, `queue` or `read`"),
+        }
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
 /// `lb-lab probe`: `count` exchanges in a row, bounded by `timeout` each.
 pub fn probe(opts: &ProbeOptions) -> ProbeReport {
     let mut report = ProbeReport::default();
     let flow = match opts.mode {
-        ProbeMode::UdpFlow => match connected_udp(opts.target, opts.source_port) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                *report.errors.entry(error_name(&e)).or_default() += opts.count;
-                return report;
-            }
-        },
+        ProbeMode::UdpFlow => Some(connected_udp(opts.target, opts.source_port)),
+        ProbeMode::UdpSendtoFlow => Some(udp_socket_for(opts.target, opts.source_port)),
         _ => None,
+    };
+    let flow = match flow.transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            *report.errors.entry(error_name(&e)).or_default() += opts.count;
+            return report;
+        }
     };
     for _ in 0..opts.count {
         let result = match (opts.mode, &flow) {
             (ProbeMode::UdpFlow, Some(s)) => udp_exchange(s, opts.timeout, opts.size),
+            (ProbeMode::UdpSendtoFlow, Some(s)) => {
+                sendto_exchange(s, opts.target, opts.timeout, opts.size)
+            }
             (ProbeMode::UdpConnected | ProbeMode::UdpFlow, _) => {
                 probe_udp_once(opts.target, opts.timeout, opts.size)
             }
             (ProbeMode::Tcp, _) => probe_tcp_once(opts.target, opts.timeout, opts.source_port),
-            (ProbeMode::UdpSendto, _) => {
+            (ProbeMode::UdpSendto | ProbeMode::UdpSendtoFlow, _) => {
                 probe_udp_sendto_once(opts.target, opts.timeout, opts.size)
             }
         };

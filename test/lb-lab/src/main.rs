@@ -68,6 +68,15 @@ enum Cmd {
         #[arg(long)]
         direct: std::net::SocketAddr,
     },
+    /// One unconnected UDP socket to TARGET, driven from stdin: `send N` (N exchanges),
+    /// `queue` (a datagram whose reply stays queued), `read` (one reply); prints what
+    /// answered each line as JSON.
+    UdpSocket {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// Run the benchmarks (see `cargo xtask bench`).
     Bench {
         /// Numbers of services to measure at.
@@ -195,6 +204,9 @@ fn main() -> ExitCode {
         }
         Cmd::Waiter { target } => load::waiter(target),
         Cmd::Hold { service, direct } => load::hold(service, direct),
+        Cmd::UdpSocket { target, timeout_ms } => {
+            lab::udp_socket(target, Duration::from_millis(timeout_ms))
+        }
         Cmd::Bench {
             sizes,
             rounds,
