@@ -90,6 +90,20 @@ async fn source(api: &FakeApi, dir: &std::path::Path) -> (Watched, Arc<Notify>) 
     (src, changed)
 }
 
+/// Service web with one endpoint and this node, served by a fake API that a source
+/// watches, in sync; with the scratch directory of its kubeconfig.
+async fn web_watched(tag: &str) -> (FakeApi, Scratch, Watched) {
+    let api = FakeApi::start();
+    api.apply(&service("web", WEB_IP, 80));
+    api.apply(&slice("web", &pods(1)));
+    api.apply(NODE);
+    let dir = scratch(tag);
+    let (src, _changed) = source(&api, &dir).await;
+    wait_watching(&api).await;
+    in_sync(&src).await;
+    (api, dir, src)
+}
+
 /// Waits (bounded) until `f` holds for the fake API server.
 async fn wait_until(api: &FakeApi, what: &str, f: impl Fn(&FakeApi) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -492,14 +506,7 @@ async fn lists_answered_500_are_retried_with_backoff() {
 
 #[tokio::test]
 async fn watches_closed_at_once_are_reopened_with_backoff_and_resume() {
-    let api = FakeApi::start();
-    api.apply(&service("web", WEB_IP, 80));
-    api.apply(&slice("web", &pods(1)));
-    api.apply(NODE);
-    let dir = scratch("kube-close");
-    let (src, _changed) = source(&api, &dir).await;
-    wait_watching(&api).await;
-    in_sync(&src).await;
+    let (api, _dir, src) = web_watched("kube-close").await;
     api.fail(Fault::CloseWatches);
     api.drop_watches();
     let watches = made_during(&api, "WATCH services", RATE_WINDOW).await;
@@ -529,14 +536,7 @@ async fn watches_closed_at_once_are_reopened_with_backoff_and_resume() {
 
 #[tokio::test]
 async fn a_stream_cut_in_the_middle_of_an_event_is_resumed_with_backoff() {
-    let api = FakeApi::start();
-    api.apply(&service("web", WEB_IP, 80));
-    api.apply(&slice("web", &pods(1)));
-    api.apply(NODE);
-    let dir = scratch("kube-truncate");
-    let (src, _changed) = source(&api, &dir).await;
-    wait_watching(&api).await;
-    in_sync(&src).await;
+    let (api, _dir, src) = web_watched("kube-truncate").await;
     api.fail(Fault::Truncate);
     api.apply(&slice("web", &pods(3)));
     let watches = made_during(&api, "WATCH endpointslices", RATE_WINDOW).await;
@@ -561,14 +561,7 @@ async fn a_stream_cut_in_the_middle_of_an_event_is_resumed_with_backoff() {
 
 #[tokio::test]
 async fn watches_that_keep_expiring_relist_with_backoff() {
-    let api = FakeApi::start();
-    api.apply(&service("web", WEB_IP, 80));
-    api.apply(&slice("web", &pods(1)));
-    api.apply(NODE);
-    let dir = scratch("kube-410");
-    let (src, _changed) = source(&api, &dir).await;
-    wait_watching(&api).await;
-    in_sync(&src).await;
+    let (api, _dir, src) = web_watched("kube-410").await;
     api.fail(Fault::Gone);
     api.compact();
     api.apply(&slice("web", &pods(2)));
