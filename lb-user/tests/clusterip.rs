@@ -607,3 +607,43 @@ fn a_first_sync_of_a_thousand_services_writes_every_entry() {
         "{report:?}"
     );
 }
+
+#[test]
+fn bpf_stats_give_each_programs_own_cost_per_call() {
+    let port = common::free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let fx = Fixture::with_source(
+        "bpfstats",
+        1,
+        &[("web.yaml", service("web", WEB_IP, 80))],
+        None,
+        &["--bpf-stats", "--metrics-bind-address", &bind],
+    );
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0])));
+    let answered = lab::wait_for(Duration::from_secs(5), || {
+        (fx.probe(WEB_IP, 1).total_replies() == 1).then_some(())
+    });
+    assert!(answered.is_some(), "{}", fx.agent.log());
+    assert_eq!(fx.probe(WEB_IP, 20).total_replies(), 20);
+    let metrics = common::http_get(port, "/metrics");
+    let value = |name: &str| -> f64 {
+        let line = format!("{name}{{program=\"lb_connect4\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {line:?} in:\n{metrics}"))
+    };
+    let (runs, seconds) = (
+        value("lb_program_runs_total"),
+        value("lb_program_run_seconds_total"),
+    );
+    assert!(runs >= 21.0, "connect4 ran {runs} times for 21 connections");
+    // Its own cost per call: more than nothing, less than a millisecond.
+    let per_call = seconds / runs;
+    assert!(per_call > 0.0 && per_call < 1e-3, "{per_call} s a call");
+    assert!(
+        fx.agent
+            .log()
+            .contains("--bpf-stats: the kernel's BPF statistics are on")
+    );
+}

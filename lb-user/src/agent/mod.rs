@@ -200,6 +200,8 @@ struct Running {
     /// them attached).
     agent: Agent,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Keeps the kernel's BPF statistics on (`--bpf-stats`) while it is open.
+    _bpf_stats: Option<std::os::fd::OwnedFd>,
     /// Released last, when the agent is gone.
     _pin_lock: loader::PinLock,
 }
@@ -333,9 +335,11 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         proxier_health,
         packet: Some(packet),
     };
+    let bpf_stats = opts.bpf_stats.then(enable_bpf_stats).flatten();
     Ok(Running {
         agent,
         tasks,
+        _bpf_stats: bpf_stats,
         _pin_lock: pin_lock,
     })
 }
@@ -366,10 +370,30 @@ async fn start_source(
     }
 }
 
+/// Turns the kernel's BPF statistics on for as long as the returned descriptor is open;
+/// a failure is logged, not fatal.
+fn enable_bpf_stats() -> Option<std::os::fd::OwnedFd> {
+    match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => {
+            tracing::info!(
+                "--bpf-stats: the kernel's BPF statistics are on (lb_program_run_seconds, lb_program_runs)"
+            );
+            Some(fd)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "--bpf-stats: turning the kernel's BPF statistics on: {e} (needs CAP_SYS_ADMIN); lb_program_run_seconds stays 0"
+            );
+            None
+        }
+    }
+}
+
 fn shutdown(running: Running, opts: &RunOptions) {
     let Running {
         agent,
         tasks,
+        _bpf_stats,
         _pin_lock: pin_lock,
     } = running;
     for task in tasks {

@@ -70,6 +70,11 @@ pub struct RunOptions {
     /// Forward the programs' own debug messages (aya-log) to this log.
     #[arg(long)]
     pub bpf_debug: bool,
+    /// Turn on the kernel's BPF statistics while the agent runs (BPF_ENABLE_STATS: each
+    /// program's run time and run count, in /metrics as lb_program_run_seconds and
+    /// lb_program_runs; costs some nanoseconds a run). Needs CAP_SYS_ADMIN.
+    #[arg(long)]
+    pub bpf_stats: bool,
     /// At exit, detach the programs and remove the pins (as `lb-user cleanup` does).
     /// Without it, a stopped agent leaves the datapath serving, as kube-proxy's rules
     /// outlive kube-proxy, and the next agent adopts it.

@@ -741,6 +741,45 @@ fn remove_stale_links(pin_dir: &Path, ifaces: &[Iface]) {
     }
 }
 
+/// Each of our programs linked under `pin_dir` (cgroup and tc links), with its run time
+/// and run count from the kernel's BPF statistics, summed over its links (one tc program
+/// per interface): zero unless statistics are on (`--bpf-stats`, or the sysctl
+/// `kernel.bpf_stats_enabled`). Reading other programs' info needs CAP_SYS_ADMIN.
+pub fn program_stats(
+    pin_dir: &Path,
+) -> std::io::Result<Vec<(&'static str, std::time::Duration, u64)>> {
+    let mut ids: Vec<(&'static str, u32)> = Vec::new();
+    for entry in std::fs::read_dir(pin_dir.join("links"))? {
+        let path = entry?.path();
+        let file = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or_default();
+        let tc = TC_PROGRAMS.iter().map(|(n, _)| *n);
+        let Some(name) = CGROUP_PROGRAMS.into_iter().chain(tc).find(|p| {
+            file.strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with('_'))
+        }) else {
+            continue;
+        };
+        let link = sys::obj_get(&path)?;
+        ids.push((name, sys::link_info(link.as_fd())?.prog_id));
+    }
+    let mut stats: Vec<(&'static str, std::time::Duration, u64)> = Vec::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        for (name, _) in ids.iter().filter(|(_, id)| *id == info.id()) {
+            match stats.iter_mut().find(|(n, _, _)| n == name) {
+                Some((_, t, c)) => {
+                    *t += info.run_time();
+                    *c += info.run_count();
+                }
+                None => stats.push((name, info.run_time(), info.run_count())),
+            }
+        }
+    }
+    Ok(stats)
+}
+
 /// `lb-user cleanup`: removes the pins under `pin_dir` (maps, and links, which detaches
 /// their programs) and, with `cgroup`, detaches any link of ours still on that cgroup
 /// (one whose pin was lost). Says what it did.

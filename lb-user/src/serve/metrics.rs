@@ -377,6 +377,29 @@ impl Collector for DatapathCollector {
                 family.metric_type(),
             )?)?;
         }
+        if let Ok(stats) = crate::datapath::loader::program_stats(&self.pin_path) {
+            let time = Family::<Labels, Counter<f64, AtomicU64>>::default();
+            let runs = Family::<Labels, Counter>::default();
+            for (prog, run_time, run_count) in stats {
+                let labels = vec![("program".into(), prog.to_string())];
+                time.get_or_create(&labels).inc_by(run_time.as_secs_f64());
+                runs.get_or_create(&labels).inc_by(run_count);
+            }
+            let help = "Time the eBPF programs ran, per program, from the kernel's BPF statistics (0 unless they are on: --bpf-stats)";
+            time.encode(encoder.encode_descriptor(
+                "lb_program_run_seconds",
+                help,
+                None,
+                time.metric_type(),
+            )?)?;
+            let help = "Runs of the eBPF programs, per program, from the kernel's BPF statistics (0 unless they are on: --bpf-stats); run_seconds / runs is a program's own cost per call";
+            runs.encode(encoder.encode_descriptor(
+                "lb_program_runs",
+                help,
+                None,
+                runs.metric_type(),
+            )?)?;
+        }
         if let Ok(drops) = crate::datapath::read_drops(&self.pin_path) {
             let help = "Packets the tc programs dropped, by reason";
             encode_tally(&mut encoder, ("lb_tc_drops", help), "reason", drops)?;

@@ -116,6 +116,10 @@ pub struct ControlPlane {
     /// or kube-proxy's first partial load, still settling in.
     #[serde(default)]
     pub first_change_ms: BTreeMap<String, f64>,
+    /// Each socket program's own cost per call (ns) from the kernel's BPF statistics,
+    /// over connections (TCP) or datagrams (UDP) to one service: "lb_connect4 (TCP)".
+    #[serde(default)]
+    pub hook_ns_per_call: BTreeMap<String, f64>,
     pub agent_rss_mib: f64,
     pub maps_memlock_mib: f64,
     /// The same agent, on the same objects served by the (fake) Kubernetes API.
@@ -369,6 +373,10 @@ fn bench_size(opts: &BenchOptions, n: usize, out: &mut Outputs) -> anyhow::Resul
     }
     out.concurrent
         .extend(concurrent::measure(opts, n, &variants, &measured)?);
+    if let Some((i, _)) = measured.first() {
+        let vip = SocketAddr::new(service_ip(*i).into(), 80);
+        cp.hook_ns_per_call = hook_cost(opts, &base, vip, &ours.pin)?;
+    }
     eprintln!(
         "bench: {n} services: {} endpoint changes each",
         opts.changes
@@ -387,6 +395,40 @@ fn bench_size(opts: &BenchOptions, n: usize, out: &mut Outputs) -> anyhow::Resul
         cp.change_ms.insert(rl.mode.name().into(), p50_p99(times));
     }
     ours.finish(opts, &base, &ports, &pods, cp, out)
+}
+
+/// Each socket program's own cost per call from the kernel's BPF statistics (statistics
+/// on while it runs): `opts.count` TCP connections, then UDP exchanges, to `vip` from the
+/// lab's client cgroup, the programs' run time and count read before and after each.
+/// Unlike a rate, noise on the machine cannot blur it.
+fn hook_cost(
+    opts: &BenchOptions,
+    lab: &Lab,
+    vip: SocketAddr,
+    pin: &Path,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let _stats = nodeport::BpfStats::enable()?;
+    let mut out = BTreeMap::new();
+    for mode in [LoadMode::Tcp, LoadMode::Udp] {
+        let before = nodeport::prog_stats(pin)?;
+        run_load(
+            &opts.lab_bin,
+            &lab.node,
+            Some(&lab.cgroup),
+            &[vip],
+            opts.count,
+            mode,
+        )?;
+        for (prog, (ns, cnt)) in nodeport::prog_stats(pin)? {
+            let (ns0, cnt0) = before.get(&prog).copied().unwrap_or_default();
+            let runs = cnt.saturating_sub(cnt0);
+            if runs > 0 && !prog.starts_with("lb_tc_") {
+                let ns = ns.saturating_sub(ns0) as f64 / runs as f64;
+                out.insert(format!("{prog} ({})", mode.name()), ns);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Our agent alone at one size (`--paths control`): its cold start, endpoint changes

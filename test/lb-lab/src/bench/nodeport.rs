@@ -91,12 +91,12 @@ const FLOOD_MS: u64 = 2_000;
 
 /// `kernel.bpf_stats_enabled` set while it lives (programs' run_time_ns and run_cnt),
 /// then put back as it was.
-struct BpfStats(String);
+pub(super) struct BpfStats(String);
 
 impl BpfStats {
     const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-    fn enable() -> anyhow::Result<Self> {
+    pub(super) fn enable() -> anyhow::Result<Self> {
         let before = std::fs::read_to_string(Self::PATH)
             .context("reading kernel.bpf_stats_enabled")?
             .trim()
@@ -114,27 +114,38 @@ impl Drop for BpfStats {
 
 /// The summed (run_time_ns, run_cnt) of the tc programs linked under `pin`'s links/.
 fn tc_prog_stats(pin: &Path) -> anyhow::Result<(u64, u64)> {
+    Ok(prog_stats(pin)?
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("lb_tc_"))
+        .fold((0, 0), |(ns, cnt), (_, (n, c))| (ns + n, cnt + c)))
+}
+
+/// (run_time_ns, run_cnt) of each of our programs linked under `pin`'s links/ (by
+/// program name: a link pin is `<program>_<interface or cgroup>`), summed over its links.
+pub(super) fn prog_stats(pin: &Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
     let json = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
         let out = crate::lab::run(std::process::Command::new("bpftool").arg("-j").args(args))?;
         serde_json::from_str(&out).with_context(|| format!("bpftool {args:?} printed {out:?}"))
     };
-    let (mut ns, mut cnt) = (0, 0);
+    let mut stats: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for entry in std::fs::read_dir(pin.join("links")).context("reading the links")? {
         let path = entry?.path();
-        let name = path
+        let file = path
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default();
-        if !name.starts_with("lb_tc_") {
+        // lb_tc_ingress_eth0, lb_connect4_cg1234: the program is all but the last part.
+        let Some((program, _)) = file.rsplit_once('_') else {
             continue;
-        }
+        };
         let link = json(&["link", "show", "pinned", &path.to_string_lossy()])?;
         let id = link["prog_id"].as_u64().context("a link without prog_id")?;
         let prog = json(&["prog", "show", "id", &id.to_string()])?;
-        ns += prog["run_time_ns"].as_u64().unwrap_or(0);
-        cnt += prog["run_cnt"].as_u64().unwrap_or(0);
+        let e = stats.entry(program.to_string()).or_default();
+        e.0 += prog["run_time_ns"].as_u64().unwrap_or(0);
+        e.1 += prog["run_cnt"].as_u64().unwrap_or(0);
     }
-    Ok((ns, cnt))
+    Ok(stats)
 }
 
 /// Run time per run between two [`tc_prog_stats`] readings.

@@ -136,6 +136,7 @@ fn manifest_cold(c: &ControlPlane) -> ColdSync {
 /// Our cold sync and memory (both sources), then kube-proxy's full loads and every
 /// variant's changes.
 fn control_tables(md: &mut String, control: &[ControlPlane]) {
+    hook_cost_table(md, control);
     md.push_str("\n## Control plane\n\nOur agent's first sync, on manifests and on the Kubernetes API (a fake API server over real HTTP, the same objects): from the agent's start to its first sync logged, the sync's own elapsed time and its parts (read: the manifests parsed, or the API's stores read).\n\n| services | endpoints | source | start to synced ms | sync elapsed ms | read ms | model+diff+write ms | read+model+write ms | of which map writes ms | agent peak RSS MiB |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for c in control {
         cold_row(md, c, "manifests", &manifest_cold(c), c.agent_rss_mib);
@@ -391,6 +392,25 @@ pub fn svg(records: &[Record]) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// The socket programs' own cost per call, by size: flat when the lookup does not grow
+/// with the number of services.
+fn hook_cost_table(md: &mut String, control: &[ControlPlane]) {
+    if control.iter().all(|c| c.hook_ns_per_call.is_empty()) {
+        return;
+    }
+    md.push_str(
+        "\n## The socket programs' own cost\n\nEach program's run time per call from the kernel's BPF \
+         statistics (`BPF_ENABLE_STATS`: run_time_ns / run_cnt), over connections (TCP) or exchanges (UDP) \
+         to one service from the client cgroup: a figure that the machine's noise cannot blur, which \
+         should stay flat as the number of services grows.\n\n| services | program (traffic) | ns per call |\n|---:|---|---:|\n",
+    );
+    for c in control {
+        for (prog, ns) in &c.hook_ns_per_call {
+            let _ = writeln!(md, "| {} | {prog} | {ns:.0} |", c.services);
+        }
+    }
 }
 
 #[cfg(test)]
