@@ -36,6 +36,14 @@ pub enum Node<'a> {
 /// The document `text` (with its `---` line, if any) as a tree; `None` when it is
 /// empty or not in the subset.
 pub fn parse(text: &str) -> Option<Node<'_>> {
+    // Whitespace and line breaks that YAML reads otherwise than `trim` and `lines` do
+    // (a carriage return, NEL, LS, PS, a non-breaking space, a form feed or vertical tab,
+    // a byte order mark): left to serde_yaml.
+    if text.contains([
+        '\r', '\u{0b}', '\u{0c}', '\u{85}', '\u{a0}', '\u{2028}', '\u{2029}', '\u{feff}',
+    ]) {
+        return None;
+    }
     let mut lines = Vec::new();
     let mut started = false;
     for raw in text.lines() {
@@ -690,6 +698,21 @@ mod tests {
             read >= 4,
             "the demo's Services and EndpointSlices are in the subset"
         );
+    }
+
+    #[test]
+    fn whitespace_yaml_reads_otherwise_is_left_to_serde_yaml() {
+        for text in [
+            "metadata:\n\u{a0}\u{a0}name: x\n",
+            "a: b\u{a0}\n",
+            "a: x\r# c\n",
+            "a: b\r\n",
+            "\u{feff}metadata:\n  name: x\n",
+            "a:\n\u{0c}b: c\n",
+            "a: b\u{2028}c: d\n",
+        ] {
+            assert!(parse(text).is_none(), "{text:?} read by the subset reader");
+        }
     }
 
     #[test]

@@ -386,7 +386,9 @@ fn remember_socket(cookie: u64, rev_nat_id: u16, chosen: &Chosen, prog: u32) {
             if old.backend_id == chosen.id && (old.slot == chosen.slot || chosen.slot == 0) {
                 return;
             }
-            if old.addr != new.addr || old.port != new.port {
+            // Its rev-NAT entry, unless another frontend of the socket reaches the same
+            // pod address and port (the entry is keyed by socket and backend).
+            if (old.addr != new.addr || old.port != new.port) && !shared(record, i, &old) {
                 forget_frontend(cookie, &old);
             }
             record.frontends[i] = new;
@@ -402,6 +404,20 @@ fn remember_socket(cookie: u64, rev_nat_id: u16, chosen: &Chosen, prog: u32) {
     } else {
         count(prog, |c| c.misses += 1);
     }
+}
+
+/// Whether an entry of `record` other than the `i`th uses `f`'s backend address and port.
+#[inline(always)]
+fn shared(record: &SockRecord, i: usize, f: &SockFrontend) -> bool {
+    let mut j = 0;
+    while j < SOCK_FRONTENDS {
+        let o = &record.frontends[j];
+        if j != i && o.rev_nat_id != 0 && o.addr == f.addr && o.port == f.port {
+            return true;
+        }
+        j += 1;
+    }
+    false
 }
 
 /// Deletes the socket rev-NAT entry of one of a socket's frontends.

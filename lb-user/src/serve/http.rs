@@ -272,6 +272,9 @@ async fn connection<A>(
         Ok(handover) = &mut evicted => Some(handover),
     };
     conns.reading().remove(&id);
+    // Evicted just as it ended by itself: the evicting connection still waits for the
+    // slot.
+    let handover = handover.or_else(|| evicted.try_recv().ok());
     // The connection is closed; its slot goes to the one that evicted it, if any (else
     // back to the listener).
     if let Some(handover) = handover {

@@ -335,6 +335,7 @@ impl Feed {
             feed: self.clone(),
             backoff: Backoff::new(),
             streak: Streak::default(),
+            listed: false,
         };
         tokio::spawn(watch.run())
     }
@@ -402,6 +403,10 @@ struct Watch<K: Resource> {
     feed: Feed,
     backoff: Backoff,
     streak: Streak,
+    /// A list has completed: later lists (after a 410) read the current state, as
+    /// client-go's do, not the API server's watch cache, which may lag behind what the
+    /// watch already delivered.
+    listed: bool,
 }
 
 impl<K> Watch<K>
@@ -466,8 +471,11 @@ where
             field_selector: self.selectors.fields.clone(),
             limit: Some(PAGE_SIZE),
             ..ListParams::default()
+        };
+        if !self.listed {
+            // The first list may come from the API server's cache (resourceVersion=0).
+            params = params.match_any();
         }
-        .match_any();
         let mut objects = Vec::new();
         let rv = loop {
             let page =
@@ -489,6 +497,7 @@ where
             return Step::Failed("LIST: the answer has no resourceVersion".into(), None);
         };
         self.feed.relisted(self.kind, objects);
+        self.listed = true;
         Step::Resume(rv)
     }
 
@@ -568,7 +577,11 @@ where
             WatchEvent::Added(o) | WatchEvent::Modified(o) => (o, false),
             WatchEvent::Deleted(o) => (o, true),
             WatchEvent::Bookmark(b) => {
-                *rv = b.metadata.resource_version;
+                // An empty one would make the next watch start from "any" and miss
+                // the deletions in between.
+                if !b.metadata.resource_version.is_empty() {
+                    *rv = b.metadata.resource_version;
+                }
                 return Ok(());
             }
             WatchEvent::Error(s) if s.code == 410 => {
