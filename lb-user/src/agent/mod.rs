@@ -252,14 +252,16 @@ async fn check_source(
 /// Loads and attaches the programs, opens their maps, starts the log reader and the
 /// metrics server.
 fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
+    // Read once: without --cgroup it is looked up in /proc/mounts.
+    let cgroup = opts.cgroup();
     checks::check_capabilities(checks::effective_capabilities())
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
     checks::check_kernel(&checks::needed(), checks::probe)
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
     let root = loader::mount_point("cgroup2");
-    if root.as_deref() != Some(opts.cgroup().as_path()) {
+    if root.as_deref() != Some(cgroup.as_path()) {
         tracing::warn!(
-            cgroup = %opts.cgroup().display(),
+            cgroup = %cgroup.display(),
             "--cgroup is not the root of the cgroup v2 hierarchy ({}): processes outside it get no \
              translation, so neither ClusterIPs nor the node's own address:nodePort work for them \
              (the packet level sees only the external interfaces); kube-proxy serves every local process",
@@ -276,12 +278,12 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     }
     let (mut ebpf, pin_lock) = loader::load_and_attach(
         &opts.pin_path,
-        &opts.cgroup(),
+        &cgroup,
         opts.bpf_log_level(),
         &opts.map_sizes,
     )?;
     tracing::info!(
-        cgroup = %opts.cgroup().display(),
+        cgroup = %cgroup.display(),
         pin_path = %opts.pin_path.display(),
         node = %opts.node_name(),
         programs = ?loader::CGROUP_PROGRAMS,
@@ -320,7 +322,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     } else {
         packet.attach(&opts.node_ips)?;
     }
-    let closer = SocketCloser::start(opts.pin_path.clone(), opts.cgroup(), metrics.clone());
+    let closer = SocketCloser::start(opts.pin_path.clone(), cgroup, metrics.clone());
     let agent = Agent {
         model: model::Model::new(Some(opts.node_name()), opts.node_ips.clone()),
         capacity: maps.capacity()?,

@@ -68,27 +68,63 @@ impl Datapath for Shared {
     }
 }
 
-fn agent(maps: Shared) -> (Agent<Shared>, Arc<Metrics>, SharedHealth) {
-    let proxier: SharedHealth = Arc::new(Mutex::new(ProxierHealth::new(
-        Duration::from_secs(60),
-        SystemTime::now(),
-    )));
-    let metrics = Arc::new(Metrics::new(None));
-    let agent = Agent {
-        model: Model::new(Some("node-a".into()), Vec::new()),
-        capacity: Capacity::default(),
-        maps,
-        programmed: None,
-        programmed_once: false,
-        health_pending: false,
-        last_warnings: Vec::new(),
-        metrics: metrics.clone(),
-        health: HealthServer::new(proxier.clone()),
-        proxier_health: proxier.clone(),
-        packet: None,
-        closer: None,
-    };
-    (agent, metrics, proxier)
+/// The agent on in-memory maps (with `fault` queued), fed through a queue.
+struct Harness {
+    maps: Shared,
+    agent: Agent<Shared>,
+    metrics: Arc<Metrics>,
+    source: Source,
+    changed: Notify,
+}
+
+impl Harness {
+    fn new(fault: Option<Fault>) -> Self {
+        let maps = Shared::default();
+        if let Some(f) = fault {
+            maps.with(|m| m.inject(f));
+        }
+        let proxier: SharedHealth = Arc::new(Mutex::new(ProxierHealth::new(
+            Duration::from_secs(60),
+            SystemTime::now(),
+        )));
+        let metrics = Arc::new(Metrics::new(None));
+        let agent = Agent {
+            model: Model::new(Some("node-a".into()), Vec::new()),
+            capacity: Capacity::default(),
+            maps: maps.clone(),
+            programmed: None,
+            programmed_once: false,
+            health_pending: false,
+            last_warnings: Vec::new(),
+            metrics: metrics.clone(),
+            health: HealthServer::new(proxier.clone()),
+            proxier_health: proxier,
+            packet: None,
+            closer: None,
+        };
+        Self {
+            maps,
+            agent,
+            metrics,
+            source: Source::Queue(Default::default()),
+            changed: Notify::new(),
+        }
+    }
+}
+
+/// Queues `changes` and wakes the loop.
+fn send(source: &Source, changed: &Notify, changes: [Change; 2]) {
+    for c in changes {
+        source.push(c);
+    }
+    changed.notify_one();
+}
+
+fn timing(min_sync_period: Duration, sync_period: Duration) -> Timing {
+    Timing {
+        min_sync_period,
+        sync_period,
+    }
 }
 
 /// Service t/web (ClusterIP 10.96.0.10, port 80; with `health_port`, a LoadBalancer
@@ -169,60 +205,40 @@ async fn until(what: &str, f: impl Fn() -> bool) {
 
 #[tokio::test(start_paused = true)]
 async fn a_burst_of_changes_becomes_one_sync_per_min_sync_period() {
-    let maps = Shared::default();
-    let (mut agent, metrics, _) = agent(maps.clone());
-    let source = Source::Queue(Default::default());
-    let changed = Notify::new();
-    let timing = Timing {
-        min_sync_period: Duration::from_secs(1),
-        sync_period: Duration::ZERO,
-    };
+    let mut h = Harness::new(None);
+    let (maps, metrics, source, changed) = (&h.maps, &h.metrics, &h.source, &h.changed);
+    let timing = timing(Duration::from_secs(1), Duration::ZERO);
     let script = async {
-        for c in web(&[8080], None) {
-            source.push(c);
-        }
-        changed.notify_one();
-        until("the first sync", || syncs(&metrics) == 1).await;
+        send(source, changed, web(&[8080], None));
+        until("the first sync", || syncs(metrics) == 1).await;
         let started = tokio::time::Instant::now();
         // Ten changes over 2 s, a fifth of a second apart.
         for n in 2..=11 {
             let ports = vec![8080; n];
-            for c in web(&ports, None) {
-                source.push(c);
-            }
-            changed.notify_one();
+            send(source, changed, web(&ports, None));
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         until("the last change", || maps.backends()[0].0 == 11).await;
         let took = started.elapsed();
-        let n = syncs(&metrics) - 1;
+        let n = syncs(metrics) - 1;
         // One sync a second at most: the burst of 2 s takes two or three.
         assert!(
             (2..=3).contains(&n),
             "{n} syncs for ten changes in {took:?}"
         );
     };
-    run(&mut agent, &source, &changed, timing, script).await;
+    run(&mut h.agent, &h.source, &h.changed, timing, script).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_write_is_read_back_and_planned_again() {
-    let maps = Shared::default();
     // The first write stops after one operation.
-    maps.with(|m| m.inject(Fault::Apply { after: 1 }));
-    let (mut agent, metrics, _) = agent(maps.clone());
-    let source = Source::Queue(Default::default());
-    let changed = Notify::new();
-    let timing = Timing {
-        min_sync_period: Duration::ZERO,
-        sync_period: Duration::ZERO,
-    };
+    let mut h = Harness::new(Some(Fault::Apply { after: 1 }));
+    let (maps, metrics, source, changed) = (&h.maps, &h.metrics, &h.source, &h.changed);
+    let timing = timing(Duration::ZERO, Duration::ZERO);
     let script = async {
-        for c in web(&[8080, 8080], None) {
-            source.push(c);
-        }
-        changed.notify_one();
-        until("the retry", || syncs(&metrics) == 1).await;
+        send(source, changed, web(&[8080, 8080], None));
+        until("the retry", || syncs(metrics) == 1).await;
         let text = metrics.render();
         assert_eq!(count(&text, "lb_sync_errors_total"), 1, "{text}");
         // The retry read the maps back (with the one write the failure left) and wrote
@@ -230,7 +246,7 @@ async fn a_failed_write_is_read_back_and_planned_again() {
         assert!(maps.with(|m| m.snapshots) >= 1);
         assert_eq!(maps.backends(), [(2, vec![Some(8080), Some(8080)])]);
     };
-    run(&mut agent, &source, &changed, timing, script).await;
+    run(&mut h.agent, &h.source, &h.changed, timing, script).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -239,32 +255,23 @@ async fn health_checks_are_handed_over_with_the_first_successful_write() {
         let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let maps = Shared::default();
-    maps.with(|m| m.inject(Fault::Apply { after: 0 }));
-    let (mut agent, metrics, _) = agent(maps.clone());
-    let source = Source::Queue(Default::default());
-    let changed = Notify::new();
-    let timing = Timing {
-        min_sync_period: Duration::ZERO,
-        sync_period: Duration::ZERO,
-    };
+    let mut h = Harness::new(Some(Fault::Apply { after: 0 }));
+    let (metrics, source, changed) = (&h.metrics, &h.source, &h.changed);
+    let timing = timing(Duration::ZERO, Duration::ZERO);
     let serving = || async move {
         tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
     };
     let script = async {
-        for c in web(&[8080], Some(port)) {
-            source.push(c);
-        }
-        changed.notify_one();
+        send(source, changed, web(&[8080], Some(port)));
         until("the failed write", || {
             count(&metrics.render(), "lb_sync_errors_total") == 1
         })
         .await;
         tokio::task::yield_now().await;
         assert!(!serving().await, "a health check served before its write");
-        until("the retry", || syncs(&metrics) == 1).await;
+        until("the retry", || syncs(metrics) == 1).await;
         for _ in 0..50 {
             if serving().await {
                 return;
@@ -273,25 +280,17 @@ async fn health_checks_are_handed_over_with_the_first_successful_write() {
         }
         panic!("the health check on {port} is not served after the write");
     };
-    run(&mut agent, &source, &changed, timing, script).await;
+    run(&mut h.agent, &h.source, &h.changed, timing, script).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn drift_is_repaired_each_sync_period_and_not_before() {
-    let maps = Shared::default();
-    let (mut agent, metrics, _) = agent(maps.clone());
-    let source = Source::Queue(Default::default());
-    let changed = Notify::new();
-    let timing = Timing {
-        min_sync_period: Duration::ZERO,
-        sync_period: Duration::from_secs(30),
-    };
+    let mut h = Harness::new(None);
+    let (maps, metrics, source, changed) = (&h.maps, &h.metrics, &h.source, &h.changed);
+    let timing = timing(Duration::ZERO, Duration::from_secs(30));
     let script = async {
-        for c in web(&[8080, 8080], None) {
-            source.push(c);
-        }
-        changed.notify_one();
-        until("the first sync", || syncs(&metrics) == 1).await;
+        send(source, changed, web(&[8080, 8080], None));
+        until("the first sync", || syncs(metrics) == 1).await;
         let started = tokio::time::Instant::now();
         let want = maps.backends();
         // Something deletes a backend behind the agent's back.
@@ -308,5 +307,5 @@ async fn drift_is_repaired_each_sync_period_and_not_before() {
         );
         assert!(count(&metrics.render(), "lb_drift_repairs_total") > 0);
     };
-    run(&mut agent, &source, &changed, timing, script).await;
+    run(&mut h.agent, &h.source, &h.changed, timing, script).await;
 }

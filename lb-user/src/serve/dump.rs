@@ -358,80 +358,58 @@ mod tests {
         );
     }
 
-    #[test]
-    fn renders_frontends_backends_and_refusing_services() {
+    /// A frontend of `service` at `addr`:`port` with `endpoints` and `affinity_timeout`.
+    fn frontend(
+        d: &mut Desired,
+        (addr, port, proto): (std::net::IpAddr, u16, Proto),
+        service: &str,
+        endpoints: &[Endpoint],
+        affinity_timeout: u32,
+    ) {
+        let fe = Frontend {
+            addr,
+            port,
+            proto,
+            scope: Scope::External,
+        };
+        let state = FrontendState {
+            service: service.into(),
+            kind: Default::default(),
+            policy_local: false,
+            no_local: false,
+            keep_sockets: false,
+            endpoints: endpoints.iter().copied().collect(),
+            affinity_timeout,
+            source_ranges: Default::default(),
+        };
+        d.frontends.insert(fe, state.into());
+    }
+
+    /// demo/web (two backends, and an IPv6 frontend with affinity) and demo/empty, as a
+    /// first plan writes them.
+    fn three_frontends() -> Snapshot {
         let mut d = Desired::default();
-        let ep = |last| Endpoint {
-            addr: Ipv4Addr::new(10, 244, last, 2).into(),
+        let ep = |addr: &str| Endpoint {
+            addr: addr.parse().unwrap(),
             port: 8080,
             local: false,
         };
-        d.frontends.insert(
-            Frontend {
-                addr: Ipv4Addr::new(10, 96, 0, 10).into(),
-                port: 80,
-                proto: Proto::Tcp,
-                scope: Scope::External,
-            },
-            FrontendState {
-                service: "demo/web:http".into(),
-                kind: Default::default(),
-                policy_local: false,
-                no_local: false,
-                keep_sockets: false,
-                endpoints: [ep(1), ep(2)].into(),
-                affinity_timeout: 0,
-                source_ranges: Default::default(),
-            }
-            .into(),
-        );
-        d.frontends.insert(
-            Frontend {
-                addr: Ipv4Addr::new(10, 96, 0, 11).into(),
-                port: 53,
-                proto: Proto::Udp,
-                scope: Scope::External,
-            },
-            FrontendState {
-                service: "demo/empty".into(),
-                kind: Default::default(),
-                policy_local: false,
-                no_local: false,
-                keep_sockets: false,
-                endpoints: Default::default(),
-                affinity_timeout: 0,
-                source_ranges: Default::default(),
-            }
-            .into(),
-        );
-        d.frontends.insert(
-            Frontend {
-                addr: "fd00:96::10".parse().unwrap(),
-                port: 80,
-                proto: Proto::Tcp,
-                scope: Scope::External,
-            },
-            FrontendState {
-                service: "demo/web:http".into(),
-                kind: Default::default(),
-                policy_local: false,
-                no_local: false,
-                keep_sockets: false,
-                endpoints: [Endpoint {
-                    addr: "fd00:244:1::2".parse().unwrap(),
-                    port: 8080,
-                    local: false,
-                }]
-                .into(),
-                affinity_timeout: 30,
-                source_ranges: Default::default(),
-            }
-            .into(),
-        );
+        let v4 = |last| std::net::IpAddr::from(Ipv4Addr::new(10, 96, 0, last));
+        let web = [ep("10.244.1.2"), ep("10.244.2.2")];
+        frontend(&mut d, (v4(10), 80, Proto::Tcp), "demo/web:http", &web, 0);
+        frontend(&mut d, (v4(11), 53, Proto::Udp), "demo/empty", &[], 0);
+        let v6 = ("fd00:96::10".parse().unwrap(), 80, Proto::Tcp);
+        frontend(&mut d, v6, "demo/web:http", &[ep("fd00:244:1::2")], 30);
         let mut snap = Snapshot::default();
         for op in Programmed::default().plan(&d).ops() {
             snap.apply(op);
         }
+        snap
+    }
+
+    #[test]
+    fn renders_frontends_backends_and_refusing_services() {
+        let snap = three_frontends();
         let text = render(&snap);
         assert!(
             text.starts_with("3 frontends, 3 backends (3 slots)\n"),
@@ -458,7 +436,12 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("inconsistent"), "{text}");
-        // What a crash mid-write or a hand edit leaves is listed at the end.
+    }
+
+    #[test]
+    fn what_no_frontend_accounts_for_is_listed_at_the_end() {
+        // What a crash mid-write or a hand edit leaves.
+        let mut snap = three_frontends();
         snap.revnat.remove(&1);
         snap.backends.insert(
             99,
