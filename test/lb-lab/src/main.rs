@@ -172,6 +172,21 @@ enum Cmd {
     },
 }
 
+/// A report as one line of JSON on stdout.
+fn print_json(report: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(report)?);
+    Ok(())
+}
+
+/// This binary, and the agent: `agent`, else lb-user beside this binary.
+fn lab_and_agent(
+    agent: Option<std::path::PathBuf>,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let me = std::env::current_exe().context("finding lb-lab")?;
+    let agent = agent.unwrap_or_else(|| me.with_file_name("lb-user"));
+    Ok((me, agent))
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Cmd::Serve {
@@ -198,9 +213,7 @@ fn main() -> ExitCode {
                 clients,
                 ..load::LoadSpec::new(&target, count, mode)
             });
-            serde_json::to_string(&report)
-                .map(|s| println!("{s}"))
-                .map_err(Into::into)
+            print_json(&report)
         }
         Cmd::Waiter { target } => load::waiter(target),
         Cmd::Hold { service, direct } => load::hold(service, direct),
@@ -216,22 +229,19 @@ fn main() -> ExitCode {
             agent,
             transfer_mb,
             paths,
-        } => std::env::current_exe()
-            .context("finding lb-lab")
-            .and_then(|me| {
-                let agent = agent.unwrap_or_else(|| me.with_file_name("lb-user"));
-                bench::bench(&bench::BenchOptions {
-                    sizes,
-                    rounds: rounds.max(1),
-                    count: count.max(1),
-                    changes,
-                    out,
-                    lab_bin: me,
-                    agent_bin: agent,
-                    transfer_mb: transfer_mb.max(1),
-                    paths,
-                })
-            }),
+        } => lab_and_agent(agent).and_then(|(me, agent)| {
+            bench::bench(&bench::BenchOptions {
+                sizes,
+                rounds: rounds.max(1),
+                count: count.max(1),
+                changes,
+                out,
+                lab_bin: me,
+                agent_bin: agent,
+                transfer_mb: transfer_mb.max(1),
+                paths,
+            })
+        }),
         Cmd::Probe {
             target,
             count,
@@ -250,9 +260,7 @@ fn main() -> ExitCode {
                 interval: Duration::from_millis(interval_ms),
                 size,
             });
-            serde_json::to_string(&report)
-                .map(|s| println!("{s}"))
-                .map_err(Into::into)
+            print_json(&report)
         }
         Cmd::Transfer {
             target,
@@ -266,9 +274,7 @@ fn main() -> ExitCode {
                 Duration::from_millis(pause_ms),
                 Duration::from_millis(timeout_ms),
             );
-            serde_json::to_string(&report)
-                .map(|s| println!("{s}"))
-                .map_err(Into::into)
+            print_json(&report)
         }
         Cmd::SynFlood {
             target,
