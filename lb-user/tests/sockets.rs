@@ -14,6 +14,7 @@ use std::{
 };
 
 use common::{Fixture, POD_PORT, WEB_IP, lab_bin};
+use lb_lab::client_pods::ClientPod;
 use lb_lab::{
     lab::{self, ChildGuard, place},
     load::Held,
@@ -227,4 +228,83 @@ fn a_service_deleted_while_the_agent_was_down_keeps_its_sockets_if_annotated() {
     let after = hold.check();
     assert_ne!(after.tcp_error, "ConnectionAborted", "{after:?}");
     assert_eq!(after.udp_error, "none", "{after:?}");
+}
+
+/// The value of the metric line that starts with `name` (0 if absent).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn sockets_in_many_pods_are_closed_over_passes_each_entering_a_namespace_once() {
+    // Passes short enough to enter one namespace each: the rest wait for the next pass.
+    let port = common::free_port();
+    let metrics_bind = format!("127.0.0.1:{port}");
+    let fx = fixture(
+        "sockm",
+        false,
+        &[
+            "--socket-closer-budget",
+            "1ms",
+            "--metrics-bind-address",
+            &metrics_bind,
+        ],
+    );
+    // The service at one pod (in the datapath before the sockets connect), which then
+    // leaves.
+    fx.write("web-slice.yaml", &slice(&fx.pod_ips(&[0])));
+    lab::wait_for(Duration::from_secs(5), || {
+        let r = fx.probe(WEB_IP, 5);
+        (r.replies.keys().collect::<Vec<_>>() == ["pod-0"]).then_some(())
+    })
+    .expect("the service at pod 0 only");
+    let service = SocketAddr::new(WEB_IP.into(), 80);
+    let (pods, per_pod) = (4, 25);
+    let mut clients: Vec<ClientPod> = (0..pods)
+        .map(|i| {
+            ClientPod::start(
+                &lab_bin(),
+                &fx.lab.prefix,
+                &fx.lab.cgroup,
+                i,
+                service,
+                per_pod,
+            )
+            .unwrap()
+        })
+        .collect();
+    let before = common::http_get(port, "/metrics");
+    fx.write("web-slice.yaml", &slice(&fx.pod_ips(&[1])));
+    let mut closed = vec![0; pods];
+    let all = lab::wait_for(Duration::from_secs(20), || {
+        for (n, c) in closed.iter_mut().zip(&mut clients) {
+            *n = c.check().unwrap().aborted;
+        }
+        closed.iter().all(|&n| n == per_pod).then_some(())
+    });
+    assert!(all.is_some(), "closed {closed:?}\n{}", fx.agent.log());
+    let after = common::http_get(port, "/metrics");
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    assert_eq!(
+        delta("lb_sockets_destroyed_total "),
+        (pods * per_pod) as f64
+    );
+    // At least one pass ran out of time and the next went on with the namespaces left;
+    // each namespace was entered once for these pairs.
+    assert!(
+        delta("lb_socket_closer_passes_total{result=\"out_of_time\"} ") >= 1.0,
+        "{after}"
+    );
+    let entered = delta("lb_socket_closer_namespaces_total{result=\"entered\"} ");
+    assert!(
+        (pods as f64..=pods as f64 + 1.0).contains(&entered),
+        "{pods} pods' namespaces (and the node's) entered once: {entered}\n{after}"
+    );
+    assert!(delta("lb_socket_closer_sockets_scanned_total ") >= (pods * per_pod) as f64);
+    assert!(
+        delta("lb_socket_closer_cpu_seconds_total ") > 0.0,
+        "{after}"
+    );
 }

@@ -51,43 +51,100 @@ struct SocketCloser {
     tx: std::sync::mpsc::Sender<BTreeSet<datapath::sockets::Left>>,
 }
 
+/// The pairs a pass looks for, and the namespaces already looked into for them.
+#[derive(Default)]
+struct CloserWork {
+    left: BTreeSet<datapath::sockets::Left>,
+    done: BTreeSet<datapath::sockets::NsId>,
+}
+
+impl CloserWork {
+    /// New pairs: every namespace is looked into again.
+    fn add(&mut self, more: BTreeSet<datapath::sockets::Left>) {
+        self.left.extend(more);
+        self.done.clear();
+    }
+}
+
 impl SocketCloser {
-    fn start(pin_path: PathBuf, cgroup: PathBuf, metrics: metrics::Shared) -> Self {
+    fn start(
+        pin_path: PathBuf,
+        cgroup: PathBuf,
+        budget: Duration,
+        metrics: metrics::Shared,
+    ) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<BTreeSet<datapath::sockets::Left>>();
         let spawned = std::thread::Builder::new()
             .name("lb-sockets".into())
             .spawn(move || {
                 let mut logged = BTreeSet::new();
+                let mut work = CloserWork::default();
                 // Ends when the agent (the sender) is gone.
-                while let Ok(mut left) = rx.recv() {
-                    // Let the connections that follow a change go first, and gather
-                    // the rest of a burst into one pass.
-                    std::thread::sleep(Duration::from_millis(20));
-                    while let Ok(more) = rx.try_recv() {
-                        left.extend(more);
-                    }
-                    let report = datapath::sockets::close_stale(&pin_path, &cgroup, &left);
-                    if report.destroyed > 0 {
-                        tracing::info!(
-                            destroyed = report.destroyed,
-                            stale = report.stale,
-                            namespaces = report.namespaces,
-                            "closed the sockets translated to backends that left their service"
-                        );
-                    }
-                    for e in &report.errors {
-                        // Once each: the same cause comes back every pass.
-                        if logged.insert(e.clone()) {
-                            tracing::warn!("closing sockets to backends that left: {e}; said once");
-                        }
-                    }
+                while let Some(()) = Self::wait(&rx, &mut work, budget) {
+                    let pass = datapath::sockets::Pass {
+                        pin_dir: &pin_path,
+                        cgroup: &cgroup,
+                        left: &work.left,
+                        budget,
+                    };
+                    let report = pass.run(&mut work.done);
+                    Self::log(&report, &mut logged);
                     metrics.sockets_closed(&report);
+                    if report.unvisited == 0 {
+                        work = CloserWork::default();
+                    }
                 }
             });
         if let Err(e) = spawned {
             tracing::warn!("starting the socket closer: {e}; stale sockets stay open");
         }
         Self { tx }
+    }
+
+    /// Waits for pairs to look for (none when the agent is gone). A pass that ran out
+    /// of time goes on after a pause as long as itself, with any pairs that came
+    /// meanwhile; a new one waits for a sync's pairs. Either lets the connections that
+    /// follow a change go first, and gathers the rest of a burst into one pass.
+    fn wait(
+        rx: &std::sync::mpsc::Receiver<BTreeSet<datapath::sockets::Left>>,
+        work: &mut CloserWork,
+        budget: Duration,
+    ) -> Option<()> {
+        if work.left.is_empty() {
+            work.add(rx.recv().ok()?);
+            std::thread::sleep(Duration::from_millis(20));
+        } else {
+            std::thread::sleep(budget);
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(more) => work.add(more),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Some(()),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+            }
+        }
+    }
+
+    fn log(report: &datapath::sockets::Report, logged: &mut BTreeSet<String>) {
+        if report.destroyed > 0 || report.unvisited > 0 {
+            tracing::info!(
+                destroyed = report.destroyed,
+                stale = report.stale,
+                namespaces = report.namespaces,
+                unvisited = report.unvisited,
+                scanned = report.scanned,
+                pass_us = report.elapsed.as_micros() as u64,
+                read_us = report.read.as_micros() as u64,
+                cpu_us = report.cpu.as_micros() as u64,
+                "closed the sockets translated to backends that left their service"
+            );
+        }
+        for e in &report.errors {
+            // Once each: the same cause comes back every pass.
+            if logged.insert(e.clone()) {
+                tracing::warn!("closing sockets to backends that left: {e}; said once");
+            }
+        }
     }
 
     fn close(&self, left: BTreeSet<datapath::sockets::Left>) {
@@ -322,7 +379,12 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     } else {
         packet.attach(&opts.node_ips)?;
     }
-    let closer = SocketCloser::start(opts.pin_path.clone(), cgroup, metrics.clone());
+    let closer = SocketCloser::start(
+        opts.pin_path.clone(),
+        cgroup,
+        opts.socket_closer_budget,
+        metrics.clone(),
+    );
     let agent = Agent {
         model: model::Model::new(Some(opts.node_name()), opts.node_ips.clone()),
         capacity: maps.capacity()?,

@@ -49,6 +49,11 @@ pub struct RunOptions {
     /// is repaired (kube-proxy's --sync-period); 0 to never.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub sync_period: Duration,
+    /// How long one pass of the stale-socket closer may spend entering network
+    /// namespaces; the namespaces left wait for the next pass, which starts after a pause
+    /// as long (so the closer uses at most about half a CPU while a pass is long).
+    #[arg(long, default_value = "1s", value_parser = parse_timeout)]
+    pub socket_closer_budget: Duration,
     /// Where to serve /metrics; empty to disable.
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: Bind,

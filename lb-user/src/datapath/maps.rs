@@ -457,7 +457,7 @@ pub fn count_socket_entries(dir: &Path) -> Result<[(&'static str, usize); 2], Da
 }
 
 /// Entries of the LRU map `map` pinned under `dir`, walking at most its capacity of keys.
-fn count_lru<K: aya::Pod, V: aya::Pod>(
+fn count_lru<K: aya::Pod + bytemuck::Zeroable, V: aya::Pod + bytemuck::Zeroable>(
     dir: &Path,
     map: &'static str,
 ) -> Result<usize, DatapathError> {
@@ -470,6 +470,12 @@ fn count_lru<K: aya::Pod, V: aya::Pod>(
         .info()
         .map_err(|source| DatapathError::Map { map, source })?
         .max_entries() as usize;
+    // Read in batches where the kernel can (a few calls for a full map), else key by key.
+    if let Ok(entries) =
+        super::sys::map_lookup_batch::<K, V>(std::os::fd::AsFd::as_fd(data.fd()), cap)
+    {
+        return Ok(entries.len());
+    }
     let typed: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(data))
         .map_err(|source| DatapathError::Map { map, source })?;
     Ok(typed.keys().take(cap).filter(Result::is_ok).count())

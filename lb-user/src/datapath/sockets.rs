@@ -16,91 +16,237 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use lb_common::{MAP_SOCK_REVNAT, RevNat, SockRevNatKey};
 
-use super::ops::ip_of;
+use super::{ops::ip_of, sys};
 
 pub use lb_core::plan::Left;
 
+/// A network namespace: the device and inode of its `/proc/PID/ns/net`.
+pub type NsId = (u64, u64);
+
 /// What one pass did.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Report {
     /// Entries of the socket rev-NAT map for pairs that left.
     pub stale: usize,
     /// Sockets destroyed.
     pub destroyed: usize,
+    /// Sockets looked at (in the namespaces entered; TCP and UDP, IPv4 and IPv6).
+    pub scanned: usize,
     /// Network namespaces looked into.
     pub namespaces: usize,
+    /// Network namespaces left for the next pass: this one ran out of time.
+    pub unvisited: usize,
     /// Processes under the cgroup whose namespace could not be looked into: not in
     /// this agent's PID namespace (`cgroup.procs` says 0: the DaemonSet needs hostPID),
     /// or whose /proc/PID/ns/net could not be opened (CAP_SYS_PTRACE).
     pub skipped: usize,
     /// Network namespaces that could not be entered or searched.
     pub failed: usize,
+    /// How long the pass took, the part of it that read the socket rev-NAT map, and the
+    /// CPU time its threads used.
+    pub elapsed: Duration,
+    pub read: Duration,
+    pub cpu: Duration,
     /// What failed (the pass goes on with the rest).
     pub errors: Vec<String>,
 }
 
-/// Destroys the sockets translated to the backends in `left`, in the network namespaces
-/// of the processes under `cgroup`; `pin_dir` holds the socket rev-NAT map.
-pub fn close_stale(pin_dir: &Path, cgroup: &Path, left: &BTreeSet<Left>) -> Report {
-    let mut report = Report::default();
-    let map_path = pin_dir.join(MAP_SOCK_REVNAT);
-    let map = match MapData::from_pin(&map_path)
+/// One pass of the closer: the pairs that left, and what it may look into.
+pub struct Pass<'a> {
+    /// Holds the socket rev-NAT map.
+    pub pin_dir: &'a Path,
+    /// Whose processes' network namespaces are looked into (and every cgroup below).
+    pub cgroup: &'a Path,
+    pub left: &'a BTreeSet<Left>,
+    /// After this long no further namespace is entered: the rest wait for the next pass.
+    pub budget: Duration,
+}
+
+impl Pass<'_> {
+    /// Destroys the sockets translated to the backends in `left`, in each network
+    /// namespace of the processes under the cgroup that is not in `done` (entered once
+    /// however many processes share it); the namespaces entered are added to `done`.
+    pub fn run(&self, done: &mut BTreeSet<NsId>) -> Report {
+        let started = Instant::now();
+        let cpu_before = thread_cpu();
+        let mut report = Report::default();
+        let mut pass_cpu = Duration::ZERO;
+        let stale = self.stale_sockets(&mut report);
+        report.read = started.elapsed();
+        if let Some((stale, keys)) = stale {
+            report.stale = keys.len();
+            pass_cpu = self.visit(&stale, &keys, done, started, &mut report);
+        }
+        report.elapsed = started.elapsed();
+        report.cpu = thread_cpu().saturating_sub(cpu_before) + pass_cpu;
+        report
+    }
+
+    /// Cookie -> the backends (and protocols) its socket may be connected to and should
+    /// not be, and the map's keys for them. The map's entries do not say the protocol:
+    /// both are looked for.
+    fn stale_sockets(&self, report: &mut Report) -> Option<(Stale, Vec<SockRevNatKey>)> {
+        let entries = match read_sock_revnat(self.pin_dir) {
+            Ok(e) => e,
+            Err(e) => {
+                report.errors.push(e);
+                return None;
+            }
+        };
+        let mut stale: Stale = HashMap::new();
+        let mut keys = Vec::new();
+        for (key, frontend) in entries {
+            let (fe, be) = (
+                (ip_of(&frontend.addr), frontend.port),
+                (ip_of(&key.addr), key.port),
+            );
+            for proto in [lb_common::PROTO_TCP, lb_common::PROTO_UDP] {
+                if self.left.contains(&(fe, be, proto)) {
+                    stale
+                        .entry(key.cookie)
+                        .or_default()
+                        .push((be.0, be.1, proto));
+                    keys.push(key);
+                }
+            }
+        }
+        (!stale.is_empty()).then_some((stale, keys))
+    }
+
+    /// Enters the namespaces not in `done` until the budget is spent, destroying the
+    /// stale sockets; then removes the map entries of the sockets destroyed. Returns the
+    /// CPU time of the thread that entered them.
+    fn visit(
+        &self,
+        stale: &Stale,
+        keys: &[SockRevNatKey],
+        done: &mut BTreeSet<NsId>,
+        started: Instant,
+        report: &mut Report,
+    ) -> Duration {
+        let namespaces = match namespaces_of(self.cgroup, report) {
+            Ok(n) => n,
+            Err(e) => {
+                report.errors.push(format!(
+                    "listing the processes of {}: {e}",
+                    self.cgroup.display()
+                ));
+                return Duration::ZERO;
+            }
+        };
+        let todo: Vec<(NsId, PathBuf)> = namespaces
+            .into_iter()
+            .filter(|(id, _)| !done.contains(id))
+            .collect();
+        let deadline = started + self.budget;
+        // One thread enters the namespaces one after the other (a thread's network
+        // namespace is its own) and ends with the pass.
+        let (visits, cpu) = std::thread::scope(|s| {
+            s.spawn(|| {
+                background();
+                let before = thread_cpu();
+                let mut visits = Vec::new();
+                for (id, ns) in &todo {
+                    // At least one a pass, so that every pass makes progress.
+                    if !visits.is_empty() && Instant::now() >= deadline {
+                        break;
+                    }
+                    visits.push((*id, in_namespace(ns, || destroy_matching(stale))));
+                }
+                (visits, thread_cpu().saturating_sub(before))
+            })
+            .join()
+            .unwrap_or_else(|_| (Vec::new(), Duration::ZERO))
+        });
+        report.unvisited = todo.len() - visits.len();
+        let mut destroyed = BTreeSet::new();
+        for (id, result) in visits {
+            done.insert(id);
+            report.namespaces += 1;
+            match result {
+                Ok(found) => {
+                    report.scanned += found.scanned;
+                    destroyed.extend(found.destroyed);
+                }
+                Err(e) => {
+                    report.failed += 1;
+                    let hint = if e.raw_os_error() == Some(libc::EPERM) {
+                        " (entering a namespace needs CAP_SYS_ADMIN)"
+                    } else {
+                        ""
+                    };
+                    push_once(
+                        &mut report.errors,
+                        format!("network namespaces of processes under the cgroup: {e}{hint}"),
+                    );
+                }
+            }
+        }
+        report.destroyed = destroyed.len();
+        if let Err(e) = remove_entries(self.pin_dir, keys, &destroyed) {
+            report.errors.push(e);
+        }
+        cpu
+    }
+}
+
+/// Cookie -> the backends (address, port, protocol) its socket must not stay connected to.
+type Stale = HashMap<u64, Vec<Target>>;
+
+/// Every entry of the socket rev-NAT map pinned under `pin_dir`, read in batches (one
+/// key at a time where the kernel has no batch reads).
+fn read_sock_revnat(pin_dir: &Path) -> Result<Vec<(SockRevNatKey, RevNat)>, String> {
+    let path = pin_dir.join(MAP_SOCK_REVNAT);
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let data = MapData::from_pin(&path).map_err(|e| err(&e))?;
+    let cap = data.info().map_err(|e| err(&e))?.max_entries() as usize;
+    match sys::map_lookup_batch(data.fd().as_fd(), cap) {
+        Ok(entries) => return Ok(entries),
+        // No batch reads here (ENOTSUPP is 524): key by key.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | 524)) => {}
+        Err(e) => return Err(err(&e)),
+    }
+    let map =
+        BpfHashMap::<MapData, SockRevNatKey, RevNat>::try_from(aya::maps::Map::LruHashMap(data))
+            .map_err(|e| err(&e))?;
+    // An entry evicted while the keys are walked is skipped.
+    Ok(map.iter().take(cap).filter_map(Result::ok).collect())
+}
+
+/// Removes the keys of the sockets destroyed (their sockets are gone; the others stay:
+/// an unconnected UDP socket still needs its replies from that backend translated back).
+fn remove_entries(
+    pin_dir: &Path,
+    keys: &[SockRevNatKey],
+    destroyed: &BTreeSet<u64>,
+) -> Result<(), String> {
+    if destroyed.is_empty() {
+        return Ok(());
+    }
+    let path = pin_dir.join(MAP_SOCK_REVNAT);
+    let mut map = MapData::from_pin(&path)
         .map_err(|e| e.to_string())
         .and_then(|m| {
             BpfHashMap::<MapData, SockRevNatKey, RevNat>::try_from(aya::maps::Map::LruHashMap(m))
                 .map_err(|e| e.to_string())
-        }) {
-        Ok(m) => m,
-        Err(e) => {
-            report.errors.push(format!("{}: {e}", map_path.display()));
-            return report;
-        }
-    };
-    // Cookie -> the backends (and protocols) its socket may be connected to and should
-    // not be. The map's entries do not say the protocol: both are looked for.
-    let mut stale: HashMap<u64, Vec<Target>> = HashMap::new();
-    let mut stale_keys = Vec::new();
-    for entry in map.iter() {
-        let Ok((key, frontend)) = entry else {
-            continue; // Evicted while iterating.
-        };
-        let (fe, be) = (
-            (ip_of(&frontend.addr), frontend.port),
-            (ip_of(&key.addr), key.port),
-        );
-        for proto in [lb_common::PROTO_TCP, lb_common::PROTO_UDP] {
-            if left.contains(&(fe, be, proto)) {
-                stale
-                    .entry(key.cookie)
-                    .or_default()
-                    .push((be.0, be.1, proto));
-                stale_keys.push(key);
-            }
-        }
+        })
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    for key in keys.iter().filter(|k| destroyed.contains(&k.cookie)) {
+        let _ = map.remove(key);
     }
-    report.stale = stale_keys.len();
-    if stale.is_empty() {
-        return report;
-    }
-    let namespaces = match namespaces_of(cgroup, &mut report) {
-        Ok(n) => n,
-        Err(e) => {
-            report.errors.push(format!(
-                "listing the processes of {}: {e}",
-                cgroup.display()
-            ));
-            return report;
-        }
-    };
-    report.namespaces = namespaces.len();
-    // A background pass: it yields to the syncs and the node's own work.
+    Ok(())
+}
+
+/// This thread yields to the syncs and the node's own work (nice 10).
+fn background() {
     // SAFETY: setpriority(2) on this thread (a thread id is a PRIO_PROCESS "who").
     unsafe {
         libc::setpriority(
@@ -109,43 +255,22 @@ pub fn close_stale(pin_dir: &Path, cgroup: &Path, left: &BTreeSet<Left>) -> Repo
             10,
         );
     }
-    let mut destroyed = BTreeSet::new();
-    for ns in namespaces {
-        let stale = &stale;
-        let result = std::thread::scope(|s| {
-            s.spawn(|| in_namespace(&ns, || destroy_matching(stale)))
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("the namespace's thread panicked")))
-        });
-        match result {
-            Ok(cookies) => destroyed.extend(cookies),
-            Err(e) => {
-                report.failed += 1;
-                let hint = if e.raw_os_error() == Some(libc::EPERM) {
-                    " (entering a namespace needs CAP_SYS_ADMIN)"
-                } else {
-                    ""
-                };
-                push_once(
-                    &mut report.errors,
-                    format!("network namespaces of processes under the cgroup: {e}{hint}"),
-                );
-            }
-        }
-    }
-    report.destroyed = destroyed.len();
-    let mut map = map;
-    for key in stale_keys.iter().filter(|k| destroyed.contains(&k.cookie)) {
-        // Its socket is gone. (The others stay: an unconnected UDP socket still needs
-        // its replies from that backend translated back.)
-        let _ = map.remove(key);
-    }
-    report
+}
+
+/// The CPU time (user and system) this thread has used.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) into a live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// One `/proc/<pid>/ns/net` per network namespace of the processes under `cgroup`;
 /// the processes that cannot be looked into are counted in `report` (with the cause).
-fn namespaces_of(cgroup: &Path, report: &mut Report) -> io::Result<Vec<PathBuf>> {
+fn namespaces_of(cgroup: &Path, report: &mut Report) -> io::Result<BTreeMap<NsId, PathBuf>> {
     use std::os::unix::fs::MetadataExt as _;
     let mut seen = BTreeMap::new();
     let mut dirs = vec![cgroup.to_path_buf()];
@@ -182,7 +307,7 @@ fn namespaces_of(cgroup: &Path, report: &mut Report) -> io::Result<Vec<PathBuf>>
             }
         }
     }
-    Ok(seen.into_values().collect())
+    Ok(seen)
 }
 
 fn push_once(errors: &mut Vec<String>, e: String) {
@@ -191,8 +316,8 @@ fn push_once(errors: &mut Vec<String>, e: String) {
     }
 }
 
-/// Runs `f` in the network namespace `ns` (on the calling thread, which must be one of
-/// its own: a thread's namespace is its own, and this one does not go back).
+/// Runs `f` in the network namespace `ns` on the calling thread, which must be the
+/// pass's own: it stays in `ns` until it enters another or ends.
 fn in_namespace<T>(ns: &Path, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     let file = fs::File::open(ns)?;
     // SAFETY: setns(2) on a descriptor we own; it changes this thread's namespace only.
@@ -220,16 +345,25 @@ const REQ: usize = 8 + SOCKID;
 /// A backend address, port and protocol a socket must not stay connected to.
 type Target = (IpAddr, u16, u8);
 
+/// What one namespace held.
+#[derive(Default)]
+struct Found {
+    /// Sockets looked at.
+    scanned: usize,
+    /// Cookies of the sockets destroyed.
+    destroyed: Vec<u64>,
+}
+
 /// In this thread's namespace: every TCP and UDP socket (IPv4 and IPv6) whose cookie is
-/// in `stale` and which is connected to one of that cookie's targets is destroyed;
-/// returns their cookies.
-fn destroy_matching(stale: &HashMap<u64, Vec<Target>>) -> io::Result<Vec<u64>> {
+/// in `stale` and which is connected to one of that cookie's targets is destroyed.
+fn destroy_matching(stale: &Stale) -> io::Result<Found> {
     let nl = netlink()?;
-    let mut destroyed = Vec::new();
+    let mut found = Found::default();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         for protocol in [libc::IPPROTO_TCP as u8, libc::IPPROTO_UDP as u8] {
             let mut targets = Vec::new();
             dump(&nl, family, protocol, |id| {
+                found.scanned += 1;
                 let cookie = u64::from(u32::from_ne_bytes(id[40..44].try_into().expect("4")))
                     | u64::from(u32::from_ne_bytes(id[44..48].try_into().expect("4"))) << 32;
                 let Some(backends) = stale.get(&cookie) else {
@@ -253,7 +387,7 @@ fn destroy_matching(stale: &HashMap<u64, Vec<Target>>) -> io::Result<Vec<u64>> {
                     protocol,
                     &id,
                 ) {
-                    Ok(()) => destroyed.push(cookie),
+                    Ok(()) => found.destroyed.push(cookie),
                     // Closed meanwhile.
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                     Err(e) => return Err(e),
@@ -261,7 +395,7 @@ fn destroy_matching(stale: &HashMap<u64, Vec<Target>>) -> io::Result<Vec<u64>> {
             }
         }
     }
-    Ok(destroyed)
+    Ok(found)
 }
 
 /// A socket address of `inet_diag_sockid` (16 bytes; IPv4 in the first 4).

@@ -1,7 +1,7 @@
 //! The few bpf(2) commands aya does not offer: for cgroup links, open a pinned link,
 //! replace a cgroup link's program in place (`BPF_LINK_UPDATE`), and list and detach the
 //! cgroup links of a cgroup (for `lb-user cleanup --cgroup`); for maps, many updates in
-//! one call (`BPF_MAP_UPDATE_BATCH`).
+//! one call (`BPF_MAP_UPDATE_BATCH`) and many entries read in one (`BPF_MAP_LOOKUP_BATCH`).
 
 use std::{
     ffi::CString,
@@ -12,6 +12,7 @@ use std::{
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
@@ -54,18 +55,7 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
     values: &[V],
 ) -> Result<(), (usize, io::Error)> {
     assert_eq!(keys.len(), values.len(), "one value per key");
-    #[repr(C)]
-    struct Attr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    let mut attr = Attr {
+    let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
         keys: keys.as_ptr() as u64,
@@ -78,6 +68,75 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
     bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
         .map(|_| ())
         .map_err(|e| (attr.count as usize, e))
+}
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call.
+const LOOKUP_BATCH: usize = 4096;
+
+/// Every entry of the hash map `map` (hash or LRU hash; `K` and `V` its key and value
+/// types), read a few thousand per call (`BPF_MAP_LOOKUP_BATCH`, kernel 5.6+), at most
+/// `limit` of them. Entries added or removed meanwhile may or may not be seen; none is
+/// seen twice. An error before the first entry (`EINVAL` or `ENOTSUPP` where the kernel
+/// or the map type has no batch reads) comes back as is: the caller may walk the keys.
+pub fn map_lookup_batch<K: aya::Pod + bytemuck::Zeroable, V: aya::Pod + bytemuck::Zeroable>(
+    map: BorrowedFd<'_>,
+    limit: usize,
+) -> io::Result<Vec<(K, V)>> {
+    // The hash maps' position is a bucket number (u32); 8 bytes leave room.
+    let (mut token_in, mut token_out) = (0u64, 0u64);
+    let mut keys = vec![K::zeroed(); LOOKUP_BATCH];
+    let mut values = vec![V::zeroed(); LOOKUP_BATCH];
+    let mut out = Vec::new();
+    let mut first = true;
+    while out.len() < limit {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_mut(&mut token_in) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut token_out) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(keys.len());
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match result {
+            Ok(_) => {}
+            // The end of the map.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            // One bucket holds more entries than the buffers: larger buffers, same place.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
+                let more = keys.len() * 2;
+                keys.resize(more, K::zeroed());
+                values.resize(more, V::zeroed());
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        token_in = token_out;
+        first = false;
+    }
+    out.truncate(limit);
+    Ok(out)
 }
 
 /// Opens the BPF object pinned at `path` (`BPF_OBJ_GET`).
@@ -246,6 +305,58 @@ mod tests {
         assert_eq!(std::mem::offset_of!(RawLinkInfo, cgroup_id), 16);
         assert_eq!(std::mem::offset_of!(IdAttr, next_id), 4);
         assert_eq!(std::mem::offset_of!(IdAttr, open_flags), 8);
+    }
+
+    /// A map of `max` entries (`BPF_MAP_CREATE`) with u64 keys and values.
+    fn lru_map(max: u32) -> io::Result<OwnedFd> {
+        #[repr(C)]
+        struct Attr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+            _rest: [u32; 27],
+        }
+        let mut attr = Attr {
+            map_type: 9, // BPF_MAP_TYPE_LRU_HASH
+            key_size: 8,
+            value_size: 8,
+            max_entries: max,
+            map_flags: 0,
+            _rest: [0; 27],
+        };
+        bpf(0, &mut attr).map(owned)
+    }
+
+    #[test]
+    fn batch_reads_return_every_entry_once_across_calls() {
+        let map = match lru_map(20_000) {
+            Ok(m) => m,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("skipped: creating a BPF map needs CAP_BPF: {e}");
+                return;
+            }
+            Err(e) => panic!("BPF_MAP_CREATE: {e}"),
+        };
+        // More than one call's worth.
+        let keys: Vec<u64> = (0..(LOOKUP_BATCH as u64 * 2 + 123)).collect();
+        let values: Vec<u64> = keys.iter().map(|k| k * 3).collect();
+        map_update_batch(map.as_fd(), &keys, &values).unwrap();
+        let mut got = map_lookup_batch::<u64, u64>(map.as_fd(), usize::MAX).unwrap();
+        got.sort_unstable();
+        let want: Vec<(u64, u64)> = keys.iter().map(|&k| (k, k * 3)).collect();
+        assert_eq!(got, want);
+        assert_eq!(
+            map_lookup_batch::<u64, u64>(map.as_fd(), 10).unwrap().len(),
+            10
+        );
+        let empty = lru_map(16).unwrap();
+        assert!(
+            map_lookup_batch::<u64, u64>(empty.as_fd(), 16)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

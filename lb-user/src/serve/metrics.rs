@@ -65,6 +65,12 @@ pub struct Metrics {
     /// Network namespaces the socket closer entered, failed to enter, or could not see
     /// (processes skipped).
     socket_namespaces: Family<Labels, Counter>,
+    /// Passes of the socket closer, by whether they looked into every namespace.
+    socket_passes: Family<Labels, Counter>,
+    /// Sockets the closer looked at, and the time its passes took (wall and CPU).
+    sockets_scanned: Counter,
+    socket_pass_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    socket_pass_cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
 pub type Shared = Arc<Metrics>;
@@ -106,6 +112,10 @@ impl Metrics {
             sockets_destroyed: Counter::default(),
             socket_destroy_errors: Counter::default(),
             socket_namespaces: Family::default(),
+            socket_passes: Family::default(),
+            sockets_scanned: Counter::default(),
+            socket_pass_seconds: Counter::default(),
+            socket_pass_cpu_seconds: Counter::default(),
         };
         m.register();
         if let Some(pin_path) = pin_path {
@@ -198,6 +208,17 @@ impl Metrics {
                 .get_or_create(&vec![("result".into(), result.into())])
                 .inc_by(n as u64);
         }
+        let result = if pass.unvisited > 0 {
+            "out_of_time"
+        } else {
+            "complete"
+        };
+        self.socket_passes
+            .get_or_create(&vec![("result".into(), result.into())])
+            .inc();
+        self.sockets_scanned.inc_by(pass.scanned as u64);
+        self.socket_pass_seconds.inc_by(pass.elapsed.as_secs_f64());
+        self.socket_pass_cpu_seconds.inc_by(pass.cpu.as_secs_f64());
     }
 
     /// The OpenMetrics text of every metric.
@@ -317,6 +338,26 @@ impl Metrics {
             "lb_socket_closer_namespaces",
             "Network namespaces the stale-socket closer entered, failed to enter (setns: CAP_SYS_ADMIN), or processes it could not see (hostPID, CAP_SYS_PTRACE), by result",
             self.socket_namespaces.clone(),
+        );
+        r.register(
+            "lb_socket_closer_passes",
+            "Passes of the stale-socket closer, by result: complete, or out_of_time (the namespaces left wait for the next pass; --socket-closer-budget)",
+            self.socket_passes.clone(),
+        );
+        r.register(
+            "lb_socket_closer_sockets_scanned",
+            "Sockets the stale-socket closer looked at in the namespaces it entered",
+            self.sockets_scanned.clone(),
+        );
+        r.register(
+            "lb_socket_closer_pass_seconds",
+            "Time the stale-socket closer's passes took",
+            self.socket_pass_seconds.clone(),
+        );
+        r.register(
+            "lb_socket_closer_cpu_seconds",
+            "CPU time (user and system) the stale-socket closer's passes used",
+            self.socket_pass_cpu_seconds.clone(),
         );
         r.register(
             "lb_map_full",
@@ -501,6 +542,9 @@ mod tests {
             errors: vec!["e".into()],
             namespaces: 2,
             skipped: 5,
+            scanned: 40,
+            unvisited: 1,
+            cpu: Duration::from_millis(250),
             ..Default::default()
         };
         std::thread::spawn(move || a.sockets_closed(&pass))
@@ -522,6 +566,9 @@ mod tests {
             "lb_socket_destroy_errors_total 1\n",
             "lb_socket_closer_namespaces_total{result=\"entered\"} 2\n",
             "lb_socket_closer_namespaces_total{result=\"skipped\"} 5\n",
+            "lb_socket_closer_passes_total{result=\"out_of_time\"} 1\n",
+            "lb_socket_closer_sockets_scanned_total 40\n",
+            "lb_socket_closer_cpu_seconds_total 0.25\n",
             "lb_drift_repairs_total 2\n",
             "lb_frontend_conflicts 4\n",
             "lb_programmed_services 7\n",

@@ -3,6 +3,7 @@
 //! * [`lab`]: a one-machine cluster in network namespaces (node, pods, a client cgroup),
 //!   pod servers and probes, and the agent as a process;
 //! * [`cluster`]: an outside client and two nodes on one LAN, for the packet level;
+//! * [`client_pods`]: many client pods holding many sockets, for the socket closer;
 //! * [`fake_api`]: a fake Kubernetes API server over real HTTP, for the API source;
 //! * [`load`]: the benchmark's load generator and servers;
 //! * [`kube_proxy_rules`]: kube-proxy's iptables and nftables rules, to compare against;
@@ -13,6 +14,7 @@
 //! generator); [`binary`] finds it and the agent for tests.
 
 pub mod bench;
+pub mod client_pods;
 pub mod cluster;
 pub mod demo;
 pub mod fake_api;

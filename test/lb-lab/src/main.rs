@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lb_lab::{
-    bench, demo, flood,
+    bench, client_pods, demo, flood,
     lab::{self, ProbeMode, ProbeOptions},
     load,
 };
@@ -68,6 +68,14 @@ enum Cmd {
         #[arg(long)]
         direct: std::net::SocketAddr,
     },
+    /// SOCKETS UDP sockets connected to TARGET; prints how many (JSON), then for each
+    /// line from stdin how many of them were closed under it (ECONNABORTED).
+    HoldMany {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        sockets: usize,
+    },
     /// One unconnected UDP socket to TARGET, driven from stdin: `send N` (N exchanges),
     /// `queue` (a datagram whose reply stays queued), `read` (one reply); prints what
     /// answered each line as JSON.
@@ -100,9 +108,10 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         transfer_mb: u64,
         /// Which benchmarks: socket (ClusterIP, from the node), nodeport (from outside),
-        /// control (our agent's cold start and changes only, part of socket).
-        #[arg(long, value_delimiter = ',', default_value = "socket,nodeport",
-              value_parser = ["socket", "nodeport", "control"])]
+        /// control (our agent's cold start and changes only, part of socket), closer
+        /// (the stale-socket closer: 10,000 sockets in 100 pods).
+        #[arg(long, value_delimiter = ',', default_value = "socket,nodeport,closer",
+              value_parser = ["socket", "nodeport", "control", "closer"])]
         paths: Vec<String>,
     },
     /// Exchange COUNT requests with TARGET and print, as JSON, who answered and which errors.
@@ -217,6 +226,7 @@ fn main() -> ExitCode {
         }
         Cmd::Waiter { target } => load::waiter(target),
         Cmd::Hold { service, direct } => load::hold(service, direct),
+        Cmd::HoldMany { target, sockets } => client_pods::hold_many(target, sockets),
         Cmd::UdpSocket { target, timeout_ms } => {
             lab::udp_socket(target, Duration::from_millis(timeout_ms))
         }

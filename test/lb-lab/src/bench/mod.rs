@@ -6,6 +6,7 @@
 //! `nodeport.json`, `report.md` and `rates.svg`.
 
 mod api_source;
+mod closer;
 mod concurrent;
 mod nodeport;
 mod report;
@@ -54,7 +55,7 @@ pub struct BenchOptions {
     /// MB echoed by the NodePort benchmark's bulk transfer.
     pub transfer_mb: u64,
     /// Which benchmarks: "socket", "nodeport", "control" (our agent's cold start and
-    /// changes only; part of "socket").
+    /// changes only; part of "socket"), "closer" (the stale-socket closer).
     pub paths: Vec<String>,
 }
 
@@ -455,6 +456,7 @@ struct Outputs {
     concurrent: Vec<ConcurrentRecord>,
     control: Vec<ControlPlane>,
     node_port: Vec<nodeport::NodePortRecord>,
+    closer: Vec<closer::CloserRecord>,
 }
 
 /// The load of one variant's run: `clients` clients of `opts.count` requests each, after
@@ -757,6 +759,9 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
             out.node_port.extend(nodeport::bench_node_port(opts, n)?);
         }
     }
+    if wants("closer") {
+        out.closer.push(closer::bench_closer(opts)?);
+    }
     let write = |name: &str, json: String| std::fs::write(opts.out.join(name), json);
     write("results.json", serde_json::to_string_pretty(&out.records)?)?;
     write(
@@ -771,6 +776,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         "nodeport.json",
         serde_json::to_string_pretty(&out.node_port)?,
     )?;
+    write("closer.json", serde_json::to_string_pretty(&out.closer)?)?;
     let mut md = report(&out.records, &out.control);
     if !out.concurrent.is_empty() {
         md.push_str(&concurrent::report(&out.concurrent));
@@ -778,11 +784,14 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     if !out.node_port.is_empty() {
         md.push_str(&nodeport::node_port_report(&out.node_port));
     }
+    if !out.closer.is_empty() {
+        md.push_str(&closer::closer_report(&out.closer));
+    }
     std::fs::write(opts.out.join("report.md"), &md)?;
     std::fs::write(opts.out.join("rates.svg"), svg(&out.records))?;
     println!("{md}");
     println!(
-        "bench: wrote results.json, concurrent.json, control_plane.json, nodeport.json, report.md and rates.svg to {}",
+        "bench: wrote results.json, concurrent.json, control_plane.json, nodeport.json, closer.json, report.md and rates.svg to {}",
         opts.out.display()
     );
     Ok(())
