@@ -335,3 +335,86 @@ fn a_size_flag_that_differs_from_a_pinned_map_is_refused_with_the_way_to_resize(
     );
     assert!(!attached(&cgroup.path).contains("lb_"));
 }
+
+/// The programs attached to `cgroup` as "attach type, name" lines (program ids left
+/// out: a start that adopts the links updates them to its own programs).
+fn attached_names(cgroup: &Path) -> Vec<String> {
+    attached(cgroup)
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split_whitespace()
+                .filter(|w| !w.bytes().all(|b| b.is_ascii_digit()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+/// The pins under `pin` (maps, and links under links/), by path.
+fn pins(pin: &Path) -> Vec<PathBuf> {
+    let mut all: Vec<PathBuf> = [pin.to_path_buf(), pin.join("links")]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|d| d.flatten().map(|e| e.path()))
+        .collect();
+    all.sort();
+    all
+}
+
+/// An interface name no test creates: the start fails after the cgroup programs are
+/// attached (the packet level comes after them).
+const NO_SUCH_IFACE: &str = "lb-nosuch0";
+
+#[test]
+fn a_start_that_fails_after_attaching_leaves_nothing_behind() {
+    require_root();
+    let cgroup = Cgroup::create(&lab::unique_prefix("failstart")).unwrap();
+    let pin = pin_path("failstart");
+    let out = run_agent_with(&[], &cgroup.path, &pin, &["--interface", NO_SUCH_IFACE]);
+    let left = pins(&pin);
+    let pin_dir_left = pin.exists();
+    lb_user::datapath::loader::remove_pins(&pin);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("--interface {NO_SUCH_IFACE}: no such interface")),
+        "{err}"
+    );
+    // It failed after attaching every cgroup program.
+    assert!(err.contains("attached=9"), "{err}");
+    assert!(err.contains("the start failed: removed the"), "{err}");
+    assert!(left.is_empty() && !pin_dir_left, "left behind: {left:?}");
+    // Unpinned links are released by the kernel shortly after (bounded wait).
+    let detached = lab::wait_for(Duration::from_secs(5), || {
+        (!attached(&cgroup.path).contains("lb_")).then_some(())
+    });
+    assert!(detached.is_some(), "{}", attached(&cgroup.path));
+}
+
+#[test]
+fn a_failed_start_on_an_earlier_agents_pins_keeps_them() {
+    let mut fx = Fixture::new("failadopt", 1, &[("web.yaml", service("web", WEB_IP, 80))]);
+    let (pin, cgroup) = (fx.agent.pin_path.clone(), fx.lab.cgroup.path.clone());
+    // Stopped: its pins stay and keep serving.
+    let status = fx.agent.child.terminate(Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "{}", fx.agent.log());
+    let (pins_before, attached_before) = (pins(&pin), attached_names(&cgroup));
+    assert!(
+        attached_before.iter().filter(|l| l.contains("lb_")).count() == 9,
+        "{attached_before:?}"
+    );
+
+    let out = run_agent_with(&[], &cgroup, &pin, &["--interface", NO_SUCH_IFACE]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("updated=9"), "it adopted the links: {err}");
+    assert!(
+        err.contains("the start failed: removed the 0 pins"),
+        "{err}"
+    );
+    assert_eq!(pins(&pin), pins_before);
+    assert_eq!(attached_names(&cgroup), attached_before);
+    // The earlier agent's datapath still serves: no endpoints, so refused at once.
+    assert_eq!(fx.probe(WEB_IP, 1).errors.get("ECONNREFUSED"), Some(&1));
+}

@@ -333,7 +333,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
             closer_lacks.join(" and ")
         );
     }
-    let (mut ebpf, pin_lock) = loader::load_and_attach(
+    let (mut ebpf, mut pin_lock) = loader::load_and_attach(
         &opts.pin_path,
         &cgroup,
         opts.bpf_log_level(),
@@ -400,6 +400,8 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         packet: Some(packet),
     };
     let bpf_stats = opts.bpf_stats.then(enable_bpf_stats).flatten();
+    // From here a failure no longer undoes what this start pinned.
+    pin_lock.started();
     Ok(Running {
         agent,
         tasks,

@@ -8,17 +8,16 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
-        tc,
+        tc::{self, NlOptions, TcAttachOptions},
     },
-    util::KernelVersion,
 };
 use lb_common::PINNED_MAPS;
 
 use std::os::fd::AsFd as _;
 
-use super::{iface::Iface, sys};
+use super::{checks, iface::Iface, sys};
 
 /// The programs, built by lb-user's build script from lb-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -108,6 +107,22 @@ pub enum LoadError {
         "--pin-path {path}: another agent is running on it (it holds the directory's lock); stop it first, or give this one another --pin-path"
     )]
     Busy { path: PathBuf },
+    #[error(
+        "program {name}: the kernel refused to load it ({errno}); the verifier's last lines:\n{last}\n(`LB_LOG=debug` logs the whole verifier output)"
+    )]
+    Verifier {
+        name: &'static str,
+        errno: std::io::Error,
+        last: String,
+    },
+    #[error(
+        "--interface {iface}: this kernel lacks {missing}: the packet level cannot run on it (the socket level does; every feature was measured to work on {measured})"
+    )]
+    PacketLevel {
+        iface: String,
+        missing: String,
+        measured: &'static str,
+    },
     #[error("--interface {iface}: attaching {name}: {source}")]
     Attach {
         iface: String,
@@ -285,7 +300,8 @@ pub fn open_cgroup(path: &Path) -> Result<File, LoadError> {
 
 /// Loads the object with its maps pinned under `pin_dir` (reusing maps already pinned
 /// there, so a restarted agent keeps the datapath), loads every program and attaches it
-/// to `cgroup` (see [`attach_cgroup`]).
+/// to `cgroup` (see [`attach_cgroup`]). Until [`PinLock::started`] is called on the
+/// returned lock, dropping it removes what this start pinned (see [`StartJournal`]).
 pub fn load_and_attach(
     pin_dir: &Path,
     cgroup_path: &Path,
@@ -293,8 +309,10 @@ pub fn load_and_attach(
     sizes: &MapSizes,
 ) -> Result<(Ebpf, PinLock), LoadError> {
     let cgroup = open_cgroup(cgroup_path)?;
+    let dir_existed = std::fs::symlink_metadata(pin_dir).is_ok();
     prepare_pin_dir(pin_dir)?;
-    let lock = PinLock::take(pin_dir)?;
+    let mut lock = PinLock::take(pin_dir)?;
+    lock.journal = Some(StartJournal::record(pin_dir, dir_existed));
     check_pinned_layout(pin_dir)?;
     check_pinned_sizes(pin_dir, sizes)?;
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
@@ -308,8 +326,10 @@ pub fn load_and_attach(
     }
     loader.override_global("AYA_LOG_LEVEL", &bpf_log_level, false);
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Load)?;
-    attach_cgroup(&mut ebpf, pin_dir, cgroup_path, &cgroup)?;
-    remove_stale_maps(pin_dir);
+    let cgroup_id = attach_cgroup(&mut ebpf, pin_dir, cgroup_path, &cgroup)?;
+    if let Some(journal) = lock.journal.as_mut() {
+        journal.cgroup_id = Some(cgroup_id);
+    }
     Ok((ebpf, lock))
 }
 
@@ -401,9 +421,101 @@ impl MapSizes {
 
 /// An exclusive lock on the pin directory (flock), held while an agent or a cleanup
 /// works on it: two agents on one pin path would undo each other's writes.
-pub struct PinLock(#[expect(dead_code, reason = "held for its lock")] File);
+pub struct PinLock {
+    _dir: File,
+    /// While a start may still fail: what the pin directory held before it.
+    journal: Option<StartJournal>,
+}
+
+/// What the pin directory held before a start loaded anything. If the start fails,
+/// every pin it made (maps, and links, whose removal detaches them) is removed, and what
+/// an earlier agent pinned there is kept, as it was.
+struct StartJournal {
+    pin_dir: PathBuf,
+    /// Whether the pin directory and its links/ existed.
+    dir_existed: bool,
+    links_existed: bool,
+    /// The pins found (maps, and links under links/).
+    before: std::collections::BTreeSet<PathBuf>,
+    /// The cgroup the start attached to, once it has.
+    cgroup_id: Option<u64>,
+}
+
+/// The files in `dir` and in `dir`/links.
+fn pins_under(dir: &Path) -> std::collections::BTreeSet<PathBuf> {
+    [dir.to_path_buf(), dir.join("links")]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|entries| entries.flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
+impl StartJournal {
+    fn record(pin_dir: &Path, dir_existed: bool) -> Self {
+        Self {
+            pin_dir: pin_dir.to_path_buf(),
+            dir_existed,
+            links_existed: pin_dir.join("links").is_dir(),
+            before: pins_under(pin_dir),
+            cgroup_id: None,
+        }
+    }
+
+    /// Removes what the start pinned; returns how many pins.
+    fn roll_back(&self) -> usize {
+        let Self {
+            pin_dir,
+            dir_existed,
+            links_existed,
+            before,
+            cgroup_id: _,
+        } = self;
+        let made: Vec<PathBuf> = pins_under(pin_dir)
+            .into_iter()
+            .filter(|p| !before.contains(p))
+            .collect();
+        for p in &made {
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::warn!(pin = %p.display(), "removing a pin of the failed start: {e}");
+            }
+        }
+        if !links_existed {
+            let _ = std::fs::remove_dir(pin_dir.join("links"));
+        }
+        if !dir_existed {
+            let _ = std::fs::remove_dir(pin_dir);
+        }
+        made.len()
+    }
+}
+
+impl Drop for PinLock {
+    /// A start that did not succeed leaves nothing behind (the lock is released after).
+    fn drop(&mut self) {
+        if let Some(journal) = self.journal.take() {
+            let removed = journal.roll_back();
+            tracing::warn!(
+                pin_path = %journal.pin_dir.display(),
+                "the start failed: removed the {removed} pins it made (maps, and links, which detaches their programs); what an earlier agent pinned is kept"
+            );
+        }
+    }
+}
 
 impl PinLock {
+    /// The start succeeded: what it pinned stays. Now the pins it replaced go: the
+    /// links of a cgroup no longer used and maps of an older layout.
+    pub fn started(&mut self) {
+        if let Some(journal) = self.journal.take() {
+            if let Some(id) = journal.cgroup_id {
+                remove_stale_cgroup_links(&journal.pin_dir, id);
+            }
+            remove_stale_maps(&journal.pin_dir);
+        }
+    }
+
     pub fn take(pin_dir: &Path) -> Result<Self, LoadError> {
         use std::os::fd::AsRawFd as _;
         let err = |why: String| LoadError::PinPath {
@@ -422,7 +534,10 @@ impl PinLock {
                 err(format!("cannot lock it: {e}"))
             });
         }
-        Ok(Self(dir))
+        Ok(Self {
+            _dir: dir,
+            journal: None,
+        })
     }
 }
 
@@ -509,14 +624,15 @@ fn cgroup_link_pin(pin_dir: &Path, name: &str, cgroup_id: u64) -> PathBuf {
 /// Attaches every sock_addr program to `cgroup` through a link pinned under `pin_dir`,
 /// so the programs stay attached while no agent runs (a crash, SIGTERM, an upgrade). A
 /// link already pinned there gets the new program in place (`BPF_LINK_UPDATE`): the hook
-/// never runs without a program, so a restart or an upgrade drops no connection. Links
-/// of another cgroup (an earlier `--cgroup`) are unpinned, which detaches them.
+/// never runs without a program, so a restart or an upgrade drops no connection.
+/// Returns the cgroup's id ([`PinLock::started`] then unpins the links of another
+/// cgroup, an earlier `--cgroup`, which detaches them).
 pub fn attach_cgroup(
     ebpf: &mut Ebpf,
     pin_dir: &Path,
     cgroup_path: &Path,
     cgroup: &File,
-) -> Result<(), LoadError> {
+) -> Result<u64, LoadError> {
     let cg_err = |why: String| LoadError::Cgroup {
         path: cgroup_path.to_path_buf(),
         why,
@@ -527,6 +643,9 @@ pub fn attach_cgroup(
         path: pin_dir.to_path_buf(),
         why: format!("creating links/: {e}"),
     })?;
+    // Every program through the verifier before the first is attached: a refusal leaves
+    // the cgroup's links as they were.
+    load_cgroup_programs(ebpf)?;
     let (mut updated, mut attached) = (0, 0);
     for name in CGROUP_PROGRAMS {
         let path = cgroup_link_pin(pin_dir, name, cgroup_id);
@@ -559,13 +678,65 @@ pub fn attach_cgroup(
         }
     }
     tracing::info!(updated, attached, cgroup = %cgroup_path.display(), "cgroup links pinned under {}", pin_dir.join("links").display());
-    remove_stale_cgroup_links(pin_dir, cgroup_id);
+    Ok(cgroup_id)
+}
+
+/// Loads every cgroup program (each verified by the kernel).
+fn load_cgroup_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    for name in CGROUP_PROGRAMS {
+        let loaded = match ebpf.program_mut(name) {
+            Some(aya::programs::Program::CgroupSockAddr(p)) => p.load(),
+            Some(aya::programs::Program::CgroupSock(p)) => p.load(),
+            _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+        };
+        loaded.map_err(|e| load_error(name, e))?;
+    }
     Ok(())
+}
+
+/// How many lines of the verifier's output an error quotes.
+const VERIFIER_LINES: usize = 6;
+
+/// `source`, an error of loading program `name`, as the agent reports it: a refusal
+/// names the program and quotes the verifier's last lines (the whole output is logged
+/// at debug level).
+pub fn load_error(name: &'static str, source: aya::programs::ProgramError) -> LoadError {
+    match source {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            tracing::debug!(program = name, "the verifier's output:\n{log}");
+            LoadError::Verifier {
+                name,
+                errno: io_error,
+                last: last_lines(&log, VERIFIER_LINES),
+            }
+        }
+        source => LoadError::Program { name, source },
+    }
+}
+
+/// The last `n` lines of `log` that are not blank, indented.
+fn last_lines(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return "  (none)".into();
+    }
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// What [`attach_one`] needs of a cgroup program (sock_addr or sock).
 trait CgroupProgram {
-    fn load(&mut self) -> Result<(), aya::programs::ProgramError>;
     fn prog_fd(&self) -> Result<&aya::programs::ProgramFd, aya::programs::ProgramError>;
     /// Attaches to `cgroup` and takes the new link out of the program's keeping.
     fn attach_link(&mut self, cgroup: &File) -> Result<FdLink, aya::programs::ProgramError>;
@@ -574,9 +745,6 @@ trait CgroupProgram {
 macro_rules! cgroup_program {
     ($ty:ty) => {
         impl CgroupProgram for $ty {
-            fn load(&mut self) -> Result<(), aya::programs::ProgramError> {
-                <$ty>::load(self)
-            }
             fn prog_fd(&self) -> Result<&aya::programs::ProgramFd, aya::programs::ProgramError> {
                 self.fd()
             }
@@ -597,7 +765,7 @@ macro_rules! cgroup_program {
 cgroup_program!(CgroupSockAddr);
 cgroup_program!(CgroupSock);
 
-/// Loads one cgroup program and puts it on the cgroup: into the link pinned at `path`
+/// Puts one loaded cgroup program on the cgroup: into the link pinned at `path`
 /// if there is one (`None` returned: nothing to pin), else through a new link, returned
 /// to be pinned.
 fn attach_one(
@@ -607,7 +775,6 @@ fn attach_one(
     cgroup: &File,
 ) -> Result<Option<FdLink>, LoadError> {
     let perr = |source| LoadError::Program { name, source };
-    prog.load().map_err(perr)?;
     if path.exists() {
         let prog_fd = prog.prog_fd().map_err(perr)?.as_fd();
         match sys::obj_get(path).and_then(|link| sys::link_update(link.as_fd(), prog_fd)) {
@@ -648,18 +815,26 @@ fn link_pin(pin_dir: &Path, name: &str, iface: &str) -> PathBuf {
 }
 
 /// Loads the tc programs and attaches them to every interface in `ifaces`. With TCX
-/// (kernel 6.6+) each link is pinned under `pin_dir`, so the programs stay attached
-/// while no agent runs; a link found pinned there is updated to the new program in one
-/// step (an upgrade or restart drops nothing). Without TCX they go on a clsact qdisc
-/// (said in the log) and are detached when `ebpf` drops.
+/// (probed; kernel 6.6+) each link is pinned under `pin_dir`, so the programs stay
+/// attached while no agent runs; a link found pinned there is updated to the new
+/// program in one step (an upgrade or restart drops nothing). Without TCX they go on a
+/// clsact qdisc (the start said so once) and are detached when `ebpf` drops. A kernel
+/// that lacks a feature the tc programs need is refused, naming it.
 pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, ifaces: &[Iface]) -> Result<(), LoadError> {
-    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
     remove_stale_links(pin_dir, ifaces);
-    if ifaces.is_empty() {
+    let Some(first) = ifaces.first() else {
         return Ok(());
+    };
+    let missing = checks::missing(checks::Need::PacketLevel);
+    if !missing.is_empty() {
+        return Err(LoadError::PacketLevel {
+            iface: first.name.clone(),
+            missing: checks::describe(&missing),
+            measured: checks::MEASURED,
+        });
     }
+    let tcx = checks::has(checks::TCX);
     if !tcx {
-        tracing::info!("this kernel has no TCX (6.6+): the tc programs go on clsact qdiscs");
         for i in ifaces {
             // An existing clsact qdisc is fine.
             if let Err(e) = tc::qdisc_add_clsact(&i.name)
@@ -678,7 +853,7 @@ pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, ifaces: &[Iface]) -> Result<()
             .map_err(perr)?;
         // Loaded once; a later call (the node's addresses changed) only re-attaches.
         if prog.fd().is_err() {
-            prog.load().map_err(perr)?;
+            prog.load().map_err(|e| load_error(name, e))?;
         }
         for i in ifaces {
             let attach_err = |source| LoadError::Attach {
@@ -687,7 +862,9 @@ pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, ifaces: &[Iface]) -> Result<()
                 source,
             };
             if !tcx {
-                prog.attach(&i.name, attach_type).map_err(attach_err)?;
+                let netlink = TcAttachOptions::Netlink(NlOptions::default());
+                prog.attach_with_options(&i.name, attach_type, netlink)
+                    .map_err(attach_err)?;
                 continue;
             }
             let path = link_pin(pin_dir, name, &i.name);
@@ -704,7 +881,11 @@ pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, ifaces: &[Iface]) -> Result<()
                         .map_err(|e: LinkError| pin_err(format!("adopting it: {e}")))?;
                     prog.attach_to_link(link).map_err(attach_err)?
                 }
-                Err(_) => prog.attach(&i.name, attach_type).map_err(attach_err)?,
+                Err(_) => {
+                    let first = TcAttachOptions::TcxOrder(LinkOrder::default());
+                    prog.attach_with_options(&i.name, attach_type, first)
+                        .map_err(attach_err)?
+                }
             };
             let link: FdLink = prog
                 .take_link(id)
@@ -912,5 +1093,62 @@ mod tests {
         assert!(left.contains(&"lb_tc_ingress_eth0".to_string()), "{left:?}");
         assert!(!left.contains(&"lb_connect4_cg7".to_string()), "{left:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_start_removes_only_the_pins_it_made() {
+        let dir = std::env::temp_dir().join(format!("lb-journal-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("links")).unwrap();
+        // An earlier agent's pins.
+        for f in ["LB_SERVICES_V1", "links/lb_connect4_cg7"] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        let journal = StartJournal::record(&dir, true);
+        for f in ["LB_CT_V1", "links/lb_tc_ingress_eth0"] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        assert_eq!(journal.roll_back(), 2);
+        let left: Vec<PathBuf> = pins_under(&dir).into_iter().collect();
+        assert_eq!(
+            left,
+            vec![
+                dir.join("LB_SERVICES_V1"),
+                dir.join("links/lb_connect4_cg7")
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // A pin directory the start made goes with its pins.
+        let fresh = StartJournal::record(&dir, false);
+        std::fs::create_dir_all(dir.join("links")).unwrap();
+        std::fs::write(dir.join("links/lb_connect4_cg7"), "").unwrap();
+        std::fs::write(dir.join("LB_CT_V1"), "").unwrap();
+        assert_eq!(fresh.roll_back(), 2);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_verifier_refusal_names_the_program_and_quotes_the_last_lines() {
+        let log = "0: (bf) r6 = r1\n1: (85) call pc+12\n2: (b7) r0 = 0\n3: (95) exit\n\ncombined stack size of 6 calls is 544. Too large\nverification time 1234 usec\nstack depth 64+96+128+64+96+96\nprocessed 1234 insns (limit 1000000) max_states_per_insn 4 total_states 98 peak_states 98 mark_read 12\n";
+        let err = load_error(
+            "lb_tc_ingress",
+            aya::programs::ProgramError::LoadError {
+                io_error: std::io::Error::from_raw_os_error(libc::EACCES),
+                verifier_log: aya_obj::VerifierLog::new(log.into()),
+            },
+        )
+        .to_string();
+        assert!(
+            err.starts_with("program lb_tc_ingress: the kernel refused to load it ("),
+            "{err}"
+        );
+        assert!(
+            err.contains("\n  combined stack size of 6 calls is 544. Too large\n"),
+            "{err}"
+        );
+        assert!(err.contains("  processed 1234 insns"), "{err}");
+        // Only the last lines.
+        assert!(!err.contains("r6 = r1"), "{err}");
+        assert_eq!(last_lines("", 6), "  (none)");
     }
 }

@@ -449,6 +449,19 @@ impl Collector for DatapathCollector {
             let help = "What the tc programs' connection tracking did besides drops, by event";
             encode_tally(&mut encoder, ("lb_ct_events", help), "event", events)?;
         }
+        // What the start's probes found (each probed once).
+        let features = Family::<Labels, Gauge>::default();
+        for (name, has) in crate::datapath::checks::probed() {
+            let labels = vec![("name".into(), name.to_string())];
+            features.get_or_create(&labels).set(i64::from(has));
+        }
+        let help = "Whether this kernel has each feature the programs use (1) or lacks it (0), as probed at start; the log says what the agent does without one";
+        features.encode(encoder.encode_descriptor(
+            "lb_kernel_feature",
+            help,
+            None,
+            features.metric_type(),
+        )?)?;
         Ok(())
     }
 }
