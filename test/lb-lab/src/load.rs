@@ -80,6 +80,9 @@ pub struct LoadSpec {
     pub warmup: usize,
     /// Clients running at once, each a thread of its own.
     pub clients: usize,
+    /// Each request to a target drawn at random (else round-robin): the pattern a
+    /// service's random backend choice gives, for the direct variants to match it.
+    pub random: bool,
 }
 
 impl LoadSpec {
@@ -91,6 +94,7 @@ impl LoadSpec {
             timeout: Duration::from_secs(1),
             warmup: 0,
             clients: 1,
+            random: false,
         }
     }
 
@@ -109,6 +113,9 @@ impl LoadSpec {
         ]
         .map(String::from)
         .into();
+        if self.random {
+            args.push("--random".into());
+        }
         for t in &self.targets {
             args.extend(["--target".into(), t.to_string()]);
         }
@@ -150,10 +157,37 @@ fn request(mode: LoadMode, target: SocketAddr, timeout: Duration) -> std::io::Re
     }
 }
 
+/// A small pseudo-random sequence (xorshift64*), seeded from the clock and `salt`.
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn seeded(salt: usize) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Self((now ^ (salt as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32
+    }
+}
+
 /// One client: `warmup` requests, then waits at `start` and makes `count` requests,
 /// round-robin over the targets from `first`; their latencies (ns) and the errors.
 fn client(spec: &LoadSpec, first: usize, start: &Barrier) -> (Vec<u64>, usize) {
-    let target = |i: usize| spec.targets[(first + i) % spec.targets.len()];
+    let mut draw = Xorshift::seeded(first);
+    let mut target = |i: usize| {
+        let k = if spec.random {
+            draw.next() as usize
+        } else {
+            first + i
+        };
+        spec.targets[k % spec.targets.len()]
+    };
     for i in 0..spec.warmup {
         let _ = request(spec.mode, target(i), spec.timeout);
     }

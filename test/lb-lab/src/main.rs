@@ -53,6 +53,9 @@ enum Cmd {
         /// Concurrent clients, each COUNT requests.
         #[arg(long, default_value_t = 1)]
         clients: usize,
+        /// Each request to a target drawn at random instead of round-robin.
+        #[arg(long)]
+        random: bool,
     },
     /// For each pod name read from stdin, connect to TARGET until that pod answers; print ok.
     Waiter {
@@ -216,10 +219,12 @@ fn main() -> ExitCode {
             mode,
             warmup,
             clients,
+            random,
         } => {
             let report = load::load(&load::LoadSpec {
                 warmup,
                 clients,
+                random,
                 ..load::LoadSpec::new(&target, count, mode)
             });
             print_json(&report)

@@ -777,7 +777,12 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&out.node_port)?,
     )?;
     write("closer.json", serde_json::to_string_pretty(&out.closer)?)?;
-    let mut md = report(&out.records, &out.control);
+    // The socket level's tables, if it ran (the other paths add theirs).
+    let mut md = if out.records.is_empty() && out.control.is_empty() {
+        String::from("# Benchmark report\n")
+    } else {
+        report(&out.records, &out.control)
+    };
     if !out.concurrent.is_empty() {
         md.push_str(&concurrent::report(&out.concurrent));
     }
