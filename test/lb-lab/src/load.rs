@@ -46,6 +46,11 @@ pub struct LoadReport {
     /// ran: client, servers and the kernel's work between them.
     #[serde(default)]
     pub cpu_us: f64,
+    /// The clients' own CPU time (their threads', user and system: the system calls
+    /// and the socket programs they run) over the counted requests, ns. Other load on
+    /// the machine barely moves it, unlike a rate.
+    #[serde(default)]
+    pub client_cpu_ns: u64,
 }
 
 impl LoadReport {
@@ -56,6 +61,14 @@ impl LoadReport {
     /// How many CPUs the machine kept busy on average while the clients ran.
     pub fn busy_cores(&self) -> f64 {
         self.cpu_us * 1e3 / self.elapsed_ns as f64
+    }
+
+    /// The clients' own CPU per successful request (µs); NaN when nothing succeeded.
+    pub fn client_cpu_us_per_request(&self) -> f64 {
+        match self.count - self.errors {
+            0 => f64::NAN,
+            ok => self.client_cpu_ns as f64 / 1e3 / ok as f64,
+        }
     }
 
     /// Busy CPU per successful request (µs); NaN when nothing succeeded.
@@ -177,8 +190,9 @@ impl Xorshift {
 }
 
 /// One client: `warmup` requests, then waits at `start` and makes `count` requests,
-/// round-robin over the targets from `first`; their latencies (ns) and the errors.
-fn client(spec: &LoadSpec, first: usize, start: &Barrier) -> (Vec<u64>, usize) {
+/// round-robin over the targets from `first`; their latencies (ns), the errors and the
+/// thread's CPU time (ns).
+fn client(spec: &LoadSpec, first: usize, start: &Barrier) -> (Vec<u64>, usize, u64) {
     let mut draw = Xorshift::seeded(first);
     let mut target = |i: usize| {
         let k = if spec.random {
@@ -192,6 +206,7 @@ fn client(spec: &LoadSpec, first: usize, start: &Barrier) -> (Vec<u64>, usize) {
         let _ = request(spec.mode, target(i), spec.timeout);
     }
     start.wait();
+    let cpu0 = thread_cpu_ns();
     let mut lat = Vec::with_capacity(spec.count);
     let mut errors = 0;
     for i in 0..spec.count {
@@ -201,7 +216,18 @@ fn client(spec: &LoadSpec, first: usize, start: &Barrier) -> (Vec<u64>, usize) {
             Err(_) => errors += 1,
         }
     }
-    (lat, errors)
+    (lat, errors, thread_cpu_ns().saturating_sub(cpu0))
+}
+
+/// The CPU time (user and system) the calling thread has used, ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) into a live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `lb-lab load`: the load generator. The clients start together once each has warmed
@@ -221,9 +247,9 @@ pub fn load(spec: &LoadSpec) -> LoadReport {
             .collect();
         start.wait();
         let (t0, cpu0) = (Instant::now(), crate::bench::busy_cpu_us().ok());
-        let results: Vec<(Vec<u64>, usize)> = threads
+        let results: Vec<(Vec<u64>, usize, u64)> = threads
             .into_iter()
-            .map(|t| t.join().unwrap_or_else(|_| (Vec::new(), spec.count)))
+            .map(|t| t.join().unwrap_or_else(|_| (Vec::new(), spec.count, 0)))
             .collect();
         let elapsed_ns = t0.elapsed().as_nanos() as u64;
         let cpu_us = match (cpu0, crate::bench::busy_cpu_us().ok()) {
@@ -234,6 +260,7 @@ pub fn load(spec: &LoadSpec) -> LoadReport {
         (results, elapsed_ns, cpu_us)
     });
     let errors = results.iter().map(|r| r.1).sum();
+    let client_cpu_ns = results.iter().map(|r| r.2).sum();
     let mut lat: Vec<u64> = results.into_iter().flat_map(|r| r.0).collect();
     lat.sort_unstable();
     let pct = |p: f64| -> u64 {
@@ -251,6 +278,7 @@ pub fn load(spec: &LoadSpec) -> LoadReport {
         p99_ns: pct(0.99),
         clients,
         cpu_us,
+        client_cpu_ns,
     }
 }
 

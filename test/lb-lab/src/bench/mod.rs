@@ -88,6 +88,13 @@ pub struct Record {
     /// sequential client and its server keep about one core busy; more is other load.
     #[serde(default = "nan")]
     pub busy_cores: f64,
+    /// The client's own CPU per request (µs, median over rounds), and its ratio to
+    /// direct's in the same round [median, min, max]: what the translation costs the
+    /// client, which other load barely moves.
+    #[serde(default = "nan")]
+    pub client_cpu_us: f64,
+    #[serde(default)]
+    pub client_cpu_vs_direct: [f64; 3],
 }
 
 fn nan() -> f64 {
@@ -680,8 +687,11 @@ fn measure_rates(
             .into_iter()
             .map(|k| variants[k])
         {
+            // The direct variants draw a pod at random per request, as the service's
+            // translation draws a backend: the variants differ only in the translation.
             let spec = LoadSpec {
                 targets: v.targets.clone(),
+                random: v.targets.len() > 1,
                 ..spec.clone()
             };
             let r = run_spec(&v.lab.lab_bin, &v.lab.node, Some(v.cgroup), &spec)?;
@@ -738,6 +748,13 @@ fn records_of(n: usize, mode: LoadMode, runs: &Runs) -> Vec<Record> {
             p99_vs_direct_min: p99[1],
             p99_vs_direct_max: p99[2],
             busy_cores: median(reports.iter().map(LoadReport::busy_cores).collect()),
+            client_cpu_us: median(
+                reports
+                    .iter()
+                    .map(LoadReport::client_cpu_us_per_request)
+                    .collect(),
+            ),
+            client_cpu_vs_direct: ratios(reports, direct, LoadReport::client_cpu_us_per_request),
         });
     }
     records

@@ -83,9 +83,11 @@ fn noise_table(md: &mut String, records: &[Record]) {
          the pods directly from the cgroup with our programs attached: what the hooks cost connections that are \
          not to a service. Busy cores: the machine's busy CPU during direct's runs (/proc/stat); one \
          sequential client and its server keep about one core busy, more is other load on the machine, which \
-         widens the noise floor.\n\n\
-         | services | proto | direct-aa / direct (noise floor) | direct-hooked / direct | socket-lb / direct (first) | busy cores |\n\
-         |---:|---|---|---|---|---:|\n",
+         widens the noise floor. Client CPU: the client thread's own CPU time per request (its system \
+         calls, and the socket programs they run), which other load barely moves, as a ratio to direct's in \
+         the same round.\n\n\
+         | services | proto | direct-aa / direct (noise floor) | direct-hooked / direct | socket-lb / direct (first) | busy cores | client CPU µs direct | client CPU aa / direct | client CPU hooked / direct | client CPU socket-lb / direct (first) |\n\
+         |---:|---|---|---|---|---:|---:|---|---|---|\n",
     );
     let mut groups: Vec<(usize, &str)> = records
         .iter()
@@ -97,12 +99,22 @@ fn noise_table(md: &mut String, records: &[Record]) {
         let cell =
             |variant, pos| find(records, variant, n, proto, pos).map_or("-".into(), rate_spread);
         let busy = find(records, "direct", n, proto, "-").map_or(f64::NAN, |r| r.busy_cores);
+        let cpu = find(records, "direct", n, proto, "-").map_or(f64::NAN, |r| r.client_cpu_us);
+        let cpu_cell = |variant, pos| {
+            find(records, variant, n, proto, pos).map_or("-".into(), |r| {
+                let [m, lo, hi] = r.client_cpu_vs_direct;
+                with_spread(m, lo, hi)
+            })
+        };
         let _ = writeln!(
             md,
-            "| {n} | {proto} | {} | {} | {} | {busy:.2} |",
+            "| {n} | {proto} | {} | {} | {} | {busy:.2} | {cpu:.1} | {} | {} | {} |",
             cell(DIRECT_AA, "-"),
             cell(DIRECT_HOOKED, "-"),
             cell("socket-lb", "first"),
+            cpu_cell(DIRECT_AA, "-"),
+            cpu_cell(DIRECT_HOOKED, "-"),
+            cpu_cell("socket-lb", "first"),
         );
     }
 }
@@ -434,6 +446,8 @@ mod tests {
             p99_vs_direct_min: 1.0,
             p99_vs_direct_max: 1.0,
             busy_cores: 1.0,
+            client_cpu_us: 20.0 * ratio,
+            client_cpu_vs_direct: [ratio, ratio, ratio],
         };
         let records = vec![
             rec("direct", "-", 1.0),
