@@ -8,11 +8,13 @@
 //! * [`ops`]: those operations and [`ops::Snapshot`], the maps' contents as plain data;
 //! * [`manifest`]: the manifest parser (YAML/JSON files and directories), with a fast
 //!   reader for the plain subset of YAML that manifests are usually written in;
+//! * [`maglev`]: Maglev lookup tables for the packet level's external traffic;
 //! * [`seam`]: [`seam::Datapath`], what the agent needs of the kernel's maps, and
 //!   [`seam::MemoryMaps`], an in-memory one with fault injection for tests.
 //!
 //! lb-user implements [`seam::Datapath`] over the pinned BPF maps and runs the loop.
 
+pub mod maglev;
 pub mod manifest;
 pub mod model;
 pub mod ops;
