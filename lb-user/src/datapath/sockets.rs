@@ -275,7 +275,12 @@ fn namespaces_of(cgroup: &Path, report: &mut Report) -> io::Result<BTreeMap<NsId
     let mut seen = BTreeMap::new();
     let mut dirs = vec![cgroup.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        let procs = fs::read_to_string(dir.join("cgroup.procs"))?;
+        let procs = match fs::read_to_string(dir.join("cgroup.procs")) {
+            Ok(p) => p,
+            // A pod's cgroup removed while the tree is walked: nothing to look into.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && dir != cgroup => continue,
+            Err(e) => return Err(e),
+        };
         for pid in procs.lines().filter(|l| !l.is_empty()) {
             if pid == "0" {
                 // A process outside this PID namespace.
@@ -301,7 +306,12 @@ fn namespaces_of(cgroup: &Path, report: &mut Report) -> io::Result<BTreeMap<NsId
                 }
             }
         }
-        for entry in fs::read_dir(&dir)?.flatten() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && dir != cgroup => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 dirs.push(entry.path());
             }
@@ -585,6 +595,30 @@ fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn namespaces_are_listed_once_and_vanished_cgroups_are_skipped() {
+        // A cgroup tree as files: this process twice (one namespace), a pod cgroup that
+        // went while the tree was walked (no cgroup.procs), and a process of another PID
+        // namespace.
+        let root = std::env::temp_dir().join(format!("lb-ns-walk-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("pod-a")).unwrap();
+        fs::create_dir_all(root.join("gone")).unwrap();
+        fs::create_dir_all(root.join("hidden")).unwrap();
+        let me = format!("{}\n", std::process::id());
+        fs::write(root.join("cgroup.procs"), &me).unwrap();
+        fs::write(root.join("pod-a/cgroup.procs"), &me).unwrap();
+        fs::write(root.join("hidden/cgroup.procs"), "0\n").unwrap();
+        let mut report = Report::default();
+        let found = namespaces_of(&root, &mut report).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(report.skipped, 1);
+        assert!(report.errors[0].contains("hostPID"), "{:?}", report.errors);
+        // The root itself gone is an error.
+        fs::remove_dir_all(&root).unwrap();
+        assert!(namespaces_of(&root, &mut Report::default()).is_err());
+    }
 
     #[test]
     fn requests_have_the_kernels_layout_and_replies_are_split() {
