@@ -321,6 +321,9 @@ pub struct Loaded {
 
 type Id = (Kind, ObjKey);
 
+/// An object and where in its file it is defined.
+type Located = (Object, Origin);
+
 /// One file as last read.
 #[derive(Debug)]
 struct FileEntry {
@@ -373,7 +376,7 @@ impl FileEntry {
         stamp: Option<Stamp>,
         limits: &Limits,
         part_documents: usize,
-        part: &mut dyn FnMut(&[(Object, Origin)]),
+        part: &mut dyn FnMut(&[Located]),
     ) -> Self {
         let name = file.display().to_string();
         let text = match read_text(file, limits.file_bytes) {
@@ -589,7 +592,7 @@ impl Cache {
         let mut handed_ids: HashSet<Id> = HashSet::new();
         // The handed objects, by address: the same object (shared) when it is in use.
         let mut handed: HashSet<usize> = HashSet::new();
-        let mut hand = |objects: &[(Object, Origin)]| {
+        let mut hand = |objects: &[Located]| {
             let changes: Vec<Change> = (objects.iter())
                 .filter(|(o, _)| handed_ids.insert((o.kind(), o.key())))
                 .map(|(o, _)| {
@@ -1388,7 +1391,10 @@ spec:
         // still being written.
         let n = PART_DOCUMENTS / 2 + 5;
         let mut a = services_and_slices(0, n);
-        a.push_str(&format!("---\n{}", svc("s1").replace("10.96.0.10", "10.96.9.9")));
+        a.push_str(&format!(
+            "---\n{}",
+            svc("s1").replace("10.96.0.10", "10.96.9.9")
+        ));
         tmp.write_old("a.yaml", &a);
         tmp.write_old("b.yaml", &svc("s0").replace("10.96.0.10", "10.96.8.8"));
         fs::write(tmp.0.join("c.yaml"), svc("young")).unwrap();

@@ -79,6 +79,9 @@ pub struct Programmed {
     /// Programmed frontends per (address, port, protocol): the frontend-ports map holds
     /// the keys counted here.
     port_refs: BTreeMap<FrontendPort, u32>,
+    /// Changed frontends that a part of a first sync left for later ([`Self::plan_new`]);
+    /// the next [`Self::plan_changes`] plans them.
+    deferred: BTreeSet<Frontend>,
 }
 
 /// The maps' capacities, as the plan counts them.
@@ -401,6 +404,7 @@ impl Programmed {
     /// and returns them in a safe order (see the module documentation). Looks at every
     /// frontend: for a first sync, or after the maps had to be read back.
     pub fn plan(&mut self, desired: &Desired) -> Plan {
+        self.deferred.clear();
         let gone: Vec<Frontend> = self
             .frontends
             .keys()
@@ -412,14 +416,28 @@ impl Programmed {
 
     /// [`Self::plan`] for the frontends in `changed` only (the others are known to be
     /// as desired): what a sync after a change costs is what the change touches.
+    /// Frontends left for later by [`Self::plan_new`] are planned too.
     pub fn plan_changes(&mut self, desired: &Desired, changed: &BTreeSet<Frontend>) -> Plan {
-        let retry: Vec<Frontend> = self
-            .skipped
-            .keys()
-            .filter(|fe| !changed.contains(fe))
+        let mut deferred = std::mem::take(&mut self.deferred);
+        deferred.retain(|fe| !changed.contains(fe));
+        let retry: Vec<Frontend> = (self.skipped.keys())
+            .filter(|fe| !changed.contains(fe) && !deferred.contains(fe))
             .copied()
             .collect();
-        self.plan_frontends(desired, changed.iter().chain(&retry))
+        self.plan_frontends(desired, changed.iter().chain(&deferred).chain(&retry))
+    }
+
+    /// The sync that completes a first sync made in parts: [`Self::plan_changes`], and
+    /// the programmed frontends not desired (an earlier agent's, whose objects are gone)
+    /// removed. As [`Self::plan`] would, without diffing again the frontends the parts
+    /// programmed.
+    pub fn plan_rest(&mut self, desired: &Desired, changed: &BTreeSet<Frontend>) -> Plan {
+        let gone: Vec<Frontend> = (self.frontends.keys())
+            .filter(|fe| !desired.frontends.contains_key(fe))
+            .copied()
+            .collect();
+        self.deferred.extend(gone);
+        self.plan_changes(desired, changed)
     }
 
     /// A part of a first sync made in parts (the source still reading): plans only the
@@ -427,8 +445,8 @@ impl Programmed {
     /// or on other nodes only), with their other-scope twin. Nothing programmed is
     /// removed or changed: the maps may hold the frontends of objects still to be read
     /// (an earlier agent's). A frontend with no endpoint waits, since its slices may come
-    /// in a later part: it is not refused in between. The sync that completes the first
-    /// sync plans in full ([`Self::plan`]).
+    /// in a later part: it is not refused in between. The frontends left out wait for
+    /// the sync that completes the first sync ([`Self::plan_rest`]).
     pub fn plan_new(&mut self, desired: &Desired, changed: &BTreeSet<Frontend>) -> Plan {
         let ready = |fe: &Frontend| {
             !self.frontends.contains_key(fe)
@@ -437,12 +455,12 @@ impl Programmed {
                     .get(fe)
                     .is_some_and(|s| !s.endpoints.is_empty() || s.no_local)
         };
-        let new: Vec<Frontend> = changed
-            .iter()
-            .filter(|fe| !self.frontends.contains_key(fe) && desired.frontends.contains_key(fe))
-            .filter(|fe| ready(fe) || ready(&other_scope(fe)))
-            .copied()
-            .collect();
+        let (new, later): (Vec<Frontend>, Vec<Frontend>) = changed.iter().partition(|fe| {
+            !self.frontends.contains_key(fe)
+                && desired.frontends.contains_key(fe)
+                && (ready(fe) || ready(&other_scope(fe)))
+        });
+        self.deferred.extend(later);
         self.plan_frontends(desired, new.iter())
     }
 
@@ -1849,7 +1867,11 @@ mod tests {
         // What an earlier agent left: fe 1 over backend 1, fe 4 (its object not read yet).
         let mut maps = Snapshot::default();
         let mut earlier = Programmed::default();
-        sync(&mut earlier, &mut maps, &desired(&[(fe(1, 80), &[1]), (fe(4, 80), &[4])]));
+        sync(
+            &mut earlier,
+            &mut maps,
+            &desired(&[(fe(1, 80), &[1]), (fe(4, 80), &[4])]),
+        );
         let mut prog = Programmed::adopt(&maps);
         // The first part: fe 1 changed, fe 2 new with an endpoint, fe 3 new with none yet.
         let part = desired(&[(fe(1, 80), &[2]), (fe(2, 80), &[3]), (fe(3, 80), &[])]);
@@ -1877,8 +1899,13 @@ mod tests {
         plan.ops().for_each(|op| maps.apply(op));
         assert_eq!(served(&maps)[&fe(3, 80)], BTreeSet::from([ip(5)]));
         assert!(served(&maps).contains_key(&fe(4, 80)));
-        // The sync that completes it plans in full: fe 1 moves, fe 4 goes.
-        sync(&mut prog, &mut maps, &more);
+        // The sync that completes it plans what the parts left: fe 1 moves, fe 4 goes.
+        let plan = prog.plan_rest(&more, &BTreeSet::new());
+        plan.ops().for_each(|op| {
+            maps.apply(op);
+            assert_consistent(&maps, op);
+        });
         assert_eq!(served(&maps), expected(&more));
+        assert!(prog.plan(&more).is_empty(), "nothing left to do");
     }
 }
