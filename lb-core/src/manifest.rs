@@ -613,9 +613,18 @@ impl Cache {
                 FileEntry::read_in_parts(&file, stamp, &self.limits, PART_DOCUMENTS, &mut hand);
             self.files.insert(file, entry);
         }
-        let ids: BTreeSet<Id> = self.files.values().flat_map(FileEntry::ids).collect();
-        let mut changes = self.changes(ids);
-        changes.retain(|c| !matches!(c, Change::Apply(o) if handed.contains(&address(o))));
+        // Each object's definition in use is its first file's (in name order), as in
+        // [`Self::changes`].
+        let mut in_use = HashSet::new();
+        let (mut changes, mut duplicated) = (Vec::new(), BTreeSet::new());
+        for object in self.files.values().flat_map(|f| &f.objects) {
+            if !in_use.insert(object.id()) {
+                duplicated.insert((object.kind(), object.key()));
+            } else if !handed.contains(&address(object)) {
+                changes.push(Change::Apply(object.clone()));
+            }
+        }
+        self.duplicated = duplicated;
         let mut warnings = walk.warnings;
         warnings.extend(self.warnings());
         Ok((changes, warnings))
