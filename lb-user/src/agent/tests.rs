@@ -360,7 +360,9 @@ async fn a_first_sync_in_parts_removes_nothing_and_refuses_nothing_before_its_en
     h.maps = earlier.maps.clone();
     h.agent.maps = earlier.maps.clone();
     assert_eq!((served(&h.maps, 1), served(&h.maps, 2)), (Some(2), Some(1)));
-    let (source, feed) = crate::source::PartFeeder::source("/nonexistent".into());
+    let dir = std::env::temp_dir().join(format!("lb-first-parts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (source, feed) = crate::source::PartFeeder::source(dir.clone());
     // Part 1: `new` with its slice, and `late`, whose slice comes in part 2.
     let (new_svc, new_slice) = service("new", 3, 1);
     let (late_svc, _) = service("late", 4, 0);
@@ -386,11 +388,17 @@ async fn a_first_sync_in_parts_removes_nothing_and_refuses_nothing_before_its_en
         "what the maps held stays until the end"
     );
     assert_eq!(syncs(&h.metrics), 0, "parts are not syncs");
+    // A file written while the parts came is read at the end with them.
+    let written = "apiVersion: v1\nkind: Service\nmetadata: {name: written, namespace: t}\n\
+                   spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}\n";
+    std::fs::write(dir.join("written.yaml"), written).unwrap();
     // The end: `kept` as read, `old` gone, one sync counted.
     feed.last(Vec::new());
     h.agent.sync(&source);
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(!source.reading_first());
     assert_eq!((served(&h.maps, 1), served(&h.maps, 2)), (Some(1), None));
     assert_eq!((served(&h.maps, 3), served(&h.maps, 4)), (Some(1), Some(3)));
+    assert_eq!(served(&h.maps, 5), Some(0), "no endpoints: refused");
     assert_eq!(syncs(&h.metrics), 1);
 }

@@ -92,7 +92,13 @@ impl Source {
                     Some(Taken::Part(changes)) => (changes, Vec::new()),
                     Some(Taken::Last(result)) => {
                         *first = None;
-                        result?
+                        let (mut changes, _) = result?;
+                        // A file written while it was read: the poller's news of it came
+                        // while parts did, so it is looked at now.
+                        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+                        let (more, warnings) = cache.refresh(path, SystemTime::now())?;
+                        changes.extend(more);
+                        (changes, warnings)
                     }
                     None => {
                         // Read (or the reader gone): from now on, by the poller's news.
