@@ -141,19 +141,12 @@ impl<D: Datapath> Agent<D> {
             total: started.elapsed(),
         };
         let written_at = SystemTime::now();
-        let m = &self.metrics;
         if part && result.is_ok() {
             self.part_synced(started, &times, programmed, writes);
             return;
         }
-        // The sync that completes a first sync made in parts is logged with the parts.
-        let times = match self.parts.take() {
-            Some(parts) if !part => parts.add(started, &times),
-            kept => {
-                self.parts = kept;
-                times
-            }
-        };
+        let times = self.with_parts(part, started, times);
+        let m = &self.metrics;
         match result {
             Ok(()) => {
                 let services = self.model.service_count();
@@ -217,6 +210,18 @@ impl<D: Datapath> Agent<D> {
             p.plan_changes(desired, changed)
         };
         Some((p, plan))
+    }
+
+    /// The times to log for a sync that started at `started`: with the parts', for the
+    /// sync that completes a first sync made in parts (which is then over).
+    fn with_parts(&mut self, part: bool, started: Instant, times: SyncTimes) -> SyncTimes {
+        match self.parts.take() {
+            Some(parts) if !part => parts.add(started, &times),
+            kept => {
+                self.parts = kept;
+                times
+            }
+        }
     }
 
     /// A part of a first sync made in parts written: logged, its times kept for the sync
