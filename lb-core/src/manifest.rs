@@ -18,7 +18,7 @@
 //!   stops at [`Limits`]: depth, bytes per file, number of files; each with a warning.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt, fs,
     io::Read as _,
     os::unix::fs::MetadataExt as _,
@@ -321,6 +321,9 @@ pub struct Loaded {
 
 type Id = (Kind, ObjKey);
 
+/// An object and where in its file it is defined.
+type Located = (Object, Origin);
+
 /// One file as last read.
 #[derive(Debug)]
 struct FileEntry {
@@ -359,40 +362,52 @@ impl FileEntry {
         let Loaded {
             objects,
             origins,
-            mut warnings,
+            warnings,
             broken: _,
         } = loaded;
-        // A saved object's resourceVersion and uid say nothing about a file's edits:
-        // dropped, so that a changed file is compared by content.
-        let unversioned = |m: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-            m.resource_version = None;
-            m.uid = None;
+        Self::from_objects(name, stamp, shared(objects, origins), warnings)
+    }
+
+    /// Reads `file` as [`Self::read`] does, handing `part` the objects of each
+    /// `part_documents` documents as soon as they are parsed (for the first read: a
+    /// file seen for the first time has no last good objects to keep).
+    fn read_in_parts(
+        file: &Path,
+        stamp: Option<Stamp>,
+        limits: &Limits,
+        part_documents: usize,
+        part: &mut dyn FnMut(&[Located]),
+    ) -> Self {
+        let name = file.display().to_string();
+        let text = match read_text(file, limits.file_bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                let warning = format!("{name}: {e}; skipped");
+                return Self::from_objects(&name, stamp, Vec::new(), vec![warning]);
+            }
         };
-        let mut all: Vec<(Object, Origin)> = (objects.services.into_iter())
-            .map(|mut o| {
-                slim_meta(&mut o.metadata);
-                unversioned(&mut o.metadata);
-                Object::Service(Arc::new(o))
-            })
-            .zip(origins.services)
-            .chain(
-                (objects.slices.into_iter())
-                    .map(|o| {
-                        let mut o = o.slim();
-                        unversioned(&mut o.metadata);
-                        Object::EndpointSlice(Arc::new(o))
-                    })
-                    .zip(origins.slices),
-            )
-            .chain(
-                (objects.nodes.into_iter())
-                    .map(|mut o| {
-                        unversioned(&mut o.metadata);
-                        Object::Node(Arc::new(o))
-                    })
-                    .zip(origins.nodes),
-            )
-            .collect();
+        let (mut all, mut warnings) = (Vec::new(), Vec::new());
+        for docs in documents(&text).chunks(part_documents.max(1)) {
+            let mut loaded = Loaded::default();
+            for doc in docs {
+                parse_document(doc, &name, &mut loaded);
+            }
+            let from = all.len();
+            all.extend(shared(loaded.objects, loaded.origins));
+            warnings.extend(loaded.warnings);
+            part(&all[from..]);
+        }
+        Self::from_objects(&name, stamp, all, warnings)
+    }
+
+    /// The entry of a file's objects (each kind in file order): sorted, duplicates
+    /// dropped with a warning.
+    fn from_objects(
+        name: &str,
+        stamp: Option<Stamp>,
+        mut all: Vec<(Object, Origin)>,
+        mut warnings: Vec<String>,
+    ) -> Self {
         // Stable: of two definitions, the first stays first.
         all.sort_by(|a, b| a.0.id().cmp(&b.0.id()));
         all.dedup_by(|later, first| {
@@ -444,6 +459,54 @@ impl FileEntry {
 
     fn ids(&self) -> impl Iterator<Item = Id> + '_ {
         self.objects.iter().map(|o| (o.kind(), o.key()))
+    }
+}
+
+/// A file's objects as the cache shares them, with their origins: each kind in file
+/// order, metadata slimmed.
+fn shared(objects: Objects, origins: Origins) -> Vec<(Object, Origin)> {
+    // A saved object's resourceVersion and uid say nothing about a file's edits:
+    // dropped, so that a changed file is compared by content.
+    let unversioned = |m: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        m.resource_version = None;
+        m.uid = None;
+    };
+    (objects.services.into_iter())
+        .map(|mut o| {
+            slim_meta(&mut o.metadata);
+            unversioned(&mut o.metadata);
+            Object::Service(Arc::new(o))
+        })
+        .zip(origins.services)
+        .chain(
+            (objects.slices.into_iter())
+                .map(|o| {
+                    let mut o = o.slim();
+                    unversioned(&mut o.metadata);
+                    Object::EndpointSlice(Arc::new(o))
+                })
+                .zip(origins.slices),
+        )
+        .chain(
+            (objects.nodes.into_iter())
+                .map(|mut o| {
+                    unversioned(&mut o.metadata);
+                    Object::Node(Arc::new(o))
+                })
+                .zip(origins.nodes),
+        )
+        .collect()
+}
+
+/// How many documents [`Cache::read_first`] parses before it hands their objects over.
+pub const PART_DOCUMENTS: usize = 2048;
+
+/// Where a shared object is: the same address is the same object.
+fn address(o: &Object) -> usize {
+    match o {
+        Object::Service(a) => Arc::as_ptr(a) as usize,
+        Object::EndpointSlice(a) => Arc::as_ptr(a) as usize,
+        Object::Node(a) => Arc::as_ptr(a) as usize,
     }
 }
 
@@ -507,6 +570,61 @@ impl Cache {
             touched.extend(old.ids());
         }
         let changes = self.changes(touched);
+        let mut warnings = walk.warnings;
+        warnings.extend(self.warnings());
+        Ok((changes, warnings))
+    }
+
+    /// The first read of `path` (on an empty cache), in parts: `part` gets the objects of
+    /// every [`PART_DOCUMENTS`] documents as soon as they are parsed (each object's first
+    /// definition in the walk's order; the source hands them over while the rest is
+    /// read). Returns what those parts did not say (an object whose definition in use,
+    /// by [`Self::refresh`]'s rules, is not the one handed over; normally nothing), and
+    /// the warnings. The cache is then as [`Self::refresh`] leaves it: a file not settled
+    /// by `now` is left to the next refresh.
+    pub fn read_first(
+        &mut self,
+        path: &Path,
+        now: SystemTime,
+        mut part: impl FnMut(Vec<Change>),
+    ) -> Result<(Vec<Change>, Vec<String>), ManifestError> {
+        let walk = walk(path, &self.limits)?;
+        let mut handed_ids: HashSet<Id> = HashSet::new();
+        // The handed objects, by address: the same object (shared) when it is in use.
+        let mut handed: HashSet<usize> = HashSet::new();
+        let mut hand = |objects: &[Located]| {
+            let changes: Vec<Change> = (objects.iter())
+                .filter(|(o, _)| handed_ids.insert((o.kind(), o.key())))
+                .map(|(o, _)| {
+                    handed.insert(address(o));
+                    Change::Apply(o.clone())
+                })
+                .collect();
+            if !changes.is_empty() {
+                part(changes);
+            }
+        };
+        for file in walk.files {
+            let stamp = Stamp::of(&file);
+            if stamp.is_some_and(|s| !s.settled(self.settle, now)) {
+                continue; // Being written: the next refresh reads it.
+            }
+            let entry =
+                FileEntry::read_in_parts(&file, stamp, &self.limits, PART_DOCUMENTS, &mut hand);
+            self.files.insert(file, entry);
+        }
+        // Each object's definition in use is its first file's (in name order), as in
+        // [`Self::changes`].
+        let mut in_use = HashSet::new();
+        let (mut changes, mut duplicated) = (Vec::new(), BTreeSet::new());
+        for object in self.files.values().flat_map(|f| &f.objects) {
+            if !in_use.insert(object.id()) {
+                duplicated.insert((object.kind(), object.key()));
+            } else if !handed.contains(&address(object)) {
+                changes.push(Change::Apply(object.clone()));
+            }
+        }
+        self.duplicated = duplicated;
         let mut warnings = walk.warnings;
         warnings.extend(self.warnings());
         Ok((changes, warnings))
@@ -653,13 +771,18 @@ fn documents(text: &str) -> Vec<Document<'_>> {
 /// document: a document that does not parse is skipped with a warning and marked broken.
 pub fn parse_into(text: &str, file: &str, loaded: &mut Loaded) {
     for doc in documents(text) {
-        let origin = Origin {
-            document: doc.number,
-            item: None,
-        };
-        if parse_fast(doc.text, origin, loaded).is_none() {
-            parse_checked(&doc, file, loaded);
-        }
+        parse_document(&doc, file, loaded);
+    }
+}
+
+/// Parses one document of `file` into `loaded` (see [`parse_into`]).
+fn parse_document(doc: &Document<'_>, file: &str, loaded: &mut Loaded) {
+    let origin = Origin {
+        document: doc.number,
+        item: None,
+    };
+    if parse_fast(doc.text, origin, loaded).is_none() {
+        parse_checked(doc, file, loaded);
     }
 }
 
@@ -1250,6 +1373,67 @@ spec:
         set_mtime(&a, SystemTime::now() + Duration::from_secs(3600));
         let (_, names, _) = refresh_at(&mut cache, &tmp.0, &mut model, SystemTime::now());
         assert_eq!(names, ["b", "d"]);
+    }
+
+    /// `n` Services, each followed by its EndpointSlice (one endpoint).
+    fn services_and_slices(from: usize, n: usize) -> String {
+        (from..from + n)
+            .map(|i| {
+                format!(
+                    "---\n{}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                     metadata: {{name: s{i}-a, namespace: shop, labels: \
+                     {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\n\
+                     endpoints:\n- addresses: [10.244.{}.{}]\n",
+                    svc(&format!("s{i}")),
+                    i / 250,
+                    i % 250 + 1
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_first_read_in_parts_hands_over_what_a_refresh_reads() {
+        let tmp = TempDir::new("parts");
+        // Two parts and a bit in a.yaml; b.yaml redefines a.yaml's s0 (a.yaml's stays,
+        // with a warning) and a.yaml defines s1 twice (the first stays); c.yaml is
+        // still being written.
+        let n = PART_DOCUMENTS / 2 + 5;
+        let mut a = services_and_slices(0, n);
+        a.push_str(&format!(
+            "---\n{}",
+            svc("s1").replace("10.96.0.10", "10.96.9.9")
+        ));
+        tmp.write_old("a.yaml", &a);
+        tmp.write_old("b.yaml", &svc("s0").replace("10.96.0.10", "10.96.8.8"));
+        fs::write(tmp.0.join("c.yaml"), svc("young")).unwrap();
+        let settle = Duration::from_secs(600);
+        let now = SystemTime::now();
+        let (mut sizes, mut by_parts) = (Vec::new(), new_model());
+        let mut first = Cache::new(settle, Limits::default());
+        let (rest, warnings) = first
+            .read_first(&tmp.0, now, |part| {
+                sizes.push(part.len());
+                part.into_iter().for_each(|c| by_parts.apply(c));
+            })
+            .unwrap();
+        // The objects of every PART_DOCUMENTS documents as soon as they are parsed, each
+        // object once (not the second s1, nor b.yaml's s0).
+        assert_eq!(sizes, [PART_DOCUMENTS, 10]);
+        assert!(rest.is_empty(), "{rest:?}");
+        // The model fed the parts ends as one fed a refresh, with the same warnings.
+        let (mut model, mut again) = (new_model(), Cache::new(settle, Limits::default()));
+        let (_, _, refresh_warnings) = refresh_at(&mut again, &tmp.0, &mut model, now);
+        assert_eq!(warnings, refresh_warnings);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        by_parts.update();
+        model.update();
+        assert_eq!(by_parts.service_count(), n);
+        assert_eq!(by_parts.desired(), model.desired());
+        // Afterwards the cache is as a refresh leaves it: nothing new but the young file.
+        let later = now + settle;
+        let (changes, _) = first.refresh(&tmp.0, later).unwrap();
+        assert_eq!(changes.len(), 1, "{changes:?}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use lb_common::{
 use super::ops::{
     Op, Snapshot, addr_of, frontend_of, frontend_port, ip_of, range_key, range_of, service_key,
 };
-use crate::model::{Desired, Endpoint, Frontend, FrontendState, Proto};
+use crate::model::{Desired, Endpoint, Frontend, FrontendState, Proto, Scope};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ProgFrontend {
@@ -79,6 +79,9 @@ pub struct Programmed {
     /// Programmed frontends per (address, port, protocol): the frontend-ports map holds
     /// the keys counted here.
     port_refs: BTreeMap<FrontendPort, u32>,
+    /// Changed frontends that a part of a first sync left for later ([`Self::plan_new`]);
+    /// the next [`Self::plan_changes`] plans them.
+    deferred: BTreeSet<Frontend>,
 }
 
 /// The maps' capacities, as the plan counts them.
@@ -401,6 +404,7 @@ impl Programmed {
     /// and returns them in a safe order (see the module documentation). Looks at every
     /// frontend: for a first sync, or after the maps had to be read back.
     pub fn plan(&mut self, desired: &Desired) -> Plan {
+        self.deferred.clear();
         let gone: Vec<Frontend> = self
             .frontends
             .keys()
@@ -412,14 +416,52 @@ impl Programmed {
 
     /// [`Self::plan`] for the frontends in `changed` only (the others are known to be
     /// as desired): what a sync after a change costs is what the change touches.
+    /// Frontends left for later by [`Self::plan_new`] are planned too.
     pub fn plan_changes(&mut self, desired: &Desired, changed: &BTreeSet<Frontend>) -> Plan {
-        let retry: Vec<Frontend> = self
-            .skipped
-            .keys()
-            .filter(|fe| !changed.contains(fe))
+        let mut deferred = std::mem::take(&mut self.deferred);
+        deferred.retain(|fe| !changed.contains(fe));
+        let retry: Vec<Frontend> = (self.skipped.keys())
+            .filter(|fe| !changed.contains(fe) && !deferred.contains(fe))
             .copied()
             .collect();
-        self.plan_frontends(desired, changed.iter().chain(&retry))
+        self.plan_frontends(desired, changed.iter().chain(&deferred).chain(&retry))
+    }
+
+    /// The sync that completes a first sync made in parts: [`Self::plan_changes`], and
+    /// the programmed frontends not desired (an earlier agent's, whose objects are gone)
+    /// removed. As [`Self::plan`] would, without diffing again the frontends the parts
+    /// programmed.
+    pub fn plan_rest(&mut self, desired: &Desired, changed: &BTreeSet<Frontend>) -> Plan {
+        let gone: Vec<Frontend> = (self.frontends.keys())
+            .filter(|fe| !desired.frontends.contains_key(fe))
+            .copied()
+            .collect();
+        self.deferred.extend(gone);
+        self.plan_changes(desired, changed)
+    }
+
+    /// A part of a first sync made in parts (the source still reading): plans only the
+    /// frontends of `changed` that the maps do not hold yet and that have endpoints (here,
+    /// or on other nodes only), with their other-scope twin. Nothing programmed is
+    /// removed or changed: the maps may hold the frontends of objects still to be read
+    /// (an earlier agent's). A frontend with no endpoint waits, since its slices may come
+    /// in a later part: it is not refused in between. The frontends left out wait for
+    /// the sync that completes the first sync ([`Self::plan_rest`]).
+    pub fn plan_new(&mut self, desired: &Desired, changed: &BTreeSet<Frontend>) -> Plan {
+        let ready = |fe: &Frontend| {
+            !self.frontends.contains_key(fe)
+                && desired
+                    .frontends
+                    .get(fe)
+                    .is_some_and(|s| !s.endpoints.is_empty() || s.no_local)
+        };
+        let (new, later): (Vec<Frontend>, Vec<Frontend>) = changed.iter().partition(|fe| {
+            !self.frontends.contains_key(fe)
+                && desired.frontends.contains_key(fe)
+                && (ready(fe) || ready(&other_scope(fe)))
+        });
+        self.deferred.extend(later);
+        self.plan_frontends(desired, new.iter())
     }
 
     fn plan_frontends<'a>(
@@ -992,6 +1034,17 @@ fn name_of(state: &FrontendState) -> FrontendName {
             0
         },
         ..FrontendName::new(&state.service)
+    }
+}
+
+/// The frontend of the other scope at the same address, port and protocol.
+fn other_scope(fe: &Frontend) -> Frontend {
+    Frontend {
+        scope: match fe.scope {
+            Scope::External => Scope::Local,
+            Scope::Local => Scope::External,
+        },
+        ..*fe
     }
 }
 
@@ -1807,5 +1860,52 @@ mod tests {
 
     fn pos2(ops: &[Op], want: impl Fn(&Op) -> bool) -> usize {
         ops.iter().position(want).unwrap()
+    }
+
+    #[test]
+    fn a_part_of_a_first_sync_adds_new_frontends_with_endpoints_and_removes_nothing() {
+        // What an earlier agent left: fe 1 over backend 1, fe 4 (its object not read yet).
+        let mut maps = Snapshot::default();
+        let mut earlier = Programmed::default();
+        sync(
+            &mut earlier,
+            &mut maps,
+            &desired(&[(fe(1, 80), &[1]), (fe(4, 80), &[4])]),
+        );
+        let mut prog = Programmed::adopt(&maps);
+        // The first part: fe 1 changed, fe 2 new with an endpoint, fe 3 new with none yet.
+        let part = desired(&[(fe(1, 80), &[2]), (fe(2, 80), &[3]), (fe(3, 80), &[])]);
+        let changed: BTreeSet<Frontend> = part.frontends.keys().copied().collect();
+        let plan = prog.plan_new(&part, &changed);
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+        for op in plan.ops() {
+            maps.apply(op);
+            assert_consistent(&maps, op);
+        }
+        let ip = |b: u8| Endpoint {
+            addr: Ipv4Addr::new(10, 244, b, 2).into(),
+            port: 8080,
+            local: false,
+        };
+        let served_now = served(&maps);
+        // fe 2 is served; fe 1 and fe 4 stay as the maps held them; fe 3 is not refused.
+        assert_eq!(served_now[&fe(2, 80)], BTreeSet::from([ip(3)]));
+        assert_eq!(served_now[&fe(1, 80)], BTreeSet::from([ip(1)]));
+        assert_eq!(served_now[&fe(4, 80)], BTreeSet::from([ip(4)]));
+        assert!(!served_now.contains_key(&fe(3, 80)), "{served_now:?}");
+        // A second part brings fe 3's endpoint: it is added, still nothing removed.
+        let more = desired(&[(fe(1, 80), &[2]), (fe(2, 80), &[3]), (fe(3, 80), &[5])]);
+        let plan = prog.plan_new(&more, &BTreeSet::from([fe(3, 80)]));
+        plan.ops().for_each(|op| maps.apply(op));
+        assert_eq!(served(&maps)[&fe(3, 80)], BTreeSet::from([ip(5)]));
+        assert!(served(&maps).contains_key(&fe(4, 80)));
+        // The sync that completes it plans what the parts left: fe 1 moves, fe 4 goes.
+        let plan = prog.plan_rest(&more, &BTreeSet::new());
+        plan.ops().for_each(|op| {
+            maps.apply(op);
+            assert_consistent(&maps, op);
+        });
+        assert_eq!(served(&maps), expected(&more));
+        assert!(prog.plan(&more).is_empty(), "nothing left to do");
     }
 }

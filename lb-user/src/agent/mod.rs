@@ -265,10 +265,23 @@ struct Running {
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let client = check_source(&opts.source(), &api_timeouts(&opts)).await?;
+    let changed = Arc::new(Notify::new());
+    // The manifests' first read (a thread of its own) goes on while the programs load.
+    let manifests = match opts.source() {
+        SourceSpec::Manifests(path) => Some(Source::manifests(
+            path,
+            opts.poll_interval(),
+            changed.clone(),
+        )),
+        SourceSpec::Kube { .. } => None,
+    };
     let mut running = attach(&opts)?;
     let mut signals = StopSignals::install()?;
-    let changed = Arc::new(Notify::new());
-    if let Some(source) = start_source(&opts, client, changed.clone(), &mut signals).await? {
+    let source = match manifests {
+        Some(m) => Some(m),
+        None => start_source(&opts, client, changed.clone(), &mut signals).await?,
+    };
+    if let Some(source) = source {
         let timing = Timing {
             min_sync_period: opts.min_sync_period,
             sync_period: opts.sync_period,
@@ -396,6 +409,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         metrics,
         health: HealthServer::new(proxier_health.clone()),
         closer: Some(closer),
+        parts: None,
         proxier_health,
         packet: Some(packet),
     };

@@ -52,15 +52,46 @@ pub(super) struct Agent<D: Datapath = BpfMaps> {
     pub(super) packet: Option<PacketLevel>,
     /// The stale-socket closer (none in tests of the loop).
     pub(super) closer: Option<SocketCloser>,
+    /// The first sync so far, while the source hands its objects over in parts.
+    pub(super) parts: Option<FirstParts>,
 }
 
 /// How long each step of one sync took.
+#[derive(Clone, Copy, Default)]
 struct SyncTimes {
     read: Duration,
     model: Duration,
     plan: Duration,
     write: Duration,
     total: Duration,
+}
+
+/// A first sync made in parts (the manifest source hands its objects over as it parses
+/// them): each part's sync adds what it can, and the sync after the last part plans in
+/// full and is logged as the first sync, its times spanning every part. The time
+/// between two parts' syncs (waiting for the source) counts as reading.
+#[derive(Clone, Copy)]
+pub(super) struct FirstParts {
+    started: Instant,
+    /// When the last part's sync ended.
+    ended: Instant,
+    /// The parts' steps, summed.
+    times: SyncTimes,
+    count: usize,
+}
+
+impl FirstParts {
+    /// The times of a sync that started at `started` after these parts: each step with
+    /// the parts', the time since the last part's sync as reading.
+    fn add(&self, started: Instant, t: &SyncTimes) -> SyncTimes {
+        SyncTimes {
+            read: self.times.read + started.duration_since(self.ended) + t.read,
+            model: self.times.model + t.model,
+            plan: self.times.plan + t.plan,
+            write: self.times.write + t.write,
+            total: self.started.elapsed(),
+        }
+    }
 }
 
 impl<D: Datapath> Agent<D> {
@@ -78,29 +109,22 @@ impl<D: Datapath> Agent<D> {
             }
         };
         let read = started.elapsed();
+        // A part of the first sync: the rest of the objects are still to come.
+        let part = source.reading_first();
         let update = self.model.update();
         self.health_pending |= update.health_changed;
         let modelled = started.elapsed();
-        let mut warnings = read_warnings;
-        warnings.extend(
-            self.model
-                .located_warnings(|kind, key| source.origin(kind, key)),
-        );
-        self.warn_once(warnings);
+        if !part {
+            let mut warnings = read_warnings;
+            warnings.extend(
+                self.model
+                    .located_warnings(|kind, key| source.origin(kind, key)),
+            );
+            self.warn_once(warnings);
+        }
         let planning = Instant::now();
-        let (programmed, mut plan) = match self.programmed.take() {
-            Some(mut p) => {
-                let plan = p.plan_changes(self.model.desired(), &update.changed);
-                (p, plan)
-            }
-            None => {
-                let Some(mut p) = self.read_back() else {
-                    return;
-                };
-                p.set_capacity(self.capacity);
-                let plan = p.plan(self.model.desired());
-                (p, plan)
-            }
+        let Some((programmed, mut plan)) = self.plan(part, &update.changed) else {
+            return;
         };
         let planned = planning.elapsed();
         for w in &plan.warnings {
@@ -117,6 +141,11 @@ impl<D: Datapath> Agent<D> {
             total: started.elapsed(),
         };
         let written_at = SystemTime::now();
+        if part && result.is_ok() {
+            self.part_synced(started, &times, programmed, writes);
+            return;
+        }
+        let times = self.with_parts(part, started, times);
         let m = &self.metrics;
         match result {
             Ok(()) => {
@@ -152,6 +181,87 @@ impl<D: Datapath> Agent<D> {
         }
     }
 
+    /// The plan of this sync: the changed frontends, or every one after the maps were
+    /// read back (the first sync, a failed write); while parts of a first sync come,
+    /// only the frontends the maps lack ([`Programmed::plan_new`]), and what they left
+    /// at its end ([`Programmed::plan_rest`]). `None` when the maps could not be read
+    /// back.
+    fn plan(
+        &mut self,
+        part: bool,
+        changed: &BTreeSet<lb_core::model::Frontend>,
+    ) -> Option<(Programmed, datapath::plan::Plan)> {
+        let (mut p, full) = match self.programmed.take() {
+            Some(p) => (p, false),
+            None => {
+                let mut p = self.read_back()?;
+                p.set_capacity(self.capacity);
+                (p, true)
+            }
+        };
+        let desired = self.model.desired();
+        let plan = if part {
+            p.plan_new(desired, changed)
+        } else if full {
+            p.plan(desired)
+        } else if self.parts.is_some() {
+            p.plan_rest(desired, changed)
+        } else {
+            p.plan_changes(desired, changed)
+        };
+        Some((p, plan))
+    }
+
+    /// The times to log for a sync that started at `started`: with the parts', for the
+    /// sync that completes a first sync made in parts (which is then over).
+    fn with_parts(&mut self, part: bool, started: Instant, times: SyncTimes) -> SyncTimes {
+        match self.parts.take() {
+            Some(parts) if !part => parts.add(started, &times),
+            kept => {
+                self.parts = kept;
+                times
+            }
+        }
+    }
+
+    /// A part of a first sync made in parts written: logged, its times kept for the sync
+    /// that completes it. Health and metrics wait for that sync.
+    fn part_synced(
+        &mut self,
+        started: Instant,
+        times: &SyncTimes,
+        programmed: Programmed,
+        writes: usize,
+    ) {
+        let parts = match self.parts {
+            Some(parts) => FirstParts {
+                times: parts.add(started, times),
+                ended: Instant::now(),
+                count: parts.count + 1,
+                ..parts
+            },
+            None => FirstParts {
+                started,
+                ended: Instant::now(),
+                times: *times,
+                count: 1,
+            },
+        };
+        tracing::debug!(
+            part = parts.count,
+            frontends = programmed.frontend_count(),
+            map_writes = writes,
+            elapsed_us = times.total.as_micros() as u64,
+            read_us = times.read.as_micros() as u64,
+            model_us = times.model.as_micros() as u64,
+            plan_us = times.plan.as_micros() as u64,
+            write_us = times.write.as_micros() as u64,
+            "first sync in parts: a part programmed"
+        );
+        self.parts = Some(parts);
+        self.programmed = Some(programmed);
+    }
+
     /// Logs the model's and the source's warnings when they differ from the last sync's.
     fn warn_once(&mut self, warnings: Vec<String>) {
         if warnings != self.last_warnings {
@@ -171,6 +281,9 @@ impl<D: Datapath> Agent<D> {
         let Some(programmed) = &self.programmed else {
             return; // The next sync reads the maps back anyway.
         };
+        if self.parts.is_some() {
+            return; // A first sync in parts: the maps hold only what the parts added.
+        }
         let started = Instant::now();
         let mut fresh = match self.maps.snapshot() {
             Ok(snap) => programmed.readopt(&snap),

@@ -101,6 +101,7 @@ impl Harness {
             proxier_health: proxier,
             packet: None,
             closer: None,
+            parts: None,
         };
         Self {
             maps,
@@ -308,4 +309,96 @@ async fn drift_is_repaired_each_sync_period_and_not_before() {
         assert!(count(&metrics.render(), "lb_drift_repairs_total") > 0);
     };
     run(&mut h.agent, &h.source, &h.changed, timing, script).await;
+}
+
+/// Service t/NAME on 10.96.0.N port 80 and, with `endpoints`, its slice over
+/// 10.244.0.1..=endpoints.
+fn service(name: &str, n: u8, endpoints: u8) -> (Change, Option<Change>) {
+    let svc = format!(
+        "metadata: {{name: {name}, namespace: t}}\nspec: {{clusterIP: 10.96.0.{n}, ports: [{{port: 80, targetPort: 8080}}]}}\n"
+    );
+    let slice = (endpoints > 0).then(|| {
+        let eps: Vec<String> = (1..=endpoints)
+            .map(|e| format!("- {{addresses: [10.244.0.{e}]}}\n"))
+            .collect();
+        let slice: Slice = serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}-a, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{}",
+            eps.concat()
+        ))
+        .unwrap();
+        Change::Apply(Object::EndpointSlice(Arc::new(slice.slim())))
+    });
+    let svc = Change::Apply(Object::Service(Arc::new(
+        serde_yaml::from_str(&svc).unwrap(),
+    )));
+    (svc, slice)
+}
+
+/// The backend count of the frontend 10.96.0.N:80 in the maps; `None` when absent.
+fn served(maps: &Shared, n: u8) -> Option<u16> {
+    let addr = std::net::Ipv4Addr::new(10, 96, 0, n);
+    maps.with(|m| {
+        m.maps.frontends().into_iter().find_map(|(k, (h, _))| {
+            let fe = lb_core::ops::frontend_of(&k)?;
+            (fe.addr == std::net::IpAddr::from(addr) && fe.port == 80).then_some(h.count)
+        })
+    })
+}
+
+#[tokio::test]
+async fn a_first_sync_in_parts_removes_nothing_and_refuses_nothing_before_its_end() {
+    // An earlier agent left `kept` (whose objects come in the last part) and `old`
+    // (whose objects are gone).
+    let mut earlier = Harness::new(None);
+    for (svc, slice) in [service("kept", 1, 2), service("old", 2, 1)] {
+        earlier.source.push(svc);
+        earlier.source.push(slice.unwrap());
+    }
+    earlier.agent.sync(&earlier.source);
+    let mut h = Harness::new(None);
+    h.maps = earlier.maps.clone();
+    h.agent.maps = earlier.maps.clone();
+    assert_eq!((served(&h.maps, 1), served(&h.maps, 2)), (Some(2), Some(1)));
+    let dir = std::env::temp_dir().join(format!("lb-first-parts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (source, feed) = crate::source::PartFeeder::source(dir.clone());
+    // Part 1: `new` with its slice, and `late`, whose slice comes in part 2.
+    let (new_svc, new_slice) = service("new", 3, 1);
+    let (late_svc, _) = service("late", 4, 0);
+    feed.part(vec![new_svc, new_slice.unwrap(), late_svc]);
+    h.agent.sync(&source);
+    assert!(source.reading_first());
+    assert_eq!(served(&h.maps, 3), Some(1), "a part is served at once");
+    assert_eq!(
+        served(&h.maps, 4),
+        None,
+        "no slice yet: not refused, not there"
+    );
+    assert_eq!((served(&h.maps, 1), served(&h.maps, 2)), (Some(2), Some(1)));
+    // Part 2: `late`'s slice (three endpoints) and `kept`, changed (one endpoint).
+    let (_, late_slice3) = service("late", 4, 3);
+    let (kept_svc, kept_slice) = service("kept", 1, 1);
+    feed.part(vec![late_slice3.unwrap(), kept_svc, kept_slice.unwrap()]);
+    h.agent.sync(&source);
+    assert_eq!(served(&h.maps, 4), Some(3));
+    assert_eq!(
+        (served(&h.maps, 1), served(&h.maps, 2)),
+        (Some(2), Some(1)),
+        "what the maps held stays until the end"
+    );
+    assert_eq!(syncs(&h.metrics), 0, "parts are not syncs");
+    // A file written while the parts came is read at the end with them.
+    let written = "apiVersion: v1\nkind: Service\nmetadata: {name: written, namespace: t}\n\
+                   spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}\n";
+    std::fs::write(dir.join("written.yaml"), written).unwrap();
+    // The end: `kept` as read, `old` gone, one sync counted.
+    feed.last(Vec::new());
+    h.agent.sync(&source);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!source.reading_first());
+    assert_eq!((served(&h.maps, 1), served(&h.maps, 2)), (Some(1), None));
+    assert_eq!((served(&h.maps, 3), served(&h.maps, 4)), (Some(1), Some(3)));
+    assert_eq!(served(&h.maps, 5), Some(0), "no endpoints: refused");
+    assert_eq!(syncs(&h.metrics), 1);
 }

@@ -149,7 +149,7 @@ fn manifest_cold(c: &ControlPlane) -> ColdSync {
 /// variant's changes.
 fn control_tables(md: &mut String, control: &[ControlPlane]) {
     hook_cost_table(md, control);
-    md.push_str("\n## Control plane\n\nOur agent's first sync, on manifests and on the Kubernetes API (a fake API server over real HTTP, the same objects): from the agent's start to its first sync logged, the sync's own elapsed time and its parts (read: the manifests parsed, or the API's stores read).\n\n| services | endpoints | source | start to synced ms | sync elapsed ms | read ms | model+diff+write ms | read+model+write ms | of which map writes ms | agent peak RSS MiB |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("\n## Control plane\n\nOur agent's first sync, on manifests and on the Kubernetes API (a fake API server over real HTTP, the same objects): from the agent's start to its first sync logged, the sync's own elapsed time and its parts (read: the time the sync spent reading, the manifest source's parts waited for and handed over as its reader parses them from the agent's start, or the API's stores read; on manifests the first sync is made in parts and its times span them all).\n\n| services | endpoints | source | start to synced ms | sync elapsed ms | read ms | model+diff+write ms | read+model+write ms | of which map writes ms | agent peak RSS MiB |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for c in control {
         cold_row(md, c, "manifests", &manifest_cold(c), c.agent_rss_mib);
         if let Some(api) = &c.api {
