@@ -174,8 +174,10 @@ impl PacketLevel {
         let addrs = iface::addresses().context("listing the node's addresses")?;
         let ifaces =
             iface::resolve(&self.interfaces, node_addrs, &addrs).map_err(anyhow::Error::msg)?;
+        // The addresses first: programs replacing an older agent's in its links use them
+        // from their first packet (an upgrade's new interfaces map starts empty).
+        datapath::maps::write_ifaces(&mut self.ebpf, &ifaces)?;
         loader::attach_tc(&mut self.ebpf, &self.pin_path, &ifaces)?;
-        datapath::maps::write_tc_ifaces(&mut self.ebpf, &ifaces)?;
         self.attached_for = Some(node_addrs.to_vec());
         if ifaces.is_empty() {
             tracing::info!(
