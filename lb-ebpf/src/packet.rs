@@ -84,6 +84,12 @@ fn translate<C: Ctx>(ctx: &C, s: &mut PktScratch) -> i32 {
             return verdict;
         }
     }
+    if !C::HAS_NEIGH && s.value.flags & CT_F_SNAT != 0 {
+        // A SNATed packet leaves the node again. From XDP (XDP_TX back onto a veth
+        // LAN) such frames were not seen to arrive in the lab yet: tc, which finds the
+        // flow just recorded, sends it on.
+        return C::NEXT;
+    }
     s.packet.remember_ports();
     if s.packet.rewrite(ctx, &s.value).is_none() {
         count(C::PROG_IN, |c| c.misses += 1);
@@ -257,6 +263,10 @@ fn icmp_error<C: Ctx>(ctx: &C, s: &mut PktScratch) -> i32 {
     let snat_reply = v.flags & CT_F_REPLY != 0 && v.flags & CT_F_SNAT != 0;
     let client_flow = v.flags & (CT_F_REPLY | CT_F_REJECT) == 0;
     if !snat_reply && !client_flow {
+        return C::NEXT;
+    }
+    if !C::HAS_NEIGH && !(client_flow && v.flags & CT_F_SNAT == 0) {
+        // It leaves the node again: tc sends it (see `translate`).
         return C::NEXT;
     }
     // The entry the quoted packet's reverse hits maps it to what its sender sent:
