@@ -38,9 +38,9 @@ pub const MAP_REVNAT: &str = "LB_REVNAT_V2";
 pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_REVNAT_V2";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY_V1";
 pub const MAP_AFFINITY_SRC: &str = "LB_AFFINITY_SRC_V1";
-pub const MAP_COUNTERS: &str = "LB_COUNTERS_V4";
+pub const MAP_COUNTERS: &str = "LB_COUNTERS_V5";
 pub const MAP_CT: &str = "LB_CT_V1";
-pub const MAP_TC_IFACES: &str = "LB_TC_IFACES_V2";
+pub const MAP_IFACES: &str = "LB_IFACES_V3";
 pub const MAP_SOURCE_RANGES: &str = "LB_SOURCE_RANGES_V1";
 pub const MAP_DROPS: &str = "LB_DROPS_V2";
 pub const MAP_CT_EVENTS: &str = "LB_CT_EVENTS_V1";
@@ -58,7 +58,7 @@ pub const PINNED_MAPS: [&str; 16] = [
     MAP_AFFINITY_SRC,
     MAP_COUNTERS,
     MAP_CT,
-    MAP_TC_IFACES,
+    MAP_IFACES,
     MAP_SOURCE_RANGES,
     MAP_DROPS,
     MAP_NAMES,
@@ -80,7 +80,7 @@ pub const MAX_SOCK_REVNAT: u32 = 65_536;
 pub const MAX_AFFINITY: u32 = 65_536;
 /// Two entries a flow: 64k flows from outside the node (LRU).
 pub const MAX_CT: u32 = 131_072;
-pub const MAX_TC_IFACES: u32 = 64;
+pub const MAX_IFACES: u32 = 64;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// Backends one frontend may list (slots 1..=MAX_SLOTS).
 pub const MAX_SLOTS: u16 = 65_535;
@@ -597,11 +597,11 @@ impl CtValue {
     }
 }
 
-/// Value of the tc interfaces map (key: ifindex, `u32`, host order): what the packet
-/// level needs to know of an interface it is attached to.
+/// Value of the interfaces map (key: ifindex, `u32`, host order): what the packet
+/// level (tc and XDP) needs to know of an interface it is attached to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct TcIface {
+pub struct PacketIface {
     /// The node's IPv4 address on the interface, the SNAT source of IPv4 flows (IPv4
     /// mapped; all zero when it has none).
     pub addr4: Addr,
@@ -617,6 +617,25 @@ pub const fn affinity_valid(last_used_ns: u64, now_ns: u64, timeout_s: u32) -> b
     timeout_s != 0
         && now_ns >= last_used_ns
         && now_ns - last_used_ns <= timeout_s as u64 * 1_000_000_000
+}
+
+/// The Internet checksum `old` (as stored in the packet) after `size` bytes (2 or 4)
+/// of what it covers changed from `from` to `to` (loaded from the packet as native
+/// integers, like `old`): RFC 1624's incremental update `~(~HC + ~m + m')`. What the
+/// kernel's `bpf_l3_csum_replace` / `bpf_l4_csum_replace` do to the field, for the
+/// hook that has no such helpers (XDP).
+#[inline(always)]
+pub const fn csum_replace(old: u16, from: u32, to: u32, size: u8) -> u16 {
+    let mut sum = !old as u32;
+    if size == 4 {
+        let f = !from;
+        sum += (f & 0xffff) + (f >> 16) + (to & 0xffff) + (to >> 16);
+    } else {
+        sum += (!(from as u16)) as u32 + (to as u16) as u32;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 /// Per-program counters (a per-CPU array indexed by `PROG_*`; sum over CPUs to read).
@@ -658,8 +677,9 @@ pub const PROG_RECVMSG6: u32 = 6;
 pub const PROG_GETPEERNAME6: u32 = 7;
 pub const PROG_TC_INGRESS: u32 = 8;
 pub const PROG_TC_EGRESS: u32 = 9;
+pub const PROG_XDP: u32 = 10;
 /// Names of the programs by counter index.
-pub const PROG_NAMES: [&str; 10] = [
+pub const PROG_NAMES: [&str; 11] = [
     "connect4",
     "sendmsg4",
     "recvmsg4",
@@ -670,9 +690,10 @@ pub const PROG_NAMES: [&str; 10] = [
     "getpeername6",
     "tc_ingress",
     "tc_egress",
+    "xdp",
 ];
 
-/// Why the tc programs dropped a packet: indexes of the drops map (a per-CPU count each).
+/// Why the packet level (tc or XDP) dropped a packet: indexes of the drops map (a per-CPU count each).
 /// The packet could not be rewritten (shorter than its headers say, a helper failed).
 pub const DROP_REWRITE: u32 = 0;
 /// A new SNAT flow found no free port in the SNAT range, or the CT map refused it.
@@ -716,7 +737,7 @@ pub const DROP_REASONS: [&str; 12] = [
     "ttl_exceeded",
 ];
 
-/// Connection-tracking events the tc programs count (indexes of `LB_CT_EVENTS_V1`, a
+/// Connection-tracking events the packet level counts (indexes of `LB_CT_EVENTS_V1`, a
 /// per-CPU count each): what happened to flows besides drops.
 /// A missing half of a flow rebuilt from the other (after an LRU eviction).
 pub const CT_EV_REBUILT: u32 = 0;
@@ -821,7 +842,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragKey>() == 36);
     assert!(core::mem::size_of::<FragValue>() == 8);
     assert!(core::mem::size_of::<FrontendPort>() == 20);
-    assert!(core::mem::size_of::<TcIface>() == 32);
+    assert!(core::mem::size_of::<PacketIface>() == 32);
     assert!(SNAT_PORT_MIN > 60_999 && SNAT_PORT_MIN <= SNAT_PORT_MAX);
 };
 
@@ -844,7 +865,7 @@ mod user {
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::FrontendPort {}
-    unsafe impl aya::Pod for super::TcIface {}
+    unsafe impl aya::Pod for super::PacketIface {}
     unsafe impl aya::Pod for super::FrontendName {}
 }
 
@@ -1000,5 +1021,74 @@ mod tests {
             (s.addr, s.port, s.proto, s.slot),
             (v4_mapped([1, 2, 3, 4]), 53, PROTO_UDP, 7)
         );
+    }
+
+    /// The Internet checksum of `data` (16-bit words as the packet holds them, read
+    /// as native integers as the programs load them).
+    fn full_csum(data: &[u8]) -> u16 {
+        let mut sum: u32 = data
+            .chunks(2)
+            .map(|w| u32::from(u16::from_ne_bytes([w[0], w[1]])))
+            .sum();
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    #[test]
+    fn an_incremental_checksum_update_equals_checksumming_anew() {
+        // An IPv4 header's worth of bytes, then an address (4 bytes, as the programs
+        // rewrite one) and a port (2 bytes) changed, over many values (a fixed LCG).
+        let mut seed = 0x1234_5678u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            seed
+        };
+        for _ in 0..10_000 {
+            let mut data = [0u8; 20];
+            for b in &mut data {
+                *b = next() as u8;
+            }
+            // The checksum field counts as 0 while the checksum is computed.
+            data[10..12].fill(0);
+            let mut sum = full_csum(&data);
+            let old4 = u32::from_ne_bytes(data[12..16].try_into().unwrap());
+            let new4 = next();
+            data[12..16].copy_from_slice(&new4.to_ne_bytes());
+            sum = csum_replace(sum, old4, new4, 4);
+            let old2 = u16::from_ne_bytes([data[2], data[3]]);
+            let new2 = next() as u16;
+            data[2..4].copy_from_slice(&new2.to_ne_bytes());
+            sum = csum_replace(sum, u32::from(old2), u32::from(new2), 2);
+            let want = full_csum(&data);
+            // 0 and 0xffff are the same one's complement number.
+            assert!(
+                sum == want || sum ^ want == 0xffff && (sum == 0 || want == 0),
+                "{data:?}: {sum:#x} != {want:#x}"
+            );
+            // A packet checksummed with the result checks out: it sums to zero.
+            data[10..12].copy_from_slice(&sum.to_ne_bytes());
+            let check = full_csum(&data);
+            assert!(check == 0 || check == 0xffff, "{data:?}: {check:#x}");
+        }
+    }
+
+    #[test]
+    fn a_checksum_known_from_the_wire_is_updated_as_the_kernel_would() {
+        // 192.168.0.1 -> 192.168.0.199, TTL 64, UDP, header checksum 0xb861 (the
+        // textbook example); the destination becomes 10.0.0.2.
+        let mut hdr = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(full_csum(&hdr), 0);
+        let old = u16::from_ne_bytes([hdr[10], hdr[11]]);
+        let from = u32::from_ne_bytes([0xc0, 0xa8, 0x00, 0xc7]);
+        let to = u32::from_ne_bytes([10, 0, 0, 2]);
+        hdr[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        let new = csum_replace(old, from, to, 4);
+        hdr[10..12].copy_from_slice(&new.to_ne_bytes());
+        assert_eq!(full_csum(&hdr), 0, "{hdr:x?}");
     }
 }

@@ -6,9 +6,11 @@
 //!   hook that translates a destination uses;
 //! * [`sock`]: the cgroup sock_addr programs (`connect`, `sendmsg`, `recvmsg`,
 //!   `getpeername`, for IPv4 and IPv6): socket-level translation at connect() time;
-//! * [`tc`]: the tc ingress and egress programs on the node's external interfaces:
-//!   packet-level translation for clients outside the node, with [`ct`] (connection
-//!   tracking) and [`nat`] (parsing and rewriting packets).
+//! * [`packet`]: packet-level translation for clients outside the node, written once
+//!   over [`ctx::Ctx`] (one packet API over the tc and XDP contexts), with [`ct`]
+//!   (connection tracking) and [`nat`] (parsing and rewriting packets);
+//! * [`tc`] and [`xdp`]: the programs on the node's external interfaces, thin entry
+//!   points into [`packet`].
 //!
 //! Addresses of both families share one map layout (IPv4 as `::ffff:a.b.c.d`, see
 //! `lb_common::Addr`).
@@ -16,11 +18,14 @@
 #![no_main]
 
 mod ct;
+mod ctx;
 mod lb;
 mod maps;
 mod nat;
+mod packet;
 mod sock;
 mod tc;
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

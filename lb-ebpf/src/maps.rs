@@ -10,9 +10,9 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
     FragKey, FragValue, FrontendName, FrontendPort, MAX_AFFINITY, MAX_BACKENDS, MAX_CT, MAX_FRAGS,
-    MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_TC_IFACES, PROG_NAMES,
-    RevNat, ServiceKey, ServiceValue, SockRecord, SockRevNatKey, SourceRange, SrcAffinityKey,
-    TcIface,
+    MAX_IFACES, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, PROG_NAMES,
+    PacketIface, RevNat, ServiceKey, ServiceValue, SockRecord, SockRevNatKey, SourceRange,
+    SrcAffinityKey,
 };
 
 /// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
@@ -78,12 +78,12 @@ pub(crate) static LB_AFFINITY_V1: LruHashMap<
 #[btf_map]
 pub(crate) static LB_CT_V1: LruHashMap<CtKey, CtValue, { MAX_CT as usize }> = LruHashMap::new();
 
-/// A per-CPU scratch area for the tc programs' large temporaries (the eBPF stack holds
+/// A per-CPU scratch area for the packet level's large temporaries (the eBPF stack holds
 /// 512 bytes). Not pinned: nothing outlives one program run.
 #[btf_map]
 pub(crate) static LB_CT_SCRATCH: PerCpuArray<CtScratch, 1> = PerCpuArray::new();
 
-/// A per-CPU scratch area for the packet a tc program handles and its flow.
+/// A per-CPU scratch area for the packet a tc or XDP program handles and its flow.
 #[btf_map]
 pub(crate) static LB_PKT_SCRATCH: PerCpuArray<PktScratch, 1> = PerCpuArray::new();
 
@@ -122,10 +122,9 @@ pub(crate) struct CtScratch {
 pub(crate) static LB_FRAGS_V1: LruHashMap<FragKey, FragValue, { MAX_FRAGS as usize }> =
     LruHashMap::new();
 
-/// ifindex -> what the tc programs need to know of the interface (the SNAT address).
+/// ifindex -> what the packet level needs to know of the interface (the SNAT address).
 #[btf_map]
-pub(crate) static LB_TC_IFACES_V2: HashMap<u32, TcIface, { MAX_TC_IFACES as usize }> =
-    HashMap::new();
+pub(crate) static LB_IFACES_V3: HashMap<u32, PacketIface, { MAX_IFACES as usize }> = HashMap::new();
 
 /// (client source address, frontend) -> backend and last use: ClientIP affinity of the
 /// packet level.
@@ -144,9 +143,9 @@ pub(crate) static LB_SOURCE_RANGES_V1: LpmTrie<SourceRange, u8, { MAX_SOURCE_RAN
 
 /// Per-program counters, indexed by `PROG_*`.
 #[btf_map]
-pub(crate) static LB_COUNTERS_V4: PerCpuArray<Counters, { PROG_NAMES.len() }> = PerCpuArray::new();
+pub(crate) static LB_COUNTERS_V5: PerCpuArray<Counters, { PROG_NAMES.len() }> = PerCpuArray::new();
 
-/// Packets the tc programs dropped, per reason (`DROP_*`).
+/// Packets the packet level (tc and XDP) dropped, per reason (`DROP_*`).
 #[btf_map]
 pub(crate) static LB_DROPS_V2: PerCpuArray<u64, { DROP_REASONS.len() }> = PerCpuArray::new();
 
@@ -175,7 +174,7 @@ pub(crate) fn dropped(reason: u32) {
 /// Bumps one of program `prog`'s counters on this CPU.
 #[inline(always)]
 pub(crate) fn count(prog: u32, f: impl FnOnce(&mut Counters)) {
-    if let Some(c) = LB_COUNTERS_V4.get_ptr_mut(prog) {
+    if let Some(c) = LB_COUNTERS_V5.get_ptr_mut(prog) {
         // SAFETY: a per-CPU slot: nothing else on this CPU runs this program concurrently.
         f(unsafe { &mut *c });
     }

@@ -1,28 +1,26 @@
-//! Packets for the tc programs: parsing an IPv4 or IPv6 TCP or UDP packet (and ICMP
-//! errors about one), rewriting its addresses and ports with the kernel's checksum
-//! helpers (a checksum is never written as 0), and sending it on by a FIB lookup.
+//! Packets for the packet level, whatever the hook ([`Ctx`]): parsing an IPv4 or IPv6
+//! TCP or UDP packet (and ICMP errors about one), rewriting its addresses and ports with
+//! incremental checksum updates (a checksum is never written as 0), and sending it on by
+//! a FIB lookup.
 
 use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_FIB_LKUP_RET_FRAG_NEEDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
         bpf_check_mtu_ret::{BPF_MTU_CHK_RET_FRAG_NEEDED, BPF_MTU_CHK_RET_SEGS_TOOBIG},
         bpf_fib_lookup as FibParams,
     },
-    helpers::{
-        bpf_check_mtu, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
-        bpf_skb_change_tail, bpf_skb_load_bytes,
-    },
-    programs::TcContext,
+    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_ktime_get_ns},
 };
 use lb_common::{
     Addr, CT_EV_FRAG_UNKNOWN, CT_EV_FRAG6_PASSED, CtValue, FRAG_TIMEOUT_S, FragKey, FragValue,
     PROTO_TCP, PROTO_UDP, as_v4, is_v4_mapped, v4_mapped,
 };
 
-use crate::maps::{LB_FRAGS_V1, ct_event};
+use crate::{
+    ctx::Ctx,
+    maps::{LB_FRAGS_V1, ct_event},
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -45,8 +43,6 @@ const IPPROTO_FRAGMENT: u8 = 44;
 const IP6_SRC: usize = ETH_HLEN + 8;
 const IP6_DST: usize = ETH_HLEN + 24;
 const IP6_HLEN: usize = 40;
-/// tc's drop verdict (`TC_ACT_SHOT`).
-const SHOT: i32 = 2;
 
 /// Where an IP header's addresses are, by family.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -58,7 +54,7 @@ pub(crate) enum Family {
 impl Family {
     /// The header's family from the Ethernet type.
     #[inline(always)]
-    fn of(ctx: &TcContext) -> Option<Self> {
+    fn of<C: Ctx>(ctx: &C) -> Option<Self> {
         let eth_proto: u16 = ctx.load(12).ok()?;
         match u16::from_be(eth_proto) {
             ETH_P_IP => Some(Self::V4),
@@ -71,8 +67,8 @@ impl Family {
 /// The source and destination of the IP header at `ip`, as mapped addresses, written
 /// to `src` and `dst`.
 #[inline(always)]
-fn write_addrs(
-    ctx: &TcContext,
+fn write_addrs<C: Ctx>(
+    ctx: &C,
     ip: usize,
     family: Family,
     src: &mut Addr,
@@ -97,20 +93,11 @@ fn write_addrs(
 /// `len` bytes of the packet at `off` into `dst` (at least `len` long), with a constant
 /// length the verifier can check.
 #[inline(always)]
-fn load_into(ctx: &TcContext, off: usize, dst: &mut [u8], len: u32) -> Option<()> {
+fn load_into<C: Ctx>(ctx: &C, off: usize, dst: &mut [u8], len: u32) -> Option<()> {
     if dst.len() < len as usize {
         return None;
     }
-    // SAFETY: `dst` holds at least `len` bytes; the helper checks the packet's bounds.
-    let ret = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            off as u32,
-            dst.as_mut_ptr().cast(),
-            len,
-        )
-    };
-    (ret == 0).then_some(())
+    ctx.load_bytes(off, dst.as_mut_ptr().cast(), len).ok()
 }
 
 /// Where and how [`replace_addr`] writes an address.
@@ -129,7 +116,7 @@ struct AddrEdit {
 /// Replaces `old` with `new` as `edit` says (only when they differ). Not inlined: its
 /// stack frame is its own.
 #[inline(never)]
-fn replace_addr(ctx: &TcContext, edit: &AddrEdit, old: &Addr, new: &Addr) -> Option<()> {
+fn replace_addr<C: Ctx>(ctx: &C, edit: &AddrEdit, old: &Addr, new: &Addr) -> Option<()> {
     if old == new {
         return Some(());
     }
@@ -166,7 +153,7 @@ fn replace_addr(ctx: &TcContext, edit: &AddrEdit, old: &Addr, new: &Addr) -> Opt
 
 /// The address at `off` of a `family` header, as a mapped address.
 #[inline(always)]
-fn addr_at(ctx: &TcContext, off: usize, family: Family) -> Option<Addr> {
+fn addr_at<C: Ctx>(ctx: &C, off: usize, family: Family) -> Option<Addr> {
     match family {
         Family::V4 => Some(v4_mapped(ctx.load::<[u8; 4]>(off).ok()?)),
         Family::V6 => ctx.load(off).ok(),
@@ -216,7 +203,7 @@ impl Packet {
     /// not ours), which the programs leave alone. A later fragment's ports are its first
     /// fragment's ([`Packet::remember_ports`]).
     #[inline(always)]
-    pub(crate) fn parse_into(ctx: &TcContext, out: &mut Self) -> Option<()> {
+    pub(crate) fn parse_into<C: Ctx>(ctx: &C, out: &mut Self) -> Option<()> {
         let family = Family::of(ctx)?;
         out.frag = FRAG_NONE;
         out.ip_id = 0;
@@ -332,7 +319,7 @@ impl Packet {
     /// written. `None` for an address of the other family or a helper that failed. Not
     /// inlined: its stack frame is its own.
     #[inline(never)]
-    pub(crate) fn rewrite(&self, ctx: &TcContext, to: &CtValue) -> Option<()> {
+    pub(crate) fn rewrite<C: Ctx>(&self, ctx: &C, to: &CtValue) -> Option<()> {
         let (sport, dport) = (to.sport.to_be(), to.dport.to_be());
         // A later fragment has no L4 header: its addresses change, and only the IP
         // header's checksum with them (the first fragment carried the L4 checksum's).
@@ -414,7 +401,7 @@ impl IcmpError {
     /// ICMPv6's packet-too-big) quoting a TCP or UDP packet, whose tuple goes to `inner`;
     /// `None` for anything else.
     #[inline(always)]
-    pub(crate) fn parse(ctx: &TcContext, inner: &mut Packet) -> Option<Self> {
+    pub(crate) fn parse<C: Ctx>(ctx: &C, inner: &mut Packet) -> Option<Self> {
         let family = Family::of(ctx)?;
         let icmp = match family {
             Family::V4 => {
@@ -481,9 +468,9 @@ impl IcmpError {
     /// rewritten, with its IP checksum (IPv4) and the ICMP checksum, then the outer
     /// address `outer` says. Not inlined.
     #[inline(never)]
-    pub(crate) fn rewrite(
+    pub(crate) fn rewrite<C: Ctx>(
         &self,
-        ctx: &TcContext,
+        ctx: &C,
         inner: &Packet,
         v: &CtValue,
         outer: Outer,
@@ -561,7 +548,7 @@ impl IcmpError {
 /// `ifindex` itself when the lookup fails. Not inlined: its frame (the lookup's
 /// parameters) is its own.
 #[inline(never)]
-pub(crate) fn route_ifindex(ctx: &TcContext, ifindex: u32, dst: &Addr) -> u32 {
+pub(crate) fn route_ifindex<C: Ctx>(ctx: &C, ifindex: u32, dst: &Addr) -> u32 {
     // SAFETY: a plain C struct; all zero is a valid value.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.ifindex = ifindex;
@@ -583,7 +570,7 @@ pub(crate) fn route_ifindex(ctx: &TcContext, ifindex: u32, dst: &Addr) -> u32 {
     // check, so NO_NEIGH has it too.)
     let ret = unsafe {
         bpf_fib_lookup(
-            ctx.skb.skb.cast(),
+            ctx.as_ptr(),
             &mut fib,
             core::mem::size_of::<FibParams>() as i32,
             0,
@@ -597,10 +584,10 @@ pub(crate) fn route_ifindex(ctx: &TcContext, ifindex: u32, dst: &Addr) -> u32 {
 
 /// Sends a (rewritten) packet straight to where the FIB routes its destination, with
 /// the neighbour's address; the stack's forwarding is skipped (it would drop a packet
-/// whose source is the node's own address as a martian). Returns the tc verdict. Not
+/// whose source is the node's own address as a martian). Returns the hook's verdict. Not
 /// inlined: its stack frame is its own.
 #[inline(never)]
-pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family, mtu: &mut u16) -> i32 {
+pub(crate) fn forward<C: Ctx>(ctx: &C, ifindex: u32, family: Family, mtu: &mut u16) -> i32 {
     // SAFETY: a plain C struct; all zero is a valid value.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.ifindex = ifindex;
@@ -631,12 +618,12 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family, mtu: &mut u
         }
     };
     if !loaded {
-        return SHOT;
+        return C::DROP;
     }
     // SAFETY: the helper reads and writes `fib`, whose size is passed.
     let ret = unsafe {
         bpf_fib_lookup(
-            ctx.skb.skb.cast(),
+            ctx.as_ptr(),
             &mut fib,
             core::mem::size_of::<FibParams>() as i32,
             0,
@@ -648,15 +635,8 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family, mtu: &mut u
         // segments' size: check those against the output device, as forwarding does.
         let mut mtu_len: u32 = 0;
         // SAFETY: the context's sk_buff and a u32 the helper writes.
-        let chk = unsafe {
-            bpf_check_mtu(
-                ctx.skb.skb.cast(),
-                fib.ifindex,
-                &mut mtu_len,
-                0,
-                u64::from(BPF_MTU_CHK_SEGS),
-            )
-        };
+        let chk =
+            unsafe { bpf_check_mtu(ctx.as_ptr(), fib.ifindex, &mut mtu_len, 0, C::MTU_FLAGS) };
         if chk == i64::from(BPF_MTU_CHK_RET_SEGS_TOOBIG)
             || chk == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED)
         {
@@ -667,22 +647,20 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family, mtu: &mut u
     match ret {
         BPF_FIB_LKUP_RET_SUCCESS => {
             if ctx.store(0, &fib.dmac, 0).is_err() || ctx.store(6, &fib.smac, 0).is_err() {
-                return SHOT;
+                return C::DROP;
             }
-            // SAFETY: a helper with plain integers.
-            unsafe { bpf_redirect(fib.ifindex, 0) as i32 }
+            ctx.redirect(fib.ifindex)
         }
-        // SAFETY: a helper with plain integers and no parameters struct.
-        BPF_FIB_LKUP_RET_NO_NEIGH => unsafe {
-            bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32
-        },
+        BPF_FIB_LKUP_RET_NO_NEIGH if C::HAS_NEIGH => ctx.redirect_neigh(fib.ifindex),
+        // Nothing here resolves the next hop's address: a hook that can does.
+        BPF_FIB_LKUP_RET_NO_NEIGH => NO_NEIGH,
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             // SAFETY: the helper set the union's mtu_result member for this answer.
             *mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
             TOO_BIG
         }
         BPF_FIB_LKUP_RET_NOT_FWDED => LOCAL,
-        _ => SHOT,
+        _ => C::DROP,
     }
 }
 
@@ -690,7 +668,7 @@ pub(crate) fn forward(ctx: &TcContext, ifindex: u32, family: Family, mtu: &mut u
 /// (IPv6), as forwarding does; `false` (nothing changed) when it has none to give: the
 /// packet must not be forwarded. Not inlined: its stack frame is its own.
 #[inline(never)]
-pub(crate) fn hop(ctx: &TcContext, v6: bool) -> bool {
+pub(crate) fn hop<C: Ctx>(ctx: &C, v6: bool) -> bool {
     if v6 {
         return match ctx.load::<u8>(IP6_HOP_LIMIT) {
             Ok(hl) if hl > 1 => ctx.store(IP6_HOP_LIMIT, &(hl - 1), 0).is_ok(),
@@ -705,6 +683,29 @@ pub(crate) fn hop(ctx: &TcContext, v6: bool) -> bool {
         return false;
     }
     let new = [word[0] - 1, word[1]];
+    let (old16, new16) = (u16::from_ne_bytes(word), u16::from_ne_bytes(new));
+    ctx.l3_csum_replace(IP_CSUM, old16.into(), new16.into(), 2)
+        .is_ok()
+        && ctx.store(IP_TTL, &new, 0).is_ok()
+}
+
+/// Gives back the hop [`hop`] took (the packet is handed on instead of forwarded);
+/// `false` when that failed.
+#[inline(never)]
+pub(crate) fn unhop<C: Ctx>(ctx: &C, v6: bool) -> bool {
+    if v6 {
+        return match ctx.load::<u8>(IP6_HOP_LIMIT) {
+            Ok(hl) if hl < u8::MAX => ctx.store(IP6_HOP_LIMIT, &(hl + 1), 0).is_ok(),
+            _ => false,
+        };
+    }
+    let Ok(word) = ctx.load::<[u8; 2]>(IP_TTL) else {
+        return false;
+    };
+    if word[0] == u8::MAX {
+        return false;
+    }
+    let new = [word[0] + 1, word[1]];
     let (old16, new16) = (u16::from_ne_bytes(word), u16::from_ne_bytes(new));
     ctx.l3_csum_replace(IP_CSUM, old16.into(), new16.into(), 2)
         .is_ok()
@@ -746,7 +747,7 @@ fn csum_fold(mut sum: u32) -> u16 {
 /// Whether the IPv4 packet in `ctx` has Don't Fragment set (a sender doing path-MTU
 /// discovery, which a fragmentation-needed is for).
 #[inline(always)]
-pub(crate) fn dont_fragment(ctx: &TcContext) -> bool {
+pub(crate) fn dont_fragment<C: Ctx>(ctx: &C) -> bool {
     ctx.load::<u16>(IP_FRAG)
         .is_ok_and(|f| u16::from_be(f) & IP_DF != 0)
 }
@@ -775,8 +776,8 @@ pub(crate) const TIME_EXCEEDED_MSG: u32 = (ICMP_TIME_EXCEEDED as u32) << 24;
 /// of `ifindex`. `None` (the caller drops) for IPv6 and IP options. Not inlined: its
 /// stack frame is its own.
 #[inline(never)]
-pub(crate) fn icmp_reply(
-    ctx: &TcContext,
+pub(crate) fn icmp_reply<C: Ctx>(
+    ctx: &C,
     s: &mut crate::maps::PktScratch,
     msg: u32,
     ifindex: u32,
@@ -787,11 +788,7 @@ pub(crate) fn icmp_reply(
     let (src, dst) = (as_v4(&s.value.daddr)?, as_v4(&s.value.saddr)?);
     load_into(ctx, 0, &mut s.macs[6..], 6)?;
     load_into(ctx, 6, &mut s.macs[..6], 6)?;
-    // SAFETY: the context's sk_buff, a length and no flags.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + QUOTE) as u32, 0) } != 0 {
-        return None;
-    }
-    ctx.adjust_room(28, BPF_ADJ_ROOM_MAC, 0).ok()?;
+    ctx.make_room((ETH_HLEN + QUOTE) as u32, 28).ok()?;
     let b = &mut s.icmp;
     // The quoted packet, now 28 bytes further.
     load_into(ctx, ETH_HLEN + 28, &mut b[28..], QUOTE as u32)?;
@@ -812,13 +809,16 @@ pub(crate) fn icmp_reply(
     let flags = u64::from(BPF_F_RECOMPUTE_CSUM);
     ctx.store(0, &s.macs, flags).ok()?;
     ctx.store(ETH_HLEN, &s.icmp, flags).ok()?;
-    // SAFETY: a helper with plain integers.
-    Some(unsafe { bpf_redirect(ifindex, 0) as i32 })
+    Some(ctx.redirect(ifindex))
 }
 
-/// [`forward`]'s answer for a packet larger than the next hop's MTU (not a tc verdict):
+/// [`forward`]'s answer for a packet larger than the next hop's MTU (not a verdict):
 /// the caller decides whether the stack may answer it with fragmentation-needed.
 pub(crate) const TOO_BIG: i32 = i32::MIN + 1;
 /// [`forward`]'s answer for a packet to one of the node's own addresses (a backend in
 /// the host's network namespace): the caller hands it to the stack.
 pub(crate) const LOCAL: i32 = i32::MIN + 2;
+/// [`forward`]'s answer, in a hook without `bpf_redirect_neigh` (XDP), for a packet
+/// whose next hop's link-layer address the kernel does not know yet: the caller undoes
+/// what it changed and hands the packet on to tc, which resolves it.
+pub(crate) const NO_NEIGH: i32 = i32::MIN + 3;

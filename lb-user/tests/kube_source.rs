@@ -387,7 +387,7 @@ fn an_api_change_reaches_a_real_connection() {
         "kubeproxy_network_programming_duration_seconds_count 2\n",
         // The programs' counters and the tc drops, read from the maps.
         "lb_program_events_total{program=\"connect4\",event=\"translated\"} ",
-        "lb_tc_drops_total{reason=\"no_snat_port\"} 0\n",
+        "lb_packet_drops_total{reason=\"no_snat_port\"} 0\n",
         // Every probe's socket is closed: its entries went with it.
         "lb_socket_map_entries{map=\"LB_SOCK_REVNAT_V2\"} 0\n",
         "lb_socket_map_entries{map=\"LB_SOCKS_V1\"} 0\n",

@@ -165,6 +165,8 @@ struct PacketLevel {
     follow_node: bool,
     /// The addresses the interfaces were last chosen for.
     attached_for: Option<Vec<std::net::IpAddr>>,
+    /// `--acceleration`.
+    acceleration: loader::Acceleration,
 }
 
 impl PacketLevel {
@@ -174,8 +176,14 @@ impl PacketLevel {
         let addrs = iface::addresses().context("listing the node's addresses")?;
         let ifaces =
             iface::resolve(&self.interfaces, node_addrs, &addrs).map_err(anyhow::Error::msg)?;
+        // The addresses first: programs replacing an older agent's in its links use them
+        // from their first packet (an upgrade's new interfaces map starts empty).
+        datapath::maps::write_ifaces(&mut self.ebpf, &ifaces)?;
         loader::attach_tc(&mut self.ebpf, &self.pin_path, &ifaces)?;
-        datapath::maps::write_tc_ifaces(&mut self.ebpf, &ifaces)?;
+        let xdp = loader::attach_xdp(&mut self.ebpf, &self.pin_path, &ifaces, self.acceleration)?;
+        for (iface, mode) in xdp {
+            tracing::info!(%iface, mode = mode.name(), "XDP program attached");
+        }
         self.attached_for = Some(node_addrs.to_vec());
         if ifaces.is_empty() {
             tracing::info!(
@@ -382,6 +390,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         interfaces: opts.interfaces.clone(),
         follow_node,
         attached_for: None,
+        acceleration: opts.acceleration,
     };
     if follow_node {
         // The tc links an earlier agent pinned stay as they are until the Node's

@@ -31,6 +31,15 @@ pub struct RunOptions {
     /// object's, followed as they change).
     #[arg(long = "interface", value_name = "IF")]
     pub interfaces: Vec<String>,
+    /// XDP acceleration of the packet level (Cilium's `loadBalancer.acceleration`):
+    /// `native` runs an XDP program in each external interface's driver (generic XDP
+    /// where the driver has none), `generic` in the stack's generic XDP hook, `off` tc
+    /// only. XDP translates inbound NodePort / externalIP / LoadBalancer-IP packets and
+    /// drops what is refused before the stack sees them; tc keeps the rest. Off by
+    /// default, as in Cilium: XDP_TX and redirects into a veth are delivered only when
+    /// the peer accepts XDP frames (an XDP program or GRO on it; see the README).
+    #[arg(long, value_enum, default_value_t)]
+    pub acceleration: crate::datapath::loader::Acceleration,
     /// The maps' capacities (a map already pinned keeps the size it was made with).
     #[command(flatten)]
     pub map_sizes: crate::datapath::loader::MapSizes,

@@ -9,6 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, TcAttachOptions},
     },
@@ -57,6 +58,34 @@ pub const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("lb_tc_ingress", TcAttachType::Ingress),
     ("lb_tc_egress", TcAttachType::Egress),
 ];
+
+/// The XDP program on each external interface (`--acceleration`).
+pub const XDP_PROGRAM: &str = "lb_xdp";
+
+/// Where the packet level runs XDP (`--acceleration`, as Cilium's
+/// `loadBalancer.acceleration`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Acceleration {
+    /// In each external interface's driver (native XDP; veth has it), or in the stack's
+    /// generic hook where the driver has none.
+    Native,
+    /// In the stack's generic XDP hook, whatever the driver.
+    Generic,
+    /// tc only.
+    #[default]
+    Off,
+}
+
+impl Acceleration {
+    /// The mode's name in link pins and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+            Self::Off => "off",
+        }
+    }
+}
 
 /// Default directory for pinned maps.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
@@ -898,6 +927,136 @@ pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, ifaces: &[Iface]) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Where an XDP link is pinned: `<pin dir>/links/lb_xdp_<mode>_<interface>`.
+fn xdp_link_pin(pin_dir: &Path, mode: Acceleration, iface: &str) -> PathBuf {
+    pin_dir
+        .join("links")
+        .join(format!("{XDP_PROGRAM}_{}_{iface}", mode.name()))
+}
+
+/// Attaches the XDP program to every interface in `ifaces` as `accel` says, through a
+/// link pinned under `pin_dir` (a link found pinned there gets the new program in one
+/// step); returns the mode each interface got (`native` falls back to `generic` where
+/// the driver has no XDP). XDP links of other interfaces or another mode are unpinned,
+/// which detaches them: tc handles everything XDP would, so nothing drops meanwhile.
+/// `Off` only unpins.
+pub fn attach_xdp(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    ifaces: &[Iface],
+    accel: Acceleration,
+) -> Result<Vec<(String, Acceleration)>, LoadError> {
+    let mut got = Vec::new();
+    if accel != Acceleration::Off && !ifaces.is_empty() {
+        let perr = |source| LoadError::Program {
+            name: XDP_PROGRAM,
+            source,
+        };
+        let prog: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| perr(aya::programs::ProgramError::UnexpectedProgramType))?
+            .try_into()
+            .map_err(perr)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| load_error(XDP_PROGRAM, e))?;
+        }
+        for i in ifaces {
+            got.push((i.name.clone(), attach_xdp_one(prog, pin_dir, i, accel)?));
+        }
+    }
+    let wanted: Vec<PathBuf> = got
+        .iter()
+        .map(|(name, mode)| xdp_link_pin(pin_dir, *mode, name))
+        .collect();
+    let prefix = format!("{XDP_PROGRAM}_");
+    if let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) {
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if file.starts_with(&prefix) && !wanted.iter().any(|w| w.ends_with(&file)) {
+                tracing::info!(link = %file, "detaching an XDP link no longer wanted");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    Ok(got)
+}
+
+/// Attaches `prog` to `iface` (see [`attach_xdp`]); the mode it got.
+fn attach_xdp_one(
+    prog: &mut Xdp,
+    pin_dir: &Path,
+    iface: &Iface,
+    accel: Acceleration,
+) -> Result<Acceleration, LoadError> {
+    let attach_err = |source| LoadError::Attach {
+        iface: iface.name.clone(),
+        name: XDP_PROGRAM,
+        source,
+    };
+    // A link pinned in a mode this start may keep: native asked, generic got before (the
+    // driver has no native XDP: a native attach would fail while it is there).
+    let keep: &[Acceleration] = match accel {
+        Acceleration::Native => &[Acceleration::Native, Acceleration::Generic],
+        _ => &[Acceleration::Generic],
+    };
+    let adopted = keep.iter().find_map(|m| {
+        let path = xdp_link_pin(pin_dir, *m, &iface.name);
+        PinnedLink::from_pin(&path).ok().map(|l| (*m, path, l))
+    });
+    let (mode, path, id) = match adopted {
+        Some((mode, path, old)) => {
+            let link = FdLink::from(old)
+                .try_into()
+                .map_err(|e: LinkError| xdp_pin_err(iface, &path, format!("adopting it: {e}")))?;
+            (mode, path, prog.attach_to_link(link).map_err(attach_err)?)
+        }
+        None => {
+            let native = (accel == Acceleration::Native)
+                .then(|| prog.attach_to_if_index(iface.ifindex, XdpMode::Driver));
+            match native {
+                Some(Ok(id)) => (
+                    Acceleration::Native,
+                    xdp_link_pin(pin_dir, Acceleration::Native, &iface.name),
+                    id,
+                ),
+                other => {
+                    if let Some(Err(e)) = other {
+                        tracing::info!(iface = %iface.name, "no native XDP ({e}): generic XDP");
+                    }
+                    let id = prog
+                        .attach_to_if_index(iface.ifindex, XdpMode::Skb)
+                        .map_err(attach_err)?;
+                    (
+                        Acceleration::Generic,
+                        xdp_link_pin(pin_dir, Acceleration::Generic, &iface.name),
+                        id,
+                    )
+                }
+            }
+        }
+    };
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(attach_err)?
+        .try_into()
+        .map_err(|e: LinkError| xdp_pin_err(iface, &path, e.to_string()))?;
+    std::fs::create_dir_all(pin_dir.join("links"))
+        .map_err(|e| xdp_pin_err(iface, &path, e.to_string()))?;
+    let _ = std::fs::remove_file(&path);
+    link.pin(&path)
+        .map_err(|e| xdp_pin_err(iface, &path, e.to_string()))?;
+    Ok(mode)
+}
+
+fn xdp_pin_err(iface: &Iface, path: &Path, why: String) -> LoadError {
+    LoadError::PinLink {
+        iface: iface.name.clone(),
+        name: XDP_PROGRAM,
+        path: path.to_path_buf(),
+        why,
+    }
 }
 
 /// Unpins (so detaches) the tc links of interfaces that are no longer in `ifaces`.

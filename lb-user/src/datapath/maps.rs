@@ -7,9 +7,9 @@ use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie:
 use lb_common::{
     Addr, AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
     FrontendName, FrontendPort, MAP_AFFINITY, MAP_AFFINITY_SRC, MAP_BACKENDS, MAP_COUNTERS, MAP_CT,
-    MAP_CT_EVENTS, MAP_DROPS, MAP_FRONTEND_PORTS, MAP_NAMES, MAP_REVNAT, MAP_SERVICES,
-    MAP_SOCK_REVNAT, MAP_SOCKS, MAP_SOURCE_RANGES, MAP_TC_IFACES, PROG_NAMES, RevNat, ServiceKey,
-    ServiceValue, SockRecord, SockRevNatKey, SourceRange, SrcAffinityKey, TcIface,
+    MAP_CT_EVENTS, MAP_DROPS, MAP_FRONTEND_PORTS, MAP_IFACES, MAP_NAMES, MAP_REVNAT, MAP_SERVICES,
+    MAP_SOCK_REVNAT, MAP_SOCKS, MAP_SOURCE_RANGES, PROG_NAMES, PacketIface, RevNat, ServiceKey,
+    ServiceValue, SockRecord, SockRevNatKey, SourceRange, SrcAffinityKey,
 };
 
 use super::{
@@ -372,17 +372,17 @@ fn write_error(op: &Op, source: MapError) -> DatapathError {
     }
 }
 
-/// Points the tc programs at the node's address on each interface (the SNAT source);
+/// Points the packet level (tc and XDP) at the node's address on each interface (the SNAT source);
 /// entries of interfaces no longer attached are removed.
-pub fn write_tc_ifaces(ebpf: &mut aya::Ebpf, ifaces: &[Iface]) -> Result<(), DatapathError> {
+pub fn write_ifaces(ebpf: &mut aya::Ebpf, ifaces: &[Iface]) -> Result<(), DatapathError> {
     let err = |source| DatapathError::Map {
-        map: MAP_TC_IFACES,
+        map: MAP_IFACES,
         source,
     };
     let map = ebpf
-        .map_mut(MAP_TC_IFACES)
-        .ok_or(DatapathError::MissingMap { map: MAP_TC_IFACES })?;
-    let mut map: HashMap<&mut MapData, u32, TcIface> = HashMap::try_from(map).map_err(err)?;
+        .map_mut(MAP_IFACES)
+        .ok_or(DatapathError::MissingMap { map: MAP_IFACES })?;
+    let mut map: HashMap<&mut MapData, u32, PacketIface> = HashMap::try_from(map).map_err(err)?;
     let stale: Vec<u32> = map
         .keys()
         .filter_map(Result::ok)
@@ -392,7 +392,7 @@ pub fn write_tc_ifaces(ebpf: &mut aya::Ebpf, ifaces: &[Iface]) -> Result<(), Dat
         ignore_missing(map.remove(&k)).map_err(err)?;
     }
     for i in ifaces {
-        let value = TcIface {
+        let value = PacketIface {
             addr4: i
                 .addr4
                 .map_or([0; 16], |a| lb_common::v4_mapped(a.octets())),
@@ -404,7 +404,7 @@ pub fn write_tc_ifaces(ebpf: &mut aya::Ebpf, ifaces: &[Iface]) -> Result<(), Dat
 }
 
 /// The live connection-tracking entries pinned under `dir` (both directions of every
-/// flow the tc programs translate).
+/// flow the packet level translates).
 pub fn read_conntrack(dir: &Path) -> Result<Vec<(CtKey, CtValue)>, DatapathError> {
     let path = dir.join(MAP_CT);
     let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
@@ -498,13 +498,13 @@ pub fn read_counters(dir: &Path) -> Result<Vec<(&'static str, Counters)>, Datapa
         .collect())
 }
 
-/// The tc programs' drops per reason (`DROP_REASONS` order), summed over CPUs, from the
+/// The packet level's drops per reason (`DROP_REASONS` order), summed over CPUs, from the
 /// map pinned under `dir`.
 pub fn read_drops(dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
     read_tally(dir, MAP_DROPS, &DROP_REASONS)
 }
 
-/// The tc programs' connection-tracking events per kind (`CT_EVENTS` order), summed
+/// The packet level's connection-tracking events per kind (`CT_EVENTS` order), summed
 /// over CPUs, from the map pinned under `dir`.
 pub fn read_ct_events(dir: &Path) -> Result<Vec<(&'static str, u64)>, DatapathError> {
     read_tally(dir, MAP_CT_EVENTS, &CT_EVENTS)

@@ -28,7 +28,7 @@ pub fn render_counters(counters: &[(&str, Counters)]) -> String {
     out
 }
 
-/// Renders the tc programs' drops by reason (only the reasons that happened).
+/// Renders the packet level's drops by reason (only the reasons that happened).
 pub fn render_drops(drops: &[(&str, u64)]) -> String {
     render_tally("tc drops", drops)
 }

@@ -442,11 +442,11 @@ impl Collector for DatapathCollector {
             )?)?;
         }
         if let Ok(drops) = crate::datapath::read_drops(&self.pin_path) {
-            let help = "Packets the tc programs dropped, by reason";
-            encode_tally(&mut encoder, ("lb_tc_drops", help), "reason", drops)?;
+            let help = "Packets the packet level (tc and XDP) dropped, by reason";
+            encode_tally(&mut encoder, ("lb_packet_drops", help), "reason", drops)?;
         }
         if let Ok(events) = crate::datapath::read_ct_events(&self.pin_path) {
-            let help = "What the tc programs' connection tracking did besides drops, by event";
+            let help = "What the packet level's connection tracking did besides drops, by event";
             encode_tally(&mut encoder, ("lb_ct_events", help), "event", events)?;
         }
         // What the start's probes found (each probed once).

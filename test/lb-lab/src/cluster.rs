@@ -152,6 +152,32 @@ impl Cluster {
         })
     }
 
+    /// Lets the nodes' XDP programs send frames back onto the LAN (`XDP_TX`, or a
+    /// redirect to the LAN interface): a veth delivers an XDP frame only when its peer
+    /// has an XDP program or GRO on (NAPI), so GRO goes on at each node's LAN port. The
+    /// ports also checksum what they pass to a node in full (transmit checksum offload
+    /// off), as frames from a real wire are: a veth otherwise hands on the sender's
+    /// partial checksum, which XDP (no skb, no checksum state) cannot update.
+    pub fn accept_xdp(&self) -> anyhow::Result<()> {
+        for k in 0..self.nodes.len() {
+            let port = format!("pn{k}");
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.lan.name,
+                "ethtool",
+                "-K",
+                &port,
+                "gro",
+                "on",
+                "tx",
+                "off",
+            ]))
+            .with_context(|| format!("GRO on and checksum offload off at {port}"))?;
+        }
+        Ok(())
+    }
+
     /// A second client, 10.99.0.2, behind a router (192.168.77.254 on the LAN) whose way
     /// to it has a path MTU of `mtu` that neither end knows: the router answers bigger
     /// packets towards the client with fragmentation-needed, sent to their source.
