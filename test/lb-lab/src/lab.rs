@@ -240,6 +240,39 @@ fn place_file(cmd: &mut Command, ns: File, cgroup: Option<&Cgroup>) -> anyhow::R
     Ok(())
 }
 
+/// Runs every thread of process `pid` on CPU `cpu` only, or on every CPU (`None`).
+pub fn set_affinity(pid: u32, cpu: Option<usize>) -> anyhow::Result<()> {
+    // SAFETY: a cpu_set_t is plain data; CPU_ZERO / CPU_SET write within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for c in (0..cpus.max(64)).filter(|c| cpu.is_none_or(|only| only == *c)) {
+        // SAFETY: as above; c is below CPU_SETSIZE (1024).
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("listing the threads of process {pid}"))?;
+    for task in tasks.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: sched_setaffinity(2) with a live cpu_set_t of the size passed.
+        let rc =
+            unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // A thread that ended meanwhile.
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(e).with_context(|| format!("setting the CPUs of thread {tid}"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A pod: its namespace, address and server.
 pub struct Pod {
     pub name: String,
@@ -442,6 +475,16 @@ impl Lab {
             );
         }
         Ok(child)
+    }
+
+    /// Runs the pods' servers on CPU `cpu` only, or on every CPU again (`None`).
+    pub fn pin_servers(&self, cpu: Option<usize>) -> anyhow::Result<()> {
+        for pod in &self.pods {
+            for child in pod.server.iter().chain(&pod.extra) {
+                set_affinity(child.0.id(), cpu)?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs `lab_bin probe` from the node namespace, inside the client cgroup or not.

@@ -96,6 +96,8 @@ pub struct LoadSpec {
     /// Each request to a target drawn at random (else round-robin): the pattern a
     /// service's random backend choice gives, for the direct variants to match it.
     pub random: bool,
+    /// The CPU the clients run on (every CPU: `None`).
+    pub cpu: Option<usize>,
 }
 
 impl LoadSpec {
@@ -108,6 +110,7 @@ impl LoadSpec {
             warmup: 0,
             clients: 1,
             random: false,
+            cpu: None,
         }
     }
 
@@ -128,6 +131,9 @@ impl LoadSpec {
         .into();
         if self.random {
             args.push("--random".into());
+        }
+        if let Some(cpu) = self.cpu {
+            args.extend(["--cpu".into(), cpu.to_string()]);
         }
         for t in &self.targets {
             args.extend(["--target".into(), t.to_string()]);
@@ -233,6 +239,12 @@ fn thread_cpu_ns() -> u64 {
 /// `lb-lab load`: the load generator. The clients start together once each has warmed
 /// up; the clock and the CPU reading cover them from then until the last one ends.
 pub fn load(spec: &LoadSpec) -> LoadReport {
+    if let Some(cpu) = spec.cpu {
+        // Before the client threads start: they inherit it.
+        if let Err(e) = lab::set_affinity(std::process::id(), Some(cpu)) {
+            eprintln!("load: running on CPU {cpu}: {e:#}");
+        }
+    }
     let clients = spec.clients.max(1);
     if spec.targets.is_empty() {
         return LoadReport::default();

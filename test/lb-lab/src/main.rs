@@ -56,6 +56,9 @@ enum Cmd {
         /// Each request to a target drawn at random instead of round-robin.
         #[arg(long)]
         random: bool,
+        /// Run on this CPU only.
+        #[arg(long)]
+        cpu: Option<usize>,
     },
     /// For each pod name read from stdin, connect to TARGET until that pod answers; print ok.
     Waiter {
@@ -220,11 +223,13 @@ fn main() -> ExitCode {
             warmup,
             clients,
             random,
+            cpu,
         } => {
             let report = load::load(&load::LoadSpec {
                 warmup,
                 clients,
                 random,
+                cpu,
                 ..load::LoadSpec::new(&target, count, mode)
             });
             print_json(&report)

@@ -37,7 +37,10 @@ fn noise(records: &[Record], n: usize, proto: &str) -> Option<[f64; 3]> {
 pub fn report(records: &[Record], control: &[ControlPlane]) -> String {
     let mut md = String::from(
         "# Benchmark report\n\nRates are requests per second from one sequential client (TCP: connect, request, reply, \
-         client closes; UDP: a new socket per request), each run after a short warm-up of its own. Ratios are measured \
+         client closes; UDP: a new socket per request), each run after a short warm-up of its own. The client and the pod \
+         servers run on one CPU (the last): left to the scheduler, where a request's server wakes (the client's CPU or \
+         an idle one, woken by an interrupt) decided the rate on this VM more than the translation did. The direct \
+         variants draw a pod at random per request, as a service draws a backend. Ratios are measured \
          side by side: each round runs every variant once, in an order rotated every round and reversed every other \
          round, and the ratio is taken within the round; the table shows medians over rounds, with their min–max.\n\n\
          | services | proto | variant | position | rate/s | p50 µs | p99 µs | rate / direct | p99 / direct |\n\
