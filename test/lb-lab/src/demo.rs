@@ -101,7 +101,7 @@ pub fn demo(
     );
     let started = std::time::Instant::now();
     let mut demo = Demo::set_up(&me, &agent_bin, manifests, connections.max(20))?;
-    let steps: [(u8, fn(&mut Demo) -> anyhow::Result<()>); 7] = [
+    let steps: [(u8, Step); 7] = [
         (1, Demo::dns),
         (2, Demo::cluster_ip),
         (3, Demo::node_port),
@@ -125,6 +125,9 @@ pub fn demo(
     );
     Ok(())
 }
+
+/// One step of the demo.
+type Step = fn(&mut Demo) -> anyhow::Result<()>;
 
 fn step(n: u8, text: &str) {
     println!("\n[{n}/{STEPS}] {text}");
