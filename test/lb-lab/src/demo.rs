@@ -100,6 +100,7 @@ pub fn demo(
         "== lb demo: Kubernetes Service networking with eBPF, two nodes and a client outside =="
     );
     let started = std::time::Instant::now();
+    catch_interrupt();
     let mut demo = Demo::set_up(&me, &agent_bin, manifests, connections.max(20))?;
     let steps: [(u8, Step); 7] = [
         (1, Demo::dns),
@@ -111,6 +112,9 @@ pub fn demo(
         (7, Demo::dump),
     ];
     for (n, step) in steps {
+        if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+            bail!("interrupted before step {n}; cleaning up");
+        }
         if only.is_none_or(|o| o == n) {
             step(&mut demo).with_context(|| format!("step {n} of {STEPS}"))?;
         }
@@ -124,6 +128,26 @@ pub fn demo(
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Set by Ctrl-C (SIGINT).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Ctrl-C does not end the demo at once: the terminal's SIGINT still ends its children
+/// (a handler is not inherited across exec), so the running step fails, or the next one
+/// does not start, and the guards remove what the demo made.
+fn catch_interrupt() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
+    }
 }
 
 /// One step of the demo.
@@ -140,6 +164,19 @@ fn check(ok: bool, what: &str) -> anyhow::Result<()> {
     }
     println!("      CHECKED: {what}");
     Ok(())
+}
+
+/// "A 10.96.0.20, CNAME docs.example.org"
+fn show_answers(r: &Resolved) -> String {
+    r.answers
+        .iter()
+        .map(|a| match &a.data {
+            Data::A(ip) => format!("A {ip}"),
+            Data::Cname(t) => format!("CNAME {t}"),
+            Data::Other(t) => format!("type {t}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Replies by server and whom it saw, with a bar each, then the errors.
@@ -316,17 +353,6 @@ impl Demo {
                  (its pod n1-pod-2 is on node 1)"
             ),
         );
-        let show = |r: &Resolved| {
-            r.answers
-                .iter()
-                .map(|a| match &a.data {
-                    Data::A(ip) => format!("A {ip}"),
-                    Data::Cname(t) => format!("CNAME {t}"),
-                    Data::Other(t) => format!("type {t}"),
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         let a = |ips: &[Ipv4Addr]| ips.iter().map(|ip| Data::A(*ip)).collect::<Vec<_>>();
         let dns = SocketAddr::from(SocketAddrV4::new(DNS_IP, 53));
         let web_pods: Vec<Ipv4Addr> = WEB_PODS.iter().map(|(_, ip)| *ip).collect();
@@ -362,7 +388,7 @@ impl Demo {
             println!(
                 "      {name:<34} {proto}  {} {} (answered from {})",
                 r.rcode,
-                show(&r),
+                show_answers(&r),
                 r.from
             );
             let got: Vec<Data> = r.answers.iter().map(|x| x.data.clone()).collect();
@@ -633,6 +659,22 @@ impl Demo {
             ),
         )?;
         self.new_connections_avoid(victim)?;
+        let r = self.resolve("web-pods.demo.svc.cluster.local", false)?;
+        println!(
+            "      web-pods.demo.svc.cluster.local now: {}",
+            show_answers(&r)
+        );
+        let victim_ip = WEB_PODS
+            .iter()
+            .find(|(n, _)| *n == victim)
+            .map(|(_, ip)| Data::A(*ip));
+        check(
+            r.answers.len() == 3
+                && r.answers
+                    .iter()
+                    .all(|a| Some(&a.data) != victim_ip.as_ref()),
+            &format!("the headless Service's DNS answer lost {victim}: 3 pods"),
+        )?;
         println!("      {victim} goes (its endpoint removed, its server stopped)");
         self.change(victim, Edit::Remove)?;
         let (k, i) = web_pod_index(victim)?;

@@ -124,7 +124,10 @@ fn handle(mut conn: TcpStream, routes: &Routes) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
     let head = read_head(&mut conn)?;
     let (status, body) = match routes.route(&head) {
-        Err(status) => (status, format!("no route for host {:?}\n", host_of(&head))),
+        Err(status) => (
+            status,
+            format!("no route for host {}\n", host_of(&head).unwrap_or_default()),
+        ),
         Ok(upstream) => match forward(&head, upstream, conn.peer_addr()?) {
             Ok(answer) if answer.starts_with(b"HTTP/") => return conn.write_all(&answer),
             Ok(answer) => (200, String::from_utf8_lossy(&answer).into_owned()),
