@@ -27,8 +27,14 @@ enum Cmd {
     BuildEbpf,
     /// Build everything: the eBPF programs and every host binary.
     Build,
-    /// Run the demo: a namespace cluster, the agent on manifests/examples/demo, traffic.
-    Demo,
+    /// Run the demo: two nodes and an outside client in namespaces, an agent per node on
+    /// manifests/examples/demo, and seven checked steps (DNS, ClusterIP, NodePort,
+    /// LoadBalancer with externalTrafficPolicy Local, Ingress, a rolling update, dump).
+    Demo {
+        /// Run this step only (1-7), after the cluster is set up.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=7))]
+        step: Option<u8>,
+    },
     /// Run every test (unit and integration; needs root) and fail if none ran.
     Test,
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
@@ -143,7 +149,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => build_ebpf().map(|o| println!("{}", o.display())),
         Cmd::Build => build(),
-        Cmd::Demo => demo(),
+        Cmd::Demo { step } => demo(step),
         Cmd::Test => test(),
         Cmd::Lint => lint(),
         Cmd::Image => ensure_setup()
@@ -319,16 +325,19 @@ fn build_lab(release: bool) -> anyhow::Result<()> {
     status(&mut cmd)
 }
 
-fn demo() -> anyhow::Result<()> {
+/// `lb-lab demo` on manifests/examples/demo, all steps or `--step N`.
+fn demo(step: Option<u8>) -> anyhow::Result<()> {
     require_root("the demo")?;
     ensure_setup()?;
     build_lab(false)?;
     let ws = workspace();
-    status(
-        Command::new(ws.join("target/debug/lb-lab"))
-            .args(["demo", "--manifests", "manifests/examples/demo"])
-            .current_dir(&ws),
-    )
+    let mut cmd = Command::new(ws.join("target/debug/lb-lab"));
+    cmd.args(["demo", "--manifests", "manifests/examples/demo"])
+        .current_dir(&ws);
+    if let Some(n) = step {
+        cmd.args(["--step", &n.to_string()]);
+    }
+    status(&mut cmd)
 }
 
 /// Release build, then `lb-lab bench ARGS` (sizes, rounds, ...; `--help` lists them).

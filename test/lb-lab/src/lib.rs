@@ -8,6 +8,7 @@
 //! * [`load`]: the benchmark's load generator and servers;
 //! * [`kube_proxy_rules`]: kube-proxy's iptables and nftables rules, to compare against;
 //! * [`bench`]: `cargo xtask bench`, side by side with a direct connection and kube-proxy;
+//! * [`dns`], [`ingress`]: the demo's cluster DNS server and ingress proxy;
 //! * [`demo`]: `cargo xtask demo`.
 //!
 //! The `lb-lab` binary runs inside the lab's namespaces (pod servers, probes, the load
@@ -17,13 +18,17 @@ pub mod bench;
 pub mod client_pods;
 pub mod cluster;
 pub mod demo;
+pub mod dns;
 pub mod fake_api;
 pub mod flood;
+pub mod ingress;
 pub mod kube_proxy_rules;
 pub mod lab;
 pub mod load;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
 
 /// A binary of this workspace (`lb-lab`, `lb-user`): `$LB_LAB_BIN` / `$LB_USER_BIN` if
 /// set, else next to the running executable or one directory up (a test runs from
@@ -55,4 +60,29 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
                 }
             )
         })
+}
+
+/// Every object in the `.yaml` files of `dir` (multi-document; `kind: List` items too).
+pub fn manifest_objects(dir: &Path) -> anyhow::Result<Vec<serde_yaml::Value>> {
+    use serde::Deserialize as _;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = serde_yaml::Value::deserialize(doc)
+                .with_context(|| format!("{}: not YAML", file.display()))?;
+            match v["items"].as_sequence() {
+                Some(items) if v["kind"].as_str() == Some("List") => out.extend(items.clone()),
+                _ => out.push(v),
+            }
+        }
+    }
+    Ok(out)
 }

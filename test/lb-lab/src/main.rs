@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lb_lab::{
-    bench, client_pods, demo, flood,
+    bench, client_pods, demo, dns, flood, ingress,
     lab::{self, ProbeMode, ProbeOptions},
     load,
 };
@@ -173,6 +173,44 @@ enum Cmd {
         target: std::net::SocketAddr,
         #[arg(long, default_value = "/")]
         path: String,
+        /// The Host header (default: TARGET).
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// A cluster DNS server: `<service>.<namespace>.svc.cluster.local` from the Services
+    /// and EndpointSlices in MANIFESTS (re-read at each query), UDP and TCP on PORT.
+    Dns {
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(long, default_value_t = 53)]
+        port: u16,
+    },
+    /// Ask SERVER for the A records of NAME as a stub resolver does; prints the answer
+    /// as JSON.
+    Resolve {
+        #[arg(long)]
+        server: std::net::SocketAddr,
+        #[arg(long)]
+        name: String,
+        /// Over TCP (default: UDP, then TCP when the answer is truncated).
+        #[arg(long)]
+        tcp: bool,
+    },
+    /// An HTTP ingress proxy on PORT: the Ingress objects in MANIFESTS route each
+    /// request by its Host header to a Service's ClusterIP.
+    Ingress {
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+    },
+    /// Open CONNECTIONS TCP connections to TARGET (pod servers in echo mode); print who
+    /// answered each (JSON); on each line from stdin, print which are still alive.
+    HoldTcp {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
     },
     /// Build a small namespace cluster, run the agent on example manifests, send traffic.
     Demo {
@@ -182,8 +220,11 @@ enum Cmd {
         /// The agent binary (default: lb-user next to this program).
         #[arg(long)]
         agent: Option<PathBuf>,
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 200)]
         connections: usize,
+        /// Run this step only (1-7), after the cluster is set up.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=7))]
+        step: Option<u8>,
     },
 }
 
@@ -310,14 +351,26 @@ fn main() -> ExitCode {
             source_port,
         )
         .map(|sent| println!("{{\"sent\": {sent}}}")),
-        Cmd::HttpGet { target, path } => {
-            lab::http_get(target, &path).map(|(code, body)| println!("{code} {body}"))
+        Cmd::HttpGet { target, path, host } => match host {
+            Some(host) => ingress::http_get(target, &host, &path),
+            None => lab::http_get(target, &path),
         }
+        .map(|(code, body)| println!("{code} {body}")),
+        Cmd::Dns { manifests, port } => dns::serve(&manifests, port),
+        Cmd::Resolve { server, name, tcp } => {
+            dns::resolve(server, &name, tcp).and_then(|r| print_json(&r))
+        }
+        Cmd::Ingress { manifests, port } => ingress::serve(&manifests, port),
+        Cmd::HoldTcp {
+            target,
+            connections,
+        } => demo::hold_tcp(target, connections),
         Cmd::Demo {
             manifests,
             agent,
             connections,
-        } => demo::demo(&manifests, agent, connections),
+            step,
+        } => demo::demo(&manifests, agent, connections, step),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
