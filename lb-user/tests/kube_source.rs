@@ -385,7 +385,7 @@ fn an_api_change_reaches_a_real_connection() {
         "lb_programmed_endpoints 1\n",
         "lb_map_entries{map=\"LB_SERVICES_V2\"} 2\n",
         "kubeproxy_network_programming_duration_seconds_count 2\n",
-        // The programs' counters and the tc drops, read from the maps.
+        // The programs' counters and the packet level's drops, read from the maps.
         "lb_program_events_total{program=\"connect4\",event=\"translated\"} ",
         "lb_packet_drops_total{reason=\"no_snat_port\"} 0\n",
         // Every probe's socket is closed: its entries went with it.

@@ -30,7 +30,7 @@ pub fn render_counters(counters: &[(&str, Counters)]) -> String {
 
 /// Renders the packet level's drops by reason (only the reasons that happened).
 pub fn render_drops(drops: &[(&str, u64)]) -> String {
-    render_tally("tc drops", drops)
+    render_tally("packet-level drops", drops)
 }
 
 /// Renders counts under `title`, only those that happened.
@@ -120,7 +120,7 @@ fn service_of(snap: &Snapshot, rev_nat_id: u16) -> String {
 }
 
 /// Everything `dump` shows, as one JSON document for scripts: frontends with their
-/// Service, scope, affinity and backends; the programs' counters; the tc drops.
+/// Service, scope, affinity and backends; the programs' counters; the packet level's drops.
 pub fn render_json(
     snap: &Snapshot,
     counters: &[(&str, Counters)],
@@ -317,7 +317,7 @@ mod tests {
 
     #[test]
     fn drops_show_only_the_reasons_that_happened() {
-        assert_eq!(render_drops(&[("no_route", 0)]), "tc drops: none\n");
+        assert_eq!(render_drops(&[("no_route", 0)]), "packet-level drops: none\n");
         let out = render_drops(&[("no_route", 0), ("no_snat_port", 3)]);
         assert!(out.contains("no_snat_port") && out.contains(" 3"), "{out}");
         assert!(!out.contains("no_route"), "{out}");

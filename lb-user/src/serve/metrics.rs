@@ -367,7 +367,7 @@ impl Metrics {
     }
 }
 
-/// The programs' counters, the tc drops and the connection-tracking events, read from
+/// The programs' counters, the packet level's drops and the connection-tracking events, read from
 /// the pinned per-CPU maps at each scrape (left out when they cannot be read).
 #[derive(Debug)]
 struct DatapathCollector {
