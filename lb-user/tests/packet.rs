@@ -11,23 +11,13 @@ use std::{
     time::Duration,
 };
 
-use common::{AGENT_BIN, POD_PORT, lab_bin, require_root, write_atomic};
+use common::{AGENT_BIN, POD_PORT, lab_bin, require_root, sync_timeout, write_atomic};
 use lb_lab::{
     cluster::{CLIENT_IP, CLIENT_IP6, Cluster, node_ip, node_ip6},
     lab::{AgentProcess, ProbeMode, ProbeOptions, ProbeReport, Stop},
 };
 
 const NODE_PORT: u16 = 30080;
-
-/// How long an agent may take to load its programs and sync: 20 s, or
-/// `LB_TEST_SYNC_TIMEOUT_S` (a kernel under emulation verifies the programs slowly).
-fn sync_timeout() -> Duration {
-    let secs = std::env::var("LB_TEST_SYNC_TIMEOUT_S")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
-    Duration::from_secs(secs)
-}
 
 /// A cluster lab with an agent per node, all on the same manifests.
 struct ClusterFixture {
