@@ -56,6 +56,12 @@ const GUEST_MODULES: &[&str] = &[
 /// (test binary, test name filter, reason).
 const SKIPPED: &[(&str, &str, &str)] = &[];
 
+/// Tests each binary runs at once in the guest: one per virtual CPU. Under emulation a
+/// test spends most of its time in one CPU-bound process (the verifier, an agent's
+/// sync), so two at a time nearly halve the run; the tests keep their names and
+/// resources apart, as on the host where they run in parallel too.
+const GUEST_TEST_THREADS: usize = 2;
+
 /// How long one test binary may run in the guest, and the whole guest.
 const BINARY_TIMEOUT_S: u64 = 1200;
 const GUEST_TIMEOUT_S: u64 = 2700;
@@ -295,7 +301,7 @@ fn sh_quote(s: &str) -> String {
 }
 
 /// The script the guest runs: the BPF prerequisites (locked memory, bpffs, modules),
-/// then each test binary from lb-user/ (as cargo runs them) one test at a time, its
+/// then each test binary from lb-user/ (as cargo runs them), its
 /// output on the console and in OUT/log, its exit status and seconds in OUT/status, and
 /// 0 or 1 in OUT/rc once every binary ran.
 fn guest_script(binaries: &[TestBinary], env: &[(&'static str, OsString)], out: &Path) -> String {
@@ -307,6 +313,8 @@ fn guest_script(binaries: &[TestBinary], env: &[(&'static str, OsString)], out: 
     s += "echo \"guest: Linux $(uname -r), $(nproc) CPUs\"\n";
     s += "ulimit -l unlimited\n";
     s += "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf\n";
+    // podman's overlay storage cannot sit on the guest's overlay of /var: a tmpfs.
+    s += "mkdir -p /var/lib/containers && mount -t tmpfs tmpfs /var/lib/containers\n";
     s += &format!(
         "for m in {}; do modprobe -q \"$m\" || echo \"guest: no module $m\"; done\n",
         GUEST_MODULES.join(" ")
@@ -321,7 +329,7 @@ fn guest_script(binaries: &[TestBinary], env: &[(&'static str, OsString)], out: 
     s += &format!("cd {}\n", q(&workspace().join("lb-user")));
     s += "rc=0\n";
     for b in binaries {
-        let mut args = vec!["--test-threads=1".to_string()];
+        let mut args = vec![format!("--test-threads={GUEST_TEST_THREADS}")];
         for (bin, filter, reason) in SKIPPED {
             if *bin == b.name {
                 s += &format!(
@@ -331,7 +339,10 @@ fn guest_script(binaries: &[TestBinary], env: &[(&'static str, OsString)], out: 
                 args.push(format!("--skip {}", sh_quote(filter)));
             }
         }
-        s += &format!("echo '== {}'\nstart=$(date +%s)\n", b.name);
+        s += &format!(
+            "echo '== {}' | tee -a \"$OUT/log\"\nstart=$(date +%s)\n",
+            b.name
+        );
         s += &format!(
             "timeout --kill-after=10 {BINARY_TIMEOUT_S} {} {} 2>&1 | tee -a \"$OUT/log\"\n",
             q(&b.path),
@@ -373,11 +384,21 @@ fn boot(vng: &Path, kernel: &Kernel, script: &Path, out: &Path) -> anyhow::Resul
         .arg("--exec")
         .arg(format!("bash {}", sh_quote(&script.to_string_lossy())))
         .current_dir(workspace())
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        // qemu opens its output with O_TRUNC: given a file (a CI log), it would empty
+        // it. Through pipes, copied here, the log keeps what came before.
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     eprintln!("+ {cmd:?}");
-    let st = cmd
-        .status()
+    let mut child = cmd
+        .spawn()
         .with_context(|| format!("cannot run {}", vng.display()))?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let copy_err = std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::stderr()));
+    std::io::copy(&mut stdout, &mut std::io::stdout()).context("copying the guest's output")?;
+    let _ = copy_err.join();
+    let st = child.wait()?;
     if st.code() == Some(124) {
         bail!("the guest did not finish within {GUEST_TIMEOUT_S} s");
     }
@@ -509,7 +530,7 @@ mod tests {
         }];
         let env = [("LB_IMAGE_ARCHIVE", OsString::from("/w/a b.tar"))];
         let s = guest_script(&binaries, &env, Path::new("/w/out"));
-        assert!(s.contains(r"'/w/it'\''s/socket-1' --test-threads=1"), "{s}");
+        assert!(s.contains(r"'/w/it'\''s/socket-1' --test-threads=2"), "{s}");
         assert!(s.contains("export LB_IMAGE_ARCHIVE='/w/a b.tar'\n"), "{s}");
         assert!(s.contains("echo \"$rc\" > \"$OUT/rc\""), "{s}");
         assert_eq!(sh_quote("a'b"), r"'a'\''b'");
