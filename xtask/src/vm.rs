@@ -54,7 +54,13 @@ const GUEST_MODULES: &[&str] = &[
 
 /// Tests left out in the guest, each with the reason printed when it is left out:
 /// (test binary, test name filter, reason).
-const SKIPPED: &[(&str, &str, &str)] = &[];
+const SKIPPED: &[(&str, &str, &str)] = &[(
+    "clusterip",
+    "a_burst_of_changes_becomes_few_syncs",
+    "its control needs an agent that applies each change within the burst's 25 ms \
+     spacing, which an agent under emulation does not (4 syncs for 11 changes); the \
+     batching it tests is user-space code, the same on every kernel",
+)];
 
 /// Tests each binary runs at once in the guest: one per virtual CPU. Under emulation a
 /// test spends most of its time in one CPU-bound process (the verifier, an agent's
@@ -395,14 +401,40 @@ fn boot(vng: &Path, kernel: &Kernel, script: &Path, out: &Path) -> anyhow::Resul
         .with_context(|| format!("cannot run {}", vng.display()))?;
     let mut stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
+    let copy_out = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::stdout()));
     let copy_err = std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::stderr()));
-    std::io::copy(&mut stdout, &mut std::io::stdout()).context("copying the guest's output")?;
-    let _ = copy_err.join();
-    let st = child.wait()?;
+    // Without udev in the guest, virtme-ng's console ports never reach the host: the
+    // guest's output is what its script writes to OUT/log, shown here as it grows.
+    let log = out.join("log");
+    let mut shown = 0;
+    let st = loop {
+        let done = child.try_wait()?;
+        shown = show_from(&log, shown, &mut std::io::stdout());
+        if let Some(st) = done {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
+    let _ = (copy_out.join(), copy_err.join());
     if st.code() == Some(124) {
         bail!("the guest did not finish within {GUEST_TIMEOUT_S} s");
     }
     Ok(())
+}
+
+/// Writes what `path` holds past byte `from` to `to`; returns where it ended (`from`
+/// while the file does not exist yet).
+fn show_from(path: &Path, from: u64, to: &mut impl std::io::Write) -> u64 {
+    use std::io::{Read as _, Seek as _};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return from;
+    };
+    let mut new = Vec::new();
+    if file.seek(std::io::SeekFrom::Start(from)).is_err() || file.read_to_end(&mut new).is_err() {
+        return from;
+    }
+    let _ = to.write_all(&new).and_then(|()| to.flush());
+    from + new.len() as u64
 }
 
 /// Each binary's exit status, seconds and passed tests, from the guest's files; an error
@@ -523,16 +555,42 @@ mod tests {
     }
 
     #[test]
+    fn the_guests_log_is_shown_as_it_grows() {
+        let path = std::env::temp_dir().join(format!("lb-xtask-log-{}", std::process::id()));
+        let mut shown = Vec::new();
+        assert_eq!(show_from(&path, 0, &mut shown), 0);
+        std::fs::write(&path, "one\n").unwrap();
+        let at = show_from(&path, 0, &mut shown);
+        std::fs::write(&path, "one\ntwo\n").unwrap();
+        let at = show_from(&path, at, &mut shown);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            (at, String::from_utf8(shown).unwrap()),
+            (8, "one\ntwo\n".into())
+        );
+    }
+
+    #[test]
     fn the_guest_script_quotes_and_skips() {
-        let binaries = [TestBinary {
-            name: "socket".into(),
-            path: "/w/it's/socket-1".into(),
-        }];
+        let binaries = [
+            TestBinary {
+                name: "socket".into(),
+                path: "/w/it's/socket-1".into(),
+            },
+            TestBinary {
+                name: "clusterip".into(),
+                path: "/w/clusterip-2".into(),
+            },
+        ];
         let env = [("LB_IMAGE_ARCHIVE", OsString::from("/w/a b.tar"))];
         let s = guest_script(&binaries, &env, Path::new("/w/out"));
         assert!(s.contains(r"'/w/it'\''s/socket-1' --test-threads=2"), "{s}");
         assert!(s.contains("export LB_IMAGE_ARCHIVE='/w/a b.tar'\n"), "{s}");
         assert!(s.contains("echo \"$rc\" > \"$OUT/rc\""), "{s}");
+        assert!(
+            s.contains("--skip 'a_burst_of_changes_becomes_few_syncs'"),
+            "{s}"
+        );
         assert_eq!(sh_quote("a'b"), r"'a'\''b'");
     }
 }
