@@ -587,7 +587,7 @@ fn a_first_sync_of_a_thousand_services_writes_every_entry() {
     let mut fx = Fixture::new("bulk", 2, &[("bulk.yaml", bulk)]);
     fx.write("web.yaml", &service("web", WEB_IP, 80));
     fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1])));
-    fx.agent.wait_synced(2, Duration::from_secs(20)).unwrap();
+    fx.agent.wait_synced(2, common::sync_timeout()).unwrap();
     fx.wait_answering(SocketAddrV4::new(WEB_IP, 80), lab::ProbeMode::Tcp);
 
     let snap = lb_user::datapath::BpfMaps::open_pinned(&fx.agent.pin_path)

@@ -11,23 +11,13 @@ use std::{
     time::Duration,
 };
 
-use common::{AGENT_BIN, POD_PORT, lab_bin, require_root, write_atomic};
+use common::{AGENT_BIN, POD_PORT, lab_bin, require_root, sync_timeout, write_atomic};
 use lb_lab::{
     cluster::{CLIENT_IP, CLIENT_IP6, Cluster, node_ip, node_ip6},
     lab::{AgentProcess, ProbeMode, ProbeOptions, ProbeReport, Stop},
 };
 
 const NODE_PORT: u16 = 30080;
-
-/// How long an agent may take to load its programs and sync: 20 s, or
-/// `LB_TEST_SYNC_TIMEOUT_S` (a kernel under emulation verifies the programs slowly).
-fn sync_timeout() -> Duration {
-    let secs = std::env::var("LB_TEST_SYNC_TIMEOUT_S")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
-    Duration::from_secs(secs)
-}
 
 /// A cluster lab with an agent per node, all on the same manifests.
 struct ClusterFixture {
@@ -952,19 +942,28 @@ fn losing_one_half_of_live_flows_never_crosses_two_clients() {
     let transfers: Vec<_> = (0..30)
         .map(|_| {
             fx.cluster
-                .start_transfer(target.into(), 256 << 10, Duration::from_secs(4))
+                .start_transfer(target.into(), 256 << 10, Duration::from_secs(6))
                 .unwrap()
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Every flow's reply half, once all 30 flows are up (they then pause halfway; a
+    // slow machine, a kernel under emulation, takes seconds to start 30 clients).
     let pin = &fx.agents[0].pin_path;
-    let replies: Vec<lb_common::CtKey> = lb_user::datapath::read_conntrack(pin)
-        .unwrap()
-        .into_iter()
-        .filter(|(k, v)| v.flags & lb_common::CT_F_REPLY != 0 && k.proto == lb_common::PROTO_TCP)
-        .map(|(k, _)| k)
-        .collect();
-    assert!(replies.len() >= 30, "{} reply halves", replies.len());
+    let reply_halves = || -> Vec<lb_common::CtKey> {
+        lb_user::datapath::read_conntrack(pin)
+            .unwrap()
+            .into_iter()
+            .filter(|(k, v)| {
+                v.flags & lb_common::CT_F_REPLY != 0 && k.proto == lb_common::PROTO_TCP
+            })
+            .map(|(k, _)| k)
+            .collect()
+    };
+    let replies = lb_lab::lab::wait_for(Duration::from_secs(5), || {
+        let r = reply_halves();
+        (r.len() >= 30).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("{} reply halves after 5 s", reply_halves().len()));
     let map = aya::maps::MapData::from_pin(pin.join(lb_common::MAP_CT)).unwrap();
     let mut ct: aya::maps::HashMap<_, lb_common::CtKey, lb_common::CtValue> =
         aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();

@@ -2,8 +2,10 @@
 
 mod ebpf_build;
 mod image;
+mod vm;
 
 use std::{
+    ffi::OsString,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
@@ -36,7 +38,12 @@ enum Cmd {
         step: Option<u8>,
     },
     /// Run every test (unit and integration; needs root) and fail if none ran.
-    Test,
+    Test {
+        /// Instead: run the integration tests in a qemu guest that boots Debian's newest
+        /// kernel of this series (e.g. 6.1), fetched by package name into target/kernels/.
+        #[arg(long, value_name = "SERIES")]
+        kernel: Option<String>,
+    },
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
     Lint,
     /// The agent's image: a static binary on `FROM scratch`, built with podman, saved
@@ -150,7 +157,10 @@ fn main() -> ExitCode {
         Cmd::BuildEbpf => build_ebpf().map(|o| println!("{}", o.display())),
         Cmd::Build => build(),
         Cmd::Demo { step } => demo(step),
-        Cmd::Test => test(),
+        Cmd::Test { kernel: None } => test(),
+        Cmd::Test {
+            kernel: Some(series),
+        } => vm::test(&series),
         Cmd::Lint => lint(),
         Cmd::Image => ensure_setup()
             .and_then(|()| image::image())
@@ -193,7 +203,7 @@ fn setup() -> anyhow::Result<()> {
     // 2. bpf-linker, built against the nightly toolchain's own LLVM.
     install_bpf_linker()?;
     // 3. Debian packages.
-    install_apt_packages()?;
+    install_apt_packages(APT_PACKAGES)?;
     ebpf_build::check_prerequisites().map_err(anyhow::Error::msg)?;
     eprintln!("setup: everything is installed");
     Ok(())
@@ -202,7 +212,8 @@ fn setup() -> anyhow::Result<()> {
 /// Runs [`setup`] first when anything it installs is missing, so that on a fresh machine
 /// `cargo xtask demo` and `cargo xtask test` are each one command.
 fn ensure_setup() -> anyhow::Result<()> {
-    let ready = ebpf_build::check_prerequisites().is_ok() && missing_apt_packages().is_empty();
+    let ready =
+        ebpf_build::check_prerequisites().is_ok() && missing_apt_packages(APT_PACKAGES).is_empty();
     if ready {
         return Ok(());
     }
@@ -267,9 +278,9 @@ fn install_bpf_linker() -> anyhow::Result<()> {
     )
 }
 
-/// The Debian packages of [`APT_PACKAGES`] that are not installed.
-fn missing_apt_packages() -> Vec<&'static str> {
-    APT_PACKAGES
+/// The Debian packages of `packages` that are not installed.
+fn missing_apt_packages(packages: &[&'static str]) -> Vec<&'static str> {
+    packages
         .iter()
         .copied()
         .filter(|p| {
@@ -279,10 +290,10 @@ fn missing_apt_packages() -> Vec<&'static str> {
         .collect()
 }
 
-fn install_apt_packages() -> anyhow::Result<()> {
-    let missing = missing_apt_packages();
+fn install_apt_packages(packages: &[&'static str]) -> anyhow::Result<()> {
+    let missing = missing_apt_packages(packages);
     if missing.is_empty() {
-        eprintln!("setup: Debian packages {APT_PACKAGES:?} are installed");
+        eprintln!("setup: Debian packages {packages:?} are installed");
         return Ok(());
     }
     require_root("installing Debian packages")?;
@@ -370,12 +381,11 @@ fn lint() -> anyhow::Result<()> {
     )
 }
 
-fn test() -> anyhow::Result<()> {
-    require_root("`cargo xtask test`")?;
-    ensure_setup()?;
-    // The image test runs the image this builds.
+/// What the integration tests need besides the workspace's binaries, as the environment
+/// they read: the image's archive and podman settings (the image test), and the upgrade
+/// test's second agent, whose kernel programs differ. Builds both.
+fn test_env() -> anyhow::Result<Vec<(&'static str, OsString)>> {
     let archive = image::image()?;
-    // The upgrade test's second agent: kernel programs that differ (another program tag).
     let variant = workspace().join("target/upgrade-variant");
     status(
         cargo()
@@ -383,11 +393,29 @@ fn test() -> anyhow::Result<()> {
             .arg(&variant)
             .env("LB_EBPF_CFG", "lb_upgrade_test"),
     )?;
+    Ok(vec![
+        ("LB_UPGRADE_AGENT", variant.join("debug/lb-user").into()),
+        ("LB_IMAGE_ARCHIVE", archive.into()),
+        ("LB_CONTAINERS_CONF", image::containers_conf()?.into()),
+    ])
+}
+
+/// The tests that a line of test output says passed:
+/// "test result: ok. 20 passed; 0 failed; ..." -> 20.
+fn count_passed(line: &str) -> usize {
+    line.strip_prefix("test result: ")
+        .and_then(|rest| rest.split(". ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn test() -> anyhow::Result<()> {
+    require_root("`cargo xtask test`")?;
+    ensure_setup()?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])
-        .env("LB_UPGRADE_AGENT", variant.join("debug/lb-user"))
-        .env("LB_IMAGE_ARCHIVE", &archive)
-        .env("LB_CONTAINERS_CONF", image::containers_conf()?)
+        .envs(test_env()?)
         .stdout(Stdio::piped());
     eprintln!("+ {cmd:?}");
     let mut child = cmd.spawn().context("cannot run cargo test")?;
@@ -395,15 +423,7 @@ fn test() -> anyhow::Result<()> {
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
         println!("{line}");
-        // "test result: ok. 20 passed; 0 failed; ..."
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            passed += rest
-                .split(". ")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|n| n.parse::<usize>().ok())
-                .unwrap_or(0);
-        }
+        passed += count_passed(&line);
     }
     let st = child.wait()?;
     if !st.success() {

@@ -20,6 +20,17 @@ pub const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 pub const POD_PORT: u16 = 8080;
 
+/// How long an agent may take to load its programs and sync its first objects: 20 s, or
+/// `LB_TEST_SYNC_TIMEOUT_S` when longer (`cargo xtask test --kernel` sets it: a kernel
+/// under emulation verifies the programs and writes the maps slowly).
+pub fn sync_timeout() -> Duration {
+    let secs = std::env::var("LB_TEST_SYNC_TIMEOUT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0u64);
+    Duration::from_secs(secs.max(20))
+}
+
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
@@ -150,9 +161,7 @@ impl Fixture {
             &dir.join("agent.log"),
         )
         .expect("starting the agent");
-        agent
-            .wait_synced(1, Duration::from_secs(20))
-            .expect("agent ready");
+        agent.wait_synced(1, sync_timeout()).expect("agent ready");
         Self {
             agent,
             lab,
