@@ -62,6 +62,24 @@ const SKIPPED: &[(&str, &str, &str)] = &[(
      batching it tests is user-space code, the same on every kernel",
 )];
 
+/// Test binaries left out in the guest, each with the reason printed: they exercise the
+/// agent's user-space parts (the HTTP server, the image, manifest reading) or compose
+/// what the other binaries test one by one (the demo), the same on every kernel; the
+/// guest's time goes to the tests of the kernel's side (CI runs both suites).
+const HOST_ONLY: &[(&str, &str)] = &[
+    ("http", "the HTTP server's limits, user-space code"),
+    (
+        "image",
+        "the container image's build and start, no kernel feature of ours",
+    ),
+    ("manifest_edits", "manifest reading, user-space code"),
+    ("manifests", "manifest reading, user-space code"),
+    (
+        "demo",
+        "the demo composes the socket and packet levels that socket, sockets and packet test here",
+    ),
+];
+
 /// Tests each binary runs at once in the guest: one per virtual CPU. Under emulation a
 /// test spends most of its time in one CPU-bound process (the verifier, an agent's
 /// sync), so two at a time nearly halve the run; the tests keep their names and
@@ -335,6 +353,13 @@ fn guest_script(binaries: &[TestBinary], env: &[(&'static str, OsString)], out: 
     s += &format!("cd {}\n", q(&workspace().join("lb-user")));
     s += "rc=0\n";
     for b in binaries {
+        if let Some((_, why)) = HOST_ONLY.iter().find(|(name, _)| *name == b.name) {
+            s += &format!(
+                "echo {}\n",
+                sh_quote(&format!("guest: leaving out {}: {why}", b.name))
+            );
+            continue;
+        }
         let mut args = vec![format!("--test-threads={GUEST_TEST_THREADS}")];
         for (bin, filter, reason) in SKIPPED {
             if *bin == b.name {
@@ -581,6 +606,10 @@ mod tests {
                 name: "clusterip".into(),
                 path: "/w/clusterip-2".into(),
             },
+            TestBinary {
+                name: "http".into(),
+                path: "/w/http-3".into(),
+            },
         ];
         let env = [("LB_IMAGE_ARCHIVE", OsString::from("/w/a b.tar"))];
         let s = guest_script(&binaries, &env, Path::new("/w/out"));
@@ -591,6 +620,8 @@ mod tests {
             s.contains("--skip 'a_burst_of_changes_becomes_few_syncs'"),
             "{s}"
         );
+        assert!(s.contains("guest: leaving out http: "), "{s}");
+        assert!(!s.contains("/w/http-3"), "{s}");
         assert_eq!(sh_quote("a'b"), r"'a'\''b'");
     }
 }

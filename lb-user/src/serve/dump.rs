@@ -317,7 +317,10 @@ mod tests {
 
     #[test]
     fn drops_show_only_the_reasons_that_happened() {
-        assert_eq!(render_drops(&[("no_route", 0)]), "packet-level drops: none\n");
+        assert_eq!(
+            render_drops(&[("no_route", 0)]),
+            "packet-level drops: none\n"
+        );
         let out = render_drops(&[("no_route", 0), ("no_snat_port", 3)]);
         assert!(out.contains("no_snat_port") && out.contains(" 3"), "{out}");
         assert!(!out.contains("no_route"), "{out}");
