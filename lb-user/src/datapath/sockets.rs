@@ -108,14 +108,18 @@ impl Pass<'_> {
                 (ip_of(&frontend.addr), frontend.port),
                 (ip_of(&key.addr), key.port),
             );
+            let mut is_stale = false;
             for proto in [lb_common::PROTO_TCP, lb_common::PROTO_UDP] {
                 if self.left.contains(&(fe, be, proto)) {
                     stale
                         .entry(key.cookie)
                         .or_default()
                         .push((be.0, be.1, proto));
-                    keys.push(key);
+                    is_stale = true;
                 }
+            }
+            if is_stale {
+                keys.push(key);
             }
         }
         (!stale.is_empty()).then_some((stale, keys))

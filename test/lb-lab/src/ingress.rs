@@ -185,26 +185,6 @@ fn forward(head: &str, upstream: SocketAddrV4, client: SocketAddr) -> std::io::R
     Ok(answer)
 }
 
-/// GET http://`target``path` with `Host: host`: the status code and the body.
-pub fn http_get(target: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))
-        .with_context(|| format!("connecting to {target}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("not an HTTP response: {out:?}"))?;
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok((code, body.trim().to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1147,12 +1147,17 @@ fn reply_line(reply: &str, say_peer: bool, peer: Option<SocketAddr>) -> String {
 
 /// GET http://`target``path`: the status code and the body (one line, as sent).
 pub fn http_get(target: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    http_get_as(target, &target.to_string(), path)
+}
+
+/// [`http_get`] with `Host: host` (an ingress routes by it).
+pub fn http_get_as(target: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))
         .with_context(|| format!("connecting to {target}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;

@@ -352,7 +352,7 @@ fn main() -> ExitCode {
         )
         .map(|sent| println!("{{\"sent\": {sent}}}")),
         Cmd::HttpGet { target, path, host } => match host {
-            Some(host) => ingress::http_get(target, &host, &path),
+            Some(host) => lab::http_get_as(target, &host, &path),
             None => lab::http_get(target, &path),
         }
         .map(|(code, body)| println!("{code} {body}")),
