@@ -137,11 +137,17 @@ fn print_dump(pin_path: &std::path::Path, conntrack: bool, output: &str) -> anyh
             let counters = lb_user::datapath::read_counters(pin_path)?;
             let drops = lb_user::datapath::read_drops(pin_path)?;
             let ct_events = lb_user::datapath::read_ct_events(pin_path)?;
+            let xdp = lb_user::datapath::loader::xdp_modes(pin_path);
             if output == "json" {
                 let mut doc = dump::render_json(&snap, &counters, &drops);
                 doc["ctEvents"] = ct_events
                     .iter()
                     .map(|(e, n)| (e.to_string(), serde_json::Value::from(*n)))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+                doc["xdp"] = xdp
+                    .iter()
+                    .map(|(iface, mode)| (iface.clone(), serde_json::Value::from(*mode)))
                     .collect::<serde_json::Map<_, _>>()
                     .into();
                 if conntrack {
@@ -152,11 +158,12 @@ fn print_dump(pin_path: &std::path::Path, conntrack: bool, output: &str) -> anyh
                 return Ok(());
             }
             print!(
-                "{}\n{}\n{}{}",
+                "{}\n{}\n{}{}{}",
                 dump::render(&snap),
                 dump::render_counters(&counters),
                 dump::render_drops(&drops),
-                dump::render_tally("conntrack events", &ct_events)
+                dump::render_tally("conntrack events", &ct_events),
+                dump::render_xdp(&xdp),
             );
             if conntrack {
                 let entries = lb_user::datapath::read_conntrack(pin_path)?;

@@ -1202,6 +1202,12 @@ fn xdp_translates_node_port_flows_to_backends_of_both_nodes() {
         .unwrap();
     let dump = String::from_utf8_lossy(&dump.stdout);
     assert_eq!(report.total_errors(), 0, "{report:?}\n{dump}");
+    // The dump says which interface got which XDP mode.
+    assert!(
+        dump.lines()
+            .any(|l| l.starts_with("XDP acceleration: ") && l.contains(" native")),
+        "{dump}"
+    );
     assert_both_nodes_answer(&report, CLIENT_IP.into(), node_ip(0).into());
     let report = fx.probe(target, 40, ProbeMode::UdpSendto);
     assert_eq!(report.total_errors(), 0, "{report:?}");

@@ -936,6 +936,29 @@ fn xdp_link_pin(pin_dir: &Path, mode: Acceleration, iface: &str) -> PathBuf {
         .join(format!("{XDP_PROGRAM}_{}_{iface}", mode.name()))
 }
 
+/// The interfaces with the XDP program attached under `pin_dir`, and the mode each got
+/// (from the link pins, `lb_xdp_<mode>_<interface>`), sorted by interface.
+pub fn xdp_modes(pin_dir: &Path) -> Vec<(String, &'static str)> {
+    let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else {
+        return Vec::new();
+    };
+    let mut modes: Vec<(String, &'static str)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().into_string().ok()?;
+            let rest = file.strip_prefix(XDP_PROGRAM)?.strip_prefix('_')?;
+            [Acceleration::Native, Acceleration::Generic]
+                .into_iter()
+                .find_map(|mode| {
+                    let iface = rest.strip_prefix(mode.name())?.strip_prefix('_')?;
+                    Some((iface.to_string(), mode.name()))
+                })
+        })
+        .collect();
+    modes.sort();
+    modes
+}
+
 /// Attaches the XDP program to every interface in `ifaces` as `accel` says, through a
 /// link pinned under `pin_dir` (a link found pinned there gets the new program in one
 /// step); returns the mode each interface got (`native` falls back to `generic` where
@@ -1203,6 +1226,30 @@ pub fn remove_pins(pin_dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xdp_modes_are_read_from_the_link_pins() {
+        let dir = std::env::temp_dir().join(format!("lb-xdp-modes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("links")).unwrap();
+        for f in [
+            "lb_xdp_native_eth1",
+            "lb_xdp_generic_eth0",
+            "lb_tc_ingress_eth0",
+            "lb_xdp_off_eth2",
+        ] {
+            std::fs::write(dir.join("links").join(f), "").unwrap();
+        }
+        assert_eq!(
+            xdp_modes(&dir),
+            [
+                ("eth0".to_string(), "generic"),
+                ("eth1".to_string(), "native")
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(xdp_modes(&dir).is_empty());
+    }
 
     #[test]
     fn the_layout_check_knows_every_pinned_map_with_the_shared_types_sizes() {

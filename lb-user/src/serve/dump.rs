@@ -33,6 +33,15 @@ pub fn render_drops(drops: &[(&str, u64)]) -> String {
     render_tally("packet-level drops", drops)
 }
 
+/// Renders the XDP mode of each interface that has the XDP program (`--acceleration`).
+pub fn render_xdp(modes: &[(String, &str)]) -> String {
+    if modes.is_empty() {
+        return "XDP acceleration: off (tc only)\n".into();
+    }
+    let each: Vec<String> = modes.iter().map(|(i, m)| format!("{i} {m}")).collect();
+    format!("XDP acceleration: {}\n", each.join(", "))
+}
+
 /// Renders counts under `title`, only those that happened.
 pub fn render_tally(title: &str, tally: &[(&str, u64)]) -> String {
     let happened: Vec<&(&str, u64)> = tally.iter().filter(|(_, n)| *n > 0).collect();
@@ -324,6 +333,11 @@ mod tests {
         let out = render_drops(&[("no_route", 0), ("no_snat_port", 3)]);
         assert!(out.contains("no_snat_port") && out.contains(" 3"), "{out}");
         assert!(!out.contains("no_route"), "{out}");
+        assert_eq!(render_xdp(&[]), "XDP acceleration: off (tc only)\n");
+        assert_eq!(
+            render_xdp(&[("eth0".into(), "native"), ("eth1".into(), "generic")]),
+            "XDP acceleration: eth0 native, eth1 generic\n"
+        );
     }
 
     #[test]
