@@ -285,12 +285,17 @@ fn sockets_in_many_pods_are_closed_over_passes_each_entering_a_namespace_once() 
         closed.iter().all(|&n| n == per_pod).then_some(())
     });
     assert!(all.is_some(), "closed {closed:?}\n{}", fx.agent.log());
-    let after = common::http_get(port, "/metrics");
+    // The pass's counters are recorded once its sockets are closed: wait for them.
+    let destroyed = |text: &str| {
+        metric(text, "lb_sockets_destroyed_total ") - metric(&before, "lb_sockets_destroyed_total ")
+    };
+    let after = lab::wait_for(Duration::from_secs(5), || {
+        let text = common::http_get(port, "/metrics");
+        (destroyed(&text) >= (pods * per_pod) as f64).then_some(text)
+    })
+    .unwrap_or_else(|| common::http_get(port, "/metrics"));
     let delta = |name: &str| metric(&after, name) - metric(&before, name);
-    assert_eq!(
-        delta("lb_sockets_destroyed_total "),
-        (pods * per_pod) as f64
-    );
+    assert_eq!(destroyed(&after), (pods * per_pod) as f64, "{after}");
     // At least one pass ran out of time and the next went on with the namespaces left;
     // each namespace was entered once for these pairs.
     assert!(
