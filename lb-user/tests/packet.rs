@@ -693,7 +693,7 @@ fn without_node_ip_flags_the_node_objects_addresses_choose_the_interfaces() {
         false,
     );
     // The first sync brings the Node's address; the tc programs follow.
-    let attached = lb_lab::lab::wait_for(Duration::from_secs(10), || {
+    let attached = lb_lab::lab::wait_for(sync_timeout(), || {
         fx.agents[0]
             .log()
             .contains("tc programs attached")
