@@ -327,17 +327,16 @@ async fn check_source(
     }
 }
 
-/// Loads and attaches the programs, opens their maps, starts the log reader and the
-/// metrics server.
-fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
-    // Read once: without --cgroup it is looked up in /proc/mounts.
-    let cgroup = opts.cgroup();
+/// The checks before anything is loaded: what refuses the start (capabilities, kernel
+/// features), and what only warns (a --cgroup below the root, a socket closer without
+/// what it needs).
+fn preflight(cgroup: &std::path::Path) -> anyhow::Result<()> {
     checks::check_capabilities(checks::effective_capabilities())
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
     checks::check_kernel(&checks::needed(), checks::probe)
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
     let root = loader::mount_point("cgroup2");
-    if root.as_deref() != Some(cgroup.as_path()) {
+    if root.as_deref() != Some(cgroup) {
         tracing::warn!(
             cgroup = %cgroup.display(),
             "--cgroup is not the root of the cgroup v2 hierarchy ({}): processes outside it get no \
@@ -354,6 +353,35 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
             closer_lacks.join(" and ")
         );
     }
+    Ok(())
+}
+
+/// Starts the metrics server and the proxier health server (each if its address is
+/// set), their tasks added to `tasks`.
+fn serve_metrics_and_health(
+    opts: &RunOptions,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> (metrics::Shared, SharedHealth) {
+    let metrics: metrics::Shared = Arc::new(Metrics::new(Some(opts.pin_path.clone())));
+    if let Some(addr) = opts.metrics_bind_address.0 {
+        tasks.push(metrics::serve(addr, metrics.clone()));
+    }
+    let proxier_health: SharedHealth = Arc::new(Mutex::new(ProxierHealth::new(
+        opts.healthz_timeout,
+        SystemTime::now(),
+    )));
+    if let Some(addr) = opts.healthz_bind_address.0 {
+        tasks.push(proxier_health::serve(addr, proxier_health.clone()));
+    }
+    (metrics, proxier_health)
+}
+
+/// Loads and attaches the programs, opens their maps, starts the log reader and the
+/// metrics server.
+fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
+    // Read once: without --cgroup it is looked up in /proc/mounts.
+    let cgroup = opts.cgroup();
+    preflight(&cgroup)?;
     let (mut ebpf, mut pin_lock) = loader::load_and_attach(
         &opts.pin_path,
         &cgroup,
@@ -372,17 +400,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     if opts.bpf_log_level() > 0 {
         tasks.push(spawn_bpf_logger(&mut ebpf)?);
     }
-    let metrics: metrics::Shared = Arc::new(Metrics::new(Some(opts.pin_path.clone())));
-    if let Some(addr) = opts.metrics_bind_address.0 {
-        tasks.push(metrics::serve(addr, metrics.clone()));
-    }
-    let proxier_health: SharedHealth = Arc::new(Mutex::new(ProxierHealth::new(
-        opts.healthz_timeout,
-        SystemTime::now(),
-    )));
-    if let Some(addr) = opts.healthz_bind_address.0 {
-        tasks.push(proxier_health::serve(addr, proxier_health.clone()));
-    }
+    let (metrics, proxier_health) = serve_metrics_and_health(opts, &mut tasks);
     let maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let mut packet = PacketLevel {
         ebpf,
