@@ -214,6 +214,20 @@ fn split(report: &ProbeReport) -> (BTreeMap<String, usize>, BTreeMap<String, usi
 
 /// Every pod of both nodes answered; those on node 0 saw `client` itself (DNAT only),
 /// those on node 1 saw `node0`, which SNATed the flow to send it there.
+/// 5 MB each way through one connection to `target`, four times over: every byte
+/// comes back intact.
+fn four_intact_transfers(fx: &ClusterFixture, target: SocketAddrV4) {
+    for _ in 0..4 {
+        let t = fx
+            .cluster
+            .start_transfer(target.into(), 5 << 20, Duration::ZERO)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert!(t.intact && t.received == 5 << 20, "{t:?}");
+    }
+}
+
 fn assert_both_nodes_answer(report: &ProbeReport, client: IpAddr, node0: IpAddr) {
     let (pods, peers) = split(report);
     assert_eq!(pods.len(), 4, "every pod of both nodes answers: {report:?}");
@@ -244,15 +258,7 @@ fn outside_client_reaches_a_node_port_on_backends_of_both_nodes() {
     assert_eq!(report.total_errors(), 0, "{report:?}");
     assert_eq!(report.replies.len(), 1, "one flow, one backend: {report:?}");
     // 5 MB each way through one connection, a few times (both nodes' backends).
-    for _ in 0..4 {
-        let t = fx
-            .cluster
-            .start_transfer(target.into(), 5 << 20, Duration::ZERO)
-            .unwrap()
-            .finish()
-            .unwrap();
-        assert!(t.intact && t.received == 5 << 20, "{t:?}");
-    }
+    four_intact_transfers(&fx, target);
     // Hairpin: a backend reaching its own service through its node's nodePort (pods
     // are in the node's cgroup, so the socket level translates it).
     let node0 = &fx.cluster.nodes[0];
@@ -1212,15 +1218,7 @@ fn xdp_translates_node_port_flows_to_backends_of_both_nodes() {
     let report = fx.probe(target, 40, ProbeMode::UdpSendto);
     assert_eq!(report.total_errors(), 0, "{report:?}");
     assert_eq!(split(&report).0.len(), 4, "{report:?}");
-    for _ in 0..4 {
-        let t = fx
-            .cluster
-            .start_transfer(target.into(), 5 << 20, Duration::ZERO)
-            .unwrap()
-            .finish()
-            .unwrap();
-        assert!(t.intact && t.received == 5 << 20, "{t:?}");
-    }
+    four_intact_transfers(&fx, target);
     // Every TCP connection's packets and replies, every datagram: far more than the
     // 80 flows' first packets.
     let translated = xdp_translated(&fx, 0) - before;
