@@ -25,7 +25,8 @@ struct Cli {
 enum Cmd {
     /// Install what a fresh machine lacks (idempotent): nightly rust-src, bpf-linker, Debian packages.
     Setup,
-    /// Build the eBPF programs (lb-ebpf, with BTF) into target/ebpf.
+    /// Build the eBPF programs (lb-ebpf, with BTF) into target/ebpf: the object as
+    /// written and the one without bpf_set_retval (kernels before 6.1).
     BuildEbpf,
     /// Build everything: the eBPF programs and every host binary.
     Build,
@@ -154,7 +155,10 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Cmd::Setup => setup(),
-        Cmd::BuildEbpf => build_ebpf().map(|o| println!("{}", o.display())),
+        Cmd::BuildEbpf => build_ebpf().map(|o| {
+            println!("{}", o.full.display());
+            println!("{}", o.no_set_retval.display());
+        }),
         Cmd::Build => build(),
         Cmd::Demo { step } => demo(step),
         Cmd::Test { kernel: None } => test(),
@@ -306,14 +310,18 @@ fn install_apt_packages(packages: &[&'static str]) -> anyhow::Result<()> {
     )
 }
 
-fn build_ebpf() -> anyhow::Result<PathBuf> {
+fn build_ebpf() -> anyhow::Result<ebpf_build::Objects> {
     let ws = workspace();
     ebpf_build::build_ebpf(&ws, &ws.join("target/ebpf")).map_err(anyhow::Error::msg)
 }
 
 fn build() -> anyhow::Result<()> {
-    let object = build_ebpf()?;
-    eprintln!("eBPF object: {}", object.display());
+    let objects = build_ebpf()?;
+    eprintln!(
+        "eBPF objects: {} and {}",
+        objects.full.display(),
+        objects.no_set_retval.display()
+    );
     // The host binaries: every member but the kernel crate, which only builds for BPF
     // (lb-user's build script builds it, with build_ebpf's recipe).
     status(cargo().args([
