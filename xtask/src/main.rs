@@ -44,6 +44,10 @@ enum Cmd {
         /// kernel of this series (e.g. 6.1), fetched by package name into target/kernels/.
         #[arg(long, value_name = "SERIES")]
         kernel: Option<String>,
+        /// With --kernel: only this integration test binary (lb-user/tests/NAME.rs);
+        /// repeatable.
+        #[arg(long = "test", value_name = "NAME", requires = "kernel")]
+        tests: Vec<String>,
     },
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
     Lint,
@@ -161,10 +165,11 @@ fn main() -> ExitCode {
         }),
         Cmd::Build => build(),
         Cmd::Demo { step } => demo(step),
-        Cmd::Test { kernel: None } => test(),
+        Cmd::Test { kernel: None, .. } => test(),
         Cmd::Test {
             kernel: Some(series),
-        } => vm::test(&series),
+            tests,
+        } => vm::test(&series, &tests),
         Cmd::Lint => lint(),
         Cmd::Image => ensure_setup()
             .and_then(|()| image::image())
