@@ -382,16 +382,21 @@ fn lint() -> anyhow::Result<()> {
     status(cargo().args(["fmt", "--all", "--check"]))?;
     // The default members: every host crate (lb-ebpf only builds for BPF, below).
     status(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    // The kernel crate is not a default member and only builds for the BPF target.
-    status(
-        Command::new("rustup")
-            .args(["run", ebpf_build::TOOLCHAIN, "cargo", "clippy", "--release"])
-            .args(["--target", ebpf_build::BPF_TARGET, "-Z", "build-std=core"])
-            .args(["--", "-D", "warnings"])
-            .current_dir(workspace().join(ebpf_build::EBPF_PACKAGE))
-            .env_remove("RUSTC")
-            .env_remove("CARGO"),
-    )
+    // The kernel crate is not a default member and only builds for the BPF target; both
+    // of its objects (with and without bpf_set_retval).
+    for features in [None, Some(ebpf_build::NO_SET_RETVAL)] {
+        status(
+            Command::new("rustup")
+                .args(["run", ebpf_build::TOOLCHAIN, "cargo", "clippy", "--release"])
+                .args(["--target", ebpf_build::BPF_TARGET, "-Z", "build-std=core"])
+                .args(features.map(|f| ["--features", f]).into_iter().flatten())
+                .args(["--", "-D", "warnings"])
+                .current_dir(workspace().join(ebpf_build::EBPF_PACKAGE))
+                .env_remove("RUSTC")
+                .env_remove("CARGO"),
+        )?;
+    }
+    Ok(())
 }
 
 /// What the integration tests need besides the workspace's binaries, as the environment
