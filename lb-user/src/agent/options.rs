@@ -94,6 +94,13 @@ pub struct RunOptions {
     /// outlive kube-proxy, and the next agent adopts it.
     #[arg(long)]
     pub cleanup_on_exit: bool,
+    /// For tests and diagnosis: take the kernel feature NAME (a `name` of the
+    /// lb_kernel_feature metric) as missing whatever the kernel has, so the agent runs
+    /// as on a kernel without it (repeatable). `helper_set_retval` loads the programs
+    /// built without bpf_set_retval (as below Linux 6.1: a refused connect() gets EPERM).
+    #[arg(long = "assume-missing-kernel-feature", value_name = "NAME",
+          value_parser = crate::datapath::checks::feature_name)]
+    pub assume_missing_kernel_features: Vec<&'static str>,
 }
 
 impl RunOptions {

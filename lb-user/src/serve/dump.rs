@@ -8,7 +8,7 @@ use lb_common::{
 };
 
 use crate::{
-    datapath::{Snapshot, frontend_of, ip_of},
+    datapath::{Snapshot, frontend_of, ip_of, loader::EbpfObject},
     model::FrontendKind,
 };
 
@@ -40,6 +40,22 @@ pub fn render_xdp(modes: &[(String, &str)]) -> String {
     }
     let each: Vec<String> = modes.iter().map(|(i, m)| format!("{i} {m}")).collect();
     format!("XDP acceleration: {}\n", each.join(", "))
+}
+
+/// Renders which object's programs the socket level runs (`None`: none attached).
+pub fn render_object(object: Option<EbpfObject>) -> String {
+    match object {
+        None => "socket level: no programs attached\n".into(),
+        Some(EbpfObject::Full) => {
+            "socket level: full (a refused connect() gets ECONNREFUSED)\n".into()
+        }
+        Some(EbpfObject::NoSetRetval) => {
+            "socket level: no-set-retval, degraded (this kernel has no \
+             bpf_set_retval, or the agent was told to assume so: a refused connect() or sendmsg() \
+             gets EPERM instead of ECONNREFUSED)\n"
+                .into()
+        }
+    }
 }
 
 /// Renders counts under `title`, only those that happened.
@@ -338,6 +354,24 @@ mod tests {
             render_xdp(&[("eth0".into(), "native"), ("eth1".into(), "generic")]),
             "XDP acceleration: eth0 native, eth1 generic\n"
         );
+    }
+
+    #[test]
+    fn the_socket_levels_object_is_named_with_what_clients_see() {
+        assert!(
+            render_object(Some(EbpfObject::Full))
+                .contains("full (a refused connect() gets ECONNREFUSED)")
+        );
+        let degraded = render_object(Some(EbpfObject::NoSetRetval));
+        assert!(
+            degraded.starts_with("socket level: no-set-retval, degraded"),
+            "{degraded}"
+        );
+        assert!(
+            degraded.contains("EPERM instead of ECONNREFUSED"),
+            "{degraded}"
+        );
+        assert_eq!(render_object(None), "socket level: no programs attached\n");
     }
 
     #[test]
