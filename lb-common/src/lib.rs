@@ -898,8 +898,14 @@ const fn le_word(a: &Addr, i: usize) -> u32 {
 
 #[inline(always)]
 const fn murmur_round(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 const _: () = {
@@ -1175,7 +1181,10 @@ mod tests {
         let client = v4_mapped([192, 0, 2, 7]);
         let vip = v4_mapped([198, 51, 100, 10]);
         // Pinned: the programs and every agent compute the same value.
-        assert_eq!(flow_hash(&client, &vip, 40_000, 80, PROTO_TCP), PINNED_FLOW_HASH);
+        assert_eq!(
+            flow_hash(&client, &vip, 40_000, 80, PROTO_TCP),
+            PINNED_FLOW_HASH
+        );
         // Every field counts.
         let h = flow_hash(&client, &vip, 40_000, 80, PROTO_TCP);
         assert_ne!(h, flow_hash(&vip, &client, 40_000, 80, PROTO_TCP));
@@ -1186,8 +1195,8 @@ mod tests {
         let m = 251;
         let mut hits = [0u32; 251];
         for sport in 0..25_100u16 {
-            let (e, high) = maglev_entry(flow_hash(&client, &vip, sport, 80, PROTO_UDP), m)
-                .expect("a table");
+            let (e, high) =
+                maglev_entry(flow_hash(&client, &vip, sport, 80, PROTO_UDP), m).expect("a table");
             hits[((e - MAGLEV_HEAD) * 2 + u32::from(high)) as usize] += 1;
         }
         assert!(hits.iter().all(|&n| (50..=150).contains(&n)), "{hits:?}");

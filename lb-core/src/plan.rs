@@ -84,9 +84,6 @@ pub struct Programmed {
     /// Changed frontends that a part of a first sync left for later ([`Self::plan_new`]);
     /// the next [`Self::plan_changes`] plans them.
     deferred: BTreeSet<Frontend>,
-    /// `--lb-algorithm maglev`: the table size of the external frontends' tables;
-    /// `None` (random) plans no table and deletes those there are.
-    maglev_size: Option<u32>,
 }
 
 /// The maps' capacities, as the plan counts them.
@@ -99,6 +96,9 @@ pub struct Capacity {
     pub backends: usize,
     /// Source ranges over every frontend.
     pub source_ranges: usize,
+    /// `--lb-algorithm maglev`: the size of the external frontends' Maglev tables;
+    /// `None` (random) plans no table and deletes those there are.
+    pub maglev_table_size: Option<u32>,
 }
 
 /// The maps' default sizes (lb-user's `--max-*` defaults).
@@ -110,6 +110,7 @@ impl Default for Capacity {
                 + lb_common::MAX_SERVICE_ENTRIES as usize,
             backends: lb_common::MAX_BACKENDS as usize,
             source_ranges: lb_common::MAX_SOURCE_RANGES as usize,
+            maglev_table_size: None,
         }
     }
 }
@@ -202,7 +203,6 @@ impl Programmed {
         let mut me = Self::adopt(snapshot);
         me.capacity = self.capacity;
         me.skipped = self.skipped.clone();
-        me.maglev_size = self.maglev_size;
         me
     }
 
@@ -358,7 +358,7 @@ impl Programmed {
     /// `--lb-algorithm`: `Some(table size)` for maglev (every external frontend with
     /// backends gets a table), `None` for random (tables there are get deleted).
     pub fn set_maglev(&mut self, size: Option<u32>) {
-        self.maglev_size = size;
+        self.capacity.maglev_table_size = size;
     }
 
     /// Maglev tables programmed, and the bytes their elements take.
@@ -368,7 +368,10 @@ impl Programmed {
             .values()
             .filter(|f| f.maglev.is_some())
             .count();
-        let each = self.maglev_size.map_or(0, crate::maglev::table_bytes);
+        let each = self
+            .capacity
+            .maglev_table_size
+            .map_or(0, crate::maglev::table_bytes);
         (n, n as u64 * each)
     }
 
@@ -376,7 +379,7 @@ impl Programmed {
     /// frontend (nodePort, externalIP, LoadBalancer IP, either scope) with backends,
     /// in maglev mode.
     fn maglev_spec(&self, state: &FrontendState, slots: &[u32]) -> Option<crate::maglev::Spec> {
-        let size = self.maglev_size?;
+        let size = self.capacity.maglev_table_size?;
         if state.kind == crate::model::FrontendKind::ClusterIp || slots.is_empty() {
             return None;
         }
@@ -1244,6 +1247,7 @@ mod tests {
             service_entries: 8,
             backends: 10,
             source_ranges: 10,
+            maglev_table_size: None,
         });
         let mut maps = Snapshot::default();
         sync(
@@ -1277,6 +1281,7 @@ mod tests {
             service_entries: 5,
             backends: 3,
             source_ranges: 10,
+            maglev_table_size: None,
         });
         let mut maps = Snapshot::default();
         let apply = |plan: &Plan, maps: &mut Snapshot| {
@@ -1550,10 +1555,10 @@ mod tests {
         assert!(maps.maglev.is_empty());
         // A periodic read-back keeps the mode.
         let again = random.readopt(&maps);
-        assert_eq!(again.maglev_size, None);
+        assert_eq!(again.capacity.maglev_table_size, None);
         let mut m = Programmed::default();
         m.set_maglev(Some(251));
-        assert_eq!(m.readopt(&maps).maglev_size, Some(251));
+        assert_eq!(m.readopt(&maps).capacity.maglev_table_size, Some(251));
     }
 
     #[test]
