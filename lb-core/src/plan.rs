@@ -417,6 +417,7 @@ impl Programmed {
             (MAP_BACKENDS, self.backends.len()),
             (MAP_REVNAT, self.frontends.len()),
             (MAP_SOURCE_RANGES, self.ranges_total),
+            (lb_common::MAP_MAGLEV, self.maglev_tables().0),
         ])
     }
 

@@ -297,7 +297,27 @@ impl BpfMaps {
             };
             result.map_err(|source| write_error(op, source))?;
         }
+        if ops
+            .iter()
+            .any(|op| matches!(op, Op::PutMaglev { .. } | Op::DelMaglev { .. }))
+        {
+            self.log_tables();
+        }
         Ok(())
+    }
+
+    /// Logs how many Maglev tables there are and the memory their entries take.
+    fn log_tables(&self) {
+        let tables = self.maglev.keys().count();
+        let size = self.maglev_table_size.unwrap_or(0);
+        let bytes = tables as u64 * lb_core::maglev::table_bytes(size);
+        tracing::info!(
+            tables,
+            table_size = size,
+            kib = bytes / 1024,
+            "Maglev tables: {tables} of {size} entries, {} KiB",
+            bytes / 1024
+        );
     }
 
     /// Writes the run of puts into one map that `ops` starts with in one batch call, if
