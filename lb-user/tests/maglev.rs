@@ -55,7 +55,7 @@ impl Fixture {
         };
         fx.write_service(on);
         for k in 0..fx.cluster.nodes.len() {
-            let agent = fx.start_agent(k, acceleration.as_deref());
+            let agent = fx.start_agent(k, acceleration.as_deref(), "");
             fx.agents.push(agent);
         }
         for a in &mut fx.agents {
@@ -65,7 +65,8 @@ impl Fixture {
         fx
     }
 
-    fn start_agent(&self, k: usize, acceleration: Option<&str>) -> AgentProcess {
+    /// Node `k`'s agent (its log file named with `log_suffix`).
+    fn start_agent(&self, k: usize, acceleration: Option<&str>, log_suffix: &str) -> AgentProcess {
         let node = &self.cluster.nodes[k];
         let manifests = self.dir.join("manifests");
         let (name, ip) = (format!("node-{k}"), node_ip(k).to_string());
@@ -83,7 +84,7 @@ impl Fixture {
             args.extend(["--acceleration".as_ref(), std::ffi::OsStr::new(mode)]);
         }
         let pin = PathBuf::from(format!("/sys/fs/bpf/{}", node.prefix));
-        let log = self.dir.join(format!("agent-{k}.log"));
+        let log = self.dir.join(format!("agent-{k}{log_suffix}.log"));
         AgentProcess::start_in(
             Some(&node.node),
             Path::new(AGENT_BIN),
@@ -213,6 +214,28 @@ impl Fixture {
         }
     }
 
+    /// Deletes every connection-tracking entry of node `k`.
+    fn flush_conntrack(&self, k: usize) {
+        let pin = self.agents[k].pin_path.join(lb_common::MAP_CT);
+        let map = aya::maps::MapData::from_pin(&pin).expect("the pinned conntrack map");
+        let mut ct: aya::maps::HashMap<_, lb_common::CtKey, lb_common::CtValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
+        let keys: Vec<lb_common::CtKey> = ct.keys().flatten().collect();
+        assert!(!keys.is_empty(), "node {k} tracks no flow");
+        for k in &keys {
+            let _ = ct.remove(k);
+        }
+        assert_eq!(ct.keys().count(), 0);
+    }
+
+    /// What `lb-user dump --output json` says of node `k`'s Maglev tables (the count and
+    /// memory) and of its frontends (each with its table's size).
+    fn tables(&self, k: usize) -> (serde_json::Value, serde_json::Value) {
+        let doc: serde_json::Value =
+            serde_json::from_str(&self.dump(k, &["--output", "json"])).expect("JSON");
+        (doc["maglev"].clone(), doc["frontends"].clone())
+    }
+
     /// `lb-user dump` of node `k`'s agent.
     fn dump(&self, k: usize, args: &[&str]) -> String {
         let out = Command::new(AGENT_BIN)
@@ -323,16 +346,37 @@ fn a_flow_whose_conntrack_entry_is_deleted_stays_on_its_backend() {
     let before = fx.flows(&ports);
     assert_eq!(before, fx.predicted_all(&on, &ports));
     // Node 0 loses every connection-tracking entry.
-    let pin = fx.agents[0].pin_path.join(lb_common::MAP_CT);
-    let map = aya::maps::MapData::from_pin(&pin).expect("the pinned conntrack map");
-    let mut ct: aya::maps::HashMap<_, lb_common::CtKey, lb_common::CtValue> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
-    let keys: Vec<lb_common::CtKey> = ct.keys().flatten().collect();
-    assert!(keys.len() >= ports.len(), "{} entries", keys.len());
-    for k in &keys {
-        let _ = ct.remove(k);
-    }
-    assert_eq!(ct.keys().count(), 0);
+    fx.flush_conntrack(0);
     let after = fx.flows(&ports);
     assert_eq!(after, before);
+}
+
+#[test]
+fn a_restarted_agent_keeps_the_tables_and_the_flows_their_backends() {
+    let on = all_pods(2);
+    let mut fx = Fixture::new("mk", 2, &on);
+    let ports: Vec<u16> = (44_000..44_030).collect();
+    let before = fx.flows(&ports);
+    assert_eq!(before, fx.predicted_all(&on, &ports));
+    let tables = fx.tables(0);
+    assert!(tables.0["tables"].as_u64().unwrap() > 0, "{tables:?}");
+    fx.agents.remove(0).kill();
+    // No agent on node 0: the pinned tables keep choosing, connection tracking lost.
+    fx.flush_conntrack(0);
+    assert_eq!(fx.flows(&ports), before, "with the agent down");
+    let acceleration = std::env::var("LB_TEST_ACCELERATION")
+        .ok()
+        .filter(|a| !a.is_empty() && a != "off");
+    let mut again = fx.start_agent(0, acceleration.as_deref(), "-restarted");
+    again.wait_synced(1, sync_timeout()).unwrap();
+    fx.agents.insert(0, again);
+    // The restarted agent adopted the tables as they were: it wrote none.
+    assert!(
+        !fx.agents[0].log().contains("Maglev tables:"),
+        "{}",
+        fx.agents[0].log()
+    );
+    assert_eq!(fx.tables(0), tables);
+    fx.flush_conntrack(0);
+    assert_eq!(fx.flows(&ports), before, "after the restart");
 }
