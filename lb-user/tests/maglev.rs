@@ -83,7 +83,7 @@ impl Fixture {
         if let Some(mode) = acceleration {
             args.extend(["--acceleration".as_ref(), std::ffi::OsStr::new(mode)]);
         }
-        let pin = PathBuf::from(format!("/sys/fs/bpf/{}", node.prefix));
+        let pin = self.pin_path(k);
         let log = self.dir.join(format!("agent-{k}{log_suffix}.log"));
         AgentProcess::start_in(
             Some(&node.node),
@@ -214,9 +214,15 @@ impl Fixture {
         }
     }
 
-    /// Deletes every connection-tracking entry of node `k`.
+    /// Where node `k`'s agent pins its maps.
+    fn pin_path(&self, k: usize) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}", self.cluster.nodes[k].prefix))
+    }
+
+    /// Deletes every connection-tracking entry of node `k` (whether its agent runs or
+    /// not).
     fn flush_conntrack(&self, k: usize) {
-        let pin = self.agents[k].pin_path.join(lb_common::MAP_CT);
+        let pin = self.pin_path(k).join(lb_common::MAP_CT);
         let map = aya::maps::MapData::from_pin(&pin).expect("the pinned conntrack map");
         let mut ct: aya::maps::HashMap<_, lb_common::CtKey, lb_common::CtValue> =
             aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
@@ -358,6 +364,12 @@ fn a_restarted_agent_keeps_the_tables_and_the_flows_their_backends() {
     let ports: Vec<u16> = (44_000..44_030).collect();
     let before = fx.flows(&ports);
     assert_eq!(before, fx.predicted_all(&on, &ports));
+    // The first agent wrote the tables (and said so).
+    assert!(
+        fx.agents[0].log().contains("Maglev tables:"),
+        "{}",
+        fx.agents[0].log()
+    );
     let tables = fx.tables(0);
     assert!(tables.0["tables"].as_u64().unwrap() > 0, "{tables:?}");
     fx.agents.remove(0).kill();
