@@ -397,6 +397,38 @@ impl Programmed {
         Some(crate::maglev::Spec::new(size, backends))
     }
 
+    /// The Maglev table of `fe` with the backends `slots`: written when it differs from
+    /// the one `old` has (its fingerprint), deleted when it should have none; returns the
+    /// new table's fingerprint.
+    fn plan_maglev(
+        &self,
+        fe: &Frontend,
+        state: &FrontendState,
+        old: Option<&ProgFrontend>,
+        slots: &[u32],
+        steps: &mut Steps,
+    ) -> Option<u64> {
+        let spec = self.maglev_spec(state, slots);
+        let old = old.and_then(|o| o.maglev);
+        let key = service_key(fe, 0);
+        match spec {
+            Some(spec) => {
+                let fingerprint = spec.fingerprint;
+                if old != Some(fingerprint) {
+                    let spec = Box::new(spec);
+                    steps.maglev.push(Op::PutMaglev { key, spec });
+                }
+                Some(fingerprint)
+            }
+            None => {
+                if old.is_some() {
+                    steps.maglev.push(Op::DelMaglev { key });
+                }
+                None
+            }
+        }
+    }
+
     /// Desired frontends a full map kept out; the next plan tries them again.
     pub fn skipped(&self) -> usize {
         self.skipped.len()
@@ -641,20 +673,7 @@ impl Programmed {
             });
         }
         let (flags, epoch) = self.header(fe, state, old.as_ref(), rev_nat_id, &new_slots, steps);
-        let maglev = self.maglev_spec(state, &new_slots);
-        let old_maglev = old.as_ref().and_then(|o| o.maglev);
-        match &maglev {
-            Some(spec) if old_maglev != Some(spec.fingerprint) => {
-                steps.maglev.push(Op::PutMaglev {
-                    key: service_key(fe, 0),
-                    spec: Box::new(spec.clone()),
-                })
-            }
-            None if old_maglev.is_some() => steps.maglev.push(Op::DelMaglev {
-                key: service_key(fe, 0),
-            }),
-            _ => {}
-        }
+        let maglev = self.plan_maglev(fe, state, old.as_ref(), &new_slots, steps);
         for i in new_slots.len()..old_slots.len() {
             steps.tails.push(Op::DelService {
                 key: service_key(fe, i as u16 + 1),
@@ -677,7 +696,7 @@ impl Programmed {
                 flags,
                 epoch,
                 keep_sockets: state.keep_sockets,
-                maglev: maglev.map(|m| m.fingerprint),
+                maglev,
             },
         );
     }
