@@ -405,7 +405,8 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         tasks.push(spawn_bpf_logger(&mut ebpf)?);
     }
     let (metrics, proxier_health) = serve_metrics_and_health(opts, &mut tasks);
-    let maps = BpfMaps::from_ebpf(&mut ebpf)?;
+    let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
+    maps.set_maglev(opts.maglev());
     let mut packet = PacketLevel {
         ebpf,
         pin_path: opts.pin_path.clone(),

@@ -465,7 +465,7 @@ impl MapSizes {
         match name {
             MAP_SERVICES => "--max-services plus --max-slots",
             MAP_BACKENDS => "--max-backends",
-            MAP_REVNAT | MAP_NAMES => "--max-services",
+            MAP_REVNAT | MAP_NAMES | MAP_MAGLEV => "--max-services",
             MAP_AFFINITY | MAP_AFFINITY_SRC => "--max-affinity",
             MAP_SOCK_REVNAT | MAP_SOCKS => "--max-sock-revnat",
             MAP_CT => "--ct-max-entries",
@@ -474,7 +474,7 @@ impl MapSizes {
     }
 
     /// (map, max_entries) for each map sized by a flag.
-    pub fn entries(&self) -> [(&'static str, u32); 9] {
+    pub fn entries(&self) -> [(&'static str, u32); 10] {
         use lb_common::*;
         [
             (
@@ -484,6 +484,7 @@ impl MapSizes {
             (MAP_BACKENDS, self.max_backends),
             (MAP_REVNAT, self.max_services),
             (MAP_NAMES, self.max_services),
+            (MAP_MAGLEV, self.max_services),
             (MAP_AFFINITY, self.max_affinity),
             (MAP_AFFINITY_SRC, self.max_affinity),
             (MAP_SOCK_REVNAT, self.max_sock_revnat),
