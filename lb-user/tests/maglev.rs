@@ -37,7 +37,8 @@ impl Fixture {
     /// route to the LoadBalancer IP goes by node 0.
     fn new(tag: &str, pods: usize, on: &[(usize, usize)]) -> Self {
         require_root();
-        let cluster = Cluster::new(&lab_bin(), tag, 2, pods, POD_PORT).expect("the cluster lab");
+        let mut cluster =
+            Cluster::new(&lab_bin(), tag, 2, pods, POD_PORT).expect("the cluster lab");
         let acceleration = std::env::var("LB_TEST_ACCELERATION")
             .ok()
             .filter(|a| !a.is_empty() && a != "off");

@@ -429,8 +429,11 @@ fn count_passed(line: &str) -> usize {
 }
 
 /// XDP modes the packet-level tests run in once more each, after the whole suite (which
-/// runs them with tc only): `LB_TEST_ACCELERATION` of `tests/packet.rs`.
+/// runs them with tc only): `LB_TEST_ACCELERATION` of the [`PACKET_TESTS`].
 const PACKET_TEST_MODES: [&str; 2] = ["native", "generic"];
+
+/// The test binaries of the packet level (lb-user's `tests/NAME.rs`).
+const PACKET_TESTS: [&str; 2] = ["packet", "maglev"];
 
 fn test() -> anyhow::Result<()> {
     require_root("`cargo xtask test`")?;
@@ -441,7 +444,8 @@ fn test() -> anyhow::Result<()> {
     let mut passed = run_tests(&mut cmd)?;
     for mode in PACKET_TEST_MODES {
         let mut cmd = cargo();
-        cmd.args(["test", "--package", "lb-user", "--test", "packet"])
+        cmd.args(["test", "--package", "lb-user"])
+            .args(PACKET_TESTS.iter().flat_map(|t| ["--test", t]))
             .env("LB_TEST_ACCELERATION", mode);
         passed += run_tests(&mut cmd)?;
     }
