@@ -91,6 +91,16 @@ impl ClusterFixture {
         fx
     }
 
+    /// Node `k`'s agent stopped and started again (with the fixture's flags now, its
+    /// log named with `log_suffix`) on the pins it left, once synced.
+    fn restart_agent(&mut self, k: usize, log_suffix: &str) {
+        self.agents[k].stop();
+        let mut agent = self.start_agent(k, log_suffix);
+        agent.wait_synced(1, sync_timeout()).unwrap();
+        // The old process's guard goes without removing the pins the new one serves.
+        std::mem::replace(&mut self.agents[k], agent).kill();
+    }
+
     /// Node `k`'s agent (its log file named with `log_suffix`).
     fn start_agent(&self, k: usize, log_suffix: &str) -> AgentProcess {
         let node = &self.cluster.nodes[k];
@@ -1070,13 +1080,10 @@ fn snat_takes_the_address_of_the_interface_the_flow_leaves_by() {
     let mut fx = ClusterFixture::new("pm", 1, |c| node_port_service(c, "", &[1]));
     let _lan2 = fx.cluster.add_second_lan().unwrap();
     // Node 0's agent again, on both interfaces.
-    fx.agents[0].stop();
     fx.extra_flags = ["--interface", "eth0", "--interface", "eth1"]
         .map(String::from)
         .to_vec();
-    let mut agent = fx.start_agent(0, "-two-nics");
-    agent.wait_synced(1, sync_timeout()).unwrap();
-    fx.agents[0] = agent;
+    fx.restart_agent(0, "-two-nics");
     let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
     let report = fx.probe(target, 10, ProbeMode::Tcp);
     assert_eq!(report.total_errors(), 0, "{report:?}");
@@ -1258,4 +1265,38 @@ fn xdp_tx_frames(fx: &ClusterFixture, k: usize) -> u64 {
         .filter(|(name, _)| name.starts_with("rx_queue_") && name.ends_with("_xdp_tx"))
         .map(|(_, v)| v.trim().parse::<u64>().unwrap_or(0))
         .sum()
+}
+
+/// On a kernel that lacks a helper of the XDP program (here assumed missing, as
+/// `--assume-missing-kernel-feature` lets tests and diagnosis do), `--acceleration
+/// native` stays off with a warning naming the helper, and tc serves every flow.
+#[test]
+fn without_an_xdp_helper_acceleration_stays_off_and_tc_serves() {
+    let mut fx = ClusterFixture::build("pq", 2, |c| node_port_service(c, "", &[0, 1]), true, None);
+    fx.extra_flags = [
+        "--acceleration",
+        "native",
+        "--assume-missing-kernel-feature",
+        "helper_xdp_load_bytes",
+    ]
+    .map(String::from)
+    .to_vec();
+    fx.restart_agent(0, "-no-xdp");
+    let log = fx.agents[0].log();
+    assert!(
+        log.contains(
+            "--acceleration native: this kernel lacks bpf_xdp_load_bytes in XDP programs (kernel 5.18)"
+        ),
+        "{log}"
+    );
+    let report = fx.probe(SocketAddrV4::new(node_ip(0), NODE_PORT), 40, ProbeMode::Tcp);
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+    assert_both_nodes_answer(&report, CLIENT_IP.into(), node_ip(0).into());
+    let dump = std::process::Command::new(AGENT_BIN)
+        .args(["dump", "--pin-path"])
+        .arg(&fx.agents[0].pin_path)
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("XDP acceleration: off (tc only)"), "{dump}");
 }

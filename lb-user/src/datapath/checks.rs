@@ -95,6 +95,9 @@ pub enum Need {
     /// The tc programs cannot load: the packet level stays off and `--interface` is
     /// refused; the socket level works.
     PacketLevel,
+    /// The XDP program cannot load: `--acceleration native|generic` stays off (with a
+    /// warning when asked for) and tc handles the whole packet level.
+    Xdp,
     /// The agent does without it, as said.
     Fallback(&'static str),
 }
@@ -144,6 +147,7 @@ const fn feature(
 const SOCK: ProgramType = ProgramType::CgroupSockAddr;
 const SOCK_REL: ProgramType = ProgramType::CgroupSock;
 const TC: ProgramType = ProgramType::SchedClassifier;
+const XDP: ProgramType = ProgramType::Xdp;
 const SOCK_ADDR: u32 = pt::BPF_PROG_TYPE_CGROUP_SOCK_ADDR as u32;
 
 /// Everything the programs need of the kernel: each program type, attach type, map type
@@ -234,6 +238,13 @@ pub const FEATURES: &[Feature] = &[
         "per-CPU array maps",
         "4.6",
         Probe::Map(MapType::PerCpuArray),
+        Start,
+    ),
+    feature(
+        "map_hash_of_maps",
+        "hash-of-maps maps (the Maglev tables)",
+        "4.12",
+        Probe::Map(MapType::HashOfMaps),
         Start,
     ),
     feature(
@@ -356,6 +367,69 @@ pub const FEATURES: &[Feature] = &[
         "4.9",
         Probe::Helper(TC, H::BPF_FUNC_skb_change_tail),
         PacketLevel,
+    ),
+    feature(
+        "prog_xdp",
+        "XDP programs",
+        "4.8",
+        Probe::Program(XDP),
+        Need::Xdp,
+    ),
+    feature(
+        "helper_xdp_load_bytes",
+        "bpf_xdp_load_bytes in XDP programs",
+        "5.18",
+        Probe::Helper(XDP, H::BPF_FUNC_xdp_load_bytes),
+        Need::Xdp,
+    ),
+    feature(
+        "helper_xdp_store_bytes",
+        "bpf_xdp_store_bytes in XDP programs",
+        "5.18",
+        Probe::Helper(XDP, H::BPF_FUNC_xdp_store_bytes),
+        Need::Xdp,
+    ),
+    feature(
+        "helper_xdp_get_buff_len",
+        "bpf_xdp_get_buff_len in XDP programs",
+        "5.18",
+        Probe::Helper(XDP, H::BPF_FUNC_xdp_get_buff_len),
+        Need::Xdp,
+    ),
+    feature(
+        "helper_xdp_adjust_head",
+        "bpf_xdp_adjust_head in XDP programs",
+        "4.10",
+        Probe::Helper(XDP, H::BPF_FUNC_xdp_adjust_head),
+        Need::Xdp,
+    ),
+    feature(
+        "helper_xdp_adjust_tail",
+        "bpf_xdp_adjust_tail in XDP programs",
+        "4.18",
+        Probe::Helper(XDP, H::BPF_FUNC_xdp_adjust_tail),
+        Need::Xdp,
+    ),
+    feature(
+        "helper_fib_lookup_xdp",
+        "bpf_fib_lookup in XDP programs",
+        "4.18",
+        Probe::Helper(XDP, H::BPF_FUNC_fib_lookup),
+        Need::Xdp,
+    ),
+    feature(
+        "helper_check_mtu_xdp",
+        "bpf_check_mtu in XDP programs",
+        "5.12",
+        Probe::Helper(XDP, H::BPF_FUNC_check_mtu),
+        Need::Xdp,
+    ),
+    feature(
+        "helper_redirect_xdp",
+        "bpf_redirect in XDP programs",
+        "4.14",
+        Probe::Helper(XDP, H::BPF_FUNC_redirect),
+        Need::Xdp,
     ),
 ];
 
@@ -484,13 +558,14 @@ pub fn check_kernel(
     features: &[Feature],
     has: impl Fn(Feature) -> Result<bool, String>,
 ) -> Result<(), String> {
-    let (mut start, mut packet) = (Vec::new(), Vec::new());
+    let (mut start, mut packet, mut xdp) = (Vec::new(), Vec::new(), Vec::new());
     for f in features {
         match has(*f) {
             Ok(true) => {}
             Ok(false) => match f.need {
                 Need::Start => start.push(*f),
                 Need::PacketLevel => packet.push(*f),
+                Need::Xdp => xdp.push(*f),
                 Need::Fallback(instead) => tracing::warn!(
                     feature = f.name,
                     "this kernel has no {} (kernel {}): {instead}",
@@ -511,6 +586,13 @@ pub fn check_kernel(
             "this kernel ({}) lacks {}: the packet level (tc programs) stays off and --interface is refused; the socket level works",
             release.trim(),
             describe(&packet)
+        );
+    }
+    if !xdp.is_empty() {
+        tracing::warn!(
+            "this kernel ({}) lacks {}: --acceleration native|generic stays off (XDP), tc handles the packet level",
+            release.trim(),
+            describe(&xdp)
         );
     }
     if start.is_empty() {
@@ -772,6 +854,8 @@ mod tests {
             )
             .is_ok()
         );
+        // Without XDP's helpers acceleration stays off; everything else runs.
+        assert!(check_kernel(FEATURES, lacking(&["helper_xdp_load_bytes", "prog_xdp"])).is_ok());
         // Without TCX the tc programs go on clsact qdiscs.
         assert!(check_kernel(FEATURES, lacking(&[TCX])).is_ok());
         let tcx = FEATURES.iter().find(|f| f.name == TCX).unwrap();

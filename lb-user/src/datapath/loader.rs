@@ -1033,7 +1033,8 @@ pub fn attached_object(pin_dir: &Path) -> Option<EbpfObject> {
 /// step); returns the mode each interface got (`native` falls back to `generic` where
 /// the driver has no XDP). XDP links of other interfaces or another mode are unpinned,
 /// which detaches them: tc handles everything XDP would, so nothing drops meanwhile.
-/// `Off` only unpins.
+/// `Off` only unpins, and so does a kernel that lacks a feature of the XDP program
+/// (said in a warning).
 pub fn attach_xdp(
     ebpf: &mut Ebpf,
     pin_dir: &Path,
@@ -1041,6 +1042,17 @@ pub fn attach_xdp(
     accel: Acceleration,
 ) -> Result<Vec<(String, Acceleration)>, LoadError> {
     let mut got = Vec::new();
+    let missing = checks::missing(checks::Need::Xdp);
+    let accel = if accel != Acceleration::Off && !missing.is_empty() {
+        tracing::warn!(
+            "--acceleration {}: this kernel lacks {}; XDP stays off, tc handles the packet level",
+            accel.name(),
+            checks::describe(&missing)
+        );
+        Acceleration::Off
+    } else {
+        accel
+    };
     if accel != Acceleration::Off && !ifaces.is_empty() {
         let perr = |source| LoadError::Program {
             name: XDP_PROGRAM,
