@@ -239,6 +239,33 @@ fn assert_no_failure(probe: RunningProbe, what: &str) {
     assert_eq!(report.total_replies(), probes(), "{what}: {report:?}");
 }
 
+/// After the upgrade: the previous layout's maps are gone from `pin`, this one's are
+/// there, and the links are the ones of `before`, each with a new program.
+fn assert_replaced_in_place(pin: &Path, before: &BTreeMap<String, (u32, u32)>) {
+    // The previous layout's maps are gone, this one's are there.
+    for map in OLD_MAPS {
+        assert!(!pin.join(map).exists(), "{map} is still pinned");
+    }
+    for map in [lb_common::MAP_IFACES, lb_common::MAP_COUNTERS] {
+        assert!(pin.join(map).exists(), "{map} is not pinned");
+    }
+    // The same links, each with a new program.
+    let after = links(pin);
+    let ids = |l: &BTreeMap<String, (u32, u32)>| -> BTreeMap<String, u32> {
+        l.iter()
+            .map(|(name, (id, _))| (name.clone(), *id))
+            .collect()
+    };
+    assert_eq!(
+        ids(before),
+        ids(&after),
+        "updated in place, not re-attached"
+    );
+    for (name, (_, prog)) in &after {
+        assert_ne!(before[name].1, *prog, "{name} runs the previous program");
+    }
+}
+
 #[test]
 fn an_upgrade_from_the_previous_version_drops_nothing_and_replaces_its_maps() {
     let previous = match previous_agent() {
@@ -304,26 +331,5 @@ fn an_upgrade_from_the_previous_version_drops_nothing_and_replaces_its_maps() {
         assert!(t.reply.starts_with(names[&f.backend]), "{t:?}");
     }
 
-    // The previous layout's maps are gone, this one's are there.
-    for map in OLD_MAPS {
-        assert!(!pin.join(map).exists(), "{map} is still pinned");
-    }
-    for map in [lb_common::MAP_IFACES, lb_common::MAP_COUNTERS] {
-        assert!(pin.join(map).exists(), "{map} is not pinned");
-    }
-    // The same links, each with a new program.
-    let after = links(&pin);
-    let ids = |l: &BTreeMap<String, (u32, u32)>| -> BTreeMap<String, u32> {
-        l.iter()
-            .map(|(name, (id, _))| (name.clone(), *id))
-            .collect()
-    };
-    assert_eq!(
-        ids(&before),
-        ids(&after),
-        "updated in place, not re-attached"
-    );
-    for (name, (_, prog)) in &after {
-        assert_ne!(before[name].1, *prog, "{name} runs the previous program");
-    }
+    assert_replaced_in_place(&pin, &before);
 }
