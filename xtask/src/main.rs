@@ -2,6 +2,9 @@
 
 mod ebpf_build;
 mod image;
+// The upgrade test's previous agent: one recipe, shared with that test.
+#[path = "../../lb-user/tests/common/previous_agent.rs"]
+mod previous_agent;
 mod vm;
 
 use std::{
@@ -400,22 +403,41 @@ fn lint() -> anyhow::Result<()> {
 }
 
 /// What the integration tests need besides the workspace's binaries, as the environment
-/// they read: the image's archive and podman settings (the image test), and the upgrade
-/// test's second agent, whose kernel programs differ. Builds both.
+/// they read: the image's archive and podman settings (the image test), the upgrade
+/// test's second agent, whose kernel programs differ, and the previous version's agent
+/// (`LB_PREVIOUS_AGENT`, left unset with the reason printed when the git history lacks
+/// that version). Builds them.
 fn test_env() -> anyhow::Result<Vec<(&'static str, OsString)>> {
     let archive = image::image()?;
-    let variant = workspace().join("target/upgrade-variant");
+    let target = workspace().join("target");
+    // First: both builds leave their binary at upgrade-variant/debug/lb-user, and the
+    // previous agent is copied away from there before the variant build.
+    let previous = match previous_agent::has_previous_version(&workspace()) {
+        Ok(()) => Some(
+            previous_agent::build_previous_agent(&workspace(), &target)
+                .map_err(anyhow::Error::msg)?,
+        ),
+        Err(why) => {
+            eprintln!("xtask: the upgrade test from the previous version will skip: {why}");
+            None
+        }
+    };
+    let variant = target.join("upgrade-variant");
     status(
         cargo()
             .args(["build", "--quiet", "--package", "lb-user", "--target-dir"])
             .arg(&variant)
             .env("LB_EBPF_CFG", "lb_upgrade_test"),
     )?;
-    Ok(vec![
+    let mut env = vec![
         ("LB_UPGRADE_AGENT", variant.join("debug/lb-user").into()),
         ("LB_IMAGE_ARCHIVE", archive.into()),
         ("LB_CONTAINERS_CONF", image::containers_conf()?.into()),
-    ])
+    ];
+    if let Some(path) = previous {
+        env.push(("LB_PREVIOUS_AGENT", path.into()));
+    }
+    Ok(env)
 }
 
 /// The tests that a line of test output says passed:

@@ -32,6 +32,11 @@ use crate::lab::{
 pub struct Transfer(ChildGuard);
 
 impl Transfer {
+    /// Whether the transfer is still going (it has not exited yet).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.0.0.try_wait(), Ok(None))
+    }
+
     /// Waits for the transfer's report.
     pub fn finish(self) -> anyhow::Result<TransferReport> {
         crate::lab::json_report(self.0, "lb-lab transfer")
@@ -269,6 +274,30 @@ impl Cluster {
         start_transfer(&self.nodes[0].lab_bin, from, target, bytes, pause)
     }
 
+    /// [`Cluster::start_transfer`] whose reads wait up to `pause` + 5 s, so that a pause
+    /// longer than the usual 5 s read timeout is a pause, not a failure.
+    pub fn start_long_transfer(
+        &self,
+        target: SocketAddr,
+        bytes: u64,
+        pause: Duration,
+    ) -> anyhow::Result<Transfer> {
+        let timeout = pause + Duration::from_secs(5);
+        spawn_transfer(
+            &self.nodes[0].lab_bin,
+            &self.client,
+            target,
+            bytes,
+            pause,
+            timeout,
+        )
+    }
+
+    /// [`Cluster::probe`] started in the background.
+    pub fn start_probe(&self, opts: &ProbeOptions) -> anyhow::Result<crate::lab::RunningProbe> {
+        self.nodes[0].start_probe_from(opts, &self.client, false)
+    }
+
     /// `lb-lab http-get` from the outside client: the status code and the body.
     pub fn http_get(&self, target: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
         let mut cmd = Command::new(&self.nodes[0].lab_bin);
@@ -411,10 +440,23 @@ pub fn start_transfer(
     bytes: u64,
     pause: Duration,
 ) -> anyhow::Result<Transfer> {
+    spawn_transfer(lab_bin, from, target, bytes, pause, Duration::from_secs(5))
+}
+
+/// [`start_transfer`] with reads bounded by `timeout`.
+fn spawn_transfer(
+    lab_bin: &Path,
+    from: &Netns,
+    target: SocketAddr,
+    bytes: u64,
+    pause: Duration,
+    timeout: Duration,
+) -> anyhow::Result<Transfer> {
     let mut cmd = Command::new(lab_bin);
     cmd.args(["transfer", "--target", &target.to_string()])
         .args(["--bytes", &bytes.to_string()])
         .args(["--pause-ms", &pause.as_millis().to_string()])
+        .args(["--timeout-ms", &timeout.as_millis().to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .stdin(Stdio::null());

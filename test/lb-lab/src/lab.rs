@@ -532,7 +532,17 @@ impl Lab {
     /// [`Lab::probe`] started in the background (from the node, in the client cgroup);
     /// [`RunningProbe::finish`] waits for its report.
     pub fn start_probe(&self, opts: &ProbeOptions) -> anyhow::Result<RunningProbe> {
-        let mut cmd = self.probe_command(opts, &self.node, true)?;
+        self.start_probe_from(opts, &self.node, true)
+    }
+
+    /// [`Lab::probe_from`] started in the background.
+    pub fn start_probe_from(
+        &self,
+        opts: &ProbeOptions,
+        netns: &Netns,
+        in_cgroup: bool,
+    ) -> anyhow::Result<RunningProbe> {
+        let mut cmd = self.probe_command(opts, netns, in_cgroup)?;
         cmd.stdout(Stdio::piped()).stdin(Stdio::null());
         Ok(RunningProbe(ChildGuard(
             cmd.spawn().context("starting lb-lab probe")?,
@@ -599,6 +609,11 @@ impl Lab {
 pub struct RunningProbe(ChildGuard);
 
 impl RunningProbe {
+    /// Whether the probe is still going (it has not exited yet).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.0.0.try_wait(), Ok(None))
+    }
+
     /// Waits for the probe to end and returns its report.
     pub fn finish(self) -> anyhow::Result<ProbeReport> {
         json_report(self.0, "lb-lab probe")

@@ -1,0 +1,335 @@
+//! An upgrade from the previous version's agent (common/previous_agent.rs says which
+//! commit: the last before a layout change renamed maps) to this one, under traffic at
+//! both levels of a two-node cluster lab, each node running that agent: clients in node
+//! 0's cgroup connect to a ClusterIP (socket level), an outside client connects to node
+//! 0's nodePort and two long transfers run through it, to a backend on node 0 and (SNATed)
+//! to one on node 1 (packet level). Node 0's agent is stopped with SIGTERM and this
+//! version's started on the same pins: no connection fails, the transfers arrive intact,
+//! the old layout's maps are gone and the new ones there, the links are the same ones
+//! with new programs, and the flows in conntrack keep their backends. Needs root.
+
+mod common;
+#[path = "common/previous_agent.rs"]
+mod previous_agent;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use common::{AGENT_BIN, POD_PORT, lab_bin, require_root, sync_timeout, write_atomic};
+use lb_lab::{
+    cluster::{CLIENT_IP, Cluster, Transfer, node_ip},
+    lab::{AgentProcess, ProbeOptions, RunningProbe, Stop, wait_for},
+};
+
+const NODE_PORT: u16 = 30080;
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
+/// The pins of the previous layout that this version replaces (741e597's renames).
+const OLD_MAPS: [&str; 2] = ["LB_TC_IFACES_V2", "LB_COUNTERS_V4"];
+/// How long each transfer pauses halfway: longer than the upgrade takes, so the
+/// transfers resume after it (checked): 8 s, or a fifth of the sync timeout where that is
+/// longer than the usual 20 s (a kernel under emulation, `cargo xtask test --kernel`).
+fn transfer_pause() -> Duration {
+    if sync_timeout() > Duration::from_secs(20) {
+        sync_timeout() / 5
+    } else {
+        Duration::from_secs(8)
+    }
+}
+
+/// Connections each background probe makes, one every 20 ms for as long as the
+/// transfers pause: they outlast the upgrade (checked).
+fn probes() -> usize {
+    (transfer_pause().as_millis() / 20) as usize
+}
+
+/// The previous version's agent: `LB_PREVIOUS_AGENT` when set (`cargo xtask test` builds
+/// it), else built here as xtask does, into this test's target directory. `Err`: the
+/// reason it cannot be had (no git history with that commit); a failed build panics.
+fn previous_agent() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("LB_PREVIOUS_AGENT") {
+        return Ok(path.into());
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    previous_agent::has_previous_version(&repo)?;
+    // This test runs from <target>/debug/deps/.
+    let exe = std::env::current_exe().expect("this test's path");
+    let target = exe.ancestors().nth(3).expect("a target directory");
+    Ok(previous_agent::build_previous_agent(&repo, target)
+        .unwrap_or_else(|e| panic!("building the previous agent: {e}")))
+}
+
+/// A NodePort service `web` over every pod of both nodes, each endpoint with its node.
+fn manifests(c: &Cluster) -> String {
+    let mut endpoints = String::new();
+    for (k, node) in c.nodes.iter().enumerate() {
+        for pod in &node.pods {
+            endpoints.push_str(&format!(
+                "- addresses: [{}]\n  nodeName: node-{k}\n  conditions: {{ready: true}}\n",
+                pod.ip
+            ));
+        }
+    }
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: t}}\n\
+         spec:\n  type: NodePort\n  clusterIP: {CLUSTER_IP}\n  ports:\n  \
+         - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: {NODE_PORT}, protocol: TCP}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-a\n  \
+         namespace: t\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\n\
+         ports: [{{name: http, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n{endpoints}"
+    )
+}
+
+/// The cluster lab with node `k`'s agent in `agents[k]`, all on the same manifests.
+struct UpgradeLab {
+    agents: Vec<AgentProcess>,
+    cluster: Cluster,
+    dir: PathBuf,
+}
+
+impl UpgradeLab {
+    /// Every node's agent is `agent_bin`, started with `--node-ip` (the packet level on
+    /// the LAN interface) and synced.
+    fn new(tag: &str, agent_bin: &Path) -> Self {
+        require_root();
+        let cluster = Cluster::new(&lab_bin(), tag, 2, 1, POD_PORT).expect("the cluster lab");
+        let dir = std::env::temp_dir().join(&cluster.prefix);
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        write_atomic(&dir.join("manifests/all.yaml"), &manifests(&cluster));
+        let mut agents = Vec::new();
+        for (k, node) in cluster.nodes.iter().enumerate() {
+            let manifests = dir.join("manifests");
+            let (name, ip) = (format!("node-{k}"), node_ip(k).to_string());
+            let args: [&std::ffi::OsStr; 6] = [
+                "--manifests".as_ref(),
+                manifests.as_os_str(),
+                "--hostname-override".as_ref(),
+                name.as_ref(),
+                "--node-ip".as_ref(),
+                ip.as_ref(),
+            ];
+            let pin = PathBuf::from(format!("/sys/fs/bpf/{}", node.prefix));
+            let log = dir.join(format!("agent-{k}.log"));
+            let agent = AgentProcess::start_in(
+                Some(&node.node),
+                agent_bin,
+                &args,
+                &node.cgroup.path,
+                &pin,
+                &log,
+            )
+            .expect("starting an agent");
+            agents.push(agent);
+        }
+        for a in &mut agents {
+            a.wait_synced(1, sync_timeout()).expect("agent ready");
+        }
+        Self {
+            agents,
+            cluster,
+            dir,
+        }
+    }
+
+    /// Node 0's pin path.
+    fn pin(&self) -> &Path {
+        &self.agents[0].pin_path
+    }
+}
+
+impl Drop for UpgradeLab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (k, a) in self.agents.iter().enumerate() {
+                eprintln!("agent {k} log:\n{}", a.log());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Each link pinned under `pin`'s links/ (cgroup, tc): name -> (link id, program id).
+fn links(pin: &Path) -> BTreeMap<String, (u32, u32)> {
+    let dir = pin.join("links");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| {
+            let fd = lb_user::datapath::sys::obj_get(&e.path()).unwrap();
+            let info = lb_user::datapath::sys::link_info(std::os::fd::AsFd::as_fd(&fd)).unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, (info.id, info.prog_id))
+        })
+        .collect()
+}
+
+/// The outside client's TCP flows through node 0's nodePort, as node 0's conntrack holds
+/// them: the client's port -> the backend's address.
+fn client_flows(pin: &Path) -> BTreeMap<u16, Ipv4Addr> {
+    let client = lb_common::v4_mapped(CLIENT_IP.octets());
+    lb_user::datapath::read_conntrack(pin)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, v)| {
+            v.flags & lb_common::CT_F_REPLY == 0
+                && k.proto == lb_common::PROTO_TCP
+                && k.saddr == client
+                && k.dport == NODE_PORT
+        })
+        .filter_map(|(k, v)| Some((k.sport, Ipv6Addr::from(v.daddr).to_ipv4_mapped()?)))
+        .collect()
+}
+
+/// A long transfer through node 0's nodePort, the client port of its flow and the
+/// backend that flow went to.
+struct Flow {
+    transfer: Transfer,
+    port: u16,
+    backend: Ipv4Addr,
+}
+
+/// Transfers through node 0's nodePort, started one at a time until one went to node 0's
+/// pod and one to node 1's (the backend is chosen at random: at most 16 tries).
+fn transfers_to_both_nodes(fx: &UpgradeLab) -> Vec<Flow> {
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let local = fx.cluster.nodes[0].pods[0].ip;
+    let mut seen: BTreeSet<u16> = client_flows(fx.pin()).into_keys().collect();
+    let mut flows: Vec<Flow> = Vec::new();
+    for _ in 0..16 {
+        let transfer = fx
+            .cluster
+            .start_long_transfer(target.into(), 2 << 20, transfer_pause())
+            .unwrap();
+        let (port, backend) = wait_for(Duration::from_secs(5), || {
+            client_flows(fx.pin())
+                .into_iter()
+                .find(|(port, _)| !seen.contains(port))
+        })
+        .expect("the transfer's flow in node 0's conntrack");
+        seen.insert(port);
+        flows.push(Flow {
+            transfer,
+            port,
+            backend,
+        });
+        let is_local = |f: &Flow| f.backend == local;
+        if flows.iter().any(is_local) && !flows.iter().all(is_local) {
+            return flows;
+        }
+    }
+    panic!("16 transfers, all to one node's pod")
+}
+
+/// A probe of [`probes`] connections, one every 20 ms.
+fn probe_options(target: SocketAddrV4) -> ProbeOptions {
+    ProbeOptions {
+        interval: Duration::from_millis(20),
+        timeout: Duration::from_secs(1),
+        ..ProbeOptions::tcp(target, probes())
+    }
+}
+
+/// Every connection of a background probe (`what`) succeeded.
+fn assert_no_failure(probe: RunningProbe, what: &str) {
+    let report = probe.finish().unwrap();
+    assert_eq!(report.total_errors(), 0, "{what}: {report:?}");
+    assert_eq!(report.total_replies(), probes(), "{what}: {report:?}");
+}
+
+/// After the upgrade: the previous layout's maps are gone from `pin`, this one's are
+/// there, and the links are the ones of `before`, each with a new program.
+fn assert_replaced_in_place(pin: &Path, before: &BTreeMap<String, (u32, u32)>) {
+    // The previous layout's maps are gone, this one's are there.
+    for map in OLD_MAPS {
+        assert!(!pin.join(map).exists(), "{map} is still pinned");
+    }
+    for map in [lb_common::MAP_IFACES, lb_common::MAP_COUNTERS] {
+        assert!(pin.join(map).exists(), "{map} is not pinned");
+    }
+    // The same links, each with a new program.
+    let after = links(pin);
+    let ids = |l: &BTreeMap<String, (u32, u32)>| -> BTreeMap<String, u32> {
+        l.iter()
+            .map(|(name, (id, _))| (name.clone(), *id))
+            .collect()
+    };
+    assert_eq!(
+        ids(before),
+        ids(&after),
+        "updated in place, not re-attached"
+    );
+    for (name, (_, prog)) in &after {
+        assert_ne!(before[name].1, *prog, "{name} runs the previous program");
+    }
+}
+
+#[test]
+fn an_upgrade_from_the_previous_version_drops_nothing_and_replaces_its_maps() {
+    let previous = match previous_agent() {
+        Ok(path) => path,
+        Err(why) => {
+            eprintln!("skipped: no previous agent ({why})");
+            return;
+        }
+    };
+    let mut fx = UpgradeLab::new("upg", &previous);
+    let pin = fx.pin().to_path_buf();
+    for map in OLD_MAPS {
+        assert!(pin.join(map).exists(), "the previous agent pinned no {map}");
+    }
+    let before = links(&pin);
+    assert!(before.keys().any(|l| l.contains("_cg")), "{before:?}");
+    // Without TCX (before 6.6) the tc programs sit on a qdisc, with no link to pin.
+    if lb_user::datapath::checks::has(lb_user::datapath::checks::TCX) {
+        assert!(before.keys().any(|l| l.starts_with("lb_tc_")), "{before:?}");
+    }
+
+    // Traffic at both levels, started before the upgrade and ending after it.
+    let flows = transfers_to_both_nodes(&fx);
+    let in_ct = client_flows(&pin);
+    let node0 = &fx.cluster.nodes[0];
+    let mut socket = node0
+        .start_probe(&probe_options(SocketAddrV4::new(CLUSTER_IP, 80)))
+        .unwrap();
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let mut packet = fx.cluster.start_probe(&probe_options(target)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let log = fx.dir.join("agent-0-upgraded.log");
+    fx.agents[0]
+        .upgrade(Path::new(AGENT_BIN), Stop::Term, Duration::ZERO, &log)
+        .unwrap();
+    fx.agents[0].wait_synced(1, sync_timeout()).unwrap();
+    assert!(
+        socket.is_running() && packet.is_running(),
+        "probes ended before the upgrade did"
+    );
+    let mut flows = flows;
+    for f in &mut flows {
+        assert!(
+            f.transfer.is_running(),
+            "a transfer ended before the upgrade did"
+        );
+    }
+
+    // The flows in conntrack keep their backends.
+    let after_ct = client_flows(&pin);
+    for f in &flows {
+        assert_eq!(in_ct.get(&f.port), Some(&f.backend));
+        assert_eq!(after_ct.get(&f.port), Some(&f.backend), "{after_ct:?}");
+    }
+    assert_no_failure(socket, "the ClusterIP from node 0's cgroup");
+    assert_no_failure(packet, "the nodePort from outside");
+    let pods = fx.cluster.nodes.iter().flat_map(|n| &n.pods);
+    let names: BTreeMap<Ipv4Addr, &str> = pods.map(|p| (p.ip, p.name.as_str())).collect();
+    for f in flows {
+        let t = f.transfer.finish().unwrap();
+        assert!(t.intact && t.received == 2 << 20, "{t:?}");
+        assert!(t.reply.starts_with(names[&f.backend]), "{t:?}");
+    }
+
+    assert_replaced_in_place(&pin, &before);
+}
