@@ -25,6 +25,7 @@ pub mod ingress;
 pub mod kube_proxy_rules;
 pub mod lab;
 pub mod load;
+pub mod pktgen;
 
 use std::path::{Path, PathBuf};
 
