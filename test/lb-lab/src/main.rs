@@ -115,9 +115,10 @@ enum Cmd {
         transfer_mb: u64,
         /// Which benchmarks: socket (ClusterIP, from the node), nodeport (from outside),
         /// control (our agent's cold start and changes only, part of socket), closer
-        /// (the stale-socket closer: 10,000 sockets in 100 pods).
+        /// (the stale-socket closer: 10,000 sockets in 100 pods), packets (the packet
+        /// rate from outside: tc, XDP native and generic, iptables-nft, nftables).
         #[arg(long, value_delimiter = ',', default_value = "socket,nodeport,closer",
-              value_parser = ["socket", "nodeport", "control", "closer"])]
+              value_parser = ["socket", "nodeport", "control", "closer", "packets"])]
         paths: Vec<String>,
     },
     /// Exchange COUNT requests with TARGET and print, as JSON, who answered and which errors.
