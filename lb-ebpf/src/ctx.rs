@@ -63,6 +63,10 @@ pub(crate) trait Ctx: EbpfContext {
     /// Cuts the packet to `keep` bytes, then opens `room` bytes right after its
     /// Ethernet header (which stays in front, its type IPv4).
     fn make_room(&self, keep: u32, room: u32) -> Result<(), Error>;
+    /// Whether [`Ctx::redirect`] sends by `ifindex`: tc sends by any interface; XDP
+    /// only back out of the one the frame came in by (`XDP_TX`, which every driver with
+    /// native XDP has).
+    fn sends_by(&self, ifindex: u32) -> bool;
     /// Sends the packet out of `ifindex` (the frame's addresses already written).
     fn redirect(&self, ifindex: u32) -> i32;
     /// Sends the packet out of `ifindex` with the next hop's address resolved by the
@@ -130,6 +134,11 @@ impl Ctx for TcContext {
             return Err(ret);
         }
         self.adjust_room(room as i32, BPF_ADJ_ROOM_MAC, 0)
+    }
+
+    #[inline(always)]
+    fn sends_by(&self, _ifindex: u32) -> bool {
+        true
     }
 
     #[inline(always)]
@@ -232,6 +241,11 @@ impl Ctx for XdpContext {
         }
         // The new front: the caller writes the MAC addresses; the type is IPv4.
         Ctx::store(self, 12, &0x0800u16.to_be(), 0)
+    }
+
+    #[inline(always)]
+    fn sends_by(&self, ifindex: u32) -> bool {
+        ifindex == self.ifindex()
     }
 
     #[inline(always)]

@@ -646,6 +646,9 @@ pub(crate) fn forward<C: Ctx>(ctx: &C, ifindex: u32, family: Family, mtu: &mut u
     }
     match ret {
         BPF_FIB_LKUP_RET_SUCCESS => {
+            if !ctx.sends_by(fib.ifindex) {
+                return HAND_ON;
+            }
             if ctx.store(0, &fib.dmac, 0).is_err() || ctx.store(6, &fib.smac, 0).is_err() {
                 return C::DROP;
             }
@@ -653,7 +656,7 @@ pub(crate) fn forward<C: Ctx>(ctx: &C, ifindex: u32, family: Family, mtu: &mut u
         }
         BPF_FIB_LKUP_RET_NO_NEIGH if C::HAS_NEIGH => ctx.redirect_neigh(fib.ifindex),
         // Nothing here resolves the next hop's address: a hook that can does.
-        BPF_FIB_LKUP_RET_NO_NEIGH => NO_NEIGH,
+        BPF_FIB_LKUP_RET_NO_NEIGH => HAND_ON,
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             // SAFETY: the helper set the union's mtu_result member for this answer.
             *mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
@@ -818,7 +821,9 @@ pub(crate) const TOO_BIG: i32 = i32::MIN + 1;
 /// [`forward`]'s answer for a packet to one of the node's own addresses (a backend in
 /// the host's network namespace): the caller hands it to the stack.
 pub(crate) const LOCAL: i32 = i32::MIN + 2;
-/// [`forward`]'s answer, in a hook without `bpf_redirect_neigh` (XDP), for a packet
-/// whose next hop's link-layer address the kernel does not know yet: the caller undoes
-/// what it changed and hands the packet on to tc, which resolves it.
-pub(crate) const NO_NEIGH: i32 = i32::MIN + 3;
+/// [`forward`]'s answer, in XDP, for a packet this hook does not send: its next hop's
+/// link-layer address is not known yet (no `bpf_redirect_neigh` here), or it leaves by
+/// another interface than it came in by (whose driver may not take XDP frames; a veth's
+/// peer drops them unless it runs NAPI). The caller undoes what it changed and hands the
+/// packet on to tc, which sends it.
+pub(crate) const HAND_ON: i32 = i32::MIN + 3;

@@ -84,12 +84,6 @@ fn translate<C: Ctx>(ctx: &C, s: &mut PktScratch) -> i32 {
             return verdict;
         }
     }
-    if !C::HAS_NEIGH && s.value.flags & CT_F_SNAT != 0 {
-        // A SNATed packet leaves the node again. From XDP (XDP_TX back onto a veth
-        // LAN) such frames were not seen to arrive in the lab yet: tc, which finds the
-        // flow just recorded, sends it on.
-        return C::NEXT;
-    }
     s.packet.remember_ports();
     if s.packet.rewrite(ctx, &s.value).is_none() {
         count(C::PROG_IN, |c| c.misses += 1);
@@ -120,7 +114,7 @@ fn translate<C: Ctx>(ctx: &C, s: &mut PktScratch) -> i32 {
             dropped(DROP_SNAT_LOCAL);
             C::DROP
         }
-        nat::NO_NEIGH => hand_on(ctx, s),
+        nat::HAND_ON => hand_on(ctx, s),
         verdict => forwarded::<C>(verdict),
     }
 }
@@ -194,10 +188,10 @@ fn ttl_exceeded<C: Ctx>(ctx: &C, s: &mut PktScratch, ifindex: u32) -> i32 {
     })
 }
 
-/// A translated packet whose next hop's link-layer address is not known, in a hook
-/// that cannot have the kernel resolve it (XDP): restored to what arrived (the tuple and
-/// the hop taken off) and handed on to tc, which finds the flow and sends it with
-/// `bpf_redirect_neigh`. Not inlined: its stack frame is its own.
+/// A translated packet that XDP does not send ([`nat::HAND_ON`]: its next hop's
+/// link-layer address is not known, or it leaves by another interface): restored to
+/// what arrived (the tuple and the hop taken off) and handed on to tc, which finds the
+/// flow and sends it. Not inlined: its stack frame is its own.
 #[inline(never)]
 fn hand_on<C: Ctx>(ctx: &C, s: &mut PktScratch) -> i32 {
     nat::swap_tuple(&mut s.packet, &mut s.value);
@@ -266,7 +260,8 @@ fn icmp_error<C: Ctx>(ctx: &C, s: &mut PktScratch) -> i32 {
         return C::NEXT;
     }
     if !C::HAS_NEIGH && !(client_flow && v.flags & CT_F_SNAT == 0) {
-        // It leaves the node again: tc sends it (see `translate`).
+        // It leaves the node again. Errors are few: tc sends them, which can have the
+        // kernel resolve a next hop (XDP would have to drop those).
         return C::NEXT;
     }
     // The entry the quoted packet's reverse hits maps it to what its sender sent:
@@ -285,7 +280,7 @@ fn icmp_error<C: Ctx>(ctx: &C, s: &mut PktScratch) -> i32 {
     }
     let mut mtu = 0u16;
     match nat::forward(ctx, ctx.ifindex(), s.packet.family(), &mut mtu) {
-        nat::TOO_BIG | nat::LOCAL | nat::NO_NEIGH => {
+        nat::TOO_BIG | nat::LOCAL | nat::HAND_ON => {
             dropped(DROP_NO_ROUTE);
             C::DROP
         }

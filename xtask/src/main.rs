@@ -410,13 +410,31 @@ fn count_passed(line: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// XDP modes the packet-level tests run in once more each, after the whole suite (which
+/// runs them with tc only): `LB_TEST_ACCELERATION` of `tests/packet.rs`.
+const PACKET_TEST_MODES: [&str; 2] = ["native", "generic"];
+
 fn test() -> anyhow::Result<()> {
     require_root("`cargo xtask test`")?;
     ensure_setup()?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])
-        .envs(test_env()?)
-        .stdout(Stdio::piped());
+        .envs(test_env()?);
+    let mut passed = run_tests(&mut cmd)?;
+    for mode in PACKET_TEST_MODES {
+        let mut cmd = cargo();
+        cmd.args(["test", "--package", "lb-user", "--test", "packet"])
+            .env("LB_TEST_ACCELERATION", mode);
+        passed += run_tests(&mut cmd)?;
+    }
+    eprintln!("xtask test: {passed} tests passed");
+    Ok(())
+}
+
+/// Runs a `cargo test` command, its output shown as it comes: how many tests passed.
+/// Fails when one failed or none ran.
+fn run_tests(cmd: &mut Command) -> anyhow::Result<usize> {
+    cmd.stdout(Stdio::piped());
     eprintln!("+ {cmd:?}");
     let mut child = cmd.spawn().context("cannot run cargo test")?;
     let mut passed = 0usize;
@@ -432,8 +450,7 @@ fn test() -> anyhow::Result<()> {
     if passed == 0 {
         bail!("no test ran");
     }
-    eprintln!("xtask test: {passed} tests passed");
-    Ok(())
+    Ok(passed)
 }
 
 #[cfg(test)]

@@ -52,16 +52,6 @@ const GUEST_MODULES: &[&str] = &[
     "overlay",
 ];
 
-/// Tests left out in the guest, each with the reason printed when it is left out:
-/// (test binary, test name filter, reason).
-const SKIPPED: &[(&str, &str, &str)] = &[(
-    "clusterip",
-    "a_burst_of_changes_becomes_few_syncs",
-    "its control needs an agent that applies each change within the burst's 25 ms \
-     spacing, which an agent under emulation does not (4 syncs for 11 changes); the \
-     batching it tests is user-space code, the same on every kernel",
-)];
-
 /// Test binaries left out in the guest, each with the reason printed: they exercise the
 /// agent's user-space parts (the HTTP server, the image, manifest reading) or compose
 /// what the other binaries test one by one (the demo), the same on every kernel; the
@@ -360,16 +350,7 @@ fn guest_script(binaries: &[TestBinary], env: &[(&'static str, OsString)], out: 
             );
             continue;
         }
-        let mut args = vec![format!("--test-threads={GUEST_TEST_THREADS}")];
-        for (bin, filter, reason) in SKIPPED {
-            if *bin == b.name {
-                s += &format!(
-                    "echo {}\n",
-                    sh_quote(&format!("guest: skipping {bin}'s {filter}: {reason}"))
-                );
-                args.push(format!("--skip {}", sh_quote(filter)));
-            }
-        }
+        let args = [format!("--test-threads={GUEST_TEST_THREADS}")];
         s += &format!(
             "echo '== {}' | tee -a \"$OUT/log\"\nstart=$(date +%s)\n",
             b.name
@@ -596,7 +577,7 @@ mod tests {
     }
 
     #[test]
-    fn the_guest_script_quotes_and_skips() {
+    fn the_guest_script_quotes_and_leaves_out() {
         let binaries = [
             TestBinary {
                 name: "socket".into(),
@@ -616,10 +597,6 @@ mod tests {
         assert!(s.contains(r"'/w/it'\''s/socket-1' --test-threads=2"), "{s}");
         assert!(s.contains("export LB_IMAGE_ARCHIVE='/w/a b.tar'\n"), "{s}");
         assert!(s.contains("echo \"$rc\" > \"$OUT/rc\""), "{s}");
-        assert!(
-            s.contains("--skip 'a_burst_of_changes_becomes_few_syncs'"),
-            "{s}"
-        );
         assert!(s.contains("guest: leaving out http: "), "{s}");
         assert!(!s.contains("/w/http-3"), "{s}");
         assert_eq!(sh_quote("a'b"), r"'a'\''b'");

@@ -60,6 +60,8 @@ pub struct Cluster {
     /// A client behind a router (see [`Cluster::add_far_client`]): (router, client).
     pub far: Option<(Netns, Netns)>,
     pub nodes: Vec<Lab>,
+    /// The LAN ports' XDP programs (see [`Cluster::accept_xdp`]), attached while open.
+    xdp_links: Vec<std::os::fd::OwnedFd>,
     /// Last: the LAN goes when nothing uses it.
     pub lan: Netns,
 }
@@ -148,17 +150,19 @@ impl Cluster {
             client,
             far: None,
             nodes: labs,
+            xdp_links: Vec::new(),
             lan,
         })
     }
 
     /// Lets the nodes' XDP programs send frames back onto the LAN (`XDP_TX`, or a
-    /// redirect to the LAN interface): a veth delivers an XDP frame only when its peer
-    /// has an XDP program or GRO on (NAPI), so GRO goes on at each node's LAN port. The
-    /// ports also checksum what they pass to a node in full (transmit checksum offload
-    /// off), as frames from a real wire are: a veth otherwise hands on the sender's
-    /// partial checksum, which XDP (no skb, no checksum state) cannot update.
-    pub fn accept_xdp(&self) -> anyhow::Result<()> {
+    /// redirect to the LAN interface): each node's LAN port gets an XDP program that
+    /// passes everything ([`crate::xdp_pass`]; a veth whose peer sends with `XDP_TX`
+    /// takes the frames in only with a program of its own). The ports also checksum what
+    /// they pass to a node in full (transmit checksum offload off), as frames from a real
+    /// wire are: a veth otherwise hands on the sender's partial checksum, which XDP (no
+    /// skb, no checksum state) cannot update.
+    pub fn accept_xdp(&mut self) -> anyhow::Result<()> {
         for k in 0..self.nodes.len() {
             let port = format!("pn{k}");
             run(Command::new("ip").args([
@@ -168,12 +172,12 @@ impl Cluster {
                 "ethtool",
                 "-K",
                 &port,
-                "gro",
-                "on",
                 "tx",
                 "off",
             ]))
-            .with_context(|| format!("GRO on and checksum offload off at {port}"))?;
+            .with_context(|| format!("checksum offload off at {port}"))?;
+            self.xdp_links
+                .push(crate::xdp_pass::attach(&self.lan, &port)?);
         }
         Ok(())
     }

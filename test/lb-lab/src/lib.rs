@@ -8,6 +8,7 @@
 //! * [`load`]: the benchmark's load generator and servers;
 //! * [`kube_proxy_rules`]: kube-proxy's iptables and nftables rules, to compare against;
 //! * [`bench`]: `cargo xtask bench`, side by side with a direct connection and kube-proxy;
+//! * [`xdp_pass`]: an XDP program that passes everything, for the LAN side of a veth;
 //! * [`dns`], [`ingress`]: the demo's cluster DNS server and ingress proxy;
 //! * [`demo`]: `cargo xtask demo`.
 //!
@@ -26,6 +27,7 @@ pub mod kube_proxy_rules;
 pub mod lab;
 pub mod load;
 pub mod pktgen;
+pub mod xdp_pass;
 
 use std::path::{Path, PathBuf};
 
