@@ -36,12 +36,16 @@ pub struct FloodSpec {
     pub cpu: Option<usize>,
 }
 
-/// What was sent: datagrams the kernel took, failed `sendmmsg` calls, the time it took.
+/// What was sent: datagrams the kernel took, failed `sendmmsg` calls, the time it took,
+/// and the process's CPU time (user and system; what the kernel did on the way out of
+/// its sends too, softirq included where the kernel's tick accounting puts it there).
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct FloodReport {
     pub sent: u64,
     pub errors: u64,
     pub elapsed_ns: u64,
+    #[serde(default)]
+    pub cpu_ns: u64,
 }
 
 impl FloodReport {
@@ -89,10 +93,24 @@ pub fn udp_flood(spec: &FloodSpec) -> anyhow::Result<FloodReport> {
     if let Some(cpu) = spec.cpu {
         crate::lab::set_affinity(std::process::id(), Some(cpu))?;
     }
-    match &spec.source_net {
+    let mut report = match &spec.source_net {
         Some(net) => spoofed(spec, net),
         None => connected(spec),
+    }?;
+    report.cpu_ns = own_cpu_ns();
+    Ok(report)
+}
+
+/// This process's user and system CPU time so far, in ns.
+fn own_cpu_ns() -> u64 {
+    // SAFETY: getrusage(2) fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, a live struct.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0;
     }
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
+    ns(u.ru_utime) + ns(u.ru_stime)
 }
 
 /// The send loop: `send(k, want)` sends up to `want` datagrams (the k-th call) and returns

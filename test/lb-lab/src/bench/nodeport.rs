@@ -183,7 +183,7 @@ pub(super) struct Plan {
     pub(super) ours: &'static [(&'static str, &'static str)],
     pub(super) kube_proxy: &'static [KubeProxy],
     /// Every node's LAN port accepts XDP frames and checksums in full what it passes
-    /// to the node (as `cluster::accept_xdp`), the nodes without XDP too: the same
+    /// to the node (as `Cluster::accept_xdp`), the nodes without XDP too: the same
     /// path for every variant.
     pub(super) accept_xdp: bool,
 }
@@ -204,6 +204,8 @@ pub(super) struct NodePortLab {
     pub(super) nodes: Vec<Node>,
     pub(super) client: Netns,
     pub(super) backends: Lab,
+    /// The LAN ports' XDP pass programs (`Plan::accept_xdp`), detached with their links.
+    _xdp_links: Vec<std::os::fd::OwnedFd>,
     /// Last: the LAN goes when nothing uses it.
     _lan: Netns,
 }
@@ -238,6 +240,7 @@ impl NodePortLab {
         join_lan(&lan, &client, "pc", CLIENT_IP, CLIENT_IP6)?;
         client.sysctl("net.ipv4.tcp_tw_reuse=1")?;
         let mut nodes = Vec::new();
+        let mut xdp_links = Vec::new();
         let names = std::iter::once("direct")
             .chain(plan.ours.iter().map(|(v, _)| *v))
             .chain(plan.kube_proxy.iter().map(|m| m.name()));
@@ -259,7 +262,7 @@ impl NodePortLab {
                 netns.ip(&["route", "add", net, "via", &BACKENDS_IP.to_string()])?;
             }
             if plan.accept_xdp {
-                accept_xdp(&lan, &format!("pn{k}"))?;
+                xdp_links.push(accept_xdp(&lan, &format!("pn{k}"))?);
             }
             nodes.push(Node {
                 variant: variant.into(),
@@ -281,6 +284,7 @@ impl NodePortLab {
             nodes,
             client,
             backends,
+            _xdp_links: xdp_links,
             _lan: lan,
         };
         let pods: Vec<Ipv4Addr> = lab.backends.pods.iter().map(|p| p.ip).collect();
@@ -520,14 +524,15 @@ impl Drop for NodePortLab {
     }
 }
 
-/// The LAN port `port` (in `lan`) delivers XDP frames that its node sends back (GRO on),
-/// and hands the node fully checksummed packets (transmit checksum offload off).
-fn accept_xdp(lan: &Netns, port: &str) -> anyhow::Result<()> {
+/// The LAN port `port` (in `lan`) takes in the XDP frames that its node sends back (an
+/// XDP pass program of its own, as `Cluster::accept_xdp` does), and hands the node fully
+/// checksummed packets (transmit checksum offload off). The link keeps the program.
+fn accept_xdp(lan: &Netns, port: &str) -> anyhow::Result<std::os::fd::OwnedFd> {
     crate::lab::run(std::process::Command::new("ip").args([
-        "netns", "exec", &lan.name, "ethtool", "-K", port, "gro", "on", "tx", "off",
+        "netns", "exec", &lan.name, "ethtool", "-K", port, "tx", "off",
     ]))
-    .with_context(|| format!("GRO on and checksum offload off at {port}"))?;
-    Ok(())
+    .with_context(|| format!("checksum offload off at {port}"))?;
+    crate::xdp_pass::attach(lan, port)
 }
 
 /// The machine's busy CPU time so far (every CPU: user, nice, system, irq and softirq;
