@@ -117,7 +117,7 @@ enum Cmd {
         /// control (our agent's cold start and changes only, part of socket), closer
         /// (the stale-socket closer: 10,000 sockets in 100 pods), packets (the packet
         /// rate from outside: tc, XDP native and generic, iptables-nft, nftables).
-        #[arg(long, value_delimiter = ',', default_value = "socket,nodeport,closer",
+        #[arg(long, value_delimiter = ',', default_value = "socket,nodeport,closer,packets",
               value_parser = ["socket", "nodeport", "control", "closer", "packets"])]
         paths: Vec<String>,
     },

@@ -197,13 +197,35 @@ fn counter_packets(json: &str) -> anyhow::Result<u64> {
         .context("no counter")
 }
 
-/// Our packet-level programs' summed run time (XDP and tc) under `pin`, in ns.
-fn packet_prog_ns(pin: &std::path::Path) -> anyhow::Result<u64> {
+/// Our packet-level programs' (run_time_ns, run_cnt) under `pin`, by program (XDP and
+/// tc).
+fn packet_progs(pin: &std::path::Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
     Ok(prog_stats(pin)?
         .into_iter()
         .filter(|(name, _)| name.starts_with("lb_tc_") || name.starts_with("lb_xdp"))
-        .map(|(_, (ns, _))| ns)
-        .sum())
+        .collect())
+}
+
+/// The programs' summed run time between two [`packet_progs`] readings, and a line
+/// saying how often each ran per packet sent and for how long per run.
+fn prog_delta(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+    sent: u64,
+) -> (u64, String) {
+    let mut total = 0;
+    let mut line = Vec::new();
+    for (name, (ns, cnt)) in after {
+        let (ns0, cnt0) = before.get(name).copied().unwrap_or_default();
+        let (ns, cnt) = (ns.saturating_sub(ns0), cnt.saturating_sub(cnt0));
+        total += ns;
+        line.push(format!(
+            "{name} {:.2} runs/packet {:.0} ns/run",
+            cnt as f64 / sent.max(1) as f64,
+            ns as f64 / cnt.max(1) as f64
+        ));
+    }
+    (total, line.join(", "))
 }
 
 /// The CPU time of `cpu`'s ksoftirqd so far (user and system), in ns: softirq work
@@ -332,7 +354,7 @@ impl PacketLab {
     ) -> anyhow::Result<Sample> {
         let pin = self.lab.agent(variant).map(|a| a.pin_path.clone());
         let received_before = received(&self.lab.backends)?;
-        let bpf_before = pin.as_deref().map(packet_prog_ns).transpose()?;
+        let bpf_before = pin.as_deref().map(packet_progs).transpose()?;
         let cpu = sender_cpu().unwrap_or(0);
         let softirq_before = ksoftirqd_ns(cpu)?;
         let cpu_before = busy_cpu_us()?;
@@ -342,7 +364,11 @@ impl PacketLab {
         let cpu_us = busy_cpu_us()? - cpu_before;
         let softirq_ns = ksoftirqd_ns(cpu)?.saturating_sub(softirq_before);
         let bpf_ns = match (pin.as_deref(), bpf_before) {
-            (Some(pin), Some(before)) => packet_prog_ns(pin)?.saturating_sub(before),
+            (Some(pin), Some(before)) => {
+                let (ns, line) = prog_delta(&before, &packet_progs(pin)?, report.sent);
+                eprintln!("bench: packets via {variant}: {line}");
+                ns
+            }
             _ => 0,
         };
         let received = received(&self.lab.backends)? - received_before;
@@ -688,6 +714,21 @@ mod tests {
         let odd = "9 (a) b) R 2 0 0 0 -1 0 0 0 0 0 1 2 0 0";
         assert_eq!(task_cpu_ns(odd), Some(3 * 1_000_000_000 / hz));
         assert_eq!(task_cpu_ns("garbage"), None);
+    }
+
+    #[test]
+    fn program_run_times_are_summed_between_readings() {
+        let before = BTreeMap::from([("lb_xdp".to_string(), (1000, 10))]);
+        let after = BTreeMap::from([
+            ("lb_xdp".to_string(), (3000, 20)),
+            ("lb_tc_egress".to_string(), (500, 5)),
+        ]);
+        let (ns, line) = prog_delta(&before, &after, 10);
+        assert_eq!(ns, 2500);
+        assert_eq!(
+            line,
+            "lb_tc_egress 0.50 runs/packet 100 ns/run, lb_xdp 1.00 runs/packet 200 ns/run"
+        );
     }
 
     #[test]
