@@ -1,5 +1,6 @@
 //! Builds the eBPF programs (lb-ebpf) with the same recipe as `cargo xtask build-ebpf`
-//! and leaves the object in OUT_DIR, from where the agent embeds it.
+//! and leaves the two objects (with and without `bpf_set_retval`) in OUT_DIR, from where
+//! the agent embeds them.
 
 #[path = "../xtask/src/ebpf_build.rs"]
 mod ebpf_build;
@@ -23,12 +24,18 @@ fn main() {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
     println!("cargo:rerun-if-env-changed=LB_EBPF_CFG");
+    // Both objects (with and without bpf_set_retval); the loader embeds both.
     match ebpf_build::build_ebpf(&workspace, &out_dir.join("ebpf-target")) {
-        Ok(object) => {
-            let dest = out_dir.join("lb-ebpf.o");
-            std::fs::copy(&object, &dest).unwrap_or_else(|e| {
-                panic!("copying {} to {}: {e}", object.display(), dest.display())
-            });
+        Ok(objects) => {
+            for (object, name) in [
+                (&objects.full, ebpf_build::OBJECT),
+                (&objects.no_set_retval, ebpf_build::OBJECT_NO_SET_RETVAL),
+            ] {
+                let dest = out_dir.join(name);
+                std::fs::copy(object, &dest).unwrap_or_else(|e| {
+                    panic!("copying {} to {}: {e}", object.display(), dest.display())
+                });
+            }
         }
         Err(msg) => {
             println!("cargo:warning={msg}");

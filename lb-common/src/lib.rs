@@ -48,8 +48,9 @@ pub const MAP_FRAGS: &str = "LB_FRAGS_V1";
 pub const MAP_FRONTEND_PORTS: &str = "LB_FRONTEND_PORTS_V1";
 pub const MAP_NAMES: &str = "LB_NAMES_V1";
 pub const MAP_SOCKS: &str = "LB_SOCKS_V1";
+pub const MAP_MAGLEV: &str = "LB_MAGLEV_V1";
 /// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 17] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_REVNAT,
@@ -66,6 +67,7 @@ pub const PINNED_MAPS: [&str; 16] = [
     MAP_FRAGS,
     MAP_FRONTEND_PORTS,
     MAP_SOCKS,
+    MAP_MAGLEV,
 ];
 
 /// Capacity of the maps as the object defines them; the agent sizes them at load
@@ -824,6 +826,88 @@ pub const fn pick_slot(count: u16, random: u32) -> Option<u16> {
     }
 }
 
+/// The Maglev tables (`--lb-algorithm maglev`): the outer map (hash of maps) takes a
+/// frontend's header key (slot 0, either scope) to its table, an array of `u64`
+/// elements: element 0 holds the table size `M` (low 32 bits), element 1 a fingerprint
+/// of what the table was built from (the agent's, to adopt tables after a restart),
+/// and elements `MAGLEV_HEAD..` the `M` backend ids, two per element (entry `2k` in the
+/// low 32 bits, `2k + 1` in the high ones): `M * 4` bytes per table.
+pub const MAGLEV_HEAD: u32 = 2;
+/// `BPF_F_INNER_MAP`: tables of any size fit the outer map (kernel 5.10+).
+pub const MAGLEV_INNER_FLAGS: u32 = 1 << 12;
+
+/// Elements of a table of `m` entries (see [`MAGLEV_HEAD`]).
+pub const fn maglev_elements(m: u32) -> u32 {
+    MAGLEV_HEAD + m.div_ceil(2)
+}
+
+/// Where entry `hash % m` of a table of `m` entries is: its element and whether it is
+/// the element's high half. `None` for an empty table.
+#[inline(always)]
+pub const fn maglev_entry(hash: u32, m: u32) -> Option<(u32, bool)> {
+    if m == 0 {
+        return None;
+    }
+    let i = hash % m;
+    Some((MAGLEV_HEAD + i / 2, i & 1 == 1))
+}
+
+/// The backend id of one half of a table element.
+#[inline(always)]
+pub const fn maglev_half(element: u64, high: bool) -> u32 {
+    if high {
+        (element >> 32) as u32
+    } else {
+        element as u32
+    }
+}
+
+/// The fixed hash of a flow's 5-tuple (addresses as in [`CtKey`], ports host order)
+/// that indexes a Maglev table: murmur3's 32-bit mixing over the addresses' words, the
+/// ports and the protocol. The same in the programs and the agent, on every node, so
+/// two nodes behind one load balancer choose the same entry for a flow (the
+/// destination is the frontend, not the node).
+#[inline(always)]
+pub const fn flow_hash(saddr: &Addr, daddr: &Addr, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h: u32 = 0x6c62_6d67; // "lbmg"
+    let mut i = 0;
+    while i < 16 {
+        h = murmur_round(h, le_word(saddr, i));
+        i += 4;
+    }
+    let mut i = 0;
+    while i < 16 {
+        h = murmur_round(h, le_word(daddr, i));
+        i += 4;
+    }
+    h = murmur_round(h, ((sport as u32) << 16) | dport as u32);
+    h = murmur_round(h, proto as u32);
+    // murmur3's finaliser, after the length (37 bytes) as it mixes it in.
+    h ^= 37;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+const fn le_word(a: &Addr, i: usize) -> u32 {
+    u32::from_le_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
+}
+
+#[inline(always)]
+const fn murmur_round(h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 24);
     assert!(core::mem::size_of::<ServiceValue>() == 16);
@@ -1091,4 +1175,46 @@ mod tests {
         hdr[10..12].copy_from_slice(&new.to_ne_bytes());
         assert_eq!(full_csum(&hdr), 0, "{hdr:x?}");
     }
+
+    #[test]
+    fn the_flow_hash_is_fixed_and_spreads_flows_over_a_table() {
+        let client = v4_mapped([192, 0, 2, 7]);
+        let vip = v4_mapped([198, 51, 100, 10]);
+        // Pinned: the programs and every agent compute the same value.
+        assert_eq!(
+            flow_hash(&client, &vip, 40_000, 80, PROTO_TCP),
+            PINNED_FLOW_HASH
+        );
+        // Every field counts.
+        let h = flow_hash(&client, &vip, 40_000, 80, PROTO_TCP);
+        assert_ne!(h, flow_hash(&vip, &client, 40_000, 80, PROTO_TCP));
+        assert_ne!(h, flow_hash(&client, &vip, 40_001, 80, PROTO_TCP));
+        assert_ne!(h, flow_hash(&client, &vip, 40_000, 81, PROTO_TCP));
+        assert_ne!(h, flow_hash(&client, &vip, 40_000, 80, PROTO_UDP));
+        // Source ports in a row spread evenly over the entries of a small table.
+        let m = 251;
+        let mut hits = [0u32; 251];
+        for sport in 0..25_100u16 {
+            let (e, high) =
+                maglev_entry(flow_hash(&client, &vip, sport, 80, PROTO_UDP), m).expect("a table");
+            hits[((e - MAGLEV_HEAD) * 2 + u32::from(high)) as usize] += 1;
+        }
+        assert!(hits.iter().all(|&n| (50..=150).contains(&n)), "{hits:?}");
+    }
+
+    #[test]
+    fn maglev_entries_are_two_per_element_after_the_head() {
+        assert_eq!(maglev_elements(16381), MAGLEV_HEAD + 8191);
+        assert_eq!(maglev_elements(2), MAGLEV_HEAD + 1);
+        assert_eq!(maglev_entry(7, 0), None);
+        assert_eq!(maglev_entry(0, 251), Some((MAGLEV_HEAD, false)));
+        assert_eq!(maglev_entry(251 + 3, 251), Some((MAGLEV_HEAD + 1, true)));
+        assert_eq!(maglev_entry(250, 251), Some((MAGLEV_HEAD + 125, false)));
+        let element = (9u64 << 32) | 4;
+        assert_eq!(maglev_half(element, false), 4);
+        assert_eq!(maglev_half(element, true), 9);
+    }
+
+    /// `flow_hash` of the test's flow when this was written.
+    const PINNED_FLOW_HASH: u32 = 3_338_352_281;
 }

@@ -82,6 +82,85 @@ pub fn table(backends: &[Backend], size: u32) -> Vec<u32> {
     entry
 }
 
+/// A frontend's table as the agent writes it: its size, its backends (id in the
+/// backends map, address and port) and a fingerprint of both, kept in the table so
+/// that a restarted agent knows which tables it can keep.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spec {
+    pub size: u32,
+    pub backends: Vec<(u32, Backend)>,
+    pub fingerprint: u64,
+}
+
+impl Spec {
+    /// The table of `size` entries over `backends` (id, address and port).
+    pub fn new(size: u32, mut backends: Vec<(u32, Backend)>) -> Self {
+        backends.sort_unstable();
+        backends.dedup();
+        let fingerprint = fingerprint(size, &backends);
+        Self {
+            size,
+            backends,
+            fingerprint,
+        }
+    }
+
+    /// The backend ids of the table's entries.
+    pub fn ids(&self) -> Vec<u32> {
+        let set: Vec<Backend> = self.backends.iter().map(|(_, b)| *b).collect();
+        table(&set, self.size)
+            .into_iter()
+            .map(|i| self.backends[i as usize].0)
+            .collect()
+    }
+
+    /// The table's array elements (`u64`), in the layout the programs read (see
+    /// `lb_common::MAGLEV_HEAD`): the size, the fingerprint, then two ids per element.
+    pub fn elements(&self) -> Vec<u64> {
+        let ids = self.ids();
+        let mut out = Vec::with_capacity(lb_common::maglev_elements(self.size) as usize);
+        out.push(u64::from(self.size));
+        out.push(self.fingerprint);
+        out.extend(
+            ids.chunks(2).map(|pair| {
+                u64::from(pair[0]) | pair.get(1).map_or(0, |&high| u64::from(high) << 32)
+            }),
+        );
+        out
+    }
+
+    /// Bytes the table takes in the kernel (its elements; the map's own overhead aside).
+    pub fn bytes(&self) -> u64 {
+        table_bytes(self.size)
+    }
+}
+
+/// Bytes a table of `size` entries takes (its elements).
+pub const fn table_bytes(size: u32) -> u64 {
+    lb_common::maglev_elements(size) as u64 * 8
+}
+
+/// The backend id a table built as `elements` names for hash `hash`, as the programs
+/// read it; `None` for a table without entries.
+pub fn lookup(elements: &[u64], hash: u32) -> Option<u32> {
+    let size = *elements.first()? as u32;
+    let (element, high) = lb_common::maglev_entry(hash, size)?;
+    let e = *elements.get(element as usize)?;
+    Some(lb_common::maglev_half(e, high))
+}
+
+/// A fixed fingerprint of a table's size and backends (sorted).
+fn fingerprint(size: u32, backends: &[(u32, Backend)]) -> u64 {
+    let mut bytes = Vec::with_capacity(4 + backends.len() * 22);
+    bytes.extend_from_slice(&size.to_be_bytes());
+    for (id, b) in backends {
+        bytes.extend_from_slice(&id.to_be_bytes());
+        bytes.extend_from_slice(&key_of(b));
+    }
+    hash64(&bytes, FINGERPRINT_SEED)
+}
+
+const FINGERPRINT_SEED: u64 = 0x6c62_2d6d_6167_6c33; // "lb-magl3"
 const OFFSET_SEED: u64 = 0x6c62_2d6d_6167_6c31; // "lb-magl1"
 const SKIP_SEED: u64 = 0x6c62_2d6d_6167_6c32; // "lb-magl2"
 
@@ -207,6 +286,44 @@ mod tests {
         assert_ne!(hash64(b"a", OFFSET_SEED), hash64(b"a", SKIP_SEED));
         let t = table(&backends(3), 251);
         assert_eq!(&t[..8], &PINNED_FIRST_ENTRIES);
+    }
+
+    #[test]
+    fn a_spec_packs_two_ids_per_element_and_finds_the_flows_backend() {
+        let with_ids: Vec<(u32, Backend)> = backends(3)
+            .into_iter()
+            .zip([70u32, 50, 60])
+            .map(|(b, id)| (id, b))
+            .collect();
+        let spec = Spec::new(251, with_ids.clone());
+        let elements = spec.elements();
+        assert_eq!(elements.len() as u32, lb_common::maglev_elements(251));
+        assert_eq!(elements[0], 251);
+        assert_eq!(elements[1], spec.fingerprint);
+        assert_eq!(spec.bytes(), elements.len() as u64 * 8);
+        let ids = spec.ids();
+        for hash in [0u32, 1, 250, 251, 252, 77_777, u32::MAX] {
+            assert_eq!(lookup(&elements, hash), Some(ids[(hash % 251) as usize]));
+        }
+        // The ids name the same backends as the table's indices do.
+        let t = table(&backends(3), 251);
+        let by_index: Vec<u32> = t.iter().map(|&i| [70, 50, 60][i as usize]).collect();
+        assert_eq!(ids, by_index);
+        // The order given does not matter; ids, addresses and the size do.
+        let mut reversed = with_ids.clone();
+        reversed.reverse();
+        assert_eq!(Spec::new(251, reversed), spec);
+        let mut renumbered = with_ids.clone();
+        renumbered[0].0 = 71;
+        assert_ne!(Spec::new(251, renumbered).fingerprint, spec.fingerprint);
+        assert_ne!(Spec::new(509, with_ids).fingerprint, spec.fingerprint);
+        assert_eq!(lookup(&[], 3), None);
+        assert_eq!(lookup(&[0, 0], 3), None);
+    }
+
+    #[test]
+    fn the_default_table_takes_64_kib() {
+        assert_eq!(table_bytes(DEFAULT_TABLE_SIZE), 8 * (2 + 8191));
     }
 
     /// The first entries of `table(&backends(3), 251)` when this was written.

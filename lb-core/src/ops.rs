@@ -8,8 +8,8 @@ use std::{
 
 use lb_common::{
     Addr, AffinityKey, AffinityValue, Backend, FrontendName, FrontendPort, MAP_AFFINITY,
-    MAP_BACKENDS, MAP_FRONTEND_PORTS, MAP_NAMES, MAP_REVNAT, MAP_SERVICES, MAP_SOURCE_RANGES,
-    RevNat, ServiceKey, ServiceValue,
+    MAP_BACKENDS, MAP_FRONTEND_PORTS, MAP_MAGLEV, MAP_NAMES, MAP_REVNAT, MAP_SERVICES,
+    MAP_SOURCE_RANGES, RevNat, ServiceKey, ServiceValue,
 };
 
 use crate::model::{Frontend, Proto, Scope};
@@ -71,6 +71,15 @@ pub enum Op {
     DelFrontendPort {
         key: FrontendPort,
     },
+    /// A frontend's Maglev table (key: its header key), written whole and swapped in at
+    /// once.
+    PutMaglev {
+        key: ServiceKey,
+        spec: Box<crate::maglev::Spec>,
+    },
+    DelMaglev {
+        key: ServiceKey,
+    },
 }
 
 impl fmt::Display for Op {
@@ -124,6 +133,18 @@ impl fmt::Display for Op {
             Self::DelFrontendPort { key } => {
                 write!(f, "{MAP_FRONTEND_PORTS}: delete {}", fmt_frontend_port(key))
             }
+            Self::PutMaglev { key, spec } => write!(
+                f,
+                "{MAP_MAGLEV}: write the table of {} ({} backends, {} entries)",
+                frontend_of(key).map_or("?".into(), |fe| fe.to_string()),
+                spec.backends.len(),
+                spec.size
+            ),
+            Self::DelMaglev { key } => write!(
+                f,
+                "{MAP_MAGLEV}: delete the table of {}",
+                frontend_of(key).map_or("?".into(), |fe| fe.to_string())
+            ),
         }
     }
 }
@@ -226,6 +247,8 @@ pub struct Snapshot {
     pub source_ranges: BTreeSet<(u16, Addr, u8)>,
     /// The (address, port, protocol) frontends have.
     pub frontend_ports: BTreeSet<FrontendPort>,
+    /// Frontends (header keys) with a Maglev table: its size and fingerprint.
+    pub maglev: BTreeMap<ServiceKey, (u32, u64)>,
 }
 
 impl Snapshot {
@@ -281,6 +304,12 @@ impl Snapshot {
             }
             Op::DelFrontendPort { key } => {
                 self.frontend_ports.remove(&key);
+            }
+            Op::PutMaglev { key, ref spec } => {
+                self.maglev.insert(key, (spec.size, spec.fingerprint));
+            }
+            Op::DelMaglev { key } => {
+                self.maglev.remove(&key);
             }
         }
     }

@@ -33,6 +33,8 @@ struct ProgFrontend {
     epoch: u8,
     /// The Service keeps its clients' sockets when a backend leaves.
     keep_sockets: bool,
+    /// The fingerprint of its Maglev table, if it has one.
+    maglev: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +96,9 @@ pub struct Capacity {
     pub backends: usize,
     /// Source ranges over every frontend.
     pub source_ranges: usize,
+    /// `--lb-algorithm maglev`: the size of the external frontends' Maglev tables;
+    /// `None` (random) plans no table and deletes those there are.
+    pub maglev_table_size: Option<u32>,
 }
 
 /// The maps' default sizes (lb-user's `--max-*` defaults).
@@ -105,6 +110,7 @@ impl Default for Capacity {
                 + lb_common::MAX_SERVICE_ENTRIES as usize,
             backends: lb_common::MAX_BACKENDS as usize,
             source_ranges: lb_common::MAX_SOURCE_RANGES as usize,
+            maglev_table_size: None,
         }
     }
 }
@@ -258,6 +264,7 @@ impl Programmed {
                         .is_some_and(|n| n.flags & FRONTEND_F_KEEP_SOCKETS != 0),
                     slots,
                     source_ranges,
+                    maglev: snapshot.maglev.get(key).map(|&(_, fp)| fp),
                 },
             );
         }
@@ -296,6 +303,9 @@ impl Programmed {
 
     /// Entries of `snapshot` that no adopted frontend accounts for: deleted by the next plan.
     fn stale_entries(&mut self, snapshot: &Snapshot, used: &Used) {
+        for key in snapshot.maglev.keys().filter(|k| !used.keys.contains(k)) {
+            self.stale.push(Op::DelMaglev { key: *key });
+        }
         for key in snapshot.services.keys().filter(|k| !used.keys.contains(k)) {
             self.stale.push(Op::DelService { key: *key });
         }
@@ -345,6 +355,80 @@ impl Programmed {
         self.capacity = capacity;
     }
 
+    /// `--lb-algorithm`: `Some(table size)` for maglev (every external frontend with
+    /// backends gets a table), `None` for random (tables there are get deleted).
+    pub fn set_maglev(&mut self, size: Option<u32>) {
+        self.capacity.maglev_table_size = size;
+    }
+
+    /// Maglev tables programmed, and the bytes their elements take.
+    pub fn maglev_tables(&self) -> (usize, u64) {
+        let n = self
+            .frontends
+            .values()
+            .filter(|f| f.maglev.is_some())
+            .count();
+        let each = self
+            .capacity
+            .maglev_table_size
+            .map_or(0, crate::maglev::table_bytes);
+        (n, n as u64 * each)
+    }
+
+    /// The Maglev table `fe` should have with the backends `slots`: one for an external
+    /// frontend (nodePort, externalIP, LoadBalancer IP, either scope) with backends,
+    /// in maglev mode.
+    fn maglev_spec(&self, state: &FrontendState, slots: &[u32]) -> Option<crate::maglev::Spec> {
+        let size = self.capacity.maglev_table_size?;
+        if state.kind == crate::model::FrontendKind::ClusterIp || slots.is_empty() {
+            return None;
+        }
+        let backends = slots
+            .iter()
+            .filter_map(|id| {
+                let (ep, _) = self.by_id.get(id)?;
+                let b = crate::maglev::Backend {
+                    addr: ep.addr,
+                    port: ep.port,
+                };
+                Some((*id, b))
+            })
+            .collect();
+        Some(crate::maglev::Spec::new(size, backends))
+    }
+
+    /// The Maglev table of `fe` with the backends `slots`: written when it differs from
+    /// the one `old` has (its fingerprint), deleted when it should have none; returns the
+    /// new table's fingerprint.
+    fn plan_maglev(
+        &self,
+        fe: &Frontend,
+        state: &FrontendState,
+        old: Option<&ProgFrontend>,
+        slots: &[u32],
+        steps: &mut Steps,
+    ) -> Option<u64> {
+        let spec = self.maglev_spec(state, slots);
+        let old = old.and_then(|o| o.maglev);
+        let key = service_key(fe, 0);
+        match spec {
+            Some(spec) => {
+                let fingerprint = spec.fingerprint;
+                if old != Some(fingerprint) {
+                    let spec = Box::new(spec);
+                    steps.maglev.push(Op::PutMaglev { key, spec });
+                }
+                Some(fingerprint)
+            }
+            None => {
+                if old.is_some() {
+                    steps.maglev.push(Op::DelMaglev { key });
+                }
+                None
+            }
+        }
+    }
+
     /// Desired frontends a full map kept out; the next plan tries them again.
     pub fn skipped(&self) -> usize {
         self.skipped.len()
@@ -365,6 +449,7 @@ impl Programmed {
             (MAP_BACKENDS, self.backends.len()),
             (MAP_REVNAT, self.frontends.len()),
             (MAP_SOURCE_RANGES, self.ranges_total),
+            (lb_common::MAP_MAGLEV, self.maglev_tables().0),
         ])
     }
 
@@ -493,6 +578,7 @@ impl Programmed {
             slots,
             names,
             headers,
+            maglev,
             tails,
             purges,
             removals,
@@ -514,6 +600,7 @@ impl Programmed {
             slots,
             names,
             headers,
+            maglev,
             tails,
             purges,
             removals,
@@ -586,6 +673,7 @@ impl Programmed {
             });
         }
         let (flags, epoch) = self.header(fe, state, old.as_ref(), rev_nat_id, &new_slots, steps);
+        let maglev = self.plan_maglev(fe, state, old.as_ref(), &new_slots, steps);
         for i in new_slots.len()..old_slots.len() {
             steps.tails.push(Op::DelService {
                 key: service_key(fe, i as u16 + 1),
@@ -608,6 +696,7 @@ impl Programmed {
                 flags,
                 epoch,
                 keep_sockets: state.keep_sockets,
+                maglev,
             },
         );
     }
@@ -799,6 +888,11 @@ impl Programmed {
         steps.removals.push(Op::DelService {
             key: service_key(fe, 0),
         });
+        if old.maglev.is_some() {
+            steps.removals.push(Op::DelMaglev {
+                key: service_key(fe, 0),
+            });
+        }
         for i in 0..old.slots.len() {
             steps.removals.push(Op::DelService {
                 key: service_key(fe, i as u16 + 1),
@@ -889,6 +983,9 @@ struct Steps {
     slots: Vec<Op>,
     names: Vec<Op>,
     headers: Vec<Op>,
+    /// Maglev tables, written whole once the backends they name exist (before the
+    /// backends they no longer name are deleted, 5.).
+    maglev: Vec<Op>,
     tails: Vec<Op>,
     /// 3. Affinity entries of backends that left, or of a changed timeout.
     purges: Vec<Op>,
@@ -1170,6 +1267,7 @@ mod tests {
             service_entries: 8,
             backends: 10,
             source_ranges: 10,
+            maglev_table_size: None,
         });
         let mut maps = Snapshot::default();
         sync(
@@ -1203,6 +1301,7 @@ mod tests {
             service_entries: 5,
             backends: 3,
             source_ranges: 10,
+            maglev_table_size: None,
         });
         let mut maps = Snapshot::default();
         let apply = |plan: &Plan, maps: &mut Snapshot| {
@@ -1317,6 +1416,169 @@ mod tests {
             &desired(&[(fe(1, 80), &[1, 3, 4, 5, 6, 9])]),
         );
         assert!(ops.is_empty(), "{ops:#?}");
+    }
+
+    /// `d` with the kinds given to frontends (by address's last octet).
+    fn with_kinds(mut d: Desired, kinds: &[(u8, crate::model::FrontendKind)]) -> Desired {
+        for (fe, state) in d.frontends.iter_mut() {
+            let IpAddr::V4(v4) = fe.addr else { continue };
+            if let Some((_, kind)) = kinds.iter().find(|(last, _)| *last == v4.octets()[3]) {
+                Arc::make_mut(state).kind = *kind;
+            }
+        }
+        d
+    }
+
+    /// Plans `d` with tables of `size` entries and applies it, checking that every table
+    /// is written when the backends it names exist; returns the table operations.
+    fn maglev_sync(prog: &mut Programmed, maps: &mut Snapshot, d: &Desired) -> Vec<Op> {
+        let plan = prog.plan(d);
+        let mut tables = Vec::new();
+        for op in plan.ops() {
+            maps.apply(op);
+            match op {
+                Op::PutMaglev { spec, .. } => {
+                    for (id, _) in &spec.backends {
+                        assert!(maps.backends.contains_key(id), "`{op}`: backend {id}");
+                    }
+                    tables.push(op.clone());
+                }
+                Op::DelMaglev { .. } => tables.push(op.clone()),
+                _ => {}
+            }
+        }
+        for op in plan.ops() {
+            if let Op::DelBackend { id } = op {
+                assert!(
+                    maps.maglev.is_empty()
+                        || tables.iter().all(|t| match t {
+                            Op::PutMaglev { spec, .. } =>
+                                spec.backends.iter().all(|(b, _)| b != id),
+                            _ => true,
+                        }),
+                    "backend {id} deleted while a table names it"
+                );
+            }
+        }
+        tables
+    }
+
+    #[test]
+    fn maglev_tables_go_to_external_frontends_follow_their_backends_and_go_with_them() {
+        use crate::model::FrontendKind::{ClusterIp, LoadBalancer, NodePort};
+        let local = Frontend {
+            scope: Scope::Local,
+            ..fe(3, 80)
+        };
+        let kinds = [
+            (1, ClusterIp),
+            (2, NodePort),
+            (3, LoadBalancer),
+            (4, NodePort),
+        ];
+        let d = |b2: &[u8]| {
+            with_kinds(
+                desired(&[
+                    (fe(1, 80), &[1, 2]),
+                    (fe(2, 80), b2),
+                    (fe(3, 80), &[1, 2, 3]),
+                    (local, &[3]),
+                    (fe(4, 80), &[]),
+                ]),
+                &kinds,
+            )
+        };
+        let mut prog = Programmed::default();
+        prog.set_maglev(Some(251));
+        let mut maps = Snapshot::default();
+        let ops = maglev_sync(&mut prog, &mut maps, &d(&[1, 2]));
+        // The nodePort, the LoadBalancer IP in both scopes; not the cluster IP, not the
+        // frontend without backends.
+        let with_tables: BTreeSet<Frontend> = maps
+            .maglev
+            .keys()
+            .map(|k| frontend_of(k).unwrap())
+            .collect();
+        assert_eq!(with_tables, BTreeSet::from([fe(2, 80), fe(3, 80), local]));
+        assert_eq!(ops.len(), 3);
+        assert_eq!(
+            prog.maglev_tables(),
+            (3, 3 * crate::maglev::table_bytes(251))
+        );
+        let Some(Op::PutMaglev { spec, .. }) = ops
+            .iter()
+            .find(|o| matches!(o, Op::PutMaglev { key, .. } if frontend_of(key) == Some(local)))
+        else {
+            panic!("{ops:?}");
+        };
+        assert_eq!(spec.backends.len(), 1);
+        assert_eq!(spec.size, 251);
+        // A backend change rewrites that frontend's table only.
+        let before = maps.maglev[&service_key(&fe(2, 80), 0)];
+        let ops = maglev_sync(&mut prog, &mut maps, &d(&[1, 2, 3]));
+        assert!(
+            matches!(&ops[..], [Op::PutMaglev { key, .. }] if *key == service_key(&fe(2, 80), 0)),
+            "{ops:?}"
+        );
+        assert_ne!(maps.maglev[&service_key(&fe(2, 80), 0)], before);
+        // No backend left: no table.
+        let ops = maglev_sync(&mut prog, &mut maps, &d(&[]));
+        assert!(matches!(&ops[..], [Op::DelMaglev { .. }]), "{ops:?}");
+        // The frontend gone: its table goes with it.
+        let mut gone = d(&[1]);
+        maglev_sync(&mut prog, &mut maps, &gone);
+        gone.frontends.remove(&fe(2, 80));
+        let ops = maglev_sync(&mut prog, &mut maps, &gone);
+        assert!(matches!(&ops[..], [Op::DelMaglev { .. }]), "{ops:?}");
+        assert_eq!(maps.maglev.len(), 2);
+    }
+
+    #[test]
+    fn a_restarted_agent_keeps_tables_that_match_and_rebuilds_or_drops_the_others() {
+        use crate::model::FrontendKind::LoadBalancer;
+        let d = with_kinds(
+            desired(&[(fe(1, 80), &[1, 2]), (fe(2, 80), &[2, 3])]),
+            &[(1, LoadBalancer), (2, LoadBalancer)],
+        );
+        let mut prog = Programmed::default();
+        prog.set_maglev(Some(251));
+        let mut maps = Snapshot::default();
+        maglev_sync(&mut prog, &mut maps, &d);
+        // A table no frontend has (left by a crash) goes; the others are kept as they are.
+        maps.maglev.insert(service_key(&fe(9, 80), 0), (251, 1));
+        let mut same = Programmed::adopt(&maps);
+        same.set_maglev(Some(251));
+        let ops = maglev_sync(&mut same.clone(), &mut maps.clone(), &d);
+        assert_eq!(
+            ops,
+            vec![Op::DelMaglev {
+                key: service_key(&fe(9, 80), 0)
+            }]
+        );
+        // Another table size: every table is rebuilt (swapped in whole).
+        let mut resized = Programmed::adopt(&maps);
+        resized.set_maglev(Some(509));
+        let ops = maglev_sync(&mut resized, &mut maps.clone(), &d);
+        let sizes: Vec<u32> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::PutMaglev { spec, .. } => Some(spec.size),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sizes, vec![509, 509]);
+        // Random mode: every table goes.
+        let mut random = Programmed::adopt(&maps);
+        random.set_maglev(None);
+        let ops = maglev_sync(&mut random, &mut maps, &d);
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert!(maps.maglev.is_empty());
+        // A periodic read-back keeps the mode.
+        let again = random.readopt(&maps);
+        assert_eq!(again.capacity.maglev_table_size, None);
+        let mut m = Programmed::default();
+        m.set_maglev(Some(251));
+        assert_eq!(m.readopt(&maps).capacity.maglev_table_size, Some(251));
     }
 
     #[test]

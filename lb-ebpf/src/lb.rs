@@ -3,11 +3,13 @@
 //! else a random slot.
 
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, SrcAffinityKey, affinity_valid,
-    pick_slot,
+    AffinityKey, AffinityValue, Backend, CtKey, ServiceKey, ServiceValue, SrcAffinityKey,
+    affinity_valid, flow_hash, maglev_entry, maglev_half, pick_slot,
 };
 
-use crate::maps::{LB_AFFINITY_SRC_V1, LB_AFFINITY_V1, LB_BACKENDS_V2, LB_SERVICES_V2, count};
+use crate::maps::{
+    LB_AFFINITY_SRC_V1, LB_AFFINITY_V1, LB_BACKENDS_V2, LB_MAGLEV_V1, LB_SERVICES_V2, count,
+};
 
 /// A chosen backend, its id and the frontend's slot it was found in (0: not known, as
 /// for an affinity entry's backend).
@@ -124,6 +126,45 @@ pub(crate) fn pick(
             count(prog, |c| c.misses += 1);
             backend_at(key, 1)
         }
+    }
+}
+
+/// The backend that the Maglev table of frontend `svc` (its header key) names for the
+/// flow `key`: the entry at the flow's 5-tuple hash modulo the table's size. `None`
+/// when the frontend has no table (random mode, or the agent is writing it) or the
+/// entry's backend is gone.
+#[inline(always)]
+pub(crate) fn maglev(svc: &ServiceKey, key: &CtKey) -> Option<Chosen> {
+    let id = maglev_id(svc, key);
+    if id == 0 {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let backend = unsafe { LB_BACKENDS_V2.get(id) }.copied()?;
+    Some(Chosen {
+        id,
+        backend,
+        slot: 0,
+    })
+}
+
+/// [`maglev`]'s table lookup: the backend id, 0 for none. Not inlined: its stack frame
+/// is its own.
+#[inline(never)]
+fn maglev_id(svc: &ServiceKey, key: &CtKey) -> u32 {
+    // SAFETY: tables are arrays (preallocated, never freed while a program holds one);
+    // the elements are copied out at once.
+    let Some(&size) = (unsafe { LB_MAGLEV_V1.get_value(svc, &0) }) else {
+        return 0;
+    };
+    let hash = flow_hash(&key.saddr, &key.daddr, key.sport, key.dport, key.proto);
+    let Some((element, high)) = maglev_entry(hash, size as u32) else {
+        return 0;
+    };
+    // SAFETY: as above.
+    match unsafe { LB_MAGLEV_V1.get_value(svc, &element) } {
+        Some(&e) => maglev_half(e, high),
+        None => 0,
     }
 }
 

@@ -4,15 +4,15 @@
 
 use crate::nat::Packet;
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
-    FragKey, FragValue, FrontendName, FrontendPort, MAX_AFFINITY, MAX_BACKENDS, MAX_CT, MAX_FRAGS,
-    MAX_IFACES, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, PROG_NAMES,
-    PacketIface, RevNat, ServiceKey, ServiceValue, SockRecord, SockRevNatKey, SourceRange,
-    SrcAffinityKey,
+    FragKey, FragValue, FrontendName, FrontendPort, MAGLEV_INNER_FLAGS, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_CT, MAX_FRAGS, MAX_IFACES, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT,
+    MAX_SOURCE_RANGES, PROG_NAMES, PacketIface, RevNat, ServiceKey, ServiceValue, SockRecord,
+    SockRevNatKey, SourceRange, SrcAffinityKey,
 };
 
 /// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
@@ -30,6 +30,18 @@ pub(crate) static LB_SERVICES_V2: HashMap<
 #[btf_map]
 pub(crate) static LB_BACKENDS_V2: HashMap<u32, Backend, { MAX_BACKENDS as usize }, 1> =
     HashMap::new();
+
+/// A frontend's header key (slot 0, either scope) -> its Maglev table
+/// (`--lb-algorithm maglev`, external frontends only; layout in `lb_common::MAGLEV_HEAD`).
+/// The inner template is a one-element array with `BPF_F_INNER_MAP`, so that the
+/// agent's tables of any size fit; not preallocated.
+#[btf_map]
+pub(crate) static LB_MAGLEV_V1: HashOfMaps<
+    ServiceKey,
+    Array<u64, 1, { MAGLEV_INNER_FLAGS as usize }>,
+    { MAX_REVNAT as usize },
+    1,
+> = HashOfMaps::new();
 
 /// rev-NAT id -> the Service port of the frontend, for `lb-user dump`; never read here.
 /// Not preallocated (flag 1, `BPF_F_NO_PREALLOC`): memory only for the frontends there are.

@@ -419,7 +419,8 @@ fn source_allowed(rev_nat_id: u16, key: &CtKey) -> bool {
 }
 
 /// The client's remembered backend (ClientIP affinity, keyed by its source address),
-/// else one at random; the choice is remembered when the frontend has affinity.
+/// else a new choice ([`fresh`]); the choice is remembered when the frontend has
+/// affinity.
 #[inline(always)]
 fn backend<C: Ctx>(
     key: &CtKey,
@@ -428,9 +429,7 @@ fn backend<C: Ctx>(
     now: u64,
 ) -> Option<lb::Chosen> {
     if header.affinity_timeout == 0 {
-        // SAFETY: a helper without arguments.
-        let random = unsafe { bpf_get_prandom_u32() };
-        return lb::pick(*svc, header, random, C::PROG_IN);
+        return fresh::<C>(key, svc, header);
     }
     let akey = SrcAffinityKey {
         addr: key.saddr,
@@ -441,11 +440,22 @@ fn backend<C: Ctx>(
         lb::remember_src(&akey, now, &c, header.epoch, C::PROG_IN);
         return Some(c);
     }
-    // SAFETY: a helper without arguments.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let chosen = lb::pick(*svc, header, random, C::PROG_IN)?;
+    let chosen = fresh::<C>(key, svc, header)?;
     lb::remember_src(&akey, now, &chosen, header.epoch, C::PROG_IN);
     Some(chosen)
+}
+
+/// A new flow's backend: its Maglev table's entry when the frontend has a table
+/// (`--lb-algorithm maglev`), else (random mode, or a table the agent is still
+/// writing) one at random.
+#[inline(always)]
+fn fresh<C: Ctx>(key: &CtKey, svc: &ServiceKey, header: &ServiceValue) -> Option<lb::Chosen> {
+    if let Some(chosen) = lb::maglev(svc, key) {
+        return Some(chosen);
+    }
+    // SAFETY: a helper without arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
+    lb::pick(*svc, header, random, C::PROG_IN)
 }
 
 /// The frontend a packet is addressed to, written to `svc` and `header`: its local scope

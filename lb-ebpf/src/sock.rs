@@ -10,14 +10,17 @@
 //! is in the service (the socket's record in `LB_SOCKS_V1`); `recvmsg4/6` and
 //! `getpeername4/6` turn the backend back into the service address, from a per-socket
 //! rev-NAT entry. `sock_release` deletes a closing socket's rev-NAT entries and record.
+//!
+//! Built with the feature `no-set-retval` (the agent's second object, for kernels before
+//! 6.1 whose sock_addr programs cannot call `bpf_set_retval`), a refusal only returns 0:
+//! the kernel then fails connect() and sendmsg() with EPERM instead of ECONNREFUSED or
+//! EHOSTUNREACH. Those programs also use the map [`LB_SOCK_EPERM`], by which `lb-user
+//! dump` tells the two objects apart.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
-    },
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
@@ -37,10 +40,34 @@ use crate::{
 
 /// The call may go on (the address may have been rewritten).
 const ALLOW: i32 = 1;
-/// The call fails with the errno set by `bpf_set_retval`.
+/// The call fails with the errno set by `bpf_set_retval` (EPERM when none was set).
 const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
+
+/// Only in the object built without `bpf_set_retval`: a one-entry map that the refusing
+/// path reads, so the programs of that object list it among their maps (`lb-user dump`
+/// reads the attached connect4 program's maps to say which object runs). Not pinned.
+#[cfg(feature = "no-set-retval")]
+#[aya_ebpf::macros::btf_map]
+pub static LB_SOCK_EPERM: aya_ebpf::btf_maps::Array<u8, 1> = aya_ebpf::btf_maps::Array::new();
+
+/// Makes the call fail with `errno` where the kernel lets sock_addr programs set it
+/// (Linux 6.1); in the object built without `bpf_set_retval` the call fails with EPERM.
+#[inline(always)]
+fn refuse(errno: i32) -> i32 {
+    #[cfg(not(feature = "no-set-retval"))]
+    // SAFETY: a helper call with a plain integer; allowed in sock_addr programs.
+    unsafe {
+        aya_ebpf::helpers::bpf_set_retval(-errno)
+    };
+    #[cfg(feature = "no-set-retval")]
+    {
+        let _ = errno;
+        let _ = LB_SOCK_EPERM.get(0);
+    }
+    REJECT
+}
 
 /// What happened to one connect() or sendmsg().
 enum Verdict {
@@ -125,15 +152,11 @@ fn forward(ctx: &SockAddrContext, prog: u32, family: Family) -> i32 {
         }
         Verdict::Refused => {
             count(prog, |c| c.refused += 1);
-            // SAFETY: a helper call with a plain integer; allowed in sock_addr programs.
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
-            REJECT
+            refuse(ECONNREFUSED)
         }
         Verdict::NoLocal => {
             count(prog, |c| c.no_local += 1);
-            // SAFETY: as above.
-            unsafe { bpf_set_retval(-EHOSTUNREACH) };
-            REJECT
+            refuse(EHOSTUNREACH)
         }
     }
 }

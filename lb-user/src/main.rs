@@ -138,6 +138,7 @@ fn print_dump(pin_path: &std::path::Path, conntrack: bool, output: &str) -> anyh
             let drops = lb_user::datapath::read_drops(pin_path)?;
             let ct_events = lb_user::datapath::read_ct_events(pin_path)?;
             let xdp = lb_user::datapath::loader::xdp_modes(pin_path);
+            let object = lb_user::datapath::loader::attached_object(pin_path);
             if output == "json" {
                 let mut doc = dump::render_json(&snap, &counters, &drops);
                 doc["ctEvents"] = ct_events
@@ -150,6 +151,7 @@ fn print_dump(pin_path: &std::path::Path, conntrack: bool, output: &str) -> anyh
                     .map(|(iface, mode)| (iface.clone(), serde_json::Value::from(*mode)))
                     .collect::<serde_json::Map<_, _>>()
                     .into();
+                doc["socketLevel"] = object.map(|o| o.name()).into();
                 if conntrack {
                     let entries = lb_user::datapath::read_conntrack(pin_path)?;
                     doc["conntrackEntries"] = entries.len().into();
@@ -158,12 +160,13 @@ fn print_dump(pin_path: &std::path::Path, conntrack: bool, output: &str) -> anyh
                 return Ok(());
             }
             print!(
-                "{}\n{}\n{}{}{}",
+                "{}\n{}\n{}{}{}{}",
                 dump::render(&snap),
                 dump::render_counters(&counters),
                 dump::render_drops(&drops),
                 dump::render_tally("conntrack events", &ct_events),
                 dump::render_xdp(&xdp),
+                dump::render_object(object),
             );
             if conntrack {
                 let entries = lb_user::datapath::read_conntrack(pin_path)?;

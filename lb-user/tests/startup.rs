@@ -14,7 +14,8 @@ use lb_lab::lab::{self, Cgroup};
 
 /// `lb-user run` on an empty manifest directory with `cgroup` and `pin`, through
 /// `wrapper` (a command that runs the agent, e.g. with fewer privileges) if given;
-/// waits for it to exit (it must, within 20 s).
+/// waits for it to exit (it must, within the agents' sync timeout: 20 s, longer under
+/// emulation, where loading the programs alone takes about 15 s).
 fn run_agent(wrapper: &[&str], cgroup: &Path, pin: &Path) -> Output {
     run_agent_with(wrapper, cgroup, pin, &[])
 }
@@ -45,7 +46,7 @@ fn run_agent_with(wrapper: &[&str], cgroup: &Path, pin: &Path, flags: &[&str]) -
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut child = child.spawn().unwrap();
-    let exited = lab::wait_for(Duration::from_secs(20), || child.try_wait().unwrap());
+    let exited = lab::wait_for(common::sync_timeout(), || child.try_wait().unwrap());
     if exited.is_none() {
         let _ = child.kill();
     }

@@ -12,6 +12,21 @@ pub const BPF_TARGET: &str = "bpfel-unknown-none";
 pub const TOOLCHAIN: &str = "nightly";
 /// Name of the object inside the target directory.
 pub const EBPF_PACKAGE: &str = "lb-ebpf";
+/// The feature of lb-ebpf that leaves out `bpf_set_retval` (kernels before 6.1).
+pub const NO_SET_RETVAL: &str = "no-set-retval";
+/// The objects' file names in the target directory (and in lb-user's OUT_DIR).
+pub const OBJECT: &str = "lb-ebpf.o";
+pub const OBJECT_NO_SET_RETVAL: &str = "lb-ebpf-no-set-retval.o";
+
+/// The two objects one build makes from lb-ebpf.
+#[derive(Debug)]
+pub struct Objects {
+    /// The programs as written.
+    pub full: PathBuf,
+    /// Built with [`NO_SET_RETVAL`]: for kernels whose sock_addr programs cannot call
+    /// `bpf_set_retval` (before 6.1).
+    pub no_set_retval: PathBuf,
+}
 
 /// What a fresh machine lacks, as one sentence that says how to fix it.
 pub fn check_prerequisites() -> Result<(), String> {
@@ -50,8 +65,6 @@ pub fn find_in_path(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Builds lb-ebpf (release, BTF) into `target_dir` and returns the object's path.
-/// `workspace` is the repository root.
 /// The kernel build's flags: BTF (it makes `bpftool map dump` print field names;
 /// debuginfo is what BTF is made of), and a `--cfg` for each name in `LB_EBPF_CFG`
 /// (comma-separated; the restart tests' second build uses `lb_upgrade_test`).
@@ -65,8 +78,31 @@ fn rustflags() -> String {
     flags.join("\x1f")
 }
 
-pub fn build_ebpf(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String> {
+/// Builds lb-ebpf (release, BTF) into `target_dir` twice, without and with the feature
+/// [`NO_SET_RETVAL`], and returns the two objects' paths (copied to [`OBJECT`] and
+/// [`OBJECT_NO_SET_RETVAL`] there: both builds write the same file). The second build
+/// compiles only lb-ebpf again, its dependencies are shared. `workspace` is the
+/// repository root.
+pub fn build_ebpf(workspace: &Path, target_dir: &Path) -> Result<Objects, String> {
     check_prerequisites()?;
+    Ok(Objects {
+        full: build_one(workspace, target_dir, None, OBJECT)?,
+        no_set_retval: build_one(
+            workspace,
+            target_dir,
+            Some(NO_SET_RETVAL),
+            OBJECT_NO_SET_RETVAL,
+        )?,
+    })
+}
+
+/// One build of lb-ebpf with `feature` (if any), its object copied to `target_dir/name`.
+fn build_one(
+    workspace: &Path,
+    target_dir: &Path,
+    feature: Option<&str>,
+    name: &str,
+) -> Result<PathBuf, String> {
     let mut cmd = Command::new("rustup");
     cmd.args(["run", TOOLCHAIN, "cargo", "build", "--release", "--package"])
         .arg(EBPF_PACKAGE)
@@ -78,6 +114,7 @@ pub fn build_ebpf(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String
             "--target-dir",
         ])
         .arg(target_dir)
+        .args(feature.map(|f| ["--features", f]).into_iter().flatten())
         .current_dir(workspace.join(EBPF_PACKAGE))
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags());
     // A build script runs with the outer build's settings in its environment; none of
@@ -123,5 +160,8 @@ pub fn build_ebpf(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String
             object.display()
         ));
     }
-    Ok(object)
+    let dest = target_dir.join(name);
+    std::fs::copy(&object, &dest)
+        .map_err(|e| format!("copying {} to {}: {e}", object.display(), dest.display()))?;
+    Ok(dest)
 }

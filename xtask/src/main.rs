@@ -25,7 +25,8 @@ struct Cli {
 enum Cmd {
     /// Install what a fresh machine lacks (idempotent): nightly rust-src, bpf-linker, Debian packages.
     Setup,
-    /// Build the eBPF programs (lb-ebpf, with BTF) into target/ebpf.
+    /// Build the eBPF programs (lb-ebpf, with BTF) into target/ebpf: the object as
+    /// written and the one without bpf_set_retval (kernels before 6.1).
     BuildEbpf,
     /// Build everything: the eBPF programs and every host binary.
     Build,
@@ -43,6 +44,10 @@ enum Cmd {
         /// kernel of this series (e.g. 6.1), fetched by package name into target/kernels/.
         #[arg(long, value_name = "SERIES")]
         kernel: Option<String>,
+        /// With --kernel: only this integration test binary (lb-user/tests/NAME.rs);
+        /// repeatable.
+        #[arg(long = "test", value_name = "NAME", requires = "kernel")]
+        tests: Vec<String>,
     },
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
     Lint,
@@ -154,13 +159,17 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Cmd::Setup => setup(),
-        Cmd::BuildEbpf => build_ebpf().map(|o| println!("{}", o.display())),
+        Cmd::BuildEbpf => build_ebpf().map(|o| {
+            println!("{}", o.full.display());
+            println!("{}", o.no_set_retval.display());
+        }),
         Cmd::Build => build(),
         Cmd::Demo { step } => demo(step),
-        Cmd::Test { kernel: None } => test(),
+        Cmd::Test { kernel: None, .. } => test(),
         Cmd::Test {
             kernel: Some(series),
-        } => vm::test(&series),
+            tests,
+        } => vm::test(&series, &tests),
         Cmd::Lint => lint(),
         Cmd::Image => ensure_setup()
             .and_then(|()| image::image())
@@ -306,14 +315,18 @@ fn install_apt_packages(packages: &[&'static str]) -> anyhow::Result<()> {
     )
 }
 
-fn build_ebpf() -> anyhow::Result<PathBuf> {
+fn build_ebpf() -> anyhow::Result<ebpf_build::Objects> {
     let ws = workspace();
     ebpf_build::build_ebpf(&ws, &ws.join("target/ebpf")).map_err(anyhow::Error::msg)
 }
 
 fn build() -> anyhow::Result<()> {
-    let object = build_ebpf()?;
-    eprintln!("eBPF object: {}", object.display());
+    let objects = build_ebpf()?;
+    eprintln!(
+        "eBPF objects: {} and {}",
+        objects.full.display(),
+        objects.no_set_retval.display()
+    );
     // The host binaries: every member but the kernel crate, which only builds for BPF
     // (lb-user's build script builds it, with build_ebpf's recipe).
     status(cargo().args([
@@ -369,16 +382,21 @@ fn lint() -> anyhow::Result<()> {
     status(cargo().args(["fmt", "--all", "--check"]))?;
     // The default members: every host crate (lb-ebpf only builds for BPF, below).
     status(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    // The kernel crate is not a default member and only builds for the BPF target.
-    status(
-        Command::new("rustup")
-            .args(["run", ebpf_build::TOOLCHAIN, "cargo", "clippy", "--release"])
-            .args(["--target", ebpf_build::BPF_TARGET, "-Z", "build-std=core"])
-            .args(["--", "-D", "warnings"])
-            .current_dir(workspace().join(ebpf_build::EBPF_PACKAGE))
-            .env_remove("RUSTC")
-            .env_remove("CARGO"),
-    )
+    // The kernel crate is not a default member and only builds for the BPF target; both
+    // of its objects (with and without bpf_set_retval).
+    for features in [None, Some(ebpf_build::NO_SET_RETVAL)] {
+        status(
+            Command::new("rustup")
+                .args(["run", ebpf_build::TOOLCHAIN, "cargo", "clippy", "--release"])
+                .args(["--target", ebpf_build::BPF_TARGET, "-Z", "build-std=core"])
+                .args(features.map(|f| ["--features", f]).into_iter().flatten())
+                .args(["--", "-D", "warnings"])
+                .current_dir(workspace().join(ebpf_build::EBPF_PACKAGE))
+                .env_remove("RUSTC")
+                .env_remove("CARGO"),
+        )?;
+    }
+    Ok(())
 }
 
 /// What the integration tests need besides the workspace's binaries, as the environment
@@ -411,8 +429,11 @@ fn count_passed(line: &str) -> usize {
 }
 
 /// XDP modes the packet-level tests run in once more each, after the whole suite (which
-/// runs them with tc only): `LB_TEST_ACCELERATION` of `tests/packet.rs`.
+/// runs them with tc only): `LB_TEST_ACCELERATION` of the [`PACKET_TESTS`].
 const PACKET_TEST_MODES: [&str; 2] = ["native", "generic"];
+
+/// The test binaries of the packet level (lb-user's `tests/NAME.rs`).
+const PACKET_TESTS: [&str; 2] = ["packet", "maglev"];
 
 fn test() -> anyhow::Result<()> {
     require_root("`cargo xtask test`")?;
@@ -423,7 +444,8 @@ fn test() -> anyhow::Result<()> {
     let mut passed = run_tests(&mut cmd)?;
     for mode in PACKET_TEST_MODES {
         let mut cmd = cargo();
-        cmd.args(["test", "--package", "lb-user", "--test", "packet"])
+        cmd.args(["test", "--package", "lb-user"])
+            .args(PACKET_TESTS.iter().flat_map(|t| ["--test", t]))
             .env("LB_TEST_ACCELERATION", mode);
         passed += run_tests(&mut cmd)?;
     }

@@ -81,7 +81,7 @@ const BINARY_TIMEOUT_S: u64 = 1200;
 const GUEST_TIMEOUT_S: u64 = 2700;
 
 /// An integration test binary: its name (the file under lb-user/tests/) and its path.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TestBinary {
     pub name: String,
     pub path: PathBuf,
@@ -94,14 +94,25 @@ struct Kernel {
     root: PathBuf,
 }
 
-pub fn test(series: &str) -> anyhow::Result<()> {
+/// The test binaries that read what [`crate::test_env`] builds (the image, the upgrade
+/// test's second agent).
+const NEED_TEST_ENV: &[&str] = &["image", "restart"];
+
+/// Runs the integration test binaries in a guest with the newest kernel of `series`;
+/// only those named in `only` when it is not empty.
+pub fn test(series: &str, only: &[String]) -> anyhow::Result<()> {
     crate::require_root("`cargo xtask test --kernel`")?;
     crate::ensure_setup()?;
     crate::install_apt_packages(APT_PACKAGES)?;
     let vng = virtme_ng()?;
     let kernel = kernel(series)?;
-    let env = crate::test_env()?;
-    let binaries = build_test_binaries(&env)?;
+    let needs_env = only.is_empty() || only.iter().any(|t| NEED_TEST_ENV.contains(&t.as_str()));
+    let env = if needs_env {
+        crate::test_env()?
+    } else {
+        Vec::new()
+    };
+    let binaries = select(build_test_binaries(&env)?, only)?;
     if binaries.is_empty() {
         bail!("cargo built no integration test binary of lb-user");
     }
@@ -272,6 +283,25 @@ fn build_test_binaries(env: &[(&'static str, OsString)]) -> anyhow::Result<Vec<T
         .collect();
     binaries.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(binaries)
+}
+
+/// The binaries named in `only` (all when it is empty); an error for a name that is
+/// not one of them, listing the names.
+fn select(binaries: Vec<TestBinary>, only: &[String]) -> anyhow::Result<Vec<TestBinary>> {
+    if let Some(unknown) = only
+        .iter()
+        .find(|t| !binaries.iter().any(|b| &b.name == *t))
+    {
+        let names: Vec<&str> = binaries.iter().map(|b| b.name.as_str()).collect();
+        bail!(
+            "--test {unknown}: no such integration test binary of lb-user (there are: {})",
+            names.join(", ")
+        );
+    }
+    Ok(binaries
+        .into_iter()
+        .filter(|b| only.is_empty() || only.contains(&b.name))
+        .collect())
 }
 
 /// The test binary a cargo JSON message names, if it is an integration test whose
@@ -557,6 +587,24 @@ mod tests {
         assert_eq!(
             json_str(r#"{"a":"x\"y\\z"}"#, "a").as_deref(),
             Some(r#"x"y\z"#)
+        );
+    }
+
+    #[test]
+    fn test_names_choose_the_guests_binaries() {
+        let all = || {
+            ["packet", "socket"].map(|n| TestBinary {
+                name: n.into(),
+                path: format!("/w/{n}-1").into(),
+            })
+        };
+        assert_eq!(select(all().into(), &[]).unwrap().len(), 2);
+        let one = select(all().into(), &["socket".into()]).unwrap();
+        assert_eq!(one, [all()[1].clone()]);
+        let err = select(all().into(), &["sockte".into()]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--test sockte: no such integration test binary of lb-user (there are: packet, socket)"
         );
     }
 

@@ -330,9 +330,10 @@ async fn check_source(
 /// The checks before anything is loaded: what refuses the start (capabilities, kernel
 /// features), and what only warns (a --cgroup below the root, a socket closer without
 /// what it needs).
-fn preflight(cgroup: &std::path::Path) -> anyhow::Result<()> {
+fn preflight(cgroup: &std::path::Path, assume_missing: &[&'static str]) -> anyhow::Result<()> {
     checks::check_capabilities(checks::effective_capabilities())
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
+    checks::assume_missing(assume_missing);
     checks::check_kernel(&checks::needed(), checks::probe)
         .map_err(|e| anyhow::anyhow!("starting the agent: {e}"))?;
     let root = loader::mount_point("cgroup2");
@@ -381,18 +382,21 @@ fn serve_metrics_and_health(
 fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
     // Read once: without --cgroup it is looked up in /proc/mounts.
     let cgroup = opts.cgroup();
-    preflight(&cgroup)?;
+    preflight(&cgroup, &opts.assume_missing_kernel_features)?;
+    let object = loader::EbpfObject::for_kernel(checks::has(checks::SET_RETVAL));
     let (mut ebpf, mut pin_lock) = loader::load_and_attach(
         &opts.pin_path,
         &cgroup,
         opts.bpf_log_level(),
         &opts.map_sizes,
+        object,
     )?;
     tracing::info!(
         cgroup = %cgroup.display(),
         pin_path = %opts.pin_path.display(),
         node = %opts.node_name(),
         programs = ?loader::CGROUP_PROGRAMS,
+        object = object.name(),
         "programs attached"
     );
     let follow_node = opts.interfaces.is_empty() && opts.node_ips.is_empty();
@@ -401,7 +405,8 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         tasks.push(spawn_bpf_logger(&mut ebpf)?);
     }
     let (metrics, proxier_health) = serve_metrics_and_health(opts, &mut tasks);
-    let maps = BpfMaps::from_ebpf(&mut ebpf)?;
+    let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
+    maps.set_maglev(opts.maglev());
     let mut packet = PacketLevel {
         ebpf,
         pin_path: opts.pin_path.clone(),

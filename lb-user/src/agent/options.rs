@@ -40,6 +40,21 @@ pub struct RunOptions {
     /// the peer accepts XDP frames (an XDP program or GRO on it; see the README).
     #[arg(long, value_enum, default_value_t)]
     pub acceleration: crate::datapath::loader::Acceleration,
+    /// How the packet level chooses a new flow's backend for traffic from outside the
+    /// node (Cilium's `--bpf-lb-algorithm`, `loadBalancer.algorithm`): `random`, or
+    /// `maglev`, Maglev consistent hashing of the flow's 5-tuple over a lookup table per
+    /// external frontend (nodePort, externalIP, LoadBalancer IP), so that every node
+    /// behind one load balancer sends a flow to the same backend and a flow whose
+    /// connection-tracking entry is lost comes back to its backend. ClientIP affinity
+    /// keeps precedence; the socket level (cluster IPs) always chooses at random.
+    #[arg(long, value_enum, default_value_t)]
+    pub lb_algorithm: LbAlgorithm,
+    /// Entries of each Maglev table (a prime; Cilium's `--bpf-lb-maglev-table-size`):
+    /// 4 bytes each per external frontend, 64 KiB at the default. More entries spread
+    /// the flows more evenly over many backends (Maglev wants at least 100 per backend).
+    #[arg(long, default_value_t = lb_core::maglev::DEFAULT_TABLE_SIZE,
+          value_parser = parse_table_size)]
+    pub maglev_table_size: u32,
     /// The maps' capacities (a map already pinned keeps the size it was made with).
     #[command(flatten)]
     pub map_sizes: crate::datapath::loader::MapSizes,
@@ -94,6 +109,13 @@ pub struct RunOptions {
     /// outlive kube-proxy, and the next agent adopts it.
     #[arg(long)]
     pub cleanup_on_exit: bool,
+    /// For tests and diagnosis: take the kernel feature NAME (a `name` of the
+    /// lb_kernel_feature metric) as missing whatever the kernel has, so the agent runs
+    /// as on a kernel without it (repeatable). `helper_set_retval` loads the programs
+    /// built without bpf_set_retval (as below Linux 6.1: a refused connect() gets EPERM).
+    #[arg(long = "assume-missing-kernel-feature", value_name = "NAME",
+          value_parser = crate::datapath::checks::feature_name)]
+    pub assume_missing_kernel_features: Vec<&'static str>,
 }
 
 impl RunOptions {
@@ -125,10 +147,34 @@ impl RunOptions {
         Duration::from_millis(self.poll_interval_ms.max(1))
     }
 
+    /// The Maglev tables' size in maglev mode; `None` in random mode.
+    pub fn maglev(&self) -> Option<u32> {
+        (self.lb_algorithm == LbAlgorithm::Maglev).then_some(self.maglev_table_size)
+    }
+
     /// aya-log level for the programs' own messages (0 = off, 4 = debug).
     pub fn bpf_log_level(&self) -> u8 {
         if self.bpf_debug { 4 } else { 0 }
     }
+}
+
+/// `--lb-algorithm`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbAlgorithm {
+    /// A backend at random for each new flow (Cilium's default).
+    #[default]
+    Random,
+    /// Maglev consistent hashing for external frontends.
+    Maglev,
+}
+
+/// `--maglev-table-size`: a number and one of the primes lb_core::maglev accepts.
+pub fn parse_table_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("--maglev-table-size {text:?}: {e}"))?;
+    lb_core::maglev::check_table_size(size).map_err(|e| format!("--maglev-table-size: {e}"))
 }
 
 /// A listen address flag: IP:PORT, or empty for none.
@@ -271,6 +317,38 @@ mod tests {
             .to_string();
         assert!(
             err.contains("--healthz-bind-address") && err.contains("want IP:PORT"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_lb_algorithm_is_random_by_default_and_maglev_takes_a_prime_table_size() {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunOptions,
+        }
+        let parse = |args: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(["lb-user"].iter().chain(args))
+                .map(|c| c.run)
+                .map_err(|e| e.to_string())
+        };
+        let opts = parse(&[]).unwrap();
+        assert_eq!(opts.lb_algorithm, LbAlgorithm::Random);
+        assert_eq!(opts.maglev(), None);
+        let opts = parse(&["--lb-algorithm", "maglev"]).unwrap();
+        assert_eq!(opts.maglev(), Some(16381));
+        let opts = parse(&["--lb-algorithm=maglev", "--maglev-table-size", "251"]).unwrap();
+        assert_eq!(opts.maglev(), Some(251));
+        for bad in ["16384", "x", "0"] {
+            let err = parse(&["--lb-algorithm=maglev", "--maglev-table-size", bad]).unwrap_err();
+            assert!(err.contains("--maglev-table-size"), "{bad}: {err}");
+        }
+        let err = parse(&["--maglev-table-size", "16384"]).unwrap_err();
+        assert!(err.contains("16381"), "{err}");
+        let err = parse(&["--lb-algorithm", "roundrobin"]).unwrap_err();
+        assert!(
+            err.contains("--lb-algorithm") && err.contains("maglev"),
             "{err}"
         );
     }

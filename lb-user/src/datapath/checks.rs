@@ -114,6 +114,16 @@ pub struct Feature {
 
 /// Without TCX the tc programs go on a clsact qdisc (as Cilium does).
 pub const TCX: &str = "tcx";
+/// Without `bpf_set_retval` in sock_addr programs the agent loads its object built
+/// without it (`loader::EbpfObject::NoSetRetval`).
+pub const SET_RETVAL: &str = "helper_set_retval";
+
+/// What a client sees differently with the object built without `bpf_set_retval`.
+const WITHOUT_SET_RETVAL: &str = "the socket level runs its programs built without it, \
+     and what a client sees changes: connect() to a Service without endpoints fails with \
+     EPERM instead of ECONNREFUSED (EPERM instead of EHOSTUNREACH where a \
+     traffic policy Local leaves no endpoint on this node), and so does sendmsg() of an \
+     unconnected UDP socket to one; translation to endpoints is unchanged";
 
 const fn feature(
     name: &'static str,
@@ -248,11 +258,11 @@ pub const FEATURES: &[Feature] = &[
         Start,
     ),
     feature(
-        "helper_set_retval",
-        "bpf_set_retval in sock_addr programs (connect() to a Service without endpoints fails with ECONNREFUSED)",
+        SET_RETVAL,
+        "bpf_set_retval in sock_addr programs (the errno of a refused connect())",
         "6.1",
         Probe::Helper(SOCK, H::BPF_FUNC_set_retval),
-        Start,
+        Fallback(WITHOUT_SET_RETVAL),
     ),
     feature(
         "helper_get_prandom_u32",
@@ -358,20 +368,67 @@ pub fn needed() -> Vec<Feature> {
 /// and `/metrics` can say what this kernel has.
 static PROBED: Mutex<Vec<(&'static str, Result<bool, String>)>> = Mutex::new(Vec::new());
 
-/// Whether the running kernel has `f` (an error when the probe cannot tell). Each
-/// feature is probed once; later calls get the first answer.
+/// The features `--assume-missing-kernel-feature` names: taken as missing, whatever
+/// the kernel has.
+static ASSUMED_MISSING: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
+/// `name` if it names a feature of [`FEATURES`] (`--assume-missing-kernel-feature`'s
+/// parser), else an error that lists the names.
+pub fn feature_name(name: &str) -> Result<&'static str, String> {
+    FEATURES
+        .iter()
+        .find(|f| f.name == name)
+        .map(|f| f.name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = FEATURES.iter().map(|f| f.name).collect();
+            format!(
+                "{name:?} is not a kernel feature of the agent; the names (as in lb_kernel_feature) are: {}",
+                names.join(", ")
+            )
+        })
+}
+
+/// Makes [`probe`] answer "missing" for the features `names` (for tests and
+/// diagnosis: the agent then takes the path it takes on a kernel without them), each
+/// logged once. Call before the first probe.
+pub fn assume_missing(names: &[&'static str]) {
+    for name in names {
+        tracing::warn!(
+            feature = name,
+            "--assume-missing-kernel-feature: {name} is taken as missing, whatever this kernel has"
+        );
+    }
+    lock(&ASSUMED_MISSING).extend_from_slice(names);
+}
+
+/// `probe`'s answer for `f`, unless `assumed` names it: then "missing".
+fn answer(
+    f: Feature,
+    assumed: &[&str],
+    probe: impl FnOnce() -> Result<bool, String>,
+) -> Result<bool, String> {
+    if assumed.contains(&f.name) {
+        return Ok(false);
+    }
+    probe()
+}
+
+/// Whether the running kernel has `f` (an error when the probe cannot tell; "no" when
+/// [`assume_missing`] named it). Each feature is probed once; later calls get the first
+/// answer.
 pub fn probe(f: Feature) -> Result<bool, String> {
     if let Some((_, r)) = lock(&PROBED).iter().find(|(n, _)| *n == f.name) {
         return r.clone();
     }
-    let r = match f.probe {
+    let assumed = lock(&ASSUMED_MISSING).clone();
+    let r = answer(f, &assumed, || match f.probe {
         Probe::Program(t) => is_program_supported(t).map_err(|e| e.to_string()),
         Probe::Map(t) => is_map_supported(t).map_err(|e| e.to_string()),
         Probe::Helper(t, h) => is_helper_supported(t, h).map_err(|e| e.to_string()),
         Probe::Attach(prog, attach) => raw::attach_type(prog, attach),
         Probe::CgroupLink => raw::cgroup_link(),
         Probe::Tcx => raw::tcx(),
-    };
+    });
     lock(&PROBED).push((f.name, r.clone()));
     r
 }
@@ -651,18 +708,58 @@ mod tests {
         assert!(check_kernel(FEATURES, |_| Err("EPERM".into())).is_ok());
         let err = check_kernel(
             FEATURES,
-            lacking(&["helper_set_retval", "attach_sock_release"]),
+            lacking(&["helper_get_netns_cookie", "attach_sock_release"]),
         )
         .unwrap_err();
         assert!(
-            err.contains("lacks the cgroup sock_release hook (kernel 5.9), bpf_set_retval in sock_addr programs"),
+            err.contains("lacks the cgroup sock_release hook (kernel 5.9), bpf_get_netns_cookie in sock_addr programs"),
             "{err}"
         );
         assert!(
-            err.contains("(kernel 6.1)") && err.contains(MEASURED),
+            err.contains("(kernel 5.8)") && err.contains(MEASURED),
             "{err}"
         );
         assert!(!err.contains("5.18"), "{err}");
+    }
+
+    #[test]
+    fn a_kernel_without_set_retval_starts_with_the_object_built_without_it() {
+        // 5.10-6.0: only bpf_set_retval is missing; the start goes on.
+        assert!(check_kernel(FEATURES, lacking(&[SET_RETVAL])).is_ok());
+        let f = FEATURES.iter().find(|f| f.name == SET_RETVAL).unwrap();
+        let Need::Fallback(instead) = f.need else {
+            panic!("{f:?}")
+        };
+        assert!(
+            instead.contains("EPERM instead of ECONNREFUSED") && instead.contains("sendmsg()"),
+            "{instead}"
+        );
+        assert_eq!(f.since, "6.1");
+        use crate::datapath::loader::EbpfObject;
+        assert_eq!(EbpfObject::for_kernel(true), EbpfObject::Full);
+        assert_eq!(EbpfObject::for_kernel(false), EbpfObject::NoSetRetval);
+    }
+
+    #[test]
+    fn an_assumed_missing_feature_is_missing_whatever_the_probe_says() {
+        let f = *FEATURES.iter().find(|f| f.name == SET_RETVAL).unwrap();
+        let probed = std::cell::Cell::new(false);
+        let kernel = || {
+            probed.set(true);
+            Ok(true)
+        };
+        assert_eq!(answer(f, &[SET_RETVAL], kernel), Ok(false));
+        assert!(!probed.get(), "an assumed feature is not probed");
+        assert_eq!(answer(f, &[TCX], kernel), Ok(true));
+        assert_eq!(answer(f, &[], || Err("EPERM".into())), Err("EPERM".into()));
+        // The flag takes the metric's names, and lists them for a wrong one.
+        assert_eq!(feature_name("helper_set_retval"), Ok(SET_RETVAL));
+        let err = feature_name("set_retval").unwrap_err();
+        assert!(
+            err.contains("\"set_retval\" is not a kernel feature")
+                && err.contains("helper_set_retval, "),
+            "{err}"
+        );
     }
 
     #[test]

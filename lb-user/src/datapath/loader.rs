@@ -22,6 +22,49 @@ use super::{checks, iface::Iface, sys};
 
 /// The programs, built by lb-user's build script from lb-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+/// The same programs built without `bpf_set_retval` (lb-ebpf's feature `no-set-retval`).
+static EBPF_OBJECT_NO_SET_RETVAL: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf-no-set-retval.o"));
+
+/// Which of the two embedded objects the agent loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EbpfObject {
+    /// The programs as written: a refused connect() gets ECONNREFUSED (or EHOSTUNREACH).
+    Full,
+    /// Built without `bpf_set_retval`, for kernels whose sock_addr programs cannot call
+    /// it (before 6.1): a refused connect() or sendmsg() gets EPERM.
+    NoSetRetval,
+}
+
+impl EbpfObject {
+    /// The object for a kernel that has (`true`) or lacks `bpf_set_retval` in sock_addr
+    /// programs.
+    pub fn for_kernel(has_set_retval: bool) -> Self {
+        if has_set_retval {
+            Self::Full
+        } else {
+            Self::NoSetRetval
+        }
+    }
+
+    /// Its name in the log and in `lb-user dump`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::NoSetRetval => "no-set-retval",
+        }
+    }
+
+    fn bytes(self) -> &'static [u8] {
+        match self {
+            Self::Full => EBPF_OBJECT,
+            Self::NoSetRetval => EBPF_OBJECT_NO_SET_RETVAL,
+        }
+    }
+}
+
+/// The map that only the programs of [`EbpfObject::NoSetRetval`] use (not pinned).
+const NO_SET_RETVAL_MAP: &str = "LB_SOCK_EPERM";
 
 /// The sock_addr programs, by function name in lb-ebpf (the attach point is in each
 /// program's section name).
@@ -331,11 +374,13 @@ pub fn open_cgroup(path: &Path) -> Result<File, LoadError> {
 /// there, so a restarted agent keeps the datapath), loads every program and attaches it
 /// to `cgroup` (see [`attach_cgroup`]). Until [`PinLock::started`] is called on the
 /// returned lock, dropping it removes what this start pinned (see [`StartJournal`]).
+/// `object` says which of the two embedded objects.
 pub fn load_and_attach(
     pin_dir: &Path,
     cgroup_path: &Path,
     bpf_log_level: u8,
     sizes: &MapSizes,
+    object: EbpfObject,
 ) -> Result<(Ebpf, PinLock), LoadError> {
     let cgroup = open_cgroup(cgroup_path)?;
     let dir_existed = std::fs::symlink_metadata(pin_dir).is_ok();
@@ -354,7 +399,7 @@ pub fn load_and_attach(
         loader.map_pin_path(name, path.as_path());
     }
     loader.override_global("AYA_LOG_LEVEL", &bpf_log_level, false);
-    let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Load)?;
+    let mut ebpf = loader.load(object.bytes()).map_err(LoadError::Load)?;
     let cgroup_id = attach_cgroup(&mut ebpf, pin_dir, cgroup_path, &cgroup)?;
     if let Some(journal) = lock.journal.as_mut() {
         journal.cgroup_id = Some(cgroup_id);
@@ -420,7 +465,7 @@ impl MapSizes {
         match name {
             MAP_SERVICES => "--max-services plus --max-slots",
             MAP_BACKENDS => "--max-backends",
-            MAP_REVNAT | MAP_NAMES => "--max-services",
+            MAP_REVNAT | MAP_NAMES | MAP_MAGLEV => "--max-services",
             MAP_AFFINITY | MAP_AFFINITY_SRC => "--max-affinity",
             MAP_SOCK_REVNAT | MAP_SOCKS => "--max-sock-revnat",
             MAP_CT => "--ct-max-entries",
@@ -429,7 +474,7 @@ impl MapSizes {
     }
 
     /// (map, max_entries) for each map sized by a flag.
-    pub fn entries(&self) -> [(&'static str, u32); 9] {
+    pub fn entries(&self) -> [(&'static str, u32); 10] {
         use lb_common::*;
         [
             (
@@ -439,6 +484,7 @@ impl MapSizes {
             (MAP_BACKENDS, self.max_backends),
             (MAP_REVNAT, self.max_services),
             (MAP_NAMES, self.max_services),
+            (MAP_MAGLEV, self.max_services),
             (MAP_AFFINITY, self.max_affinity),
             (MAP_AFFINITY_SRC, self.max_affinity),
             (MAP_SOCK_REVNAT, self.max_sock_revnat),
@@ -957,6 +1003,29 @@ pub fn xdp_modes(pin_dir: &Path) -> Vec<(String, &'static str)> {
         .collect();
     modes.sort();
     modes
+}
+
+/// Which object's programs are attached under `pin_dir`: read from the connect4
+/// program of a cgroup link pinned there (the maps it uses); `None` when no such link
+/// can be read.
+pub fn attached_object(pin_dir: &Path) -> Option<EbpfObject> {
+    let links = std::fs::read_dir(pin_dir.join("links")).ok()?;
+    let pin = links.flatten().map(|e| e.path()).find(|p| {
+        p.file_name()
+            .and_then(|f| f.to_str())
+            .and_then(|f| f.strip_prefix(PROGRAMS[0]))
+            .is_some_and(|rest| rest.starts_with("_cg"))
+    })?;
+    let prog_id = sys::link_info(sys::obj_get(&pin).ok()?.as_fd())
+        .ok()?
+        .prog_id;
+    let prog = aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == prog_id)?;
+    let degraded = prog.map_ids().ok()??.into_iter().any(|id| {
+        aya::maps::MapInfo::from_id(id).is_ok_and(|m| m.name_as_str() == Some(NO_SET_RETVAL_MAP))
+    });
+    Some(EbpfObject::for_kernel(!degraded))
 }
 
 /// Attaches the XDP program to every interface in `ifaces` as `accel` says, through a

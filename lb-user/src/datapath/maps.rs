@@ -1,15 +1,17 @@
 //! The maps the agent writes, opened from a loaded object or from their pins. The only
 //! code that reads or writes BPF maps.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key};
+use aya::maps::{
+    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key,
+};
 use lb_common::{
     Addr, AffinityKey, AffinityValue, Backend, CT_EVENTS, Counters, CtKey, CtValue, DROP_REASONS,
     FrontendName, FrontendPort, MAP_AFFINITY, MAP_AFFINITY_SRC, MAP_BACKENDS, MAP_COUNTERS, MAP_CT,
-    MAP_CT_EVENTS, MAP_DROPS, MAP_FRONTEND_PORTS, MAP_IFACES, MAP_NAMES, MAP_REVNAT, MAP_SERVICES,
-    MAP_SOCK_REVNAT, MAP_SOCKS, MAP_SOURCE_RANGES, PROG_NAMES, PacketIface, RevNat, ServiceKey,
-    ServiceValue, SockRecord, SockRevNatKey, SourceRange, SrcAffinityKey,
+    MAP_CT_EVENTS, MAP_DROPS, MAP_FRONTEND_PORTS, MAP_IFACES, MAP_MAGLEV, MAP_NAMES, MAP_REVNAT,
+    MAP_SERVICES, MAP_SOCK_REVNAT, MAP_SOCKS, MAP_SOURCE_RANGES, PROG_NAMES, PacketIface, RevNat,
+    ServiceKey, ServiceValue, SockRecord, SockRevNatKey, SourceRange, SrcAffinityKey,
 };
 
 use super::{
@@ -54,6 +56,12 @@ pub struct BpfMaps {
     affinity_src: HashMap<MapData, SrcAffinityKey, AffinityValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
     frontend_ports: HashMap<MapData, FrontendPort, u8>,
+    /// Frontend header key -> its Maglev table (an array of `u64`, see
+    /// `lb_common::MAGLEV_HEAD`).
+    maglev: Tables,
+    /// `--maglev-table-size` in maglev mode, `None` in random mode (the plan's
+    /// [`Capacity`](super::plan::Capacity) carries it).
+    maglev_table_size: Option<u32>,
     /// Runs of writes go in one `BPF_MAP_UPDATE_BATCH` call; off once the kernel says it
     /// cannot.
     batch: bool,
@@ -81,6 +89,16 @@ fn range_key(rev_nat_id: u16, addr: Addr, prefix: u8) -> Key<SourceRange> {
     )
 }
 
+/// The Maglev tables' outer map.
+type Tables = HashOfMaps<MapData, ServiceKey, Array<MapData, u64>>;
+
+fn tables(map: Map) -> Result<Tables, DatapathError> {
+    HashOfMaps::try_from(map).map_err(|source| DatapathError::Map {
+        map: MAP_MAGLEV,
+        source,
+    })
+}
+
 fn typed<K: aya::Pod, V: aya::Pod>(
     map: Map,
     name: &'static str,
@@ -104,6 +122,8 @@ impl BpfMaps {
             affinity_src: typed(take(MAP_AFFINITY_SRC)?, MAP_AFFINITY_SRC)?,
             source_ranges: trie(take(MAP_SOURCE_RANGES)?)?,
             frontend_ports: typed(take(MAP_FRONTEND_PORTS)?, MAP_FRONTEND_PORTS)?,
+            maglev: tables(take(MAP_MAGLEV)?)?,
+            maglev_table_size: None,
             batch: true,
         })
     }
@@ -126,8 +146,15 @@ impl BpfMaps {
             affinity_src: typed(Map::LruHashMap(open(MAP_AFFINITY_SRC)?), MAP_AFFINITY_SRC)?,
             source_ranges: trie(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
             frontend_ports: typed(Map::HashMap(open(MAP_FRONTEND_PORTS)?), MAP_FRONTEND_PORTS)?,
+            maglev: tables(Map::HashOfMaps(open(MAP_MAGLEV)?))?,
+            maglev_table_size: None,
             batch: true,
         })
+    }
+
+    /// `--lb-algorithm maglev` with tables of `size` entries (`Some`), or random.
+    pub fn set_maglev(&mut self, size: Option<u32>) {
+        self.maglev_table_size = size;
     }
 
     /// The capacities the plan must respect, from the maps themselves (a pinned map keeps
@@ -144,6 +171,7 @@ impl BpfMaps {
             service_entries: max(self.services.map(), MAP_SERVICES)?,
             backends: max(self.backends.map(), MAP_BACKENDS)?,
             source_ranges: max(self.source_ranges.map(), MAP_SOURCE_RANGES)?,
+            maglev_table_size: self.maglev_table_size,
         })
     }
 
@@ -180,7 +208,29 @@ impl BpfMaps {
         }
         // Entries may be evicted while we iterate: skip the ones that vanished.
         snap.affinity.extend(self.affinity.iter().flatten());
+        snap.maglev = read_tables(&self.maglev);
         Ok(snap)
+    }
+
+    /// Writes a frontend's Maglev table: a new array, filled, then swapped in for the
+    /// old one in one update of the outer map (a new flow sees the old table or the new
+    /// one, never a half-written one).
+    fn put_table(&mut self, key: ServiceKey, spec: &lb_core::maglev::Spec) -> Result<(), MapError> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        let elements = spec.elements();
+        let mut table =
+            Array::<MapData, u64>::create(elements.len() as u32, lb_common::MAGLEV_INNER_FLAGS)?;
+        let indices: Vec<u32> = (0..elements.len() as u32).collect();
+        // One call for the whole table where the kernel has batches (5.6+).
+        let batched = self.batch
+            && super::sys::map_update_batch(table.map().fd().as_fd(), &indices, &elements).is_ok();
+        if !batched {
+            for (i, e) in indices.iter().zip(&elements) {
+                table.set(*i, e, 0)?;
+            }
+        }
+        self.maglev.insert(key, &table, 0)
     }
 
     /// Deletes the affinity entries that any of `purges` (rev-NAT id, backend) names, in
@@ -242,10 +292,32 @@ impl BpfMaps {
                 ),
                 Op::PutFrontendPort { key } => self.frontend_ports.insert(key, 1, 0),
                 Op::DelFrontendPort { key } => ignore_missing(self.frontend_ports.remove(&key)),
+                Op::PutMaglev { key, ref spec } => self.put_table(key, spec),
+                Op::DelMaglev { key } => ignore_missing(self.maglev.remove(&key)),
             };
             result.map_err(|source| write_error(op, source))?;
         }
+        if ops
+            .iter()
+            .any(|op| matches!(op, Op::PutMaglev { .. } | Op::DelMaglev { .. }))
+        {
+            self.log_tables();
+        }
         Ok(())
+    }
+
+    /// Logs how many Maglev tables there are and the memory their entries take.
+    fn log_tables(&self) {
+        let tables = self.maglev.keys().count();
+        let size = self.maglev_table_size.unwrap_or(0);
+        let bytes = tables as u64 * lb_core::maglev::table_bytes(size);
+        tracing::info!(
+            tables,
+            table_size = size,
+            kib = bytes / 1024,
+            "Maglev tables: {tables} of {size} entries, {} KiB",
+            bytes / 1024
+        );
     }
 
     /// Writes the run of puts into one map that `ops` starts with in one batch call, if
@@ -370,6 +442,40 @@ fn write_error(op: &Op, source: MapError) -> DatapathError {
         },
         source,
     }
+}
+
+/// The Maglev tables in `outer`: each frontend's table size and fingerprint (the first
+/// two elements). A table that vanishes or cannot be read meanwhile is left out (the
+/// next plan writes it again).
+fn read_tables(outer: &Tables) -> BTreeMap<ServiceKey, (u32, u64)> {
+    let mut out = BTreeMap::new();
+    for key in outer.keys().flatten() {
+        let Ok(table) = outer.get(&key, 0) else {
+            continue;
+        };
+        if let (Ok(size), Ok(fingerprint)) = (table.get(&0, 0), table.get(&1, 0)) {
+            out.insert(key, (size as u32, fingerprint));
+        }
+    }
+    out
+}
+
+/// The Maglev tables pinned under `dir`: each frontend's (header key) table size;
+/// empty when there is no such map (an agent of an older layout).
+pub fn read_maglev(dir: &Path) -> Result<BTreeMap<ServiceKey, u32>, DatapathError> {
+    let path = dir.join(MAP_MAGLEV);
+    if !path.exists() {
+        return Ok(BTreeMap::new());
+    }
+    let map = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let outer = tables(Map::HashOfMaps(map))?;
+    Ok(read_tables(&outer)
+        .into_iter()
+        .map(|(k, (size, _))| (k, size))
+        .collect())
 }
 
 /// Points the packet level (tc and XDP) at the node's address on each interface (the SNAT source);

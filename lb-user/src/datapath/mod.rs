@@ -47,7 +47,7 @@ pub mod sys;
 
 pub use maps::{
     BpfMaps, DatapathError, count_socket_entries, read_conntrack, read_counters, read_ct_events,
-    read_drops,
+    read_drops, read_maglev,
 };
 pub use ops::{FrontendView, Op, Snapshot, addr_of, frontend_of, ip_of, service_key};
 pub use plan::{Plan, Programmed};

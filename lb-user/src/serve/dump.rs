@@ -1,6 +1,6 @@
 //! `lb-user dump`: the pinned maps as a person wants to read them.
 
-use std::{fmt::Write as _, net::SocketAddr};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use lb_common::{
     CT_F_CLOSING, CT_F_FIN_ORIG, CT_F_FIN_REPLY, CT_F_REPLY, CT_F_SNAT, CT_F_SYN_SENT, Counters,
@@ -8,7 +8,7 @@ use lb_common::{
 };
 
 use crate::{
-    datapath::{Snapshot, frontend_of, ip_of},
+    datapath::{Snapshot, frontend_of, ip_of, loader::EbpfObject},
     model::FrontendKind,
 };
 
@@ -40,6 +40,22 @@ pub fn render_xdp(modes: &[(String, &str)]) -> String {
     }
     let each: Vec<String> = modes.iter().map(|(i, m)| format!("{i} {m}")).collect();
     format!("XDP acceleration: {}\n", each.join(", "))
+}
+
+/// Renders which object's programs the socket level runs (`None`: none attached).
+pub fn render_object(object: Option<EbpfObject>) -> String {
+    match object {
+        None => "socket level: no programs attached\n".into(),
+        Some(EbpfObject::Full) => {
+            "socket level: full (a refused connect() gets ECONNREFUSED)\n".into()
+        }
+        Some(EbpfObject::NoSetRetval) => {
+            "socket level: no-set-retval, degraded (this kernel has no \
+             bpf_set_retval, or the agent was told to assume so: a refused connect() or sendmsg() \
+             gets EPERM instead of ECONNREFUSED)\n"
+                .into()
+        }
+    }
 }
 
 /// Renders counts under `title`, only those that happened.
@@ -152,6 +168,7 @@ pub fn render_json(
                 "revNatId": header.rev_nat_id,
                 "noLocalEndpoint": header.flags & lb_common::SVC_F_NO_LOCAL != 0,
                 "affinityTimeoutSeconds": header.affinity_timeout,
+                "maglevTableSize": snap.maglev.get(key).map(|(size, _)| size),
                 "backends": slots.iter().enumerate().map(|(i, (id, b))| serde_json::json!({
                     "slot": i + 1,
                     "id": id,
@@ -180,10 +197,16 @@ pub fn render_json(
         .iter()
         .map(|(reason, n)| (reason.to_string(), (*n).into()))
         .collect();
+    let maglev_bytes: u64 = snap
+        .maglev
+        .values()
+        .map(|(size, _)| lb_core::maglev::table_bytes(*size))
+        .sum();
     serde_json::json!({
         "frontends": frontends,
         "counters": counters,
         "tcDrops": drops,
+        "maglev": {"tables": snap.maglev.len(), "bytes": maglev_bytes},
     })
 }
 
@@ -242,6 +265,33 @@ fn frontend_name(key: &lb_common::ServiceKey) -> String {
     )
 }
 
+/// The Maglev tables' line: how many, their sizes and the memory their entries take.
+pub fn render_maglev(snap: &Snapshot) -> String {
+    let mut sizes: BTreeMap<u32, usize> = BTreeMap::new();
+    for (size, _) in snap.maglev.values() {
+        *sizes.entry(*size).or_default() += 1;
+    }
+    let bytes: u64 = sizes
+        .iter()
+        .map(|(size, n)| lb_core::maglev::table_bytes(*size) * *n as u64)
+        .sum();
+    let each: Vec<String> = sizes
+        .iter()
+        .map(|(size, n)| {
+            format!(
+                "{n} of {size} entries ({:.1} KiB each)",
+                lb_core::maglev::table_bytes(*size) as f64 / 1024.0
+            )
+        })
+        .collect();
+    format!(
+        "Maglev tables: {}: {}, {:.1} KiB in all",
+        snap.maglev.len(),
+        each.join(", "),
+        bytes as f64 / 1024.0
+    )
+}
+
 /// Renders every frontend with its backends, then anything inconsistent.
 pub fn render(snap: &Snapshot) -> String {
     let frontends = snap.frontends();
@@ -276,9 +326,13 @@ pub fn render(snap: &Snapshot) -> String {
                 header.affinity_timeout
             )
         };
+        let maglev = snap
+            .maglev
+            .get(key)
+            .map_or(String::new(), |(size, _)| format!("  maglev {size}"));
         let _ = writeln!(
             out,
-            "{name}  {}  rev-nat {}  {state}{affinity}",
+            "{name}  {}  rev-nat {}  {state}{affinity}{maglev}",
             service_of(snap, header.rev_nat_id),
             header.rev_nat_id
         );
@@ -303,6 +357,9 @@ pub fn render(snap: &Snapshot) -> String {
                 }
             }
         }
+    }
+    if !snap.maglev.is_empty() {
+        let _ = writeln!(out, "{}", render_maglev(snap));
     }
     let odd = inconsistencies(snap);
     if !odd.is_empty() {
@@ -338,6 +395,24 @@ mod tests {
             render_xdp(&[("eth0".into(), "native"), ("eth1".into(), "generic")]),
             "XDP acceleration: eth0 native, eth1 generic\n"
         );
+    }
+
+    #[test]
+    fn the_socket_levels_object_is_named_with_what_clients_see() {
+        assert!(
+            render_object(Some(EbpfObject::Full))
+                .contains("full (a refused connect() gets ECONNREFUSED)")
+        );
+        let degraded = render_object(Some(EbpfObject::NoSetRetval));
+        assert!(
+            degraded.starts_with("socket level: no-set-retval, degraded"),
+            "{degraded}"
+        );
+        assert!(
+            degraded.contains("EPERM instead of ECONNREFUSED"),
+            "{degraded}"
+        );
+        assert_eq!(render_object(None), "socket level: no programs attached\n");
     }
 
     #[test]
@@ -422,6 +497,25 @@ mod tests {
             snap.apply(op);
         }
         snap
+    }
+
+    #[test]
+    fn maglev_tables_are_shown_per_frontend_with_their_memory() {
+        let mut snap = three_frontends();
+        assert!(!render(&snap).contains("Maglev"));
+        let keys: Vec<lb_common::ServiceKey> = snap.frontends().keys().copied().collect();
+        snap.maglev.insert(keys[0], (16381, 1));
+        snap.maglev.insert(keys[1], (16381, 2));
+        snap.maglev.insert(keys[2], (251, 3));
+        let text = render(&snap);
+        assert!(
+            text.contains("Maglev tables: 3: 1 of 251 entries (1.0 KiB each), 2 of 16381 entries (64.0 KiB each), 129.0 KiB in all"),
+            "{text}"
+        );
+        assert!(text.contains("maglev 16381"), "{text}");
+        let json = render_json(&snap, &[], &[]);
+        assert_eq!(json["maglev"]["tables"], 3);
+        assert_eq!(json["maglev"]["bytes"], 2 * 65_544 + 1024);
     }
 
     #[test]
