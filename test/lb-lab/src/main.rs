@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use lb_lab::{
     bench, client_pods, demo, dns, flood, ingress,
     lab::{self, ProbeMode, ProbeOptions},
-    load,
+    load, pktgen,
 };
 
 #[derive(Parser)]
@@ -115,9 +115,10 @@ enum Cmd {
         transfer_mb: u64,
         /// Which benchmarks: socket (ClusterIP, from the node), nodeport (from outside),
         /// control (our agent's cold start and changes only, part of socket), closer
-        /// (the stale-socket closer: 10,000 sockets in 100 pods).
-        #[arg(long, value_delimiter = ',', default_value = "socket,nodeport,closer",
-              value_parser = ["socket", "nodeport", "control", "closer"])]
+        /// (the stale-socket closer: 10,000 sockets in 100 pods), packets (the packet
+        /// rate from outside: tc, XDP native and generic, iptables-nft, nftables).
+        #[arg(long, value_delimiter = ',', default_value = "socket,nodeport,closer,packets",
+              value_parser = ["socket", "nodeport", "control", "closer", "packets"])]
         paths: Vec<String>,
     },
     /// Exchange COUNT requests with TARGET and print, as JSON, who answered and which errors.
@@ -154,6 +155,27 @@ enum Cmd {
         /// Every SYN from this port (0: random ports).
         #[arg(long, default_value_t = 0)]
         source_port: u16,
+    },
+    /// UDP datagrams to the targets as fast as one thread sends them (sendmmsg batches),
+    /// for DURATION_MS or MAX_PACKETS, over FLOWS connected sockets, or from random
+    /// sources of SOURCE_NET (a raw socket); prints what was sent (JSON).
+    UdpFlood {
+        #[arg(long, required = true)]
+        target: Vec<std::net::SocketAddrV4>,
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 100_000_000)]
+        max_packets: u64,
+        /// UDP payload bytes (18: 64-byte Ethernet frames with the FCS).
+        #[arg(long, default_value_t = 18)]
+        payload: usize,
+        #[arg(long, default_value_t = 64)]
+        flows: usize,
+        #[arg(long)]
+        source_net: Option<String>,
+        /// Run on this CPU only.
+        #[arg(long)]
+        cpu: Option<usize>,
     },
     /// BYTES to TARGET and back through one TCP connection (the pod server echoes after
     /// `ECHO BYTES`), pausing PAUSE_MS halfway; prints what came back as JSON.
@@ -351,6 +373,24 @@ fn main() -> ExitCode {
             source_port,
         )
         .map(|sent| println!("{{\"sent\": {sent}}}")),
+        Cmd::UdpFlood {
+            target,
+            duration_ms,
+            max_packets,
+            payload,
+            flows,
+            source_net,
+            cpu,
+        } => pktgen::udp_flood(&pktgen::FloodSpec {
+            targets: target,
+            duration: Duration::from_millis(duration_ms),
+            max_packets,
+            payload,
+            flows,
+            source_net,
+            cpu,
+        })
+        .and_then(|r| print_json(&r)),
         Cmd::HttpGet { target, path, host } => match host {
             Some(host) => lab::http_get_as(target, &host, &path),
             None => lab::http_get(target, &path),

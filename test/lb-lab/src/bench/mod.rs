@@ -9,6 +9,7 @@ mod api_source;
 mod closer;
 mod concurrent;
 mod nodeport;
+mod packets;
 mod report;
 mod workload;
 
@@ -55,7 +56,8 @@ pub struct BenchOptions {
     /// MB echoed by the NodePort benchmark's bulk transfer.
     pub transfer_mb: u64,
     /// Which benchmarks: "socket", "nodeport", "control" (our agent's cold start and
-    /// changes only; part of "socket"), "closer" (the stale-socket closer).
+    /// changes only; part of "socket"), "closer" (the stale-socket closer), "packets"
+    /// (the packet rate from outside the node, tc against XDP and kube-proxy).
     pub paths: Vec<String>,
 }
 
@@ -464,6 +466,7 @@ struct Outputs {
     control: Vec<ControlPlane>,
     node_port: Vec<nodeport::NodePortRecord>,
     closer: Vec<closer::CloserRecord>,
+    packets: Vec<packets::PacketRecord>,
 }
 
 /// The load of one variant's run: `clients` clients of `opts.count` requests each, after
@@ -819,6 +822,9 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         if wants("nodeport") {
             out.node_port.extend(nodeport::bench_node_port(opts, n)?);
         }
+        if wants("packets") {
+            out.packets.extend(packets::bench_packets(opts, n)?);
+        }
     }
     if wants("closer") {
         out.closer.push(closer::bench_closer(opts)?);
@@ -838,6 +844,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&out.node_port)?,
     )?;
     write("closer.json", serde_json::to_string_pretty(&out.closer)?)?;
+    write("packets.json", serde_json::to_string_pretty(&out.packets)?)?;
     // The socket level's tables, if it ran (the other paths add theirs).
     let mut md = if out.records.is_empty() && out.control.is_empty() {
         String::from("# Benchmark report\n")
@@ -850,6 +857,9 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     if !out.node_port.is_empty() {
         md.push_str(&nodeport::node_port_report(&out.node_port));
     }
+    if !out.packets.is_empty() {
+        md.push_str(&packets::packets_report(&out.packets));
+    }
     if !out.closer.is_empty() {
         md.push_str(&closer::closer_report(&out.closer));
     }
@@ -857,7 +867,7 @@ pub fn bench(opts: &BenchOptions) -> anyhow::Result<()> {
     std::fs::write(opts.out.join("rates.svg"), svg(&out.records))?;
     println!("{md}");
     println!(
-        "bench: wrote results.json, concurrent.json, control_plane.json, nodeport.json, closer.json, report.md and rates.svg to {}",
+        "bench: wrote results.json, concurrent.json, control_plane.json, nodeport.json, closer.json, packets.json, report.md and rates.svg to {}",
         opts.out.display()
     );
     Ok(())

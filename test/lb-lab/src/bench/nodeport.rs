@@ -38,7 +38,7 @@ use super::{
 };
 use crate::{
     cluster::{CLIENT_IP, CLIENT_IP6, join_lan, start_transfer},
-    kube_proxy_rules::KubeProxy,
+    kube_proxy_rules::{KubeProxy, SvcPort},
     lab::{AgentProcess, Cgroup, Lab, Netns, unique_prefix},
     load::LoadMode,
 };
@@ -171,26 +171,49 @@ struct Sample {
 }
 
 /// A node of the benchmark: a variant, its LAN address and namespace.
-struct Node {
-    variant: String,
-    addr: Ipv4Addr,
-    netns: Netns,
+pub(super) struct Node {
+    pub(super) variant: String,
+    pub(super) addr: Ipv4Addr,
+    pub(super) netns: Netns,
 }
 
+/// Which nodes a [`NodePortLab`] has besides direct's.
+pub(super) struct Plan {
+    /// Our agent's nodes: (variant, its `--acceleration`).
+    pub(super) ours: &'static [(&'static str, &'static str)],
+    pub(super) kube_proxy: &'static [KubeProxy],
+    /// Every node's LAN port accepts XDP frames and checksums in full what it passes
+    /// to the node (as `Cluster::accept_xdp`), the nodes without XDP too: the same
+    /// path for every variant.
+    pub(super) accept_xdp: bool,
+}
+
+/// The NodePort path's nodes: our tc programs and every kube-proxy mode.
+const NODE_PORT_PLAN: Plan = Plan {
+    ours: &[(OURS, "off")],
+    kube_proxy: &KubeProxy::ALL,
+    accept_xdp: false,
+};
+
 /// The topology above, with every variant programmed for the benchmark's services.
-struct NodePortLab {
-    /// First: stopped before the namespaces go.
-    agent: Option<AgentProcess>,
-    agent_cgroup: Cgroup,
+pub(super) struct NodePortLab {
+    /// First: stopped before the namespaces go. By variant.
+    agents: Vec<(String, AgentProcess)>,
+    agent_cgroups: Vec<Cgroup>,
     dir: PathBuf,
-    nodes: Vec<Node>,
-    client: Netns,
-    backends: Lab,
+    pub(super) nodes: Vec<Node>,
+    pub(super) client: Netns,
+    pub(super) backends: Lab,
+    /// The LAN ports' XDP pass programs (`Plan::accept_xdp`), detached with their links.
+    _xdp_links: Vec<std::os::fd::OwnedFd>,
     /// Last: the LAN goes when nothing uses it.
     _lan: Netns,
 }
 
 const BACKENDS_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+/// LoadBalancer IPs: routed by every node towards the backends' node, as a default
+/// route would, so that what a node neither translates nor drops is forwarded.
+const LB_NET: &str = "10.200.0.0/16";
 
 fn node_addr(k: usize) -> (Ipv4Addr, Ipv6Addr) {
     (
@@ -200,7 +223,13 @@ fn node_addr(k: usize) -> (Ipv4Addr, Ipv6Addr) {
 }
 
 impl NodePortLab {
-    fn new(opts: &BenchOptions, n: usize) -> anyhow::Result<Self> {
+    /// The LAN, the client, the backends and a node per variant of `plan`, programmed
+    /// for the service ports that `services` gives over the backends' pods.
+    pub(super) fn new(
+        opts: &BenchOptions,
+        plan: &Plan,
+        services: &dyn Fn(&[Ipv4Addr]) -> Vec<SvcPort>,
+    ) -> anyhow::Result<Self> {
         let prefix = unique_prefix("np");
         let lan = Netns::create(&format!("{prefix}-lan"))?;
         lan.ip(&["link", "add", "br0", "type", "bridge"])?;
@@ -211,9 +240,10 @@ impl NodePortLab {
         join_lan(&lan, &client, "pc", CLIENT_IP, CLIENT_IP6)?;
         client.sysctl("net.ipv4.tcp_tw_reuse=1")?;
         let mut nodes = Vec::new();
-        let names = ["direct", OURS]
-            .into_iter()
-            .chain(KubeProxy::ALL.map(KubeProxy::name));
+        let mut xdp_links = Vec::new();
+        let names = std::iter::once("direct")
+            .chain(plan.ours.iter().map(|(v, _)| *v))
+            .chain(plan.kube_proxy.iter().map(|m| m.name()));
         for (k, variant) in names.enumerate() {
             let netns = Netns::create(&format!("{prefix}-n{k}"))?;
             let (addr, addr6) = node_addr(k);
@@ -228,13 +258,12 @@ impl NodePortLab {
             ] {
                 netns.sysctl(setting)?;
             }
-            netns.ip(&[
-                "route",
-                "add",
-                "10.244.0.0/16",
-                "via",
-                &BACKENDS_IP.to_string(),
-            ])?;
+            for net in ["10.244.0.0/16", LB_NET] {
+                netns.ip(&["route", "add", net, "via", &BACKENDS_IP.to_string()])?;
+            }
+            if plan.accept_xdp {
+                xdp_links.push(accept_xdp(&lan, &format!("pn{k}"))?);
+            }
             nodes.push(Node {
                 variant: variant.into(),
                 addr,
@@ -246,62 +275,79 @@ impl NodePortLab {
         backends
             .node
             .ip(&["route", "add", &format!("{CLIENT_IP}/32"), "via", &direct])?;
-        let agent_cgroup = Cgroup::create(&format!("{prefix}-agent"))?;
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(dir.join("manifests"))?;
         let mut lab = Self {
-            agent: None,
-            agent_cgroup,
+            agents: Vec::new(),
+            agent_cgroups: Vec::new(),
             dir,
             nodes,
             client,
             backends,
+            _xdp_links: xdp_links,
             _lan: lan,
         };
-        lab.program(opts, n, &PathBuf::from(format!("/sys/fs/bpf/{prefix}")))?;
+        let pods: Vec<Ipv4Addr> = lab.backends.pods.iter().map(|p| p.ip).collect();
+        lab.program(opts, plan, &services(&pods), &prefix)?;
         Ok(lab)
     }
 
-    /// kube-proxy's rules on their nodes, our agent (pinning under `pin`) on its node,
-    /// for `n` services.
-    fn program(&mut self, opts: &BenchOptions, n: usize, pin: &Path) -> anyhow::Result<()> {
-        let pods: Vec<Ipv4Addr> = self.backends.pods.iter().map(|p| p.ip).collect();
-        let ports = node_port_services(n, &pods);
+    /// kube-proxy's rules on their nodes, our agents (each pinning under
+    /// /sys/fs/bpf/`prefix`-aK, each with a cgroup of its own) on theirs, for `ports`.
+    fn program(
+        &mut self,
+        opts: &BenchOptions,
+        plan: &Plan,
+        ports: &[SvcPort],
+        prefix: &str,
+    ) -> anyhow::Result<()> {
+        let n = ports.len();
         for node in &self.nodes {
-            if let Some(mode) = KubeProxy::ALL
-                .into_iter()
-                .find(|m| m.name() == node.variant)
-            {
-                eprintln!(
-                    "bench: nodePort, {n} services: loading {} rules",
-                    mode.name()
-                );
-                mode.load(&node.netns.name, &mode.full(&ports), false)?;
+            if let Some(mode) = plan.kube_proxy.iter().find(|m| m.name() == node.variant) {
+                eprintln!("bench: {n} service ports: loading {} rules", mode.name());
+                mode.load(&node.netns.name, &mode.full(ports), false)?;
             }
         }
         let mdir = self.dir.join("manifests");
-        std::fs::write(mdir.join("services.yaml"), manifests(&ports))?;
-        let ours = self.node(OURS);
-        let node_ip = ours.addr.to_string();
-        let mut agent = AgentProcess::start_in(
-            Some(&ours.netns),
-            &opts.agent_bin,
-            &[
-                "--manifests".as_ref(),
-                mdir.as_os_str(),
-                "--node-ip".as_ref(),
-                node_ip.as_ref(),
-            ],
-            &self.agent_cgroup.path,
-            pin,
-            &self.dir.join("agent.log"),
-        )?;
-        agent.wait_synced(1, Duration::from_secs(120))?;
-        self.agent = Some(agent);
+        std::fs::write(mdir.join("services.yaml"), manifests(ports))?;
+        // Started together, then waited for: their cold starts overlap.
+        for (k, (variant, acceleration)) in plan.ours.iter().enumerate() {
+            let cgroup = Cgroup::create(&format!("{prefix}-agent{k}"))?;
+            let node = self.node(variant);
+            let node_ip = node.addr.to_string();
+            let agent = AgentProcess::start_in(
+                Some(&node.netns),
+                &opts.agent_bin,
+                &[
+                    "--manifests".as_ref(),
+                    mdir.as_os_str(),
+                    "--node-ip".as_ref(),
+                    node_ip.as_ref(),
+                    "--acceleration".as_ref(),
+                    acceleration.as_ref(),
+                ],
+                &cgroup.path,
+                &PathBuf::from(format!("/sys/fs/bpf/{prefix}-a{k}")),
+                &self.dir.join(format!("agent-{variant}.log")),
+            )?;
+            self.agent_cgroups.push(cgroup);
+            self.agents.push((variant.to_string(), agent));
+        }
+        for (_, agent) in &mut self.agents {
+            agent.wait_synced(1, Duration::from_secs(120))?;
+        }
         Ok(())
     }
 
-    fn node(&self, variant: &str) -> &Node {
+    /// The agent on `variant`'s node, if it is one of ours.
+    pub(super) fn agent(&self, variant: &str) -> Option<&AgentProcess> {
+        self.agents
+            .iter()
+            .find(|(v, _)| v == variant)
+            .map(|(_, a)| a)
+    }
+
+    pub(super) fn node(&self, variant: &str) -> &Node {
         self.nodes
             .iter()
             .find(|n| n.variant == variant)
@@ -325,11 +371,7 @@ impl NodePortLab {
     /// One round's figures for `node`'s variant.
     fn sample(&self, opts: &BenchOptions, node: &Node, round: usize) -> anyhow::Result<Sample> {
         let targets = self.targets(node);
-        let pin = self
-            .agent
-            .as_ref()
-            .filter(|_| node.variant == OURS)
-            .map(|a| a.pin_path.clone());
+        let pin = self.agent(&node.variant).map(|a| a.pin_path.clone());
         let stats_before = pin.as_deref().map(tc_prog_stats).transpose()?;
         let before = busy_cpu_us()?;
         let load = run_load(
@@ -354,7 +396,7 @@ impl NodePortLab {
                 "bench: nodePort via {}: {} of {} connections failed",
                 node.variant, load.errors, load.count
             );
-            if let Some(agent) = self.agent.as_ref().filter(|_| node.variant == OURS) {
+            if let Some(agent) = self.agent(&node.variant) {
                 let counters = lb_user::datapath::read_counters(&agent.pin_path)?;
                 let drops = lb_user::datapath::read_drops(&agent.pin_path)?;
                 eprintln!(
@@ -402,7 +444,7 @@ impl NodePortLab {
     /// `count` SYNs routed through the node to an address that is not ours (traffic to
     /// pods or elsewhere; the node has no route for it and drops them).
     fn other_packet_cost(&self, opts: &BenchOptions, count: usize) -> anyhow::Result<(f64, f64)> {
-        let Some(agent) = self.agent.as_ref() else {
+        let Some(agent) = self.agent(OURS) else {
             return Ok((0.0, 0.0));
         };
         let ours = self.node(OURS).addr;
@@ -476,10 +518,21 @@ impl NodePortLab {
 
 impl Drop for NodePortLab {
     fn drop(&mut self) {
-        // Stopped (and its pins removed) before its cgroup and namespace go.
-        drop(self.agent.take());
+        // Stopped (and their pins removed) before their cgroups and namespaces go.
+        self.agents.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The LAN port `port` (in `lan`) takes in the XDP frames that its node sends back (an
+/// XDP pass program of its own, as `Cluster::accept_xdp` does), and hands the node fully
+/// checksummed packets (transmit checksum offload off). The link keeps the program.
+fn accept_xdp(lan: &Netns, port: &str) -> anyhow::Result<std::os::fd::OwnedFd> {
+    crate::lab::run(std::process::Command::new("ip").args([
+        "netns", "exec", &lan.name, "ethtool", "-K", port, "tx", "off",
+    ]))
+    .with_context(|| format!("checksum offload off at {port}"))?;
+    crate::xdp_pass::attach(lan, port)
 }
 
 /// The machine's busy CPU time so far (every CPU: user, nice, system, irq and softirq;
@@ -510,7 +563,7 @@ fn busy_of(stat: &str) -> Option<f64> {
 /// order rotated every round.
 pub fn bench_node_port(opts: &BenchOptions, n: usize) -> anyhow::Result<Vec<NodePortRecord>> {
     eprintln!("bench: nodePort, {n} services: creating the nodes");
-    let lab = NodePortLab::new(opts, n)?;
+    let lab = NodePortLab::new(opts, &NODE_PORT_PLAN, &|pods| node_port_services(n, pods))?;
     // Warm-up, and a check that every variant answers.
     for node in &lab.nodes {
         let r = run_load(

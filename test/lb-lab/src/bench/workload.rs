@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use lb_user::model::Proto;
 
-use crate::kube_proxy_rules::SvcPort;
+use crate::kube_proxy_rules::{LoadBalancer, SvcPort};
 
 /// Endpoints per service.
 pub const ENDPOINTS: usize = 10;
@@ -45,6 +45,7 @@ pub fn services(n: usize, pods: &[Ipv4Addr]) -> (Vec<SvcPort>, Vec<(usize, &'sta
             target_port: 8080,
             endpoints,
             node_port: None,
+            load_balancer: None,
         };
         if is_measured {
             out.push(SvcPort {
@@ -69,6 +70,7 @@ pub fn churn(pod: Ipv4Addr) -> SvcPort {
         target_port: 8080,
         endpoints: vec![pod],
         node_port: None,
+        load_balancer: None,
     }
 }
 
@@ -99,6 +101,41 @@ pub fn node_port_services(n: usize, pods: &[Ipv4Addr]) -> Vec<SvcPort> {
     out
 }
 
+/// The packet-rate benchmark's UDP port at the pods, where a counting sink drops it.
+pub const SINK_PORT: u16 = 9999;
+/// The nodePort whose forwarding rate the packet-rate benchmark measures.
+pub const PACKET_NODE_PORT: u16 = 32_000;
+/// The LoadBalancer IP of the drop run: a flood from outside its source ranges.
+pub const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+
+/// The packet-rate benchmark's two UDP services over the lab's pods (to [`SINK_PORT`]):
+/// `bench/pkt` on [`PACKET_NODE_PORT`], and `bench/lb`, a LoadBalancer on [`LB_IP`]
+/// whose source ranges admit the client alone.
+pub fn packet_services(pods: &[Ipv4Addr]) -> Vec<SvcPort> {
+    let udp = |name: &str, ip, node_port| SvcPort {
+        name: format!("bench/{name}"),
+        port_name: "udp".into(),
+        ip,
+        port: SINK_PORT,
+        proto: Proto::Udp,
+        target_port: SINK_PORT,
+        endpoints: pods.to_vec(),
+        node_port: Some(node_port),
+        load_balancer: None,
+    };
+    let lb = LoadBalancer {
+        ip: LB_IP,
+        source_ranges: vec![format!("{}/32", crate::cluster::CLIENT_IP)],
+    };
+    vec![
+        udp("pkt", Ipv4Addr::new(10, 97, 0, 2), PACKET_NODE_PORT),
+        SvcPort {
+            load_balancer: Some(lb),
+            ..udp("lb", Ipv4Addr::new(10, 97, 0, 3), PACKET_NODE_PORT + 1)
+        },
+    ]
+}
+
 /// Service and EndpointSlice manifests for `ports` (grouped by service name).
 pub fn manifests(ports: &[SvcPort]) -> String {
     let mut by_name: BTreeMap<&str, Vec<&SvcPort>> = BTreeMap::new();
@@ -115,12 +152,25 @@ pub fn manifests(ports: &[SvcPort]) -> String {
         let (ns, svc) = name.split_once('/').expect("ns/name");
         let first = list[0];
         let node_port = list.iter().any(|p| p.node_port.is_some());
+        let lb = list.iter().find_map(|p| p.load_balancer.as_ref());
+        let kind = match (lb, node_port) {
+            (Some(_), _) => "LoadBalancer",
+            (None, true) => "NodePort",
+            (None, false) => "ClusterIP",
+        };
         let _ = write!(
             out,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {ns}}}\nspec:\n  type: {}\n  clusterIP: {}\n  ports:\n",
-            if node_port { "NodePort" } else { "ClusterIP" },
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {ns}}}\nspec:\n  type: {kind}\n  clusterIP: {}\n",
             first.ip
         );
+        if let Some(lb) = lb.filter(|lb| !lb.source_ranges.is_empty()) {
+            let _ = writeln!(
+                out,
+                "  loadBalancerSourceRanges: [{}]",
+                lb.source_ranges.join(", ")
+            );
+        }
+        out.push_str("  ports:\n");
         for p in list {
             let np = p
                 .node_port
@@ -129,6 +179,13 @@ pub fn manifests(ports: &[SvcPort]) -> String {
                 out,
                 "  - {{name: {}, port: {}, protocol: {}, targetPort: {}{np}}}",
                 p.port_name, p.port, p.proto, p.target_port
+            );
+        }
+        if let Some(lb) = lb {
+            let _ = writeln!(
+                out,
+                "status: {{loadBalancer: {{ingress: [{{ip: {}}}]}}}}",
+                lb.ip
             );
         }
         let _ = write!(
@@ -246,5 +303,44 @@ mod tests {
         let on_node = built.desired.frontends.keys().filter(|f| f.addr == node);
         let ports: Vec<u16> = on_node.map(|f| f.port).collect();
         assert_eq!(ports, [MEASURED_NODE_PORT, MEASURED_NODE_PORT + 1]);
+    }
+
+    #[test]
+    fn packet_services_load_as_a_node_port_and_a_guarded_load_balancer() {
+        let pods = [Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 2, 2)];
+        let text = manifests(&packet_services(&pods));
+        assert!(text.contains("  type: LoadBalancer\n  clusterIP: 10.97.0.3\n  loadBalancerSourceRanges: [192.168.77.100/32]\n  ports:\n"), "{text}");
+        assert!(
+            text.contains("status: {loadBalancer: {ingress: [{ip: 10.200.0.1}]}}\n"),
+            "{text}"
+        );
+        let mut loaded = lb_user::source::manifest::Loaded::default();
+        lb_user::source::manifest::parse_into(&text, "pkt.yaml", &mut loaded);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let node: std::net::IpAddr = Ipv4Addr::new(192, 168, 77, 11).into();
+        let built = lb_user::model::build(&loaded.objects, None, &[node]);
+        // The one warning: the ranges guard clients outside the node only.
+        assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
+        assert!(built.warnings[0].contains("spec.loadBalancerSourceRanges"));
+        let f = |addr: std::net::IpAddr, port| {
+            built
+                .desired
+                .frontends
+                .iter()
+                .find(|(k, _)| k.addr == addr && k.port == port)
+                .map(|(_, v)| v)
+                .unwrap_or_else(|| panic!("no frontend {addr}:{port}"))
+        };
+        assert_eq!(f(node, PACKET_NODE_PORT).endpoints.len(), 2);
+        let lb = f(LB_IP.into(), SINK_PORT);
+        let client: std::net::IpAddr = crate::cluster::CLIENT_IP.into();
+        assert_eq!(
+            lb.source_ranges.iter().copied().collect::<Vec<_>>(),
+            [(client, 32)]
+        );
+        assert!(
+            f(node, PACKET_NODE_PORT + 1).source_ranges.is_empty(),
+            "the nodePort is not guarded"
+        );
     }
 }
