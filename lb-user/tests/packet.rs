@@ -274,7 +274,7 @@ fn outside_client_reaches_a_node_port_on_backends_of_both_nodes() {
     // are in the node's cgroup, so the socket level translates it).
     let node0 = &fx.cluster.nodes[0];
     let hairpin = node0
-        .probe_from(&ProbeOptions::tcp(target, 20), &node0.pods[0].netns, true)
+        .probe_from(&ProbeOptions::tcp(target, 60), &node0.pods[0].netns, true)
         .unwrap();
     assert_eq!(hairpin.total_errors(), 0, "hairpin: {hairpin:?}");
     assert_eq!(split(&hairpin).0.len(), 4, "hairpin: {hairpin:?}");
