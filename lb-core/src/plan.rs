@@ -546,6 +546,11 @@ impl Programmed {
                 && (ready(fe) || ready(&other_scope(fe)))
         });
         self.deferred.extend(later);
+        // Planned now: not again at the end (a part before may have deferred it, its
+        // endpoints still to come). A later part that changes it defers it again.
+        for fe in &new {
+            self.deferred.remove(fe);
+        }
         self.plan_frontends(desired, new.iter())
     }
 
@@ -2161,6 +2166,8 @@ mod tests {
         plan.ops().for_each(|op| maps.apply(op));
         assert_eq!(served(&maps)[&fe(3, 80)], BTreeSet::from([ip(5)]));
         assert!(served(&maps).contains_key(&fe(4, 80)));
+        // Left for the end: fe 1 (programmed, changed), not fe 3 (planned by this part).
+        assert_eq!(prog.deferred, BTreeSet::from([fe(1, 80)]));
         // The sync that completes it plans what the parts left: fe 1 moves, fe 4 goes.
         let plan = prog.plan_rest(&more, &BTreeSet::new());
         plan.ops().for_each(|op| {
