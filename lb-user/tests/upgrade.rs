@@ -283,7 +283,8 @@ fn an_upgrade_from_the_previous_version_drops_nothing_and_replaces_its_maps() {
     let before = links(&pin);
     assert!(before.keys().any(|l| l.contains("_cg")), "{before:?}");
     // Without TCX (before 6.6) the tc programs sit on a qdisc, with no link to pin.
-    if lb_user::datapath::checks::has(lb_user::datapath::checks::TCX) {
+    let tcx = lb_user::datapath::checks::has(lb_user::datapath::checks::TCX);
+    if tcx {
         assert!(before.keys().any(|l| l.starts_with("lb_tc_")), "{before:?}");
     }
 
@@ -322,11 +323,28 @@ fn an_upgrade_from_the_previous_version_drops_nothing_and_replaces_its_maps() {
         assert_eq!(after_ct.get(&f.port), Some(&f.backend), "{after_ct:?}");
     }
     assert_no_failure(socket, "the ClusterIP from node 0's cgroup");
-    assert_no_failure(packet, "the nodePort from outside");
+    if tcx {
+        assert_no_failure(packet, "the nodePort from outside");
+    } else {
+        // Without TCX the tc programs on the qdisc go with the agent that attached them
+        // (README: detached while no agent runs): in the gap, new connections are not
+        // translated and an established flow's packets meet the node's stack, which
+        // resets it. Once the new agent runs, every new connection is served again.
+        let _ = packet.finish();
+        let after = fx.cluster.probe(&ProbeOptions::tcp(target, 40)).unwrap();
+        assert_eq!(
+            after.total_errors(),
+            0,
+            "the nodePort after the upgrade: {after:?}"
+        );
+    }
     let pods = fx.cluster.nodes.iter().flat_map(|n| &n.pods);
     let names: BTreeMap<Ipv4Addr, &str> = pods.map(|p| (p.ip, p.name.as_str())).collect();
     for f in flows {
         let t = f.transfer.finish().unwrap();
+        if !tcx {
+            continue; // Reset in the gap, as said above.
+        }
         assert!(t.intact && t.received == 2 << 20, "{t:?}");
         assert!(t.reply.starts_with(names[&f.backend]), "{t:?}");
     }
