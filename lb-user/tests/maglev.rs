@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::{AGENT_BIN, POD_PORT, lab_bin, require_root, sync_timeout, write_atomic};
+use common::{AGENT_BIN, POD_PORT, packet_cluster, sync_timeout, write_atomic};
 use lb_lab::{
     cluster::{CLIENT_IP, Cluster, node_ip},
     lab::{AgentProcess, ProbeMode, ProbeOptions},
@@ -36,17 +36,8 @@ impl Fixture {
     /// The lab with a LoadBalancer service over `on` (node, pod) pairs; the client's
     /// route to the LoadBalancer IP goes by node 0.
     fn new(tag: &str, pods: usize, on: &[(usize, usize)]) -> Self {
-        require_root();
-        let mut cluster =
-            Cluster::new(&lab_bin(), tag, 2, pods, POD_PORT).expect("the cluster lab");
-        let acceleration = std::env::var("LB_TEST_ACCELERATION")
-            .ok()
-            .filter(|a| !a.is_empty() && a != "off");
-        if acceleration.is_some() {
-            cluster
-                .accept_xdp()
-                .expect("the LAN ports accept XDP frames");
-        }
+        let acceleration = common::acceleration();
+        let cluster = packet_cluster(tag, pods, acceleration.as_deref());
         let dir = std::env::temp_dir().join(&cluster.prefix);
         std::fs::create_dir_all(dir.join("manifests")).unwrap();
         let mut fx = Self {

@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use common::{AGENT_BIN, POD_PORT, lab_bin, require_root, sync_timeout, write_atomic};
+use common::{
+    AGENT_BIN, POD_PORT, acceleration, lab_bin, packet_cluster, sync_timeout, write_atomic,
+};
 use lb_lab::{
     cluster::{CLIENT_IP, CLIENT_IP6, Cluster, node_ip, node_ip6},
     lab::{AgentProcess, ProbeMode, ProbeOptions, ProbeReport, Stop},
@@ -31,13 +33,6 @@ struct ClusterFixture {
     /// `--acceleration` of every agent: `LB_TEST_ACCELERATION` (native, generic), so
     /// that every test here runs with XDP too; unset: off (tc only).
     acceleration: Option<String>,
-}
-
-/// The XDP mode the tests run in: `LB_TEST_ACCELERATION`, else none (tc only).
-fn acceleration() -> Option<String> {
-    std::env::var("LB_TEST_ACCELERATION")
-        .ok()
-        .filter(|a| !a.is_empty() && a != "off")
 }
 
 impl ClusterFixture {
@@ -62,14 +57,7 @@ impl ClusterFixture {
         node_ip_flags: bool,
         acceleration: Option<String>,
     ) -> Self {
-        require_root();
-        let mut cluster =
-            Cluster::new(&lab_bin(), tag, 2, pods, POD_PORT).expect("the cluster lab");
-        if acceleration.is_some() {
-            cluster
-                .accept_xdp()
-                .expect("the LAN ports accept XDP frames");
-        }
+        let cluster = packet_cluster(tag, pods, acceleration.as_deref());
         let dir = std::env::temp_dir().join(&cluster.prefix);
         std::fs::create_dir_all(dir.join("manifests")).unwrap();
         write_atomic(&dir.join("manifests/all.yaml"), &manifests(&cluster));
@@ -229,14 +217,25 @@ fn split(report: &ProbeReport) -> (BTreeMap<String, usize>, BTreeMap<String, usi
 /// comes back intact.
 fn four_intact_transfers(fx: &ClusterFixture, target: SocketAddrV4) {
     for _ in 0..4 {
-        let t = fx
-            .cluster
-            .start_transfer(target.into(), 5 << 20, Duration::ZERO)
-            .unwrap()
-            .finish()
-            .unwrap();
-        assert!(t.intact && t.received == 5 << 20, "{t:?}");
+        intact_transfer(fx, target, 5 << 20);
     }
+}
+
+/// `bytes` each way through one connection from the client to `target`, which must
+/// come back intact.
+fn intact_transfer(
+    fx: &ClusterFixture,
+    target: SocketAddrV4,
+    bytes: u64,
+) -> lb_lab::lab::TransferReport {
+    let t = fx
+        .cluster
+        .start_transfer(target.into(), bytes, Duration::ZERO)
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert!(t.intact && t.received == bytes, "{t:?}");
+    t
 }
 
 fn assert_both_nodes_answer(report: &ProbeReport, client: IpAddr, node0: IpAddr) {
@@ -641,15 +640,7 @@ fn load_balancer_source_ranges_let_clients_in_range_through_only() {
 /// A 1 MB transfer from the client through node 0's nodePort, which must come back
 /// intact.
 fn transfer_through_node0(fx: &ClusterFixture) -> lb_lab::lab::TransferReport {
-    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
-    let t = fx
-        .cluster
-        .start_transfer(target.into(), 1 << 20, Duration::ZERO)
-        .unwrap()
-        .finish()
-        .unwrap();
-    assert!(t.intact && t.received == 1 << 20, "{t:?}");
-    t
+    intact_transfer(fx, SocketAddrV4::new(node_ip(0), NODE_PORT), 1 << 20)
 }
 
 fn transfer_over_a_narrow_last_link(tag: &str, backend_node: usize) {

@@ -282,3 +282,29 @@ pub fn daemonset_capabilities() -> Vec<String> {
         .map(|c| c.as_str().unwrap().to_string())
         .collect()
 }
+
+/// The XDP mode the packet-level tests run in: `LB_TEST_ACCELERATION` (native,
+/// generic), else none (tc only); `cargo xtask test` runs them in each.
+pub fn acceleration() -> Option<String> {
+    std::env::var("LB_TEST_ACCELERATION")
+        .ok()
+        .filter(|a| !a.is_empty() && a != "off")
+}
+
+/// The two-node cluster lab (`pods` pods a node) for the packet-level tests; with an
+/// XDP mode, its LAN ports take the frames the nodes' XDP programs send back.
+pub fn packet_cluster(
+    tag: &str,
+    pods: usize,
+    acceleration: Option<&str>,
+) -> lb_lab::cluster::Cluster {
+    require_root();
+    let mut cluster =
+        lb_lab::cluster::Cluster::new(&lab_bin(), tag, 2, pods, POD_PORT).expect("the cluster lab");
+    if acceleration.is_some() {
+        cluster
+            .accept_xdp()
+            .expect("the LAN ports accept XDP frames");
+    }
+    cluster
+}
