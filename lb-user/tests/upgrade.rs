@@ -326,10 +326,11 @@ fn an_upgrade_from_the_previous_version_drops_nothing_and_replaces_its_maps() {
     if tcx {
         assert_no_failure(packet, "the nodePort from outside");
     } else {
-        // Without TCX the tc programs on the qdisc go with the agent that attached them
-        // (README: detached while no agent runs): in the gap, new connections are not
-        // translated and an established flow's packets meet the node's stack, which
-        // resets it. Once the new agent runs, every new connection is served again.
+        // Without TCX the previous version's tc programs on the qdisc went with it (this
+        // version's stay: restarts_on_clsact_qdiscs_drop_nothing): in the gap, new
+        // connections are not translated and an established flow's packets meet the
+        // node's stack, which resets it. Once the new agent runs, every new connection
+        // is served again.
         let _ = packet.finish();
         let after = fx.cluster.probe(&ProbeOptions::tcp(target, 40)).unwrap();
         assert_eq!(
@@ -343,11 +344,194 @@ fn an_upgrade_from_the_previous_version_drops_nothing_and_replaces_its_maps() {
     for f in flows {
         let t = f.transfer.finish().unwrap();
         if !tcx {
-            continue; // Reset in the gap, as said above.
+            continue; // Reset in the gap the previous version left, as said above.
         }
         assert!(t.intact && t.received == 2 << 20, "{t:?}");
         assert!(t.reply.starts_with(names[&f.backend]), "{t:?}");
     }
 
     assert_replaced_in_place(&pin, &before);
+}
+
+/// A bpf filter of node `k`'s eth0 clsact qdisc, as `tc` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Filter {
+    direction: &'static str,
+    pref: u64,
+    handle: String,
+    name: String,
+    prog_id: u64,
+}
+
+/// The bpf filters on node `k`'s eth0 (ingress, then egress), read with `tc -j`.
+fn filters(fx: &UpgradeLab, k: usize) -> Vec<Filter> {
+    let mut found = Vec::new();
+    for direction in ["ingress", "egress"] {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &fx.cluster.nodes[k].node.name])
+            .args(["tc", "-j", "filter", "show", "dev", "eth0", direction])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let list: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
+        for f in list.as_array().into_iter().flatten() {
+            let Some(options) = f.get("options") else {
+                continue; // the priority's own entry
+            };
+            found.push(Filter {
+                direction,
+                pref: f["pref"].as_u64().unwrap_or(0),
+                handle: options["handle"].as_str().unwrap_or("").to_string(),
+                name: options["bpf_name"].as_str().unwrap_or("").to_string(),
+                prog_id: options["prog"]["id"].as_u64().unwrap_or(0),
+            });
+        }
+    }
+    found
+}
+
+/// `filters` where the agent puts its tc programs without TCX.
+fn assert_agent_filters(filters: &[Filter]) {
+    let places: Vec<(&str, u64, &str, &str)> = filters
+        .iter()
+        .map(|f| (f.direction, f.pref, f.handle.as_str(), f.name.as_str()))
+        .collect();
+    assert_eq!(
+        places,
+        [
+            ("ingress", 1, "0x4c42", "lb_tc_ingress"),
+            ("egress", 1, "0x4c42", "lb_tc_egress")
+        ],
+        "{filters:?}"
+    );
+}
+
+/// Whether tc programs are pinned as TCX links under `pin`.
+fn tcx_links(pin: &Path) -> bool {
+    links(pin).keys().any(|l| l.starts_with("lb_tc_"))
+}
+
+/// Without TCX (kernels before 6.6, or `--assume-missing-kernel-feature tcx`) the tc
+/// programs are clsact filters that stay when the agent exits: a restart under traffic
+/// replaces their programs in place, and no connection through the nodePort fails, no
+/// transfer breaks. Where the kernel has TCX, a start without it moves the programs from
+/// the TCX links to the filters, and a start with it moves them back: never both.
+#[test]
+fn restarts_on_clsact_qdiscs_drop_nothing() {
+    let mut fx = UpgradeLab::new("rsq", Path::new(AGENT_BIN));
+    let pin = fx.pin().to_path_buf();
+    let tcx = lb_user::datapath::checks::has(lb_user::datapath::checks::TCX);
+    let without_tcx = ["--assume-missing-kernel-feature", "tcx"];
+    let restart = |fx: &mut UpgradeLab, k: usize, extra: &[&str], name: &str| {
+        let log = fx.dir.join(format!("agent-{k}-{name}.log"));
+        fx.agents[k]
+            .restart(Stop::Term, Duration::ZERO, extra, &log)
+            .unwrap();
+        fx.agents[k].wait_synced(1, sync_timeout()).unwrap();
+    };
+    if tcx {
+        assert!(tcx_links(&pin) && filters(&fx, 0).is_empty());
+        restart(&mut fx, 0, &without_tcx, "to-clsact");
+        assert!(!tcx_links(&pin), "{:?}", links(&pin));
+    }
+    let before = filters(&fx, 0);
+    assert_agent_filters(&before);
+
+    let flows = transfers_to_both_nodes(&fx);
+    let target = SocketAddrV4::new(node_ip(0), NODE_PORT);
+    let mut packet = fx.cluster.start_probe(&probe_options(target)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    restart(&mut fx, 0, &without_tcx, "restarted");
+    assert!(
+        packet.is_running(),
+        "the probe ended before the restart did"
+    );
+    let mut flows = flows;
+    for f in &mut flows {
+        assert!(
+            f.transfer.is_running(),
+            "a transfer ended before the restart"
+        );
+    }
+    assert_no_failure(packet, "the nodePort from outside, across the restart");
+    let after_ct = client_flows(&pin);
+    for f in flows {
+        assert_eq!(after_ct.get(&f.port), Some(&f.backend), "{after_ct:?}");
+        let t = f.transfer.finish().unwrap();
+        assert!(t.intact && t.received == 2 << 20, "{t:?}");
+    }
+    // The same filters, each with the new agent's program.
+    let after = filters(&fx, 0);
+    assert_agent_filters(&after);
+    for (b, a) in before.iter().zip(&after) {
+        assert_ne!(b.prog_id, a.prog_id, "{} runs the old program", a.name);
+    }
+
+    if tcx {
+        restart(&mut fx, 0, &[], "to-tcx");
+        assert!(tcx_links(&pin), "{:?}", links(&pin));
+        assert_eq!(
+            filters(&fx, 0),
+            [],
+            "the filters stayed beside the TCX links"
+        );
+    }
+    let report = fx.cluster.probe(&ProbeOptions::tcp(target, 20)).unwrap();
+    assert_eq!(report.total_errors(), 0, "{report:?}");
+
+    // Node 1: `lb-user cleanup` removes the filters (they have no pin), and a start that
+    // fails after creating its filters takes them with it. It fails at XDP: generic XDP
+    // cannot go where a native program already is.
+    restart(&mut fx, 1, &without_tcx, "clsact");
+    assert_agent_filters(&filters(&fx, 1));
+    let status = fx.agents[1].child.terminate(Duration::from_secs(5));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{}",
+        fx.agents[1].log()
+    );
+    assert_agent_filters(&filters(&fx, 1));
+    let node1 = &fx.cluster.nodes[1].node;
+    let pin1 = fx.agents[1].pin_path.clone();
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node1.name,
+            AGENT_BIN,
+            "cleanup",
+            "--pin-path",
+        ])
+        .arg(&pin1)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(said.contains("; 2 tc filters removed"), "{said}");
+    assert_eq!(filters(&fx, 1), [], "{said}");
+    let _native = lb_lab::xdp_pass::attach(node1, "eth0").unwrap();
+    let log = fx.dir.join("agent-1-failed.log");
+    let generic = [
+        "--assume-missing-kernel-feature",
+        "tcx",
+        "--acceleration",
+        "generic",
+    ];
+    fx.agents[1]
+        .restart(Stop::Kill, Duration::ZERO, &generic, &log)
+        .unwrap();
+    let failed = wait_for(sync_timeout(), || {
+        fx.agents[1].child.0.try_wait().ok().flatten()
+    })
+    .expect("the start with XDP on a taken interface ends");
+    let said = fx.agents[1].log();
+    assert!(!failed.success(), "{said}");
+    assert!(said.contains("attaching lb_xdp"), "{said}");
+    assert!(said.contains("the start failed"), "{said}");
+    assert_eq!(
+        filters(&fx, 1),
+        [],
+        "the failed start left its filters:\n{said}"
+    );
 }

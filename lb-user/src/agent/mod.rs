@@ -167,9 +167,20 @@ struct PacketLevel {
     attached_for: Option<Vec<std::net::IpAddr>>,
     /// `--acceleration`.
     acceleration: loader::Acceleration,
+    /// Without TCX: the clsact filters this start created, detached if it fails (with
+    /// the programs), kept once it has succeeded ([`PacketLevel::keep_filters`]).
+    new_filters: loader::NewFilters,
+    /// The start has succeeded: new filters are kept at once.
+    started: bool,
 }
 
 impl PacketLevel {
+    /// The start succeeded: the clsact filters it created stay when the agent exits.
+    fn keep_filters(&mut self) {
+        self.started = true;
+        loader::keep_filters(&mut self.ebpf, std::mem::take(&mut self.new_filters));
+    }
+
     /// Attaches the tc programs to the interfaces for `node_addrs`, with their SNAT
     /// addresses, and reserves the SNAT port range.
     fn attach(&mut self, node_addrs: &[std::net::IpAddr]) -> anyhow::Result<()> {
@@ -179,7 +190,11 @@ impl PacketLevel {
         // The addresses first: programs replacing an older agent's in its links use them
         // from their first packet (an upgrade's new interfaces map starts empty).
         datapath::maps::write_ifaces(&mut self.ebpf, &ifaces)?;
-        loader::attach_tc(&mut self.ebpf, &self.pin_path, &ifaces)?;
+        let created = loader::attach_tc(&mut self.ebpf, &self.pin_path, &ifaces)?;
+        self.new_filters.extend(created);
+        if self.started {
+            self.keep_filters();
+        }
         let xdp = loader::attach_xdp(&mut self.ebpf, &self.pin_path, &ifaces, self.acceleration)?;
         for (iface, mode) in xdp {
             tracing::info!(%iface, mode = mode.name(), "XDP program attached");
@@ -414,6 +429,8 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         follow_node,
         attached_for: None,
         acceleration: opts.acceleration,
+        new_filters: Vec::new(),
+        started: false,
     };
     if follow_node {
         // The tc links an earlier agent pinned stay as they are until the Node's
@@ -430,7 +447,7 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         opts.socket_closer_budget,
         metrics.clone(),
     );
-    let agent = Agent {
+    let mut agent = Agent {
         model: model::Model::new(Some(opts.node_name()), opts.node_ips.clone()),
         capacity: maps.capacity()?,
         maps,
@@ -446,7 +463,10 @@ fn attach(opts: &RunOptions) -> anyhow::Result<Running> {
         packet: Some(packet),
     };
     let bpf_stats = opts.bpf_stats.then(enable_bpf_stats).flatten();
-    // From here a failure no longer undoes what this start pinned.
+    // From here a failure no longer undoes what this start pinned or attached.
+    if let Some(p) = agent.packet.as_mut() {
+        p.keep_filters();
+    }
     pin_lock.started();
     Ok(Running {
         agent,

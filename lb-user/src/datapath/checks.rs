@@ -302,7 +302,7 @@ pub const FEATURES: &[Feature] = &[
         "6.6",
         Probe::Tcx,
         Fallback(
-            "the tc programs go on clsact qdiscs, unpinned: they are detached while no agent runs",
+            "the tc programs go on clsact qdiscs as filters, which stay while no agent runs; the next start replaces their programs in place",
         ),
     ),
     feature(

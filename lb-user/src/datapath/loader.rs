@@ -11,14 +11,14 @@ use aya::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
-        tc::{self, NlOptions, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
     },
 };
 use lb_common::PINNED_MAPS;
 
 use std::os::fd::AsFd as _;
 
-use super::{checks, iface::Iface, sys};
+use super::{checks, iface::Iface, sys, tcfilter};
 
 /// The programs, built by lb-user's build script from lb-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -889,16 +889,49 @@ fn link_pin(pin_dir: &Path, name: &str, iface: &str) -> PathBuf {
     pin_dir.join("links").join(format!("{name}_{iface}"))
 }
 
+/// Without TCX the tc programs are filters of a clsact qdisc, always at this priority
+/// (1: before any other filter) and handle ("LB"), so that a new start finds its
+/// predecessor's filter and replaces its program in place, as `tc filter replace` does.
+pub const TC_FILTER_PRIORITY: u16 = 1;
+pub const TC_FILTER_HANDLE: u32 = 0x4c42;
+
+/// Clsact filters (kernels without TCX) that a start created: each tc program's link.
+pub type NewFilters = Vec<(&'static str, SchedClassifierLinkId)>;
+
+/// Leaves the filters `new` attached when `ebpf` drops (the agent exits): the next start
+/// replaces their programs in place.
+pub fn keep_filters(ebpf: &mut Ebpf, new: NewFilters) {
+    for (name, id) in new {
+        let prog: Option<&mut SchedClassifier> =
+            ebpf.program_mut(name).and_then(|p| p.try_into().ok());
+        if let Some(link) = prog.and_then(|p| p.take_link(id).ok()) {
+            // Dropping the link would delete the filter.
+            std::mem::forget(link);
+        }
+    }
+}
+
 /// Loads the tc programs and attaches them to every interface in `ifaces`. With TCX
 /// (probed; kernel 6.6+) each link is pinned under `pin_dir`, so the programs stay
 /// attached while no agent runs; a link found pinned there is updated to the new
 /// program in one step (an upgrade or restart drops nothing). Without TCX they go on a
-/// clsact qdisc (the start said so once) and are detached when `ebpf` drops. A kernel
-/// that lacks a feature the tc programs need is refused, naming it.
-pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, ifaces: &[Iface]) -> Result<(), LoadError> {
-    remove_stale_links(pin_dir, ifaces);
+/// clsact qdisc (the start said so once) at [`TC_FILTER_PRIORITY`] and
+/// [`TC_FILTER_HANDLE`], where they stay when the agent exits; the next start replaces
+/// the program of that filter in place, so that nothing drops there either; the filters
+/// it created are returned, for [`keep_filters`] once the start has succeeded (until
+/// then dropping `ebpf` detaches them). Our tc programs anywhere else (interfaces no
+/// longer served, another way of attaching) are removed once the new ones are attached.
+/// A kernel that lacks a feature the tc programs need is refused, naming it.
+pub fn attach_tc(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    ifaces: &[Iface],
+) -> Result<NewFilters, LoadError> {
+    let tcx = checks::has(checks::TCX);
     let Some(first) = ifaces.first() else {
-        return Ok(());
+        remove_stale_links(pin_dir, ifaces);
+        remove_filters(&[]);
+        return Ok(Vec::new());
     };
     let missing = checks::missing(checks::Need::PacketLevel);
     if !missing.is_empty() {
@@ -908,7 +941,6 @@ pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, ifaces: &[Iface]) -> Result<()
             measured: checks::MEASURED,
         });
     }
-    let tcx = checks::has(checks::TCX);
     if !tcx {
         for i in ifaces {
             // An existing clsact qdisc is fine.
@@ -919,6 +951,7 @@ pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, ifaces: &[Iface]) -> Result<()
             }
         }
     }
+    let mut created = Vec::new();
     for (name, attach_type) in TC_PROGRAMS {
         let perr = |source| LoadError::Program { name, source };
         let prog: &mut SchedClassifier = ebpf
@@ -931,48 +964,184 @@ pub fn attach_tc(ebpf: &mut Ebpf, pin_dir: &Path, ifaces: &[Iface]) -> Result<()
             prog.load().map_err(|e| load_error(name, e))?;
         }
         for i in ifaces {
-            let attach_err = |source| LoadError::Attach {
-                iface: i.name.clone(),
-                name,
-                source,
-            };
-            if !tcx {
-                let netlink = TcAttachOptions::Netlink(NlOptions::default());
-                prog.attach_with_options(&i.name, attach_type, netlink)
-                    .map_err(attach_err)?;
-                continue;
+            if tcx {
+                attach_tcx(prog, pin_dir, name, attach_type, i)?;
+            } else if let Some(id) = attach_filter(prog, name, attach_type, i)? {
+                created.push((name, id));
             }
-            let path = link_pin(pin_dir, name, &i.name);
-            let pin_err = |why: String| LoadError::PinLink {
-                iface: i.name.clone(),
-                name,
-                path: path.clone(),
-                why,
-            };
-            let id = match PinnedLink::from_pin(&path) {
-                Ok(old) => {
-                    let link = FdLink::from(old)
-                        .try_into()
-                        .map_err(|e: LinkError| pin_err(format!("adopting it: {e}")))?;
-                    prog.attach_to_link(link).map_err(attach_err)?
-                }
-                Err(_) => {
-                    let first = TcAttachOptions::TcxOrder(LinkOrder::default());
-                    prog.attach_with_options(&i.name, attach_type, first)
-                        .map_err(attach_err)?
-                }
-            };
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(attach_err)?
-                .try_into()
-                .map_err(|e: LinkError| pin_err(e.to_string()))?;
-            std::fs::create_dir_all(pin_dir.join("links")).map_err(|e| pin_err(e.to_string()))?;
-            let _ = std::fs::remove_file(&path);
-            link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
         }
     }
+    if tcx {
+        remove_stale_links(pin_dir, ifaces);
+        remove_filters(&[]);
+    } else {
+        // Links of TCX (a start that had it) would run the programs twice.
+        remove_stale_links(pin_dir, &[]);
+        remove_filters(ifaces);
+    }
+    Ok(created)
+}
+
+/// Attaches `prog` to `iface` through a TCX link pinned under `pin_dir`, or updates the
+/// pinned link to `prog`.
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    pin_dir: &Path,
+    name: &'static str,
+    attach_type: TcAttachType,
+    iface: &Iface,
+) -> Result<(), LoadError> {
+    let attach_err = |source| LoadError::Attach {
+        iface: iface.name.clone(),
+        name,
+        source,
+    };
+    let path = link_pin(pin_dir, name, &iface.name);
+    let pin_err = |why: String| LoadError::PinLink {
+        iface: iface.name.clone(),
+        name,
+        path: path.clone(),
+        why,
+    };
+    let id = match PinnedLink::from_pin(&path) {
+        Ok(old) => {
+            let link = FdLink::from(old)
+                .try_into()
+                .map_err(|e: LinkError| pin_err(format!("adopting it: {e}")))?;
+            prog.attach_to_link(link).map_err(attach_err)?
+        }
+        Err(_) => {
+            let first = TcAttachOptions::TcxOrder(LinkOrder::default());
+            prog.attach_with_options(&iface.name, attach_type, first)
+                .map_err(attach_err)?
+        }
+    };
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(attach_err)?
+        .try_into()
+        .map_err(|e: LinkError| pin_err(e.to_string()))?;
+    std::fs::create_dir_all(pin_dir.join("links")).map_err(|e| pin_err(e.to_string()))?;
+    let _ = std::fs::remove_file(&path);
+    link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
     Ok(())
+}
+
+/// Attaches `prog` to `iface`'s clsact qdisc as the filter at [`TC_FILTER_PRIORITY`] and
+/// [`TC_FILTER_HANDLE`], replacing the program of that filter in place when it is there
+/// (a restart: no packet meets the qdisc without one; that filter stays when the agent
+/// exits). A filter it creates is returned, its link left with `prog` (see
+/// [`keep_filters`]). Our filters elsewhere on the qdisc (left by an older version,
+/// which let the kernel choose) are removed. A filter of another name at that place is
+/// not replaced.
+fn attach_filter(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    attach_type: TcAttachType,
+    iface: &Iface,
+) -> Result<Option<SchedClassifierLinkId>, LoadError> {
+    let attach_err = |source| LoadError::Attach {
+        iface: iface.name.clone(),
+        name,
+        source,
+    };
+    let netlink_err = |e: std::io::Error| attach_err(tc::TcError::IoError(e).into());
+    let filters = tcfilter::list(iface.ifindex, attach_type).map_err(netlink_err)?;
+    let ours =
+        |f: &&tcfilter::Filter| (f.priority, f.handle) == (TC_FILTER_PRIORITY, TC_FILTER_HANDLE);
+    let created = match filters.iter().find(ours) {
+        Some(f) if f.name != name => {
+            return Err(netlink_err(std::io::Error::other(format!(
+                "the clsact filter at priority {TC_FILTER_PRIORITY} handle {TC_FILTER_HANDLE:#x} is {:?} (program {}), not ours: remove it (`tc filter del dev {} {} pref {TC_FILTER_PRIORITY}`)",
+                f.name,
+                f.prog_id,
+                iface.name,
+                direction(attach_type),
+            ))));
+        }
+        Some(_) => {
+            let link = SchedClassifierLink::attached(
+                &iface.name,
+                attach_type,
+                TC_FILTER_PRIORITY,
+                TC_FILTER_HANDLE.into(),
+                None,
+            )
+            .map_err(netlink_err)?;
+            let id = prog.attach_to_link(link).map_err(attach_err)?;
+            // An earlier start's filter: it stays, whatever becomes of this start.
+            std::mem::forget(prog.take_link(id).map_err(attach_err)?);
+            None
+        }
+        None => {
+            let at = TcAttachOptions::Netlink(NlOptions {
+                priority: TC_FILTER_PRIORITY,
+                handle: TC_FILTER_HANDLE.into(),
+                classid: None,
+            });
+            Some(
+                prog.attach_with_options(&iface.name, attach_type, at)
+                    .map_err(attach_err)?,
+            )
+        }
+    };
+    for f in filters.iter().filter(|f| f.name == name && !ours(f)) {
+        remove_filter(&iface.name, attach_type, f);
+    }
+    Ok(created)
+}
+
+fn direction(attach_type: TcAttachType) -> &'static str {
+    match attach_type {
+        TcAttachType::Egress => "egress",
+        _ => "ingress",
+    }
+}
+
+/// Deletes the clsact filter `f` (one of ours) from `iface`, saying so.
+fn remove_filter(iface: &str, attach_type: TcAttachType, f: &tcfilter::Filter) {
+    use aya::programs::links::Link as _;
+    let detached =
+        SchedClassifierLink::attached(iface, attach_type, f.priority, f.handle.into(), None)
+            .map_err(aya::programs::ProgramError::from)
+            .and_then(|l| l.detach());
+    match detached {
+        Ok(()) => tracing::info!(
+            iface,
+            filter = %f.name,
+            priority = f.priority,
+            handle = f.handle,
+            "removed a tc filter of ours from a clsact qdisc"
+        ),
+        Err(e) => tracing::warn!(
+            iface,
+            filter = %f.name,
+            priority = f.priority,
+            handle = f.handle,
+            "removing a tc filter of ours from a clsact qdisc: {e}"
+        ),
+    }
+}
+
+/// Removes our tc programs' clsact filters from every interface of this network
+/// namespace that is not in `keep`; returns how many it removed.
+fn remove_filters(keep: &[Iface]) -> usize {
+    let mut removed = 0;
+    for (ifindex, iface) in tcfilter::interfaces() {
+        if keep.iter().any(|i| i.ifindex == ifindex) {
+            continue;
+        }
+        for (name, attach_type) in TC_PROGRAMS {
+            let Ok(filters) = tcfilter::list(ifindex, attach_type) else {
+                continue;
+            };
+            for f in filters.iter().filter(|f| f.name == name) {
+                remove_filter(&iface, attach_type, f);
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 /// Where an XDP link is pinned: `<pin dir>/links/lb_xdp_<mode>_<interface>`.
@@ -1225,7 +1394,8 @@ pub fn program_stats(
 }
 
 /// `lb-user cleanup`: removes the pins under `pin_dir` (maps, and links, which detaches
-/// their programs) and, with `cgroup`, detaches any link of ours still on that cgroup
+/// their programs), our tc programs' clsact filters in this network namespace (kernels
+/// without TCX) and, with `cgroup`, detaches any link of ours still on that cgroup
 /// (one whose pin was lost). Says what it did.
 pub fn cleanup(pin_dir: &Path, cgroup: Option<&Path>) -> anyhow::Result<String> {
     use anyhow::Context as _;
@@ -1256,8 +1426,10 @@ pub fn cleanup(pin_dir: &Path, cgroup: Option<&Path>) -> anyhow::Result<String> 
         .filter(|m| pin_dir.join(m).exists())
         .count();
     remove_pins(pin_dir);
+    // Without TCX the tc programs are clsact filters, with no pin: this namespace's go.
+    let filters = remove_filters(&[]);
     let mut report = format!(
-        "{}: removed {maps} map pins and {pins} link pins",
+        "{}: removed {maps} map pins and {pins} link pins; {filters} tc filters removed from clsact qdiscs",
         pin_dir.display()
     );
     if let Some(cg) = cgroup {

@@ -42,8 +42,10 @@ pub mod checks;
 pub mod iface;
 pub mod loader;
 pub mod maps;
+pub mod netlink;
 pub mod sockets;
 pub mod sys;
+pub mod tcfilter;
 
 pub use maps::{
     BpfMaps, DatapathError, count_socket_entries, read_conntrack, read_counters, read_ct_events,

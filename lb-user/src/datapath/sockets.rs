@@ -16,7 +16,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -24,7 +24,7 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use lb_common::{MAP_SOCK_REVNAT, RevNat, SockRevNatKey};
 
-use super::{ops::ip_of, sys};
+use super::{netlink, ops::ip_of, sys};
 
 pub use lb_core::plan::Left;
 
@@ -341,16 +341,8 @@ fn in_namespace<T>(ns: &Path, f: impl FnOnce() -> io::Result<T>) -> io::Result<T
     f()
 }
 
-const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-/// `struct nlmsghdr`.
-const HDR: usize = 16;
 /// `struct inet_diag_sockid`.
 const SOCKID: usize = 48;
 /// `struct inet_diag_req_v2`.
@@ -371,7 +363,7 @@ struct Found {
 /// In this thread's namespace: every TCP and UDP socket (IPv4 and IPv6) whose cookie is
 /// in `stale` and which is connected to one of that cookie's targets is destroyed.
 fn destroy_matching(stale: &Stale) -> io::Result<Found> {
-    let nl = netlink()?;
+    let nl = netlink::socket(netlink::NETLINK_SOCK_DIAG)?;
     let mut found = Found::default();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         for protocol in [libc::IPPROTO_TCP as u8, libc::IPPROTO_UDP as u8] {
@@ -393,14 +385,8 @@ fn destroy_matching(stale: &Stale) -> io::Result<Found> {
                 }
             })?;
             for (cookie, id) in targets {
-                match request(
-                    &nl,
-                    SOCK_DESTROY,
-                    NLM_F_REQUEST | NLM_F_ACK,
-                    family,
-                    protocol,
-                    &id,
-                ) {
+                let flags = netlink::NLM_F_REQUEST | netlink::NLM_F_ACK;
+                match netlink::request(&nl, &message(SOCK_DESTROY, flags, family, protocol, &id)) {
                     Ok(()) => found.destroyed.push(cookie),
                     // Closed meanwhile.
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -424,37 +410,6 @@ fn addr_of_id(family: u8, bytes: &[u8]) -> IpAddr {
     }
 }
 
-fn netlink() -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let timeout = libc::timeval {
-        tv_sec: 5,
-        tv_usec: 0,
-    };
-    // SAFETY: setsockopt(2) with a live timeval of the size passed.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            std::ptr::from_ref(&timeout).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-    }
-    Ok(fd)
-}
-
 /// The socket states worth a look (`idiag_states` bits of the kernel's TCP states): a
 /// TCP connection an application may still hold (not listening, not in TIME_WAIT or
 /// closed: a busy node has thousands of those), a UDP socket that is connected.
@@ -472,59 +427,11 @@ fn states(protocol: u8) -> u32 {
 /// A netlink message: header and an `inet_diag_req_v2` for `family`, `protocol`, the
 /// states worth a look, and the socket id `id`.
 fn message(ty: u16, flags: u16, family: u8, protocol: u8, id: &[u8; SOCKID]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(HDR + REQ);
-    m.extend_from_slice(&((HDR + REQ) as u32).to_ne_bytes());
-    m.extend_from_slice(&ty.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-    m.extend_from_slice(&[family, protocol, 0, 0]);
-    m.extend_from_slice(&states(protocol).to_ne_bytes());
-    m.extend_from_slice(id);
-    m
-}
-
-fn send(nl: &OwnedFd, msg: &[u8]) -> io::Result<()> {
-    // SAFETY: send(2) of a live buffer of the length passed.
-    let n = unsafe { libc::send(nl.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn recv(nl: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: recv(2) into a live buffer of the length passed.
-    let n = unsafe { libc::recv(nl.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-/// The netlink messages in `buf[..len]`: (type, payload).
-fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        if at + HDR > buf.len() {
-            return None;
-        }
-        let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4")) as usize;
-        let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2"));
-        if len < HDR || at + len > buf.len() {
-            return None;
-        }
-        let payload = &buf[at + HDR..at + len];
-        at += len.next_multiple_of(4);
-        Some((ty, payload))
-    })
-}
-
-/// A netlink error message's errno (0: an acknowledgement).
-fn errno_of(payload: &[u8]) -> i32 {
-    payload
-        .get(..4)
-        .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4")))
+    let mut req = Vec::with_capacity(REQ);
+    req.extend_from_slice(&[family, protocol, 0, 0]);
+    req.extend_from_slice(&states(protocol).to_ne_bytes());
+    req.extend_from_slice(id);
+    netlink::message(ty, flags, &req)
 }
 
 /// Dumps the sockets of `family` and `protocol`, calling `each` with every socket id.
@@ -534,66 +441,16 @@ fn dump(
     protocol: u8,
     mut each: impl FnMut(&[u8; SOCKID]),
 ) -> io::Result<()> {
-    send(
-        nl,
-        &message(
-            SOCK_DIAG_BY_FAMILY,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            family,
-            protocol,
-            &[0; SOCKID],
-        ),
-    )?;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = recv(nl, &mut buf)?;
-        for (ty, payload) in messages(&buf[..n]) {
-            match ty {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    let e = errno_of(payload);
-                    return Err(io::Error::from_raw_os_error(-e));
-                }
-                SOCK_DIAG_BY_FAMILY => {
-                    // inet_diag_msg: family, state, timer, retrans, then the socket id.
-                    if let Some(id) = payload.get(4..4 + SOCKID) {
-                        each(id.try_into().expect("48 bytes"));
-                    }
-                }
-                _ => {}
-            }
+    let flags = netlink::NLM_F_REQUEST | netlink::NLM_F_DUMP;
+    let msg = message(SOCK_DIAG_BY_FAMILY, flags, family, protocol, &[0; SOCKID]);
+    netlink::dump(nl, &msg, |ty, payload| {
+        // inet_diag_msg: family, state, timer, retrans, then the socket id.
+        if ty == SOCK_DIAG_BY_FAMILY
+            && let Some(id) = payload.get(4..4 + SOCKID)
+        {
+            each(id.try_into().expect("48 bytes"));
         }
-        if n == 0 {
-            return Ok(());
-        }
-    }
-}
-
-/// Sends one request and waits for its acknowledgement.
-fn request(
-    nl: &OwnedFd,
-    ty: u16,
-    flags: u16,
-    family: u8,
-    protocol: u8,
-    id: &[u8; SOCKID],
-) -> io::Result<()> {
-    send(nl, &message(ty, flags, family, protocol, id))?;
-    let mut buf = vec![0u8; 8192];
-    loop {
-        let n = recv(nl, &mut buf)?;
-        for (ty, payload) in messages(&buf[..n]) {
-            if ty == NLMSG_ERROR {
-                return match errno_of(payload) {
-                    0 => Ok(()),
-                    e => Err(io::Error::from_raw_os_error(-e)),
-                };
-            }
-        }
-        if n == 0 {
-            return Err(io::Error::other("netlink: no acknowledgement"));
-        }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -625,10 +482,11 @@ mod tests {
     }
 
     #[test]
-    fn requests_have_the_kernels_layout_and_replies_are_split() {
+    fn requests_have_the_kernels_layout() {
         let mut id = [0u8; SOCKID];
         id[0..2].copy_from_slice(&80u16.to_be_bytes());
-        let m = message(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 2, 17, &id);
+        let flags = netlink::NLM_F_REQUEST | netlink::NLM_F_ACK;
+        let m = message(SOCK_DESTROY, flags, 2, 17, &id);
         assert_eq!(m.len(), 72, "nlmsghdr (16) + inet_diag_req_v2 (56)");
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 72);
         assert_eq!(
@@ -637,17 +495,6 @@ mod tests {
         );
         assert_eq!(&m[16..20], &[2, 17, 0, 0]);
         assert_eq!(&m[24..26], &80u16.to_be_bytes());
-        // Two messages back to back, the first padded to 4 bytes.
-        let mut buf = Vec::new();
-        buf.extend_from_slice(&18u32.to_ne_bytes());
-        buf.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
-        buf.extend_from_slice(&[0; 10]);
-        buf.extend_from_slice(&[7, 7, 0, 0]); // payload 2 bytes + 2 of padding
-        buf.extend_from_slice(&16u32.to_ne_bytes());
-        buf.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
-        buf.extend_from_slice(&[0; 10]);
-        let got: Vec<(u16, usize)> = messages(&buf).map(|(t, p)| (t, p.len())).collect();
-        assert_eq!(got, [(NLMSG_ERROR, 2), (NLMSG_DONE, 0)]);
         let v4: IpAddr = "10.244.1.2".parse().unwrap();
         let mut raw = [0u8; 16];
         raw[..4].copy_from_slice(&[10, 244, 1, 2]);
