@@ -694,6 +694,10 @@ impl ProbeOptions {
 pub struct ProbeReport {
     pub replies: BTreeMap<String, usize>,
     pub errors: BTreeMap<String, usize>,
+    /// When each failed exchange began, in ms since the probe began (to tell whether
+    /// failures fall in a window the test knows, such as a restart).
+    #[serde(default)]
+    pub errors_at_ms: Vec<u64>,
 }
 
 impl ProbeReport {
@@ -950,7 +954,9 @@ pub fn probe(opts: &ProbeOptions) -> ProbeReport {
             return report;
         }
     };
+    let start = Instant::now();
     for _ in 0..opts.count {
+        let began = start.elapsed().as_millis() as u64;
         let result = match (opts.mode, &flow) {
             (ProbeMode::UdpFlow, Some(s)) => udp_exchange(s, opts.timeout, opts.size),
             (ProbeMode::UdpSendtoFlow, Some(s)) => {
@@ -966,7 +972,10 @@ pub fn probe(opts: &ProbeOptions) -> ProbeReport {
         };
         match result {
             Ok(name) => *report.replies.entry(name).or_default() += 1,
-            Err(e) => *report.errors.entry(error_name(&e)).or_default() += 1,
+            Err(e) => {
+                *report.errors.entry(error_name(&e)).or_default() += 1;
+                report.errors_at_ms.push(began);
+            }
         }
         std::thread::sleep(opts.interval);
     }
@@ -1010,9 +1019,11 @@ fn echo(mut reader: BufReader<TcpStream>, line: &str, n: u64) {
         Ok(w) => w,
         Err(_) => return,
     };
+    // Longer than any pause a test makes halfway (a minute under emulation), so that
+    // the server never ends a transfer the client has only paused.
     let _ = reader
         .get_ref()
-        .set_read_timeout(Some(Duration::from_secs(10)));
+        .set_read_timeout(Some(Duration::from_secs(300)));
     if writer.write_all(line.as_bytes()).is_ok() {
         let _ = std::io::copy(&mut (&mut reader).take(n), &mut writer);
     }
