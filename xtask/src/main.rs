@@ -466,7 +466,9 @@ fn test() -> anyhow::Result<()> {
     let mut passed = run_tests(&mut cmd)?;
     for mode in PACKET_TEST_MODES {
         let mut cmd = cargo();
-        cmd.args(["test", "--package", "lb-user"])
+        // `--workspace`, as the whole suite: the same features, so the same test
+        // binaries, not a rebuild of lb-user's for its own feature set.
+        cmd.args(["test", "--workspace"])
             .args(PACKET_TESTS.iter().flat_map(|t| ["--test", t]))
             .env("LB_TEST_ACCELERATION", mode);
         passed += run_tests(&mut cmd)?;
