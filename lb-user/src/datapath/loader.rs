@@ -1086,7 +1086,7 @@ fn attach_filter(
         }
     };
     for f in filters.iter().filter(|f| f.name == name && !ours(f)) {
-        remove_filter(&iface.name, attach_type, f);
+        let _ = remove_filter(&iface.name, attach_type, f);
     }
     Ok(created)
 }
@@ -1098,14 +1098,14 @@ fn direction(attach_type: TcAttachType) -> &'static str {
     }
 }
 
-/// Deletes the clsact filter `f` (one of ours) from `iface`, saying so.
-fn remove_filter(iface: &str, attach_type: TcAttachType, f: &tcfilter::Filter) {
+/// Deletes the clsact filter `f` (one of ours) from `iface`, saying so; whether it did.
+fn remove_filter(iface: &str, attach_type: TcAttachType, f: &tcfilter::Filter) -> bool {
     use aya::programs::links::Link as _;
     let detached =
         SchedClassifierLink::attached(iface, attach_type, f.priority, f.handle.into(), None)
             .map_err(aya::programs::ProgramError::from)
             .and_then(|l| l.detach());
-    match detached {
+    match &detached {
         Ok(()) => tracing::info!(
             iface,
             filter = %f.name,
@@ -1121,6 +1121,7 @@ fn remove_filter(iface: &str, attach_type: TcAttachType, f: &tcfilter::Filter) {
             "removing a tc filter of ours from a clsact qdisc: {e}"
         ),
     }
+    detached.is_ok()
 }
 
 /// Removes our tc programs' clsact filters from every interface of this network
@@ -1136,8 +1137,7 @@ fn remove_filters(keep: &[Iface]) -> usize {
                 continue;
             };
             for f in filters.iter().filter(|f| f.name == name) {
-                remove_filter(&iface, attach_type, f);
-                removed += 1;
+                removed += usize::from(remove_filter(&iface, attach_type, f));
             }
         }
     }
