@@ -60,7 +60,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    lb_user::agent::one_heap();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
@@ -80,6 +79,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Run(opts) => {
+            agent::malloc_heaps(&opts);
             // The sync runs on this thread; two workers serve metrics, health and
             // the health checks meanwhile, so a long sync does not fail a probe.
             tokio::runtime::Builder::new_multi_thread()

@@ -240,15 +240,24 @@ impl PacketLevel {
     }
 }
 
-/// One malloc heap for the whole process (glibc makes up to eight per core, one per
-/// thread that allocates): the first sync's large transient allocations, made on
-/// several threads, would otherwise stay spread over several heaps.
-pub fn one_heap() {
+/// How many malloc heaps the process may have, set before any thread starts (glibc reads
+/// the limit once, when a thread other than the first allocates for the first time, and
+/// otherwise makes up to eight per core, one per thread that allocates).
+///
+/// * On the Kubernetes API, one: the first sync's large transient allocations, made on
+///   several threads, would otherwise stay spread over several heaps (a higher peak).
+/// * On manifests, four: the reader's thread parses while the sync's models the parts
+///   already read, and on one heap they took turns on its lock (the model took twice as
+///   long); with four, each busy thread has its own.
+pub fn malloc_heaps(opts: &RunOptions) {
+    let heaps = if opts.manifests.is_some() { 4 } else { 1 };
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets an allocator parameter.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_ARENA_MAX, heaps);
     }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = heaps;
 }
 
 /// SIGTERM and SIGINT, the two ways the agent is asked to stop.
