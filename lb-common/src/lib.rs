@@ -71,9 +71,11 @@ pub const PINNED_MAPS: [&str; 17] = [
 ];
 
 /// Capacity of the maps as the object defines them; the agent sizes them at load
-/// (`lb-user run --max-services` and friends; these are the defaults). The services,
-/// backends, rev-NAT and names maps are not preallocated, so their capacity costs no
-/// memory; the LRU maps (affinity, socket rev-NAT, connection tracking) are.
+/// (`lb-user run --max-services` and friends; these are the defaults). The object
+/// declares the services, backends, rev-NAT and names maps not preallocated, so their
+/// capacity costs no memory, but the agent makes the services and backends maps
+/// preallocated unless `--preallocate-maps=false`; the LRU maps (affinity, socket
+/// rev-NAT, connection tracking) always are.
 pub const MAX_SERVICE_ENTRIES: u32 = 262_144;
 pub const MAX_BACKENDS: u32 = 262_144;
 /// Frontends: rev-NAT ids are 16-bit and 0 is never used.

@@ -16,8 +16,10 @@ use lb_common::{
 };
 
 /// Frontend (address, port, protocol, scope, slot) -> header (slot 0) or backend id.
-/// Not preallocated (flag 1, `BPF_F_NO_PREALLOC`), like the other maps the agent fills:
-/// their memory follows what is programmed, their capacity is a limit set by flags.
+/// Declared not preallocated (flag 1, `BPF_F_NO_PREALLOC`), like the other maps the agent
+/// fills: their memory follows what is programmed, their capacity is a limit set by flags.
+/// The agent makes this one and the backends map preallocated before the load unless
+/// `--preallocate-maps=false` (`lb-user`'s `datapath::prealloc`).
 #[btf_map]
 pub(crate) static LB_SERVICES_V2: HashMap<
     ServiceKey,
@@ -26,7 +28,8 @@ pub(crate) static LB_SERVICES_V2: HashMap<
     1,
 > = HashMap::new();
 
-/// Backend id -> pod address and port.
+/// Backend id -> pod address and port. Declared not preallocated; made preallocated by
+/// the agent as the services map is.
 #[btf_map]
 pub(crate) static LB_BACKENDS_V2: HashMap<u32, Backend, { MAX_BACKENDS as usize }, 1> =
     HashMap::new();

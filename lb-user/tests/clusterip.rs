@@ -657,3 +657,91 @@ fn bpf_stats_give_each_programs_own_cost_per_call() {
             .contains("--bpf-stats: the kernel's BPF statistics are on")
     );
 }
+
+/// `bpftool map show` of a pinned map.
+fn map_show(map: &std::path::Path) -> serde_json::Value {
+    let out = lab::run(
+        Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(map),
+    )
+    .unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Whether map `name` under `pin` was made preallocated (its flags lack
+/// `BPF_F_NO_PREALLOC`).
+fn preallocated(pin: &std::path::Path, name: &str) -> bool {
+    let show = map_show(&pin.join(name));
+    show["flags"].as_u64().unwrap() & 1 == 0
+}
+
+#[test]
+fn the_services_and_backends_maps_are_preallocated_unless_asked_not_to() {
+    use lb_common::{MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES};
+    let mut fx = Fixture::new("prealloc", 2, &[("web.yaml", service("web", WEB_IP, 80))]);
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0, 1])));
+    fx.agent.wait_synced(2, Duration::from_secs(10)).unwrap();
+    let r = fx.probe(WEB_IP, 20);
+    assert_eq!(r.total_replies(), 20, "{r:?}");
+    let pin = fx.agent.pin_path.clone();
+    for name in [MAP_SERVICES, MAP_BACKENDS] {
+        let show = map_show(&pin.join(name));
+        assert!(preallocated(&pin, name), "{name}: {show}");
+        assert!(
+            show["btf_id"].as_u64().unwrap_or(0) > 0,
+            "{name} carries the object's BTF: {show}"
+        );
+        // bpftool names the fields through it.
+        let dump = lab::run(
+            Command::new("bpftool")
+                .args(["-j", "map", "dump", "pinned"])
+                .arg(pin.join(name)),
+        )
+        .unwrap();
+        assert!(
+            dump.contains("\"formatted\"") && dump.contains("\"addr\""),
+            "{dump}"
+        );
+    }
+    assert!(!preallocated(&pin, MAP_REVNAT), "the others are not");
+
+    // A restart that asks for maps that are not preallocated keeps the pinned ones, says
+    // so, and serves with them.
+    let log = fx.dir.join("agent-2.log");
+    fx.agent
+        .restart(
+            lab::Stop::Term,
+            Duration::ZERO,
+            &["--preallocate-maps=false"],
+            &log,
+        )
+        .unwrap();
+    fx.agent.wait_synced(1, common::sync_timeout()).unwrap();
+    let text = fx.agent.log();
+    assert!(
+        text.contains("a map already pinned keeps how it was made") && text.contains(MAP_SERVICES),
+        "{text}"
+    );
+    assert!(preallocated(&pin, MAP_SERVICES) && preallocated(&pin, MAP_BACKENDS));
+    let r = fx.probe(WEB_IP, 20);
+    assert_eq!(r.total_replies(), 20, "{r:?}");
+    drop(fx);
+
+    // Made anew with --preallocate-maps=false: memory as entries are written.
+    let fx = Fixture::with_source(
+        "noprealloc",
+        1,
+        &[("web.yaml", service("web", WEB_IP, 80))],
+        None,
+        &["--preallocate-maps=false"],
+    );
+    fx.write("web-slice.yaml", &slice("web", &fx.pod_ips(&[0])));
+    let served = lab::wait_for(Duration::from_secs(5), || {
+        (fx.probe(WEB_IP, 1).total_replies() == 1).then_some(())
+    });
+    assert!(served.is_some(), "{}", fx.agent.log());
+    for name in [MAP_SERVICES, MAP_BACKENDS] {
+        assert!(!preallocated(&fx.agent.pin_path, name), "{name}");
+    }
+}

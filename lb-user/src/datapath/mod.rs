@@ -26,8 +26,9 @@
 //!
 //! * [`checks`]: what the agent needs of its process and the kernel, checked first;
 //! * [`loader`]: the bpf filesystem, loading, pinning and attaching the programs;
+//! * [`prealloc`]: the services and backends maps made preallocated before the load;
 //! * [`sys`]: the bpf(2) commands aya lacks (update a cgroup link in place, list and
-//!   detach a cgroup's links, batched map updates);
+//!   detach a cgroup's links, batched map updates, a map made with flags of our choosing);
 //! * [`iface`]: the node's interfaces for the tc programs, and the SNAT port range;
 //! * [`ops`]: the map operations and [`Snapshot`], the maps' contents as plain data;
 //! * [`plan`]: [`Programmed`], the diff of desired state against what the maps hold;
@@ -43,6 +44,7 @@ pub mod iface;
 pub mod loader;
 pub mod maps;
 pub mod netlink;
+pub mod prealloc;
 pub mod sockets;
 pub mod sys;
 pub mod tcfilter;

@@ -1,7 +1,9 @@
 //! The few bpf(2) commands aya does not offer: for cgroup links, open a pinned link,
 //! replace a cgroup link's program in place (`BPF_LINK_UPDATE`), and list and detach the
 //! cgroup links of a cgroup (for `lb-user cleanup --cgroup`); for maps, many updates in
-//! one call (`BPF_MAP_UPDATE_BATCH`) and many entries read in one (`BPF_MAP_LOOKUP_BATCH`).
+//! one call (`BPF_MAP_UPDATE_BATCH`) and many entries read in one (`BPF_MAP_LOOKUP_BATCH`),
+//! and making a map with flags of our choosing (`BPF_BTF_LOAD`, `BPF_MAP_CREATE`,
+//! `BPF_OBJ_PIN`: see [`super::prealloc`]).
 
 use std::{
     ffi::CString,
@@ -10,7 +12,10 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_BTF_LOAD: libc::c_long = 18;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -139,26 +144,138 @@ pub fn map_lookup_batch<K: aya::Pod + bytemuck::Zeroable, V: aya::Pod + bytemuck
     Ok(out)
 }
 
-/// Opens the BPF object pinned at `path` (`BPF_OBJ_GET`).
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+/// `BPF_OBJ_PIN` and `BPF_OBJ_GET`'s attribute.
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: [u32; 13],
+}
+
+/// `cmd` (`BPF_OBJ_PIN` or `BPF_OBJ_GET`) on `path`, with `fd` for a pin.
+fn obj_path_cmd(cmd: libc::c_long, path: &Path, fd: u32) -> io::Result<libc::c_long> {
     use std::os::unix::ffi::OsStrExt as _;
     let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    #[repr(C)]
-    struct Attr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: [u32; 13],
-    }
-    let mut attr = Attr {
+    let mut attr = ObjAttr {
         pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
+        bpf_fd: fd,
         file_flags: 0,
         path_fd: 0,
         _pad: [0; 13],
     };
-    bpf(BPF_OBJ_GET, &mut attr).map(owned)
+    bpf(cmd, &mut attr)
+}
+
+/// Opens the BPF object pinned at `path` (`BPF_OBJ_GET`).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    obj_path_cmd(BPF_OBJ_GET, path, 0).map(owned)
+}
+
+/// Pins the BPF object `fd` at `path` (`BPF_OBJ_PIN`), which must not exist.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    obj_path_cmd(BPF_OBJ_PIN, path, fd.as_raw_fd() as u32).map(drop)
+}
+
+/// Loads `btf` (raw BTF: header, types, strings) into the kernel (`BPF_BTF_LOAD`). On a
+/// refusal, the error carries the last line of the kernel's log.
+pub fn btf_load(btf: &[u8]) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct Attr {
+        btf: u64,
+        btf_log_buf: u64,
+        btf_size: u32,
+        btf_log_size: u32,
+        btf_log_level: u32,
+        _pad: u32,
+    }
+    let mut attr = Attr {
+        btf: btf.as_ptr() as u64,
+        btf_log_buf: 0,
+        btf_size: btf.len() as u32,
+        btf_log_size: 0,
+        btf_log_level: 0,
+        _pad: 0,
+    };
+    match bpf(BPF_BTF_LOAD, &mut attr) {
+        Ok(fd) => Ok(owned(fd)),
+        Err(e) => {
+            // Again with a log, for the kernel's reason.
+            let mut log = vec![0u8; 64 * 1024];
+            attr.btf_log_buf = log.as_mut_ptr() as u64;
+            attr.btf_log_size = log.len() as u32;
+            attr.btf_log_level = 1;
+            let _ = bpf(BPF_BTF_LOAD, &mut attr).map(owned);
+            let text = String::from_utf8_lossy(&log);
+            let why = text
+                .trim_end_matches('\0')
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("");
+            Err(io::Error::new(e.kind(), format!("{e}: {why}")))
+        }
+    }
+}
+
+/// A map to make with [`map_create`].
+#[derive(Clone, Copy, Debug)]
+pub struct MapSpec<'a> {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub map_flags: u32,
+    /// At most 15 bytes are kept.
+    pub name: &'a str,
+    /// The BTF its key and value types are in, if any, and their ids there.
+    pub btf: Option<BorrowedFd<'a>>,
+    pub btf_key_type_id: u32,
+    pub btf_value_type_id: u32,
+}
+
+/// `BPF_MAP_CREATE`'s attribute, up to `map_extra`.
+#[repr(C)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+    map_ifindex: u32,
+    btf_fd: u32,
+    btf_key_type_id: u32,
+    btf_value_type_id: u32,
+    btf_vmlinux_value_type_id: u32,
+    map_extra: u64,
+}
+
+/// Makes a map (`BPF_MAP_CREATE`).
+pub fn map_create(spec: &MapSpec<'_>) -> io::Result<OwnedFd> {
+    let mut map_name = [0u8; 16];
+    let n = spec.name.len().min(15);
+    map_name[..n].copy_from_slice(&spec.name.as_bytes()[..n]);
+    let mut attr = MapCreateAttr {
+        map_type: spec.map_type,
+        key_size: spec.key_size,
+        value_size: spec.value_size,
+        max_entries: spec.max_entries,
+        map_flags: spec.map_flags,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name,
+        map_ifindex: 0,
+        btf_fd: spec.btf.map_or(0, |fd| fd.as_raw_fd() as u32),
+        btf_key_type_id: spec.btf_key_type_id,
+        btf_value_type_id: spec.btf_value_type_id,
+        btf_vmlinux_value_type_id: 0,
+        map_extra: 0,
+    };
+    bpf(BPF_MAP_CREATE, &mut attr).map(owned)
 }
 
 /// Replaces the program of `link` by `prog` in one step: the hook never runs without a
@@ -305,28 +422,25 @@ mod tests {
         assert_eq!(std::mem::offset_of!(RawLinkInfo, cgroup_id), 16);
         assert_eq!(std::mem::offset_of!(IdAttr, next_id), 4);
         assert_eq!(std::mem::offset_of!(IdAttr, open_flags), 8);
+        // union bpf_attr's BPF_MAP_CREATE member.
+        assert_eq!(std::mem::offset_of!(MapCreateAttr, map_name), 28);
+        assert_eq!(std::mem::offset_of!(MapCreateAttr, btf_fd), 48);
+        assert_eq!(std::mem::offset_of!(MapCreateAttr, map_extra), 64);
     }
 
     /// A map of `max` entries (`BPF_MAP_CREATE`) with u64 keys and values.
     fn lru_map(max: u32) -> io::Result<OwnedFd> {
-        #[repr(C)]
-        struct Attr {
-            map_type: u32,
-            key_size: u32,
-            value_size: u32,
-            max_entries: u32,
-            map_flags: u32,
-            _rest: [u32; 27],
-        }
-        let mut attr = Attr {
+        map_create(&MapSpec {
             map_type: 9, // BPF_MAP_TYPE_LRU_HASH
             key_size: 8,
             value_size: 8,
             max_entries: max,
             map_flags: 0,
-            _rest: [0; 27],
-        };
-        bpf(0, &mut attr).map(owned)
+            name: "lb_test",
+            btf: None,
+            btf_key_type_id: 0,
+            btf_value_type_id: 0,
+        })
     }
 
     #[test]
