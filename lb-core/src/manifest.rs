@@ -179,7 +179,8 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    fn of(file: &Path) -> Option<Self> {
+    /// The file's stamp now; `None` when it cannot be looked at.
+    pub fn of(file: &Path) -> Option<Self> {
         let meta = fs::metadata(file).ok()?;
         Some(Self {
             len: meta.len(),
@@ -201,6 +202,50 @@ impl Stamp {
     }
 }
 
+/// Files known to be written whole, whatever their age: each with its stamp when that
+/// became known (a writer closed it, or it was renamed into place: the source learns
+/// it from inotify). A file whose stamp is still that one is read at once instead of
+/// after the settle time; one written again since is not. Shared by the poller's view
+/// and the cache (cloning shares it).
+#[derive(Clone, Debug, Default)]
+pub struct Complete(Arc<std::sync::Mutex<BTreeMap<PathBuf, Stamp>>>);
+
+/// Files [`Complete`] remembers at most; past that, those written again since are
+/// forgotten.
+const COMPLETE_FILES: usize = 4096;
+
+impl Complete {
+    /// Notes that `file` is written whole as it is now.
+    pub fn mark(&self, file: &Path) {
+        let Some(stamp) = Stamp::of(file) else {
+            return;
+        };
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(file.to_path_buf(), stamp);
+        if map.len() > COMPLETE_FILES {
+            map.retain(|f, s| Stamp::of(f).as_ref() == Some(s));
+        }
+    }
+
+    /// Whether `file` was noted whole with `stamp`.
+    pub fn holds(&self, file: &Path, stamp: &Stamp) -> bool {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(file) == Some(stamp)
+    }
+
+    /// Whether `file`, whose stamp is `stamp`, is still being written at `now`: written
+    /// within `settle` and not noted whole since.
+    fn writing(
+        &self,
+        file: &Path,
+        stamp: Option<&Stamp>,
+        settle: Duration,
+        now: SystemTime,
+    ) -> bool {
+        stamp.is_some_and(|s| !s.settled(settle, now) && !self.holds(file, s))
+    }
+}
+
 /// The poller's view: each manifest file's stamp as of when it last settled. It changes
 /// when a file settles after a write, appears settled, or goes; not while a file is
 /// being written, so the source is not asked to read what it would defer.
@@ -209,9 +254,18 @@ pub struct Settled {
     seen: Option<BTreeMap<PathBuf, Option<Stamp>>>,
     /// How many files the last look found still being written.
     young: usize,
+    complete: Complete,
 }
 
 impl Settled {
+    /// A view that takes the files `complete` holds as settled.
+    pub fn with_complete(complete: Complete) -> Self {
+        Self {
+            complete,
+            ..Self::default()
+        }
+    }
+
     /// Looks at `path` again at `now`; true when the view changed (and the first time).
     pub fn observe(
         &mut self,
@@ -225,7 +279,7 @@ impl Settled {
         self.young = 0;
         for file in files {
             let stamp = Stamp::of(&file);
-            if stamp.is_some_and(|s| !s.settled(settle, now)) {
+            if self.complete.writing(&file, stamp.as_ref(), settle, now) {
                 self.young += 1;
                 // Being written: its last settled stamp, if any, stands for it.
                 let last = self.seen.as_ref().and_then(|s| s.get(&file)).copied();
@@ -521,6 +575,8 @@ pub struct Cache {
     /// How long a file must stay unwritten before it is read (zero: at once).
     settle: Duration,
     limits: Limits,
+    /// Files read at once, whatever their age.
+    complete: Complete,
 }
 
 impl Cache {
@@ -530,6 +586,11 @@ impl Cache {
             limits,
             ..Self::default()
         }
+    }
+
+    /// Reads the files `complete` holds at once, whatever their age.
+    pub fn with_complete(self, complete: Complete) -> Self {
+        Self { complete, ..self }
     }
 
     /// Reads what changed under `path` since the last call (the files that settled by
@@ -548,10 +609,15 @@ impl Cache {
             let entry = match self.files.remove(&file) {
                 Some(e) if e.stamp == stamp && stamp.is_some() => e,
                 // Still being written: what was read before stays until it settles.
-                old if stamp.is_some_and(|s| !s.settled(self.settle, now)) => match old {
-                    Some(e) => e,
-                    None => continue,
-                },
+                old if self
+                    .complete
+                    .writing(&file, stamp.as_ref(), self.settle, now) =>
+                {
+                    match old {
+                        Some(e) => e,
+                        None => continue,
+                    }
+                }
                 old => {
                     let (new, trouble) = FileEntry::read(&file, stamp, &self.limits);
                     let old_ids: Vec<Id> = old.iter().flat_map(FileEntry::ids).collect();
@@ -606,7 +672,10 @@ impl Cache {
         };
         for file in walk.files {
             let stamp = Stamp::of(&file);
-            if stamp.is_some_and(|s| !s.settled(self.settle, now)) {
+            if self
+                .complete
+                .writing(&file, stamp.as_ref(), self.settle, now)
+            {
                 continue; // Being written: the next refresh reads it.
             }
             let entry =
@@ -1457,6 +1526,46 @@ spec:
         assert!(!view.observe(&tmp.0, &limits, settle, later));
         fs::remove_file(tmp.0.join("b.yaml")).unwrap();
         assert!(view.observe(&tmp.0, &limits, settle, later), "removed");
+    }
+
+    #[test]
+    fn a_file_noted_whole_is_read_at_once_until_written_again() {
+        let tmp = TempDir::new("complete");
+        let settle = Duration::from_secs(600);
+        let limits = Limits::default();
+        let complete = Complete::default();
+        let mut view = Settled::with_complete(complete.clone());
+        let mut cache = Cache::new(settle, limits).with_complete(complete.clone());
+        let now = SystemTime::now();
+        assert!(view.observe(&tmp.0, &limits, settle, now), "the first look");
+        // Young, and not noted: neither the view nor the cache takes it.
+        let a = tmp.0.join("a.yaml");
+        fs::write(&a, svc("a")).unwrap();
+        assert!(!view.observe(&tmp.0, &limits, settle, SystemTime::now()));
+        assert!(
+            cache
+                .refresh(&tmp.0, SystemTime::now())
+                .unwrap()
+                .0
+                .is_empty()
+        );
+        // Noted whole (renamed into place, or closed by its writer): taken at once.
+        complete.mark(&a);
+        assert!(view.observe(&tmp.0, &limits, settle, SystemTime::now()));
+        assert_eq!(view.young(), 0);
+        let (changes, _) = cache.refresh(&tmp.0, SystemTime::now()).unwrap();
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        // Written again (another size) since it was noted: young again, kept as read.
+        fs::write(&a, format!("{}\n", svc("a2"))).unwrap();
+        assert!(!view.observe(&tmp.0, &limits, settle, SystemTime::now()));
+        assert_eq!(view.young(), 1);
+        assert!(
+            cache
+                .refresh(&tmp.0, SystemTime::now())
+                .unwrap()
+                .0
+                .is_empty()
+        );
     }
 
     #[test]

@@ -246,11 +246,13 @@ impl PacketLevel {
 ///
 /// * On the Kubernetes API, one: the first sync's large transient allocations, made on
 ///   several threads, would otherwise stay spread over several heaps (a higher peak).
-/// * On manifests, four: the reader's thread parses while the sync's models the parts
+/// * On manifests, eight: the reader's thread parses while the sync's models the parts
 ///   already read, and on one heap they took turns on its lock (the model took twice as
-///   long); with four, each busy thread has its own.
+///   long). Eight is a heap for each of the agent's threads (the sync's, the runtime's
+///   two, the reader's, inotify's, the socket closer's, the map writers'), so none
+///   shares one by the order in which they first allocate.
 pub fn malloc_heaps(opts: &RunOptions) {
-    let heaps = if opts.manifests.is_some() { 4 } else { 1 };
+    let heaps = if opts.manifests.is_some() { 8 } else { 1 };
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets an allocator parameter.
     unsafe {

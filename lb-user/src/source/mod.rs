@@ -2,10 +2,12 @@
 //! [`Change`]s (an object added or modified, deleted, or a kind listed anew), which is
 //! all the model sees; no source touches BPF.
 //!
-//! * [`manifest`]: a YAML/JSON file or directory, polled for changes;
+//! * [`manifest`]: a YAML/JSON file or directory, watched ([`inotify`]) and polled
+//!   for changes;
 //! * [`api`]: the Kubernetes API, through kube-rs reflectors.
 
 pub mod api;
+pub mod inotify;
 pub use lb_core::manifest;
 
 use std::{
@@ -50,9 +52,10 @@ impl Source {
         }
     }
 
-    /// Starts polling `path` every `every`; `changed` is notified at start (once no file
-    /// is being written, at most twice the settle time) and after each change, once the
-    /// changed files have settled (see [`settle_time`]).
+    /// Starts polling `path` every `every`, and at once on inotify's news of it;
+    /// `changed` is notified at start (once no file is being written, at most twice the
+    /// settle time) and after each change, once the changed files have settled (see
+    /// [`settle_time`]) or are known to be written whole (see [`inotify`]).
     ///
     /// The first read runs on a thread of its own ([`FirstRead`]): the objects come in
     /// parts, each notified, so that the first sync programs a part while the next is
@@ -60,11 +63,28 @@ impl Source {
     pub fn manifests(path: PathBuf, every: Duration, changed: Arc<Notify>) -> Self {
         let settle = settle_time(every);
         let limits = manifest::Limits::default();
-        let first = FirstRead::start(path.clone(), settle, limits, changed.clone());
+        let complete = manifest::Complete::default();
+        let wake = Arc::new(Notify::new());
+        if let Err(why) = inotify::start(path.clone(), limits, complete.clone(), wake.clone()) {
+            tracing::info!(
+                "manifest changes are found by the poll alone (every {every:?}, a file read \
+                 once unwritten for {settle:?}): {why}"
+            );
+        }
+        let first = FirstRead::start(path.clone(), settle, limits, &complete, changed.clone());
+        let poller = Poller {
+            every,
+            settle,
+            limits,
+            view: manifest::Settled::with_complete(complete.clone()),
+            wake,
+        };
         Self::Manifests {
-            poller: poll_manifests(path.clone(), every, settle, limits, changed),
+            poller: poller.spawn(path.clone(), changed),
             path,
-            cache: std::sync::Mutex::new(manifest::Cache::new(settle, limits)),
+            cache: std::sync::Mutex::new(
+                manifest::Cache::new(settle, limits).with_complete(complete),
+            ),
             first: std::sync::Mutex::new(first),
         }
     }
@@ -188,14 +208,15 @@ impl FirstRead {
         path: PathBuf,
         settle: Duration,
         limits: manifest::Limits,
+        complete: &manifest::Complete,
         changed: Arc<Notify>,
     ) -> Option<Self> {
         let (tx, parts) = std::sync::mpsc::channel();
+        let mut cache = manifest::Cache::new(settle, limits).with_complete(complete.clone());
         let spawned = std::thread::Builder::new()
             .name("lb-manifests".into())
             .spawn(move || {
                 wait_until_written(&path, &limits, settle);
-                let mut cache = manifest::Cache::new(settle, limits);
                 let read = cache.read_first(&path, SystemTime::now(), |part| {
                     let _ = tx.send(Part::Objects(part));
                     changed.notify_one();
@@ -298,36 +319,46 @@ pub fn settle_time(every: Duration) -> Duration {
     every.min(Duration::from_millis(500))
 }
 
-/// Notifies `changed` whenever the settled view of the manifests changes: a file written
-/// is reported once it has settled, a file removed at once. The view is looked at every
-/// `every`, so the notification comes at most one poll after the settle time. The first
-/// notification (the first sync) waits until no file is being written, at most twice the
-/// settle time, so that files written just before the start are in it.
-fn poll_manifests(
-    path: PathBuf,
+/// The manifest poller: looks at the files every `every`, and at once when `wake` is
+/// notified (inotify's news).
+struct Poller {
     every: Duration,
     settle: Duration,
     limits: manifest::Limits,
-    changed: Arc<Notify>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut view = manifest::Settled::default();
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let started = Instant::now();
-        let mut first = true;
-        loop {
-            tick.tick().await;
-            let news = view.observe(&path, &limits, settle, SystemTime::now());
-            if first && view.young() > 0 && started.elapsed() < settle.saturating_mul(2) {
-                continue;
+    view: manifest::Settled,
+    wake: Arc<Notify>,
+}
+
+impl Poller {
+    /// Notifies `changed` whenever the settled view of the manifests changes: a file
+    /// written is reported once it has settled (or is known whole), a file removed at
+    /// once. The view is looked at every `every` and at each wake, so the notification
+    /// comes at most one poll after the settle time. The first notification (the first
+    /// sync) waits until no file is being written, at most twice the settle time, so that
+    /// files written just before the start are in it.
+    fn spawn(mut self, path: PathBuf, changed: Arc<Notify>) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(self.every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let started = Instant::now();
+            let mut first = true;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = self.wake.notified() => {}
+                }
+                let news = (self.view).observe(&path, &self.limits, self.settle, SystemTime::now());
+                let writing = self.view.young() > 0;
+                if first && writing && started.elapsed() < self.settle.saturating_mul(2) {
+                    continue;
+                }
+                if news || first {
+                    first = false;
+                    changed.notify_one();
+                }
             }
-            if news || first {
-                first = false;
-                changed.notify_one();
-            }
-        }
-    })
+        })
+    }
 }
 
 /// kube-proxy's node name rule: --hostname-override, else NODE_NAME, else the hostname,
