@@ -574,7 +574,6 @@ impl OurAgent {
 impl Drop for OurAgent {
     fn drop(&mut self) {
         self.agent.stop();
-        let _ = std::fs::copy(self.dir.join("agent.log"), "/tmp/bench-agent.log");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -640,11 +639,6 @@ fn time_changes(
         let start = change(at, next)?;
         waiter.wait_for(&format!("pod-{next}"))?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
-        eprintln!(
-            "CHANGE {:.3} at {:?}",
-            start.elapsed().as_secs_f64() * 1e3,
-            std::time::SystemTime::now()
-        );
         at = next;
     }
     let first = times.remove(0);
