@@ -227,6 +227,12 @@ impl Complete {
         }
     }
 
+    /// Forgets `file`: it is being written again.
+    pub fn forget(&self, file: &Path) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(file);
+    }
+
     /// Whether `file` was noted whole with `stamp`.
     pub fn holds(&self, file: &Path, stamp: &Stamp) -> bool {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());

@@ -5,8 +5,9 @@
 //! place (`IN_MOVED_TO`: the atomic update kubectl, editors and `write_atomic` make) or
 //! closed by its writer (`IN_CLOSE_WRITE`) is noted whole ([`manifest::Complete`]), so
 //! it is read without waiting for the settle time. A file written in place and still
-//! open is neither, and waits as before. Where inotify is missing (a filesystem without
-//! it, the watch limit reached), the poll alone finds the changes, as it always did.
+//! open is neither (a write after the note takes it back), and waits as before. Where
+//! inotify is missing (a filesystem without it, the watch limit reached), the poll alone
+//! finds the changes, as it always did.
 
 use std::{
     collections::HashMap,
@@ -65,6 +66,8 @@ pub fn start(
                         dirs_changed = true;
                     } else if mask & (libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO) != 0 {
                         complete.mark(&dir.join(name));
+                    } else if mask & libc::IN_MODIFY != 0 {
+                        complete.forget(&dir.join(name));
                     }
                 }
                 if dirs_changed {
