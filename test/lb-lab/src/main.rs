@@ -176,6 +176,9 @@ enum Cmd {
         /// Run on this CPU only.
         #[arg(long)]
         cpu: Option<usize>,
+        /// At most RATE datagrams a second (default: as fast as the thread goes).
+        #[arg(long)]
+        rate: Option<u64>,
     },
     /// BYTES to TARGET and back through one TCP connection (the pod server echoes after
     /// `ECHO BYTES`), pausing PAUSE_MS halfway; prints what came back as JSON.
@@ -381,6 +384,7 @@ fn main() -> ExitCode {
             flows,
             source_net,
             cpu,
+            rate,
         } => pktgen::udp_flood(&pktgen::FloodSpec {
             targets: target,
             duration: Duration::from_millis(duration_ms),
@@ -389,6 +393,7 @@ fn main() -> ExitCode {
             flows,
             source_net,
             cpu,
+            rate,
         })
         .and_then(|r| print_json(&r)),
         Cmd::HttpGet { target, path, host } => match host {

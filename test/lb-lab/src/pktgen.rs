@@ -18,6 +18,8 @@ pub const BATCH: usize = 32;
 /// The longest run and the most datagrams one run may send.
 pub const MAX_DURATION: Duration = Duration::from_secs(60);
 pub const MAX_PACKETS: u64 = 1_000_000_000;
+/// The highest paced rate, datagrams a second.
+pub const MAX_RATE: u64 = 10_000_000;
 
 /// What to send.
 #[derive(Clone, Debug)]
@@ -34,6 +36,9 @@ pub struct FloodSpec {
     pub source_net: Option<String>,
     /// Run on this CPU only.
     pub cpu: Option<usize>,
+    /// At most this many datagrams a second (none: as fast as the thread goes), paced
+    /// batch by batch: a check that the path forwards, not how much.
+    pub rate: Option<u64>,
 }
 
 /// What was sent: datagrams the kernel took, failed `sendmmsg` calls, the time it took,
@@ -83,6 +88,9 @@ impl FloodSpec {
         if !(1..=4096).contains(&self.flows) {
             bail!("udp-flood --flows {}: 1 to 4096", self.flows);
         }
+        if let Some(rate) = self.rate.filter(|r| !(1..=MAX_RATE).contains(r)) {
+            bail!("udp-flood --rate {rate}: 1 to {MAX_RATE} a second");
+        }
         Ok(())
     }
 }
@@ -114,7 +122,8 @@ fn own_cpu_ns() -> u64 {
 }
 
 /// The send loop: `send(k, want)` sends up to `want` datagrams (the k-th call) and returns
-/// how many went, or an error; runs until the time or the count is reached.
+/// how many went, or an error; runs until the time or the count is reached. With a rate,
+/// each batch waits for its moment (the datagrams sent so far over the rate).
 fn send_loop(
     spec: &FloodSpec,
     mut send: impl FnMut(usize, usize) -> std::io::Result<usize>,
@@ -123,6 +132,14 @@ fn send_loop(
     let start = Instant::now();
     let mut k = 0;
     while report.sent < spec.max_packets && start.elapsed() < spec.duration {
+        if let Some(rate) = spec.rate {
+            let due = start + Duration::from_nanos(report.sent * 1_000_000_000 / rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep((due - now).min(spec.duration.saturating_sub(now - start)));
+                continue;
+            }
+        }
         let want = BATCH.min((spec.max_packets - report.sent) as usize);
         match send(k, want) {
             Ok(n) => report.sent += n as u64,
@@ -295,6 +312,7 @@ mod tests {
             flows: 4,
             source_net: None,
             cpu: None,
+            rate: None,
         }
     }
 
@@ -330,6 +348,24 @@ mod tests {
         // 32 + 32 + 32 + 4, with a failed call between each.
         assert_eq!((r.sent, r.errors, calls), (100, 3, 7));
         assert!(r.rate() > 0.0);
+    }
+
+    #[test]
+    fn a_paced_loop_sends_no_faster_than_its_rate() {
+        // 2,000 a second for 50 ms: about 100, in batches of 32 (at most one batch over).
+        let paced = FloodSpec {
+            rate: Some(2_000),
+            max_packets: 10_000,
+            ..spec()
+        };
+        let r = send_loop(&paced, |_, want| Ok(want));
+        assert!(r.elapsed_ns >= 50_000_000);
+        assert!((96..=160).contains(&r.sent), "sent {}", r.sent);
+        let unpaced = FloodSpec {
+            max_packets: 10_000,
+            ..spec()
+        };
+        assert_eq!(send_loop(&unpaced, |_, want| Ok(want)).sent, 10_000);
     }
 
     #[test]
@@ -369,6 +405,13 @@ mod tests {
                 ..spec()
             })
             .contains("no --target")
+        );
+        assert!(
+            e(FloodSpec {
+                rate: Some(0),
+                ..spec()
+            })
+            .contains("--rate 0")
         );
         assert!(spec().check().is_ok());
     }

@@ -49,6 +49,9 @@ const PLAN: Plan = Plan {
 
 /// Each run's length.
 const RUN_MS: u64 = 2_000;
+/// The path check's runs: 300 ms at 20,000 datagrams a second (6,000 datagrams).
+const CHECK_MS: u64 = 300;
+const CHECK_RATE: Option<u64> = Some(20_000);
 /// The forwarding runs' flows (connected sockets, one source port each).
 const FLOWS: usize = 64;
 /// The drop run's sources: none of them in the LoadBalancer's ranges (the client).
@@ -325,6 +328,7 @@ impl PacketLab {
         targets: &[SocketAddrV4],
         source_net: Option<&str>,
         ms: u64,
+        rate: Option<u64>,
     ) -> anyhow::Result<FloodReport> {
         let mut cmd = Command::new(&self.lab_bin);
         cmd.arg("udp-flood");
@@ -336,6 +340,9 @@ impl PacketLab {
         if let Some(net) = source_net {
             cmd.args(["--source-net", net]);
         }
+        if let Some(rate) = rate {
+            cmd.args(["--rate", &rate.to_string()]);
+        }
         if let Some(cpu) = sender_cpu() {
             cmd.args(["--cpu", &cpu.to_string()]);
         }
@@ -344,13 +351,15 @@ impl PacketLab {
         serde_json::from_str(out.trim()).with_context(|| format!("udp-flood printed {out:?}"))
     }
 
-    /// One run of `ms` against `variant`: forwarding, or (`source_net`) the drop run.
+    /// One run of `ms` against `variant`: forwarding, or (`source_net`) the drop run; as
+    /// fast as the sender goes, or paced at `rate` datagrams a second.
     fn sample(
         &self,
         variant: &str,
         targets: &[SocketAddrV4],
         source_net: Option<&str>,
         ms: u64,
+        rate: Option<u64>,
     ) -> anyhow::Result<Sample> {
         let pin = self.lab.agent(variant).map(|a| a.pin_path.clone());
         let received_before = received(&self.lab.backends)?;
@@ -358,7 +367,7 @@ impl PacketLab {
         let cpu = sender_cpu().unwrap_or(0);
         let softirq_before = ksoftirqd_ns(cpu)?;
         let cpu_before = busy_cpu_us()?;
-        let report = self.flood(targets, source_net, ms)?;
+        let report = self.flood(targets, source_net, ms, rate)?;
         // What is still on its way lands (the pods are two hops on).
         std::thread::sleep(Duration::from_millis(50));
         let cpu_us = busy_cpu_us()? - cpu_before;
@@ -382,12 +391,16 @@ impl PacketLab {
         })
     }
 
-    /// A short run per variant: each forwards at least half of what it is sent (the
-    /// paths work and are warm), and the LoadBalancer IP forwards the client (inside
-    /// its ranges) through each node that the drop run floods.
+    /// A short paced run per variant: each forwards at least three quarters of what it is
+    /// sent (the paths work and are warm), and the LoadBalancer IP forwards the client
+    /// (inside its ranges) through each node that the drop run floods. Paced, because a
+    /// flood loses datagrams wherever a queue is full (the veth rings, before any program
+    /// runs), the more so on a busy machine: that is the runs' measure, not a broken path.
+    /// A path that does not forward, or forwards to one node's pods only, still fails.
     fn check_paths(&self, forward: &[&str], drop: &[&str]) -> anyhow::Result<()> {
         let check = |what: String, s: Sample| {
-            if s.received * 2 < s.sent || s.sent == 0 {
+            eprintln!("bench: path check, {what}: {} of {}", s.received, s.sent);
+            if s.received * 4 < s.sent * 3 || s.sent == 0 {
                 bail!(
                     "{what}: {} of {} datagrams reached the pods",
                     s.received,
@@ -397,12 +410,13 @@ impl PacketLab {
             Ok(())
         };
         for v in forward {
-            let s = self.sample(v, &self.forward_targets(v), None, 200)?;
+            let s = self.sample(v, &self.forward_targets(v), None, CHECK_MS, CHECK_RATE)?;
             check(format!("packets via {v}"), s)?;
         }
         for v in drop {
             self.route_lb_via(v)?;
-            let s = self.sample(v, &[SocketAddrV4::new(LB_IP, SINK_PORT)], None, 200)?;
+            let lb = [SocketAddrV4::new(LB_IP, SINK_PORT)];
+            let s = self.sample(v, &lb, None, CHECK_MS, CHECK_RATE)?;
             check(format!("the LoadBalancer IP via {v}, from the client"), s)?;
         }
         Ok(())
@@ -438,12 +452,12 @@ pub fn bench_packets(opts: &BenchOptions, n: usize) -> anyhow::Result<Vec<Packet
             .into_iter()
             .map(|k| FORWARD[k])
         {
-            let s = lab.sample(v, &lab.forward_targets(v), None, RUN_MS)?;
+            let s = lab.sample(v, &lab.forward_targets(v), None, RUN_MS, None)?;
             runs.entry(v.into()).or_default().0.push(s);
         }
         for v in round_order(DROP.len(), round).into_iter().map(|k| DROP[k]) {
             lab.route_lb_via(v)?;
-            let s = lab.sample(v, &flood_target, Some(FLOOD_NET), RUN_MS)?;
+            let s = lab.sample(v, &flood_target, Some(FLOOD_NET), RUN_MS, None)?;
             runs.entry(v.into()).or_default().1.push(s);
         }
     }
