@@ -111,6 +111,13 @@ pub const CT_TCP_CLOSING_TIMEOUT_S: u64 = 10;
 /// ports) back within this.
 pub const CT_TCP_SYN_TIMEOUT_S: u64 = 60;
 pub const CT_UDP_TIMEOUT_S: u64 = 60;
+/// How long after a TCP flow closed (a FIN each way) its backend may still hold the
+/// tuple in TIME_WAIT: Linux's 60 s, and a second for the last ACK. A SNAT port is not
+/// given to a new flow to the same backend within this while another port is free: a
+/// SYN from another client on a tuple in TIME_WAIT can get the old flow's ACK, which the
+/// client resets before it sends its SYN again (Linux at once, other stacks after their
+/// SYN timeout). Conntrack, for kube-proxy's masquerade, holds such tuples 120 s.
+pub const CT_TCP_TIME_WAIT_S: u64 = 61;
 
 /// TCP header flags (byte 13 of the header).
 pub const TCP_FIN: u8 = 0x01;
@@ -598,6 +605,17 @@ impl CtValue {
             CT_TCP_TIMEOUT_S
         };
         now_ns.saturating_sub(self.last_seen_ns) > timeout_s * 1_000_000_000
+    }
+
+    /// Whether the entry is of a TCP flow that closed with a FIN each way at most
+    /// `CT_TCP_TIME_WAIT_S` before `now_ns`: the side that closed first (the backend,
+    /// for a reply half's tuple) may still hold the tuple in TIME_WAIT.
+    #[inline(always)]
+    pub const fn in_time_wait(&self, proto: u8, now_ns: u64) -> bool {
+        let fins = CT_F_FIN_ORIG | CT_F_FIN_REPLY;
+        proto == PROTO_TCP
+            && self.flags & fins == fins
+            && now_ns.saturating_sub(self.last_seen_ns) <= CT_TCP_TIME_WAIT_S * 1_000_000_000
     }
 }
 
@@ -1097,6 +1115,25 @@ mod tests {
         assert!(v.expired(PROTO_TCP, 100 * s + 11 * s));
         // Refreshed by another CPU after our clock read: live.
         assert!(!v.expired(PROTO_TCP, 99 * s));
+    }
+
+    #[test]
+    fn a_tcp_flow_closed_with_a_fin_each_way_is_in_time_wait_for_a_minute() {
+        let s = 1_000_000_000u64;
+        let mut v = CtValue::zeroed();
+        v.last_seen_ns = 100 * s;
+        v.flags = CT_F_SNAT | CT_F_REPLY | CT_F_CLOSING | CT_F_FIN_ORIG | CT_F_FIN_REPLY;
+        // Stale for its own tuple after 10 s, still waiting for the backend's.
+        assert!(v.expired(PROTO_TCP, 111 * s));
+        assert!(v.in_time_wait(PROTO_TCP, 111 * s));
+        assert!(v.in_time_wait(PROTO_TCP, 100 * s + CT_TCP_TIME_WAIT_S * s));
+        assert!(!v.in_time_wait(PROTO_TCP, 100 * s + CT_TCP_TIME_WAIT_S * s + 1));
+        // Not UDP; not a flow reset (no TIME_WAIT), nor one half-closed.
+        assert!(!v.in_time_wait(PROTO_UDP, 111 * s));
+        v.flags = CT_F_SNAT | CT_F_CLOSING;
+        assert!(!v.in_time_wait(PROTO_TCP, 111 * s));
+        v.flags = CT_F_SNAT | CT_F_FIN_REPLY;
+        assert!(!v.in_time_wait(PROTO_TCP, 111 * s));
     }
 
     #[test]

@@ -39,6 +39,8 @@ const REFRESH_NS: u64 = 1_000_000_000;
 /// backends, the 10 s hold after a close keeps ~30% of each backend's ports taken: 8
 /// tries then failed one flow in ~15,000 (measured); 32 fail one in ~10^17.
 const SNAT_TRIES: u32 = 32;
+/// The top bit of a SNAT port's eviction rank: an unestablished flow holds it.
+const UNESTABLISHED_RANK: u64 = 1 << 63;
 const NOEXIST: u64 = BPF_NOEXIST as u64;
 
 /// The tracking key of a packet: its tuple as it arrived, written to `key`.
@@ -151,18 +153,24 @@ enum Held {
     /// A live flow; `syn_seen_ns` is when it was last seen if it is unestablished (a
     /// candidate for eviction under pressure), else 0.
     Live { syn_seen_ns: u64 },
+    /// A TCP flow that closed less than `CT_TCP_TIME_WAIT_S` ago, last seen at
+    /// `seen_ns`: its backend may still hold the tuple in TIME_WAIT (told only when
+    /// `claim` is asked to).
+    TimeWait { seen_ns: u64 },
 }
 
 /// Inserts the half `s.key` -> `s.value` of a new flow with `BPF_NOEXIST`. A tuple
 /// held by a flow that ended, or by a half whose other half now names another flow, is
-/// taken: that flow's entries are removed first. Uses the scratch's `other_*`.
+/// taken: that flow's entries are removed first; with `time_wait`, not if that flow
+/// closed within the backend's TIME_WAIT. Uses the scratch's `other_*`.
 #[inline(always)]
-fn claim(now: u64, s: &mut CtScratch) -> Result<(), Held> {
+fn claim(now: u64, s: &mut CtScratch, time_wait: bool) -> Result<(), Held> {
     let CtScratch {
         key,
         value,
         other_key,
         other_value,
+        ..
     } = s;
     match LB_CT_V1.insert(&*key, &*value, NOEXIST) {
         Ok(()) => return Ok(()),
@@ -191,6 +199,11 @@ fn claim(now: u64, s: &mut CtScratch) -> Result<(), Held> {
         };
         return Err(Held::Live { syn_seen_ns });
     }
+    if time_wait && !refusal && holder.in_time_wait(key.proto, now) {
+        return Err(Held::TimeWait {
+            seen_ns: holder.last_seen_ns,
+        });
+    }
     if !orphan && holder_partner.is_some() {
         let _ = LB_CT_V1.remove(&*other_key);
     }
@@ -210,6 +223,7 @@ fn evict(s: &mut CtScratch) -> bool {
         value,
         other_key,
         other_value,
+        ..
     } = s;
     // SAFETY: read in place; a concurrent update only makes the answer stale.
     let Some(holder) = (unsafe { LB_CT_V1.get(&*key) }) else {
@@ -276,36 +290,53 @@ fn record(key: &CtKey, value: &mut CtValue, random: u32, s: &mut CtScratch) -> R
     let now = value.last_seen_ns;
     if value.flags & CT_F_SNAT == 0 {
         value.write_partner(key, &mut s.key, &mut s.value);
-        return claim(now, s).map_err(|held| match held {
+        return claim(now, s, false).map_err(|held| match held {
             Held::Refused => DROP_CT_REFUSED,
-            Held::Live { .. } => DROP_CT_TUPLE_TAKEN,
+            Held::Live { .. } | Held::TimeWait { .. } => DROP_CT_TUPLE_TAKEN,
         });
     }
     // The range without its last port, REJECT_PORT.
     let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN);
-    // Under pressure, the oldest unestablished flow seen among the ports tried.
-    let (mut victim_port, mut victim_seen) = (0u16, u64::MAX);
-    for i in 0..SNAT_TRIES {
-        value.sport = SNAT_PORT_MIN + (random.wrapping_add(i.wrapping_mul(7919)) % range) as u16;
+    // Under pressure, the port to take: the one whose flow closed longest ago among those
+    // tried (its backend may still hold the tuple in TIME_WAIT, which costs the new flow
+    // at most a SYN retransmission), else the oldest unestablished flow's (evicting a
+    // connection being set up costs that connection). One rank, lowest first: when it
+    // was last seen, with the top bit set for an unestablished flow. Both are kept in
+    // the scratch, and the tries step from one offset: this frame is at the limit of
+    // the call chain's stack on 6.1's verifier (512 bytes, each frame rounded up to 32).
+    (s.victim_port, s.victim_rank) = (0, u64::MAX);
+    let mut offset = random % range;
+    for _ in 0..SNAT_TRIES {
+        value.sport = SNAT_PORT_MIN + offset as u16;
+        offset = (offset + 7919) % range;
         value.write_partner(key, &mut s.key, &mut s.value);
-        match claim(now, s) {
+        let rank = match claim(now, s, true) {
             Ok(()) => return Ok(()),
             Err(Held::Refused) => return Err(DROP_CT_REFUSED),
-            Err(Held::Live { syn_seen_ns }) => {
-                if syn_seen_ns != 0 && syn_seen_ns < victim_seen {
-                    (victim_port, victim_seen) = (value.sport, syn_seen_ns);
-                }
-            }
+            Err(Held::Live { syn_seen_ns: 0 }) => continue,
+            Err(Held::Live { syn_seen_ns }) => syn_seen_ns | UNESTABLISHED_RANK,
+            Err(Held::TimeWait { seen_ns }) => seen_ns & !UNESTABLISHED_RANK,
+        };
+        if rank < s.victim_rank {
+            (s.victim_port, s.victim_rank) = (value.sport, rank);
         }
     }
-    if victim_port == 0 {
+    if s.victim_port == 0 {
         return Err(DROP_NO_SNAT_PORT);
     }
-    value.sport = victim_port;
+    value.sport = s.victim_port;
     value.write_partner(key, &mut s.key, &mut s.value);
-    if evict(s) {
-        Ok(())
-    } else {
-        Err(DROP_NO_SNAT_PORT)
+    if s.victim_rank & UNESTABLISHED_RANK != 0 {
+        return if evict(s) {
+            Ok(())
+        } else {
+            Err(DROP_NO_SNAT_PORT)
+        };
+    }
+    match claim(now, s, false) {
+        Ok(()) => Ok(()),
+        Err(Held::Refused) => Err(DROP_CT_REFUSED),
+        // Taken meanwhile by a new flow on another CPU.
+        Err(_) => Err(DROP_NO_SNAT_PORT),
     }
 }

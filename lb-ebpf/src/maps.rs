@@ -121,7 +121,9 @@ pub(crate) struct PktScratch {
 }
 
 /// The scratch area's layout: the other half of a flow, and the other half of the
-/// entry that holds a tuple a new flow wants.
+/// entry that holds a tuple a new flow wants; while a SNAT port is chosen, the port to
+/// take if none is free and its rank (here, not on the stack: `ct::create`'s frame is
+/// at the limit of the call chain's stack).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct CtScratch {
@@ -129,6 +131,8 @@ pub(crate) struct CtScratch {
     pub value: CtValue,
     pub other_key: CtKey,
     pub other_value: CtValue,
+    pub victim_rank: u64,
+    pub victim_port: u16,
 }
 
 /// IPv4 fragments: (source, destination, IP id, protocol) -> the first fragment's
