@@ -1092,17 +1092,11 @@ fn snat_takes_the_address_of_the_interface_the_flow_leaves_by() {
 /// The counter NAME of the `GROUP:` lines (a line of names, then one of values) of
 /// `/proc/net/FILE` in namespace `ns`: `("snmp", "Tcp", "OutRsts")`.
 fn net_counter(ns: &lb_lab::lab::Netns, (file, group, name): (&str, &str, &str)) -> u64 {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "cat",
-            &format!("/proc/net/{file}"),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let path = format!("/proc/net/{file}");
+    let text = lb_lab::lab::run(
+        std::process::Command::new("ip").args(["netns", "exec", &ns.name, "cat", &path]),
+    )
+    .unwrap();
     let prefix = format!("{group}:");
     let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
     let (names, values) = (lines.next().unwrap(), lines.next().unwrap());

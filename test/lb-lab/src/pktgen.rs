@@ -352,7 +352,8 @@ mod tests {
 
     #[test]
     fn a_paced_loop_sends_no_faster_than_its_rate() {
-        // 2,000 a second for 50 ms: about 100, in batches of 32 (at most one batch over).
+        // 2,000 a second for 50 ms: about 100, in batches of 32 (a batch over, and slack
+        // for a late wake-up).
         let paced = FloodSpec {
             rate: Some(2_000),
             max_packets: 10_000,
